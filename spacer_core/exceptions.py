@@ -43,3 +43,7 @@ class URLDownloadError(Exception):
             f" Details - {type(self.original_error).__name__}:"
             f" {self.original_error}"
         )
+
+
+class FeatureDimensionError(ValueError):
+    """Features have a different dimension from the one a classifier was trained on."""

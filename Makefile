@@ -1,0 +1,43 @@
+# Targets document themselves: `make help`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help deps build-dev proto test test-rust test-py fuzz bench serve lint
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+deps: ## Install the package (builds the Rust extension) with test tools and the pyspacer oracle
+	bash scripts/install-system-deps.sh
+	$(PIP) install -q -e '.[test]'
+	# pyspacer pins old torch/scikit-learn; its runtime needs are ours, so skip its pins.
+	$(PIP) install -q --no-deps 'pyspacer==0.14.0'
+
+build-dev: ## Rebuild the Rust extension in place after editing crop_rs/
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+proto: ## Regenerate the committed gRPC stubs from proto/
+	$(PYTHON) scripts/gen_proto.py
+
+test: deps test-rust test-py ## Install everything, then run the Rust and Python test suites
+
+test-rust: ## Rust unit and property tests of crop_rs
+	cargo test --no-default-features -p crop_rs
+
+test-py: ## pytest (GPU tests skip without CUDA)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+fuzz: ## Bounded fuzz run of the image decoder
+	bash scripts/fuzz.sh
+
+bench: ## Side-by-side benchmarks against pyspacer (slow; see docs/benchmarks.md)
+	$(PYTHON) benchmarks/bench_crop.py
+	$(PYTHON) benchmarks/bench_training.py
+	$(PYTHON) benchmarks/bench_extract.py
+	$(PYTHON) benchmarks/bench_server.py
+
+serve: ## Install and start the server on 127.0.0.1:50051
+	$(PIP) install -q .
+	spacer serve
