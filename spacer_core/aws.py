@@ -1,0 +1,61 @@
+"""boto3 sessions and S3 resources built from spacer_core.config."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import boto3
+import botocore
+from botocore.config import Config as BotoConfig
+
+from spacer_core import config
+
+_THREAD_LOCAL = threading.local()
+
+
+def create_aws_session() -> boto3.Session:
+    """A boto3 session using the configured credentials or profile (None = boto's own chain)."""
+    return boto3.Session(
+        aws_access_key_id=config.AWS_ACCESS_KEY_ID,
+        aws_secret_access_key=config.AWS_SECRET_ACCESS_KEY,
+        aws_session_token=config.AWS_SESSION_TOKEN,
+        profile_name=config.AWS_PROFILE_NAME,
+    )
+
+
+def _settings_key() -> tuple[Any, ...]:
+    return (
+        config.AWS_ACCESS_KEY_ID,
+        config.AWS_SECRET_ACCESS_KEY,
+        config.AWS_SESSION_TOKEN,
+        config.AWS_PROFILE_NAME,
+        config.AWS_ANONYMOUS,
+        config.AWS_REGION,
+        config.AWS_ENDPOINT_URL,
+    )
+
+
+def create_aws_resource(service_name: str, region: str | None = None) -> Any:
+    """A boto3 resource honouring AWS_ANONYMOUS, AWS_REGION and AWS_ENDPOINT_URL."""
+    boto_config = BotoConfig(signature_version=botocore.UNSIGNED) if config.AWS_ANONYMOUS else None
+    return create_aws_session().resource(
+        service_name,
+        region_name=region or config.AWS_REGION,
+        endpoint_url=config.AWS_ENDPOINT_URL,
+        config=boto_config,
+    )
+
+
+def get_s3_resource() -> Any:
+    """This thread's S3 resource, rebuilt whenever the AWS settings change.
+
+    boto3 resources are not thread-safe, so each thread keeps its own.
+    """
+    key = _settings_key()
+    cached = getattr(_THREAD_LOCAL, "s3", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    resource = create_aws_resource("s3")
+    _THREAD_LOCAL.s3 = (key, resource)
+    return resource

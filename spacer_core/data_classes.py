@@ -1,0 +1,593 @@
+"""Data passed into and out of tasks, each able to turn itself into JSON-ready data.
+
+Formats on disk are pyspacer's, so files written here load in pyspacer and
+the other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from io import BytesIO
+from pathlib import Path
+from pprint import pformat
+from typing import Any, TypeAlias
+from urllib.parse import urlparse
+
+import numpy as np
+
+from spacer_core import config
+from spacer_core.exceptions import RowColumnMismatchError, RowColumnMissingError
+from spacer_core.storage import load_bytes, store_bytes
+
+# Labels may be ints or strings (anything scikit-learn accepts as a target).
+LabelId: TypeAlias = int | str
+Annotation: TypeAlias = tuple[int, int, LabelId]
+FeatureLabelPair: TypeAlias = tuple[np.ndarray, LabelId]
+FeatureLabelBatch: TypeAlias = tuple[list[np.ndarray], list[LabelId]]
+
+
+class InvalidDataError(ValueError, AssertionError):
+    """A data class or message was built from invalid values.
+
+    Also an AssertionError, because pyspacer signals these cases with
+    ``assert`` and callers may catch that.
+    """
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvalidDataError(message)
+
+
+class DataClass(ABC):
+    """Base: JSON (de)serialization and load/store through DataLocations."""
+
+    @classmethod
+    def load(cls, loc: DataLocation) -> Any:
+        """Read a JSON document at ``loc`` and deserialize it."""
+        raw = load_bytes(loc).getvalue()
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{loc.key}: not a JSON {cls.__name__} ({err}).") from err
+        return cls.deserialize(data)
+
+    def store(self, loc: DataLocation) -> None:
+        """Write this object's JSON to ``loc``."""
+        store_bytes(loc, json.dumps(self.serialize()).encode("utf-8"))
+
+    @classmethod
+    @abstractmethod
+    def example(cls) -> Any:
+        """A small valid instance, for tests and documentation."""
+
+    @classmethod
+    def deserialize(cls, data: Any) -> Any:
+        """Build an instance from ``serialize()``'s output."""
+        return cls(**data)
+
+    def serialize(self) -> Any:
+        """JSON-ready form of this object (dicts, lists, str, numbers)."""
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        return pformat(vars(self))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DataClass):
+            return NotImplemented
+        mine, theirs = self.__dict__, other.__dict__
+        return mine.keys() == theirs.keys() and all(mine[k] == theirs[k] for k in mine)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class DataLocation(DataClass):
+    """Where a piece of data lives: a path, a memory key, a URL or an S3 key."""
+
+    def __init__(self, storage_type: str, key: str, bucket_name: str | None = None):
+        _require(
+            storage_type in config.STORAGE_TYPES,
+            f"Storage type not valid: {storage_type!r} (expected one of {config.STORAGE_TYPES}).",
+        )
+        if storage_type == "s3":
+            _require(bucket_name is not None, "Need bucket_name to use s3.")
+        self.storage_type = storage_type
+        self.key = key
+        self.bucket_name = bucket_name
+
+    @classmethod
+    def example(cls) -> DataLocation:
+        return cls("memory", "my_blob")
+
+    @property
+    def filename(self) -> str:
+        """Last part of the key's path (of the URL's path, for url locations)."""
+        path = urlparse(self.key).path if self.storage_type == "url" else self.key
+        return Path(path).name
+
+    @property
+    def is_remote(self) -> bool:
+        return self.storage_type in ("url", "s3")
+
+    @property
+    def is_writable(self) -> bool:
+        return self.storage_type != "url"
+
+    @classmethod
+    def deserialize(cls, data: Mapping[str, Any]) -> DataLocation:
+        if not isinstance(data, Mapping):
+            raise InvalidDataError(f"A DataLocation must be a JSON object, got {data!r}.")
+        unknown = set(data) - {"storage_type", "key", "bucket_name"}
+        _require(not unknown, f"Unknown DataLocation fields {sorted(unknown)} in {dict(data)!r}.")
+        _require("storage_type" in data and "key" in data, f"DataLocation needs storage_type and key: {dict(data)!r}.")
+        return cls(data["storage_type"], data["key"], data.get("bucket_name"))
+
+    def serialize(self) -> dict[str, Any]:
+        return {"storage_type": self.storage_type, "key": self.key, "bucket_name": self.bucket_name}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DataLocation):
+            return NotImplemented
+        return (self.storage_type, self.key, self.bucket_name) == (
+            other.storage_type,
+            other.key,
+            other.bucket_name,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.storage_type, self.key, self.bucket_name))
+
+    def __repr__(self) -> str:
+        return f"DataLocation({self.storage_type!r}, {self.key!r}, bucket_name={self.bucket_name!r})"
+
+
+class ImageLabels(DataClass):
+    """Annotations (row, col, label) per image, keyed by the image's feature location."""
+
+    def __init__(self, data: Mapping[DataLocation, Sequence[Annotation]] | None = None):
+        self._data: dict[DataLocation, list[Annotation]] = {}
+        self.label_count_per_class: Counter[LabelId] = Counter()
+        self.has_remote_data = False
+        self.filesystem_cache: str | None = None
+        for feature_loc, annotations in (data or {}).items():
+            self.add_image(feature_loc, annotations)
+
+    def add_image(self, feature_loc: DataLocation, image_annotations: Sequence[Annotation]) -> None:
+        """Add (or replace) one image's annotations."""
+        if not isinstance(feature_loc, DataLocation):
+            raise InvalidDataError(f"ImageLabels keys must be DataLocations, got {feature_loc!r}.")
+        if feature_loc in self._data:
+            self.label_count_per_class.subtract(label for _, _, label in self._data[feature_loc])
+            self.label_count_per_class += Counter()  # drop zero counts
+        annotations = list(image_annotations)
+        self._data[feature_loc] = annotations
+        self.label_count_per_class.update(label for _, _, label in annotations)
+        self.has_remote_data = self.has_remote_data or feature_loc.is_remote
+
+    def set_filesystem_cache(self, dir_path: str | None) -> None:
+        """Cache remote feature files under ``dir_path`` when loading them."""
+        self.filesystem_cache = dir_path
+
+    @property
+    def classes_set(self) -> set[LabelId]:
+        return set(self.label_count_per_class)
+
+    @property
+    def label_count(self) -> int:
+        return sum(self.label_count_per_class.values())
+
+    @classmethod
+    def example(cls) -> ImageLabels:
+        return cls(
+            {
+                DataLocation("filesystem", "img1.features"): [(100, 200, 3), (101, 200, 2)],
+                DataLocation("filesystem", "img2.features"): [(100, 202, 3), (101, 200, 3)],
+                DataLocation("filesystem", "img3.features"): [(100, 202, 3), (101, 200, 3)],
+                DataLocation("filesystem", "img4.features"): [(100, 202, 3), (101, 200, 3)],
+            }
+        )
+
+    def serialize(self) -> dict[str, list[Annotation]]:
+        # JSON object keys must be strings, so each location is its JSON text.
+        return {json.dumps(loc.serialize()): annotations for loc, annotations in self._data.items()}
+
+    @classmethod
+    def deserialize(
+        cls, data: Mapping[str, Any], features_loc: DataLocation | None = None
+    ) -> ImageLabels:
+        """Read pyspacer 0.14's form, or 0.5.0's ``{"data": {feature_key: [[r, c, label]]}}``.
+
+        0.5.0 keys are bare feature keys; ``features_loc`` gives their
+        storage type and bucket (default: filesystem).
+        """
+        if is_legacy_image_labels(data):
+            base = features_loc or DataLocation("filesystem", "")
+            return cls(
+                {
+                    DataLocation(base.storage_type, key, base.bucket_name): _annotations(key, annotations)
+                    for key, annotations in data["data"].items()
+                }
+            )
+        labels = cls()
+        for serialized_loc, annotations in data.items():
+            try:
+                loc = DataLocation.deserialize(json.loads(serialized_loc))
+            except (json.JSONDecodeError, TypeError) as err:
+                raise InvalidDataError(
+                    f"ImageLabels key {serialized_loc!r} is not a serialized DataLocation."
+                ) from err
+            labels.add_image(loc, _annotations(serialized_loc, annotations))
+        return labels
+
+    def keys(self) -> Iterable[DataLocation]:
+        return self._data.keys()
+
+    def items(self) -> Iterable[tuple[DataLocation, list[Annotation]]]:
+        return self._data.items()
+
+    def filter_classes(self, accepted_classes: Iterable[LabelId]) -> ImageLabels:
+        """A copy keeping only labels in ``accepted_classes`` (images left empty are dropped)."""
+        accepted = set(accepted_classes)
+        filtered = ImageLabels()
+        for loc, annotations in self._data.items():
+            kept = [a for a in annotations if a[2] in accepted]
+            if kept:
+                filtered.add_image(loc, kept)
+        return filtered
+
+    def _ordered_keys(self, random_seed: int | None) -> list[DataLocation]:
+        keys = list(self._data)
+        if random_seed is not None:
+            # The global generator, seeded, as pyspacer does: identical image
+            # order, and identical global state for code that runs after.
+            np.random.seed(random_seed)
+            np.random.shuffle(keys)  # type: ignore[arg-type]
+        return keys
+
+    def load_features(self, feature_loc: DataLocation) -> ImageFeatures:
+        """The features of one image, honouring this set's filesystem cache."""
+        return ImageFeatures.load(feature_loc, self.filesystem_cache)
+
+    def load_arrays_in_batches(
+        self, batch_size: int | None = 1000, random_seed: int | None = None
+    ) -> Generator[tuple[np.ndarray, list[LabelId]], None, None]:
+        """Like load_data_in_batches, but each batch is an (n, dim) float64 array and its labels."""
+        feats: list[np.ndarray] = []
+        labels: list[LabelId] = []
+        buffered = 0
+        for loc in self._ordered_keys(random_seed):
+            x, y = self.load_features(loc).match_arrays(self._data[loc], source=loc.key)
+            feats.append(x)
+            labels.extend(y)
+            buffered += len(y)
+            while batch_size and buffered > batch_size:
+                block = np.concatenate(feats)
+                yield block[:batch_size], labels[:batch_size]
+                feats, labels = [block[batch_size:]], labels[batch_size:]
+                buffered -= batch_size
+        if buffered:
+            yield np.concatenate(feats), labels
+
+    def load_data_in_batches(
+        self, batch_size: int | None = 1000, random_seed: int | None = None
+    ) -> Generator[Iterator[tuple[Any, ...]], None, None]:
+        """Yield batches of (features, labels) pairs, as pyspacer does (``zip`` objects).
+
+        Images are visited in key order, or shuffled by ``random_seed``. An
+        image's points may straddle two batches; only one batch of features
+        is held at a time.
+        """
+        for x, y in self.load_arrays_in_batches(batch_size, random_seed):
+            yield zip(*zip(list(x), y))
+
+    def load_all_data(self, random_seed: int | None = None) -> FeatureLabelBatch:
+        """Everything as one batch (features, labels)."""
+        return next(self.load_data_in_batches(batch_size=None, random_seed=random_seed))  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, loc: DataLocation) -> list[Annotation]:
+        return self._data[loc]
+
+    def __contains__(self, loc: object) -> bool:
+        return loc in self._data
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageLabels):
+            return NotImplemented
+        return self._data == other._data
+
+    def __repr__(self) -> str:
+        return f"ImageLabels({pformat(self._data)})"
+
+
+def is_legacy_image_labels(data: Any) -> bool:
+    """Whether ``data`` is pyspacer 0.5.0's ImageLabels JSON."""
+    return isinstance(data, Mapping) and set(data) == {"data"} and isinstance(data["data"], Mapping)
+
+
+def _annotations(where: str, raw: Any) -> list[Annotation]:
+    if not isinstance(raw, (list, tuple)):
+        raise InvalidDataError(f"{where}: annotations must be a list, got {type(raw).__name__}.")
+    out = []
+    for entry in raw:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 3:
+            raise InvalidDataError(f"{where}: annotation {entry!r} is not [row, col, label].")
+        out.append((entry[0], entry[1], entry[2]))
+    return out
+
+
+class PointFeatures(DataClass):
+    """The feature vector of one point (row/col None in legacy files)."""
+
+    def __init__(self, row: int | None, col: int | None, data: Any):
+        self.row = row
+        self.col = col
+        self.data = np.asarray(data, dtype=float)
+
+    @classmethod
+    def example(cls) -> PointFeatures:
+        return cls(row=100, col=100, data=np.array([1.1, 1.3, 1.12]))
+
+    def serialize(self) -> dict[str, Any]:
+        return {"row": self.row, "col": self.col, "data": self.data.tolist()}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PointFeatures):
+            return NotImplemented
+        return (
+            self.row == other.row
+            and self.col == other.col
+            and self.data.shape == other.data.shape
+            and bool(np.allclose(self.data, other.data))
+        )
+
+    def __repr__(self) -> str:
+        return f"PointFeatures(row={self.row}, col={self.col}, dim={self.data.size})"
+
+
+# Leading bytes of a zip archive (what savez_compressed writes).
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class ImageFeatures(DataClass):
+    """Feature vectors for the points of one image.
+
+    Held as one (npoints, feature_dim) float64 array plus row/col arrays;
+    ``point_features`` gives pyspacer's per-point view.
+    """
+
+    def __init__(
+        self,
+        point_features: Sequence[PointFeatures],
+        valid_rowcol: bool,
+        feature_dim: int,
+        npoints: int,
+    ):
+        _require(len(point_features) > 0, "ImageFeatures needs at least one point.")
+        _require(
+            len(point_features) == npoints,
+            f"npoints is {npoints} but {len(point_features)} point features were given.",
+        )
+        feat = np.stack([np.asarray(pf.data, dtype=float) for pf in point_features])
+        rows = [pf.row for pf in point_features] if valid_rowcol else None
+        cols = [pf.col for pf in point_features] if valid_rowcol else None
+        self._init_arrays(feat, rows, cols, feature_dim)
+
+    def _init_arrays(self, feat: np.ndarray, rows: Any, cols: Any, feature_dim: int | None = None) -> None:
+        feat = np.asarray(feat, dtype=np.float64)
+        _require(feat.ndim == 2 and feat.shape[0] > 0, f"Features must be a non-empty 2-d array, got shape {feat.shape}.")
+        _require(
+            feature_dim is None or feat.shape[1] == feature_dim,
+            f"feature_dim is {feature_dim} but the vectors have {feat.shape[1]} values.",
+        )
+        self._feat = feat
+        self.valid_rowcol = rows is not None
+        if self.valid_rowcol:
+            self._rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+            self._cols = np.asarray(cols, dtype=np.int64).reshape(-1)
+            _require(
+                self._rows.size == feat.shape[0] and self._cols.size == feat.shape[0],
+                "rows, cols and features must have the same number of points.",
+            )
+            # A repeated position maps to its last occurrence, as in pyspacer.
+            self._rchash = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(self._rows, self._cols))}
+        else:
+            self._rows = self._cols = None
+            self._rchash = {}
+        self._point_features: list[PointFeatures] | None = None
+
+    @classmethod
+    def from_arrays(
+        cls, feat: np.ndarray, rows: Sequence[int] | np.ndarray | None = None, cols: Sequence[int] | np.ndarray | None = None
+    ) -> ImageFeatures:
+        """Build from a (npoints, dim) array and row/col arrays (None for legacy order-only features)."""
+        if (rows is None) != (cols is None):
+            raise InvalidDataError("Give both rows and cols, or neither.")
+        obj = cls.__new__(cls)
+        obj._init_arrays(feat, rows, cols)
+        return obj
+
+    @property
+    def npoints(self) -> int:
+        return int(self._feat.shape[0])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self._feat.shape[1])
+
+    @property
+    def feat(self) -> np.ndarray:
+        """All vectors, (npoints, feature_dim) float64, in point order."""
+        return self._feat
+
+    @property
+    def rows(self) -> np.ndarray | None:
+        return self._rows
+
+    @property
+    def cols(self) -> np.ndarray | None:
+        return self._cols
+
+    @property
+    def point_features(self) -> list[PointFeatures]:
+        if self._point_features is None:
+            if self.valid_rowcol:
+                assert self._rows is not None and self._cols is not None
+                rcs: Iterable[tuple[int | None, int | None]] = zip(self._rows.tolist(), self._cols.tolist())
+            else:
+                rcs = [(None, None)] * self.npoints
+            self._point_features = [PointFeatures(r, c, v) for (r, c), v in zip(rcs, self._feat)]
+        return self._point_features
+
+    def _index(self, rowcol: tuple[int, int]) -> int:
+        if not self.valid_rowcol:
+            raise ValueError("Method not supported for legacy features")
+        return self._rchash[(rowcol[0], rowcol[1])]
+
+    def __getitem__(self, rowcol: tuple[int, int]) -> np.ndarray:
+        """The vector at (row, col); KeyError if absent."""
+        return self._feat[self._index(rowcol)]
+
+    def get_array(self, rowcol: tuple[int, int]) -> np.ndarray:
+        """The vector at (row, col) as a (1, dim) array, ready for ``clf.predict_proba``."""
+        return self[rowcol].reshape(1, -1)
+
+    def match_arrays(
+        self, labels_data: Sequence[Annotation], source: str | None = None
+    ) -> tuple[np.ndarray, list[LabelId]]:
+        """Features (n, dim) and labels for each (row, col, label), in annotation order."""
+        where = f"{source}: " if source else ""
+        if not self.valid_rowcol:
+            if source:
+                raise RowColumnMissingError(f"{source}: Features without rowcols are no longer supported for training.")
+            raise RowColumnMissingError
+        index = []
+        for row, col, _ in labels_data:
+            i = self._rchash.get((row, col))
+            if i is None:
+                raise RowColumnMismatchError(
+                    f"{where}The labels' row-column positions don't match"
+                    f" those of the feature vector (example: {(row, col)})."
+                )
+            index.append(i)
+        return self._feat[np.asarray(index, dtype=np.intp)], [label for _, _, label in labels_data]
+
+    def match_with_annotations(self, labels_data: Sequence[Annotation]) -> Generator[FeatureLabelPair, None, None]:
+        """Yield (feature vector, label) for each annotation; errors if a position is missing."""
+        x, y = self.match_arrays(labels_data)
+        yield from zip(x, y)
+
+    @classmethod
+    def example(cls) -> ImageFeatures:
+        return cls.from_arrays(np.array([[1.1, 1.3, 1.12], [1.9, 1.3, 1.12]]), rows=[100, 120], cols=[100, 110])
+
+    @classmethod
+    def deserialize(cls, data: Any) -> ImageFeatures:
+        """Read the legacy JSON form: a list of per-point vectors, no rows/cols."""
+        if not isinstance(data, list):
+            raise InvalidDataError("Deserialize only supported for legacy format")
+        _require(len(data) > 0, "Empty features file.")
+        return cls.from_arrays(np.asarray(data, dtype=np.float64))
+
+    def serialize(self) -> Any:
+        raise NotImplementedError("Use .store() and .load() methods instead.")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ImageFeatures):
+            return NotImplemented
+        return (
+            self.valid_rowcol == other.valid_rowcol
+            and self._feat.shape == other._feat.shape
+            and bool(np.allclose(self._feat, other._feat))
+            and (
+                not self.valid_rowcol
+                or (np.array_equal(self._rows, other._rows) and np.array_equal(self._cols, other._cols))
+            )
+        )
+
+    def __repr__(self) -> str:
+        return f"ImageFeatures(npoints={self.npoints}, feature_dim={self.feature_dim}, valid_rowcol={self.valid_rowcol})"
+
+    @classmethod
+    def make_random(cls, point_labels: Sequence[LabelId], feature_dim: int) -> ImageFeatures:
+        """Random vectors whose values lean on each point's label (for tests)."""
+        feat = np.stack([hash(label) + np.random.randn(feature_dim) for label in point_labels])
+        idx = list(range(len(point_labels)))
+        return cls.from_arrays(feat, rows=idx, cols=idx)
+
+    # --- file format -----------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The pyspacer ``.featurevector`` bytes (compressed npz)."""
+        if self.valid_rowcol:
+            assert self._rows is not None and self._cols is not None
+            for name, values in (("row", self._rows), ("column", self._cols)):
+                if values.size and (values.min() < 0 or values.max() > np.iinfo(np.uint16).max):
+                    raise ValueError(f"A {name} outside 0..65535 cannot be stored in a feature file.")
+            rows = self._rows.astype(np.uint16)
+            cols = self._cols.astype(np.uint16)
+        else:
+            rows = cols = np.array([])
+        meta = np.array([int(self.valid_rowcol), self.npoints, self.feature_dim], dtype=np.int64)
+        out = BytesIO()
+        np.savez_compressed(out, meta=meta, rows=rows, cols=cols, feat=self._feat)
+        return out.getvalue()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str = "<bytes>") -> ImageFeatures:
+        """Parse a ``.featurevector`` (npz, or the legacy JSON list)."""
+        if raw[:4] == _ZIP_MAGIC:
+            try:
+                with np.load(BytesIO(raw), allow_pickle=False) as npz:
+                    meta, feat = npz["meta"], npz["feat"]
+                    if int(meta[0]):
+                        return cls.from_arrays(feat, rows=npz["rows"], cols=npz["cols"])
+                    return cls.from_arrays(feat)
+            except (KeyError, ValueError, OSError, zipfile.BadZipFile, InvalidDataError) as err:
+                raise ValueError(f"{source}: not a valid feature file ({err}).") from err
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{source}: not a feature file (neither npz nor JSON).") from err
+        try:
+            return cls.deserialize(data)
+        except (InvalidDataError, ValueError) as err:
+            raise ValueError(f"{source}: not a valid legacy feature file ({err}).") from err
+
+    @classmethod
+    def load(cls, loc: DataLocation, filesystem_cache: str | None = None) -> ImageFeatures:
+        """Read features from ``loc``; remote files may be cached under ``filesystem_cache``."""
+        return cls.from_bytes(load_bytes(loc, filesystem_cache).getvalue(), source=loc.key)
+
+    def store(self, loc: DataLocation) -> None:
+        """Write the npz feature file to ``loc``."""
+        store_bytes(loc, self.to_bytes())
+
+
+class ValResults(DataClass):
+    """Validation results; ``gt`` and ``est`` are indices into ``classes``."""
+
+    def __init__(self, scores: Sequence[float], gt: Sequence[int], est: Sequence[int], classes: Sequence[LabelId]):
+        _require(len(gt) == len(est) == len(scores), "scores, gt and est must have the same length.")
+        if gt:
+            _require(0 <= min(gt) and max(gt) < len(classes), "gt holds an index outside classes.")
+            _require(0 <= min(est) and max(est) < len(classes), "est holds an index outside classes.")
+        self.scores = scores
+        self.gt = gt
+        self.est = est
+        self.classes = classes
+
+    @classmethod
+    def example(cls) -> ValResults:
+        return cls(scores=[0.9, 0.8, 0.7], gt=[0, 1, 0], est=[0, 1, 1], classes=[121, 1222])
+
+    @classmethod
+    def deserialize(cls, data: Mapping[str, Any]) -> ValResults:
+        return cls(scores=data["scores"], gt=data["gt"], est=data["est"], classes=data["classes"])
