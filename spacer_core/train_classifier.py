@@ -1,0 +1,210 @@
+"""Classifier trainers: the ClassifierTrainer interface, MiniBatchTrainer and trainer_factory."""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import time
+from importlib import import_module
+from logging import getLogger
+from typing import Any
+
+import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
+
+from spacer_core import config
+from spacer_core.data_classes import ValResults
+from spacer_core.messages import TrainClassifierReturnMsg, TrainingTaskLabels
+from spacer_core.train_utils import (
+    EVAL_BATCH_SIZE,
+    LabelledFeatures,
+    ProgressCallback,
+    calc_acc,
+    load_labelled_features,
+    make_classifier,
+    predict_with_scores,
+    train,
+)
+
+logger = getLogger(__name__)
+
+# Names accepted by trainer_factory, and class paths written by pyspacer
+# (0.5.0 and 0.14.0), resolved to this package's classes.
+_TRAINER_ALIASES: dict[str, str] = {
+    "minibatch": "spacer_core.train_classifier.MiniBatchTrainer",
+    "spacer.train_classifier.MiniBatchTrainer": "spacer_core.train_classifier.MiniBatchTrainer",
+}
+
+TrainResult = tuple[CalibratedClassifierCV, ValResults, TrainClassifierReturnMsg]
+
+
+class ClassifierTrainer(abc.ABC):
+    """Trains a classifier from TrainingTaskLabels; JSON-serializable by class path."""
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        labels: TrainingTaskLabels,
+        nbr_epochs: int,
+        pc_models: list[CalibratedClassifierCV],
+        clf_type: str,
+        progress: ProgressCallback | None = None,
+    ) -> TrainResult:
+        """Train on labels.train, calibrate on labels.ref, evaluate on labels.val.
+
+        `pc_models` (previous classifiers) are scored on the same val set.
+        `progress(epoch, ref_accuracy, elapsed_seconds)` is called after each
+        epoch when given.
+        """
+
+    def serialize(self) -> dict[str, Any]:
+        cls = type(self)
+        return {"class_path": f"{cls.__module__}.{cls.__name__}"}
+
+    @staticmethod
+    def deserialize(data: dict[str, Any]) -> ClassifierTrainer:
+        """Rebuild a trainer from serialize()'s dict (pyspacer's class paths are accepted)."""
+        options = dict(data)
+        try:
+            class_path = options.pop("class_path")
+        except KeyError:
+            raise ValueError(f"Trainer data {data!r} has no 'class_path'.") from None
+        class_path = _TRAINER_ALIASES.get(class_path, class_path)
+        module_path, _, class_name = class_path.rpartition(".")
+        if not module_path:
+            raise ValueError(f"Unknown trainer {class_path!r}: not a built-in name or a dotted class path.")
+        trainer_class = getattr(import_module(module_path), class_name, None)
+        if not (isinstance(trainer_class, type) and issubclass(trainer_class, ClassifierTrainer)):
+            raise TypeError(f"{class_path} is not a ClassifierTrainer subclass")
+        return trainer_class(**options)
+
+    def __repr__(self) -> str:
+        return str(self.serialize())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClassifierTrainer) and self.serialize() == other.serialize()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class MiniBatchTrainer(ClassifierTrainer):
+    """The default trainer: mini-batch partial_fit over epochs, then sigmoid calibration.
+
+    The classifier, per-epoch ref accuracies and validation results equal
+    pyspacer's MiniBatchTrainer's on the same labels; feature files are read
+    once instead of once per epoch.
+    """
+
+    def __init__(
+        self,
+        batch_size: int | None = None,
+        mlp_hidden_layer_sizes: tuple[int, ...] | None = None,
+        mlp_learning_rate_init: float | None = None,
+        mlp_large_data_threshold: int = 50000,
+        sgd_loss: str = "log_loss",
+        sgd_average: bool = True,
+        sgd_random_state: int = 0,
+    ):
+        # batch_size None means config.TRAINING_BATCH_LABEL_COUNT, read when
+        # training starts.
+        self.batch_size = batch_size
+        self.mlp_hidden_layer_sizes = (
+            tuple(mlp_hidden_layer_sizes) if mlp_hidden_layer_sizes is not None else None
+        )
+        self.mlp_learning_rate_init = mlp_learning_rate_init
+        self.mlp_large_data_threshold = mlp_large_data_threshold
+        self.sgd_loss = sgd_loss
+        self.sgd_average = sgd_average
+        self.sgd_random_state = sgd_random_state
+
+    def serialize(self) -> dict[str, Any]:
+        """Class path plus the settings that differ from their defaults."""
+        data = super().serialize()
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name == "self":
+                continue
+            value = getattr(self, name)
+            if value != param.default:
+                data[name] = list(value) if isinstance(value, tuple) else value
+        return data
+
+    def __call__(
+        self,
+        labels: TrainingTaskLabels,
+        nbr_epochs: int,
+        pc_models: list[CalibratedClassifierCV],
+        clf_type: str,
+        progress: ProgressCallback | None = None,
+    ) -> TrainResult:
+        if clf_type not in config.CLASSIFIER_TYPES:
+            raise ValueError(f"Unknown clf_type {clf_type!r}; expected one of {config.CLASSIFIER_TYPES}.")
+        start = time.time()
+        batch_size = self.batch_size or config.TRAINING_BATCH_LABEL_COUNT
+        with config.log_entry_and_exit("loading training, reference and validation features"):
+            train_data = load_labelled_features(labels["train"])
+            ref_data = load_labelled_features(labels["ref"])
+            val_data = load_labelled_features(labels["val"])
+        logger.debug(
+            "Train: %d images, %d labels; ref: %d images, %d labels; batch size %d",
+            train_data.image_count, len(train_data), ref_data.image_count, len(ref_data), batch_size,
+        )
+        clf = make_classifier(
+            clf_type,
+            len(train_data),
+            mlp_hidden_layer_sizes=self.mlp_hidden_layer_sizes,
+            mlp_learning_rate_init=self.mlp_learning_rate_init,
+            mlp_large_data_threshold=self.mlp_large_data_threshold,
+            sgd_loss=self.sgd_loss,
+            sgd_average=self.sgd_average,
+            sgd_random_state=self.sgd_random_state,
+        )
+        # preprocess_labels left train and ref with the same classes.
+        classes = list(labels["ref"].classes_set)
+        with config.log_entry_and_exit(f"training using {clf_type}"):
+            calibrated, ref_accs = train(
+                clf, train_data, ref_data, classes, nbr_epochs, batch_size, progress
+            )
+        val_results, acc = _validation_results(calibrated, val_data)
+        pc_accs = [calc_acc(val_data.y.tolist(), _predict(model, val_data).tolist()) for model in pc_models]
+        return_msg = TrainClassifierReturnMsg(
+            acc=acc, pc_accs=pc_accs, ref_accs=ref_accs, runtime=time.time() - start
+        )
+        return calibrated, val_results, return_msg
+
+
+def _validation_results(clf: CalibratedClassifierCV, val_data: LabelledFeatures) -> tuple[ValResults, float]:
+    if len(val_data) == 0:
+        raise ValueError("The validation set is empty; preprocess_labels should have rejected it.")
+    estimates, scores = predict_with_scores(clf, val_data)
+    classes = clf.classes_.tolist()
+    position = {label: i for i, label in enumerate(classes)}
+    truths = val_data.y.tolist()
+    results = ValResults(
+        scores=scores.tolist(),
+        gt=[position[label] for label in truths],
+        est=[position[label] for label in estimates.tolist()],
+        classes=classes,
+    )
+    return results, calc_acc(truths, estimates.tolist())
+
+
+def _predict(clf: Any, data: LabelledFeatures) -> np.ndarray:
+    # Chunked as pyspacer evaluates, so results match to the last bit.
+    chunks = [
+        clf.predict(data.batch(slice(first, first + EVAL_BATCH_SIZE))[0])
+        for first in range(0, len(data), EVAL_BATCH_SIZE)
+    ]
+    return np.concatenate(chunks)
+
+
+def trainer_factory(trainer: str | ClassifierTrainer) -> ClassifierTrainer:
+    """A trainer from 'minibatch', a dotted class path, or a trainer instance (returned as is).
+
+    pyspacer's class paths (``spacer.train_classifier.MiniBatchTrainer``)
+    resolve to this package's MiniBatchTrainer.
+    """
+    if isinstance(trainer, ClassifierTrainer):
+        return trainer
+    if not isinstance(trainer, str):
+        raise TypeError(f"A trainer must be a name, class path or ClassifierTrainer, got {type(trainer).__name__}.")
+    return ClassifierTrainer.deserialize({"class_path": trainer})

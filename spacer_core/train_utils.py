@@ -1,0 +1,291 @@
+"""The training loop, evaluation and feature loading behind MiniBatchTrainer.
+
+pyspacer re-reads and decompresses every feature file in every epoch. Here
+each file is read once (several at a time, in threads) into one contiguous
+matrix; each epoch then builds its mini-batches by indexing that matrix.
+The batches hold the same rows in the same order as pyspacer's, and every
+random draw is made from the same seeds, so the classifier trained is the
+same one pyspacer would train.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import SGDClassifier
+from sklearn.neural_network import MLPClassifier
+
+from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels, LabelId
+
+# Called after each epoch with (epoch index, ref-set accuracy, seconds since
+# training started).
+ProgressCallback = Callable[[int, float, float], Any]
+
+# pyspacer scores the validation set in batches of this many points; the
+# same chunking keeps floating-point results identical.
+EVAL_BATCH_SIZE = 1000
+
+
+@dataclass
+class LabelledFeatures:
+    """The annotated points of an ImageLabels, loaded into memory.
+
+    Rows of `x` follow the ImageLabels' image order and, inside an image, the
+    annotation order. `x` is float32 when every value was exactly
+    representable in float32 (true of extractor output, which is float32
+    stored as float64), else float64; `batch()` always returns float64.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    # Row ranges of the images: image i owns rows starts[i] : starts[i + 1].
+    starts: np.ndarray
+
+    @property
+    def image_count(self) -> int:
+        return len(self.starts) - 1
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, rows: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
+        """Features (float64, C-contiguous) and labels of the given rows."""
+        if isinstance(rows, slice):
+            x = self.x[rows]
+        else:
+            x = np.take(self.x, rows, axis=0)
+        return np.ascontiguousarray(x, dtype=np.float64), self.y[rows]
+
+    def epoch_order(self, seed: int) -> tuple[np.ndarray, np.random.RandomState]:
+        """Row order of one epoch, and the random state left after drawing it.
+
+        pyspacer seeds NumPy's global generator with the epoch number and
+        shuffles the image list; the MLP then keeps drawing from that same
+        generator. A private RandomState makes the same draws.
+        """
+        state = np.random.RandomState(seed)
+        images = np.arange(self.image_count)
+        state.shuffle(images)
+        lengths = np.diff(self.starts)[images]
+        # Row r of the epoch is row (r - first row of its image in the epoch)
+        # of that image in x.
+        epoch_starts = np.cumsum(lengths) - lengths
+        shift = np.repeat(self.starts[:-1][images] - epoch_starts, lengths)
+        return np.arange(len(self)) + shift, state
+
+
+def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) -> LabelledFeatures:
+    """Read the feature files of `labels` (in parallel) and pair rows with labels.
+
+    Remote files go through the labels' filesystem cache when one is set. A
+    point missing from its feature file raises RowColumnMismatchError and a
+    feature file without row/col data raises RowColumnMissingError, each
+    naming the file.
+    """
+    keys = list(labels.keys())
+    annotations = [labels[key] for key in keys]
+    counts = np.array([len(a) for a in annotations], dtype=np.int64)
+    starts = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    y = np.asarray([label for image in annotations for (_row, _col, label) in image])
+
+    def read(i: int) -> np.ndarray:
+        return _annotated_rows(labels, keys[i], annotations[i])
+
+    if not keys:
+        return LabelledFeatures(np.empty((0, 0)), y, starts)
+    workers = max_workers or min(16, 4 * (os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        blocks: Iterator[np.ndarray] = pool.map(read, range(len(keys)))
+        first = next(blocks)
+        dim = first.shape[1]
+        x32 = np.empty((int(starts[-1]), dim), dtype=np.float32)
+        # float64 originals of the files that float32 cannot hold exactly.
+        inexact: dict[int, np.ndarray] = {}
+        for i, block in enumerate(_chain(first, blocks)):
+            if block.shape[1] != dim:
+                raise ValueError(
+                    f"{keys[i].key}: features have dimension {block.shape[1]},"
+                    f" but {keys[0].key} has dimension {dim}."
+                )
+            rows = x32[starts[i] : starts[i + 1]]
+            rows[...] = block
+            if not np.array_equal(rows, block):
+                inexact[i] = block
+    if not inexact:
+        return LabelledFeatures(x32, y, starts)
+    x64 = x32.astype(np.float64)
+    del x32
+    for i, block in inexact.items():
+        x64[starts[i] : starts[i + 1]] = block
+    return LabelledFeatures(x64, y, starts)
+
+
+def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    yield first
+    yield from rest
+
+
+def _annotated_rows(labels: ImageLabels, loc: DataLocation, annotations: Sequence[Any]) -> np.ndarray:
+    """The float64 feature rows of one file, one per annotation, in annotation order."""
+    x, _labels = labels.load_features(loc).match_arrays(annotations, source=loc.key)
+    return x
+
+
+def make_classifier(
+    clf_type: str,
+    train_label_count: int,
+    *,
+    mlp_hidden_layer_sizes: tuple[int, ...] | None = None,
+    mlp_learning_rate_init: float | None = None,
+    mlp_large_data_threshold: int = 50000,
+    sgd_loss: str = "log_loss",
+    sgd_average: bool = True,
+    sgd_random_state: int = 0,
+) -> SGDClassifier | MLPClassifier:
+    """A fresh, unfitted classifier of `clf_type` ('LR' or 'MLP') with pyspacer's settings."""
+    if clf_type == "MLP":
+        if mlp_hidden_layer_sizes is not None:
+            hidden, rate = mlp_hidden_layer_sizes, mlp_learning_rate_init or 1e-3
+        elif train_label_count >= mlp_large_data_threshold:
+            hidden, rate = (200, 100), 1e-4
+        else:
+            hidden, rate = (100,), 1e-3
+        return MLPClassifier(hidden_layer_sizes=hidden, learning_rate_init=rate)
+    if clf_type == "LR":
+        return SGDClassifier(loss=sgd_loss, average=sgd_average, random_state=sgd_random_state)
+    raise ValueError(f"Unknown classifier type {clf_type!r}; expected 'LR' or 'MLP'.")
+
+
+def train(
+    clf: SGDClassifier | MLPClassifier,
+    train_data: LabelledFeatures,
+    ref_data: LabelledFeatures,
+    classes: list[LabelId],
+    nbr_epochs: int,
+    batch_size: int,
+    progress: ProgressCallback | None = None,
+) -> tuple[CalibratedClassifierCV, list[float]]:
+    """Fit `clf` with mini-batches for `nbr_epochs`, then calibrate it on the ref set.
+
+    Returns the calibrated classifier and the ref-set accuracy after each
+    epoch. `progress`, if given, is called after each epoch.
+    """
+    start = time.time()
+    ref_x, ref_y = ref_data.batch(slice(None))
+    parallel_ovr = isinstance(clf, SGDClassifier) and len(classes) > 2
+    if parallel_ovr:
+        # One-vs-rest fits are independent and each is seeded up front, so
+        # fitting them on several threads gives the same coefficients.
+        clf.set_params(n_jobs=min(len(classes), os.cpu_count() or 1))
+    ref_accs: list[float] = []
+    try:
+        for epoch in range(nbr_epochs):
+            order, state = train_data.epoch_order(epoch)
+            if isinstance(clf, MLPClassifier):
+                # Weight initialisation and in-batch shuffles draw from here.
+                clf.set_params(random_state=state)
+            for first in range(0, len(order), batch_size):
+                x, y = train_data.batch(order[first : first + batch_size])
+                clf.partial_fit(x, y, classes=classes)
+            ref_accs.append(float(np.mean(clf.predict(ref_x) == ref_y)))
+            if progress is not None:
+                progress(epoch, ref_accs[-1], time.time() - start)
+    finally:
+        # Leave the parameters as pyspacer's classifier has them.
+        if parallel_ovr:
+            clf.set_params(n_jobs=None)
+        if isinstance(clf, MLPClassifier):
+            clf.set_params(random_state=None)
+    calibrated = CalibratedClassifierCV(clf, cv="prefit")
+    calibrated.fit(ref_x, ref_y)
+    return calibrated, ref_accs
+
+
+def predict_with_scores(clf: Any, data: LabelledFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, highest probability) of every row of `data`.
+
+    The prediction is the class of highest probability, which is exactly
+    what CalibratedClassifierCV.predict returns, so one predict_proba call
+    serves both.
+    """
+    classes = np.asarray(clf.classes_)
+    estimates, scores = [], []
+    for first in range(0, len(data), EVAL_BATCH_SIZE):
+        x, _ = data.batch(slice(first, first + EVAL_BATCH_SIZE))
+        proba = clf.predict_proba(x)
+        estimates.append(classes[np.argmax(proba, axis=1)])
+        scores.append(proba.max(axis=1))
+    if not estimates:
+        return classes[:0], np.empty(0)
+    return np.concatenate(estimates), np.concatenate(scores)
+
+
+def evaluate_classifier(clf: Any, labels: ImageLabels) -> tuple[list, list, list[float]]:
+    """(ground truths, estimates, top scores) of `clf` over every point of `labels`."""
+    data = load_labelled_features(labels)
+    estimates, scores = predict_with_scores(clf, data)
+    if len(data) == 0:
+        raise ValueError("Cannot evaluate a classifier on an empty label set.")
+    return data.y.tolist(), estimates.tolist(), scores.tolist()
+
+
+def calc_acc(gt: Sequence[Any], est: Sequence[Any]) -> float:
+    """Fraction of positions where `gt` and `est` agree."""
+    if len(gt) == 0 or len(est) == 0:
+        raise ValueError("Inputs can not be empty")
+    if len(gt) != len(est):
+        raise ValueError("Input gt and est must have the same length")
+    return sum(1 for g, e in zip(gt, est) if g == e) / len(gt)
+
+
+def _label_offset(label: LabelId) -> float:
+    # pyspacer offsets features by hash(label); str hashes change from one
+    # process to the next, so a checksum keeps test data reproducible.
+    if isinstance(label, (int, np.integer)):
+        return float(label)
+    return float(zlib.crc32(str(label).encode("utf-8")) % 1000)
+
+
+def make_random_data(
+    im_count: int,
+    class_list: list[LabelId],
+    points_per_image: int,
+    feature_dim: int,
+    feature_loc_base: DataLocation,
+    feature_loc_keys: list[str] | None = None,
+    rng: np.random.Generator | None = None,
+) -> ImageLabels:
+    """Store random feature files whose values depend on the labels; return their labels.
+
+    Every class appears in every image. Keys come from `feature_loc_keys` or
+    are random; storage type and bucket come from `feature_loc_base`.
+    """
+    rng = rng or np.random.default_rng()
+    alphabet = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+    labels = ImageLabels()
+    for i in range(im_count):
+        choices = rng.integers(0, len(class_list), points_per_image)
+        point_labels = [class_list[c] for c in choices]
+        point_labels[: len(class_list)] = class_list
+        offsets = np.array([_label_offset(label) for label in point_labels])
+        feat = offsets[:, None] + rng.standard_normal((points_per_image, feature_dim))
+        key = feature_loc_keys[i] if feature_loc_keys is not None else "".join(rng.choice(alphabet, 20))
+        loc = DataLocation(
+            storage_type=feature_loc_base.storage_type,
+            bucket_name=feature_loc_base.bucket_name,
+            key=key,
+        )
+        # Row = col = point index, as pyspacer's random features have.
+        positions = list(range(points_per_image))
+        ImageFeatures.from_arrays(feat, rows=positions, cols=positions).store(loc)
+        labels.add_image(loc, [(p, p, label) for p, label in zip(positions, point_labels)])
+    return labels
