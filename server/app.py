@@ -1,0 +1,132 @@
+"""Server assembly (servicer, health, reflection, limits) and the serve loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server import convert
+from server._proto.spacer.v1 import spacer_pb2
+from server.config import ServerConfig
+from server.engine import Engine
+from server.models import ModelRegistry
+from server.servicer import SpacerServicer, add_to_server
+
+logger = logging.getLogger("server")
+
+SERVICE_NAME = spacer_pb2.DESCRIPTOR.services_by_name["Spacer"].full_name
+
+
+@dataclass
+class _Runtime:
+    """What shutdown needs besides the grpc server object."""
+
+    config: ServerConfig
+    health: health.aio.HealthServicer
+    engine: Engine
+
+
+_RUNTIMES: weakref.WeakKeyDictionary[grpc.aio.Server, _Runtime] = weakref.WeakKeyDictionary()
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+    ]
+
+
+def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
+    """Build an unstarted grpc.aio server bound to config's address; returns it and its port.
+
+    Must be called with an event loop running (grpc.aio binds to it).
+    """
+    config.validate()
+    apply_library_limits(config)
+    server = grpc.aio.server(options=server_options(config))
+    engine = Engine(config)
+    servicer = SpacerServicer(engine, convert.Translator(config.data_roots), ModelRegistry())
+    add_to_server(servicer, server)
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.address}")
+    _RUNTIMES[server] = _Runtime(config, health_servicer, engine)
+    return server, port
+
+
+def apply_library_limits(config: ServerConfig) -> None:
+    """Override spacer_core.config limits when the server config sets them."""
+    if config.max_image_pixels is None and config.max_points_per_image is None:
+        return
+    from spacer_core import config as core_config
+
+    if config.max_image_pixels is not None:
+        core_config.MAX_IMAGE_PIXELS = config.max_image_pixels
+    if config.max_points_per_image is not None:
+        core_config.MAX_POINTS_PER_IMAGE = config.max_points_per_image
+
+
+async def start(server: grpc.aio.Server) -> None:
+    """Start serving and mark every service SERVING."""
+    await server.start()
+    runtime = _RUNTIMES[server]
+    for name in ("", SERVICE_NAME):
+        await runtime.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def drain(server: grpc.aio.Server, grace: float | None = None) -> None:
+    """Report NOT_SERVING, refuse new calls, let in-flight calls finish within grace."""
+    runtime = _RUNTIMES[server]
+    grace = runtime.config.grace_seconds if grace is None else grace
+    await runtime.health.enter_graceful_shutdown()
+    await server.stop(grace)
+    # Models and threads go only after the server has drained.
+    runtime.engine.shutdown()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    server, port = create_server(config)
+    await start(server)
+    if config.port_file is not None:
+        _write_atomic(config.port_file, f"{port}\n")
+    logger.info("spacer.v1.Spacer listening on %s:%d", config.host, port)
+    print(f"listening on {config.host}:{port}", flush=True)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await stopping.wait()
+        logger.info("signal received: draining (grace %.1fs)", config.grace_seconds)
+        await drain(server)
+        logger.info("stopped")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

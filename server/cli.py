@@ -1,0 +1,135 @@
+"""The `spacer` command: serve, one-off tasks from JSON message files, check-config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from server.config import ServerConfig, add_arguments, config_from_args
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spacer", description="pyspacer-compatible point classification."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server (default 127.0.0.1:50051)")
+    add_arguments(serve)
+
+    check = sub.add_parser("check-config", help="print the effective settings and exit")
+    add_arguments(check)
+
+    for name, help_text in (
+        ("extract", "run extract_features on an ExtractFeaturesMsg JSON file"),
+        ("classify", "run classify_image or classify_features on a message JSON file"),
+        ("train", "run train_classifier on a TrainClassifierMsg JSON file"),
+    ):
+        task = sub.add_parser(name, help=help_text)
+        task.add_argument("message", type=Path, help="pyspacer message as JSON ('-' = stdin)")
+        task.add_argument(
+            "-o", "--output", type=Path, help="write the return message JSON here (else stdout)"
+        )
+        task.add_argument("--log-level", default=os.environ.get("SPACER_LOG_LEVEL") or "WARNING")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _read_json(path: Path) -> Any:
+    text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    return json.loads(text)
+
+
+def _write_output(data: Any, output: Path | None) -> None:
+    text = json.dumps(data, indent=2) + "\n"
+    if output is None:
+        sys.stdout.write(text)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, output)
+
+
+def _task_for(command: str, data: dict[str, Any]) -> tuple[Callable[[Any], Any], Any]:
+    """The spacer_core task and deserialised message for a subcommand."""
+    from spacer_core import messages, tasks
+
+    if command == "extract":
+        return tasks.extract_features, messages.ExtractFeaturesMsg.deserialize(data)
+    if command == "train":
+        return tasks.train_classifier, messages.TrainClassifierMsg.deserialize(data)
+    # classify: an image message names an extractor, a features message does not.
+    if "extractor" in data:
+        return tasks.classify_image, messages.ClassifyImageMsg.deserialize(data)
+    return tasks.classify_features, messages.ClassifyFeaturesMsg.deserialize(data)
+
+
+def _run_task(args: argparse.Namespace) -> int:
+    from server.errors import describe
+
+    _setup_logging(args.log_level)
+    try:
+        data = _read_json(args.message)
+        if not isinstance(data, dict):
+            raise ValueError(f"{args.message}: expected a JSON object")
+        func, msg = _task_for(args.command, data)
+        result = func(msg)
+    except Exception as exc:
+        code, message = describe(exc, str(args.message))
+        print(f"spacer {args.command}: {code.name}: {message}", file=sys.stderr)
+        return 1
+    _write_output(result.serialize(), args.output)
+    return 0
+
+
+def _check_config(config: ServerConfig) -> int:
+    print(json.dumps({"server": config.describe()}, indent=2))
+    try:
+        from spacer_core import config as core_config
+
+        print("spacer_core settings:")
+        core_config.check()
+    except Exception as exc:
+        print(f"spacer_core settings: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `spacer` console script and `python -m server`."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("extract", "classify", "train"):
+        return _run_task(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.command == "check-config":
+        return _check_config(config)
+    _setup_logging(config.log_level)
+    from server.app import serve
+
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

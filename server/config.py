@@ -1,0 +1,175 @@
+"""The server's settings: one typed object, built once by the entry point.
+
+Every setting has a command-line flag and a SPACER_* environment variable
+(the flag wins). Library limits (MAX_IMAGE_PIXELS, MAX_POINTS_PER_IMAGE) stay
+spacer_core.config's own; the server only overrides them when asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("exact", "fast")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one server instance; defaults serve 127.0.0.1:50051."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # Written with the bound port once listening (useful with port 0).
+    port_file: Path | None = None
+    device: str = "auto"
+    precision: str = "exact"
+    # Dynamic batcher: patches per network call and how long a batch may wait.
+    batch_size: int = 32
+    queue_delay_ms: float = 5.0
+    # Threads running blocking library work (decode, extract, train).
+    workers: int = max(2, os.cpu_count() or 2)
+    # Images one ClassifyImages stream may have in flight at once.
+    stream_window: int = 4
+    # Image tasks admitted across the server (running + waiting); beyond it
+    # unary calls get RESOURCE_EXHAUSTED and streams wait.
+    max_queue: int = 64
+    # Filesystem DataLocations must lie under one of these; empty = anywhere.
+    data_roots: tuple[Path, ...] = ()
+    max_message_bytes: int = 64 * MIB
+    # Seconds in-flight calls get to finish after SIGTERM.
+    grace_seconds: float = 30.0
+    # None keeps spacer_core.config's values.
+    max_image_pixels: int | None = None
+    max_points_per_image: int | None = None
+    log_level: str = "INFO"
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def validate(self) -> ServerConfig:
+        """Raise ValueError naming the first setting that is out of range."""
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("queue_delay_ms", "grace_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for root in self.data_roots:
+            if not root.is_absolute():
+                raise ValueError(f"data root must be an absolute path, got {str(root)!r}")
+        return self
+
+    def describe(self) -> dict[str, object]:
+        """JSON-friendly view for `spacer check-config` and the startup log."""
+        out = asdict(self)
+        out["data_roots"] = [str(p) for p in self.data_roots] or "unrestricted"
+        out["port_file"] = str(self.port_file) if self.port_file else None
+        out.pop("extra")
+        return out
+
+
+# (flag, dest, type, env var, help). One table serves argparse and the env.
+_OPTIONS: list[tuple[str, str, type, str, str]] = [
+    ("--host", "host", str, "SPACER_HOST", "interface to listen on"),
+    ("--port", "port", int, "SPACER_PORT", "port to listen on; 0 picks a free one"),
+    ("--port-file", "port_file", Path, "SPACER_PORT_FILE", "write the bound port here"),
+    ("--device", "device", str, "SPACER_DEVICE", "auto, cpu or cuda"),
+    ("--precision", "precision", str, "SPACER_PRECISION", "exact or fast (reduced precision)"),
+    ("--batch-size", "batch_size", int, "SPACER_BATCH_SIZE", "patches per network call"),
+    ("--queue-delay-ms", "queue_delay_ms", float, "SPACER_QUEUE_DELAY_MS",
+     "longest wait to fill a batch"),
+    ("--workers", "workers", int, "SPACER_WORKERS", "threads for blocking work"),
+    ("--stream-window", "stream_window", int, "SPACER_STREAM_WINDOW",
+     "images in flight per ClassifyImages stream"),
+    ("--max-queue", "max_queue", int, "SPACER_MAX_QUEUE",
+     "image tasks admitted server-wide before RESOURCE_EXHAUSTED"),
+    ("--max-message-mb", "max_message_mb", float, "SPACER_MAX_MESSAGE_MB",
+     "largest request/response message, MiB"),
+    ("--grace", "grace_seconds", float, "SPACER_GRACE_SECONDS",
+     "seconds in-flight calls get after SIGTERM"),
+    ("--max-image-pixels", "max_image_pixels", int, "SPACER_MAX_IMAGE_PIXELS",
+     "override spacer_core's MAX_IMAGE_PIXELS"),
+    ("--max-points-per-image", "max_points_per_image", int, "SPACER_MAX_POINTS_PER_IMAGE",
+     "override spacer_core's MAX_POINTS_PER_IMAGE"),
+    ("--log-level", "log_level", str, "SPACER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the server flags to parser (defaults come from config_from_args)."""
+    for flag, dest, _type, env, help_text in _OPTIONS:
+        parser.add_argument(flag, dest=dest, default=None, help=f"{help_text} [{env}]")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="host:port in one flag (overridden by --host/--port) [SPACER_ADDRESS]",
+    )
+    parser.add_argument(
+        "--data-root",
+        dest="data_roots",
+        action="append",
+        default=None,
+        help="allow filesystem DataLocations only under this directory; repeatable"
+        " [SPACER_DATA_ROOTS, os.pathsep-separated]; default: no restriction",
+    )
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address must look like host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Combine flags, SPACER_* variables and defaults into a validated config."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+
+    address = args.address or env.get("SPACER_ADDRESS") or None
+    if address:
+        values["host"], values["port"] = _split_address(address)
+
+    for _flag, dest, cast, var, _help in _OPTIONS:
+        raw = getattr(args, dest, None)
+        if raw is None:
+            raw = env.get(var) or None  # empty string means unset, as in spacer_core
+        if raw is None:
+            continue
+        try:
+            values[dest] = cast(raw)
+        except ValueError:
+            raise ValueError(f"{var} / {_flag}: cannot read {raw!r} as {cast.__name__}") from None
+
+    if "max_message_mb" in values:
+        values["max_message_bytes"] = int(float(values.pop("max_message_mb")) * MIB)  # type: ignore[arg-type]
+    if "log_level" in values:
+        values["log_level"] = str(values["log_level"]).upper()
+
+    roots = args.data_roots
+    if roots is None and env.get("SPACER_DATA_ROOTS"):
+        roots = [r for r in env["SPACER_DATA_ROOTS"].split(os.pathsep) if r]
+    if roots:
+        values["data_roots"] = tuple(Path(r).expanduser().resolve() for r in roots)
+
+    return ServerConfig(**values).validate()  # type: ignore[arg-type]

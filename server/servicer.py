@@ -1,0 +1,296 @@
+"""spacer.v1.Spacer: validate, translate, call spacer_core, translate back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+
+from server import convert
+from server._proto.spacer.v1 import spacer_pb2 as pb
+from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
+from server.engine import Engine, inline_image
+from server.errors import describe, invalid, rpc_method
+from server.models import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingCancelled(Exception):
+    """Raised from the progress callback to stop a training whose call ended."""
+
+
+class SpacerServicer(pb_grpc.SpacerServicer):
+    """The Spacer service; image work goes through `engine`."""
+
+    def __init__(self, engine: Engine, translator: convert.Translator, models: ModelRegistry):
+        self.engine = engine
+        self.translate = translator
+        self.models = models
+
+    # ------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _image_loc(self, req: Any) -> Iterator[Any]:
+        """The request's image as a DataLocation (inline bytes live in memory storage)."""
+        source = req.WhichOneof("image")
+        if source == "image_loc":
+            yield self.translate.location(req.image_loc, "image_loc")
+        elif source == "image_bytes":
+            with inline_image(req.image_bytes, req.job_token) as loc:
+                yield loc
+        else:
+            raise invalid("an image is required: set image_loc or image_bytes")
+
+    async def _classify_one(self, req: pb.ClassifyImageRequest) -> pb.ClassifyResponse:
+        with self._image_loc(req) as image_loc:
+            msg = self.translate.classify_image_msg(req, image_loc)
+            result = await self.engine.classify_image(msg)
+        return convert.classify_response(result, req.job_token)
+
+    # ------------------------------------------------------------ unary
+
+    @rpc_method
+    async def ExtractFeatures(self, request, context):
+        from spacer_core.data_classes import ImageFeatures
+
+        feature_loc = self.translate.optional_location(request, "feature_loc")
+        if feature_loc is None and not request.return_features:
+            raise invalid("feature_loc is required unless return_features is set")
+        if feature_loc is not None and not feature_loc.is_writable:
+            raise invalid(f"feature_loc {feature_loc.key!r} is not writable storage")
+        async with self.engine.admission.try_enter():
+            with contextlib.ExitStack() as stack:
+                image_loc = stack.enter_context(self._image_loc(request))
+                if feature_loc is None:
+                    # Nothing to keep: the features go to memory and come back inline.
+                    feature_loc = stack.enter_context(
+                        _scratch_location(f"features/{request.job_token or 'image'}")
+                    )
+                msg = self.translate.extract_msg(request, image_loc, feature_loc)
+                result = await self.engine.extract_features(msg)
+                features = None
+                if request.return_features:
+                    loaded = await self.engine.call(ImageFeatures.load, feature_loc)
+                    features = convert.features_proto(loaded)
+        return pb.ExtractFeaturesResponse(
+            job_token=request.job_token,
+            extractor_loaded_remotely=bool(result.extractor_loaded_remotely),
+            runtime=float(result.runtime),
+            features=features,
+        )
+
+    @rpc_method
+    async def ClassifyFeatures(self, request, context):
+        from spacer_core import tasks
+
+        msg = self.translate.classify_features_msg(request)
+        result = await self.engine.call(tasks.classify_features, msg)
+        return convert.classify_response(result, request.job_token)
+
+    @rpc_method
+    async def ClassifyImage(self, request, context):
+        async with self.engine.admission.try_enter():
+            return await self._classify_one(request)
+
+    @rpc_method
+    async def RunJob(self, request, context):
+        from spacer_core import tasks
+        from spacer_core.messages import JobMsg
+
+        try:
+            data = json.loads(request.job_msg_json)
+        except json.JSONDecodeError as exc:
+            raise invalid(f"job_msg_json is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise invalid("job_msg_json must be a JSON object (a pyspacer JobMsg)")
+        self.translate.check_json_locations(data)
+        try:
+            job = JobMsg.deserialize(data)
+        except (KeyError, TypeError, AssertionError) as exc:
+            raise invalid(f"job_msg_json is not a valid JobMsg: {exc!r}") from None
+        result = await self.engine.call(tasks.process_job, job)
+        return pb.RunJobResponse(
+            job_return_msg_json=json.dumps(result.serialize()),
+            ok=bool(result.ok),
+            error_message=result.error_message or "",
+        )
+
+    @rpc_method
+    async def LoadModel(self, request, context):
+        which = request.WhichOneof("model")
+        if which == "extractor":
+            extractor = self.translate.extractor(request.extractor)
+            model = await self.engine.call(self.models.load_extractor, extractor)
+        elif which == "classifier_loc":
+            loc = self.translate.location(request.classifier_loc, "classifier_loc")
+            model = await self.engine.call(self.models.load_classifier, loc)
+        else:
+            raise invalid("set extractor or classifier_loc")
+        return _loaded_proto(model)
+
+    @rpc_method
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[_loaded_proto(m) for m in self.models.list()])
+
+    # ------------------------------------------------------------ streams
+
+    @rpc_method
+    async def ClassifyImages(self, request_iterator, context):
+        """Results are yielded as images finish; a failed image yields an error item."""
+        window = asyncio.Semaphore(self.engine.config.stream_window)
+        results: asyncio.Queue[Any] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        end = object()
+
+        async def one(req: pb.ClassifyImageRequest) -> None:
+            try:
+                async with self.engine.admission.enter():
+                    response = pb.ClassifyImagesResponse(
+                        job_token=req.job_token, result=await self._classify_one(req)
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code, message = describe(exc, req.job_token)
+                response = pb.ClassifyImagesResponse(
+                    job_token=req.job_token,
+                    error=pb.Error(code=code.value[0], code_name=code.name, message=message),
+                )
+            finally:
+                window.release()
+            await results.put(response)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(one(req))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*list(running))
+                await results.put(end)
+            except Exception as exc:  # the request stream itself broke
+                await results.put(exc)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await results.get()
+                if item is end:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            # Client gone, deadline passed or server stopping: drop the rest.
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    @rpc_method
+    async def TrainClassifier(self, request, context):
+        """Streams one TrainProgress per epoch, then the TrainResult."""
+        from spacer_core import tasks
+
+        msg = self.translate.train_msg(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[pb.TrainProgress] = asyncio.Queue()
+        stop = threading.Event()
+        start = time.monotonic()
+
+        def progress(*args: Any, **kwargs: Any) -> None:
+            # Runs in the training thread; a cancelled call stops training here.
+            if stop.is_set():
+                raise TrainingCancelled(f"{request.job_token}: training cancelled")
+            epoch, accuracy = _progress_fields(args, kwargs)
+            update = pb.TrainProgress(
+                epoch=epoch,
+                nbr_epochs=request.nbr_epochs,
+                ref_accuracy=accuracy,
+                elapsed=time.monotonic() - start,
+            )
+            loop.call_soon_threadsafe(events.put_nowait, update)
+
+        work = asyncio.ensure_future(self.engine.call(tasks.train_classifier, msg, progress))
+        try:
+            while not work.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield pb.TrainClassifierResponse(
+                        job_token=request.job_token, progress=getter.result()
+                    )
+                else:
+                    getter.cancel()
+            result = work.result()
+        finally:
+            stop.set()
+            work.cancel()
+        yield pb.TrainClassifierResponse(
+            job_token=request.job_token,
+            result=pb.TrainResult(
+                acc=float(result.acc),
+                pc_accs=[float(a) for a in result.pc_accs],
+                ref_accs=[float(a) for a in result.ref_accs],
+                runtime=float(result.runtime),
+                model_loc=request.model_loc,
+                valresult_loc=request.valresult_loc,
+            ),
+        )
+
+
+def _progress_fields(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
+    """(epoch, reference accuracy) from the trainer's progress callback arguments.
+
+    Accepts positional (epoch, accuracy), keywords, or one object with
+    attributes of those names.
+    """
+    source: Any = kwargs or (args[0] if len(args) == 1 else None)
+    if source is not None and not isinstance(source, (int, float)):
+        get = source.get if isinstance(source, dict) else lambda k, d=None: getattr(source, k, d)
+        epoch = get("epoch", 0)
+        accuracy = next(
+            (get(k) for k in ("ref_acc", "ref_accuracy", "accuracy", "acc") if get(k) is not None),
+            0.0,
+        )
+        return int(epoch), float(accuracy)
+    epoch = args[0] if args else 0
+    accuracy = args[-1] if len(args) > 1 else 0.0
+    return int(epoch), float(accuracy)
+
+
+@contextlib.contextmanager
+def _scratch_location(name: str) -> Iterator[Any]:
+    """A memory DataLocation removed on exit."""
+    from spacer_core.data_classes import DataLocation
+    from spacer_core.storage import storage_factory
+
+    key = f"scratch/{id(object())}-{time.monotonic_ns()}/{name}"
+    try:
+        yield DataLocation("memory", key)
+    finally:
+        with contextlib.suppress(KeyError):
+            storage_factory("memory").delete(key)
+
+
+def _loaded_proto(model: Any) -> pb.LoadedModel:
+    return pb.LoadedModel(
+        kind=model.kind,
+        name=model.name,
+        classes=[convert.label_proto(c) for c in model.classes],
+        feature_dim=model.feature_dim,
+        load_seconds=model.load_seconds,
+    )
+
+
+def add_to_server(servicer: SpacerServicer, server: grpc.aio.Server) -> None:
+    pb_grpc.add_SpacerServicer_to_server(servicer, server)
