@@ -205,18 +205,16 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[pb.TrainProgress] = asyncio.Queue()
         stop = threading.Event()
-        start = time.monotonic()
-
-        def progress(*args: Any, **kwargs: Any) -> None:
-            # Runs in the training thread; a cancelled call stops training here.
+        def progress(epoch: int, ref_accuracy: float, elapsed: float) -> None:
+            # The trainer's callback, run in the training thread after each
+            # epoch (0-based); a cancelled call stops training here.
             if stop.is_set():
                 raise TrainingCancelled(f"{request.job_token}: training cancelled")
-            epoch, accuracy = _progress_fields(args, kwargs)
             update = pb.TrainProgress(
-                epoch=epoch,
+                epoch=int(epoch) + 1,
                 nbr_epochs=request.nbr_epochs,
-                ref_accuracy=accuracy,
-                elapsed=time.monotonic() - start,
+                ref_accuracy=float(ref_accuracy),
+                elapsed=float(elapsed),
             )
             loop.call_soon_threadsafe(events.put_nowait, update)
 
@@ -246,26 +244,6 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                 valresult_loc=request.valresult_loc,
             ),
         )
-
-
-def _progress_fields(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, float]:
-    """(epoch, reference accuracy) from the trainer's progress callback arguments.
-
-    Accepts positional (epoch, accuracy), keywords, or one object with
-    attributes of those names.
-    """
-    source: Any = kwargs or (args[0] if len(args) == 1 else None)
-    if source is not None and not isinstance(source, (int, float)):
-        get = source.get if isinstance(source, dict) else lambda k, d=None: getattr(source, k, d)
-        epoch = get("epoch", 0)
-        accuracy = next(
-            (get(k) for k in ("ref_acc", "ref_accuracy", "accuracy", "acc") if get(k) is not None),
-            0.0,
-        )
-        return int(epoch), float(accuracy)
-    epoch = args[0] if args else 0
-    accuracy = args[-1] if len(args) > 1 else 0.0
-    return int(epoch), float(accuracy)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,233 @@
+"""A small typed client for the spacer.v1.Spacer gRPC service.
+
+    from spacer_core.client import SpacerClient
+
+    with SpacerClient("127.0.0.1:50051") as client:
+        result = client.classify_image(extractor, [(100, 200)], "photo.jpg", classifier_loc)
+        for item in client.classify_images(client.image_request(...) for ...):
+            ...
+
+Extractors and locations may be given as spacer_core objects (anything with
+`serialize()`), pyspacer JSON dicts or the protobuf messages. Images may be
+paths or bytes (sent inline) or locations the server reads itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server._proto.spacer.v1 import spacer_pb2 as pb
+from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
+
+MIB = 1024 * 1024
+LocationLike = Union[pb.DataLocation, Mapping[str, Any], Any]
+ExtractorLike = Union[pb.Extractor, Mapping[str, Any], Any]
+ImageLike = Union[bytes, str, os.PathLike, LocationLike]
+
+__all__ = ["SpacerClient", "pb", "to_location", "to_extractor"]
+
+
+def _as_dict(value: Any) -> Mapping[str, Any]:
+    if isinstance(value, Mapping):
+        return value
+    if hasattr(value, "serialize"):
+        return value.serialize()
+    raise TypeError(f"expected a dict or an object with serialize(), got {type(value).__name__}")
+
+
+def to_location(value: LocationLike) -> pb.DataLocation:
+    """A DataLocation message from a proto, a pyspacer JSON dict or a DataLocation."""
+    if isinstance(value, pb.DataLocation):
+        return value
+    data = _as_dict(value)
+    return pb.DataLocation(
+        storage_type=data["storage_type"], key=data["key"], bucket_name=data.get("bucket_name") or ""
+    )
+
+
+def to_extractor(value: ExtractorLike) -> pb.Extractor:
+    """An Extractor message from a proto, pyspacer JSON or a FeatureExtractor."""
+    if isinstance(value, pb.Extractor):
+        return value
+    data = _as_dict(value)
+    return pb.Extractor(
+        class_path=data["class_path"],
+        data_locations={k: to_location(v) for k, v in data.get("data_locations", {}).items()},
+        data_hashes=dict(data.get("data_hashes", {})),
+    )
+
+
+def _image_fields(image: ImageLike) -> dict[str, Any]:
+    """image_bytes for bytes/paths (read here), image_loc for locations."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return {"image_bytes": bytes(image)}
+    if isinstance(image, (str, os.PathLike)):
+        return {"image_bytes": Path(image).read_bytes()}
+    return {"image_loc": to_location(image)}
+
+
+def _rowcols(rowcols: Iterable[Sequence[int]]) -> list[pb.RowCol]:
+    return [pb.RowCol(row=int(r), col=int(c)) for r, c in rowcols]
+
+
+class SpacerClient:
+    """Blocking client; one channel, reused by every call. Errors raise grpc.RpcError."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        max_message_bytes: int = 64 * MIB,
+        timeout: float | None = None,
+    ):
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ],
+        )
+        self.stub = pb_grpc.SpacerStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> SpacerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    # ------------------------------------------------------------ requests
+
+    @staticmethod
+    def image_request(
+        extractor: ExtractorLike,
+        rowcols: Iterable[Sequence[int]],
+        image: ImageLike,
+        classifier_loc: LocationLike,
+        job_token: str = "",
+    ) -> pb.ClassifyImageRequest:
+        """A ClassifyImageRequest (for classify_image or the classify_images stream)."""
+        return pb.ClassifyImageRequest(
+            job_token=job_token,
+            extractor=to_extractor(extractor),
+            rowcols=_rowcols(rowcols),
+            classifier_loc=to_location(classifier_loc),
+            **_image_fields(image),
+        )
+
+    # ------------------------------------------------------------ RPCs
+
+    def extract_features(
+        self,
+        extractor: ExtractorLike,
+        rowcols: Iterable[Sequence[int]],
+        image: ImageLike,
+        feature_loc: LocationLike | None = None,
+        *,
+        return_features: bool = False,
+        job_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ExtractFeaturesResponse:
+        request = pb.ExtractFeaturesRequest(
+            job_token=job_token,
+            extractor=to_extractor(extractor),
+            rowcols=_rowcols(rowcols),
+            feature_loc=to_location(feature_loc) if feature_loc is not None else None,
+            return_features=return_features,
+            **_image_fields(image),
+        )
+        return self.stub.ExtractFeatures(request, timeout=self._timeout(timeout))
+
+    def classify_features(
+        self,
+        feature_loc: LocationLike,
+        classifier_loc: LocationLike,
+        *,
+        job_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ClassifyResponse:
+        request = pb.ClassifyFeaturesRequest(
+            job_token=job_token,
+            feature_loc=to_location(feature_loc),
+            classifier_loc=to_location(classifier_loc),
+        )
+        return self.stub.ClassifyFeatures(request, timeout=self._timeout(timeout))
+
+    def classify_image(
+        self,
+        extractor: ExtractorLike,
+        rowcols: Iterable[Sequence[int]],
+        image: ImageLike,
+        classifier_loc: LocationLike,
+        *,
+        job_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ClassifyResponse:
+        request = self.image_request(extractor, rowcols, image, classifier_loc, job_token)
+        return self.stub.ClassifyImage(request, timeout=self._timeout(timeout))
+
+    def classify_images(
+        self, requests: Iterable[pb.ClassifyImageRequest], *, timeout: float | None = None
+    ) -> Iterator[pb.ClassifyImagesResponse]:
+        """Stream requests; yields one response per request as each finishes.
+
+        Responses may come out of order: match them by job_token. A response
+        with `error` set is a failed image; the stream continues.
+        """
+        return self.stub.ClassifyImages(iter(requests), timeout=self._timeout(timeout))
+
+    def train_classifier(
+        self, request: pb.TrainClassifierRequest, *, timeout: float | None = None
+    ) -> Iterator[pb.TrainClassifierResponse]:
+        """Yields progress events, then the result."""
+        return self.stub.TrainClassifier(request, timeout=self._timeout(timeout))
+
+    def run_job(self, job_msg: Any, *, timeout: float | None = None) -> dict[str, Any]:
+        """Run a pyspacer JobMsg (object, dict or JSON text); returns the JobReturnMsg JSON dict."""
+        text = job_msg if isinstance(job_msg, str) else json.dumps(_as_dict(job_msg))
+        response = self.stub.RunJob(
+            pb.RunJobRequest(job_msg_json=text), timeout=self._timeout(timeout)
+        )
+        return json.loads(response.job_return_msg_json)
+
+    def load_model(
+        self,
+        *,
+        extractor: ExtractorLike | None = None,
+        classifier_loc: LocationLike | None = None,
+        timeout: float | None = None,
+    ) -> pb.LoadedModel:
+        if (extractor is None) == (classifier_loc is None):
+            raise ValueError("give exactly one of extractor and classifier_loc")
+        request = (
+            pb.LoadModelRequest(extractor=to_extractor(extractor))
+            if extractor is not None
+            else pb.LoadModelRequest(classifier_loc=to_location(classifier_loc))
+        )
+        return self.stub.LoadModel(request, timeout=self._timeout(timeout))
+
+    def list_models(self, *, timeout: float | None = None) -> list[pb.LoadedModel]:
+        response = self.stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout(timeout))
+        return list(response.models)
+
+    def health(self, service: str = "spacer.v1.Spacer", *, timeout: float | None = None) -> str:
+        """'SERVING' or 'NOT_SERVING' (raises grpc.RpcError when unreachable)."""
+        response = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
