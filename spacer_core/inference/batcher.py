@@ -1,0 +1,381 @@
+"""Dynamic batching of patches from concurrent callers into one network.
+
+One `DynamicBatcher` serves one loaded extractor on one device. Callers (threads
+or asyncio tasks) submit all patches of an image at once; a worker thread
+fills batches of up to `max_batch_size` patches across callers, waiting at
+most `max_queue_delay_s` after the first queued patch for a batch to fill
+(Triton's max_queue_delay), runs the network and hands each caller its own
+features, in the order its patches were given.
+
+- Bounded: at most `max_queued_patches` patches wait to be batched. A full
+  queue raises `QueueFullError` (`block=False`) or makes the caller wait for
+  room (`block=True`, optionally with a timeout). A single request larger than
+  the bound is admitted only into an empty queue, so it cannot starve.
+- Cancelling a caller's future (or its asyncio task) drops its patches that
+  are still waiting.
+- A batch whose network call fails fails exactly the callers with patches in
+  that batch; everyone else carries on.
+- With a backend whose `launch` returns before the GPU has finished, the
+  next batch is assembled and its transfer started while the current one runs.
+
+    batcher = DynamicBatcher(backend, max_batch_size=64, max_queue_delay_s=0.002)
+    feats = batcher.extract_sync(patches)          # from a thread
+    feats = await batcher.extract(patches)         # from asyncio
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spacer_core.inference.backends import (
+    PATCH_SHAPE,
+    Backend,
+    PendingFeatures,
+    check_patches,
+    ready,
+    to_network_input,
+)
+
+logger = logging.getLogger(__name__)
+
+class QueueFullError(RuntimeError):
+    """The batcher's queue is at its bound; try again later (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher was closed before this request could run."""
+
+
+@dataclass(eq=False)
+class _Request:
+    patches: np.ndarray
+    future: concurrent.futures.Future[np.ndarray]
+    scheduled: int = 0  # patches handed to a batch so far
+    finished: int = 0  # patches whose features are back
+    features: np.ndarray | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.patches)
+
+
+@dataclass
+class _Batch:
+    # (request, start, stop) ranges of the requests' patches, in batch order
+    parts: list[tuple[_Request, int, int]]
+    size: int
+    pending: PendingFeatures | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatcherStats:
+    """Counters for monitoring (read without locking; approximate while running)."""
+
+    batches: int = 0
+    patches: int = 0
+    failed_batches: int = 0
+    cancelled_patches: int = 0
+
+
+RunBatch = Backend | Callable[[np.ndarray], np.ndarray]
+
+
+class DynamicBatcher:
+    """Fills network batches with patches from concurrent callers; see the module docstring."""
+
+    def __init__(
+        self,
+        backend: RunBatch,
+        *,
+        max_batch_size: int = 16,
+        max_queue_delay_s: float = 0.002,
+        max_queued_patches: int = 4096,
+        name: str = "batcher",
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_delay_s < 0:
+            raise ValueError(f"max_queue_delay_s must be >= 0, got {max_queue_delay_s}")
+        if max_queued_patches < 1:
+            raise ValueError(f"max_queued_patches must be >= 1, got {max_queued_patches}")
+        self._launch: Callable[[np.ndarray], PendingFeatures]
+        if isinstance(backend, Backend):
+            self._launch = backend.launch
+        else:
+            function = backend
+            self._launch = lambda batch: ready(function(batch))
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queued_patches = max_queued_patches
+        self.name = name
+        self.stats = BatcherStats()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued = 0  # patches waiting to be put in a batch
+        self._closed = False
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # worker waits for patches
+        self._room = threading.Condition(self._lock)  # blocked submitters wait for space
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._worker = threading.Thread(target=self._run, name=f"{name}-worker", daemon=True)
+        self._worker.start()
+
+    # -- callers ------------------------------------------------------------------------
+
+    @property
+    def queued_patches(self) -> int:
+        """Patches waiting to be put in a batch."""
+        return self._queued
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(
+        self, patches: np.ndarray, *, block: bool = False, timeout: float | None = None
+    ) -> concurrent.futures.Future[np.ndarray]:
+        """Queue one caller's patches; the future gives their features (N, D) float32.
+
+        `patches`: float32 (N, 3, 224, 224) in [0, 1], or uint8 (N, 224, 224, 3)
+        crops (converted exactly as ToTensor does). When the queue is full:
+        `block=False` raises QueueFullError; `block=True` waits for room, up
+        to `timeout` seconds (None: no limit), then raises QueueFullError.
+        Cancelling the future drops the patches not yet batched.
+        """
+        request = self._new_request(patches)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self._admissible(request):
+                if not block:
+                    raise QueueFullError(self._full_message(request))
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise QueueFullError(self._full_message(request))
+                self._room.wait(remaining)
+            self._enqueue(request)
+        return request.future
+
+    async def extract(
+        self, patches: np.ndarray, *, block: bool = True, timeout: float | None = None
+    ) -> np.ndarray:
+        """asyncio form of submit + result: waits for room without blocking the event loop.
+
+        Cancelling the awaiting task cancels the request.
+        """
+        request = self._new_request(patches)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            with self._lock:
+                if self._admissible(request):
+                    self._enqueue(request)
+                    break
+                if not block:
+                    raise QueueFullError(self._full_message(request))
+                room: asyncio.Future[None] = loop.create_future()
+                self._async_waiters.append((loop, room))
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise QueueFullError(self._full_message(request))
+            try:
+                await asyncio.wait_for(room, remaining)
+            except TimeoutError:
+                raise QueueFullError(self._full_message(request)) from None
+        return await asyncio.wrap_future(request.future)
+
+    def extract_sync(self, patches: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """Blocking submit (waiting for room) and result, for threads."""
+        return self.submit(patches, block=True, timeout=timeout).result(timeout)
+
+    def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; with `drain`, finish queued work first, else fail it."""
+        with self._lock:
+            self._closed = True
+            dropped = [] if drain else list(self._queue)
+            if not drain:
+                self._queue.clear()
+                self._queued = 0
+            self._work.notify_all()
+            self._room.notify_all()
+            self._wake_async_waiters()
+        for request in dropped:
+            _fail(request, BatcherClosedError(f"{self.name} closed before the request ran"))
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+
+    def __enter__(self) -> DynamicBatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- admission (lock held) ----------------------------------------------------------
+
+    def _new_request(self, patches: np.ndarray) -> _Request:
+        patches = check_patches(patches)
+        future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
+        request = _Request(patches, future)
+        future.add_done_callback(lambda f: self._on_done(request, f))
+        return request
+
+    def _admissible(self, request: _Request) -> bool:
+        if self._closed:
+            raise BatcherClosedError(f"{self.name} is closed")
+        return self._queued == 0 or self._queued + request.size <= self.max_queued_patches
+
+    def _full_message(self, request: _Request) -> str:
+        return (f"{self.name}: queue full ({self._queued} patches waiting, bound "
+                f"{self.max_queued_patches}); cannot take {request.size} more")
+
+    def _enqueue(self, request: _Request) -> None:
+        self._queue.append(request)
+        self._queued += request.size
+        self._work.notify()
+
+    def _wake_async_waiters(self) -> None:
+        waiters, self._async_waiters = self._async_waiters, []
+        for loop, room in waiters:
+            loop.call_soon_threadsafe(_set_if_pending, room)
+
+    def _freed(self) -> None:
+        self._room.notify_all()
+        self._wake_async_waiters()
+
+    def _on_done(self, request: _Request, future: concurrent.futures.Future[np.ndarray]) -> None:
+        """Future callback: a cancelled request gives back its unbatched patches."""
+        if not future.cancelled():
+            return
+        with self._lock:
+            self._remove(request, cancelled=True)
+
+    def _remove(self, request: _Request, *, cancelled: bool) -> None:
+        try:
+            self._queue.remove(request)
+        except ValueError:
+            return
+        unbatched = request.size - request.scheduled
+        self._queued -= unbatched
+        if cancelled:
+            self.stats.cancelled_patches += unbatched
+        self._freed()
+
+    # -- worker -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        in_flight: _Batch | None = None
+        while True:
+            # While a batch runs on an asynchronous backend, take only what is
+            # already queued so its transfer overlaps the running batch.
+            batch = self._take_batch(wait=in_flight is None)
+            if batch is not None:
+                self._start(batch)
+            if in_flight is not None:
+                self._finish(in_flight)
+                in_flight = None
+            if batch is not None and batch.pending is not None:
+                if batch.pending.is_ready():
+                    self._finish(batch)
+                else:
+                    in_flight = batch
+            if batch is None and in_flight is None:
+                with self._lock:
+                    if self._closed and not self._queue:
+                        return
+
+    def _take_batch(self, *, wait: bool) -> _Batch | None:
+        with self._lock:
+            while not self._queue:
+                if self._closed or not wait:
+                    return None
+                self._work.wait()
+            if wait and self.max_queue_delay_s > 0:
+                deadline = time.monotonic() + self.max_queue_delay_s
+                while self._queued < self.max_batch_size and not self._closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._work.wait(remaining)
+            parts: list[tuple[_Request, int, int]] = []
+            size = 0
+            while self._queue and size < self.max_batch_size:
+                request = self._queue[0]
+                take = min(self.max_batch_size - size, request.size - request.scheduled)
+                parts.append((request, request.scheduled, request.scheduled + take))
+                request.scheduled += take
+                size += take
+                if request.scheduled == request.size:
+                    self._queue.popleft()
+            self._queued -= size
+            if size:
+                self._freed()
+        return _Batch(parts, size) if size else None
+
+    def _start(self, batch: _Batch) -> None:
+        try:
+            inputs = np.empty((batch.size, *PATCH_SHAPE), dtype=np.float32)
+            offset = 0
+            for request, start, stop in batch.parts:
+                to_network_input(request.patches[start:stop], inputs[offset:offset + stop - start])
+                offset += stop - start
+            batch.pending = self._launch(inputs)
+        except Exception as exc:
+            self._fail_batch(batch, exc)
+
+    def _finish(self, batch: _Batch) -> None:
+        assert batch.pending is not None
+        try:
+            features = np.asarray(batch.pending.result())
+            if features.ndim != 2 or features.shape[0] != batch.size:
+                raise RuntimeError(f"network returned shape {features.shape} for "
+                                   f"{batch.size} patches")
+        except Exception as exc:
+            self._fail_batch(batch, exc)
+            return
+        self.stats.batches += 1
+        self.stats.patches += batch.size
+        offset = 0
+        for request, start, stop in batch.parts:
+            count = stop - start
+            if request.features is None:
+                request.features = np.empty((request.size, features.shape[1]), np.float32)
+            request.features[start:stop] = features[offset:offset + count]
+            offset += count
+            request.finished += count
+            if request.finished == request.size and not request.future.done():
+                try:
+                    request.future.set_result(request.features)
+                except concurrent.futures.InvalidStateError:
+                    pass  # cancelled meanwhile
+
+    def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
+        self.stats.failed_batches += 1
+        logger.warning("%s: batch of %d patches failed: %s", self.name, batch.size, exc)
+        requests = list(dict.fromkeys(request for request, _, _ in batch.parts))
+        with self._lock:
+            for request in requests:
+                self._remove(request, cancelled=False)
+        for request in requests:
+            _fail(request, exc)
+
+
+def _fail(request: _Request, exc: BaseException) -> None:
+    if not request.future.done():
+        try:
+            request.future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+
+def _set_if_pending(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(None)

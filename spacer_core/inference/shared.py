@@ -1,0 +1,38 @@
+"""Process-wide compiled backends for the library's extractors.
+
+`spacer_core.extractors` runs its network through `shared_backend`, so a
+process that extracts many images compiles (or loads from the disk cache)
+each weights file once and keeps it in memory, bounded by `backend_cache`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from spacer_core.inference.backends import Backend, load_backend, resolve_device
+from spacer_core.inference.model_cache import ModelCache
+from spacer_core.inference.precision import Precision
+
+# Features of up to four weights files at once; EfficientNet-b0 is ~16 MB each.
+backend_cache: ModelCache[tuple[str, str, str, str], Backend] = ModelCache(
+    max_items=int(os.environ.get("SPACER_INFERENCE_CACHE_ITEMS", "4")))
+
+
+def shared_backend(
+    sha256: str,
+    make_net: Callable[[], nn.Module],
+    *,
+    device: str | torch.device | None = None,
+    precision: Precision | str = Precision.EXACT,
+    kind: str = "auto",
+) -> Backend:
+    """The process's backend for this weights file, loaded or compiled on first use."""
+    resolved = resolve_device(device)
+    mode = Precision.parse(precision)
+    key = (sha256, str(resolved), mode.value, kind)
+    return backend_cache.get(
+        key, lambda: load_backend(sha256, make_net, device=resolved, precision=mode, kind=kind))
