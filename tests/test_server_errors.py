@@ -1,0 +1,243 @@
+"""Library failures reach clients as the right status code with a message naming the culprit."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from PIL import Image
+
+from server import errors
+from server.app import _RUNTIMES
+from server._proto.spacer.v1 import spacer_pb2 as pb
+from spacer_core import config as core_config
+from spacer_core import exceptions as exc
+from spacer_core.client import SpacerClient
+from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
+from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
+
+Code = grpc.StatusCode
+
+
+def fs(path) -> dict:
+    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, efficientnet_weights):  # noqa: F811
+    root = tmp_path_factory.mktemp("errors")
+    return {
+        "root": root,
+        "image": make_image(root / "small.png", 64, 48, seed=2),
+        "clf": make_classifier(root / "clf.pkl"),
+        "clf64": make_classifier(root / "clf64.pkl", feature_dim=64),
+        "extractor": extractor_json(efficientnet_weights.path, efficientnet_weights.sha256),
+    }
+
+
+@pytest.fixture(scope="module")
+def client():
+    with running_server(workers=2) as server, SpacerClient(server.address, timeout=60) as c:
+        yield c
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call(*args, **kwargs)
+    return err.value
+
+
+@pytest.mark.parametrize(
+    "rowcols, fragment",
+    [([(48, 5)], "48"), ([(5, 64)], "64"), ([(-1, 5)], "-1")],
+)
+def test_point_outside_the_image_is_invalid_argument_naming_the_image(client, data, rowcols, fragment):
+    err = rpc_error(client.classify_image, data["extractor"], rowcols, fs(data["image"]), fs(data["clf"]))
+    assert err.code() == Code.INVALID_ARGUMENT
+    assert "small.png" in err.details() and fragment in err.details()
+
+
+def test_undecodable_inline_image_is_invalid_argument_naming_the_token(client, data):
+    err = rpc_error(
+        client.classify_image, data["extractor"], [(1, 1)], b"not an image", fs(data["clf"]), job_token="junk-7"
+    )
+    assert err.code() == Code.INVALID_ARGUMENT
+    assert "junk-7" in err.details()
+
+
+def test_missing_inputs_are_invalid_argument(client, data):
+    stub = client.stub
+    err = rpc_error(stub.ClassifyImage, pb.ClassifyImageRequest(job_token="t"))
+    assert err.code() == Code.INVALID_ARGUMENT and "image" in err.details()
+    request = client.image_request(data["extractor"], [], fs(data["image"]), fs(data["clf"]))
+    err = rpc_error(stub.ClassifyImage, request)
+    assert err.code() == Code.INVALID_ARGUMENT and "rowcols" in err.details()
+    bad_type = {"storage_type": "ftp", "key": "x", "bucket_name": None}
+    err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], bad_type, fs(data["clf"]))
+    assert err.code() == Code.INVALID_ARGUMENT and "ftp" in err.details()
+
+
+def test_missing_file_and_missing_memory_key_are_not_found(client, data):
+    missing = data["root"] / "gone.jpg"
+    err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], fs(missing), fs(data["clf"]))
+    assert err.code() == Code.NOT_FOUND and "gone.jpg" in err.details()
+    err = rpc_error(
+        client.classify_image,
+        data["extractor"],
+        [(1, 1)],
+        {"storage_type": "memory", "key": "no/such/key.jpg"},
+        fs(data["clf"]),
+    )
+    assert err.code() == Code.NOT_FOUND and "no/such/key.jpg" in err.details()
+
+
+def test_weights_hash_mismatch_is_failed_precondition(client, data):
+    extractor = dict(data["extractor"], data_hashes={"weights": "0" * 64})
+    err = rpc_error(client.classify_image, extractor, [(1, 1)], fs(data["image"]), fs(data["clf"]))
+    assert err.code() == Code.FAILED_PRECONDITION
+    assert "weights" in err.details()
+
+
+def test_feature_dimension_mismatch_is_failed_precondition(client, data):
+    err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], fs(data["image"]), fs(data["clf64"]))
+    assert err.code() == Code.FAILED_PRECONDITION
+    assert "small.png" in err.details() and "64" in err.details()
+
+
+def test_unreachable_s3_is_unavailable(client, data, monkeypatch):
+    monkeypatch.setattr(core_config, "AWS_ENDPOINT_URL", "http://127.0.0.1:9", raising=False)
+    monkeypatch.setenv("SPACER_AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    for name, value in (("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s"), ("AWS_REGION", "us-east-1")):
+        monkeypatch.setattr(core_config, name, value, raising=False)
+    loc = {"storage_type": "s3", "key": "img.jpg", "bucket_name": "bucket"}
+    err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], loc, fs(data["clf"]))
+    assert err.code() == Code.UNAVAILABLE, err.details()
+
+
+def test_limits_are_resource_exhausted(data):
+    saved = core_config.MAX_POINTS_PER_IMAGE
+    try:
+        with running_server(max_points_per_image=2) as server, SpacerClient(server.address) as client:
+            err = rpc_error(
+                client.classify_image, data["extractor"], [(1, 1)] * 3, fs(data["image"]), fs(data["clf"])
+            )
+    finally:
+        core_config.MAX_POINTS_PER_IMAGE = saved
+    assert err.code() == Code.RESOURCE_EXHAUSTED
+    assert "small.png" in err.details()
+
+
+def test_message_over_the_size_limit_is_resource_exhausted(data):
+    with running_server(max_message_bytes=256 * 1024) as server, SpacerClient(server.address) as client:
+        err = rpc_error(
+            client.classify_image, data["extractor"], [(1, 1)], b"\0" * (512 * 1024), fs(data["clf"])
+        )
+        assert err.code() == Code.RESOURCE_EXHAUSTED
+        assert "larger than max" in err.details()
+        # A message under the limit still goes through the server.
+        buf = io.BytesIO()
+        Image.open(data["image"]).save(buf, format="PNG")
+        ok = client.classify_image(data["extractor"], [(1, 1)], buf.getvalue(), fs(data["clf"]))
+        assert len(ok.scores) == 1
+
+
+def test_default_message_limit_is_at_least_64_mib():
+    from server.config import ServerConfig
+
+    assert ServerConfig().max_message_bytes >= 64 * 1024 * 1024
+
+
+def test_full_queue_is_resource_exhausted(data):
+    many = [(r % 48, c % 64) for r, c in zip(range(0, 400, 7), range(0, 400, 5))]
+    with running_server(max_queue=1, workers=1) as server, SpacerClient(server.address, timeout=120) as client:
+        started = threading.Event()
+        outcome: dict = {}
+
+        def slow():
+            started.set()
+            outcome["slow"] = client.classify_image(data["extractor"], many, fs(data["image"]), fs(data["clf"]))
+
+        worker = threading.Thread(target=slow)
+        worker.start()
+        started.wait()
+        admission = _RUNTIMES[server.server].engine.admission
+        deadline = time.monotonic() + 30
+        while admission.active < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert admission.active == 1, "the slow call was never admitted"
+        err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], fs(data["image"]), fs(data["clf"]))
+        client.list_models()  # not an image task: never refused
+        worker.join()
+    assert err.code() == Code.RESOURCE_EXHAUSTED and "queue" in err.details()
+    assert len(outcome["slow"].scores) == len(many)
+
+
+def test_data_roots_restrict_filesystem_locations(data, tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    inside = make_image(allowed / "in.png", 64, 48)
+    with running_server(data_roots=(allowed, data["root"].parent)) as server, SpacerClient(server.address) as client:
+        ok = client.classify_image(data["extractor"], [(1, 1)], fs(inside), fs(data["clf"]))
+        assert len(ok.scores) == 1
+    weights_dir = Path(data["extractor"]["data_locations"]["weights"]["key"]).parent
+    with running_server(data_roots=(allowed, weights_dir)) as server, SpacerClient(server.address) as client:
+        err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], fs(inside), fs(data["clf"]))
+        assert err.code() == Code.PERMISSION_DENIED and "classifier_loc" in err.details()
+        sneaky = fs(allowed / ".." / "outside.png")
+        err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], sneaky, fs(data["clf"]))
+        assert err.code() == Code.PERMISSION_DENIED and "outside.png" in err.details()
+        err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], fs(inside), fs(inside))
+        assert err.code() != Code.PERMISSION_DENIED  # every location allowed: the library decides
+    with running_server(data_roots=(allowed,)) as server, SpacerClient(server.address) as client:
+        err = rpc_error(client.load_model, extractor=data["extractor"])
+        assert err.code() == Code.PERMISSION_DENIED and "extractor.data_locations[weights]" in err.details()
+
+
+# ---------------------------------------------------------------- the mapping itself
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (exc.RowColumnInvalidError("img.jpg: row 9 out of range"), Code.INVALID_ARGUMENT),
+        (exc.DataLimitError("img.jpg: too many points"), Code.RESOURCE_EXHAUSTED),
+        (exc.HashMismatchError("weights hash"), Code.FAILED_PRECONDITION),
+        (exc.RowColumnMismatchError("(3, 4) not in f.fv"), Code.NOT_FOUND),
+        (exc.TrainingLabelsError("one class"), Code.INVALID_ARGUMENT),
+        (FileNotFoundError(2, "No such file", "/d/x.jpg"), Code.NOT_FOUND),
+        (KeyError("mem/key"), Code.NOT_FOUND),
+        (ConnectionRefusedError("refused"), Code.UNAVAILABLE),
+        (errors.QueueFullError("full"), Code.RESOURCE_EXHAUSTED),
+        (exc.URLDownloadError("http://h/x.jpg", TimeoutError("slow")), Code.UNAVAILABLE),
+    ],
+)
+def test_status_for_known_errors(error, code):
+    got, message = errors.describe(error, "tok")
+    assert got == code
+    assert message.startswith("tok: ")
+
+
+def test_boto_errors_map_by_http_status():
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def client_error(code, status):
+        return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    assert errors.status_for(client_error("NoSuchKey", 404))[0] == Code.NOT_FOUND
+    assert errors.status_for(client_error("AccessDenied", 403))[0] == Code.PERMISSION_DENIED
+    assert errors.status_for(client_error("InternalError", 503))[0] == Code.UNAVAILABLE
+    assert errors.status_for(EndpointConnectionError(endpoint_url="http://x"))[0] == Code.UNAVAILABLE
+
+
+def test_unexpected_errors_are_internal_with_a_generic_message_and_a_logged_traceback(caplog):
+    with caplog.at_level(logging.ERROR, logger="server.rpc"):
+        code, message = errors.describe(RuntimeError("secret internals"), "tok")
+    assert code == Code.INTERNAL
+    assert "secret" not in message and "internal error" in message
+    ref = message.split("ref ")[1].split(")")[0]
+    assert any(ref in r.getMessage() and r.exc_info for r in caplog.records)
