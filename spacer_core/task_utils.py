@@ -43,26 +43,25 @@ def check_extract_inputs(image: Any, rowcols: Sequence[tuple[int, int]], im_key:
             f" and that's larger than the max allowed of {config.MAX_POINTS_PER_IMAGE}."
         )
     for row, col in rowcols:
-        _check_coordinate(im_key, "Row", row, height)
-        _check_coordinate(im_key, "Column", col, width)
-
-
-def _check_coordinate(im_key: str, name: str, value: Any, extent: int) -> None:
-    # pyspacer checks row then column for each test (type, sign, range) in
-    # turn; the order matters for which message a doubly-bad point gets.
-    if not isinstance(value, int):
-        raise RowColumnInvalidError(
-            f"{im_key}: {name} values must be integers. Given value was: {value}"
-        )
-    if value < 0:
-        raise RowColumnInvalidError(
-            f"{im_key}: {name} values must be non-negative. Given value was: {value}"
-        )
-    if value >= extent:
-        raise RowColumnInvalidError(
-            f"{im_key}: {name} value {value} falls outside this image's"
-            f" valid range of 0-{extent - 1}."
-        )
+        # Each test runs on row then column before the next test, as in
+        # pyspacer, so a point with two faults gets pyspacer's message.
+        coordinates = (("Row", row, height), ("Column", col, width))
+        for name, value, _extent in coordinates:
+            if not isinstance(value, int):
+                raise RowColumnInvalidError(
+                    f"{im_key}: {name} values must be integers. Given value was: {value}"
+                )
+        for name, value, _extent in coordinates:
+            if value < 0:
+                raise RowColumnInvalidError(
+                    f"{im_key}: {name} values must be non-negative. Given value was: {value}"
+                )
+        for name, value, extent in coordinates:
+            if value >= extent:
+                raise RowColumnInvalidError(
+                    f"{im_key}: {name} value {value} falls outside this image's"
+                    f" valid range of 0-{extent - 1}."
+                )
 
 
 class SplitMode(Enum):
