@@ -19,7 +19,6 @@ from server import convert
 from server._proto.spacer.v1 import spacer_pb2
 from server.config import ServerConfig
 from server.engine import Engine
-from server.models import ModelRegistry
 from server.servicer import SpacerServicer, add_to_server
 
 logger = logging.getLogger("server")
@@ -55,7 +54,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
     apply_library_limits(config)
     server = grpc.aio.server(options=server_options(config))
     engine = Engine(config)
-    servicer = SpacerServicer(engine, convert.Translator(config.data_roots), ModelRegistry())
+    servicer = SpacerServicer(engine, convert.Translator(config.data_roots))
     add_to_server(servicer, server)
 
     health_servicer = health.aio.HealthServicer()

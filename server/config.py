@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,8 @@ class ServerConfig:
     # Dynamic batcher: patches per network call and how long a batch may wait.
     batch_size: int = 32
     queue_delay_ms: float = 5.0
+    # Batch patches across requests (EfficientNet); False runs spacer_core.tasks per call.
+    batching: bool = True
     # Threads running blocking library work (decode, extract, train).
     workers: int = max(2, os.cpu_count() or 2)
     # Images one ClassifyImages stream may have in flight at once.
@@ -86,8 +88,17 @@ class ServerConfig:
         return out
 
 
+def _bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
 # (flag, dest, type, env var, help). One table serves argparse and the env.
-_OPTIONS: list[tuple[str, str, type, str, str]] = [
+_OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
     ("--host", "host", str, "SPACER_HOST", "interface to listen on"),
     ("--port", "port", int, "SPACER_PORT", "port to listen on; 0 picks a free one"),
     ("--port-file", "port_file", Path, "SPACER_PORT_FILE", "write the bound port here"),
@@ -96,6 +107,8 @@ _OPTIONS: list[tuple[str, str, type, str, str]] = [
     ("--batch-size", "batch_size", int, "SPACER_BATCH_SIZE", "patches per network call"),
     ("--queue-delay-ms", "queue_delay_ms", float, "SPACER_QUEUE_DELAY_MS",
      "longest wait to fill a batch"),
+    ("--batching", "batching", _bool, "SPACER_BATCHING",
+     "true: batch patches across requests; false: one library call per image"),
     ("--workers", "workers", int, "SPACER_WORKERS", "threads for blocking work"),
     ("--stream-window", "stream_window", int, "SPACER_STREAM_WINDOW",
      "images in flight per ClassifyImages stream"),
@@ -159,7 +172,8 @@ def config_from_args(
         try:
             values[dest] = cast(raw)
         except ValueError:
-            raise ValueError(f"{var} / {_flag}: cannot read {raw!r} as {cast.__name__}") from None
+            kind = getattr(cast, "__name__", "value").strip("_")
+            raise ValueError(f"{var} / {_flag}: cannot read {raw!r} as {kind}") from None
 
     if "max_message_mb" in values:
         values["max_message_bytes"] = int(float(values.pop("max_message_mb")) * MIB)  # type: ignore[arg-type]

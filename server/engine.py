@@ -1,8 +1,11 @@
-"""Where the servicer's blocking work runs: a thread pool behind admission control.
+"""Where the servicer's work runs: a thread pool, admission control, one batcher per network.
 
 `Engine.classify_image` / `Engine.extract_features` are the one seam for
-image work. Today they call spacer_core.tasks in the pool; a dynamic batcher
-(spacer_core.inference) can replace them without touching the servicer.
+image work. For EfficientNet extractors the image is decoded and cropped in
+the pool, its patches go to a `DynamicBatcher` shared by every call using the
+same weights (so concurrent requests fill each other's batches), and the
+classifier runs in the pool again. Other extractors (and `batching=False`)
+call spacer_core.tasks in the pool, exactly as pyspacer would.
 """
 
 from __future__ import annotations
@@ -11,14 +14,20 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any, TypeVar
 
+import numpy as np
+
 from server.config import ServerConfig
 from server.errors import QueueFullError
+from server.models import LoadedModel, ModelRegistry
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,25 +103,138 @@ class Engine:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.admission = Admission(config.max_queue)
+        self.models = ModelRegistry()
         self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="spacer-work")
+        self._batchers: dict[str, Any] = {}
+        self._batchers_lock = threading.Lock()
 
     async def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """func(*args, **kwargs) in the worker pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(func, *args, **kwargs))
 
-    async def classify_image(self, msg: Any) -> Any:
-        """ClassifyImageMsg -> ClassifyReturnMsg (the seam for batched inference)."""
-        from spacer_core import tasks
+    # ------------------------------------------------------------ the seam
 
-        return await self.call(tasks.classify_image, msg)
+    async def classify_image(self, msg: Any) -> Any:
+        """ClassifyImageMsg -> ClassifyReturnMsg."""
+        if not self._batchable(msg.extractor):
+            from spacer_core import tasks
+
+            return await self.call(tasks.classify_image, msg)
+        start = time.time()
+        patches, batcher, _remote = await self.call(self._prepare, msg)
+        features = await batcher.extract(patches)
+        del patches
+        return await self.call(self._score, msg, features, start)
 
     async def extract_features(self, msg: Any) -> Any:
         """ExtractFeaturesMsg -> ExtractFeaturesReturnMsg, features stored at feature_loc."""
-        from spacer_core import tasks
+        if not self._batchable(msg.extractor):
+            from spacer_core import tasks
 
-        return await self.call(tasks.extract_features, msg)
+            return await self.call(tasks.extract_features, msg)
+        start = time.time()
+        patches, batcher, remote = await self.call(self._prepare, msg)
+        features = await batcher.extract(patches)
+        del patches
+        return await self.call(self._store_features, msg, features, remote, start)
+
+    # ------------------------------------------------------------ models
+
+    async def load_extractor(self, extractor: Any) -> LoadedModel:
+        """Fetch and verify the extractor's files; build its network and batcher now."""
+        model = await self.call(self.models.load_extractor, extractor)
+        if self._batchable(extractor):
+            await self.call(self._batcher_for, extractor)
+        return model
+
+    async def load_classifier(self, loc: Any) -> LoadedModel:
+        return await self.call(self.models.load_classifier, loc)
+
+    # ------------------------------------------------------------ blocking parts
+
+    def _batchable(self, extractor: Any) -> bool:
+        if not self.config.batching:
+            return False
+        from spacer_core.extractors import EfficientNetExtractor
+
+        return type(extractor) is EfficientNetExtractor
+
+    def _prepare(self, msg: Any) -> tuple[np.ndarray, Any, bool]:
+        """Load and check the image, crop its patches, find the network's batcher."""
+        from spacer_core.crop import crop_array, to_rgb_array
+        from spacer_core.storage import load_image
+        from spacer_core.task_utils import check_extract_inputs
+
+        image = load_image(msg.image_loc)
+        check_extract_inputs(image, msg.rowcols, msg.image_loc.key)
+        batcher, remote = self._batcher_for(msg.extractor)
+        rgb = to_rgb_array(image)
+        image.close()
+        patches = crop_array(rgb, [(int(r), int(c)) for r, c in msg.rowcols])
+        return patches, batcher, remote
+
+    def _batcher_for(self, extractor: Any) -> tuple[Any, bool]:
+        """The batcher serving this extractor's weights (hash-checked), and the remote flag."""
+        from spacer_core.extractors.efficientnet import build_network
+        from spacer_core.inference import DynamicBatcher, shared_backend
+
+        data = extractor.resolve_data("weights")
+        with self._batchers_lock:
+            batcher = self._batchers.get(data.sha256)
+            if batcher is None:
+                label = f"'{extractor.data_locations['weights'].key}'"
+                device = None if self.config.device == "auto" else self.config.device
+                backend = shared_backend(
+                    data.sha256,
+                    lambda: build_network(data.read(), label),
+                    device=device,
+                    precision=self.config.precision,
+                )
+                batcher = DynamicBatcher(
+                    backend,
+                    max_batch_size=self.config.batch_size,
+                    max_queue_delay_s=self.config.queue_delay_ms / 1000.0,
+                    max_queued_patches=max(self.config.batch_size * 8, 1024),
+                    name=f"batcher-{data.sha256[:8]}",
+                )
+                logger.info("network %s ready: %s", label, backend.describe())
+                self._batchers[data.sha256] = batcher
+        return batcher, data.remote_loaded
+
+    def _classifier(self, loc: Any) -> Any:
+        """A classifier pinned by LoadModel, else loaded for this call (as pyspacer does)."""
+        from spacer_core.storage import load_classifier
+
+        pinned = self.models.get("classifier", json.dumps(loc.serialize(), sort_keys=True))
+        return pinned.obj if pinned is not None else load_classifier(loc)
+
+    def _score(self, msg: Any, features: np.ndarray, start: float) -> Any:
+        from spacer_core.messages import ClassifyReturnMsg
+        from spacer_core.tasks import score_features
+
+        clf = self._classifier(msg.classifier_loc)
+        probs = score_features(clf, features.astype(np.float64), msg.image_loc.key)
+        return ClassifyReturnMsg(
+            runtime=time.time() - start,
+            scores=[(int(r), int(c), p) for (r, c), p in zip(msg.rowcols, probs.tolist())],
+            classes=clf.classes_.tolist(),
+            valid_rowcol=True,
+        )
+
+    def _store_features(self, msg: Any, features: np.ndarray, remote: bool, start: float) -> Any:
+        from spacer_core.data_classes import ImageFeatures
+        from spacer_core.messages import ExtractFeaturesReturnMsg
+
+        rows = [int(r) for r, _ in msg.rowcols]
+        cols = [int(c) for _, c in msg.rowcols]
+        ImageFeatures.from_arrays(features, rows, cols).store(msg.feature_loc)
+        return ExtractFeaturesReturnMsg(extractor_loaded_remotely=remote, runtime=time.time() - start)
 
     def shutdown(self) -> None:
-        # Called after the server drained, so no call still needs the pool.
+        """Release threads and networks; called only after the server has drained."""
+        with self._batchers_lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.close(drain=False, timeout=5)
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -90,9 +91,24 @@ def _url_status(exc: spacer_exc.URLDownloadError) -> grpc.StatusCode:
     return grpc.StatusCode.UNAVAILABLE
 
 
+def _inference_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """Status of a batcher error; the module is only inspected once something loaded it."""
+    batcher = sys.modules.get("spacer_core.inference.batcher")
+    if batcher is None:
+        return None
+    if isinstance(exc, batcher.QueueFullError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, batcher.BatcherClosedError):
+        return grpc.StatusCode.UNAVAILABLE, f"server is shutting down: {exc}"
+    return None
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """(code, message) for a known failure; None for an unexpected one."""
     code = grpc.StatusCode
+    inference = _inference_status(exc)
+    if inference is not None:
+        return inference
     if isinstance(exc, RequestError):
         return exc.code, exc.message
     if isinstance(exc, QueueFullError):

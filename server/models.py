@@ -68,6 +68,10 @@ class ModelRegistry:
             self._models[(model.kind, model.name)] = model
         return model
 
+    def get(self, kind: str, name: str) -> LoadedModel | None:
+        with self._lock:
+            return self._models.get((kind, name))
+
     def list(self) -> list[LoadedModel]:
         with self._lock:
             return sorted(self._models.values(), key=lambda m: (m.kind, m.name))

@@ -18,7 +18,6 @@ from server._proto.spacer.v1 import spacer_pb2 as pb
 from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
 from server.engine import Engine, inline_image
 from server.errors import describe, invalid, rpc_method
-from server.models import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +29,9 @@ class TrainingCancelled(Exception):
 class SpacerServicer(pb_grpc.SpacerServicer):
     """The Spacer service; image work goes through `engine`."""
 
-    def __init__(self, engine: Engine, translator: convert.Translator, models: ModelRegistry):
+    def __init__(self, engine: Engine, translator: convert.Translator):
         self.engine = engine
         self.translate = translator
-        self.models = models
 
     # ------------------------------------------------------------ helpers
 
@@ -128,17 +126,17 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         which = request.WhichOneof("model")
         if which == "extractor":
             extractor = self.translate.extractor(request.extractor)
-            model = await self.engine.call(self.models.load_extractor, extractor)
+            model = await self.engine.load_extractor(extractor)
         elif which == "classifier_loc":
             loc = self.translate.location(request.classifier_loc, "classifier_loc")
-            model = await self.engine.call(self.models.load_classifier, loc)
+            model = await self.engine.load_classifier(loc)
         else:
             raise invalid("set extractor or classifier_loc")
         return _loaded_proto(model)
 
     @rpc_method
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[_loaded_proto(m) for m in self.models.list()])
+        return pb.ListModelsResponse(models=[_loaded_proto(m) for m in self.engine.models.list()])
 
     # ------------------------------------------------------------ streams
 
