@@ -83,8 +83,6 @@ class DataClass(ABC):
         mine, theirs = self.__dict__, other.__dict__
         return mine.keys() == theirs.keys() and all(mine[k] == theirs[k] for k in mine)
 
-    __hash__ = None  # type: ignore[assignment]
-
 
 class DataLocation(DataClass):
     """Where a piece of data lives: a path, a memory key, a URL or an S3 key."""
@@ -388,6 +386,8 @@ class ImageFeatures(DataClass):
             f"feature_dim is {feature_dim} but the vectors have {feat.shape[1]} values.",
         )
         self._feat = feat
+        self._rows: np.ndarray | None
+        self._cols: np.ndarray | None
         self.valid_rowcol = rows is not None
         if self.valid_rowcol:
             self._rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -506,11 +506,13 @@ class ImageFeatures(DataClass):
             self.valid_rowcol == other.valid_rowcol
             and self._feat.shape == other._feat.shape
             and bool(np.allclose(self._feat, other._feat))
-            and (
-                not self.valid_rowcol
-                or (np.array_equal(self._rows, other._rows) and np.array_equal(self._cols, other._cols))
-            )
+            and self._same_positions(other)
         )
+
+    def _same_positions(self, other: ImageFeatures) -> bool:
+        if self._rows is None or other._rows is None or self._cols is None or other._cols is None:
+            return self._rows is None and other._rows is None
+        return bool(np.array_equal(self._rows, other._rows) and np.array_equal(self._cols, other._cols))
 
     def __repr__(self) -> str:
         return f"ImageFeatures(npoints={self.npoints}, feature_dim={self.feature_dim}, valid_rowcol={self.valid_rowcol})"

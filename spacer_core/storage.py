@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 Payload = Union[BytesIO, IO[bytes], bytes, bytearray, memoryview]
 
 
-def _payload_bytes(stream: Payload) -> bytes | memoryview:
+def _payload_bytes(stream: Payload) -> bytes | bytearray | memoryview:
     if isinstance(stream, (bytes, bytearray, memoryview)):
         return stream
     if isinstance(stream, BytesIO):
@@ -80,7 +80,7 @@ class FileSystemStorage(Storage):
         return os.path.exists(key)
 
 
-def write_file_atomic(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
+def write_file_atomic(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a part.
 
     Parent directories are created as needed.
