@@ -1,20 +1,66 @@
-"""Patch cropping around points, pixel-identical to pyspacer's crop_patches.
+"""Image bytes -> point patches, pixel-identical to pyspacer.
 
-The work happens in Rust (`spacer_core._crop_rs`) with the GIL released.
+pyspacer opens an image with Pillow, converts it to RGB and cuts a 224x224
+patch around each point (`reflect` padding at the borders). Here JPEG and PNG
+are decoded in Rust (`spacer_core._crop_rs`, libjpeg-turbo like Pillow) with
+the GIL released and patches cut on several cores; other formats (TIFF, BMP,
+WebP, GIF, ...) are decoded by Pillow and cropped in Rust.
+
+The header's size is checked against `max_pixels` (default
+`spacer_core.config.MAX_IMAGE_PIXELS`) before any pixel buffer is allocated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from spacer_core._crop_rs import PatchError, crop_rgb, crop_rgb_into_chw
+from spacer_core import _crop_rs
+from spacer_core._crop_rs import (
+    ImageDecodeError,
+    ImageInfo,
+    ImageTooLargeError,
+    PatchError,
+    UnsupportedFormatError,
+    crop_rgb,
+    crop_rgb_into_chw,
+)
+from spacer_core.exceptions import DataLimitError
 
 CROP_SIZE = 224
 
-__all__ = ["CROP_SIZE", "PatchError", "crop_array", "crop_array_into_chw", "to_rgb_array"]
+__all__ = [
+    "CROP_SIZE",
+    "DecodedImage",
+    "ImageDecodeError",
+    "ImageInfo",
+    "PatchError",
+    "crop_array",
+    "crop_array_into_chw",
+    "crop_patches",
+    "crop_patches_batch",
+    "crop_patches_into_chw",
+    "decode_image",
+    "read_header",
+    "to_rgb_array",
+]
+
+RowCols = Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image as pyspacer crops it: RGB pixels plus what the file said."""
+
+    rgb: np.ndarray  # uint8 (H, W, 3), C-contiguous
+    format: str  # "JPEG", "PNG", or Pillow's name for other formats
+    mode: str  # Pillow's mode before convert("RGB")
+    complete: bool  # False when the data ended or broke off early
 
 
 def to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -24,16 +70,14 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
-def crop_array(
-    rgb: np.ndarray, rowcols: Sequence[tuple[int, int]], crop_size: int = CROP_SIZE
-) -> np.ndarray:
+def crop_array(rgb: np.ndarray, rowcols: RowCols, crop_size: int = CROP_SIZE) -> np.ndarray:
     """Cut one uint8 (crop_size, crop_size, 3) patch per (row, col) -> (N, s, s, 3)."""
     return crop_rgb(np.ascontiguousarray(rgb, dtype=np.uint8), _points(rowcols), crop_size)
 
 
 def crop_array_into_chw(
     rgb: np.ndarray,
-    rowcols: Sequence[tuple[int, int]],
+    rowcols: RowCols,
     out: np.ndarray,
     crop_size: int = CROP_SIZE,
 ) -> np.ndarray:
@@ -42,5 +86,157 @@ def crop_array_into_chw(
     return out
 
 
-def _points(rowcols: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+def read_header(image_bytes: bytes, *, image_key: str | None = None) -> ImageInfo | None:
+    """Format, mode and size from the header alone (None for non-JPEG/PNG data)."""
+    with _named_errors(image_key):
+        return _crop_rs.read_header(image_bytes)
+
+
+def image_size(image_bytes: bytes, *, image_key: str | None = None) -> tuple[int, int]:
+    """(width, height) as Pillow's `Image.size`, read cheaply from the header."""
+    info = read_header(image_bytes, image_key=image_key)
+    if info is not None:
+        return info.size
+    with _named_errors(image_key):
+        return _open_with_pillow(image_bytes).size
+
+
+def decode_image(
+    image_bytes: bytes, *, max_pixels: int | None = None, image_key: str | None = None
+) -> DecodedImage:
+    """Decode to RGB as `Image.open(...).convert('RGB')` does (no EXIF rotation, alpha dropped)."""
+    limit = _limit(max_pixels)
+    with _named_errors(image_key):
+        try:
+            rgb, info, complete = _crop_rs.decode_image(image_bytes, limit)
+            return DecodedImage(rgb, info.format, info.mode, complete)
+        except UnsupportedFormatError:
+            image = _open_with_pillow(image_bytes)
+            _check_pixels(image.size, limit)
+            return DecodedImage(to_rgb_array(image), image.format or "", image.mode, True)
+
+
+def crop_patches(
+    image_bytes: bytes,
+    rowcols: RowCols,
+    crop_size: int = CROP_SIZE,
+    *,
+    max_pixels: int | None = None,
+    image_key: str | None = None,
+) -> np.ndarray:
+    """Decode `image_bytes` and cut uint8 (N, crop_size, crop_size, 3) patches.
+
+    Byte-identical to pyspacer's `crop_patches(Image.open(...), rowcols, crop_size)`.
+    """
+    points = _points(rowcols)
+    limit = _limit(max_pixels)
+    with _named_errors(image_key):
+        try:
+            return _crop_rs.crop_patches(image_bytes, points, crop_size, limit)
+        except UnsupportedFormatError:
+            return crop_array(_pillow_rgb(image_bytes, limit), points, crop_size)
+
+
+def crop_patches_into_chw(
+    image_bytes: bytes,
+    rowcols: RowCols,
+    out: np.ndarray,
+    crop_size: int = CROP_SIZE,
+    *,
+    max_pixels: int | None = None,
+    image_key: str | None = None,
+) -> np.ndarray:
+    """Decode and write float32 (N, 3, s, s) patches in [0, 1] into `out`; returns `out`.
+
+    Equal bit for bit to torchvision `ToTensor()` on pyspacer's patches. `out`
+    is owned by the caller (e.g. `torch.empty(..., pin_memory=True).numpy()`).
+    """
+    points = _points(rowcols)
+    limit = _limit(max_pixels)
+    with _named_errors(image_key):
+        try:
+            _crop_rs.crop_patches_into_chw(image_bytes, points, out, crop_size, limit)
+        except UnsupportedFormatError:
+            crop_array_into_chw(_pillow_rgb(image_bytes, limit), points, out, crop_size)
+    return out
+
+
+def crop_patches_batch(
+    images: Sequence[bytes],
+    rowcols: Sequence[RowCols],
+    crop_size: int = CROP_SIZE,
+    *,
+    max_pixels: int | None = None,
+) -> list[np.ndarray]:
+    """`crop_patches` for several images at once, decoded in parallel.
+
+    An error names the index of the image that caused it.
+    """
+    limit = _limit(max_pixels)
+    points = [_points(rc) for rc in rowcols]
+    with _named_errors(None):
+        results = _crop_rs.crop_patches_batch(list(images), points, crop_size, limit)
+    out = []
+    for index, patches in enumerate(results):
+        if patches is None:  # not JPEG/PNG: Pillow decodes, Rust crops
+            with _named_errors(f"image {index}"):
+                patches = crop_array(_pillow_rgb(images[index], limit), points[index], crop_size)
+        out.append(patches)
+    return out
+
+
+def _points(rowcols: RowCols) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r, c in rowcols]
+
+
+def _limit(max_pixels: int | None) -> int:
+    if max_pixels is not None:
+        return max_pixels
+    from spacer_core import config  # late: config reads the environment on import
+
+    return int(config.MAX_IMAGE_PIXELS)
+
+
+def _open_with_pillow(image_bytes: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(image_bytes))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot identify image: {e}") from e
+
+
+def _pillow_rgb(image_bytes: bytes, limit: int) -> np.ndarray:
+    image = _open_with_pillow(image_bytes)
+    _check_pixels(image.size, limit)
+    try:
+        return to_rgb_array(image)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot decode {image.format} image: {e}") from e
+
+
+def _check_pixels(size: tuple[int, int], limit: int) -> None:
+    width, height = size
+    if width * height > limit:
+        raise ImageTooLargeError(_too_large_message("", width, height, limit), width, height, limit)
+
+
+def _too_large_message(key: str, width: int, height: int, limit: int) -> str:
+    # pyspacer's check_extract_inputs wording, so callers see one message.
+    subject = f"Image {key}" if key else "Image"
+    return (
+        f"{subject} has {width} x {height} = {width * height} total pixels,"
+        f" which is larger than the max allowed of {limit}."
+    )
+
+
+@contextmanager
+def _named_errors(image_key: str | None) -> Iterator[None]:
+    """Name the image in errors; a pixel-limit refusal becomes DataLimitError."""
+    try:
+        yield
+    except ImageTooLargeError as e:
+        _, width, height, limit = e.args
+        raise DataLimitError(_too_large_message(image_key or "", width, height, limit)) from e
+    except (ImageDecodeError, PatchError) as e:
+        if image_key is None:
+            raise
+        raise type(e)(f"{image_key}: {e}") from e

@@ -90,19 +90,19 @@ pub fn patch_origin(center: i64, crop_size: usize) -> i64 {
     (2 * center + cs).div_euclid(2) - cs
 }
 
-fn validate_points(img: &RgbView<'_>, points: &[(i64, i64)]) -> Result<(), CropError> {
+/// Checks every point lies inside a `height` x `width` image (usable before
+/// decoding, from the header's size).
+pub fn check_points(height: usize, width: usize, points: &[(i64, i64)]) -> Result<(), CropError> {
     for (index, &(row, col)) in points.iter().enumerate() {
-        if row < 0 || col < 0 || row as usize >= img.height || col as usize >= img.width {
-            return Err(CropError::PointOutOfBounds {
-                index,
-                row,
-                col,
-                height: img.height,
-                width: img.width,
-            });
+        if row < 0 || col < 0 || row as usize >= height || col as usize >= width {
+            return Err(CropError::PointOutOfBounds { index, row, col, height, width });
         }
     }
     Ok(())
+}
+
+fn validate_points(img: &RgbView<'_>, points: &[(i64, i64)]) -> Result<(), CropError> {
+    check_points(img.height, img.width, points)
 }
 
 /// Source column offsets (in bytes) for one patch row, shared by both layouts.

@@ -1,0 +1,155 @@
+//! JPEG decoding through libjpeg-turbo (via the C layer in `csrc/jpeg_shim.c`).
+//!
+//! Pillow decodes JPEG with libjpeg-turbo (ISLOW DCT, fancy upsampling), and
+//! other decoders round differently, so the same library is used here. The C
+//! layer owns every `setjmp`/`longjmp`; this module only sees return codes.
+
+use std::os::raw::{c_char, c_int};
+
+const SPJ_OK: c_int = 0;
+const SPJ_ERROR: c_int = 1;
+const SPJ_SUSPENDED: c_int = 2;
+const SPJ_PARTIAL: c_int = 3;
+
+/// Bounds the scans of a progressive file (a few dozen in real files): a
+/// hostile file with thousands of tiny scans would otherwise cost minutes.
+pub const MAX_PROGRESSIVE_SCANS: c_int = 1000;
+
+const MSG_LEN: usize = 256;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SpjInfo {
+    width: u32,
+    height: u32,
+    components: i32,
+    color_space: i32,
+    progressive: i32,
+    adobe: i32,
+}
+
+extern "C" {
+    fn spj_read_header(
+        data: *const u8,
+        len: usize,
+        info: *mut SpjInfo,
+        msg: *mut c_char,
+        msg_len: usize,
+    ) -> c_int;
+    fn spj_decode(
+        data: *const u8,
+        len: usize,
+        expect: *const SpjInfo,
+        out: *mut u8,
+        out_len: usize,
+        max_scans: c_int,
+        rows_done: *mut u32,
+        msg: *mut c_char,
+        msg_len: usize,
+    ) -> c_int;
+}
+
+/// What the frame header says, with the mode Pillow would give the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JpegHeader {
+    pub width: u32,
+    pub height: u32,
+    /// Samples per pixel as decoded: 1 (grey), 3 (RGB) or 4 (CMYK).
+    pub components: usize,
+    pub progressive: bool,
+    raw: SpjInfo,
+}
+
+impl JpegHeader {
+    /// Pillow's mode name for this image.
+    pub fn mode(&self) -> &'static str {
+        match self.components {
+            1 => "L",
+            3 => "RGB",
+            _ => "CMYK",
+        }
+    }
+}
+
+/// Pixels in the file's own layout (`components` bytes per pixel).
+#[derive(Debug)]
+pub struct JpegPixels {
+    pub data: Vec<u8>,
+    /// Rows actually decoded; the rest are zero (Pillow leaves them so).
+    pub rows_done: usize,
+}
+
+fn message(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Parses the markers up to the first scan; cheap (no pixel data is touched).
+pub fn read_header(data: &[u8]) -> Result<JpegHeader, String> {
+    let mut info = SpjInfo::default();
+    let mut msg = [0u8; MSG_LEN];
+    // SAFETY: pointers are valid for the given lengths for the whole call; the
+    // C side never keeps them.
+    let rc = unsafe {
+        spj_read_header(data.as_ptr(), data.len(), &mut info, msg.as_mut_ptr().cast(), MSG_LEN)
+    };
+    if rc != SPJ_OK {
+        let text = message(&msg);
+        return Err(if text.is_empty() { "unreadable JPEG header".to_string() } else { text });
+    }
+    let components = match info.components {
+        1 | 3 | 4 => info.components as usize,
+        n => return Err(format!("cannot handle {n}-layer JPEG images")),
+    };
+    Ok(JpegHeader {
+        width: info.width,
+        height: info.height,
+        components,
+        progressive: info.progressive != 0,
+        raw: info,
+    })
+}
+
+/// Decodes the pixels of a file whose header was read by [`read_header`].
+///
+/// Like Pillow with `LOAD_TRUNCATED_IMAGES`, a file that ends early or whose
+/// entropy data breaks off yields the rows decoded so far (`rows_done`).
+pub fn decode(data: &[u8], header: &JpegHeader) -> Result<JpegPixels, String> {
+    let len = (header.width as usize)
+        .checked_mul(header.height as usize)
+        .and_then(|n| n.checked_mul(header.components))
+        .ok_or_else(|| "JPEG dimensions overflow".to_string())?;
+    let mut out = vec![0u8; len];
+    let mut rows_done = 0u32;
+    let mut msg = [0u8; MSG_LEN];
+    // SAFETY: `out` holds exactly height * width * components bytes, which the
+    // C side checks against `expect` before writing any row.
+    let rc = unsafe {
+        spj_decode(
+            data.as_ptr(),
+            data.len(),
+            &header.raw,
+            out.as_mut_ptr(),
+            out.len(),
+            MAX_PROGRESSIVE_SCANS,
+            &mut rows_done,
+            msg.as_mut_ptr().cast(),
+            MSG_LEN,
+        )
+    };
+    match rc {
+        SPJ_OK => Ok(JpegPixels { data: out, rows_done: header.height as usize }),
+        SPJ_PARTIAL => {
+            let rows_done = (rows_done as usize).min(header.height as usize);
+            // A row the decoder was writing when it failed may be half done.
+            let stride = header.width as usize * header.components;
+            out[rows_done * stride..].fill(0);
+            Ok(JpegPixels { data: out, rows_done })
+        }
+        SPJ_ERROR | SPJ_SUSPENDED => {
+            let text = message(&msg);
+            Err(if text.is_empty() { "corrupt JPEG data".to_string() } else { text })
+        }
+        _ => Err("JPEG decoder rejected its arguments".to_string()),
+    }
+}
