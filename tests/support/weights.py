@@ -16,6 +16,7 @@ module (or `pytest_plugins = ["tests.support.weights"]` in a conftest).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -32,7 +33,7 @@ from torch.nn import functional as F
 from spacer_core.extractors.efficientnet import EfficientNetB0
 
 DATAPARALLEL_PREFIX = "module."
-_CALIBRATION_PATCHES = 16
+_CALIBRATION_PATCHES = 12
 
 
 class WeightsFile(NamedTuple):
@@ -53,8 +54,8 @@ def _image_like_patches(generator: torch.Generator, n: int) -> torch.Tensor:
     return ((1 - mix) * smooth + mix * noise).clamp(0.0, 1.0)
 
 
-def make_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
-    """Random EfficientNet-b0 state dict (lukemelas keys, no prefix) with calibrated BatchNorm."""
+@functools.lru_cache(maxsize=4)
+def _calibrated_state(seed: int) -> OrderedDict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -77,9 +78,18 @@ def make_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
     return OrderedDict((k, v.detach().clone()) for k, v in state.items())
 
 
+def make_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
+    """Random EfficientNet-b0 state dict (lukemelas keys, no prefix) with calibrated BatchNorm.
+
+    Deterministic per seed; built once per process and copied, so callers may edit it.
+    """
+    return OrderedDict((k, v.clone()) for k, v in _calibrated_state(seed).items())
+
+
+@functools.lru_cache(maxsize=8)
 def weights_bytes(seed: int = 0, prefix: str = DATAPARALLEL_PREFIX) -> bytes:
     """The bytes of a CoralNet-format weights file: torch.save({'net': state_dict})."""
-    state = make_state_dict(seed)
+    state = _calibrated_state(seed)
     buffer = io.BytesIO()
     torch.save({"net": OrderedDict((prefix + k, v) for k, v in state.items())}, buffer)
     return buffer.getvalue()
