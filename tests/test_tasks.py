@@ -130,7 +130,7 @@ def _stored_features(path, rowcols, valid_rowcol=True, legacy=False):
     )
     if legacy:
         # pyspacer 0.5.0-era file: a JSON list of per-point vectors.
-        path.write_text(json.dumps([p.data for p in feats.point_features]))
+        path.write_text(json.dumps([np.asarray(p.data).tolist() for p in feats.point_features]))
     else:
         feats.store(spacer.data_classes.DataLocation("filesystem", str(path)))
 
@@ -200,31 +200,27 @@ def _labelled_features(workdir, n_images=14, n_points=24, dim=24):
 
 @pytest.mark.parametrize("clf_type", ["LR", "MLP"])
 def test_train_classifier_matches_pyspacer(workdir, clf_type):
+    import spacer.task_utils
+
     labels = _labelled_features(workdir)
+    # Both libraries train on the same train/ref/val split, sent as JSON.
+    split = spacer.task_utils.preprocess_labels(spacer.data_classes.ImageLabels.deserialize(labels))
     msg = {
         "job_token": f"train-{clf_type}",
         "trainer": {"class_path": "spacer.train_classifier.MiniBatchTrainer"},
         "nbr_epochs": 3,
         "clf_type": clf_type,
-        # Only "train" is given: the task splits ref and val itself.
-        "labels": {"train": labels, "ref": {}, "val": {}},
+        "labels": split.serialize(),
         "previous_model_locs": [],
         "model_loc": loc(workdir / f"theirs_{clf_type}.pkl"),
         "valresult_loc": loc(workdir / f"theirs_{clf_type}.json"),
+        "feature_cache_dir": "auto",
     }
-    pytest.importorskip("spacer_core.train_classifier")
-    theirs_msg = spacer.messages.TrainClassifierMsg.deserialize(copy.deepcopy(msg))
-    theirs_msg.labels = spacer.messages.TrainingTaskLabels(
-        train=spacer.data_classes.ImageLabels.deserialize(labels),
-        ref=spacer.data_classes.ImageLabels({}), val=spacer.data_classes.ImageLabels({}))
-    theirs = spacer.tasks.train_classifier(theirs_msg)
+    theirs = spacer.tasks.train_classifier(spacer.messages.TrainClassifierMsg.deserialize(copy.deepcopy(msg)))
     ours_json = copy.deepcopy(msg)
     ours_json["model_loc"] = loc(workdir / f"ours_{clf_type}.pkl")
     ours_json["valresult_loc"] = loc(workdir / f"ours_{clf_type}.json")
     ours_msg = messages.TrainClassifierMsg.deserialize(ours_json)
-    ours_msg.labels = messages.TrainingTaskLabels(
-        train=data_classes.ImageLabels.deserialize(labels),
-        ref=data_classes.ImageLabels({}), val=data_classes.ImageLabels({}))
     epochs_seen = []
     ours = tasks.train_classifier(ours_msg, progress=lambda *a, **k: epochs_seen.append((a, k)))
     assert abs(ours.acc - theirs.acc) <= 0.01
@@ -306,6 +302,5 @@ def test_process_job_runs_tasks_and_stops_at_first_failure(workdir, extractor_js
 
 
 def test_process_job_rejects_unknown_task():
-    job = messages.JobMsg(task_name="paint_reef", tasks=[])
     with pytest.raises(ValueError, match="paint_reef"):
-        tasks.process_job(job)
+        tasks.process_job(messages.JobMsg.deserialize({"task_name": "paint_reef", "tasks": []}))
