@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +235,12 @@ def _random_features(n=6, dim=10, seed=0):
     return rng.integers(0, 4000, n), rng.integers(0, 3000, n), rng.normal(size=(n, dim))
 
 
-def test_feature_file_is_byte_identical_to_pyspacers(tmp_path):
+def _zip_members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def test_feature_file_holds_pyspacers_arrays(tmp_path):
     rows, cols, feat = _random_features()
     ours_loc = DataLocation("filesystem", str(tmp_path / "ours.fv"))
     ImageFeatures.from_arrays(feat, rows, cols).store(ours_loc)
@@ -244,11 +251,31 @@ def test_feature_file_is_byte_identical_to_pyspacers(tmp_path):
         npoints=len(rows),
     )
     theirs.store(ps.DataLocation("filesystem", str(tmp_path / "theirs.fv")))
-    assert (tmp_path / "ours.fv").read_bytes() == (tmp_path / "theirs.fv").read_bytes()
+    # Same members with byte-identical .npy payloads; only the deflate level
+    # and zip timestamps differ.
+    assert _zip_members(tmp_path / "ours.fv") == _zip_members(tmp_path / "theirs.fv")
+    with zipfile.ZipFile(tmp_path / "ours.fv") as archive:
+        assert all(i.compress_type == zipfile.ZIP_DEFLATED for i in archive.infolist())
     with np.load(tmp_path / "ours.fv") as npz:
         assert npz["meta"].dtype == np.int64 and npz["meta"].tolist() == [1, 6, 10]
         assert npz["rows"].dtype == np.uint16 and npz["cols"].dtype == np.uint16
         assert npz["feat"].dtype == np.float64
+
+
+def test_feature_bytes_are_reproducible_and_level_is_honoured(monkeypatch):
+    rows, cols, feat = _random_features(n=50, dim=64, seed=4)
+    feats = ImageFeatures.from_arrays(np.round(feat, 2), rows, cols)
+    first = feats.to_bytes()
+    # A clock an hour later (zipfile stamps entries with the current time
+    # unless told otherwise) must not change the bytes.
+    later = time.time() + 3600
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert feats.to_bytes() == first
+    stored = feats.to_bytes(compresslevel=0)
+    tight = feats.to_bytes(compresslevel=9)
+    assert len(tight) < len(first) < len(stored)
+    for raw in (first, stored, tight):
+        assert ImageFeatures.from_bytes(raw) == feats
 
 
 def test_pyspacer_reads_our_features(tmp_path):
