@@ -11,6 +11,7 @@ same one pyspacer would train.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +33,11 @@ ProgressCallback = Callable[[int, float, float], Any]
 # pyspacer scores the validation set in batches of this many points; the
 # same chunking keeps floating-point results identical.
 EVAL_BATCH_SIZE = 1000
+
+# LR batches at least this large (rows x features) fit their one-vs-rest
+# classifiers on several threads; below it, thread hand-offs cost more than
+# they save.
+PARALLEL_OVR_MIN_VALUES = 500_000
 
 
 @dataclass
@@ -117,8 +123,8 @@ def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) 
 
     if not keys:
         return LabelledFeatures(np.empty((0, 0)), y, starts)
-    workers = max_workers or min(16, 4 * (os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = _reader_pool() if max_workers is None else ThreadPoolExecutor(max_workers=max_workers)
+    try:
         blocks: Iterator[np.ndarray] = pool.map(read, range(len(keys)))
         first = next(blocks)
         dim = first.shape[1]
@@ -135,6 +141,9 @@ def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) 
             rows[...] = block
             if not np.array_equal(rows, block):
                 inexact[i] = block
+    finally:
+        if pool is not _reader_pool():
+            pool.shutdown(cancel_futures=True)
     if not inexact:
         return LabelledFeatures(x32, y, starts)
     x64 = x32.astype(np.float64)
@@ -142,6 +151,22 @@ def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) 
     for i, block in inexact.items():
         x64[starts[i] : starts[i + 1]] = block
     return LabelledFeatures(x64, y, starts)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    """Threads shared by all loads: reading and inflating files releases the GIL,
+    and long-lived threads keep their per-thread S3 clients."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=min(16, 4 * (os.cpu_count() or 1)), thread_name_prefix="spacer-features"
+            )
+        return _pool
 
 
 def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -196,7 +221,10 @@ def train(
     """
     start = time.time()
     ref_x, ref_y = ref_data.batch(slice(None))
-    parallel_ovr = isinstance(clf, SGDClassifier) and len(classes) > 2
+    batch_values = min(batch_size, len(train_data)) * train_data.x.shape[1]
+    parallel_ovr = (
+        isinstance(clf, SGDClassifier) and len(classes) > 2 and batch_values >= PARALLEL_OVR_MIN_VALUES
+    )
     if parallel_ovr:
         # One-vs-rest fits are independent and each is seeded up front, so
         # fitting them on several threads gives the same coefficients.

@@ -8,8 +8,9 @@ import spacer.config as py_config
 import spacer.messages as py_messages
 import spacer.task_utils as py_task_utils
 import spacer.train_classifier as py_train
+from sklearn.linear_model import SGDClassifier
 
-from spacer_core import config
+from spacer_core import config, train_utils
 from spacer_core.data_classes import DataLocation, ValResults
 from spacer_core.messages import TrainClassifierMsg, TrainClassifierReturnMsg
 from spacer_core.task_utils import preprocess_labels
@@ -55,6 +56,27 @@ def test_same_classifier_as_pyspacer(tmp_path, clf_type, classes):
     assert ours_est.get_params() == py_est.get_params()
     features = np.random.default_rng(0).standard_normal((5, 10)) + 2
     assert np.allclose(clf.predict_proba(features), py_clf.predict_proba(features), rtol=0, atol=1e-12)
+
+
+def test_parallel_one_vs_rest_gives_the_same_lr(tmp_path, monkeypatch):
+    ours_sets, py_sets = _both_sets(_labels(tmp_path, INT_CLASSES, seed=8))
+    monkeypatch.setattr(train_utils, "PARALLEL_OVR_MIN_VALUES", 0)
+    seen_jobs = []
+    original = SGDClassifier.partial_fit
+
+    def spy(self, *args, **kwargs):
+        seen_jobs.append(self.n_jobs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SGDClassifier, "partial_fit", spy)
+    clf, val, msg = MiniBatchTrainer(batch_size=200)(ours_sets, 2, [], "LR")
+    monkeypatch.setattr(SGDClassifier, "partial_fit", original)
+    py_clf, py_val, py_msg = py_train.MiniBatchTrainer(batch_size=200)(py_sets, 2, [], "LR")
+    assert seen_jobs and all(jobs is not None and jobs > 1 for jobs in seen_jobs)
+    assert msg.ref_accs == py_msg.ref_accs and val.est == py_val.est
+    ours_est, py_est = clf.calibrated_classifiers_[0].estimator, py_clf.calibrated_classifiers_[0].estimator
+    assert np.array_equal(ours_est.coef_, py_est.coef_)
+    assert ours_est.n_jobs is None
 
 
 def test_float32_features_and_config_batch_size(tmp_path, monkeypatch):
