@@ -83,6 +83,8 @@ class Backend(abc.ABC):
     """Runs the feature network on float32 (N, 3, 224, 224) batches."""
 
     name: str = "backend"
+    # Patches per network call that run fastest (see benchmarks/bench_extract.py).
+    preferred_batch_size: int = 16
 
     def __init__(self, device: torch.device, precision: Precision):
         self.device = device
@@ -243,6 +245,8 @@ class OnnxBackend(Backend):
     """ONNX Runtime's CPU provider with all graph optimisations (the fastest exact CPU path)."""
 
     name = "onnxruntime"
+    # On CPU, small batches stay in cache: 145 patches/s at 1, 123 at 10, 108 at 40.
+    preferred_batch_size = 4
 
     def __init__(
         self,
@@ -312,6 +316,7 @@ class TorchScriptBackend(Backend):
     """
 
     name = "torchscript"
+    preferred_batch_size = 64
 
     def __init__(self, module: torch.jit.ScriptModule, device: torch.device, precision: Precision):
         super().__init__(device, precision)
@@ -439,7 +444,8 @@ def _verify(backend: Backend, net: nn.Module) -> None:
     """Reject a freshly compiled exact backend whose features drift from eager PyTorch."""
     if backend.precision is not Precision.EXACT:
         return
-    batch = probe_batch()
+    # Not the tracing example: a traced constant would match that input only.
+    batch = probe_batch(3, seed=99)
     reference = EagerBackend(net, torch.device("cpu"), Precision.EXACT).run(batch)
     got = backend.run(batch)
     diff = float(np.max(np.abs(got - reference)))

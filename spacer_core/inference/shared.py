@@ -7,13 +7,16 @@ each weights file once and keeps it in memory, bounded by `backend_cache`.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from spacer_core.inference.backends import Backend, load_backend, resolve_device
+from spacer_core.inference.backends import Backend, load_backend, resolve_device, run_in_batches
 from spacer_core.inference.model_cache import ModelCache
 from spacer_core.inference.precision import Precision
 
@@ -36,3 +39,17 @@ def shared_backend(
     key = (sha256, str(resolved), mode.value, kind)
     return backend_cache.get(
         key, lambda: load_backend(sha256, make_net, device=resolved, precision=mode, kind=kind))
+
+
+def network_runner(weights: bytes, name: str) -> Callable[[Any], Any]:
+    """A runner for `spacer_core.extractors` (`EfficientNetExtractor.runner_factory`).
+
+    Compiles (or loads from the disk cache) the fastest backend for these
+    weights; the returned callable maps float32 (N, 3, 224, 224) to (N, 1280)
+    features, running `preferred_batch_size` patches at a time.
+    """
+    from spacer_core.extractors.efficientnet import build_network
+
+    sha256 = hashlib.sha256(weights).hexdigest()
+    backend = shared_backend(sha256, lambda: build_network(weights, name))
+    return functools.partial(run_in_batches, backend, batch_size=backend.preferred_batch_size)

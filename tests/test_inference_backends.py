@@ -1,0 +1,221 @@
+"""Compiled backends against pyspacer's own EfficientNet on the same weights file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from spacer.extractors.efficientnet import EfficientNetExtractor as PyspacerEfficientNet
+from torch import nn
+from torchvision import transforms
+
+from spacer_core.crop import crop_array
+from spacer_core.extractors.efficientnet import build_network
+from spacer_core.inference import (
+    BackendError,
+    EagerBackend,
+    OnnxBackend,
+    Precision,
+    TorchScriptBackend,
+    load_backend,
+    run_in_batches,
+    to_network_input,
+)
+from spacer_core.inference import backends as backends_module
+from spacer_core.inference import compile_cache
+from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
+
+PARITY = 1e-4
+
+
+@pytest.fixture(scope="module")
+def patches() -> np.ndarray:
+    """6 uint8 crops from a blocky-plus-noise test image, cut as pyspacer cuts them."""
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 256, size=(40, 50, 3)).repeat(8, axis=0).repeat(8, axis=1)
+    image = np.clip(base + rng.integers(-20, 21, size=base.shape), 0, 255).astype(np.uint8)
+    rowcols = [(int(r), int(c)) for r, c in zip(rng.integers(0, 320, 6), rng.integers(0, 400, 6))]
+    return crop_array(image, rowcols)
+
+
+@pytest.fixture(scope="module")
+def pyspacer_features(efficientnet_weights, patches) -> np.ndarray:  # noqa: F811
+    """Features as pyspacer computes them: its network, ToTensor, batches of 10."""
+    with open(efficientnet_weights.path, "rb") as f:
+        net = PyspacerEfficientNet.load_weights(f).eval()
+    to_tensor = transforms.ToTensor()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(patches), 10):
+            batch = torch.stack([to_tensor(p) for p in patches[start:start + 10]])
+            out.append(net.extract_features(batch).numpy())
+    return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One compile cache for the parity tests, so each backend is built once."""
+    return tmp_path_factory.mktemp("compiled")
+
+
+@pytest.fixture
+def make_net(efficientnet_weights):  # noqa: F811
+    calls = []
+
+    def make() -> nn.Module:
+        calls.append(1)
+        return build_network(efficientnet_weights.path)
+
+    make.calls = calls  # type: ignore[attr-defined]
+    return make
+
+
+def test_uint8_conversion_is_bitwise_totensor(patches):
+    to_tensor = transforms.ToTensor()
+    expected = torch.stack([to_tensor(p) for p in patches]).numpy()
+    assert np.array_equal(to_network_input(patches), expected)
+
+
+@pytest.mark.parametrize("kind", ["onnxruntime", "torchscript", "eager"])
+@pytest.mark.parametrize("batch_size", [1, 4, 6])
+def test_exact_backends_match_pyspacer(
+    kind, batch_size, efficientnet_weights, make_net, patches, pyspacer_features, shared_cache  # noqa: F811
+):
+    backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu", kind=kind,
+                           cache_dir=shared_cache)
+    assert backend.name == kind
+    features = run_in_batches(backend, patches, batch_size)
+    assert features.shape == (len(patches), 1280) and features.dtype == np.float32
+    assert np.max(np.abs(features - pyspacer_features)) <= PARITY
+    # Features vary between patches, so parity is not trivially met.
+    assert np.std(pyspacer_features[:, :64], axis=0).mean() > 1e-2
+
+
+def test_auto_on_cpu_is_onnxruntime_and_compiled_once(efficientnet_weights, make_net, tmp_path):  # noqa: F811
+    first = load_backend(efficientnet_weights.sha256, make_net, device="cpu", cache_dir=tmp_path)
+    assert isinstance(first, OnnxBackend)
+    built = len(make_net.calls)
+    artifacts = list(tmp_path.glob(f"{efficientnet_weights.sha256}.onnx-*"))
+    assert len(artifacts) == 1 and built == 1
+    # A second load comes from the disk cache without building the torch network.
+    second = load_backend(efficientnet_weights.sha256, make_net, device="cpu", cache_dir=tmp_path)
+    assert len(make_net.calls) == built
+    batch = to_network_input(np.full((2, 224, 224, 3), 90, np.uint8))
+    assert np.array_equal(first.run(batch), second.run(batch))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cache_dir_follows_extractors_cache_dir(monkeypatch, tmp_path):
+    from spacer_core import config
+
+    monkeypatch.setattr(config, "EXTRACTORS_CACHE_DIR", str(tmp_path / "extractors"))
+    assert compile_cache.cache_dir() == tmp_path / "extractors" / "compiled"
+    monkeypatch.setattr(config, "EXTRACTORS_CACHE_DIR", None)
+    assert compile_cache.cache_dir().is_dir()
+
+
+def test_corrupt_artifact_is_rebuilt(efficientnet_weights, make_net, tmp_path):  # noqa: F811
+    artifact = compile_cache.artifact_path(
+        tmp_path, efficientnet_weights.sha256, "onnx", "exact-cpu", ".onnx")
+    artifact.write_bytes(b"not an onnx model")
+    backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu", cache_dir=tmp_path)
+    assert isinstance(backend, OnnxBackend)
+    assert artifact.stat().st_size > 1_000_000
+
+
+class _NumpyRoundTrip(nn.Module):
+    """Leaves torch for numpy mid-network: tracing bakes the probe input in as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.from_numpy(np.ascontiguousarray(x.detach().cpu().numpy()) * 2)
+        return self.proj(y).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("kind", ["onnxruntime", "torchscript"])
+def test_backend_that_fails_verification_falls_back_to_eager(kind, tmp_path):
+    sha = "ab" * 32
+    backend = load_backend(sha, lambda: _NumpyRoundTrip().eval(), device="cpu", kind=kind,
+                           cache_dir=tmp_path)
+    assert isinstance(backend, EagerBackend)
+    # The rejected artifact is not left behind for the next load.
+    assert not list(tmp_path.glob(f"{sha}.*"))
+
+
+def test_failing_network_raises_backend_error(tmp_path):
+    def broken() -> nn.Module:
+        raise OSError("weights unreadable")
+
+    with pytest.raises(BackendError, match="weights unreadable"):
+        load_backend("cd" * 32, broken, device="cpu", cache_dir=tmp_path)
+
+
+def test_bad_inputs_are_named(tmp_path, make_net, efficientnet_weights):  # noqa: F811
+    backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu", kind="eager")
+    with pytest.raises(ValueError, match=r"\(N>0, 3, 224, 224\)"):
+        backend.run(np.zeros((1, 3, 100, 100), np.float32))
+    with pytest.raises(TypeError, match="float32"):
+        backend.run(np.zeros((1, 3, 224, 224), np.float64))
+    with pytest.raises(ValueError, match="Unknown precision"):
+        load_backend(efficientnet_weights.sha256, make_net, precision="half")
+    with pytest.raises(ValueError, match="Unknown backend kind"):
+        load_backend(efficientnet_weights.sha256, make_net, kind="tensorrt")
+    with pytest.raises(ValueError, match="sha256"):
+        compile_cache.artifact_path(tmp_path, "not-a-digest", "onnx", "x", ".onnx")
+
+
+def test_fast_precision_on_cpu(efficientnet_weights, make_net, patches, pyspacer_features, tmp_path):  # noqa: F811
+    backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu",
+                           precision=Precision.FAST, cache_dir=tmp_path)
+    features = run_in_batches(backend, patches, 4)
+    assert np.isfinite(features).all()
+    # Half precision drifts (bf16 has 8 bits of mantissa) but stays close in aggregate.
+    rel = np.abs(features - pyspacer_features).mean() / np.abs(pyspacer_features).mean()
+    assert rel < 0.05
+    # The measured choice is remembered for the next load.
+    assert list(tmp_path.glob("*.fast-cpu-choice-*.json"))
+
+
+def test_eager_fast_uses_bf16_when_the_cpu_has_it(make_net):
+    backend = EagerBackend(make_net(), torch.device("cpu"), Precision.FAST)
+    expected = torch.bfloat16 if backends_module.half_dtype(torch.device("cpu")) else torch.float32
+    assert backend.dtype == expected
+
+
+# -- GPU (skipped without CUDA) -----------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_torchscript_cuda_exact_matches_pyspacer(
+    efficientnet_weights, make_net, patches, pyspacer_features, tmp_path  # noqa: F811
+):
+    backend = load_backend(efficientnet_weights.sha256, make_net, device="cuda", cache_dir=tmp_path)
+    assert isinstance(backend, TorchScriptBackend)
+    for batch_size in (1, 4, 6):
+        features = run_in_batches(backend, patches, batch_size)
+        assert np.max(np.abs(features - pyspacer_features)) <= PARITY
+
+
+@pytest.mark.gpu
+def test_torchscript_cuda_fast_is_close(efficientnet_weights, make_net, patches, pyspacer_features, tmp_path):  # noqa: F811
+    backend = load_backend(efficientnet_weights.sha256, make_net, device="cuda",
+                           precision="fast", cache_dir=tmp_path)
+    features = run_in_batches(backend, patches, 4)
+    rel = np.abs(features - pyspacer_features).mean() / np.abs(pyspacer_features).mean()
+    assert rel < 0.02
+
+
+@pytest.mark.gpu
+def test_cuda_launches_overlap_and_results_stay_separate(efficientnet_weights, make_net, patches, tmp_path):  # noqa: F811
+    backend = load_backend(efficientnet_weights.sha256, make_net, device="cuda", cache_dir=tmp_path)
+    batches = [to_network_input(patches[i:i + 2]) for i in range(0, 6, 2)]
+    pending = [backend.launch(b) for b in batches]
+    # Overwriting the inputs after launch must not change the results.
+    for b in batches:
+        b[...] = 0
+    together = np.concatenate([p.result() for p in pending])
+    alone = run_in_batches(backend, patches, 2)
+    assert np.max(np.abs(together - alone)) <= 1e-6
