@@ -174,6 +174,8 @@ def test_network_is_loaded_once_per_weights(efficientnet_weights: WeightsFile, m
 
 def test_run_network_is_the_single_entry(efficientnet_weights: WeightsFile, monkeypatch) -> None:
     """Backends replace the runner; every batch must pass through _run_network."""
+    extractor = _extractor(efficientnet_weights)
+    extractor.load_runner()  # the default backend's runner is cached for these weights
     calls: list[tuple[int, ...]] = []
 
     def fake_runner_factory(weights: bytes, name: str):
@@ -185,9 +187,8 @@ def test_run_network_is_the_single_entry(efficientnet_weights: WeightsFile, monk
         return run
 
     monkeypatch.setattr(EfficientNetExtractor, "runner_factory", staticmethod(fake_runner_factory))
-    monkeypatch.setattr(EfficientNetExtractor, "backend_name", "fake")
     monkeypatch.setattr(EfficientNetExtractor, "BATCH_SIZE", 4)
-    features, _ = _extractor(efficientnet_weights)(_image(seed=4), POINTS)
+    features, _ = extractor(_image(seed=4), POINTS)
     assert calls == [(4, 3, 224, 224), (2, 3, 224, 224)]
     assert _matrix(features).shape == (len(POINTS), 1280)
 

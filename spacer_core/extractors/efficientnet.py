@@ -221,9 +221,10 @@ class EfficientNetExtractor(FeatureExtractor):
     # Patches per forward pass. pyspacer uses 10; features agree to ~1e-6
     # whatever the batch size, and larger batches run faster.
     BATCH_SIZE: ClassVar[int] = 32
-    # Backends plug in here: (weights bytes, file label) -> runner.
+    # Backends plug in here: (weights bytes, file label) -> runner. Loaded
+    # runners are cached per (factory, weights sha256), so swapping the
+    # factory never serves a runner the previous one built.
     runner_factory: ClassVar[RunnerFactory] = staticmethod(torch_runner_factory)  # type: ignore[assignment]
-    backend_name: ClassVar[str] = "torch-cpu"
 
     @property
     def feature_dim(self) -> int:
@@ -234,7 +235,7 @@ class EfficientNetExtractor(FeatureExtractor):
         data = self.resolve_data("weights")
         label = f"'{self.data_locations['weights'].key}'"
         factory = type(self).runner_factory
-        runner = RUNNERS.get((self.backend_name, data.sha256), lambda: factory(data.read(), label))
+        runner = RUNNERS.get((factory, data.sha256), lambda: factory(data.read(), label))
         return runner, data.remote_loaded
 
     @staticmethod

@@ -42,7 +42,7 @@ class TorchRunner:
 
 
 class RunnerCache:
-    """Thread-safe LRU of loaded runners, keyed by (backend name, weights sha256).
+    """Thread-safe LRU of loaded runners, keyed by (runner factory, weights sha256).
 
     Building happens under the lock, so concurrent first calls for the same
     weights load the network once rather than once per thread.
@@ -50,10 +50,10 @@ class RunnerCache:
 
     def __init__(self, max_entries: int = 4):
         self.max_entries = max_entries
-        self._runners: OrderedDict[tuple[str, str], NetworkRunner] = OrderedDict()
+        self._runners: OrderedDict[tuple[object, str], NetworkRunner] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str], build: Callable[[], NetworkRunner]) -> NetworkRunner:
+    def get(self, key: tuple[object, str], build: Callable[[], NetworkRunner]) -> NetworkRunner:
         """The runner cached under `key`, made with `build()` on a miss."""
         with self._lock:
             runner = self._runners.get(key)

@@ -12,7 +12,8 @@ import io
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import BinaryIO, Union
+from importlib import import_module
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 import torch
@@ -27,22 +28,19 @@ class WeightsFileError(ValueError):
     """A weights file cannot be read, or does not fit the network it is meant for."""
 
 
-def _numpy_safe_globals() -> list:
+def _numpy_safe_globals() -> list[Any]:
     """NumPy objects a weights-only unpickler must accept for CoralNet's files.
 
     NumPy 2 renamed `numpy.core` to `numpy._core`; files saved under NumPy 1
-    name the old path, so the scalar constructor is allowed under both names.
+    name the old path, so there the scalar constructor is allowed under both.
     """
-    scalar = np._core.multiarray.scalar
-    return [
-        np.dtype,
-        np.dtypes.Int64DType,
-        np.dtypes.Float64DType,
-        np.dtypes.Float32DType,
-        codecs.encode,
-        scalar,
-        (scalar, "numpy.core.multiarray.scalar"),
-    ]
+    allowed: list[Any] = [np.dtype, np.dtypes.Int64DType, np.dtypes.Float64DType, np.dtypes.Float32DType, codecs.encode]
+    if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
+        scalar = import_module("numpy._core.multiarray").scalar
+        allowed += [scalar, (scalar, "numpy.core.multiarray.scalar")]
+    else:  # pragma: no cover - NumPy 1 keeps the old path
+        allowed.append(import_module("numpy.core.multiarray").scalar)
+    return allowed
 
 
 def _describe(source: WeightsSource, name: str | None) -> str:

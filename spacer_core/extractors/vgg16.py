@@ -55,7 +55,7 @@ class VGG16CaffeExtractor(FeatureExtractor):
         with self._net_lock:
             net = self._net_cache.get((definition, weights))
             if net is None:
-                import caffe  # only importable where Caffe is installed
+                import caffe  # type: ignore[import-not-found]  # only where Caffe is installed
 
                 caffe.set_mode_cpu()
                 net = caffe.Net(definition, weights, caffe.TEST)

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from spacer_core.extractors.efficientnet import EfficientNetB0
 
 DATAPARALLEL_PREFIX = "module."
-_CALIBRATION_PATCHES = 12
+_CALIBRATION_PATCHES = 8
 
 
 class WeightsFile(NamedTuple):
