@@ -4,6 +4,9 @@
 //! `python` feature adds the thin PyO3 layer below, exposed as
 //! `spacer_core._crop_rs`.
 
+// Linked for its libjpeg-turbo build; the C layer calls into it.
+use turbojpeg_sys as _;
+
 pub mod crop;
 pub mod decode;
 mod jpeg;
