@@ -217,6 +217,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             loop.call_soon_threadsafe(events.put_nowait, update)
 
         work = asyncio.ensure_future(self.engine.call(tasks.train_classifier, msg, progress))
+        getter: asyncio.Future[pb.TrainProgress] | None = None
         try:
             while not work.done() or not events.empty():
                 getter = asyncio.ensure_future(events.get())
@@ -225,12 +226,14 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                     yield pb.TrainClassifierResponse(
                         job_token=request.job_token, progress=getter.result()
                     )
-                else:
-                    getter.cancel()
+                getter.cancel()
             result = work.result()
         finally:
+            # Call over (done, failed, cancelled or past its deadline): stop training.
             stop.set()
             work.cancel()
+            if getter is not None:
+                getter.cancel()
         yield pb.TrainClassifierResponse(
             job_token=request.job_token,
             result=pb.TrainResult(
