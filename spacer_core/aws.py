@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -59,3 +60,31 @@ def get_s3_resource() -> Any:
     resource = create_aws_resource("s3")
     _THREAD_LOCAL.s3 = (key, resource)
     return resource
+
+
+def aws_check() -> None:
+    """Print which AWS settings are present (never their values), then who S3 calls run as.
+
+    The identity lookup (STS GetCallerIdentity) goes over the network; its
+    errors propagate unchanged, as boto's messages explain its auth chain best.
+    """
+    if config.AWS_ANONYMOUS:
+        print("AWS_ANONYMOUS is True, so AWS is accessed without credentials.")
+        return
+    settings = [
+        ("Spacer config - AWS_PROFILE_NAME (highest priority if specified)", config.AWS_PROFILE_NAME),
+        ("Environment var - AWS_CONFIG_FILE", os.getenv("AWS_CONFIG_FILE")),
+        ("Environment var - AWS_SHARED_CREDENTIALS_FILE", os.getenv("AWS_SHARED_CREDENTIALS_FILE")),
+        ("Spacer config - AWS_ACCESS_KEY_ID", config.AWS_ACCESS_KEY_ID),
+        ("Spacer config - AWS_SECRET_ACCESS_KEY", config.AWS_SECRET_ACCESS_KEY),
+        ("Spacer config - AWS_SESSION_TOKEN", config.AWS_SESSION_TOKEN),
+        ("Spacer config - AWS_ENDPOINT_URL", config.AWS_ENDPOINT_URL),
+    ]
+    print("Variables that have been set:")
+    for description, value in settings:
+        print(f"{description}: {'Yes' if value else 'No'}")
+    session = create_aws_session()
+    identity = session.client(
+        "sts", region_name=config.AWS_REGION, endpoint_url=config.AWS_ENDPOINT_URL
+    ).get_caller_identity()
+    print(f"Identified as ARN: {identity['Arn']}")

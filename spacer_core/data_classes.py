@@ -21,7 +21,7 @@ import numpy as np
 
 from spacer_core import config
 from spacer_core.exceptions import RowColumnMismatchError, RowColumnMissingError
-from spacer_core.storage import load_bytes, store_bytes
+from spacer_core.storage import RemoteStorage, load_bytes, storage_factory, store_bytes  # noqa: F401  (pyspacer names)
 
 # Labels may be ints or strings (anything scikit-learn accepts as a target).
 LabelId: TypeAlias = int | str

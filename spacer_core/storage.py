@@ -372,3 +372,17 @@ def load_classifier(loc: DataLocation) -> CalibratedClassifierCV:
 
 
 load_classifier.cache_clear = _classifier_cache.clear  # type: ignore[attr-defined]
+
+
+def __getattr__(name: str) -> Any:
+    # pyspacer exposes these here; importing them lazily keeps scikit-learn
+    # and boto3 out of processes that never load a classifier or touch S3.
+    if name == "ClassifierUnpickler":
+        from spacer_core.legacy import ClassifierUnpickler
+
+        return ClassifierUnpickler
+    if name == "get_s3_resource":
+        from spacer_core.aws import get_s3_resource
+
+        return get_s3_resource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -430,3 +430,46 @@ def test_legacy_pickle_from_python2_uses_old_module_paths():
     assert b"sklearn.linear_model.stochastic_gradient" in raw
     assert b"sklearn.linear_model.sgd_fast" in raw
     assert b"base_estimator" in raw
+
+
+# --- aws helpers and names ------------------------------------------------------
+
+
+def test_aws_check_reports_presence_not_values(s3_bucket, capsys):
+    from spacer_core.aws import aws_check
+
+    aws_check()
+    out = capsys.readouterr().out
+    assert "Spacer config - AWS_ACCESS_KEY_ID: Yes" in out
+    assert "Spacer config - AWS_SESSION_TOKEN: No" in out
+    assert "testing-secret-key" not in out
+    assert "Identified as ARN: arn:aws:" in out
+
+
+def test_s3_resource_follows_settings(s3_bucket, monkeypatch):
+    from spacer_core import config
+    from spacer_core.aws import get_s3_resource
+
+    first = get_s3_resource()
+    assert get_s3_resource() is first
+    monkeypatch.setattr(config, "AWS_REGION", "eu-west-1")
+    assert get_s3_resource() is not first
+    assert get_s3_resource().meta.client.meta.region_name == "eu-west-1"
+
+
+@pytest.mark.parametrize("module", ["config", "data_classes", "messages", "storage", "aws"])
+def test_public_names_cover_pyspacers(module):
+    import importlib
+    import types
+
+    theirs = importlib.import_module(f"spacer.{module}")
+    ours = importlib.import_module(f"spacer_core.{module}")
+    names = {
+        name
+        for name, value in vars(theirs).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)
+        # Skip what pyspacer merely imported from third-party packages.
+        and getattr(value, "__module__", "spacer.").startswith("spacer")
+    }
+    assert sorted(n for n in names if not hasattr(ours, n)) == []
