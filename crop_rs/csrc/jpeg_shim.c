@@ -259,7 +259,8 @@ int spj_decode(const uint8_t *data, size_t len, const spj_info *expect, uint8_t 
         done = st.cinfo.output_scanline;
     }
     *rows_done = done;
-    if (done < expect->height) {
+    /* All rows out but only thanks to the appended EOI: the file was cut short. */
+    if (done < expect->height || st.src.eoi_sent) {
         jpeg_destroy_decompress(&st.cinfo);
         return SPJ_PARTIAL;
     }

@@ -162,7 +162,7 @@ pub fn decode_with_header(data: &[u8], header: ImageHeader) -> Result<RgbImage, 
     match header.kind {
         HeaderKind::Jpeg(h) => {
             let px = jpeg::decode(data, &h).map_err(|reason| DecodeError::Corrupt { format: Format::Jpeg, reason })?;
-            let complete = px.rows_done == h.height as usize;
+            let complete = px.complete;
             let rgb = match h.components {
                 3 => px.data,
                 1 => expand_grey(&px.data),

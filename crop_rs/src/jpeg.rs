@@ -77,6 +77,9 @@ pub struct JpegPixels {
     pub data: Vec<u8>,
     /// Rows actually decoded; the rest are zero (Pillow leaves them so).
     pub rows_done: usize,
+    /// False when the data ended before the image did (even if every row
+    /// could still be produced, as libjpeg fills missing data with grey).
+    pub complete: bool,
 }
 
 fn message(buf: &[u8]) -> String {
@@ -138,13 +141,13 @@ pub fn decode(data: &[u8], header: &JpegHeader) -> Result<JpegPixels, String> {
         )
     };
     match rc {
-        SPJ_OK => Ok(JpegPixels { data: out, rows_done: header.height as usize }),
+        SPJ_OK => Ok(JpegPixels { data: out, rows_done: header.height as usize, complete: true }),
         SPJ_PARTIAL => {
             let rows_done = (rows_done as usize).min(header.height as usize);
             // A row the decoder was writing when it failed may be half done.
             let stride = header.width as usize * header.components;
             out[rows_done * stride..].fill(0);
-            Ok(JpegPixels { data: out, rows_done })
+            Ok(JpegPixels { data: out, rows_done, complete: false })
         }
         SPJ_ERROR | SPJ_SUSPENDED => {
             let text = message(&msg);
