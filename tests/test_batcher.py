@@ -1,0 +1,307 @@
+"""DynamicBatcher: batching across callers, ordering, cancellation, bounds, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from spacer_core.inference import BatcherClosedError, DynamicBatcher, QueueFullError
+
+TIMEOUT = 10
+
+
+class RecordingNetwork:
+    """A network stand-in whose features identify each patch exactly.
+
+    Feature = the patch's top-left pixel (each test patch is one flat value), so a caller can tell its own
+    patches from everyone else's. Batches are recorded; a batch containing a
+    patch of value POISON raises; `gate` (when set) holds the first batch
+    until released, so tests can line up the queue deterministically.
+    """
+
+    POISON = 255
+
+    def __init__(self, hold_first: bool = False):
+        self.batches: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        if not hold_first:
+            self.gate.set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        assert self.gate.wait(TIMEOUT)
+        features = batch[:, :, 0, 0].copy()
+        self.batches.append(features)
+        if np.any(np.isclose(features, self.POISON / 255)):
+            raise RuntimeError("poisoned batch")
+        return features
+
+
+def patches_of(values: list[int]) -> np.ndarray:
+    """uint8 HWC crops, each filled with its value (feature = value / 255 per channel)."""
+    out = np.empty((len(values), 224, 224, 3), np.uint8)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+def expected(values: list[int]) -> np.ndarray:
+    return np.repeat((np.array(values, np.float32) / np.float32(255))[:, None], 3, axis=1)
+
+
+def hold_worker(network: RecordingNetwork, batcher: DynamicBatcher):
+    """Occupy the worker with a one-patch batch stuck in the network; return its future."""
+    first = batcher.submit(patches_of([1]))
+    assert network.entered.wait(TIMEOUT)
+    return first
+
+
+def test_concurrent_callers_get_exactly_their_own_features():
+    network = RecordingNetwork()
+    rng = random.Random(3)
+    requests = [[rng.randrange(2, 250) for _ in range(rng.randrange(1, 12))] for _ in range(24)]
+    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0.005) as batcher:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda v: batcher.extract_sync(patches_of(v), TIMEOUT), requests))
+    for values, features in zip(requests, results):
+        np.testing.assert_array_equal(features, expected(values))
+    assert sum(len(b) for b in network.batches) == sum(map(len, requests))
+    assert max(len(b) for b in network.batches) <= 8
+
+
+def test_asyncio_callers_get_their_own_features_in_order():
+    network = RecordingNetwork()
+    requests = [[(7 * i + j) % 250 + 1 for j in range(i % 5 + 1)] for i in range(30)]
+
+    async def main(batcher: DynamicBatcher) -> list[np.ndarray]:
+        return await asyncio.gather(*(batcher.extract(patches_of(v)) for v in requests))
+
+    with DynamicBatcher(network, max_batch_size=16, max_queue_delay_s=0.01) as batcher:
+        results = asyncio.run(main(batcher))
+    for values, features in zip(requests, results):
+        np.testing.assert_array_equal(features, expected(values))
+    # Thirty callers fit in far fewer batches: patches were batched across callers.
+    assert len(network.batches) < len(requests)
+
+
+def test_batches_fill_across_callers_and_split_requests():
+    network = RecordingNetwork(hold_first=True)
+    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0) as batcher:
+        first = hold_worker(network, batcher)
+        futures = [batcher.submit(patches_of([10 + 3 * i, 11 + 3 * i, 12 + 3 * i])) for i in range(3)]
+        network.gate.set()
+        results = [f.result(TIMEOUT) for f in futures]
+        first.result(TIMEOUT)
+    assert [len(b) for b in network.batches] == [1, 8, 1]
+    for i, features in enumerate(results):
+        np.testing.assert_array_equal(features, expected([10 + 3 * i, 11 + 3 * i, 12 + 3 * i]))
+
+
+def test_queue_delay_waits_for_a_fuller_batch():
+    network = RecordingNetwork()
+    with DynamicBatcher(network, max_batch_size=64, max_queue_delay_s=0.5) as batcher:
+        a = batcher.submit(patches_of([5]))
+        b = batcher.submit(patches_of([6, 7]))
+        a.result(TIMEOUT), b.result(TIMEOUT)
+    assert [len(x) for x in network.batches] == [3]
+
+
+def test_float_patches_are_accepted():
+    network = RecordingNetwork()
+    patches = np.stack([np.full((3, 224, 224), v / 255, np.float32) for v in (3, 9)])
+    with DynamicBatcher(network) as batcher:
+        np.testing.assert_allclose(batcher.extract_sync(patches, TIMEOUT), expected([3, 9]), rtol=1e-6)
+
+
+def test_cancelled_callers_patches_are_dropped():
+    network = RecordingNetwork(hold_first=True)
+    with DynamicBatcher(network, max_batch_size=4, max_queue_delay_s=0) as batcher:
+        first = hold_worker(network, batcher)
+        doomed = batcher.submit(patches_of([40, 41, 42, 43, 44]))
+        kept = batcher.submit(patches_of([50, 51]))
+        assert batcher.queued_patches == 7
+        assert doomed.cancel()
+        assert batcher.queued_patches == 2
+        network.gate.set()
+        np.testing.assert_array_equal(kept.result(TIMEOUT), expected([50, 51]))
+        first.result(TIMEOUT)
+    seen = np.concatenate(network.batches)[:, 0]
+    assert not np.isin(np.round(seen * 255), [40, 41, 42, 43, 44]).any()
+    assert batcher.stats.cancelled_patches == 5
+
+
+def test_cancelled_asyncio_task_drops_its_patches():
+    network = RecordingNetwork(hold_first=True)
+
+    async def main(batcher: DynamicBatcher) -> np.ndarray:
+        first = batcher.submit(patches_of([1]))
+        await asyncio.to_thread(network.entered.wait, TIMEOUT)
+        doomed = asyncio.create_task(batcher.extract(patches_of([60, 61, 62])))
+        kept = asyncio.create_task(batcher.extract(patches_of([70])))
+        while batcher.queued_patches < 4:
+            await asyncio.sleep(0.001)
+        doomed.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert batcher.queued_patches == 1
+        network.gate.set()
+        await asyncio.wrap_future(first)
+        return await kept
+
+    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0) as batcher:
+        np.testing.assert_array_equal(asyncio.run(main(batcher)), expected([70]))
+    seen = np.round(np.concatenate(network.batches)[:, 0] * 255)
+    assert not np.isin(seen, [60, 61, 62]).any()
+
+
+def test_bounded_queue_pushes_back():
+    network = RecordingNetwork(hold_first=True)
+    with DynamicBatcher(network, max_batch_size=2, max_queue_delay_s=0, max_queued_patches=4) as batcher:
+        first = hold_worker(network, batcher)
+        held = batcher.submit(patches_of([20, 21, 22]))
+        with pytest.raises(QueueFullError, match="queue full"):
+            batcher.submit(patches_of([23, 24]))
+        with pytest.raises(QueueFullError):
+            batcher.submit(patches_of([23, 24]), block=True, timeout=0.05)
+        assert batcher.queued_patches == 3
+        # A blocked caller gets in once the worker makes room.
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            batcher.extract_sync, patches_of([25, 26]), TIMEOUT)
+        network.gate.set()
+        np.testing.assert_array_equal(waiting.result(TIMEOUT), expected([25, 26]))
+        np.testing.assert_array_equal(held.result(TIMEOUT), expected([20, 21, 22]))
+        first.result(TIMEOUT)
+
+
+def test_asyncio_caller_awaits_room_or_is_refused():
+    network = RecordingNetwork(hold_first=True)
+
+    async def main(batcher: DynamicBatcher) -> np.ndarray:
+        first = batcher.submit(patches_of([1]))
+        await asyncio.to_thread(network.entered.wait, TIMEOUT)
+        held = asyncio.create_task(batcher.extract(patches_of([30, 31])))
+        while batcher.queued_patches < 2:
+            await asyncio.sleep(0.001)
+        with pytest.raises(QueueFullError):
+            await batcher.extract(patches_of([32, 33]), block=False)
+        with pytest.raises(QueueFullError):
+            await batcher.extract(patches_of([32, 33]), timeout=0.05)
+        waiting = asyncio.create_task(batcher.extract(patches_of([34, 35])))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        network.gate.set()
+        await asyncio.wrap_future(first)
+        await held
+        return await asyncio.wait_for(waiting, TIMEOUT)
+
+    with DynamicBatcher(network, max_batch_size=2, max_queue_delay_s=0, max_queued_patches=3) as batcher:
+        np.testing.assert_array_equal(asyncio.run(main(batcher)), expected([34, 35]))
+
+
+def test_request_larger_than_the_bound_runs_alone():
+    network = RecordingNetwork()
+    values = list(range(10, 30))
+    with DynamicBatcher(network, max_batch_size=8, max_queued_patches=4) as batcher:
+        np.testing.assert_array_equal(batcher.extract_sync(patches_of(values), TIMEOUT), expected(values))
+
+
+def test_failing_batch_fails_only_its_callers():
+    network = RecordingNetwork(hold_first=True)
+    with DynamicBatcher(network, max_batch_size=4, max_queue_delay_s=0) as batcher:
+        first = hold_worker(network, batcher)
+        # Batch 2: [poisoned caller's 2 patches + neighbour's 2]; batch 3: the bystander.
+        poisoned = batcher.submit(patches_of([80, RecordingNetwork.POISON]))
+        neighbour = batcher.submit(patches_of([81, 82]))
+        bystander = batcher.submit(patches_of([83, 84, 85]))
+        network.gate.set()
+        with pytest.raises(RuntimeError, match="poisoned batch"):
+            poisoned.result(TIMEOUT)
+        with pytest.raises(RuntimeError, match="poisoned batch"):
+            neighbour.result(TIMEOUT)
+        np.testing.assert_array_equal(bystander.result(TIMEOUT), expected([83, 84, 85]))
+        np.testing.assert_array_equal(first.result(TIMEOUT), expected([1]))
+        # The batcher keeps working after a failure.
+        np.testing.assert_array_equal(batcher.extract_sync(patches_of([90]), TIMEOUT), expected([90]))
+    assert batcher.stats.failed_batches == 1
+
+
+def test_failure_in_a_later_part_fails_the_whole_request_and_drops_the_rest():
+    network = RecordingNetwork(hold_first=True)
+    with DynamicBatcher(network, max_batch_size=2, max_queue_delay_s=0) as batcher:
+        first = hold_worker(network, batcher)
+        # Split over three batches; the second one fails.
+        split = batcher.submit(patches_of([100, 101, RecordingNetwork.POISON, 103, 104, 105]))
+        after = batcher.submit(patches_of([110]))
+        network.gate.set()
+        with pytest.raises(RuntimeError, match="poisoned batch"):
+            split.result(TIMEOUT)
+        np.testing.assert_array_equal(after.result(TIMEOUT), expected([110]))
+        first.result(TIMEOUT)
+    seen = np.round(np.concatenate(network.batches)[:, 0] * 255)
+    assert not np.isin(seen, [104, 105]).any()
+
+
+def test_wrong_shaped_output_fails_the_batch():
+    with DynamicBatcher(lambda batch: np.zeros((1, 4), np.float32)) as batcher:
+        with pytest.raises(RuntimeError, match="shape"):
+            batcher.extract_sync(patches_of([1, 2]), TIMEOUT)
+
+
+def test_invalid_patches_are_rejected_at_submit():
+    with DynamicBatcher(RecordingNetwork()) as batcher:
+        with pytest.raises(ValueError, match="uint8 \\(N, 224, 224, 3\\)"):
+            batcher.submit(np.zeros((2, 100, 100, 3), np.uint8))
+        with pytest.raises(ValueError, match="empty"):
+            batcher.submit(np.zeros((0, 224, 224, 3), np.uint8))
+        with pytest.raises(TypeError):
+            batcher.submit([[1, 2]])  # type: ignore[arg-type]
+
+
+def test_close_drains_or_fails_queued_work():
+    network = RecordingNetwork(hold_first=True)
+    batcher = DynamicBatcher(network, max_batch_size=1, max_queue_delay_s=0)
+    first = hold_worker(network, batcher)
+    queued = batcher.submit(patches_of([5, 6]))
+    closer = threading.Thread(target=batcher.close, kwargs={"drain": False})
+    closer.start()
+    with pytest.raises(BatcherClosedError):
+        queued.result(TIMEOUT)
+    network.gate.set()
+    closer.join(TIMEOUT)
+    np.testing.assert_array_equal(first.result(TIMEOUT), expected([1]))
+    with pytest.raises(BatcherClosedError):
+        batcher.submit(patches_of([7]))
+
+    drained = DynamicBatcher(RecordingNetwork(), max_batch_size=1)
+    pending = drained.submit(patches_of([8, 9]))
+    drained.close(drain=True)
+    np.testing.assert_array_equal(pending.result(0), expected([8, 9]))
+
+
+def test_real_network_through_the_batcher(efficientnet_weights, tmp_path):  # noqa: F811
+    from spacer_core.crop import crop_array
+    from spacer_core.extractors.efficientnet import build_network
+    from spacer_core.inference import load_backend, run_in_batches
+
+    backend = load_backend(efficientnet_weights.sha256, lambda: build_network(efficientnet_weights.path),
+                           device="cpu", cache_dir=tmp_path)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(300, 300, 3), dtype=np.uint8)
+    requests = [crop_array(image, [(int(r), int(c)) for r, c in rng.integers(0, 300, (n, 2))])
+                for n in (1, 3, 2, 4)]
+    alone = [run_in_batches(backend, p, len(p)) for p in requests]
+    with DynamicBatcher(backend, max_batch_size=4, max_queue_delay_s=0.02) as batcher:
+        futures = [batcher.submit(p) for p in requests]
+        together = [f.result(60) for f in futures]
+    for a, t in zip(alone, together):
+        assert t.shape == a.shape == (len(a), 1280)
+        assert np.max(np.abs(a - t)) <= 1e-5
+
+
+from tests.support.weights import efficientnet_weights  # noqa: E402,F401  (fixture)
