@@ -80,10 +80,22 @@ class FileSystemStorage(Storage):
         return os.path.exists(key)
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, before
+    # any threads of ours exist.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 def write_file_atomic(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a part.
 
-    Parent directories are created as needed.
+    Parent directories are created as needed. The file gets the permissions
+    a plain ``open(path, 'wb')`` would give it (mkstemp's are owner-only).
     """
     target = Path(path)
     parent = target.resolve().parent
@@ -91,6 +103,7 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes | bytearray | me
     fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(data)
         os.replace(tmp_name, target)
     except BaseException:

@@ -85,6 +85,16 @@ def test_filesystem_creates_parents_and_round_trips(tmp_path):
     assert not fs.exists(key)
 
 
+def test_filesystem_file_mode_is_as_open_gives(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    FileSystemStorage().store(str(tmp_path / "m.bin"), b"x")
+    with open(tmp_path / "plain.bin", "wb") as f:
+        f.write(b"x")
+    assert (tmp_path / "m.bin").stat().st_mode & 0o777 == (tmp_path / "plain.bin").stat().st_mode & 0o777
+    assert (tmp_path / "m.bin").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_filesystem_store_relative_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     FileSystemStorage().store("rel/x.txt", b"r")
