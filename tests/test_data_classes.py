@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import spacer.data_classes as ps
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from spacer_core.data_classes import (
     DataLocation,
@@ -400,3 +403,59 @@ def test_val_results_validation():
         ValResults(scores=[0.1], gt=[2], est=[0], classes=[1, 2])
     with pytest.raises(AssertionError, match="est holds an index outside classes"):
         ValResults(scores=[0.1], gt=[0], est=[-1], classes=[1, 2])
+
+
+# --- properties ----------------------------------------------------------------------
+
+
+@st.composite
+def feature_sets(draw):
+    n = draw(st.integers(1, 12))
+    dim = draw(st.integers(1, 16))
+    feat = draw(hnp.arrays(np.float64, (n, dim), elements=st.floats(-1e6, 1e6, allow_nan=False)))
+    positions = st.integers(0, 65535)
+    rows = draw(st.lists(positions, min_size=n, max_size=n))
+    cols = draw(st.lists(positions, min_size=n, max_size=n))
+    return feat, rows, cols
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=feature_sets())
+def test_feature_files_round_trip_through_pyspacer(tmp_path, data):
+    feat, rows, cols = data
+    loc = DataLocation("filesystem", str(tmp_path / "p.fv"))
+    ours = ImageFeatures.from_arrays(feat, rows, cols)
+    ours.store(loc)
+    theirs = ps.ImageFeatures.load(_ps_loc(loc))
+    assert [(p.row, p.col) for p in theirs.point_features] == list(zip(rows, cols))
+    np.testing.assert_array_equal(np.stack([p.data for p in theirs.point_features]), feat)
+    theirs.store(ps.DataLocation("filesystem", str(tmp_path / "q.fv")))
+    back = ImageFeatures.load(DataLocation("filesystem", str(tmp_path / "q.fv")))
+    np.testing.assert_array_equal(back.feat, feat)
+    assert back.rows.tolist() == rows and back.cols.tolist() == cols
+
+
+labels_strategy = st.one_of(st.integers(-(2**31), 2**31), st.text(max_size=8))
+locations = st.builds(
+    DataLocation,
+    st.sampled_from(["filesystem", "memory", "url"]),
+    st.text(min_size=0, max_size=20),
+) | st.builds(DataLocation, st.just("s3"), st.text(max_size=20), st.text(min_size=1, max_size=10))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.dictionaries(
+        locations,
+        st.lists(st.tuples(st.integers(0, 10000), st.integers(0, 10000), labels_strategy), max_size=5),
+        max_size=5,
+    )
+)
+def test_image_labels_json_matches_pyspacer_for_any_input(data):
+    ours = ImageLabels(data)
+    theirs = ps.ImageLabels({_ps_loc(k): v for k, v in data.items()})
+    wire = json.dumps(ours.serialize())
+    assert wire == json.dumps(theirs.serialize())
+    assert ImageLabels.deserialize(json.loads(wire)) == ours
+    assert ours.label_count == theirs.label_count
+    assert ours.classes_set == theirs.classes_set
