@@ -189,6 +189,14 @@ def test_url_timeout(http_server, monkeypatch):
     assert isinstance(info.value.original_error, (TimeoutError, OSError))
 
 
+def test_url_stall_mid_body(http_server, monkeypatch):
+    monkeypatch.setattr(URLStorage, "TIMEOUT", 0.3)
+    url = http_server.add("/stall.bin", b"x" * 1000, stall=2.0)
+    with pytest.raises(URLDownloadError, match="Couldn't read the full response from the URL '.*stall.bin'") as info:
+        URLStorage().load(url)
+    assert isinstance(info.value.original_error, TimeoutError)
+
+
 def test_url_default_timeout_is_20_seconds():
     assert URLStorage.TIMEOUT == 20.0
 

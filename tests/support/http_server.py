@@ -6,6 +6,7 @@
         url = http_server.add("/a.jpg", b"...")          # 200 with that body
         http_server.add("/slow", b"x", delay=2.0)         # waits before answering
         http_server.add("/cut", b"abc", claim_length=10)  # promises 10 bytes, sends 3
+        http_server.add("/stall", b"abcd", stall=2.0)     # sends half, pauses, sends the rest
         # any other path answers 404
 
 Handlers run in their own threads, so a slow response does not block others.
@@ -28,6 +29,7 @@ class _Route:
     status: int = 200
     delay: float = 0.0
     claim_length: int | None = None
+    stall: float = 0.0
 
 
 class LoopbackHTTPServer:
@@ -50,8 +52,13 @@ class LoopbackHTTPServer:
                 self.send_header("Content-Length", str(route.claim_length or len(route.body)))
                 self.end_headers()
                 if send_body:
-                    self.wfile.write(route.body)
+                    half = len(route.body) // 2 if route.stall else len(route.body)
+                    self.wfile.write(route.body[:half])
                     self.wfile.flush()
+                    if route.stall:
+                        time.sleep(route.stall)
+                        self.wfile.write(route.body[half:])
+                        self.wfile.flush()
                 if route.claim_length:
                     # Drop the connection before the promised length arrives.
                     self.close_connection = True
