@@ -1,0 +1,184 @@
+"""ClassifyImages through a real `spacer serve` process vs a loop of pyspacer classify_image.
+
+    python benchmarks/bench_server.py [--images 16] [--points 100] [--size 4000x3000]
+                                      [--pyspacer-images 4] [--clients 1,8] [--device auto]
+
+Makes JPEG survey-sized images, a weights file (tests/support/weights.py) and
+a classifier, then measures points/s of:
+- pyspacer `spacer.tasks.classify_image`, one image after another (the oracle);
+- `ClassifyImages` streams from 1 client and from N concurrent clients, with
+  images named by filesystem DataLocation (the server decodes them);
+and the server's peak RSS (VmHWM) after the concurrent streams. Ratios are
+points/s ours / pyspacer (above 1 means the server is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spacer_core.client import SpacerClient  # noqa: E402
+from tests.support.grpc_server import extractor_json, make_classifier  # noqa: E402
+from tests.support.weights import cached_weights  # noqa: E402
+
+
+def make_jpeg(path: Path, width: int, height: int, seed: int) -> Path:
+    """A survey-like JPEG: smooth colour fields plus texture (compresses like a photo)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    smooth += rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
+    Image.fromarray(np.clip(smooth, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def points(n: int, width: int, height: int, seed: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    return [(int(r), int(c)) for r, c in zip(rng.integers(0, height, n), rng.integers(0, width, n))]
+
+
+def fs(path: Path) -> dict:
+    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
+
+
+def pyspacer_points_per_s(images, extractor: dict, clf: Path) -> float:
+    from spacer import tasks
+    from spacer.data_classes import DataLocation
+    from spacer.extractors import FeatureExtractor
+    from spacer.messages import ClassifyImageMsg
+
+    def message(path: Path, rowcols) -> ClassifyImageMsg:
+        return ClassifyImageMsg(
+            job_token=path.name,
+            extractor=FeatureExtractor.deserialize(extractor),
+            rowcols=rowcols,
+            image_loc=DataLocation("filesystem", str(path)),
+            classifier_loc=DataLocation("filesystem", str(clf)),
+        )
+
+    # Untimed: imports and first-call set-up (pyspacer still reloads weights every call).
+    tasks.classify_image(message(images[0][0], images[0][1][:1]))
+    total = 0
+    start = time.perf_counter()
+    for path, rowcols in images:
+        total += len(tasks.classify_image(message(path, rowcols)).scores)
+    return total / (time.perf_counter() - start)
+
+
+def start_server(workdir: Path, device: str) -> tuple[subprocess.Popen, str]:
+    port_file = workdir / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", "0", "--port-file", str(port_file),
+         "--device", device, "--log-level", "WARNING"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("server did not start")
+        time.sleep(0.1)
+    return proc, f"127.0.0.1:{int(port_file.read_text())}"
+
+
+def stream_points(address: str, requests) -> int:
+    with SpacerClient(address, timeout=3600) as client:
+        n = 0
+        for response in client.classify_images(requests):
+            if response.WhichOneof("outcome") != "result":
+                raise RuntimeError(f"{response.job_token}: {response.error.message}")
+            n += len(response.result.scores)
+        return n
+
+
+def concurrent_points_per_s(address: str, per_client: list[list], clients: int) -> float:
+    counts = [0] * clients
+
+    def run(i: int) -> None:
+        counts[i] = stream_points(address, per_client[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16, help="images per server run")
+    parser.add_argument("--points", type=int, default=100)
+    parser.add_argument("--size", default="4000x3000", help="WIDTHxHEIGHT")
+    parser.add_argument("--pyspacer-images", type=int, default=4, help="images in the pyspacer loop")
+    parser.add_argument("--clients", default="1,8")
+    parser.add_argument("--distinct", type=int, default=8, help="distinct image files made")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    client_counts = [int(c) for c in args.clients.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        weights = cached_weights()
+        extractor = extractor_json(weights.path, weights.sha256)
+        clf = make_classifier(workdir / "clf.pkl")
+        files = [make_jpeg(workdir / f"img{i}.jpg", width, height, i) for i in range(args.distinct)]
+        images = [
+            (files[i % len(files)], points(args.points, width, height, i)) for i in range(args.images)
+        ]
+        mp = width * height / 1e6
+        print(f"scale: {args.images} images of {width}x{height} ({mp:.1f} MP), {args.points} points each;"
+              f" pyspacer loop over {args.pyspacer_images} images; cpus={os.cpu_count()}")
+
+        baseline = pyspacer_points_per_s(images[: args.pyspacer_images], extractor, clf)
+        print(f"pyspacer classify_image loop: {baseline:8.1f} points/s")
+
+        proc, address = start_server(workdir, args.device)
+        try:
+            with SpacerClient(address) as client:
+                # Build (or load the cached) compiled network before timing.
+                client.classify_image(extractor, [(10, 10)], fs(files[0]), fs(clf))
+
+            def requests_for(subset, prefix):
+                return [
+                    SpacerClient.image_request(extractor, rowcols, fs(path), fs(clf), f"{prefix}-{i}")
+                    for i, (path, rowcols) in enumerate(subset)
+                ]
+
+            for clients in client_counts:
+                # The same images split round-robin over the clients' streams.
+                per_client = [requests_for(images[i::clients], f"c{i}") for i in range(clients)]
+                rate = concurrent_points_per_s(address, per_client, clients)
+                print(f"ClassifyImages, {clients} client(s):  {rate:8.1f} points/s"
+                      f"   ratio vs pyspacer: {rate / baseline:5.2f}x")
+            rss = peak_rss_mib(proc.pid)
+            print(f"server peak RSS (VmHWM) after {max(client_counts)} concurrent streams of {mp:.1f} MP images:"
+                  f" {rss:.0f} MiB (target <= 2048 MiB)")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
