@@ -130,6 +130,20 @@ def test_batch_size_does_not_change_features(efficientnet_weights: WeightsFile, 
     assert np.abs(_matrix(large) - _matrix(small)).max() <= 1e-5
 
 
+def test_call_rgb_matches_call(efficientnet_weights: WeightsFile) -> None:
+    from spacer_core.crop import decode_image
+
+    buffer = io.BytesIO()
+    _image(seed=6).save(buffer, "PNG")
+    image = Image.open(io.BytesIO(buffer.getvalue()))
+    extractor = _extractor(efficientnet_weights)
+    from_pillow, _ = extractor(image, POINTS[:3])
+    from_rgb, msg = extractor.call_rgb(decode_image(buffer.getvalue()).rgb, POINTS[:3])
+    np.testing.assert_array_equal(_matrix(from_pillow), _matrix(from_rgb))
+    assert [(pf.row, pf.col) for pf in from_rgb.point_features] == POINTS[:3]
+    assert msg.extractor_loaded_remotely is False
+
+
 def test_module_prefix_is_optional(efficientnet_weights: WeightsFile, tmp_path: Path) -> None:
     plain_path = tmp_path / "plain.pt"
     plain_sha = make_weights(plain_path, prefix="")

@@ -20,7 +20,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from io import BytesIO
@@ -121,13 +121,28 @@ class FeatureExtractor(abc.ABC):
         self, im: Image.Image, rowcols: Sequence[RowCol]
     ) -> tuple[ImageFeatures, ExtractFeaturesReturnMsg]:
         """Features at each (row, col) of `im`, in order, and the run's return message."""
+        return self._extract(rowcols, lambda points: self.extract_image(im, points))
+
+    def call_rgb(
+        self, rgb: np.ndarray, rowcols: Sequence[RowCol]
+    ) -> tuple[ImageFeatures, ExtractFeaturesReturnMsg]:
+        """As calling the extractor, on pixels already decoded to uint8 HxWx3 RGB.
+
+        For images decoded by `spacer_core.crop.decode_image` (Rust), which
+        gives the same pixels as Pillow's `convert('RGB')`.
+        """
+        return self._extract(rowcols, lambda points: self.extract_rgb(rgb, points))
+
+    def _extract(
+        self, rowcols: Sequence[RowCol], run: Callable[[list[RowCol]], tuple[np.ndarray, bool]]
+    ) -> tuple[ImageFeatures, ExtractFeaturesReturnMsg]:
         from spacer_core.messages import ExtractFeaturesReturnMsg
 
         start = time.time()
         points = [(int(r), int(c)) for r, c in rowcols]
         if not points:
             raise ValueError(f"{type(self).__name__} needs at least one (row, col) point.")
-        feats, loaded_remotely = self.extract_image(im, points)
+        feats, loaded_remotely = run(points)
         features = ImageFeatures.from_arrays(feats, [p[0] for p in points], [p[1] for p in points])
         return features, ExtractFeaturesReturnMsg(
             extractor_loaded_remotely=loaded_remotely, runtime=time.time() - start
