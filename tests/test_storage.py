@@ -259,20 +259,63 @@ def test_s3_filesystem_cache(s3_bucket, tmp_path):
 def test_s3_exists_propagates_errors_other_than_404(http_server, monkeypatch):
     import botocore.exceptions
 
-    from spacer_core import config
-
     # A loopback server that refuses every object with 403, as S3 does when
     # the caller lacks ListBucket permission.
     http_server.add("/bucket-x/key.bin", b"", status=403)
-    monkeypatch.setattr(config, "AWS_ENDPOINT_URL", http_server.base_url)
-    monkeypatch.setattr(config, "AWS_ACCESS_KEY_ID", "k")
-    monkeypatch.setattr(config, "AWS_SECRET_ACCESS_KEY", "s")
-    monkeypatch.setattr(config, "AWS_REGION", "us-east-1")
-    monkeypatch.setattr(config, "AWS_PROFILE_NAME", None)
-    monkeypatch.setattr(config, "AWS_SESSION_TOKEN", None)
+    _point_s3_at(monkeypatch, http_server.base_url, AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
     with pytest.raises(botocore.exceptions.ClientError) as info:
         S3Storage("bucket-x").exists("key.bin")
     assert info.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def _point_s3_at(monkeypatch, endpoint: str, **settings) -> None:
+    from spacer_core import config
+
+    base = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": None,
+        "AWS_SECRET_ACCESS_KEY": None,
+        "AWS_SESSION_TOKEN": None,
+        "AWS_PROFILE_NAME": None,
+        "AWS_REGION": "us-east-1",
+        "AWS_ANONYMOUS": False,
+    }
+    base.update(settings)
+    for name, value in base.items():
+        monkeypatch.setattr(config, name, value)
+
+
+def _auth_header(http_server) -> str | None:
+    method, path, headers = http_server.requests[-1]
+    assert (method, path) == ("GET", "/bkt/obj.bin")
+    return {k.lower(): v for k, v in headers.items()}.get("authorization")
+
+
+def test_s3_signs_with_configured_keys(http_server, monkeypatch):
+    http_server.add("/bkt/obj.bin", b"signed")
+    _point_s3_at(monkeypatch, http_server.base_url, AWS_ACCESS_KEY_ID="AKIDCONFIGURED", AWS_SECRET_ACCESS_KEY="s")
+    assert S3Storage("bkt").load("obj.bin").getvalue() == b"signed"
+    assert "Credential=AKIDCONFIGURED/" in _auth_header(http_server)
+
+
+def test_s3_anonymous_sends_no_signature(http_server, monkeypatch):
+    http_server.add("/bkt/obj.bin", b"public")
+    _point_s3_at(monkeypatch, http_server.base_url, AWS_ANONYMOUS=True, AWS_ACCESS_KEY_ID="AKIDIGNORED", AWS_SECRET_ACCESS_KEY="s")
+    assert S3Storage("bkt").load("obj.bin").getvalue() == b"public"
+    assert _auth_header(http_server) is None
+
+
+def test_s3_uses_named_profile(http_server, monkeypatch, tmp_path):
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[survey]\naws_access_key_id = AKIDFROMPROFILE\naws_secret_access_key = p\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    http_server.add("/bkt/obj.bin", b"via profile")
+    _point_s3_at(monkeypatch, http_server.base_url, AWS_PROFILE_NAME="survey")
+    assert S3Storage("bkt").load("obj.bin").getvalue() == b"via profile"
+    assert "Credential=AKIDFROMPROFILE/" in _auth_header(http_server)
 
 
 def test_s3_features_readable_by_pyspacer_store(s3_bucket, moto_server, monkeypatch):

@@ -33,16 +33,19 @@ class _Route:
 
 
 class LoopbackHTTPServer:
-    """Serves registered paths; counts the requests each path received."""
+    """Serves registered paths; counts the requests each path received and keeps their headers."""
 
     def __init__(self) -> None:
         self.routes: dict[str, _Route] = {}
         self.hits: dict[str, int] = {}
+        # (method, path, headers) of every request, in arrival order.
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def _answer(self, send_body: bool) -> None:
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                server.requests.append((self.command, self.path, dict(self.headers.items())))
                 route = server.routes.get(self.path)
                 if route is None:
                     self.send_error(404, "Not Found")
