@@ -22,16 +22,14 @@ from typing import Any
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
-# Modules that no longer exist, and where their public classes went.
+# Modules of scikit-learn < 0.22 that no longer exist, and where their classes
+# live now (0.22 made the submodules private).
 _MODULE_RENAMES = {
     "sklearn.linear_model.sgd_fast": "sklearn.linear_model._sgd_fast",
     "sklearn.linear_model.stochastic_gradient": "sklearn.linear_model",
     "sklearn.neural_network.multilayer_perceptron": "sklearn.neural_network",
-    "sklearn.neural_network._stochastic_optimizers": "sklearn.neural_network._stochastic_optimizers",
     "sklearn.neural_network.stochastic_optimizers": "sklearn.neural_network._stochastic_optimizers",
     "sklearn.preprocessing.label": "sklearn.preprocessing",
-    "sklearn.isotonic": "sklearn.isotonic",
-    "sklearn.calibration": "sklearn.calibration",
 }
 
 # scikit-learn versions CoralNet pickled with; their "unpickling from another
@@ -45,15 +43,7 @@ class ClassifierUnpickler(pickle.Unpickler):
     """Unpickler that maps old scikit-learn module paths and repairs old classifiers."""
 
     def find_class(self, module: str, name: str) -> Any:
-        module = _MODULE_RENAMES.get(module, module)
-        try:
-            return super().find_class(module, name)
-        except AttributeError:
-            # Private modules were flattened into their packages over time.
-            if module.count(".") >= 2:
-                parent = module.rsplit(".", 1)[0]
-                return super().find_class(parent, name)
-            raise
+        return super().find_class(_MODULE_RENAMES.get(module, module), name)
 
     def load(self) -> CalibratedClassifierCV:
         clf = super().load()
