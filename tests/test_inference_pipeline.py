@@ -11,6 +11,7 @@ from PIL import Image
 from spacer.data_classes import DataLocation
 from spacer.extractors.efficientnet import EfficientNetExtractor as PyspacerEfficientNet
 
+from spacer_core.crop import ImageDecodeError
 from spacer_core.extractors.efficientnet import build_network
 from spacer_core.inference import DynamicBatcher, extract_stream, load_backend, run_in_batches
 from spacer_core.inference.pipeline import decode_rgb
@@ -80,7 +81,7 @@ def test_unreadable_image_raises_in_turn(images, backend, tmp_path):
     items = [images[1], (broken, [(1, 1)])]
     stream = extract_stream(items, functools.partial(run_in_batches, backend, batch_size=4))
     assert next(stream).shape == (len(images[1][1]), 1280)
-    with pytest.raises(Image.UnidentifiedImageError, match="broken.jpg"):
+    with pytest.raises(ImageDecodeError, match="broken.jpg"):
         next(stream)
 
 

@@ -2,8 +2,9 @@
 
 While the network works on one image's patches (ONNX Runtime and PyTorch
 release the GIL), a background thread decodes the next images and cuts their
-patches (Pillow's decoder and the Rust cropper release the GIL too), so on a
-multi-core machine neither waits for the other.
+patches (JPEG and PNG are decoded and cropped in Rust by
+`spacer_core.crop.crop_patches`, other formats by Pillow; both release the
+GIL), so on a multi-core machine neither waits for the other.
 
     for feats in extract_stream(((path, rowcols) for ...), batcher.extract_sync):
         ...
@@ -42,7 +43,17 @@ def decode_rgb(source: ImageSource) -> np.ndarray:
 
 
 def load_patches(source: ImageSource, rowcols: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Decode an image and cut its point patches: uint8 (N, 224, 224, 3), as pyspacer crops."""
+    """Decode an image and cut its point patches: uint8 (N, 224, 224, 3), as pyspacer crops.
+
+    Encoded bytes and file paths go straight to the Rust decoder (errors name the file).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return crop.crop_patches(bytes(source), rowcols)
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        with open(path, "rb") as f:
+            data = f.read()
+        return crop.crop_patches(data, rowcols, image_key=path)
     return crop.crop_array(decode_rgb(source), rowcols)
 
 
