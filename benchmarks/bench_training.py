@@ -71,13 +71,13 @@ def run_one(files, clf_type: str, epochs: int) -> dict[str, float]:
         for name in ("train", "ref", "val")
     )
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     py_clf, py_val, py_msg = py_train.MiniBatchTrainer()(py_sets, epochs, [], clf_type)
-    py_time = time.perf_counter() - start
+    py_time, py_cpu = time.perf_counter() - start, time.process_time() - cpu
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     our_clf, our_val, our_msg = our_train.MiniBatchTrainer()(our_sets, epochs, [py_clf], clf_type)
-    our_time = time.perf_counter() - start
+    our_time, our_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     same_results = (
         py_val.classes == our_val.classes
@@ -88,13 +88,14 @@ def run_one(files, clf_type: str, epochs: int) -> dict[str, float]:
     )
     print(
         f"{clf_type:>3}: pyspacer {py_time:7.2f} s   ours {our_time:7.2f} s   speed-up {py_time / our_time:5.2f}x"
+        f" (CPU time {py_cpu:.1f} s vs {our_cpu:.1f} s)"
         f" | val acc {py_msg.acc:.4f} vs {our_msg.acc:.4f} (diff {our_msg.acc - py_msg.acc:+.4f};"
         f" pyspacer's model on our val set {our_msg.pc_accs[0]:.4f})"
         f" | splits same: {same_split}, classes same: {py_val.classes == our_val.classes},"
         f" val results and ref accs identical: {same_results}",
         flush=True,
     )
-    return {"pyspacer_s": py_time, "ours_s": our_time}
+    return {"pyspacer_s": py_time, "ours_s": our_time, "pyspacer_cpu_s": py_cpu, "ours_cpu_s": our_cpu}
 
 
 def main() -> None:
@@ -121,6 +122,9 @@ def main() -> None:
             f" ({os.cpu_count()} CPUs)",
             flush=True,
         )
+        load = os.getloadavg()[0]
+        if load > 1.5:
+            print(f"note: load average {load:.1f} on {os.cpu_count()} CPUs; wall times are noisy", flush=True)
         for clf_type in args.clf.split(","):
             run_one(files, clf_type, args.epochs)
 

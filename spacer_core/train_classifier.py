@@ -90,9 +90,9 @@ class ClassifierTrainer(abc.ABC):
 class MiniBatchTrainer(ClassifierTrainer):
     """The default trainer: mini-batch partial_fit over epochs, then sigmoid calibration.
 
-    The classifier, per-epoch ref accuracies and validation results equal
-    pyspacer's MiniBatchTrainer's on the same labels; feature files are read
-    once instead of once per epoch.
+    Trains on the same batches with the same seeds as pyspacer's
+    MiniBatchTrainer, so results match it (LR bit for bit, MLP up to BLAS
+    rounding); feature files are read once instead of once per epoch.
     """
 
     def __init__(

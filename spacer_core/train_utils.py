@@ -4,12 +4,14 @@ pyspacer re-reads and decompresses every feature file in every epoch. Here
 each file is read once (several at a time, in threads) into one contiguous
 matrix; each epoch then builds its mini-batches by indexing that matrix.
 The batches hold the same rows in the same order as pyspacer's, and every
-random draw is made from the same seeds, so the classifier trained is the
-same one pyspacer would train.
+random draw is made from the same seeds: LR models come out bit-identical
+to pyspacer's, MLP models identical up to the last-bit rounding of BLAS
+(which depends on its thread count).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -23,6 +25,7 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 from sklearn.neural_network import MLPClassifier
+from threadpoolctl import threadpool_limits
 
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels, LabelId
 
@@ -38,6 +41,13 @@ EVAL_BATCH_SIZE = 1000
 # classifiers on several threads; below it, thread hand-offs cost more than
 # they save.
 PARALLEL_OVR_MIN_VALUES = 500_000
+
+# BLAS threads while fitting an MLP (None: the library's default). Its
+# products are small (200-row minibatches), and on a busy 2-core machine
+# multi-threaded BLAS spent 3-4x longer per batch than one thread; one
+# thread also leaves a core for gathering the next batch. Each product's
+# result does not depend on the thread count.
+MLP_BLAS_THREADS: int | None = 1
 
 
 @dataclass
@@ -70,20 +80,40 @@ class LabelledFeatures:
     def iter_batches(self, order: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive batches of the rows in `order`, as float64 features and labels.
 
-        The feature array is a buffer reused for the next batch: use it before
-        asking for the next one. Reusing it spares the page faults of a
-        fresh 50 MB allocation per batch.
+        The next batch is gathered on a helper thread while the caller fits
+        the current one (NumPy copies release the GIL). Feature arrays are
+        two buffers used in turn, so a batch's array is only valid until the
+        next batch is requested. Reusing them also spares the page faults of
+        a fresh 50 MB allocation per batch.
         """
+        firsts = range(0, len(order), batch_size)
         size = min(batch_size, len(order))
-        out = np.empty((size, self.x.shape[1]), dtype=np.float64)
-        staging = np.empty((size, self.x.shape[1]), dtype=self.x.dtype) if self.x.dtype != np.float64 else out
-        for first in range(0, len(order), batch_size):
-            rows = order[first : first + batch_size]
+        buffers = [self._batch_buffers(size) for _ in range(min(2, len(firsts)))]
+
+        def gather(k: int) -> np.ndarray:
+            rows = order[firsts[k] : firsts[k] + batch_size]
+            out, staging = buffers[k % 2]
             n = len(rows)
             np.take(self.x, rows, axis=0, out=staging[:n])
             if staging is not out:
                 out[:n] = staging[:n]
-            yield out[:n], self.y[rows]
+            return out[:n]
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="spacer-batches") as helper:
+            pending = helper.submit(gather, 0) if firsts else None
+            for k, first in enumerate(firsts):
+                assert pending is not None
+                x = pending.result()
+                if k + 1 < len(firsts):
+                    pending = helper.submit(gather, k + 1)
+                yield x, self.y[order[first : first + batch_size]]
+
+    def _batch_buffers(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        # (float64 output, buffer in the storage dtype); one array if they agree.
+        out = np.empty((rows, self.x.shape[1]), dtype=np.float64)
+        if self.x.dtype == np.float64:
+            return out, out
+        return out, np.empty((rows, self.x.shape[1]), dtype=self.x.dtype)
 
     def epoch_order(self, seed: int) -> tuple[np.ndarray, np.random.RandomState]:
         """Row order of one epoch, and the random state left after drawing it.
@@ -221,31 +251,36 @@ def train(
     """
     start = time.time()
     ref_x, ref_y = ref_data.batch(slice(None))
+    is_mlp = isinstance(clf, MLPClassifier)
     batch_values = min(batch_size, len(train_data)) * train_data.x.shape[1]
-    parallel_ovr = (
-        isinstance(clf, SGDClassifier) and len(classes) > 2 and batch_values >= PARALLEL_OVR_MIN_VALUES
-    )
+    parallel_ovr = not is_mlp and len(classes) > 2 and batch_values >= PARALLEL_OVR_MIN_VALUES
     if parallel_ovr:
         # One-vs-rest fits are independent and each is seeded up front, so
         # fitting them on several threads gives the same coefficients.
         clf.set_params(n_jobs=min(len(classes), os.cpu_count() or 1))
+    blas = (
+        threadpool_limits(limits=MLP_BLAS_THREADS, user_api="blas")
+        if is_mlp and MLP_BLAS_THREADS
+        else contextlib.nullcontext()
+    )
     ref_accs: list[float] = []
     try:
-        for epoch in range(nbr_epochs):
-            order, state = train_data.epoch_order(epoch)
-            if isinstance(clf, MLPClassifier):
-                # Weight initialisation and in-batch shuffles draw from here.
-                clf.set_params(random_state=state)
-            for x, y in train_data.iter_batches(order, batch_size):
-                clf.partial_fit(x, y, classes=classes)
-            ref_accs.append(float(np.mean(clf.predict(ref_x) == ref_y)))
-            if progress is not None:
-                progress(epoch, ref_accs[-1], time.time() - start)
+        with blas:
+            for epoch in range(nbr_epochs):
+                order, state = train_data.epoch_order(epoch)
+                if is_mlp:
+                    # Weight initialisation and in-batch shuffles draw from here.
+                    clf.set_params(random_state=state)
+                for x, y in train_data.iter_batches(order, batch_size):
+                    clf.partial_fit(x, y, classes=classes)
+                ref_accs.append(float(np.mean(clf.predict(ref_x) == ref_y)))
+                if progress is not None:
+                    progress(epoch, ref_accs[-1], time.time() - start)
     finally:
         # Leave the parameters as pyspacer's classifier has them.
         if parallel_ovr:
             clf.set_params(n_jobs=None)
-        if isinstance(clf, MLPClassifier):
+        if is_mlp:
             clf.set_params(random_state=None)
     calibrated = CalibratedClassifierCV(clf, cv="prefit")
     calibrated.fit(ref_x, ref_y)

@@ -46,16 +46,16 @@ def test_same_classifier_as_pyspacer(tmp_path, clf_type, classes):
     assert isinstance(val, ValResults) and isinstance(msg, TrainClassifierReturnMsg)
     assert val.classes == py_val.classes
     assert abs(msg.acc - py_msg.acc) <= 0.01
-    # Same batches and seeds: the runs agree exactly.
+    # Same batches and seeds: the runs agree (MLPs up to BLAS rounding).
     assert msg.ref_accs == py_msg.ref_accs and len(msg.ref_accs) == 3
     assert val.gt == py_val.gt and val.est == py_val.est
-    assert np.allclose(val.scores, py_val.scores, rtol=0, atol=1e-12)
+    assert np.allclose(val.scores, py_val.scores, rtol=0, atol=1e-9)
     assert msg.pc_accs == [] and msg.runtime > 0
     ours_est = clf.calibrated_classifiers_[0].estimator
     py_est = py_clf.calibrated_classifiers_[0].estimator
     assert ours_est.get_params() == py_est.get_params()
     features = np.random.default_rng(0).standard_normal((5, 10)) + 2
-    assert np.allclose(clf.predict_proba(features), py_clf.predict_proba(features), rtol=0, atol=1e-12)
+    assert np.allclose(clf.predict_proba(features), py_clf.predict_proba(features), rtol=0, atol=1e-9)
 
 
 def test_parallel_one_vs_rest_gives_the_same_lr(tmp_path, monkeypatch):
