@@ -16,6 +16,7 @@ reads ``config.NAME`` at call time.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -211,8 +212,6 @@ def reload() -> None:
     SETTINGS_FROM_DJANGO = _read_django_settings()
     for name, (value_type, default) in SETTINGS.items():
         setattr(module, name, get_config_value(name, value_type=value_type, default=default))
-    import importlib.util
-
     HAS_CAFFE = importlib.util.find_spec("caffe") is not None
     _configure_pillow()
     _configure_logging()

@@ -440,6 +440,25 @@ def test_classifier_cache_sees_replaced_memory_blob():
     np.testing.assert_array_equal(b.predict_proba(_probe()), second.predict_proba(_probe()))
 
 
+def test_concurrent_classifier_loads_agree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    locs = [DataLocation("filesystem", str(tmp_path / f"c{i}.pkl")) for i in range(4)]
+    models = [_fitted_classifier("LR", seed=i) for i in range(4)]
+    for loc, model in zip(locs, models):
+        store_classifier(loc, model)
+    expected = [m.predict_proba(_probe()) for m in models]
+
+    def score(i: int) -> np.ndarray:
+        # More locations than cache slots, so entries are evicted while read.
+        return load_classifier(locs[i % 4]).predict_proba(_probe())
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(score, range(64)))
+    for i, got in enumerate(results):
+        np.testing.assert_array_equal(got, expected[i % 4])
+
+
 def test_load_rejects_other_objects():
     storage_factory("memory").store("svc.pkl", pickle.dumps(SGDClassifier(), protocol=2))
     with pytest.raises(ValueError, match="svc.pkl: Loaded a SGDClassifier instead of a CalibratedClassifierCV"):
