@@ -1,0 +1,314 @@
+"""Feature extraction and image classification: pyspacer vs spacer_core, in one process.
+
+Makes `--images` JPEGs (default ten 4000x3000) with `--points` points each
+(default 100), a CoralNet-format EfficientNet-b0 weights file and a
+calibrated classifier, then times, for one caller and for `--callers`
+concurrent callers (threads):
+
+- pyspacer: `spacer.tasks.extract_features` / `classify_image`
+  (reloads weights and classifier for every image, eager PyTorch, batches of 10);
+- ours/tasks: `spacer_core.tasks.extract_features` / `classify_image`
+  (the library path; its network runs on whatever backend the extractor uses);
+- ours/batched: the server's path: images decoded and cropped in Rust ahead of
+  the network (`extract_stream`), one `DynamicBatcher` shared by all callers
+  over the compiled backend (`load_backend`), features stored as pyspacer's
+  npz, or scored with one predict_proba per image on a cached classifier.
+
+Prints points/s, the ratio to pyspacer, and the max abs feature difference to
+pyspacer. `--scale 0.1` runs a tenth of the images and points for a quick look.
+
+    python benchmarks/bench_extract.py                 # full run (several minutes on 2 cores)
+    python benchmarks/bench_extract.py --scale 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+Job = tuple[Path, list[tuple[int, int]]]
+
+
+def make_images(folder: Path, count: int, points: int, width: int, height: int) -> list[Job]:
+    """JPEGs with survey-like texture (coloured blobs plus grain) and random points."""
+    rng = np.random.default_rng(2024)
+    jobs = []
+    for i in range(count):
+        coarse = rng.integers(0, 256, size=(height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
+        pixels = np.asarray(
+            Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR), dtype=np.int16)
+        pixels = np.clip(pixels + rng.integers(-12, 13, size=pixels.shape, dtype=np.int16), 0, 255)
+        path = folder / f"survey_{i:02d}.jpg"
+        Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+        rowcols = [(int(r), int(c)) for r, c in zip(rng.integers(0, height, points),
+                                                    rng.integers(0, width, points))]
+        jobs.append((path, rowcols))
+    return jobs
+
+
+def make_classifier(path: Path) -> None:
+    """A pyspacer-style calibrated SGD classifier over 1280-d features, stored with pyspacer."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import SGDClassifier
+    from spacer.data_classes import DataLocation
+    from spacer.storage import store_classifier
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.5, 0.4, size=(600, 1280))
+    y = rng.integers(0, 6, 600)
+    clf = SGDClassifier(loss="log_loss", average=True, random_state=0).fit(x[:400], y[:400])
+    calibrated = CalibratedClassifierCV(clf, cv="prefit").fit(x[400:], y[400:])
+    store_classifier(DataLocation("filesystem", str(path)), calibrated)
+
+
+def run_callers(jobs: Sequence[Job], callers: int, work: Callable[[list[Job]], None]) -> float:
+    """Split the jobs round-robin over `callers` threads; seconds until all finish."""
+    shares = [list(jobs[i::callers]) for i in range(callers)]
+    start = time.perf_counter()
+    if callers == 1:
+        work(shares[0])
+    else:
+        with concurrent.futures.ThreadPoolExecutor(callers) as pool:
+            for future in [pool.submit(work, share) for share in shares if share]:
+                future.result()
+    return time.perf_counter() - start
+
+
+class Pyspacer:
+    name = "pyspacer"
+
+    def __init__(self, weights: Path, sha256: str, classifier: Path, out: Path):
+        from spacer.data_classes import DataLocation
+        from spacer.extractors.efficientnet import EfficientNetExtractor
+
+        self.loc = DataLocation
+        self.extractor = EfficientNetExtractor(
+            data_locations={"weights": DataLocation("filesystem", str(weights))},
+            data_hashes={"weights": sha256})
+        self.classifier = DataLocation("filesystem", str(classifier))
+        self.out = out
+
+    def feature_path(self, image: Path) -> Path:
+        return self.out / f"{image.stem}.pyspacer.featurevector"
+
+    def extract(self, jobs: list[Job]) -> None:
+        from spacer.messages import ExtractFeaturesMsg
+        from spacer.tasks import extract_features
+
+        for image, rowcols in jobs:
+            extract_features(ExtractFeaturesMsg(
+                "bench", self.extractor, rowcols, self.loc("filesystem", str(image)),
+                self.loc("filesystem", str(self.feature_path(image)))))
+
+    def classify(self, jobs: list[Job]) -> None:
+        from spacer.messages import ClassifyImageMsg
+        from spacer.tasks import classify_image
+
+        for image, rowcols in jobs:
+            classify_image(ClassifyImageMsg(
+                "bench", self.extractor, rowcols, self.loc("filesystem", str(image)), self.classifier))
+
+    def features(self, image: Path) -> np.ndarray:
+        from spacer.data_classes import DataLocation, ImageFeatures
+
+        feats = ImageFeatures.load(DataLocation("filesystem", str(self.feature_path(image))))
+        return np.array([pf.data for pf in feats.point_features])
+
+
+class OursTasks(Pyspacer):
+    """spacer_core's library tasks: the same messages, our implementation."""
+
+    name = "ours/tasks"
+
+    def __init__(self, weights: Path, sha256: str, classifier: Path, out: Path):
+        from spacer_core.data_classes import DataLocation
+        from spacer_core.extractors import EfficientNetExtractor
+
+        self.loc = DataLocation
+        self.extractor = EfficientNetExtractor(
+            data_locations={"weights": DataLocation("filesystem", str(weights))},
+            data_hashes={"weights": sha256})
+        self.classifier = DataLocation("filesystem", str(classifier))
+        self.out = out
+
+    def feature_path(self, image: Path) -> Path:
+        return self.out / f"{image.stem}.tasks.featurevector"
+
+    def extract(self, jobs: list[Job]) -> None:
+        from spacer_core.messages import ExtractFeaturesMsg
+        from spacer_core.tasks import extract_features
+
+        for image, rowcols in jobs:
+            extract_features(ExtractFeaturesMsg(
+                "bench", self.extractor, rowcols, self.loc("filesystem", str(image)),
+                self.loc("filesystem", str(self.feature_path(image)))))
+
+    def classify(self, jobs: list[Job]) -> None:
+        from spacer_core.messages import ClassifyImageMsg
+        from spacer_core.tasks import classify_image
+
+        for image, rowcols in jobs:
+            classify_image(ClassifyImageMsg(
+                "bench", self.extractor, rowcols, self.loc("filesystem", str(image)), self.classifier))
+
+    def features(self, image: Path) -> np.ndarray:
+        from spacer_core.data_classes import DataLocation, ImageFeatures
+
+        return ImageFeatures.load(DataLocation("filesystem", str(self.feature_path(image)))).feat
+
+
+class OursBatched:
+    """The server's path: Rust decode/crop ahead of a shared dynamic batcher on a compiled backend."""
+
+    name = "ours/batched"
+
+    def __init__(self, weights: Path, sha256: str, classifier: Path, out: Path, args: argparse.Namespace):
+        from spacer_core.extractors import build_network
+        from spacer_core.inference import DynamicBatcher, ModelCache, load_backend
+
+        start = time.perf_counter()
+        self.backend = load_backend(sha256, lambda: build_network(weights), precision=args.precision,
+                                    kind=args.backend)
+        self.load_seconds = time.perf_counter() - start
+        self.batcher = DynamicBatcher(self.backend,
+                                      max_batch_size=args.batch_size or self.backend.preferred_batch_size,
+                                      max_queue_delay_s=args.queue_delay)
+        self.classifiers: ModelCache[str, object] = ModelCache(max_items=4)
+        self.classifier = classifier
+        self.out = out
+
+    def feature_path(self, image: Path) -> Path:
+        return self.out / f"{image.stem}.batched.featurevector"
+
+    def _stream(self, jobs: list[Job]):
+        from spacer_core.inference import extract_stream
+
+        return zip(jobs, extract_stream(jobs, self.batcher.extract_sync))
+
+    def extract(self, jobs: list[Job]) -> None:
+        from spacer_core.data_classes import DataLocation, ImageFeatures
+
+        for (image, rowcols), feats in self._stream(jobs):
+            rows, cols = zip(*rowcols)
+            ImageFeatures.from_arrays(feats.astype(np.float64), rows, cols).store(
+                DataLocation("filesystem", str(self.feature_path(image))))
+
+    def classify(self, jobs: list[Job]) -> None:
+        from spacer_core.data_classes import DataLocation
+        from spacer_core.storage import load_classifier
+        from spacer_core.tasks import score_features
+
+        loc = DataLocation("filesystem", str(self.classifier))
+        clf = self.classifiers.get(str(self.classifier), lambda: load_classifier(loc))
+        for (image, _), feats in self._stream(jobs):
+            score_features(clf, feats.astype(np.float64), str(image)).tolist()
+
+    def features(self, image: Path) -> np.ndarray:
+        from spacer_core.data_classes import DataLocation, ImageFeatures
+
+        return ImageFeatures.load(DataLocation("filesystem", str(self.feature_path(image)))).feat
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply the image count and points per image (default 1)")
+    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--points", type=int, default=100)
+    parser.add_argument("--width", type=int, default=4000)
+    parser.add_argument("--height", type=int, default=3000)
+    parser.add_argument("--callers", type=int, default=8)
+    parser.add_argument("--precision", default="exact", choices=["exact", "fast"])
+    parser.add_argument("--backend", default="auto", help="auto, onnxruntime, torchscript or eager")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batcher's max batch (default: the backend's preferred size)")
+    parser.add_argument("--queue-delay", type=float, default=0.002, help="seconds (default 0.002)")
+    parser.add_argument("--skip", default="", help="comma list of: pyspacer, tasks, batched")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from tests.support.weights import make_weights
+
+    images = max(1, round(args.images * args.scale))
+    points = max(1, round(args.points * args.scale))
+    with tempfile.TemporaryDirectory(prefix="bench-extract-") as tmp:
+        folder = Path(tmp)
+        os.environ.setdefault("SPACER_EXTRACTORS_CACHE_DIR", str(folder / "extractors"))
+        weights = folder / "efficientnet_b0.pt"
+        sha256 = make_weights(weights)
+        classifier = folder / "classifier.pkl"
+        make_classifier(classifier)
+        jobs = make_images(folder, images, points, args.width, args.height)
+        total = images * points
+        print(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs; "
+              f"{images} images {args.width}x{args.height}, {points} points each "
+              f"({total} points); callers: 1 and {args.callers}")
+
+        skip = set(filter(None, args.skip.split(",")))
+        systems: list = []
+        if "pyspacer" not in skip:
+            systems.append(Pyspacer(weights, sha256, classifier, folder))
+        if "tasks" not in skip:
+            systems.append(OursTasks(weights, sha256, classifier, folder))
+        if "batched" not in skip:
+            batched = OursBatched(weights, sha256, classifier, folder, args)
+            print(f"ours/batched backend: {batched.backend.describe()}, max batch "
+                  f"{batched.batcher.max_batch_size}, compiled/loaded in {batched.load_seconds:.1f} s")
+            systems.append(batched)
+
+        # One untimed image per system loads and compiles what each keeps between calls
+        # (pyspacer keeps nothing, so this is only fair to it).
+        for system in systems:
+            system.extract(jobs[:1])
+
+        rates: dict[tuple[str, str, int], float] = {}
+        for task in ("extract", "classify"):
+            for callers in (1, args.callers):
+                for system in systems:
+                    seconds = run_callers(jobs, callers, getattr(system, task))
+                    rates[(system.name, task, callers)] = total / seconds
+                    base = rates.get(("pyspacer", task, callers))
+                    ratio = f"  {total / seconds / base:5.2f}x pyspacer" if base else ""
+                    print(f"{task:8s} callers={callers:<2d} {system.name:13s} "
+                          f"{total / seconds:8.1f} points/s  ({seconds:6.1f} s){ratio}", flush=True)
+
+        if systems and systems[0].name == "pyspacer":
+            reference = systems[0]
+            for system in systems[1:]:
+                diff = max(float(np.max(np.abs(system.features(img) - reference.features(img))))
+                           for img, _ in jobs)
+                print(f"max abs feature difference {system.name} vs pyspacer: {diff:.2e}")
+        for system in systems:
+            if isinstance(system, OursBatched):
+                system.batcher.close()
+                stats = system.batcher.stats
+                print(f"ours/batched: {stats.batches} batches, "
+                      f"{stats.patches / max(stats.batches, 1):.1f} patches per batch")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
