@@ -43,7 +43,6 @@ from tests.support.weights import (
     efficientnet_weights,  # noqa: F401  (fixture)
     make_state_dict,
     make_weights,
-    weights_bytes,
 )
 
 TOLERANCE = 1e-4
@@ -51,11 +50,9 @@ HASH_ERROR = "Hash doesn't match for extractor's 'weights' file/blob."
 
 
 @pytest.fixture(autouse=True)
-def _fresh_caches():
-    RUNNERS.clear()
+def _fresh_memory_storage():
     clear_memory_storage()
     yield
-    RUNNERS.clear()
     clear_memory_storage()
 
 
@@ -167,6 +164,7 @@ def test_network_is_loaded_once_per_weights(efficientnet_weights: WeightsFile, m
         return original(weights, name)
 
     monkeypatch.setattr(EfficientNetExtractor, "runner_factory", staticmethod(counting_factory))
+    RUNNERS.clear()
     image = _image(seed=3)
     errors: list[BaseException] = []
 
@@ -207,6 +205,7 @@ def test_run_network_is_the_single_entry(efficientnet_weights: WeightsFile, monk
     assert _matrix(features).shape == (len(POINTS), 1280)
 
 
+@pytest.mark.slow
 def test_built_network_can_be_compiled(efficientnet_weights: WeightsFile) -> None:
     net = build_network(efficientnet_weights.path.read_bytes(), "weights bytes")
     batch = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -312,7 +311,7 @@ def test_changed_local_file_is_checked_again(efficientnet_weights: WeightsFile, 
     path.write_bytes(efficientnet_weights.path.read_bytes())
     extractor = _extractor(WeightsFile(path, efficientnet_weights.sha256))
     extractor(_image(), POINTS[:1])
-    path.write_bytes(weights_bytes(seed=1))
+    path.write_bytes(b"replaced by something else")
     with pytest.raises(HashMismatchError, match="'weights'"):
         extractor(_image(), POINTS[:1])
 
@@ -547,6 +546,7 @@ def test_no_points_is_an_error(efficientnet_weights: WeightsFile) -> None:
         _extractor(efficientnet_weights)(_image(), [])
 
 
+@pytest.mark.slow
 def test_weights_helper_is_deterministic(tmp_path: Path, efficientnet_weights: WeightsFile) -> None:
     from tests.support import weights as helper
 
