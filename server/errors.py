@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -156,11 +156,26 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
-def describe(exc: BaseException, context: str = "") -> tuple[grpc.StatusCode, str]:
+# Storage errors (a bare boto 404, a refused connection) often do not say
+# which file they were about; for these the request's locations are added.
+_NAME_THE_FILES = {
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+_MAX_LISTED = 6
+
+
+def describe(
+    exc: BaseException, context: str = "", locations: Sequence[str] = ()
+) -> tuple[grpc.StatusCode, str]:
     """Status and client-safe message; logs a traceback for unexpected errors.
 
     `context` (an image key, job token or file) prefixes the message unless
-    the library message already names it.
+    the library message already names it. `locations` (the request's files,
+    as text) are appended to storage errors that name none of them.
     """
     known = status_for(exc)
     if known is None:
@@ -170,7 +185,47 @@ def describe(exc: BaseException, context: str = "") -> tuple[grpc.StatusCode, st
     status, message = known
     if context and context not in message:
         message = f"{context}: {message}"
+    if status in _NAME_THE_FILES and locations:
+        keys = [loc.rsplit("/", 1)[-1] or loc for loc in locations]
+        if not any(key in message for key in keys):
+            shown = ", ".join(locations[:_MAX_LISTED])
+            more = len(locations) - _MAX_LISTED
+            if more > 0:
+                shown += f" and {more} more"
+            message = f"{message} (request locations: {shown})"
     return status, message
+
+
+def request_locations(message: Any) -> list[str]:
+    """Every DataLocation in a protobuf request, as 'field=s3://bucket/key' text."""
+    found: list[str] = []
+
+    def walk(msg: Any, prefix: str) -> None:
+        if msg.DESCRIPTOR.full_name == "spacer.v1.DataLocation":
+            if msg.key:
+                where = {
+                    "s3": f"s3://{msg.bucket_name}/{msg.key}",
+                    "memory": f"memory:{msg.key}",
+                }.get(msg.storage_type, msg.key)
+                found.append(f"{prefix}={where}")
+            return
+        for field, value in msg.ListFields():
+            if field.message_type is None:
+                continue
+            name = f"{prefix}.{field.name}" if prefix else field.name
+            if field.message_type.GetOptions().map_entry:
+                for key, item in value.items():
+                    if hasattr(item, "DESCRIPTOR"):
+                        walk(item, f"{name}[{key}]")
+            elif field.is_repeated:
+                for i, item in enumerate(value):
+                    walk(item, f"{name}[{i}]")
+            else:
+                walk(value, name)
+
+    if hasattr(message, "DESCRIPTOR"):
+        walk(message, "")
+    return found
 
 
 def _token_of(request: Any) -> str:
@@ -196,8 +251,10 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
             f" {detail}" if detail else "",
         )
 
-    async def _fail(context: grpc.aio.ServicerContext, exc: Exception, start: float, token: str):
-        status, message = describe(exc, token)
+    async def _fail(
+        context: grpc.aio.ServicerContext, exc: Exception, start: float, token: str, request: Any
+    ) -> None:
+        status, message = describe(exc, token, request_locations(request))
         _log(status.name, start, token, f"error={message!r}")
         await context.abort(status, message)
 
@@ -216,7 +273,7 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _fail(context, exc, start, token)
+                await _fail(context, exc, start, token, request)
             else:
                 _log("OK", start, token)
 
@@ -234,7 +291,7 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await _fail(context, exc, start, token)
+            await _fail(context, exc, start, token, request)
         else:
             _log("OK", start, token)
             return response

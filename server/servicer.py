@@ -17,7 +17,7 @@ from server import convert
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
 from server.engine import Engine, inline_image
-from server.errors import describe, invalid, rpc_method
+from server.errors import describe, invalid, request_locations, rpc_method
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                code, message = describe(exc, req.job_token)
+                code, message = describe(exc, req.job_token, request_locations(req))
                 response = pb.ClassifyImagesResponse(
                     job_token=req.job_token,
                     error=pb.Error(code=code.value[0], code_name=code.name, message=message),

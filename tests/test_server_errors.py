@@ -241,3 +241,18 @@ def test_unexpected_errors_are_internal_with_a_generic_message_and_a_logged_trac
     assert "secret" not in message and "internal error" in message
     ref = message.split("ref ")[1].split(")")[0]
     assert any(ref in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_storage_errors_without_a_file_name_list_the_request_locations():
+    from botocore.exceptions import ClientError
+
+    bare_404 = ClientError({"Error": {"Code": "404", "Message": "Not Found"}}, "HeadObject")
+    code, message = errors.describe(bare_404, "", ["feature_loc=s3://b/f/a.fv", "classifier_loc=s3://b/m.pkl"])
+    assert code == Code.NOT_FOUND
+    assert "feature_loc=s3://b/f/a.fv" in message and "classifier_loc=s3://b/m.pkl" in message
+    many = [f"labels.train.images[{i}].feature_loc=/d/{i}.fv" for i in range(20)]
+    _, message = errors.describe(bare_404, "", many)
+    assert "and 14 more" in message and "/d/19.fv" not in message
+    # A message that already names its file is left alone.
+    _, message = errors.describe(FileNotFoundError(2, "No such file", "/d/3.fv"), "", many)
+    assert message == "file not found: /d/3.fv"

@@ -11,6 +11,8 @@ import pytest
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from spacer_core.client import SpacerClient
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
+from spacer_core import config as core_config
+from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 spacer = pytest.importorskip("spacer")
@@ -271,3 +273,39 @@ def test_load_and_list_models(client, data):
         client.load_model(classifier_loc=fs(data["root"] / "missing.pkl"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "missing.pkl" in err.value.details()
+
+
+@pytest.mark.slow
+def test_s3_locations_end_to_end(client, data, s3_bucket):
+    import boto3
+
+    from tests.support.s3 import s3_env
+
+    env = s3_env(core_config.AWS_ENDPOINT_URL)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        region_name=env["AWS_DEFAULT_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+    s3.upload_file(str(data["image"]), s3_bucket, "images/reef.jpg")
+    s3.upload_file(str(data["clf"]), s3_bucket, "models/clf.pkl")
+
+    def s3_loc(key):
+        return {"storage_type": "s3", "key": key, "bucket_name": s3_bucket}
+
+    local = client.classify_image(data["extractor"], ROWCOLS, fs(data["image"]), fs(data["clf"]))
+    remote = client.classify_image(data["extractor"], ROWCOLS, s3_loc("images/reef.jpg"), s3_loc("models/clf.pkl"))
+    for a, b in zip(remote.scores, local.scores):
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+
+    client.extract_features(data["extractor"], ROWCOLS, s3_loc("images/reef.jpg"), s3_loc("features/reef.fv"))
+    by_features = client.classify_features(s3_loc("features/reef.fv"), s3_loc("models/clf.pkl"))
+    for a, b in zip(by_features.scores, local.scores):
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.classify_features(s3_loc("features/absent.fv"), s3_loc("models/clf.pkl"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "absent.fv" in err.value.details()
