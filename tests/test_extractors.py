@@ -92,17 +92,21 @@ def _matrix(features) -> np.ndarray:
 # --- features ------------------------------------------------------------
 
 
+# More points than pyspacer's batch of 10, so the two batch differently.
+PARITY_POINTS = POINTS + [(1, 100), (148, 100), (75, 0), (75, 199), (30, 60)]
+
+
 def test_features_match_pyspacer(efficientnet_weights: WeightsFile, record_property) -> None:
     image = _image()
-    ours, msg = _extractor(efficientnet_weights)(image, POINTS)
+    ours, msg = _extractor(efficientnet_weights)(image, PARITY_POINTS)
     reference = PyspacerEfficientNetExtractor(
         data_locations={"weights": PyspacerDataLocation("filesystem", str(efficientnet_weights.path))},
         data_hashes={"weights": efficientnet_weights.sha256},
     )
-    theirs, their_msg = reference(image, POINTS)
+    theirs, their_msg = reference(image, PARITY_POINTS)
 
     ours_m, theirs_m = _matrix(ours), _matrix(theirs)
-    assert ours_m.shape == theirs_m.shape == (len(POINTS), 1280)
+    assert ours_m.shape == theirs_m.shape == (len(PARITY_POINTS), 1280)
     max_diff = float(np.abs(ours_m - theirs_m).max())
     record_property("max_abs_feature_diff", max_diff)
     print(f"max abs feature difference vs pyspacer: {max_diff:.3g}")
@@ -112,8 +116,8 @@ def test_features_match_pyspacer(efficientnet_weights: WeightsFile, record_prope
     assert distinct > 100 * TOLERANCE
     assert np.abs(ours_m[2] - ours_m[5]).max() <= 1e-5  # same point twice
 
-    assert [(pf.row, pf.col) for pf in ours.point_features] == POINTS
-    assert ours.valid_rowcol and ours.feature_dim == 1280 and ours.npoints == len(POINTS)
+    assert [(pf.row, pf.col) for pf in ours.point_features] == PARITY_POINTS
+    assert ours.valid_rowcol and ours.feature_dim == 1280 and ours.npoints == len(PARITY_POINTS)
     assert msg.extractor_loaded_remotely is False is their_msg.extractor_loaded_remotely
     assert msg.runtime > 0
 
@@ -203,6 +207,24 @@ def test_run_network_is_the_single_entry(efficientnet_weights: WeightsFile, monk
     features, _ = extractor(_image(seed=4), POINTS)
     assert calls == [(4, 3, 224, 224), (2, 3, 224, 224)]
     assert _matrix(features).shape == (len(POINTS), 1280)
+
+
+@pytest.mark.gpu
+def test_cuda_runner_matches_cpu(efficientnet_weights: WeightsFile) -> None:
+    from spacer_core.extractors import TorchRunner
+
+    net = build_network(efficientnet_weights.path)
+    batch = np.random.default_rng(0).random((4, 3, 224, 224), dtype=np.float32)
+    cpu = TorchRunner(net)(batch)
+    # TF32 convolutions (cuDNN's default) trade precision for speed; exact
+    # float32 is what the feature tolerance is defined against.
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        cuda = TorchRunner(build_network(efficientnet_weights.path), device="cuda")(batch)
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    assert np.abs(cpu - cuda).max() <= TOLERANCE
 
 
 @pytest.mark.slow
