@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import threading
 import time
 import zlib
@@ -43,11 +44,16 @@ EVAL_BATCH_SIZE = 1000
 PARALLEL_OVR_MIN_VALUES = 500_000
 
 # BLAS threads while fitting an MLP (None: the library's default). Its
-# products are small (200-row minibatches), and on a busy 2-core machine
-# multi-threaded BLAS spent 3-4x longer per batch than one thread; one
-# thread also leaves a core for gathering the next batch. Each product's
-# result does not depend on the thread count.
+# products are small (200-row minibatches): on a busy 2-core machine,
+# multi-threaded BLAS took 2-5x longer per epoch than one thread, and one
+# thread leaves a core for gathering the next batch. The thread count only
+# changes last-bit rounding.
 MLP_BLAS_THREADS: int | None = 1
+
+# Bytes of features a training set may hold in RAM (None: a quarter of the
+# physical memory). A larger set is kept in a temporary file mapped into
+# memory instead, at float32 (4 bytes a value) for extractor features.
+FEATURE_MEMORY_BUDGET: int | None = None
 
 
 @dataclass
@@ -158,7 +164,7 @@ def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) 
         blocks: Iterator[np.ndarray] = pool.map(read, range(len(keys)))
         first = next(blocks)
         dim = first.shape[1]
-        x32 = np.empty((int(starts[-1]), dim), dtype=np.float32)
+        x32 = _feature_matrix(int(starts[-1]), dim, np.float32)
         # float64 originals of the files that float32 cannot hold exactly.
         inexact: dict[int, np.ndarray] = {}
         for i, block in enumerate(_chain(first, blocks)):
@@ -176,11 +182,33 @@ def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) 
             pool.shutdown(cancel_futures=True)
     if not inexact:
         return LabelledFeatures(x32, y, starts)
-    x64 = x32.astype(np.float64)
+    x64 = _feature_matrix(len(x32), x32.shape[1], np.float64)
+    x64[...] = x32
     del x32
     for i, block in inexact.items():
         x64[starts[i] : starts[i + 1]] = block
     return LabelledFeatures(x64, y, starts)
+
+
+def _feature_matrix(rows: int, dim: int, dtype: type[np.floating[Any]]) -> np.ndarray:
+    """An uninitialised (rows, dim) array, backed by an unlinked temporary file
+    when it would exceed the memory budget (the OS then pages it as needed)."""
+    size = rows * dim * np.dtype(dtype).itemsize
+    if size <= _memory_budget():
+        return np.empty((rows, dim), dtype=dtype)
+    with tempfile.TemporaryFile(prefix="spacer-features-") as backing:
+        backing.truncate(size)
+        # The mapping keeps its own handle; the file goes when the array does.
+        return np.memmap(backing, dtype=dtype, mode="r+", shape=(rows, dim))
+
+
+def _memory_budget() -> int:
+    if FEATURE_MEMORY_BUDGET is not None:
+        return FEATURE_MEMORY_BUDGET
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 _pool: ThreadPoolExecutor | None = None

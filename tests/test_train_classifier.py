@@ -79,6 +79,17 @@ def test_parallel_one_vs_rest_gives_the_same_lr(tmp_path, monkeypatch):
     assert ours_est.n_jobs is None
 
 
+def test_features_over_the_memory_budget_are_file_backed(tmp_path, monkeypatch):
+    labels = float32_features(tmp_path, 25, 20, 6, seed=9)
+    ours_sets, _ = _both_sets(labels)
+    in_memory = MiniBatchTrainer(batch_size=100)(ours_sets, 2, [], "LR")
+    monkeypatch.setattr(train_utils, "FEATURE_MEMORY_BUDGET", 0)
+    assert isinstance(train_utils.load_labelled_features(ours_sets.train).x, np.memmap)
+    spilled = MiniBatchTrainer(batch_size=100)(ours_sets, 2, [], "LR")
+    assert spilled[2].ref_accs == in_memory[2].ref_accs
+    assert spilled[1].est == in_memory[1].est and spilled[1].scores == in_memory[1].scores
+
+
 def test_float32_features_and_config_batch_size(tmp_path, monkeypatch):
     labels = float32_features(tmp_path, 25, 20, 6, seed=4)
     ours_sets, py_sets = _both_sets(labels)

@@ -17,6 +17,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 from sklearn.neural_network import MLPClassifier
 
+from spacer_core import train_utils
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.exceptions import RowColumnMismatchError, RowColumnMissingError
 from spacer_core.train_utils import (
@@ -102,6 +103,14 @@ def test_one_inexact_file_makes_everything_float64(tmp_path):
     data = load_labelled_features(labels)
     assert data.x.dtype == np.float64
     assert np.array_equal(data.x, pyspacer_all_data(labels)[0])
+
+
+def test_file_backed_float64_features(random_labels, monkeypatch):
+    in_memory = load_labelled_features(random_labels)
+    monkeypatch.setattr(train_utils, "FEATURE_MEMORY_BUDGET", 0)
+    spilled = load_labelled_features(random_labels)
+    assert isinstance(spilled.x, np.memmap) and spilled.x.dtype == np.float64
+    assert np.array_equal(spilled.x, in_memory.x)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
