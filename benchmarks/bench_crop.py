@@ -1,0 +1,130 @@
+"""Decode + crop + to-tensor: pyspacer's path and ours, side by side in one process.
+
+pyspacer: Pillow `Image.open` + `crop_patches` (convert('RGB'), np.pad,
+slicing) + `torch.stack([ToTensor()(p) ...])`.
+Ours: `spacer_core.crop.crop_patches_into_chw` (Rust decode + crop straight
+into a float32 (N, 3, 224, 224) buffer) + `torch.from_numpy`.
+
+Cases: a 4000x3000 JPEG with 10, 100 and 1000 points, and a 2000x1500 PNG
+with 100 points; then several JPEGs at once through `crop_patches_batch`.
+Each timing is the median of several runs; outputs are checked equal first.
+
+    python benchmarks/bench_crop.py [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from spacer.extractors.torch_extractors import transformation
+from spacer.extractors.utils import crop_patches as spacer_crop_patches
+
+from spacer_core import crop
+
+
+def make_photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour fields with texture: compresses like a survey photo, not like noise."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (h // 64 + 2, w // 64 + 2, 3)).astype(np.float32)
+    big = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((w, h), Image.BICUBIC), dtype=np.float32)
+    texture = rng.normal(0, 12, (h, w, 3)).astype(np.float32)
+    return np.clip(big + texture, 0, 255).astype(np.uint8)
+
+
+def encode(rgb: np.ndarray, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def points(h: int, w: int, n: int, seed: int = 1) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    return [(int(r), int(c)) for r, c in zip(rng.integers(0, h, n), rng.integers(0, w, n))]
+
+
+def pyspacer_path(data: bytes, rowcols: list[tuple[int, int]]) -> torch.Tensor:
+    patches = spacer_crop_patches(Image.open(io.BytesIO(data)), rowcols, 224)
+    to_tensor = transformation()
+    return torch.stack([to_tensor(p) for p in patches])
+
+
+def our_path(data: bytes, rowcols: list[tuple[int, int]]) -> torch.Tensor:
+    out = np.empty((len(rowcols), 3, 224, 224), dtype=np.float32)
+    crop.crop_patches_into_chw(data, rowcols, out)
+    return torch.from_numpy(out)
+
+
+def median_time(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up (allocator, thread pool)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch threads {torch.get_num_threads()}")
+    jpeg = encode(make_photo(3000, 4000), "JPEG", quality=90)
+    png = encode(make_photo(1500, 2000, seed=2), "PNG")
+    print(f"4000x3000 JPEG: {len(jpeg) / 1e6:.1f} MB; 2000x1500 PNG: {len(png) / 1e6:.1f} MB\n")
+
+    cases = [
+        ("JPEG 4000x3000, 10 points", jpeg, points(3000, 4000, 10)),
+        ("JPEG 4000x3000, 100 points", jpeg, points(3000, 4000, 100)),
+        ("JPEG 4000x3000, 1000 points", jpeg, points(3000, 4000, 1000)),
+        ("PNG 2000x1500, 100 points", png, points(1500, 2000, 100)),
+    ]
+    print(f"{'decode + crop + to-tensor':34s} {'pyspacer s':>11s} {'ours s':>9s} {'speed-up':>9s}")
+    for name, data, rowcols in cases:
+        assert torch.equal(pyspacer_path(data, rowcols), our_path(data, rowcols)), name
+        repeat = max(2, args.repeat // 2) if len(rowcols) >= 1000 else args.repeat
+        theirs = median_time(lambda: pyspacer_path(data, rowcols), repeat)
+        ours = median_time(lambda: our_path(data, rowcols), repeat)
+        print(f"{name:34s} {theirs:11.3f} {ours:9.3f} {theirs / ours:8.2f}x")
+
+    # Decode alone, for context.
+    theirs = median_time(lambda: np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")), args.repeat)
+    ours = median_time(lambda: crop.decode_image(jpeg), args.repeat)
+    print(f"{'JPEG 4000x3000 decode only':34s} {theirs:11.3f} {ours:9.3f} {theirs / ours:8.2f}x")
+
+    # Several images at once: one call decodes them on all cores.
+    images = [encode(make_photo(3000, 4000, seed=s), "JPEG", quality=90) for s in range(4)]
+    rowcols = [points(3000, 4000, 100, seed=s) for s in range(4)]
+
+    def theirs_batch() -> None:
+        for d, rc in zip(images, rowcols):
+            spacer_crop_patches(Image.open(io.BytesIO(d)), rc, 224)
+
+    theirs = median_time(theirs_batch, args.repeat)
+    ours = median_time(lambda: crop.crop_patches_batch(images, rowcols), args.repeat)
+    print(f"{'4 JPEGs x 100 points, uint8 only':34s} {theirs:11.3f} {ours:9.3f} {theirs / ours:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
