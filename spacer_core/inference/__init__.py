@@ -6,7 +6,8 @@
 - `DynamicBatcher(backend, ...)`: batches patches of concurrent callers.
 - `ModelCache`: bounded LRU for loaded extractors and classifiers.
 - `extract_stream`: decodes and crops the next images while the network runs.
-- `shared_backend`: the process-wide backend the library's extractors use.
+- `shared_backend` / `shared_batcher` / `network_runner`: process-wide
+  instances for the library's extractors and the server.
 """
 
 from spacer_core.inference.backends import (
@@ -23,7 +24,7 @@ from spacer_core.inference.batcher import BatcherClosedError, DynamicBatcher, Qu
 from spacer_core.inference.model_cache import ModelCache, estimate_nbytes
 from spacer_core.inference.pipeline import decode_rgb, extract_stream, load_patches
 from spacer_core.inference.precision import Precision
-from spacer_core.inference.shared import shared_backend
+from spacer_core.inference.shared import network_runner, shared_backend, shared_batcher
 
 __all__ = [
     "Backend",
@@ -42,6 +43,8 @@ __all__ = [
     "load_backend",
     "load_patches",
     "run_in_batches",
+    "network_runner",
     "shared_backend",
+    "shared_batcher",
     "to_network_input",
 ]

@@ -110,6 +110,8 @@ class DynamicBatcher:
         if max_queued_patches < 1:
             raise ValueError(f"max_queued_patches must be >= 1, got {max_queued_patches}")
         self._launch: Callable[[np.ndarray], PendingFeatures]
+        # Memory held by the network, for ModelCache's byte limit.
+        self.nbytes = backend.nbytes if isinstance(backend, Backend) else 0
         if isinstance(backend, Backend):
             self._launch = backend.launch
         else:

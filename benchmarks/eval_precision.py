@@ -1,0 +1,135 @@
+"""Does FAST precision change classifications? Top-1 agreement of `fast` with `exact`.
+
+Builds a labelled set of synthetic benthic-like patches (classes differ in
+colour and texture, with per-patch jitter so the task is not trivial), extracts
+`exact` features (fp32, pyspacer parity) and trains a pyspacer-style classifier
+(SGD log-loss, averaged, calibrated on a reference split) on them. Then the
+held-out patches are scored twice, from `exact` and from `fast` features, and
+the script prints how often the top-1 predictions agree (target >= 99.5%),
+plus both accuracies and the feature error.
+
+    python benchmarks/eval_precision.py                   # CPU: bf16 where the CPU has it
+    python benchmarks/eval_precision.py --device cuda     # GPU: fp16 + channels_last
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_classes(rng: np.random.Generator, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each class: a mean colour, a stripe frequency and an orientation."""
+    return (rng.uniform(40, 215, size=(classes, 3)), rng.uniform(2, 14, size=classes),
+            rng.uniform(0, np.pi, size=classes))
+
+
+def make_patches(
+    rng: np.random.Generator, spec: tuple[np.ndarray, np.ndarray, np.ndarray], per_class: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, 224, 224, 3) patches of every class in `spec`, and their labels."""
+    yy, xx = np.mgrid[0:224, 0:224].astype(np.float32) / 224
+    palette, freqs, angles = spec
+    classes = len(palette)
+    patches = np.empty((classes * per_class, 224, 224, 3), np.uint8)
+    labels = np.repeat(np.arange(classes), per_class)
+    for i, c in enumerate(labels):
+        angle = angles[c] + rng.normal(0, 0.3)
+        freq = freqs[c] * rng.uniform(0.8, 1.25)
+        wave = np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 6.3))
+        colour = palette[c] + rng.normal(0, 18, size=3)
+        contrast = rng.uniform(20, 60)
+        image = colour[None, None, :] + contrast * wave[..., None]
+        image += rng.normal(0, 12, size=image.shape)
+        patches[i] = np.clip(image, 0, 255).astype(np.uint8)
+    return patches, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--classes", type=int, default=8)
+    parser.add_argument("--train-per-class", type=int, default=60)
+    parser.add_argument("--test-per-class", type=int, default=60)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--fast-backend", default="eager",
+                        help="backend kind for FAST (default eager: bf16 on CPU, fp16 on CUDA; "
+                             "'auto' may pick fp32 ONNX Runtime on CPUs where bf16 is slower)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import torch
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import SGDClassifier
+
+    from spacer_core.extractors import build_network
+    from spacer_core.inference import load_backend, run_in_batches
+    from tests.support.weights import make_weights
+
+    rng = np.random.default_rng(0)
+    spec = make_classes(rng, args.classes)
+    train_x, train_y = make_patches(rng, spec, args.train_per_class)
+    test_x, test_y = make_patches(rng, spec, args.test_per_class)
+    with tempfile.TemporaryDirectory(prefix="eval-precision-") as tmp:
+        weights = Path(tmp) / "efficientnet_b0.pt"
+        sha256 = make_weights(weights)
+
+        def make_net() -> torch.nn.Module:
+            return build_network(weights)
+
+        exact = load_backend(sha256, make_net, device=args.device, precision="exact", cache_dir=tmp)
+        fast = load_backend(sha256, make_net, device=args.device, precision="fast",
+                            kind=args.fast_backend, cache_dir=tmp)
+        batch = 16
+        start = time.perf_counter()
+        train_f = run_in_batches(exact, train_x, batch).astype(np.float64)
+        test_exact = run_in_batches(exact, test_x, batch)
+        exact_rate = (len(train_x) + len(test_x)) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        test_fast = run_in_batches(fast, test_x, batch)
+        fast_rate = len(test_x) / (time.perf_counter() - start)
+
+    # pyspacer's recipe: averaged log-loss SGD, then sigmoid calibration on a reference split.
+    order = rng.permutation(len(train_y))
+    cut = int(0.8 * len(order))
+    sgd = SGDClassifier(loss="log_loss", average=True, random_state=0)
+    sgd.fit(train_f[order[:cut]], train_y[order[:cut]])
+    clf = CalibratedClassifierCV(sgd, cv="prefit").fit(train_f[order[cut:]], train_y[order[cut:]])
+
+    pred_exact = clf.predict_proba(test_exact.astype(np.float64)).argmax(1)
+    pred_fast = clf.predict_proba(test_fast.astype(np.float64)).argmax(1)
+    agreement = float(np.mean(pred_exact == pred_fast))
+    abs_err = np.abs(test_fast - test_exact)
+    print(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs")
+    print(f"exact: {exact.describe()} ({exact_rate:.0f} patches/s); "
+          f"fast: {fast.describe()} ({fast_rate:.0f} patches/s)")
+    print(f"test set: {len(test_y)} patches, {args.classes} classes; "
+          f"accuracy exact {np.mean(pred_exact == test_y):.3f}, fast {np.mean(pred_fast == test_y):.3f}")
+    print(f"feature error fast vs exact: max abs {abs_err.max():.3g}, "
+          f"mean abs {abs_err.mean():.3g} (mean |feature| {np.abs(test_exact).mean():.3g})")
+    print(f"top-1 agreement fast vs exact: {agreement * 100:.2f}% "
+          f"({int(np.sum(pred_exact != pred_fast))} of {len(test_y)} differ; target >= 99.5%)")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
