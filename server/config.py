@@ -30,8 +30,10 @@ class ServerConfig:
     port_file: Path | None = None
     device: str = "auto"
     precision: str = "exact"
-    # Dynamic batcher: patches per network call and how long a batch may wait.
-    batch_size: int = 32
+    # Dynamic batcher: patches per network call (None: the backend's preferred
+    # size, small on CPU where it also bounds memory, large on GPU) and how
+    # long a batch may wait to fill.
+    batch_size: int | None = None
     queue_delay_ms: float = 5.0
     # Batch patches across requests (EfficientNet); False runs spacer_core.tasks per call.
     batching: bool = True
@@ -69,7 +71,7 @@ class ServerConfig:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("queue_delay_ms", "grace_seconds"):
             if getattr(self, name) < 0:
@@ -84,6 +86,7 @@ class ServerConfig:
         out = asdict(self)
         out["data_roots"] = [str(p) for p in self.data_roots] or "unrestricted"
         out["port_file"] = str(self.port_file) if self.port_file else None
+        out["batch_size"] = self.batch_size or "auto (the backend's preferred size)"
         out.pop("extra")
         return out
 
@@ -104,7 +107,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
     ("--port-file", "port_file", Path, "SPACER_PORT_FILE", "write the bound port here"),
     ("--device", "device", str, "SPACER_DEVICE", "auto, cpu or cuda"),
     ("--precision", "precision", str, "SPACER_PRECISION", "exact or fast (reduced precision)"),
-    ("--batch-size", "batch_size", int, "SPACER_BATCH_SIZE", "patches per network call"),
+    ("--batch-size", "batch_size", int, "SPACER_BATCH_SIZE", "patches per network call; default: the backend's preferred size"),
     ("--queue-delay-ms", "queue_delay_ms", float, "SPACER_QUEUE_DELAY_MS",
      "longest wait to fill a batch"),
     ("--batching", "batching", _bool, "SPACER_BATCHING",

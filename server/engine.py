@@ -97,6 +97,13 @@ def inline_image(data: bytes, job_token: str) -> Iterator[Any]:
             store.delete(key)
 
 
+class _Sized:
+    """What check_extract_inputs needs of an image: its (width, height)."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+
+
 class Engine:
     """Runs library calls off the event loop; cancelling the await drops queued work."""
 
@@ -161,44 +168,38 @@ class Engine:
         return type(extractor) is EfficientNetExtractor
 
     def _prepare(self, msg: Any) -> tuple[np.ndarray, Any, bool]:
-        """Load and check the image, crop its patches, find the network's batcher."""
-        from spacer_core.crop import crop_array, to_rgb_array
-        from spacer_core.storage import load_image
+        """Load and check the image, cut its patches (Rust decoder), find the network's batcher."""
+        from spacer_core import crop
+        from spacer_core.storage import load_bytes
         from spacer_core.task_utils import check_extract_inputs
 
-        image = load_image(msg.image_loc)
-        check_extract_inputs(image, msg.rowcols, msg.image_loc.key)
+        key = msg.image_loc.key
+        data = load_bytes(msg.image_loc).getvalue()
+        # The header gives the size, so limits and points are checked before decoding.
+        check_extract_inputs(_Sized(crop.image_size(data, image_key=key)), msg.rowcols, key)
         batcher, remote = self._batcher_for(msg.extractor)
-        rgb = to_rgb_array(image)
-        image.close()
-        patches = crop_array(rgb, [(int(r), int(c)) for r, c in msg.rowcols])
+        patches = crop.crop_patches(data, msg.rowcols, image_key=key)
         return patches, batcher, remote
 
     def _batcher_for(self, extractor: Any) -> tuple[Any, bool]:
-        """The batcher serving this extractor's weights (hash-checked), and the remote flag."""
+        """The process's batcher for this extractor's weights (hash-checked), and the remote flag."""
         from spacer_core.extractors.efficientnet import build_network
-        from spacer_core.inference import DynamicBatcher, shared_backend
+        from spacer_core.inference.shared import shared_batcher
 
         data = extractor.resolve_data("weights")
+        label = f"'{extractor.data_locations['weights'].key}'"
+        batcher = shared_batcher(
+            data.sha256,
+            lambda: build_network(data.read(), label),
+            device=None if self.config.device == "auto" else self.config.device,
+            precision=self.config.precision,
+            max_batch_size=self.config.batch_size,
+            max_queue_delay_s=self.config.queue_delay_ms / 1000.0,
+        )
         with self._batchers_lock:
-            batcher = self._batchers.get(data.sha256)
-            if batcher is None:
-                label = f"'{extractor.data_locations['weights'].key}'"
-                device = None if self.config.device == "auto" else self.config.device
-                backend = shared_backend(
-                    data.sha256,
-                    lambda: build_network(data.read(), label),
-                    device=device,
-                    precision=self.config.precision,
-                )
-                batcher = DynamicBatcher(
-                    backend,
-                    max_batch_size=self.config.batch_size,
-                    max_queue_delay_s=self.config.queue_delay_ms / 1000.0,
-                    max_queued_patches=max(self.config.batch_size * 8, 1024),
-                    name=f"batcher-{data.sha256[:8]}",
-                )
-                logger.info("network %s ready: %s", label, backend.describe())
+            if self._batchers.get(data.sha256) is not batcher:
+                logger.info("network %s served by %s (batches of %d)", label, batcher.name,
+                            batcher.max_batch_size)
                 self._batchers[data.sha256] = batcher
         return batcher, data.remote_loaded
 
@@ -233,8 +234,8 @@ class Engine:
 
     def shutdown(self) -> None:
         """Release threads and networks; called only after the server has drained."""
+        # The batchers are process-wide (shared with library callers and
+        # other servers in this process): they are left to spacer_core.
         with self._batchers_lock:
-            batchers, self._batchers = list(self._batchers.values()), {}
-        for batcher in batchers:
-            batcher.close(drain=False, timeout=5)
+            self._batchers = {}
         self._pool.shutdown(wait=False, cancel_futures=True)
