@@ -34,7 +34,7 @@ class UnsupportedFormatError(ImageDecodeError):
     """Neither JPEG nor PNG: decode such files with Pillow instead."""
 
 class ImageTooLargeError(ImageDecodeError):
-    """The header claims more pixels than allowed; args are (message, width, height, limit)."""
+    """The header claims more pixels than allowed; args are (message, width, height, limit[, batch index])."""
 
 @final
 class ImageInfo:

@@ -234,8 +234,9 @@ def _named_errors(image_key: str | None) -> Iterator[None]:
     try:
         yield
     except ImageTooLargeError as e:
-        _, width, height, limit = e.args
-        raise DataLimitError(_too_large_message(image_key or "", width, height, limit)) from e
+        _, width, height, limit, *index = e.args
+        key = image_key or (f"{index[0]}" if index else "")
+        raise DataLimitError(_too_large_message(key, width, height, limit)) from e
     except (ImageDecodeError, PatchError) as e:
         if image_key is None:
             raise

@@ -17,6 +17,7 @@ from PIL import Image
 from spacer.extractors.utils import crop_patches as spacer_crop_patches
 
 from spacer_core import _crop_rs, crop
+from spacer_core.exceptions import DataLimitError
 
 
 def _encode(rgb: np.ndarray, fmt: str, **params: object) -> bytes:
@@ -190,3 +191,9 @@ def test_random_images_and_points_match_pyspacer(h: int, w: int, fmt: str, seed:
     size = data.draw(st.sampled_from([224, 31, 2]))
     expected = np.stack(spacer_crop_patches(Image.open(io.BytesIO(encoded)), points, size))
     assert np.array_equal(crop.crop_patches(encoded, points, size), expected)
+
+
+def test_batch_pixel_limit_names_the_image() -> None:
+    images = [_encode(_noise(10, 10), "PNG"), _encode(_noise(30, 20), "JPEG")]
+    with pytest.raises(DataLimitError, match=r"^Image 1 has 20 x 30 = 600 total pixels"):
+        crop.crop_patches_batch(images, [[(0, 0)], [(0, 0)]], max_pixels=599)

@@ -50,7 +50,7 @@ mod python {
         _crop_rs,
         ImageTooLargeError,
         ImageDecodeError,
-        "The header claims more pixels than allowed; args are (message, width, height, limit)."
+        "The header claims more pixels than allowed; args are (message, width, height, limit[, batch index])."
     );
 
     fn crop_err(err: CropError) -> PyErr {
@@ -227,7 +227,7 @@ mod python {
                 Err(PipelineError::Decode(DecodeError::UnsupportedFormat)) => arrays.push(None),
                 Err(PipelineError::Decode(DecodeError::TooLarge { width, height, limit })) => {
                     let err = DecodeError::TooLarge { width, height, limit };
-                    return Err(ImageTooLargeError::new_err((format!("image {index}: {err}"), width, height, limit)));
+                    return Err(ImageTooLargeError::new_err((format!("image {index}: {err}"), width, height, limit, index)));
                 }
                 Err(e) => {
                     let err = pipeline_err(e);
