@@ -264,8 +264,10 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
             start = time.perf_counter()
             token = _token_of(request)
+            items = 0
             try:
                 async for item in func(self, request, context):
+                    items += 1
                     yield item
             except asyncio.CancelledError:
                 _log("CANCELLED", start, token)
@@ -275,7 +277,7 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as exc:
                 await _fail(context, exc, start, token, request)
             else:
-                _log("OK", start, token)
+                _log("OK", start, token, f"items={items}")
 
         return stream_wrapper
 

@@ -125,7 +125,9 @@ class SpacerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadModel(self, request, context):
-        """Load (and keep) an extractor or classifier ahead of traffic.
+        """Load an extractor (fetch, hash-check, build its network) or a classifier
+        ahead of traffic. A loaded classifier serves later ClassifyImage(s)
+        calls naming the same location.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
