@@ -259,7 +259,7 @@ class OnnxBackend(Backend):
         spinning: bool = True,
         optimization: str = "all",
     ):
-        import onnxruntime as ort
+        import onnxruntime as ort  # type: ignore[import-untyped]
 
         super().__init__(torch.device("cpu"), Precision.EXACT)
         levels = {
@@ -405,7 +405,7 @@ def export_onnx(net: nn.Module) -> bytes:
         torch.onnx.export(
             module,
             (torch.from_numpy(probe_batch()),),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the exporter writes to any binary file object
             input_names=["patches"],
             output_names=["features"],
             dynamic_axes={"patches": {0: "batch"}, "features": {0: "batch"}},
