@@ -197,3 +197,16 @@ def test_batch_pixel_limit_names_the_image() -> None:
     images = [_encode(_noise(10, 10), "PNG"), _encode(_noise(30, 20), "JPEG")]
     with pytest.raises(DataLimitError, match=r"^Image 1 has 20 x 30 = 600 total pixels"):
         crop.crop_patches_batch(images, [[(0, 0)], [(0, 0)]], max_pixels=599)
+
+
+@pytest.mark.parametrize("pinned", [False, pytest.param(True, marks=pytest.mark.gpu)])
+def test_writes_into_a_torch_owned_buffer(pinned: bool) -> None:
+    torch = pytest.importorskip("torch")
+    data = _encode(_noise(60, 70), "JPEG")
+    points = [(0, 0), (59, 69), (30, 35)]
+    buffer = torch.empty((len(points), 3, 224, 224), dtype=torch.float32, pin_memory=pinned)
+    crop.crop_patches_into_chw(data, points, buffer.numpy())
+    expected = torch.from_numpy(crop.crop_patches(data, points)).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(buffer, expected)
+    if pinned:
+        assert torch.equal(buffer.cuda(non_blocking=True).cpu(), expected)
