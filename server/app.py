@@ -51,6 +51,11 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
     Must be called with an event loop running (grpc.aio binds to it).
     """
     config.validate()
+    if config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("device is cuda, but CUDA is not available on this machine")
     apply_library_limits(config)
     server = grpc.aio.server(options=server_options(config))
     engine = Engine(config)
@@ -63,7 +68,10 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
 
-    port = server.add_insecure_port(config.address)
+    try:
+        port = server.add_insecure_port(config.address)
+    except RuntimeError as exc:  # grpc reports a failed bind this way
+        raise OSError(f"cannot listen on {config.address}: {exc}") from None
     if port == 0:
         raise OSError(f"cannot listen on {config.address}")
     _RUNTIMES[server] = _Runtime(config, health_servicer, engine)

@@ -127,7 +127,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(config.log_level)
     from server.app import serve
 
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as exc:
+        # Settings the parser could not judge (no CUDA, address in use).
+        print(f"spacer serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -141,6 +141,15 @@ def test_serve_rejects_bad_settings_with_a_clear_message():
     )
     assert result.returncode == 2
     assert "device must be one of" in result.stderr and "tpu" in result.stderr
+    # 192.0.2.1 is TEST-NET-1: never an address of this machine.
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "serve", "--address", "192.0.2.1:50051"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2
+    assert "cannot listen on 192.0.2.1:50051" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture
