@@ -309,3 +309,14 @@ def test_s3_locations_end_to_end(client, data, s3_bucket):
         client.classify_features(s3_loc("features/absent.fv"), s3_loc("models/clf.pkl"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "absent.fv" in err.value.details()
+
+
+@pytest.mark.slow
+def test_unbatched_mode_calls_the_library_per_image_and_matches_pyspacer(data):
+    oracle = pyspacer_classify(data, ROWCOLS)
+    with running_server(batching=False) as server, SpacerClient(server.address, timeout=120) as c:
+        result = c.classify_image(data["extractor"], ROWCOLS, data["image"], fs(data["clf"]))
+        stored = data["root"] / "unbatched.featurevector"
+        c.extract_features(data["extractor"], ROWCOLS, fs(data["image"]), fs(stored))
+    assert_scores_match(result, oracle)
+    assert SpFeatures.load(SpLoc(**fs(stored))).npoints == len(ROWCOLS)
