@@ -43,7 +43,7 @@ class ServerConfig:
     stream_window: int = 4
     # Image tasks admitted across the server (running + waiting); beyond it
     # unary calls get RESOURCE_EXHAUSTED and streams wait.
-    max_queue: int = 64
+    max_queue: int = 32
     # Filesystem DataLocations must lie under one of these; empty = anywhere.
     data_roots: tuple[Path, ...] = ()
     max_message_bytes: int = 64 * MIB
