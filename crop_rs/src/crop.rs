@@ -28,7 +28,13 @@ pub enum CropError {
     /// `crop_size` is zero.
     ZeroCropSize,
     /// A point lies outside the image; `index` is its position in the list.
-    PointOutOfBounds { index: usize, row: i64, col: i64, height: usize, width: usize },
+    PointOutOfBounds {
+        index: usize,
+        row: i64,
+        col: i64,
+        height: usize,
+        width: usize,
+    },
     /// The output buffer has the wrong length for the number of points.
     OutputSize { expected: usize, actual: usize },
 }
@@ -41,12 +47,21 @@ impl fmt::Display for CropError {
             }
             CropError::EmptyImage => write!(f, "image has no pixels"),
             CropError::ZeroCropSize => write!(f, "crop_size must be positive"),
-            CropError::PointOutOfBounds { index, row, col, height, width } => write!(
+            CropError::PointOutOfBounds {
+                index,
+                row,
+                col,
+                height,
+                width,
+            } => write!(
                 f,
                 "point {index} (row={row}, col={col}) is outside the {height}x{width} image"
             ),
             CropError::OutputSize { expected, actual } => {
-                write!(f, "output buffer holds {actual} elements, expected {expected}")
+                write!(
+                    f,
+                    "output buffer holds {actual} elements, expected {expected}"
+                )
             }
         }
     }
@@ -62,9 +77,16 @@ impl<'a> RgbView<'a> {
         }
         let expected = height * width * 3;
         if data.len() != expected {
-            return Err(CropError::BufferSize { expected, actual: data.len() });
+            return Err(CropError::BufferSize {
+                expected,
+                actual: data.len(),
+            });
         }
-        Ok(RgbView { data, height, width })
+        Ok(RgbView {
+            data,
+            height,
+            width,
+        })
     }
 }
 
@@ -95,7 +117,13 @@ pub fn patch_origin(center: i64, crop_size: usize) -> i64 {
 pub fn check_points(height: usize, width: usize, points: &[(i64, i64)]) -> Result<(), CropError> {
     for (index, &(row, col)) in points.iter().enumerate() {
         if row < 0 || col < 0 || row as usize >= height || col as usize >= width {
-            return Err(CropError::PointOutOfBounds { index, row, col, height, width });
+            return Err(CropError::PointOutOfBounds {
+                index,
+                row,
+                col,
+                height,
+                width,
+            });
         }
     }
     Ok(())
@@ -166,7 +194,10 @@ pub fn crop_hwc_into(
     validate_points(img, points)?;
     let per = crop_size * crop_size * 3;
     if out.len() != per * points.len() {
-        return Err(CropError::OutputSize { expected: per * points.len(), actual: out.len() });
+        return Err(CropError::OutputSize {
+            expected: per * points.len(),
+            actual: out.len(),
+        });
     }
     out.par_chunks_exact_mut(per)
         .zip(points.par_iter())
@@ -188,7 +219,10 @@ pub fn crop_chw_f32_into(
     validate_points(img, points)?;
     let per = crop_size * crop_size * 3;
     if out.len() != per * points.len() {
-        return Err(CropError::OutputSize { expected: per * points.len(), actual: out.len() });
+        return Err(CropError::OutputSize {
+            expected: per * points.len(),
+            actual: out.len(),
+        });
     }
     out.par_chunks_exact_mut(per)
         .zip(points.par_iter())
@@ -251,13 +285,26 @@ mod tests {
         let img = RgbView::new(&data, 4, 5).unwrap();
         let mut out = vec![0u8; 224 * 224 * 3];
         let err = crop_hwc_into(&img, &[(4, 0)], 224, &mut out).unwrap_err();
-        assert!(matches!(err, CropError::PointOutOfBounds { index: 0, row: 4, .. }));
+        assert!(matches!(
+            err,
+            CropError::PointOutOfBounds {
+                index: 0,
+                row: 4,
+                ..
+            }
+        ));
         assert!(err.to_string().contains("outside the 4x5 image"));
     }
 
     #[test]
     fn rejects_bad_buffers() {
-        assert_eq!(RgbView::new(&[0u8; 5], 1, 2).unwrap_err(), CropError::BufferSize { expected: 6, actual: 5 });
+        assert_eq!(
+            RgbView::new(&[0u8; 5], 1, 2).unwrap_err(),
+            CropError::BufferSize {
+                expected: 6,
+                actual: 5
+            }
+        );
         assert_eq!(RgbView::new(&[], 0, 2).unwrap_err(), CropError::EmptyImage);
     }
 
@@ -272,7 +319,10 @@ mod tests {
         for y in 0..3 {
             for x in 0..3 {
                 for c in 0..3 {
-                    assert_eq!(chw[c * 9 + y * 3 + x], hwc[(y * 3 + x) * 3 + c] as f32 / 255.0);
+                    assert_eq!(
+                        chw[c * 9 + y * 3 + x],
+                        hwc[(y * 3 + x) * 3 + c] as f32 / 255.0
+                    );
                 }
             }
         }

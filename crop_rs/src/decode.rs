@@ -117,7 +117,10 @@ pub fn sniff(data: &[u8]) -> Option<Format> {
 pub fn read_header(data: &[u8]) -> Result<ImageHeader, DecodeError> {
     match sniff(data) {
         Some(Format::Jpeg) => {
-            let h = jpeg::read_header(data).map_err(|reason| DecodeError::Corrupt { format: Format::Jpeg, reason })?;
+            let h = jpeg::read_header(data).map_err(|reason| DecodeError::Corrupt {
+                format: Format::Jpeg,
+                reason,
+            })?;
             Ok(ImageHeader {
                 format: Format::Jpeg,
                 width: h.width,
@@ -127,7 +130,10 @@ pub fn read_header(data: &[u8]) -> Result<ImageHeader, DecodeError> {
             })
         }
         Some(Format::Png) => {
-            let h = png_decode::read_header(data).map_err(|reason| DecodeError::Corrupt { format: Format::Png, reason })?;
+            let h = png_decode::read_header(data).map_err(|reason| DecodeError::Corrupt {
+                format: Format::Png,
+                reason,
+            })?;
             Ok(ImageHeader {
                 format: Format::Png,
                 width: h.width,
@@ -143,9 +149,11 @@ pub fn read_header(data: &[u8]) -> Result<ImageHeader, DecodeError> {
 /// Refuses headers over `max_pixels` (None: no limit).
 pub fn check_limit(header: &ImageHeader, max_pixels: Option<u64>) -> Result<(), DecodeError> {
     match max_pixels {
-        Some(limit) if header.pixels() > limit => {
-            Err(DecodeError::TooLarge { width: header.width, height: header.height, limit })
-        }
+        Some(limit) if header.pixels() > limit => Err(DecodeError::TooLarge {
+            width: header.width,
+            height: header.height,
+            limit,
+        }),
         _ => Ok(()),
     }
 }
@@ -161,18 +169,32 @@ pub fn decode_rgb(data: &[u8], max_pixels: Option<u64>) -> Result<RgbImage, Deco
 pub fn decode_with_header(data: &[u8], header: ImageHeader) -> Result<RgbImage, DecodeError> {
     match header.kind {
         HeaderKind::Jpeg(h) => {
-            let px = jpeg::decode(data, &h).map_err(|reason| DecodeError::Corrupt { format: Format::Jpeg, reason })?;
+            let px = jpeg::decode(data, &h).map_err(|reason| DecodeError::Corrupt {
+                format: Format::Jpeg,
+                reason,
+            })?;
             let complete = px.complete;
             let rgb = match h.components {
                 3 => px.data,
                 1 => expand_grey(&px.data),
                 _ => cmyk_to_rgb(&px.data, h.width as usize, px.rows_done),
             };
-            Ok(RgbImage { header, data: rgb, complete })
+            Ok(RgbImage {
+                header,
+                data: rgb,
+                complete,
+            })
         }
         HeaderKind::Png(h) => {
-            let px = png_decode::decode_rgb(data, &h).map_err(|reason| DecodeError::Corrupt { format: Format::Png, reason })?;
-            Ok(RgbImage { header, data: px.rgb, complete: px.complete })
+            let px = png_decode::decode_rgb(data, &h).map_err(|reason| DecodeError::Corrupt {
+                format: Format::Png,
+                reason,
+            })?;
+            Ok(RgbImage {
+                header,
+                data: px.rgb,
+                complete: px.complete,
+            })
         }
     }
 }
@@ -181,11 +203,13 @@ const CHUNK: usize = 64 * 1024;
 
 fn expand_grey(grey: &[u8]) -> Vec<u8> {
     let mut rgb = vec![0u8; grey.len() * 3];
-    rgb.par_chunks_mut(CHUNK * 3).zip(grey.par_chunks(CHUNK)).for_each(|(out, src)| {
-        for (p, &v) in out.chunks_exact_mut(3).zip(src) {
-            p.fill(v);
-        }
-    });
+    rgb.par_chunks_mut(CHUNK * 3)
+        .zip(grey.par_chunks(CHUNK))
+        .for_each(|(out, src)| {
+            for (p, &v) in out.chunks_exact_mut(3).zip(src) {
+                p.fill(v);
+            }
+        });
     rgb
 }
 
@@ -208,11 +232,18 @@ fn cmyk_to_rgb(stored: &[u8], width: usize, rows_done: usize) -> Vec<u8> {
     let mut rgb = vec![0u8; pixels * 3];
     let split = (rows_done * width).min(pixels);
     let (done, missing) = rgb.split_at_mut(split * 3);
-    done.par_chunks_mut(CHUNK * 3).zip(stored[..split * 4].par_chunks(CHUNK * 4)).for_each(|(out, src)| {
-        for (p, s) in out.chunks_exact_mut(3).zip(src.chunks_exact(4)) {
-            p.copy_from_slice(&pillow_cmyk_to_rgb(255 - s[0], 255 - s[1], 255 - s[2], 255 - s[3]));
-        }
-    });
+    done.par_chunks_mut(CHUNK * 3)
+        .zip(stored[..split * 4].par_chunks(CHUNK * 4))
+        .for_each(|(out, src)| {
+            for (p, s) in out.chunks_exact_mut(3).zip(src.chunks_exact(4)) {
+                p.copy_from_slice(&pillow_cmyk_to_rgb(
+                    255 - s[0],
+                    255 - s[1],
+                    255 - s[2],
+                    255 - s[3],
+                ));
+            }
+        });
     missing.fill(255);
     rgb
 }
@@ -227,7 +258,10 @@ mod tests {
         assert_eq!(sniff(b"\x89PNG\r\n\x1a\n...."), Some(Format::Png));
         assert_eq!(sniff(b"GIF89a"), None);
         assert_eq!(sniff(b""), None);
-        assert_eq!(decode_rgb(b"BM....", None).unwrap_err(), DecodeError::UnsupportedFormat);
+        assert_eq!(
+            decode_rgb(b"BM....", None).unwrap_err(),
+            DecodeError::UnsupportedFormat
+        );
     }
 
     #[test]
@@ -240,8 +274,15 @@ mod tests {
 
     #[test]
     fn truncated_and_garbage_inputs_error_without_panicking() {
-        for data in [&b"\xFF\xD8\xFF"[..], b"\xFF\xD8\xFF\xE0\x00\x10JFIF", b"\x89PNG\r\n\x1a\n\x00\x00"] {
-            assert!(matches!(decode_rgb(data, None), Err(DecodeError::Corrupt { .. })), "{data:?}");
+        for data in [
+            &b"\xFF\xD8\xFF"[..],
+            b"\xFF\xD8\xFF\xE0\x00\x10JFIF",
+            b"\x89PNG\r\n\x1a\n\x00\x00",
+        ] {
+            assert!(
+                matches!(decode_rgb(data, None), Err(DecodeError::Corrupt { .. })),
+                "{data:?}"
+            );
         }
     }
 
@@ -253,7 +294,16 @@ mod tests {
         data.extend_from_slice(&100_000u32.to_be_bytes());
         data.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
         let err = decode_rgb(&data, Some(10_000 * 10_000)).unwrap_err();
-        assert_eq!(err, DecodeError::TooLarge { width: 100_000, height: 100_000, limit: 100_000_000 });
-        assert!(err.to_string().contains("100000 x 100000 = 10000000000 total pixels"));
+        assert_eq!(
+            err,
+            DecodeError::TooLarge {
+                width: 100_000,
+                height: 100_000,
+                limit: 100_000_000
+            }
+        );
+        assert!(err
+            .to_string()
+            .contains("100000 x 100000 = 10000000000 total pixels"));
     }
 }

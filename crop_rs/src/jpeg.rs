@@ -94,11 +94,21 @@ pub fn read_header(data: &[u8]) -> Result<JpegHeader, String> {
     // SAFETY: pointers are valid for the given lengths for the whole call; the
     // C side never keeps them.
     let rc = unsafe {
-        spj_read_header(data.as_ptr(), data.len(), &mut info, msg.as_mut_ptr().cast(), MSG_LEN)
+        spj_read_header(
+            data.as_ptr(),
+            data.len(),
+            &mut info,
+            msg.as_mut_ptr().cast(),
+            MSG_LEN,
+        )
     };
     if rc != SPJ_OK {
         let text = message(&msg);
-        return Err(if text.is_empty() { "unreadable JPEG header".to_string() } else { text });
+        return Err(if text.is_empty() {
+            "unreadable JPEG header".to_string()
+        } else {
+            text
+        });
     }
     let components = match info.components {
         1 | 3 | 4 => info.components as usize,
@@ -141,17 +151,29 @@ pub fn decode(data: &[u8], header: &JpegHeader) -> Result<JpegPixels, String> {
         )
     };
     match rc {
-        SPJ_OK => Ok(JpegPixels { data: out, rows_done: header.height as usize, complete: true }),
+        SPJ_OK => Ok(JpegPixels {
+            data: out,
+            rows_done: header.height as usize,
+            complete: true,
+        }),
         SPJ_PARTIAL => {
             let rows_done = (rows_done as usize).min(header.height as usize);
             // A row the decoder was writing when it failed may be half done.
             let stride = header.width as usize * header.components;
             out[rows_done * stride..].fill(0);
-            Ok(JpegPixels { data: out, rows_done, complete: false })
+            Ok(JpegPixels {
+                data: out,
+                rows_done,
+                complete: false,
+            })
         }
         SPJ_ERROR | SPJ_SUSPENDED => {
             let text = message(&msg);
-            Err(if text.is_empty() { "corrupt JPEG data".to_string() } else { text })
+            Err(if text.is_empty() {
+                "corrupt JPEG data".to_string()
+            } else {
+                text
+            })
         }
         _ => Err("JPEG decoder rejected its arguments".to_string()),
     }

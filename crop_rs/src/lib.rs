@@ -17,7 +17,10 @@ mod png_decode;
 mod python {
     use std::panic::{catch_unwind, AssertUnwindSafe};
 
-    use numpy::{PyArray1, PyArray3, PyArray4, PyArrayMethods, PyReadonlyArray3, PyReadwriteArray4, PyUntypedArrayMethods};
+    use numpy::{
+        PyArray1, PyArray3, PyArray4, PyArrayMethods, PyReadonlyArray3, PyReadwriteArray4,
+        PyUntypedArrayMethods,
+    };
     use pyo3::create_exception;
     use pyo3::exceptions::PyValueError;
     use pyo3::prelude::*;
@@ -60,9 +63,11 @@ mod python {
     fn decode_err(err: DecodeError) -> PyErr {
         match err {
             DecodeError::UnsupportedFormat => UnsupportedFormatError::new_err(err.to_string()),
-            DecodeError::TooLarge { width, height, limit } => {
-                ImageTooLargeError::new_err((err.to_string(), width, height, limit))
-            }
+            DecodeError::TooLarge {
+                width,
+                height,
+                limit,
+            } => ImageTooLargeError::new_err((err.to_string(), width, height, limit)),
             DecodeError::Corrupt { .. } => ImageDecodeError::new_err(err.to_string()),
         }
     }
@@ -78,14 +83,17 @@ mod python {
     /// ImageDecodeError instead of unwinding into Python. PyErr values made
     /// with `new_err` are lazy, so building them without the GIL is fine.
     fn guarded<T: Send>(py: Python<'_>, f: impl FnOnce() -> PyResult<T> + Send) -> PyResult<T> {
-        py.allow_threads(|| catch_unwind(AssertUnwindSafe(f))).unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(ImageDecodeError::new_err(format!("internal error in crop_rs: {what}")))
-        })
+        py.allow_threads(|| catch_unwind(AssertUnwindSafe(f)))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(ImageDecodeError::new_err(format!(
+                    "internal error in crop_rs: {what}"
+                )))
+            })
     }
 
     /// Header facts of an image, as Pillow reports them after `Image.open`.
@@ -118,7 +126,12 @@ mod python {
 
     impl From<&ImageHeader> for ImageInfo {
         fn from(h: &ImageHeader) -> Self {
-            ImageInfo { format: h.format.name(), mode: h.mode, width: h.width, height: h.height }
+            ImageInfo {
+                format: h.format.name(),
+                mode: h.mode,
+                width: h.width,
+                height: h.height,
+            }
         }
     }
 
@@ -144,7 +157,9 @@ mod python {
         data: PyBackedBytes,
         max_pixels: Option<u64>,
     ) -> PyResult<(Bound<'py, PyArray3<u8>>, ImageInfo, bool)> {
-        let img = guarded(py, || decode::decode_rgb(&data, max_pixels).map_err(decode_err))?;
+        let img = guarded(py, || {
+            decode::decode_rgb(&data, max_pixels).map_err(decode_err)
+        })?;
         let info = ImageInfo::from(&img.header);
         let (h, w, complete) = (img.height(), img.width(), img.complete);
         let array = PyArray1::from_vec(py, img.data).reshape([h, w, 3])?;
@@ -223,11 +238,30 @@ mod python {
         let mut arrays = Vec::with_capacity(results.len());
         for (index, (result, points)) in results.into_iter().zip(&rowcols).enumerate() {
             match result {
-                Ok(out) => arrays.push(Some(PyArray1::from_vec(py, out).reshape([points.len(), crop_size, crop_size, 3])?)),
+                Ok(out) => arrays.push(Some(PyArray1::from_vec(py, out).reshape([
+                    points.len(),
+                    crop_size,
+                    crop_size,
+                    3,
+                ])?)),
                 Err(PipelineError::Decode(DecodeError::UnsupportedFormat)) => arrays.push(None),
-                Err(PipelineError::Decode(DecodeError::TooLarge { width, height, limit })) => {
-                    let err = DecodeError::TooLarge { width, height, limit };
-                    return Err(ImageTooLargeError::new_err((format!("image {index}: {err}"), width, height, limit, index)));
+                Err(PipelineError::Decode(DecodeError::TooLarge {
+                    width,
+                    height,
+                    limit,
+                })) => {
+                    let err = DecodeError::TooLarge {
+                        width,
+                        height,
+                        limit,
+                    };
+                    return Err(ImageTooLargeError::new_err((
+                        format!("image {index}: {err}"),
+                        width,
+                        height,
+                        limit,
+                        index,
+                    )));
                 }
                 Err(e) => {
                     let err = pipeline_err(e);
@@ -242,7 +276,9 @@ mod python {
     fn check_chw_shape(shape: &[usize], n: usize, crop_size: usize) -> PyResult<()> {
         let expected = [n, 3, crop_size, crop_size];
         if shape != expected {
-            return Err(PatchError::new_err(format!("out must have shape {expected:?}, got {shape:?}")));
+            return Err(PatchError::new_err(format!(
+                "out must have shape {expected:?}, got {shape:?}"
+            )));
         }
         Ok(())
     }
@@ -250,7 +286,10 @@ mod python {
     fn rgb_dims(image: &PyReadonlyArray3<'_, u8>) -> PyResult<(usize, usize)> {
         let shape = image.shape();
         if shape[2] != 3 {
-            return Err(PatchError::new_err(format!("image must be HxWx3 RGB, got shape {:?}", shape)));
+            return Err(PatchError::new_err(format!(
+                "image must be HxWx3 RGB, got shape {:?}",
+                shape
+            )));
         }
         Ok((shape[0], shape[1]))
     }
@@ -301,7 +340,9 @@ mod python {
         let out_slice = out
             .as_slice_mut()
             .map_err(|_| PatchError::new_err("out array must be C-contiguous"))?;
-        guarded(py, || crop::crop_chw_f32_into(&img, &rowcols, crop_size, out_slice).map_err(crop_err))
+        guarded(py, || {
+            crop::crop_chw_f32_into(&img, &rowcols, crop_size, out_slice).map_err(crop_err)
+        })
     }
 
     #[pymodule]
@@ -309,7 +350,10 @@ mod python {
         let py = m.py();
         m.add("PatchError", py.get_type::<PatchError>())?;
         m.add("ImageDecodeError", py.get_type::<ImageDecodeError>())?;
-        m.add("UnsupportedFormatError", py.get_type::<UnsupportedFormatError>())?;
+        m.add(
+            "UnsupportedFormatError",
+            py.get_type::<UnsupportedFormatError>(),
+        )?;
         m.add("ImageTooLargeError", py.get_type::<ImageTooLargeError>())?;
         m.add_class::<ImageInfo>()?;
         m.add_function(wrap_pyfunction!(read_header, m)?)?;

@@ -80,7 +80,11 @@ pub fn patches_chw_f32_into(
 ) -> Result<(), PipelineError> {
     let expected = points.len() * 3 * crop_size * crop_size;
     if out.len() != expected {
-        return Err(CropError::OutputSize { expected, actual: out.len() }.into());
+        return Err(CropError::OutputSize {
+            expected,
+            actual: out.len(),
+        }
+        .into());
     }
     let img = decode_for_points(data, points, crop_size, max_pixels)?;
     crop::crop_chw_f32_into(&view(&img)?, points, crop_size, out)?;
@@ -113,7 +117,10 @@ mod tests {
     }
 
     fn summary(img: &RgbImage) -> (Vec<u8>, u64) {
-        (img.data[..9].to_vec(), img.data.iter().map(|&v| v as u64).sum())
+        (
+            img.data[..9].to_vec(),
+            img.data.iter().map(|&v| v as u64).sum(),
+        )
     }
 
     /// First pixels and pixel sums of the seeds as Pillow 13 decodes them
@@ -121,13 +128,31 @@ mod tests {
     #[test]
     fn seeds_decode_to_pillows_pixels() {
         let cases: [(&[u8], [u8; 9], u64, &str); 3] = [
-            (SEEDS[0], [157, 118, 103, 217, 210, 168, 62, 118, 21], 101_670, "RGB"),
-            (SEEDS[2], [95, 148, 199, 212, 193, 254, 12, 168, 12], 101_973, "CMYK"),
-            (SEEDS[3], [128, 128, 128, 207, 207, 207, 90, 90, 90], 100_221, "L"),
+            (
+                SEEDS[0],
+                [157, 118, 103, 217, 210, 168, 62, 118, 21],
+                101_670,
+                "RGB",
+            ),
+            (
+                SEEDS[2],
+                [95, 148, 199, 212, 193, 254, 12, 168, 12],
+                101_973,
+                "CMYK",
+            ),
+            (
+                SEEDS[3],
+                [128, 128, 128, 207, 207, 207, 90, 90, 90],
+                100_221,
+                "L",
+            ),
         ];
         for (data, first, sum, mode) in cases {
             let img = decode::decode_rgb(data, None).unwrap();
-            assert_eq!((img.width(), img.height(), img.header.mode, img.complete), (21, 13, mode, true));
+            assert_eq!(
+                (img.width(), img.height(), img.header.mode, img.complete),
+                (21, 13, mode, true)
+            );
             assert_eq!(summary(&img), (first.to_vec(), sum));
         }
     }
@@ -135,12 +160,25 @@ mod tests {
     #[test]
     fn limit_and_points_are_checked_before_decoding() {
         let err = patches_hwc(SEEDS[0], &[(0, 0)], 224, Some(21 * 13 - 1)).unwrap_err();
-        assert!(matches!(err, PipelineError::Decode(DecodeError::TooLarge { width: 21, height: 13, .. })));
+        assert!(matches!(
+            err,
+            PipelineError::Decode(DecodeError::TooLarge {
+                width: 21,
+                height: 13,
+                ..
+            })
+        ));
         let err = patches_hwc(SEEDS[0], &[(13, 0)], 224, None).unwrap_err();
-        assert!(matches!(err, PipelineError::Crop(CropError::PointOutOfBounds { index: 0, .. })));
+        assert!(matches!(
+            err,
+            PipelineError::Crop(CropError::PointOutOfBounds { index: 0, .. })
+        ));
         let mut out = vec![0f32; 5];
         let err = patches_chw_f32_into(SEEDS[0], &[(0, 0)], 224, None, &mut out).unwrap_err();
-        assert!(matches!(err, PipelineError::Crop(CropError::OutputSize { .. })));
+        assert!(matches!(
+            err,
+            PipelineError::Crop(CropError::OutputSize { .. })
+        ));
     }
 
     fn mutate(seed: &[u8], ops: &[(usize, u8, u8)]) -> Vec<u8> {

@@ -88,8 +88,15 @@ pub fn read_header(data: &[u8]) -> Result<PngHeader, String> {
         color_type: data[25],
         interlaced: data[28] == 1,
     };
-    if header.width == 0 || header.height == 0 || header.width > i32::MAX as u32 || header.height > i32::MAX as u32 {
-        return Err(format!("PNG has invalid size {}x{}", header.width, header.height));
+    if header.width == 0
+        || header.height == 0
+        || header.width > i32::MAX as u32
+        || header.height > i32::MAX as u32
+    {
+        return Err(format!(
+            "PNG has invalid size {}x{}",
+            header.width, header.height
+        ));
     }
     let valid = match header.color_type {
         0 => matches!(header.bit_depth, 1 | 2 | 4 | 8 | 16),
@@ -134,7 +141,9 @@ impl RowConverter {
             }
             (0, 8) => px.zip(raw).for_each(|(p, &v)| p.fill(v)),
             // Pillow's I;16 -> RGB clips instead of scaling.
-            (0, _) => px.zip(raw.chunks_exact(2)).for_each(|(p, v)| p.fill(if v[0] == 0 { v[1] } else { 255 })),
+            (0, _) => px
+                .zip(raw.chunks_exact(2))
+                .for_each(|(p, v)| p.fill(if v[0] == 0 { v[1] } else { 255 })),
             (3, d) => {
                 for (i, p) in px.enumerate() {
                     let idx = sample(raw, i, d) as usize * 3;
@@ -142,11 +151,17 @@ impl RowConverter {
                 }
             }
             (2, 8) => out[..width * 3].copy_from_slice(&raw[..width * 3]),
-            (2, _) => px.zip(raw.chunks_exact(6)).for_each(|(p, v)| p.copy_from_slice(&[v[0], v[2], v[4]])),
+            (2, _) => px
+                .zip(raw.chunks_exact(6))
+                .for_each(|(p, v)| p.copy_from_slice(&[v[0], v[2], v[4]])),
             (4, 8) => px.zip(raw.chunks_exact(2)).for_each(|(p, v)| p.fill(v[0])),
             (4, _) => px.zip(raw.chunks_exact(4)).for_each(|(p, v)| p.fill(v[0])),
-            (_, 8) => px.zip(raw.chunks_exact(4)).for_each(|(p, v)| p.copy_from_slice(&v[..3])),
-            _ => px.zip(raw.chunks_exact(8)).for_each(|(p, v)| p.copy_from_slice(&[v[0], v[2], v[4]])),
+            (_, 8) => px
+                .zip(raw.chunks_exact(4))
+                .for_each(|(p, v)| p.copy_from_slice(&v[..3])),
+            _ => px
+                .zip(raw.chunks_exact(8))
+                .for_each(|(p, v)| p.copy_from_slice(&[v[0], v[2], v[4]])),
         }
     }
 }
@@ -171,16 +186,28 @@ pub struct PngPixels {
 pub fn decode_rgb(data: &[u8], header: &PngHeader) -> Result<PngPixels, String> {
     let mut decoder = png::Decoder::new_with_limits(
         Cursor::new(data),
-        png::Limits { bytes: DECODER_LIMIT_BYTES },
+        png::Limits {
+            bytes: DECODER_LIMIT_BYTES,
+        },
     );
     decoder.ignore_checksums(true);
     decoder.set_transformations(png::Transformations::IDENTITY);
-    let mut reader = decoder.read_info().map_err(|e| format!("invalid PNG: {e}"))?;
+    let mut reader = decoder
+        .read_info()
+        .map_err(|e| format!("invalid PNG: {e}"))?;
     {
         let info = reader.info();
-        if (info.width, info.height, info.bit_depth as u8, info.color_type as u8)
-            != (header.width, header.height, header.bit_depth, header.color_type)
-        {
+        if (
+            info.width,
+            info.height,
+            info.bit_depth as u8,
+            info.color_type as u8,
+        ) != (
+            header.width,
+            header.height,
+            header.bit_depth,
+            header.color_type,
+        ) {
             return Err("PNG header changed between reads".into());
         }
     }
@@ -189,7 +216,10 @@ pub fn decode_rgb(data: &[u8], header: &PngHeader) -> Result<PngPixels, String> 
         let n = plte.len().min(palette.len());
         palette[..n].copy_from_slice(&plte[..n]);
     }
-    let conv = RowConverter { header: *header, palette };
+    let conv = RowConverter {
+        header: *header,
+        palette,
+    };
 
     let width = header.width as usize;
     let height = header.height as usize;
@@ -254,9 +284,22 @@ mod tests {
 
     #[test]
     fn samples_unpack_msb_first() {
-        assert_eq!((0..8).map(|i| sample(&[0b1010_0001], i, 1)).collect::<Vec<_>>(), [1, 0, 1, 0, 0, 0, 0, 1]);
-        assert_eq!((0..4).map(|i| sample(&[0b1110_0100], i, 2)).collect::<Vec<_>>(), [3, 2, 1, 0]);
-        assert_eq!((0..2).map(|i| sample(&[0xA5], i, 4)).collect::<Vec<_>>(), [0xA, 0x5]);
+        assert_eq!(
+            (0..8)
+                .map(|i| sample(&[0b1010_0001], i, 1))
+                .collect::<Vec<_>>(),
+            [1, 0, 1, 0, 0, 0, 0, 1]
+        );
+        assert_eq!(
+            (0..4)
+                .map(|i| sample(&[0b1110_0100], i, 2))
+                .collect::<Vec<_>>(),
+            [3, 2, 1, 0]
+        );
+        assert_eq!(
+            (0..2).map(|i| sample(&[0xA5], i, 4)).collect::<Vec<_>>(),
+            [0xA, 0x5]
+        );
     }
 
     #[test]
@@ -268,7 +311,9 @@ mod tests {
         ihdr.extend_from_slice(&3u32.to_be_bytes());
         ihdr.extend_from_slice(&2u32.to_be_bytes());
         ihdr.extend_from_slice(&[4, 2, 0, 0, 0, 0, 0, 0, 0]); // RGB with 4-bit samples
-        assert!(read_header(&ihdr).unwrap_err().contains("colour type 2 with bit depth 4"));
+        assert!(read_header(&ihdr)
+            .unwrap_err()
+            .contains("colour type 2 with bit depth 4"));
         ihdr[24] = 8;
         let h = read_header(&ihdr).unwrap();
         assert_eq!((h.width, h.height, h.mode()), (3, 2, "RGB"));
@@ -276,8 +321,17 @@ mod tests {
 
     #[test]
     fn grey16_clips_like_pillow() {
-        let header = PngHeader { width: 3, height: 1, bit_depth: 16, color_type: 0, interlaced: false };
-        let conv = RowConverter { header, palette: vec![0; 768] };
+        let header = PngHeader {
+            width: 3,
+            height: 1,
+            bit_depth: 16,
+            color_type: 0,
+            interlaced: false,
+        };
+        let conv = RowConverter {
+            header,
+            palette: vec![0; 768],
+        };
         let mut out = [0u8; 9];
         conv.convert(&[0, 7, 0, 255, 1, 0], &mut out);
         assert_eq!(out, [7, 7, 7, 255, 255, 255, 255, 255, 255]);
