@@ -112,6 +112,9 @@ class DynamicBatcher:
         self._launch: Callable[[np.ndarray], PendingFeatures]
         # Memory held by the network, for ModelCache's byte limit.
         self.nbytes = backend.nbytes if isinstance(backend, Backend) else 0
+        self._allocate: Callable[[int], np.ndarray] = (
+            backend.allocate_batch if isinstance(backend, Backend)
+            else lambda n: np.empty((n, *PATCH_SHAPE), dtype=np.float32))
         if isinstance(backend, Backend):
             self._launch = backend.launch
         else:
@@ -324,7 +327,7 @@ class DynamicBatcher:
 
     def _start(self, batch: _Batch) -> None:
         try:
-            inputs = np.empty((batch.size, *PATCH_SHAPE), dtype=np.float32)
+            inputs = self._allocate(batch.size)
             offset = 0
             for request, start, stop in batch.parts:
                 to_network_input(request.patches[start:stop], inputs[offset:offset + stop - start])
