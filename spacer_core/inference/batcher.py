@@ -250,7 +250,10 @@ class DynamicBatcher:
     def _wake_async_waiters(self) -> None:
         waiters, self._async_waiters = self._async_waiters, []
         for loop, room in waiters:
-            loop.call_soon_threadsafe(_set_if_pending, room)
+            try:
+                loop.call_soon_threadsafe(_set_if_pending, room)
+            except RuntimeError:  # that caller's event loop has closed
+                pass
 
     def _freed(self) -> None:
         self._room.notify_all()
