@@ -304,4 +304,26 @@ def test_real_network_through_the_batcher(efficientnet_weights, tmp_path):  # no
         assert np.max(np.abs(a - t)) <= 1e-5
 
 
+@pytest.mark.gpu
+def test_gpu_batcher_overlaps_batches_and_matches_cpu(efficientnet_weights, tmp_path):  # noqa: F811
+    from spacer_core.crop import crop_array
+    from spacer_core.extractors.efficientnet import build_network
+    from spacer_core.inference import load_backend, run_in_batches
+
+    def make():
+        return build_network(efficientnet_weights.path)
+
+    cpu = load_backend(efficientnet_weights.sha256, make, device="cpu", kind="eager")
+    gpu = load_backend(efficientnet_weights.sha256, make, device="cuda", cache_dir=tmp_path)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(400, 400, 3), dtype=np.uint8)
+    requests = [crop_array(image, [(int(r), int(c)) for r, c in rng.integers(0, 400, (n, 2))])
+                for n in rng.integers(1, 40, 24)]
+    with DynamicBatcher(gpu, max_batch_size=32, max_queue_delay_s=0.001) as batcher:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda p: batcher.extract_sync(p, 60), requests))
+    for patches, features in zip(requests, results):
+        assert np.max(np.abs(features - run_in_batches(cpu, patches, 16))) <= 1e-4
+
+
 from tests.support.weights import efficientnet_weights  # noqa: E402,F401  (fixture)
