@@ -255,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         total = images * points
         print(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs; "
               f"{images} images {args.width}x{args.height}, {points} points each "
-              f"({total} points); callers: 1 and {args.callers}")
+              f"({total} points); callers: 1 and {args.callers}; "
+              f"load average before: {os.getloadavg()[0]:.1f}")
 
         skip = set(filter(None, args.skip.split(",")))
         systems: list = []
@@ -291,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 diff = max(float(np.max(np.abs(system.features(img) - reference.features(img))))
                            for img, _ in jobs)
                 print(f"max abs feature difference {system.name} vs pyspacer: {diff:.2e}")
+        print(f"load average after: {os.getloadavg()[0]:.1f} (other work on the machine skews figures)")
         for system in systems:
             if isinstance(system, OursBatched):
                 system.batcher.close()
