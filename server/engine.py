@@ -125,26 +125,36 @@ class Engine:
     async def classify_image(self, msg: Any) -> Any:
         """ClassifyImageMsg -> ClassifyReturnMsg."""
         if not self._batchable(msg.extractor):
-            from spacer_core import tasks
-
-            return await self.call(tasks.classify_image, msg)
+            return await self._library_task("classify_image", msg)
         start = time.time()
-        patches, batcher, _remote = await self.call(self._prepare, msg)
-        features = await batcher.extract(patches)
-        del patches
+        features, _remote = await self._extract(msg)
         return await self.call(self._score, msg, features, start)
 
     async def extract_features(self, msg: Any) -> Any:
         """ExtractFeaturesMsg -> ExtractFeaturesReturnMsg, features stored at feature_loc."""
         if not self._batchable(msg.extractor):
-            from spacer_core import tasks
-
-            return await self.call(tasks.extract_features, msg)
+            return await self._library_task("extract_features", msg)
         start = time.time()
-        patches, batcher, remote = await self.call(self._prepare, msg)
-        features = await batcher.extract(patches)
-        del patches
+        features, remote = await self._extract(msg)
         return await self.call(self._store_features, msg, features, remote, start)
+
+    async def _library_task(self, name: str, msg: Any) -> Any:
+        """spacer_core.tasks.<name>(msg) in the pool: one image, pyspacer's way."""
+        from spacer_core import tasks
+
+        return await self.call(getattr(tasks, name), msg)
+
+    async def _extract(self, msg: Any) -> tuple[np.ndarray, bool]:
+        """Features of msg's points through the shared batcher, and the remote-load flag."""
+        from spacer_core.inference import BatcherClosedError
+
+        patches, batcher, remote = await self.call(self._prepare, msg)
+        try:
+            return await batcher.extract(patches), remote
+        except BatcherClosedError:
+            # The process-wide cache evicted this network meanwhile: get it again.
+            batcher, remote = await self.call(self._batcher_for, msg.extractor)
+            return await batcher.extract(patches), remote
 
     # ------------------------------------------------------------ models
 
