@@ -256,3 +256,17 @@ def test_storage_errors_without_a_file_name_list_the_request_locations():
     # A message that already names its file is left alone.
     _, message = errors.describe(FileNotFoundError(2, "No such file", "/d/3.fv"), "", many)
     assert message == "file not found: /d/3.fv"
+
+
+def test_one_log_line_per_rpc_with_method_status_duration_and_token(client, data, caplog):
+    with caplog.at_level(logging.INFO, logger="server.rpc"):
+        rpc_error(client.classify_image, data["extractor"], [(999, 1)], fs(data["image"]), fs(data["clf"]), job_token="log-1")
+        client.list_models()
+        deadline = time.monotonic() + 10
+        while len([r for r in caplog.records if r.name == "server.rpc"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.rpc"]
+    assert len(lines) == 2
+    assert lines[0].startswith("rpc method=ClassifyImage status=INVALID_ARGUMENT duration_ms=")
+    assert "token=log-1" in lines[0] and "small.png" in lines[0]
+    assert lines[1].startswith("rpc method=ListModels status=OK duration_ms=")
