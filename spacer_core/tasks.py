@@ -6,14 +6,15 @@ import contextlib
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from logging import getLogger
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
-from spacer_core import config
-from spacer_core.data_classes import ImageFeatures
+from spacer_core import config, crop
+from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import FeatureDimensionError
 from spacer_core.messages import (
     ClassifyFeaturesMsg,
@@ -26,18 +27,30 @@ from spacer_core.messages import (
     TrainClassifierMsg,
     TrainClassifierReturnMsg,
 )
-from spacer_core.storage import load_classifier, load_image, store_classifier
+from spacer_core.storage import load_bytes, load_classifier, store_classifier
 from spacer_core.task_utils import check_extract_inputs, preprocess_labels
 
 logger = getLogger(__name__)
 
 
+def load_checked_rgb(image_loc: DataLocation, rowcols: Sequence[tuple[int, int]]) -> Any:
+    """Pixels as pyspacer's load_image + convert('RGB') give them, after its input checks.
+
+    The size comes from the header, so limits and points are checked (in
+    pyspacer's order and words) before any pixel is decoded; decoding runs
+    in Rust without the GIL.
+    """
+    data = load_bytes(image_loc).getvalue()
+    size = crop.image_size(data, image_key=image_loc.key)
+    check_extract_inputs(SimpleNamespace(size=size), rowcols, image_loc.key)
+    return crop.decode_image(data, image_key=image_loc.key).rgb
+
+
 def extract_features(msg: ExtractFeaturesMsg) -> ExtractFeaturesReturnMsg:
     """Load the image, check limits and points, extract features and store them."""
-    image = load_image(msg.image_loc)
-    check_extract_inputs(image, msg.rowcols, msg.image_loc.key)
+    rgb = load_checked_rgb(msg.image_loc, msg.rowcols)
     with config.log_entry_and_exit("feature extraction"):
-        features, return_msg = msg.extractor(image, msg.rowcols)
+        features, return_msg = msg.extractor.call_rgb(rgb, msg.rowcols)
     with config.log_entry_and_exit("storing features"):
         features.store(msg.feature_loc)
     return return_msg
@@ -136,9 +149,8 @@ def classify_features(msg: ClassifyFeaturesMsg) -> ClassifyReturnMsg:
 def classify_image(msg: ClassifyImageMsg) -> ClassifyReturnMsg:
     """Extract features at the given points and score them; nothing is stored."""
     start = time.time()
-    image = load_image(msg.image_loc)
-    check_extract_inputs(image, msg.rowcols, msg.image_loc.key)
-    features, _ = msg.extractor(image, msg.rowcols)
+    rgb = load_checked_rgb(msg.image_loc, msg.rowcols)
+    features, _ = msg.extractor.call_rgb(rgb, msg.rowcols)
     clf = load_classifier(msg.classifier_loc)
     # The extractor returns one PointFeatures per requested point, in order.
     matrix = np.stack([np.asarray(pf.data, dtype=np.float64) for pf in features.point_features])
