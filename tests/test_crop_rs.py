@@ -148,13 +148,7 @@ def test_many_threads_get_the_same_patches() -> None:
         assert np.array_equal(patches, expected[i % 4])
 
 
-def test_gil_is_released_while_decoding() -> None:
-    """Another Python thread runs in the middle of a long decode+crop call.
-
-    With the GIL held for the call, the other thread could only run before it
-    started or after it returned, never in its middle fifth.
-    """
-    data = _encode(_noise(1200, 1600), "PNG", compress_level=0)
+def _other_thread_ran_mid_call(data: bytes) -> bool:
     stamps: list[float] = []
     stop = threading.Event()
 
@@ -173,8 +167,19 @@ def test_gil_is_released_while_decoding() -> None:
     finally:
         stop.set()
         counter.join()
-    lo, hi = t0 + 0.4 * (t1 - t0), t0 + 0.6 * (t1 - t0)
-    assert any(lo < t < hi for t in stamps), f"no progress during a {t1 - t0:.3f} s call"
+    lo, hi = t0 + 0.3 * (t1 - t0), t0 + 0.7 * (t1 - t0)
+    return any(lo < t < hi for t in stamps)
+
+
+def test_gil_is_released_while_decoding() -> None:
+    """Another Python thread runs in the middle of a long decode+crop call.
+
+    With the GIL held for the call, the other thread could only run just
+    before it started or after it returned, never in its middle. A few tries
+    absorb a loaded machine not scheduling the other thread in time.
+    """
+    data = _encode(_noise(1200, 1600), "PNG", compress_level=0)
+    assert any(_other_thread_ran_mid_call(data) for _ in range(5))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
