@@ -119,6 +119,8 @@ def jpeg_cases(h: int, w: int) -> Iterator[tuple[str, bytes]]:
         for progressive in (False, True):
             kind = "prog" if progressive else "base"
             yield f"jpeg-{name}-{kind}", _save(rgb, "JPEG", quality=90, subsampling=sub, progressive=progressive)
+    yield "jpeg-rgb-no-ycc", _save(rgb, "JPEG", quality=90, keep_rgb=True)  # Adobe transform 0
+    yield "jpeg-restart-markers", _save(rgb, "JPEG", quality=90, restart_marker_blocks=1)
     yield "jpeg-grey", _save(rgb.convert("L"), "JPEG", quality=85)
     yield "jpeg-grey-prog", _save(rgb.convert("L"), "JPEG", progressive=True)
     cmyk = _save(rgb.convert("CMYK"), "JPEG", quality=90)
