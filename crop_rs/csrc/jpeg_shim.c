@@ -188,14 +188,17 @@ int spj_read_header(const uint8_t *data, size_t len, spj_info *info, char *msg, 
 }
 
 /*
- * Decodes into `out` (height * width * out_components bytes, zero-filled by the
- * caller). out_components selects the output space as Pillow does from the
+ * Decodes rows [first_row, end_row) into `out` ((end_row - first_row) * width *
+ * out_components bytes, zero-filled by the caller); rows before first_row are
+ * skipped with jpeg_skip_scanlines (entropy-decoded only), so several calls
+ * can decode bands of one baseline image in parallel. out_components selects the output space as Pillow does from the
  * component count: 1 -> grey, 3 -> RGB, 4 -> CMYK (inverted Adobe values as
  * stored). `expect` must match the header read before (guards against
  * the caller sizing `out` from a different file).
  */
-int spj_decode(const uint8_t *data, size_t len, const spj_info *expect, uint8_t *out,
-               size_t out_len, int max_scans, uint32_t *rows_done, char *msg, size_t msg_len) {
+int spj_decode_rows(const uint8_t *data, size_t len, const spj_info *expect, uint32_t first_row,
+                    uint32_t end_row, uint8_t *out, size_t out_len, int max_scans,
+                    uint32_t *rows_done, char *msg, size_t msg_len) {
     /* volatile: read after longjmp */
     volatile uint32_t done = 0;
     spj_state st;
@@ -213,7 +216,8 @@ int spj_decode(const uint8_t *data, size_t len, const spj_info *expect, uint8_t 
     default: return SPJ_BAD_ARGS;
     }
     stride = (size_t)expect->width * (size_t)expect->components;
-    if (expect->width == 0 || expect->height == 0 || out_len / stride < expect->height) {
+    if (expect->width == 0 || expect->height == 0 || first_row >= end_row ||
+        end_row > expect->height || out_len / stride < (size_t)(end_row - first_row)) {
         return SPJ_BAD_ARGS;
     }
     spj_setup(&st, data, len, msg, msg_len, max_scans);
@@ -251,8 +255,13 @@ int spj_decode(const uint8_t *data, size_t len, const spj_info *expect, uint8_t 
         jpeg_destroy_decompress(&st.cinfo);
         return SPJ_BAD_ARGS;
     }
-    while (st.cinfo.output_scanline < st.cinfo.output_height) {
-        JSAMPROW row = out + (size_t)st.cinfo.output_scanline * stride;
+    if (first_row > 0 && jpeg_skip_scanlines(&st.cinfo, first_row) != first_row) {
+        jpeg_destroy_decompress(&st.cinfo);
+        return SPJ_PARTIAL;
+    }
+    done = first_row;
+    while (st.cinfo.output_scanline < end_row) {
+        JSAMPROW row = out + (size_t)(st.cinfo.output_scanline - first_row) * stride;
         if (jpeg_read_scanlines(&st.cinfo, &row, 1) != 1) {
             break; /* suspended: the data ran out */
         }
@@ -260,7 +269,7 @@ int spj_decode(const uint8_t *data, size_t len, const spj_info *expect, uint8_t 
     }
     *rows_done = done;
     /* All rows out but only thanks to the appended EOI: the file was cut short. */
-    if (done < expect->height || st.src.eoi_sent) {
+    if (done < end_row || st.src.eoi_sent) {
         jpeg_destroy_decompress(&st.cinfo);
         return SPJ_PARTIAL;
     }

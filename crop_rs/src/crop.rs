@@ -7,6 +7,7 @@
 //! to its source pixel, which gives the same bytes without the padded copy.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
@@ -160,7 +161,15 @@ fn crop_one_hwc(img: &RgbView<'_>, (row, col): (i64, i64), crop_size: usize, out
     }
 }
 
+/// `v as f32 / 255.0` for every byte: division (not multiplication by 1/255)
+/// matches torchvision's ToTensor bit for bit, and a table makes it a load.
+fn to_unit_table() -> &'static [f32; 256] {
+    static TABLE: OnceLock<[f32; 256]> = OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|v| v as f32 / 255.0))
+}
+
 fn crop_one_chw_f32(img: &RgbView<'_>, (row, col): (i64, i64), crop_size: usize, out: &mut [f32]) {
+    let unit = to_unit_table();
     let cols = column_offsets(img, col, crop_size);
     let top = patch_origin(row, crop_size);
     let row_bytes = img.width * 3;
@@ -170,12 +179,15 @@ fn crop_one_chw_f32(img: &RgbView<'_>, (row, col): (i64, i64), crop_size: usize,
     for y in 0..crop_size {
         let src_row = reflect_index(top + y as i64, img.height) * row_bytes;
         let src = &img.data[src_row..src_row + row_bytes];
-        let base = y * crop_size;
-        for (x, &c) in cols.iter().enumerate() {
-            // Division (not multiplication by 1/255) matches torchvision's ToTensor bit for bit.
-            r_plane[base + x] = src[c] as f32 / 255.0;
-            g_plane[base + x] = src[c + 1] as f32 / 255.0;
-            b_plane[base + x] = src[c + 2] as f32 / 255.0;
+        let range = y * crop_size..(y + 1) * crop_size;
+        let rows = r_plane[range.clone()]
+            .iter_mut()
+            .zip(&mut g_plane[range.clone()])
+            .zip(&mut b_plane[range]);
+        for (((r, g), b), &c) in rows.zip(cols.iter()) {
+            *r = unit[src[c] as usize];
+            *g = unit[src[c + 1] as usize];
+            *b = unit[src[c + 2] as usize];
         }
     }
 }
@@ -306,6 +318,16 @@ mod tests {
             }
         );
         assert_eq!(RgbView::new(&[], 0, 2).unwrap_err(), CropError::EmptyImage);
+    }
+
+    #[test]
+    fn unit_table_is_division_by_255() {
+        for v in 0..=255u8 {
+            assert_eq!(
+                to_unit_table()[v as usize].to_bits(),
+                (v as f32 / 255.0).to_bits()
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,8 @@
 
 use std::os::raw::{c_char, c_int};
 
+use rayon::prelude::*;
+
 const SPJ_OK: c_int = 0;
 const SPJ_ERROR: c_int = 1;
 const SPJ_SUSPENDED: c_int = 2;
@@ -36,10 +38,12 @@ extern "C" {
         msg: *mut c_char,
         msg_len: usize,
     ) -> c_int;
-    fn spj_decode(
+    fn spj_decode_rows(
         data: *const u8,
         len: usize,
         expect: *const SpjInfo,
+        first_row: u32,
+        end_row: u32,
         out: *mut u8,
         out_len: usize,
         max_scans: c_int,
@@ -123,25 +127,30 @@ pub fn read_header(data: &[u8]) -> Result<JpegHeader, String> {
     })
 }
 
-/// Decodes the pixels of a file whose header was read by [`read_header`].
-///
-/// Like Pillow with `LOAD_TRUNCATED_IMAGES`, a file that ends early or whose
-/// entropy data breaks off yields the rows decoded so far (`rows_done`).
-pub fn decode(data: &[u8], header: &JpegHeader) -> Result<JpegPixels, String> {
-    let len = (header.width as usize)
-        .checked_mul(header.height as usize)
-        .and_then(|n| n.checked_mul(header.components))
-        .ok_or_else(|| "JPEG dimensions overflow".to_string())?;
-    let mut out = vec![0u8; len];
+/// Baseline images at least this tall per core are decoded in bands.
+const MIN_BAND_ROWS: usize = 256;
+
+struct RowsResult {
+    rc: c_int,
+    rows_done: usize,
+    msg: String,
+}
+
+/// Decodes rows `first..first + out.len() / stride` into `out`.
+fn decode_rows(data: &[u8], header: &JpegHeader, first: usize, out: &mut [u8]) -> RowsResult {
+    let stride = header.width as usize * header.components;
+    let end = first + out.len() / stride;
     let mut rows_done = 0u32;
     let mut msg = [0u8; MSG_LEN];
-    // SAFETY: `out` holds exactly height * width * components bytes, which the
-    // C side checks against `expect` before writing any row.
+    // SAFETY: `out` holds exactly (end - first) rows of `stride` bytes, which
+    // the C side checks before writing; the pointers outlive the call.
     let rc = unsafe {
-        spj_decode(
+        spj_decode_rows(
             data.as_ptr(),
             data.len(),
             &header.raw,
+            first as u32,
+            end as u32,
             out.as_mut_ptr(),
             out.len(),
             MAX_PROGRESSIVE_SCANS,
@@ -150,16 +159,68 @@ pub fn decode(data: &[u8], header: &JpegHeader) -> Result<JpegPixels, String> {
             MSG_LEN,
         )
     };
-    match rc {
+    RowsResult {
+        rc,
+        rows_done: rows_done as usize,
+        msg: message(&msg),
+    }
+}
+
+/// How many horizontal bands to decode in parallel. Progressive files
+/// entropy-decode the whole image before the first row, so they stay whole.
+fn band_count(header: &JpegHeader) -> usize {
+    if header.progressive {
+        return 1;
+    }
+    rayon::current_num_threads()
+        .min(header.height as usize / MIN_BAND_ROWS)
+        .max(1)
+}
+
+/// Decodes the pixels of a file whose header was read by [`read_header`].
+///
+/// Like Pillow with `LOAD_TRUNCATED_IMAGES`, a file that ends early or whose
+/// entropy data breaks off yields the rows decoded so far (`rows_done`).
+/// Baseline images are decoded in bands on several cores (each band skips
+/// the rows above it with libjpeg's `jpeg_skip_scanlines`); if any band hits
+/// damaged data the whole image is decoded again in one pass, so damaged
+/// files give exactly the single-pass (Pillow) result.
+pub fn decode(data: &[u8], header: &JpegHeader) -> Result<JpegPixels, String> {
+    let stride = header.width as usize * header.components;
+    let height = header.height as usize;
+    let len = stride
+        .checked_mul(height)
+        .ok_or_else(|| "JPEG dimensions overflow".to_string())?;
+    let mut out = vec![0u8; len];
+    let bands = band_count(header);
+    if bands > 1 {
+        let rows_per_band = height.div_ceil(bands);
+        let all_ok = out
+            .par_chunks_mut(rows_per_band * stride)
+            .enumerate()
+            .map(|(i, band)| decode_rows(data, header, i * rows_per_band, band).rc == SPJ_OK)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .all(|ok| ok);
+        if all_ok {
+            return Ok(JpegPixels {
+                data: out,
+                rows_done: height,
+                complete: true,
+            });
+        }
+        out.fill(0);
+    }
+    let result = decode_rows(data, header, 0, &mut out);
+    match result.rc {
         SPJ_OK => Ok(JpegPixels {
             data: out,
-            rows_done: header.height as usize,
+            rows_done: height,
             complete: true,
         }),
         SPJ_PARTIAL => {
-            let rows_done = (rows_done as usize).min(header.height as usize);
+            let rows_done = result.rows_done.min(height);
             // A row the decoder was writing when it failed may be half done.
-            let stride = header.width as usize * header.components;
             out[rows_done * stride..].fill(0);
             Ok(JpegPixels {
                 data: out,
@@ -167,14 +228,11 @@ pub fn decode(data: &[u8], header: &JpegHeader) -> Result<JpegPixels, String> {
                 complete: false,
             })
         }
-        SPJ_ERROR | SPJ_SUSPENDED => {
-            let text = message(&msg);
-            Err(if text.is_empty() {
-                "corrupt JPEG data".to_string()
-            } else {
-                text
-            })
-        }
+        SPJ_ERROR | SPJ_SUSPENDED => Err(if result.msg.is_empty() {
+            "corrupt JPEG data".to_string()
+        } else {
+            result.msg
+        }),
         _ => Err("JPEG decoder rejected its arguments".to_string()),
     }
 }
