@@ -263,6 +263,14 @@ def test_truncated_files_decode_as_far_as_pillow(h: int, w: int) -> None:
     assert compared > 100
 
 
+@pytest.mark.parametrize("h,w", [(1037, 131), (555, 64)])
+def test_tall_baseline_jpegs_decoded_in_bands_match(h: int, w: int) -> None:
+    """Tall baseline JPEGs are decoded in parallel bands; damaged ones in one pass."""
+    for name, data in jpeg_cases(h, w):
+        for cut in (len(data), len(data) * 3 // 4, len(data) // 3):
+            assert_decodes_like_pillow(f"{name} {h}x{w} cut {cut}", data[:cut])
+
+
 def test_truncated_file_reports_incomplete() -> None:
     data = _save(Image.fromarray(_pattern(64, 64)), "JPEG")
     assert crop.decode_image(data).complete

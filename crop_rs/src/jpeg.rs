@@ -236,3 +236,45 @@ pub fn decode(data: &[u8], header: &JpegHeader) -> Result<JpegPixels, String> {
         _ => Err("JPEG decoder rejected its arguments".to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TALL: &[u8] = include_bytes!("../fuzz/seeds/tall_1100x24_420.jpg");
+
+    /// Bands (each skipping the rows above it) give exactly the one-pass pixels,
+    /// wherever the band edges fall relative to the 16-row iMCU rows.
+    #[test]
+    fn bands_equal_one_pass() {
+        let header = read_header(TALL).unwrap();
+        assert!(!header.progressive && header.height == 1100);
+        let stride = header.width as usize * 3;
+        let mut whole = vec![0u8; stride * 1100];
+        assert_eq!(decode_rows(TALL, &header, 0, &mut whole).rc, SPJ_OK);
+        for first in [1usize, 7, 15, 16, 17, 255, 256, 550, 1093] {
+            for end in [first + 1, (first + 300).min(1100), 1100] {
+                let mut band = vec![0u8; stride * (end - first)];
+                let got = decode_rows(TALL, &header, first, &mut band);
+                assert_eq!(got.rc, SPJ_OK, "rows {first}..{end}");
+                assert_eq!(
+                    &band[..],
+                    &whole[first * stride..end * stride],
+                    "rows {first}..{end}"
+                );
+            }
+        }
+        assert_eq!(decode(TALL, &header).unwrap().data, whole);
+    }
+
+    #[test]
+    fn truncated_tall_file_matches_one_pass() {
+        let cut = &TALL[..TALL.len() * 2 / 3];
+        let header = read_header(cut).unwrap();
+        let px = decode(cut, &header).unwrap();
+        assert!(!px.complete);
+        let mut whole = vec![0u8; px.data.len()];
+        assert_eq!(decode_rows(cut, &header, 0, &mut whole).rc, SPJ_PARTIAL);
+        assert_eq!(px.data, whole);
+    }
+}
