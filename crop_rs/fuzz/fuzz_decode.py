@@ -53,6 +53,8 @@ def make_seeds() -> list[bytes]:
         save(rgb, "JPEG", quality=70, subsampling=sub)
         save(rgb, "JPEG", quality=70, subsampling=sub, progressive=True)
     save(rgb, "JPEG", quality=70, restart_marker_blocks=1)
+    # Tall enough to be decoded in parallel bands.
+    save(Image.fromarray(rng.integers(0, 256, (600, 8, 3), dtype=np.uint8)), "JPEG", quality=30)
     save(rgb.convert("L"), "JPEG")
     save(rgb.convert("CMYK"), "JPEG")
     for mode in ("RGB", "RGBA", "L", "LA", "P", "I;16", "1"):
