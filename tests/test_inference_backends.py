@@ -219,3 +219,16 @@ def test_cuda_launches_overlap_and_results_stay_separate(efficientnet_weights, m
     together = np.concatenate([p.result() for p in pending])
     alone = run_in_batches(backend, patches, 2)
     assert np.max(np.abs(together - alone)) <= 1e-6
+
+
+def test_fold_batchnorm_keeps_features_and_removes_every_batchnorm(make_net, patches):
+    from spacer_core.inference.fold import count_batchnorms, fold_batchnorm
+
+    net = make_net()
+    folded = fold_batchnorm(net)
+    assert count_batchnorms(net) == 49 and count_batchnorms(folded) == 0
+    x = torch.from_numpy(to_network_input(patches))
+    with torch.no_grad():
+        assert torch.max(torch.abs(folded(x) - net(x))) <= 1e-4
+    # The original network is left untouched.
+    assert count_batchnorms(net) == 49
