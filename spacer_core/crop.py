@@ -111,9 +111,8 @@ def decode_image(
             rgb, info, complete = _crop_rs.decode_image(image_bytes, limit)
             return DecodedImage(rgb, info.format, info.mode, complete)
         except UnsupportedFormatError:
-            image = _open_with_pillow(image_bytes)
-            _check_pixels(image.size, limit)
-            return DecodedImage(to_rgb_array(image), image.format or "", image.mode, True)
+            rgb, image = _pillow_decode(image_bytes, limit)
+            return DecodedImage(rgb, image.format or "", image.mode, True)
 
 
 def crop_patches(
@@ -204,13 +203,18 @@ def _open_with_pillow(image_bytes: bytes) -> Image.Image:
         raise ImageDecodeError(f"cannot identify image: {e}") from e
 
 
-def _pillow_rgb(image_bytes: bytes, limit: int) -> np.ndarray:
+def _pillow_decode(image_bytes: bytes, limit: int) -> tuple[np.ndarray, Image.Image]:
+    """Pillow fallback for formats the Rust decoder does not handle: (RGB, opened image)."""
     image = _open_with_pillow(image_bytes)
     _check_pixels(image.size, limit)
     try:
-        return to_rgb_array(image)
+        return to_rgb_array(image), image
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot decode {image.format} image: {e}") from e
+
+
+def _pillow_rgb(image_bytes: bytes, limit: int) -> np.ndarray:
+    return _pillow_decode(image_bytes, limit)[0]
 
 
 def _check_pixels(size: tuple[int, int], limit: int) -> None:
