@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import spacer.data_classes as py_data
-import spacer.task_utils as py_task_utils
-import spacer.train_classifier as py_train
+# Measure this checkout's spacer_core, whichever copy is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import spacer_core.data_classes as our_data
-import spacer_core.task_utils as our_task_utils
-import spacer_core.train_classifier as our_train
+import numpy as np  # noqa: E402
+import spacer.data_classes as py_data  # noqa: E402
+import spacer.task_utils as py_task_utils  # noqa: E402
+import spacer.train_classifier as py_train  # noqa: E402
+
+import spacer_core.data_classes as our_data  # noqa: E402
+import spacer_core.task_utils as our_task_utils  # noqa: E402
+import spacer_core.train_classifier as our_train  # noqa: E402
 
 
 def write_features(
@@ -116,6 +120,7 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         files = write_features(folder, images, args.points, args.dim, args.classes, args.seed)
+        print(f"spacer_core from {Path(our_train.__file__).parent}", flush=True)
         print(
             f"{images} feature files x {args.points} points, dim {args.dim}, {args.classes} classes,"
             f" {args.epochs} epochs; data ready in {time.perf_counter() - start:.1f} s"

@@ -43,12 +43,13 @@ EVAL_BATCH_SIZE = 1000
 # they save.
 PARALLEL_OVR_MIN_VALUES = 500_000
 
-# BLAS threads while fitting an MLP (None: the library's default). Its
-# products are small (200-row minibatches): on a busy 2-core machine,
-# multi-threaded BLAS took 2-5x longer per epoch than one thread, and one
-# thread leaves a core for gathering the next batch. The thread count only
-# changes last-bit rounding.
-MLP_BLAS_THREADS: int | None = 1
+# BLAS threads while fitting an MLP: a count, None for the library's default
+# (all cores), or "auto". Its products are small (200-row minibatches): on an
+# idle 2-core machine two threads fit a batch ~1.6x faster than one, but on a
+# busy one they took 2-5x longer (the threads wait on each other). "auto"
+# times the first epoch with each choice and keeps the faster. The thread
+# count only changes last-bit rounding. The limit is process-wide while set.
+MLP_BLAS_THREADS: int | str | None = "auto"
 
 # Bytes of features a training set may hold in RAM (None: a quarter of the
 # physical memory). A larger set is kept in a temporary file mapped into
@@ -286,24 +287,20 @@ def train(
         # One-vs-rest fits are independent and each is seeded up front, so
         # fitting them on several threads gives the same coefficients.
         clf.set_params(n_jobs=min(len(classes), os.cpu_count() or 1))
-    blas = (
-        threadpool_limits(limits=MLP_BLAS_THREADS, user_api="blas")
-        if is_mlp and MLP_BLAS_THREADS
-        else contextlib.nullcontext()
-    )
+    blas = _BlasThreads(MLP_BLAS_THREADS if is_mlp else None)
     ref_accs: list[float] = []
     try:
-        with blas:
-            for epoch in range(nbr_epochs):
-                order, state = train_data.epoch_order(epoch)
-                if is_mlp:
-                    # Weight initialisation and in-batch shuffles draw from here.
-                    clf.set_params(random_state=state)
+        for epoch in range(nbr_epochs):
+            order, state = train_data.epoch_order(epoch)
+            if is_mlp:
+                # Weight initialisation and in-batch shuffles draw from here.
+                clf.set_params(random_state=state)
+            with blas.epoch(epoch):
                 for x, y in train_data.iter_batches(order, batch_size):
                     clf.partial_fit(x, y, classes=classes)
-                ref_accs.append(float(np.mean(clf.predict(ref_x) == ref_y)))
-                if progress is not None:
-                    progress(epoch, ref_accs[-1], time.time() - start)
+            ref_accs.append(float(np.mean(clf.predict(ref_x) == ref_y)))
+            if progress is not None:
+                progress(epoch, ref_accs[-1], time.time() - start)
     finally:
         # Leave the parameters as pyspacer's classifier has them.
         if parallel_ovr:
@@ -313,6 +310,36 @@ def train(
     calibrated = CalibratedClassifierCV(clf, cv="prefit")
     calibrated.fit(ref_x, ref_y)
     return calibrated, ref_accs
+
+
+class _BlasThreads:
+    """The BLAS thread limit for each epoch of a fit (see MLP_BLAS_THREADS)."""
+
+    # Tried in this order by "auto": the library default, then one thread.
+    _CANDIDATES: tuple[int | None, ...] = (None, 1)
+
+    def __init__(self, setting: int | str | None):
+        self.setting = setting
+        self.seconds: dict[int | None, float] = {}
+
+    def _limit_for(self, epoch: int) -> int | None:
+        if self.setting != "auto":
+            return None if isinstance(self.setting, str) else self.setting
+        if epoch < len(self._CANDIDATES):
+            return self._CANDIDATES[epoch]
+        return min(self.seconds, key=self.seconds.__getitem__)
+
+    @contextlib.contextmanager
+    def epoch(self, epoch: int) -> Iterator[None]:
+        limit = self._limit_for(epoch)
+        started = time.perf_counter()
+        if limit is None:
+            yield
+        else:
+            with threadpool_limits(limits=limit, user_api="blas"):
+                yield
+        if epoch < len(self._CANDIDATES):
+            self.seconds[limit] = time.perf_counter() - started
 
 
 def predict_with_scores(clf: Any, data: LabelledFeatures) -> tuple[np.ndarray, np.ndarray]:

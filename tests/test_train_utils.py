@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import spacer.train_utils as py_train_utils
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 from sklearn.neural_network import MLPClassifier
+from threadpoolctl import threadpool_info
 
 from spacer_core import train_utils
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
@@ -246,3 +248,23 @@ def test_make_random_data_is_readable_by_pyspacer(tmp_path):
     memory = make_random_data(2, [4, 5], 3, 2, DataLocation("memory", ""), ["m1", "m2"])
     assert [loc.key for loc in memory.keys()] == ["m1", "m2"]
     assert load_labelled_features(memory).x.shape == (6, 2)
+
+
+def test_auto_blas_threads_keep_the_faster_choice():
+    def blas_threads() -> list[int]:
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    default = blas_threads()
+    chooser = train_utils._BlasThreads("auto")
+    with chooser.epoch(0):
+        assert blas_threads() == default
+        time.sleep(0.05)
+    with chooser.epoch(1):
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == default
+    # One thread was faster here, so later epochs keep it.
+    with chooser.epoch(2):
+        assert set(blas_threads()) == {1}
+    fixed = train_utils._BlasThreads(None)
+    with fixed.epoch(5):
+        assert blas_threads() == default
