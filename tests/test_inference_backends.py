@@ -145,12 +145,27 @@ def test_backend_that_fails_verification_falls_back_to_eager(kind, tmp_path):
     assert not list(tmp_path.glob(f"{sha}.*"))
 
 
-def test_failing_network_raises_backend_error(tmp_path):
+def test_network_that_cannot_be_built_raises_its_own_error(tmp_path):
+    calls = []
+
     def broken() -> nn.Module:
+        calls.append(1)
         raise OSError("weights unreadable")
 
-    with pytest.raises(BackendError, match="weights unreadable"):
+    with pytest.raises(OSError, match="weights unreadable"):
         load_backend("cd" * 32, broken, device="cpu", cache_dir=tmp_path)
+    assert calls == [1]  # not retried for the eager fallback
+
+
+def test_network_that_cannot_run_falls_back_to_eager_and_fails_per_batch(tmp_path):
+    class Unrunnable(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("cannot run")
+
+    backend = load_backend("ce" * 32, lambda: Unrunnable(), device="cpu", cache_dir=tmp_path)
+    assert isinstance(backend, EagerBackend)
+    with pytest.raises(RuntimeError, match="cannot run"):
+        backend.run(to_network_input(np.zeros((1, 224, 224, 3), np.uint8)))
 
 
 def test_bad_inputs_are_named(tmp_path, make_net, efficientnet_weights):  # noqa: F811

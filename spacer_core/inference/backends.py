@@ -462,10 +462,17 @@ class _LazyNet:
     def __init__(self, make: Callable[[], nn.Module]):
         self._make = make
         self._net: nn.Module | None = None
+        self.error: BaseException | None = None
 
     def get(self) -> nn.Module:
+        if self.error is not None:
+            raise self.error
         if self._net is None:
-            self._net = self._make().eval()
+            try:
+                self._net = self._make().eval()
+            except BaseException as exc:
+                self.error = exc
+                raise
         return self._net
 
 
@@ -585,7 +592,8 @@ def load_backend(
     called when a compiled artifact must be built or eager PyTorch is used.
     `kind` forces a backend ('onnxruntime', 'torchscript', 'eager'); 'auto'
     picks TorchScript on CUDA, ONNX Runtime on CPU. Compiled backends that
-    fail to build, load or verify fall back to eager PyTorch (logged).
+    fail to build, load or verify fall back to eager PyTorch (logged). An
+    error raised by `make_net` itself (a bad weights file) propagates unchanged.
     """
     device = resolve_device(device)
     precision = Precision.parse(precision)
@@ -603,6 +611,10 @@ def load_backend(
             else:
                 backend = EagerBackend(net.get(), device, precision)
         except Exception as exc:
+            if net.error is exc:
+                # The network itself cannot be built (e.g. a bad weights file):
+                # no backend can help, and the caller needs the original error.
+                raise
             logger.warning("Backend %s for %s on %s failed: %s", name, sha256[:12], device, exc,
                            exc_info=True)
             failures.append(f"{name}: {exc}")
