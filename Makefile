@@ -21,7 +21,7 @@ build-dev: ## Rebuild the Rust extension in place after editing crop_rs/
 proto: ## Regenerate the committed gRPC stubs from proto/
 	$(PYTHON) scripts/gen_proto.py
 
-test: deps test-rust test-py fuzz ## Install everything, then run the Rust tests, pytest and a 60 s decoder fuzz
+test: deps test-rust fuzz test-py ## Install everything, then run the Rust tests, a 60 s decoder fuzz and pytest
 
 test-rust: ## Rust unit and property tests of crop_rs
 	cargo test --no-default-features -p crop_rs
