@@ -35,6 +35,12 @@ _TRAINER_ALIASES: dict[str, str] = {
     "spacer.train_classifier.MiniBatchTrainer": "spacer_core.train_classifier.MiniBatchTrainer",
 }
 
+# Our built-in trainers serialize under pyspacer's class paths, so pyspacer
+# reads the training messages we write (it takes the same settings).
+_PYSPACER_CLASS_PATHS: dict[str, str] = {
+    ours: theirs for theirs, ours in _TRAINER_ALIASES.items() if theirs.startswith("spacer.")
+}
+
 TrainResult = tuple[CalibratedClassifierCV, ValResults, TrainClassifierReturnMsg]
 
 
@@ -59,7 +65,8 @@ class ClassifierTrainer(abc.ABC):
 
     def serialize(self) -> dict[str, Any]:
         cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__name__}"}
+        class_path = f"{cls.__module__}.{cls.__name__}"
+        return {"class_path": _PYSPACER_CLASS_PATHS.get(class_path, class_path)}
 
     @staticmethod
     def deserialize(data: dict[str, Any]) -> ClassifierTrainer:

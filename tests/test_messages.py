@@ -82,10 +82,6 @@ def test_pyspacer_reads_our_json(ours, theirs):
     assert as_json(theirs.deserialize(our_json)) == our_json
 
 
-@pytest.mark.xfail(
-    reason="MiniBatchTrainer.serialize() writes spacer_core's class path, which pyspacer refuses",
-    strict=False,
-)
 def test_pyspacer_reads_our_training_message():
     our_json = as_json(TrainClassifierMsg.example())
     assert as_json(ps.TrainClassifierMsg.deserialize(our_json)) == our_json

@@ -148,14 +148,18 @@ def test_trainer_factory_forms():
 def test_serialize_round_trip_and_pyspacer_json():
     trainer = MiniBatchTrainer(batch_size=100, mlp_hidden_layer_sizes=(50, 20), sgd_average=False)
     data = trainer.serialize()
+    # pyspacer's class path, so pyspacer reads the messages we write.
     assert data == {
-        "class_path": "spacer_core.train_classifier.MiniBatchTrainer",
+        "class_path": "spacer.train_classifier.MiniBatchTrainer",
         "batch_size": 100,
         "mlp_hidden_layer_sizes": [50, 20],
         "sgd_average": False,
     }
     assert ClassifierTrainer.deserialize(data) == trainer
-    assert MiniBatchTrainer().serialize() == {"class_path": "spacer_core.train_classifier.MiniBatchTrainer"}
+    assert MiniBatchTrainer().serialize() == {"class_path": "spacer.train_classifier.MiniBatchTrainer"}
+    theirs = py_train.ClassifierTrainer.deserialize(data)
+    assert type(theirs) is py_train.MiniBatchTrainer
+    assert (theirs.batch_size, list(theirs.mlp_hidden_layer_sizes), theirs.sgd_average) == (100, [50, 20], False)
     # What pyspacer writes for its trainers loads here.
     py_json = py_train.MiniBatchTrainer(mlp_learning_rate_init=0.01).serialize()
     assert ClassifierTrainer.deserialize(py_json) == MiniBatchTrainer(mlp_learning_rate_init=0.01)
