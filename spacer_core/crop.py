@@ -220,16 +220,8 @@ def _pillow_rgb(image_bytes: bytes, limit: int) -> np.ndarray:
 def _check_pixels(size: tuple[int, int], limit: int) -> None:
     width, height = size
     if width * height > limit:
-        raise ImageTooLargeError(_too_large_message("", width, height, limit), width, height, limit)
-
-
-def _too_large_message(key: str, width: int, height: int, limit: int) -> str:
-    # pyspacer's check_extract_inputs wording, so callers see one message.
-    subject = f"Image {key}" if key else "Image"
-    return (
-        f"{subject} has {width} x {height} = {width * height} total pixels,"
-        f" which is larger than the max allowed of {limit}."
-    )
+        message = str(DataLimitError.too_many_pixels("", width, height, limit))
+        raise ImageTooLargeError(message, width, height, limit)
 
 
 @contextmanager
@@ -240,7 +232,7 @@ def _named_errors(image_key: str | None) -> Iterator[None]:
     except ImageTooLargeError as e:
         _, width, height, limit, *index = e.args
         key = image_key or (f"{index[0]}" if index else "")
-        raise DataLimitError(_too_large_message(key, width, height, limit)) from e
+        raise DataLimitError.too_many_pixels(key, width, height, limit) from e
     except (ImageDecodeError, PatchError) as e:
         if image_key is None:
             raise

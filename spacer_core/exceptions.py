@@ -8,6 +8,15 @@ class ConfigError(Exception):
 class DataLimitError(Exception):
     """An image or point list exceeds MAX_IMAGE_PIXELS / MAX_POINTS_PER_IMAGE."""
 
+    @classmethod
+    def too_many_pixels(cls, image_key: str, width: int, height: int, limit: int) -> "DataLimitError":
+        """The error for an image over the pixel limit, in pyspacer's words."""
+        subject = f"Image {image_key}" if image_key else "Image"
+        return cls(
+            f"{subject} has {width} x {height} = {width * height} total pixels,"
+            f" which is larger than the max allowed of {limit}."
+        )
+
 
 class HashMismatchError(Exception):
     """An extractor file's sha256 differs from the one its message promised."""

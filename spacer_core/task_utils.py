@@ -31,12 +31,8 @@ def check_extract_inputs(image: Any, rowcols: Sequence[tuple[int, int]], im_key:
     read from `spacer_core.config` at call time so they can be changed at runtime.
     """
     width, height = image.size
-    pixels = width * height
-    if pixels > config.MAX_IMAGE_PIXELS:
-        raise DataLimitError(
-            f"Image {im_key} has {width} x {height} = {pixels} total pixels,"
-            f" which is larger than the max allowed of {config.MAX_IMAGE_PIXELS}."
-        )
+    if width * height > config.MAX_IMAGE_PIXELS:
+        raise DataLimitError.too_many_pixels(im_key, width, height, config.MAX_IMAGE_PIXELS)
     if len(rowcols) > config.MAX_POINTS_PER_IMAGE:
         raise DataLimitError(
             f"{len(rowcols)} point locations were specified for image {im_key},"
