@@ -192,13 +192,14 @@ fn crop_one_chw_f32(img: &RgbView<'_>, (row, col): (i64, i64), crop_size: usize,
     }
 }
 
-/// Cuts one `crop_size` x `crop_size` x 3 patch per point into `out`
-/// (length `points.len() * crop_size^2 * 3`), in parallel over points.
-pub fn crop_hwc_into(
+/// Checks a request and cuts one patch per point into its slice of `out`, in
+/// parallel over points; `cut` writes one patch of `3 * crop_size^2` values.
+fn crop_each_into<T: Send>(
     img: &RgbView<'_>,
     points: &[(i64, i64)],
     crop_size: usize,
-    out: &mut [u8],
+    out: &mut [T],
+    cut: impl Fn(&RgbView<'_>, (i64, i64), usize, &mut [T]) + Sync,
 ) -> Result<(), CropError> {
     if crop_size == 0 {
         return Err(CropError::ZeroCropSize);
@@ -213,8 +214,19 @@ pub fn crop_hwc_into(
     }
     out.par_chunks_exact_mut(per)
         .zip(points.par_iter())
-        .for_each(|(patch, &p)| crop_one_hwc(img, p, crop_size, patch));
+        .for_each(|(patch, &p)| cut(img, p, crop_size, patch));
     Ok(())
+}
+
+/// Cuts one `crop_size` x `crop_size` x 3 patch per point into `out`
+/// (length `points.len() * crop_size^2 * 3`), in parallel over points.
+pub fn crop_hwc_into(
+    img: &RgbView<'_>,
+    points: &[(i64, i64)],
+    crop_size: usize,
+    out: &mut [u8],
+) -> Result<(), CropError> {
+    crop_each_into(img, points, crop_size, out, crop_one_hwc)
 }
 
 /// Like [`crop_hwc_into`], but writes float32 CHW patches scaled to [0, 1]
@@ -225,21 +237,7 @@ pub fn crop_chw_f32_into(
     crop_size: usize,
     out: &mut [f32],
 ) -> Result<(), CropError> {
-    if crop_size == 0 {
-        return Err(CropError::ZeroCropSize);
-    }
-    validate_points(img, points)?;
-    let per = crop_size * crop_size * 3;
-    if out.len() != per * points.len() {
-        return Err(CropError::OutputSize {
-            expected: per * points.len(),
-            actual: out.len(),
-        });
-    }
-    out.par_chunks_exact_mut(per)
-        .zip(points.par_iter())
-        .for_each(|(patch, &p)| crop_one_chw_f32(img, p, crop_size, patch));
-    Ok(())
+    crop_each_into(img, points, crop_size, out, crop_one_chw_f32)
 }
 
 #[cfg(test)]
