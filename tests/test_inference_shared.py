@@ -39,7 +39,7 @@ def test_network_runner_matches_pyspacer(efficientnet_weights, isolated_caches):
     assert np.max(np.abs(runner(batch) - expected)) <= 1e-4
     # Compiled once into EXTRACTORS_CACHE_DIR/compiled, then reused from memory.
     assert len(list((isolated_caches / "compiled").glob("*.onnx"))) == 1
-    assert network_runner(data, "again").args[0] is runner.args[0]
+    assert network_runner(data, "again").backend is runner.backend
 
 
 def test_shared_batcher_is_shared_and_replaced_after_eviction(efficientnet_weights, isolated_caches):  # noqa: F811

@@ -10,12 +10,10 @@ an evicted batcher finishes its queued work, then stops).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from collections.abc import Callable
-from typing import Any
-
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,15 +89,26 @@ def shared_batcher(
     return batcher
 
 
-def network_runner(weights: bytes, name: str) -> Callable[[Any], Any]:
+class BackendRunner:
+    """Calls a backend `batch_size` patches at a time: float32 (N, 3, 224, 224) -> (N, D)."""
+
+    def __init__(self, backend: Backend, batch_size: int):
+        self.backend = backend
+        self.batch_size = batch_size
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return run_in_batches(self.backend, batch, self.batch_size)
+
+
+def network_runner(weights: bytes, name: str) -> BackendRunner:
     """A runner for `spacer_core.extractors` (`EfficientNetExtractor.runner_factory`).
 
     Compiles (or loads from the disk cache) the fastest backend for these
-    weights; the returned callable maps float32 (N, 3, 224, 224) to (N, 1280)
-    features, running `preferred_batch_size` patches at a time.
+    weights; the runner maps float32 (N, 3, 224, 224) to (N, 1280) features,
+    running the backend's `preferred_batch_size` patches at a time.
     """
     from spacer_core.extractors.efficientnet import build_network
 
     sha256 = hashlib.sha256(weights).hexdigest()
     backend = shared_backend(sha256, lambda: build_network(weights, name))
-    return functools.partial(run_in_batches, backend, batch_size=backend.preferred_batch_size)
+    return BackendRunner(backend, backend.preferred_batch_size)
