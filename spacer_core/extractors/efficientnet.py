@@ -209,6 +209,16 @@ def torch_runner_factory(weights: bytes, name: str) -> NetworkRunner:
     return TorchRunner(build_network(weights, name))
 
 
+def compiled_runner_factory(weights: bytes, name: str) -> NetworkRunner:
+    """Default backend: compiled once per weights file by spacer_core.inference.
+
+    ONNX Runtime on CPU, TorchScript on CUDA, eager PyTorch if those fail.
+    """
+    from spacer_core.inference import network_runner  # lazy: inference imports this module
+
+    return network_runner(weights, name)
+
+
 class EfficientNetExtractor(FeatureExtractor):
     """CoralNet 1.0's extractor: EfficientNet-b0 weights in a PyTorch file -> 1280-d features.
 
@@ -225,7 +235,7 @@ class EfficientNetExtractor(FeatureExtractor):
     # Backends plug in here: (weights bytes, file label) -> runner. Loaded
     # runners are cached per (factory, weights sha256), so swapping the
     # factory never serves a runner the previous one built.
-    runner_factory: ClassVar[RunnerFactory] = staticmethod(torch_runner_factory)  # type: ignore[assignment]
+    runner_factory: ClassVar[RunnerFactory] = staticmethod(compiled_runner_factory)  # type: ignore[assignment]
 
     @property
     def feature_dim(self) -> int:
