@@ -185,7 +185,8 @@ class OursBatched:
         self.load_seconds = time.perf_counter() - start
         self.batcher = DynamicBatcher(self.backend,
                                       max_batch_size=args.batch_size or self.backend.preferred_batch_size,
-                                      max_queue_delay_s=args.queue_delay)
+                                      max_queue_delay_s=args.queue_delay,
+                                      workers=args.workers)
         self.classifiers: ModelCache[str, object] = ModelCache(max_items=4)
         self.classifier = classifier
         self.out = out
@@ -236,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="batcher's max batch (default: the backend's preferred size)")
     parser.add_argument("--queue-delay", type=float, default=0.002, help="seconds (default 0.002)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="batches in flight at once in the batcher (default 2)")
     parser.add_argument("--skip", default="", help="comma list of: pyspacer, tasks, batched")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -267,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "batched" not in skip:
             batched = OursBatched(weights, sha256, classifier, folder, args)
             print(f"ours/batched backend: {batched.backend.describe()}, max batch "
-                  f"{batched.batcher.max_batch_size}, compiled/loaded in {batched.load_seconds:.1f} s")
+                  f"{batched.batcher.max_batch_size}, {args.workers} workers, compiled/loaded in {batched.load_seconds:.1f} s")
             systems.append(batched)
 
         # One untimed image per system loads and compiles what each keeps between calls

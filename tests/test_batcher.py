@@ -62,11 +62,12 @@ def hold_worker(network: RecordingNetwork, batcher: DynamicBatcher):
     return first
 
 
-def test_concurrent_callers_get_exactly_their_own_features():
+@pytest.mark.parametrize("workers", [1, 3])
+def test_concurrent_callers_get_exactly_their_own_features(workers):
     network = RecordingNetwork()
     rng = random.Random(3)
     requests = [[rng.randrange(2, 250) for _ in range(rng.randrange(1, 12))] for _ in range(24)]
-    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0.005) as batcher:
+    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0.005, workers=workers) as batcher:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda v: batcher.extract_sync(patches_of(v), TIMEOUT), requests))
     for values, features in zip(requests, results):

@@ -54,7 +54,8 @@ def test_shared_batcher_is_shared_and_replaced_after_eviction(efficientnet_weigh
     # A second weights file evicts the first batcher (max_items=1), which closes it.
     other = shared_batcher("ef" * 32, make, device="cpu")
     assert other is not first
-    first._worker.join(10)
+    for worker in first._workers:
+        worker.join(10)
     assert first.closed
     with pytest.raises(BatcherClosedError):
         first.submit(patches)

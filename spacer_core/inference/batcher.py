@@ -17,6 +17,8 @@ features, in the order its patches were given.
   that batch; everyone else carries on.
 - With a backend whose `launch` returns before the GPU has finished, the
   next batch is assembled and its transfer started while the current one runs.
+- `workers` > 1 runs that many batches at once (each worker forms its own);
+  on CPU this keeps cores busy while another batch is being assembled.
 
     batcher = DynamicBatcher(backend, max_batch_size=64, max_queue_delay_s=0.002)
     feats = batcher.extract_sync(patches)          # from a thread
@@ -102,6 +104,7 @@ class DynamicBatcher:
         max_queue_delay_s: float = 0.002,
         max_queued_patches: int = 4096,
         name: str = "batcher",
+        workers: int = 1,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -109,6 +112,8 @@ class DynamicBatcher:
             raise ValueError(f"max_queue_delay_s must be >= 0, got {max_queue_delay_s}")
         if max_queued_patches < 1:
             raise ValueError(f"max_queued_patches must be >= 1, got {max_queued_patches}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self._launch: Callable[[np.ndarray], PendingFeatures]
         # Memory held by the network, for ModelCache's byte limit.
         self.nbytes = backend.nbytes if isinstance(backend, Backend) else 0
@@ -132,8 +137,12 @@ class DynamicBatcher:
         self._work = threading.Condition(self._lock)  # worker waits for patches
         self._room = threading.Condition(self._lock)  # blocked submitters wait for space
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._worker = threading.Thread(target=self._run, name=f"{name}-worker", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=self._run, name=f"{name}-worker{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     # -- callers ------------------------------------------------------------------------
 
@@ -215,8 +224,9 @@ class DynamicBatcher:
             self._wake_async_waiters()
         for request in dropped:
             _fail(request, BatcherClosedError(f"{self.name} closed before the request ran"))
-        if threading.current_thread() is not self._worker:
-            self._worker.join(timeout)
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join(timeout)
 
     def __enter__(self) -> DynamicBatcher:
         return self
@@ -349,24 +359,34 @@ class DynamicBatcher:
         except Exception as exc:
             self._fail_batch(batch, exc)
             return
-        self.stats.batches += 1
-        self.stats.patches += batch.size
+        completed: list[_Request] = []
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.patches += batch.size
+            for request, _, _ in batch.parts:
+                if request.features is None:
+                    request.features = np.empty((request.size, features.shape[1]), np.float32)
         offset = 0
         for request, start, stop in batch.parts:
-            count = stop - start
-            if request.features is None:
-                request.features = np.empty((request.size, features.shape[1]), np.float32)
-            request.features[start:stop] = features[offset:offset + count]
-            offset += count
-            request.finished += count
-            if request.finished == request.size and not request.future.done():
+            # Workers write disjoint slices, so the copies need no lock.
+            assert request.features is not None
+            request.features[start:stop] = features[offset:offset + stop - start]
+            offset += stop - start
+        with self._lock:
+            for request, start, stop in batch.parts:
+                request.finished += stop - start
+                if request.finished == request.size:
+                    completed.append(request)
+        for request in completed:
+            if not request.future.done():
                 try:
-                    request.future.set_result(request.features)
+                    request.future.set_result(request.features)  # type: ignore[arg-type]
                 except concurrent.futures.InvalidStateError:
                     pass  # cancelled meanwhile
 
     def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
-        self.stats.failed_batches += 1
+        with self._lock:
+            self.stats.failed_batches += 1
         logger.warning("%s: batch of %d patches failed: %s", self.name, batch.size, exc)
         requests = list(dict.fromkeys(request for request, _, _ in batch.parts))
         with self._lock:

