@@ -97,13 +97,6 @@ def inline_image(data: bytes, job_token: str) -> Iterator[Any]:
             store.delete(key)
 
 
-class _Sized:
-    """What check_extract_inputs needs of an image: its (width, height)."""
-
-    def __init__(self, size: tuple[int, int]):
-        self.size = size
-
-
 class Engine:
     """Runs library calls off the event loop; cancelling the await drops queued work."""
 
@@ -180,15 +173,11 @@ class Engine:
     def _prepare(self, msg: Any) -> tuple[np.ndarray, Any, bool]:
         """Load and check the image, cut its patches (Rust decoder), find the network's batcher."""
         from spacer_core import crop
-        from spacer_core.storage import load_bytes
-        from spacer_core.task_utils import check_extract_inputs
+        from spacer_core.tasks import load_checked_bytes
 
-        key = msg.image_loc.key
-        data = load_bytes(msg.image_loc).getvalue()
-        # The header gives the size, so limits and points are checked before decoding.
-        check_extract_inputs(_Sized(crop.image_size(data, image_key=key)), msg.rowcols, key)
+        data = load_checked_bytes(msg.image_loc, msg.rowcols)
         batcher, remote = self._batcher_for(msg.extractor)
-        patches = crop.crop_patches(data, msg.rowcols, image_key=key)
+        patches = crop.crop_patches(data, msg.rowcols, image_key=msg.image_loc.key)
         return patches, batcher, remote
 
     def _batcher_for(self, extractor: Any) -> tuple[Any, bool]:
@@ -221,17 +210,12 @@ class Engine:
         return pinned.obj if pinned is not None else load_classifier(loc)
 
     def _score(self, msg: Any, features: np.ndarray, start: float) -> Any:
-        from spacer_core.messages import ClassifyReturnMsg
-        from spacer_core.tasks import score_features
+        from spacer_core.tasks import classify_return, score_features
 
         clf = self._classifier(msg.classifier_loc)
         probs = score_features(clf, features.astype(np.float64), msg.image_loc.key)
-        return ClassifyReturnMsg(
-            runtime=time.time() - start,
-            scores=[(int(r), int(c), p) for (r, c), p in zip(msg.rowcols, probs.tolist())],
-            classes=clf.classes_.tolist(),
-            valid_rowcol=True,
-        )
+        rowcols = [(int(r), int(c)) for r, c in msg.rowcols]
+        return classify_return(start, rowcols, probs, clf, True)
 
     def _store_features(self, msg: Any, features: np.ndarray, remote: bool, start: float) -> Any:
         from spacer_core.data_classes import ImageFeatures

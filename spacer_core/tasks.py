@@ -33,16 +33,24 @@ from spacer_core.task_utils import check_extract_inputs, preprocess_labels
 logger = getLogger(__name__)
 
 
-def load_checked_rgb(image_loc: DataLocation, rowcols: Sequence[tuple[int, int]]) -> Any:
-    """Pixels as pyspacer's load_image + convert('RGB') give them, after its input checks.
+def load_checked_bytes(image_loc: DataLocation, rowcols: Sequence[tuple[int, int]]) -> bytes:
+    """The encoded image at `image_loc`, after pyspacer's input checks.
 
     The size comes from the header, so limits and points are checked (in
-    pyspacer's order and words) before any pixel is decoded; decoding runs
-    in Rust without the GIL.
+    pyspacer's order and words) before any pixel is decoded.
     """
     data = load_bytes(image_loc).getvalue()
     size = crop.image_size(data, image_key=image_loc.key)
     check_extract_inputs(SimpleNamespace(size=size), rowcols, image_loc.key)
+    return data
+
+
+def load_checked_rgb(image_loc: DataLocation, rowcols: Sequence[tuple[int, int]]) -> Any:
+    """Pixels as pyspacer's load_image + convert('RGB') give them, after its input checks.
+
+    Decoding runs in Rust without the GIL.
+    """
+    data = load_checked_bytes(image_loc, rowcols)
     return crop.decode_image(data, image_key=image_loc.key).rgb
 
 
@@ -124,9 +132,10 @@ def _expected_feature_dim(clf: Any) -> int | None:
     return None
 
 
-def _classify_return(
+def classify_return(
     start: float, rowcols: list[tuple[int, int]], probs: np.ndarray, clf: Any, valid_rowcol: bool
 ) -> ClassifyReturnMsg:
+    """The reply for scored points: one probability row per (row, col), in order."""
     return ClassifyReturnMsg(
         runtime=time.time() - start,
         scores=[(row, col, p) for (row, col), p in zip(rowcols, probs.tolist())],
@@ -143,7 +152,7 @@ def classify_features(msg: ClassifyFeaturesMsg) -> ClassifyReturnMsg:
     matrix = np.stack([np.asarray(pf.data, dtype=np.float64) for pf in features.point_features])
     probs = score_features(clf, matrix, msg.feature_loc.key)
     rowcols = [(pf.row, pf.col) for pf in features.point_features]
-    return _classify_return(start, rowcols, probs, clf, features.valid_rowcol)
+    return classify_return(start, rowcols, probs, clf, features.valid_rowcol)
 
 
 def classify_image(msg: ClassifyImageMsg) -> ClassifyReturnMsg:
@@ -155,7 +164,7 @@ def classify_image(msg: ClassifyImageMsg) -> ClassifyReturnMsg:
     # The extractor returns one PointFeatures per requested point, in order.
     matrix = np.stack([np.asarray(pf.data, dtype=np.float64) for pf in features.point_features])
     probs = score_features(clf, matrix, msg.image_loc.key)
-    return _classify_return(start, list(msg.rowcols), probs, clf, True)
+    return classify_return(start, list(msg.rowcols), probs, clf, True)
 
 
 TASK_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
