@@ -36,6 +36,7 @@ bench: ## Side-by-side benchmarks against pyspacer (slow; see docs/benchmarks.md
 	$(PYTHON) benchmarks/bench_crop.py
 	$(PYTHON) benchmarks/bench_training.py
 	$(PYTHON) benchmarks/bench_extract.py
+	$(PYTHON) benchmarks/eval_precision.py
 	$(PYTHON) benchmarks/bench_server.py
 
 serve: ## Install and start the server on 127.0.0.1:50051
