@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import numpy as np
+
+from _machine import cpu_name
 import torch
 from PIL import Image
 from spacer.extractors.torch_extractors import transformation
@@ -89,16 +90,6 @@ def paired_medians(theirs: Callable[[], object], ours: Callable[[], object], rep
 def report(name: str, theirs: float, ours: float) -> None:
     print(f"{name:34s} {theirs:11.3f} {ours:9.3f} {theirs / ours:8.2f}x")
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib
 import logging
 import os
 import platform
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from _machine import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -88,87 +91,48 @@ def run_callers(jobs: Sequence[Job], callers: int, work: Callable[[list[Job]], N
 
 
 class Pyspacer:
+    """A library's tasks driven by its own message classes (pyspacer, or ours below)."""
+
     name = "pyspacer"
+    package = "spacer"
 
     def __init__(self, weights: Path, sha256: str, classifier: Path, out: Path):
-        from spacer.data_classes import DataLocation
-        from spacer.extractors.efficientnet import EfficientNetExtractor
-
-        self.loc = DataLocation
-        self.extractor = EfficientNetExtractor(
-            data_locations={"weights": DataLocation("filesystem", str(weights))},
+        self.lib = {part: importlib.import_module(f"{self.package}.{part}")
+                    for part in ("data_classes", "extractors", "messages", "tasks")}
+        self.loc = self.lib["data_classes"].DataLocation
+        self.extractor = self.lib["extractors"].EfficientNetExtractor(
+            data_locations={"weights": self.loc("filesystem", str(weights))},
             data_hashes={"weights": sha256})
-        self.classifier = DataLocation("filesystem", str(classifier))
+        self.classifier = self.loc("filesystem", str(classifier))
         self.out = out
 
     def feature_path(self, image: Path) -> Path:
-        return self.out / f"{image.stem}.pyspacer.featurevector"
+        return self.out / f"{image.stem}.{self.name.replace('/', '-')}.featurevector"
 
     def extract(self, jobs: list[Job]) -> None:
-        from spacer.messages import ExtractFeaturesMsg
-        from spacer.tasks import extract_features
-
+        messages, tasks = self.lib["messages"], self.lib["tasks"]
         for image, rowcols in jobs:
-            extract_features(ExtractFeaturesMsg(
+            tasks.extract_features(messages.ExtractFeaturesMsg(
                 "bench", self.extractor, rowcols, self.loc("filesystem", str(image)),
                 self.loc("filesystem", str(self.feature_path(image)))))
 
     def classify(self, jobs: list[Job]) -> None:
-        from spacer.messages import ClassifyImageMsg
-        from spacer.tasks import classify_image
-
+        messages, tasks = self.lib["messages"], self.lib["tasks"]
         for image, rowcols in jobs:
-            classify_image(ClassifyImageMsg(
+            tasks.classify_image(messages.ClassifyImageMsg(
                 "bench", self.extractor, rowcols, self.loc("filesystem", str(image)), self.classifier))
 
     def features(self, image: Path) -> np.ndarray:
-        from spacer.data_classes import DataLocation, ImageFeatures
-
-        feats = ImageFeatures.load(DataLocation("filesystem", str(self.feature_path(image))))
-        return np.array([pf.data for pf in feats.point_features])
+        data_classes = self.lib["data_classes"]
+        feats = data_classes.ImageFeatures.load(self.loc("filesystem", str(self.feature_path(image))))
+        return np.array([np.asarray(pf.data) for pf in feats.point_features])
 
 
 class OursTasks(Pyspacer):
     """spacer_core's library tasks: the same messages, our implementation."""
 
     name = "ours/tasks"
-
-    def __init__(self, weights: Path, sha256: str, classifier: Path, out: Path):
-        from spacer_core.data_classes import DataLocation
-        from spacer_core.extractors import EfficientNetExtractor
-
-        self.loc = DataLocation
-        self.extractor = EfficientNetExtractor(
-            data_locations={"weights": DataLocation("filesystem", str(weights))},
-            data_hashes={"weights": sha256})
-        self.classifier = DataLocation("filesystem", str(classifier))
-        self.out = out
-
-    def feature_path(self, image: Path) -> Path:
-        return self.out / f"{image.stem}.tasks.featurevector"
-
-    def extract(self, jobs: list[Job]) -> None:
-        from spacer_core.messages import ExtractFeaturesMsg
-        from spacer_core.tasks import extract_features
-
-        for image, rowcols in jobs:
-            extract_features(ExtractFeaturesMsg(
-                "bench", self.extractor, rowcols, self.loc("filesystem", str(image)),
-                self.loc("filesystem", str(self.feature_path(image)))))
-
-    def classify(self, jobs: list[Job]) -> None:
-        from spacer_core.messages import ClassifyImageMsg
-        from spacer_core.tasks import classify_image
-
-        for image, rowcols in jobs:
-            classify_image(ClassifyImageMsg(
-                "bench", self.extractor, rowcols, self.loc("filesystem", str(image)), self.classifier))
-
-    def features(self, image: Path) -> np.ndarray:
-        from spacer_core.data_classes import DataLocation, ImageFeatures
-
-        return ImageFeatures.load(DataLocation("filesystem", str(self.feature_path(image)))).feat
-
+    package = "spacer_core"
 
 class OursBatched:
     """The server's path: Rust decode/crop ahead of a shared dynamic batcher on a compiled backend."""
@@ -256,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         make_classifier(classifier)
         jobs = make_images(folder, images, points, args.width, args.height)
         total = images * points
-        print(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs; "
+        print(f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs; "
               f"{images} images {args.width}x{args.height}, {points} points each "
               f"({total} points); callers: 1 and {args.callers}; "
               f"load average before: {os.getloadavg()[0]:.1f}")
@@ -303,16 +267,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"ours/batched: {stats.batches} batches, "
                       f"{stats.patches / max(stats.batches, 1):.1f} patches per batch")
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _machine import cpu_name
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -109,7 +111,7 @@ def main() -> None:
     pred_fast = clf.predict_proba(test_fast.astype(np.float64)).argmax(1)
     agreement = float(np.mean(pred_exact == pred_fast))
     abs_err = np.abs(test_fast - test_exact)
-    print(f"machine: {platform.machine()} {_cpu_name()}, {os.cpu_count()} CPUs")
+    print(f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs")
     print(f"exact: {exact.describe()} ({exact_rate:.0f} patches/s); "
           f"fast: {fast.describe()} ({fast_rate:.0f} patches/s)")
     print(f"test set: {len(test_y)} patches, {args.classes} classes; "
@@ -119,16 +121,6 @@ def main() -> None:
     print(f"top-1 agreement fast vs exact: {agreement * 100:.2f}% "
           f"({int(np.sum(pred_exact != pred_fast))} of {len(test_y)} differ; target >= 99.5%)")
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
