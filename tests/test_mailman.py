@@ -15,9 +15,7 @@ from sklearn.linear_model import SGDClassifier
 import spacer.data_classes
 import spacer.messages
 
-
-def loc(path) -> dict:
-    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
+from tests.support.locations import fs_loc as loc
 
 
 def _classify_job(tmp_path, feature_path):

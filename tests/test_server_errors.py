@@ -19,13 +19,10 @@ from spacer_core import config as core_config
 from spacer_core import exceptions as exc
 from spacer_core.client import SpacerClient
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
+from tests.support.locations import fs_loc as fs
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 Code = grpc.StatusCode
-
-
-def fs(path) -> dict:
-    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
 
 
 @pytest.fixture(scope="module")

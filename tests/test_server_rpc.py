@@ -23,12 +23,9 @@ from spacer.extractors import FeatureExtractor as SpExtractor  # noqa: E402
 from spacer.messages import ClassifyFeaturesMsg as SpClassifyFeaturesMsg  # noqa: E402
 from spacer.messages import ClassifyImageMsg as SpClassifyImageMsg  # noqa: E402
 from spacer.messages import ExtractFeaturesMsg as SpExtractMsg  # noqa: E402
+from tests.support.locations import fs_loc as fs
 
 ROWCOLS = [(10, 12), (40, 60), (71, 95)]
-
-
-def fs(path) -> dict:
-    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
 
 
 @pytest.fixture(scope="module")

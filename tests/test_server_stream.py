@@ -18,13 +18,10 @@ from spacer import tasks as sp_tasks  # noqa: E402
 from spacer.data_classes import DataLocation as SpLoc  # noqa: E402
 from spacer.extractors import FeatureExtractor as SpExtractor  # noqa: E402
 from spacer.messages import ClassifyImageMsg as SpClassifyImageMsg  # noqa: E402
+from tests.support.locations import fs_loc as fs
 
 N_REQUESTS = 200
 N_DISTINCT = 16
-
-
-def fs(path) -> dict:
-    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,10 @@ import spacer.storage
 import spacer.tasks
 from spacer_core import config, data_classes, messages, storage, tasks
 from spacer_core.exceptions import DataLimitError, FeatureDimensionError, RowColumnInvalidError
+from tests.support.locations import fs_loc as loc
 from tests.support.weights import make_weights
 
 FEATURE_DIM = 1280
-
-
-def loc(path) -> dict:
-    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
 
 
 @pytest.fixture(scope="module")
