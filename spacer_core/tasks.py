@@ -149,8 +149,7 @@ def classify_features(msg: ClassifyFeaturesMsg) -> ClassifyReturnMsg:
     start = time.time()
     features = ImageFeatures.load(msg.feature_loc)
     clf = load_classifier(msg.classifier_loc)
-    matrix = np.stack([np.asarray(pf.data, dtype=np.float64) for pf in features.point_features])
-    probs = score_features(clf, matrix, msg.feature_loc.key)
+    probs = score_features(clf, features.feat.astype(np.float64), msg.feature_loc.key)
     rowcols = [(pf.row, pf.col) for pf in features.point_features]
     return classify_return(start, rowcols, probs, clf, features.valid_rowcol)
 
@@ -161,9 +160,8 @@ def classify_image(msg: ClassifyImageMsg) -> ClassifyReturnMsg:
     rgb = load_checked_rgb(msg.image_loc, msg.rowcols)
     features, _ = msg.extractor.call_rgb(rgb, msg.rowcols)
     clf = load_classifier(msg.classifier_loc)
-    # The extractor returns one PointFeatures per requested point, in order.
-    matrix = np.stack([np.asarray(pf.data, dtype=np.float64) for pf in features.point_features])
-    probs = score_features(clf, matrix, msg.image_loc.key)
+    # The extractor returns one feature row per requested point, in order.
+    probs = score_features(clf, features.feat.astype(np.float64), msg.image_loc.key)
     return classify_return(start, list(msg.rowcols), probs, clf, True)
 
 
