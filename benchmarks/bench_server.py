@@ -29,7 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from spacer_core.client import SpacerClient  # noqa: E402
+from server.client import SpacerClient  # noqa: E402
 from tests.support.grpc_server import extractor_json, make_classifier  # noqa: E402
 from tests.support.weights import cached_weights  # noqa: E402
 

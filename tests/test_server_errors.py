@@ -17,7 +17,7 @@ from server.app import _RUNTIMES
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from spacer_core import config as core_config
 from spacer_core import exceptions as exc
-from spacer_core.client import SpacerClient
+from server.client import SpacerClient
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)

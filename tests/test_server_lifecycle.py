@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.app import _RUNTIMES
-from spacer_core.client import SpacerClient
+from server.client import SpacerClient
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)

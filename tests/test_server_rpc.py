@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
-from spacer_core.client import SpacerClient
+from server.client import SpacerClient
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from spacer_core import config as core_config
 from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)

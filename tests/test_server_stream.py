@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
-from spacer_core.client import SpacerClient
+from server.client import SpacerClient
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 

@@ -1,6 +1,6 @@
 """A small typed client for the spacer.v1.Spacer gRPC service.
 
-    from spacer_core.client import SpacerClient
+    from server.client import SpacerClient
 
     with SpacerClient("127.0.0.1:50051") as client:
         result = client.classify_image(extractor, [(100, 200)], "photo.jpg", classifier_loc)
