@@ -15,7 +15,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server import convert
 from server._proto.spacer.v1 import spacer_pb2
 from server.config import ServerConfig
 from server.engine import Engine
@@ -59,7 +58,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
     apply_library_limits(config)
     server = grpc.aio.server(options=server_options(config))
     engine = Engine(config)
-    servicer = SpacerServicer(engine, convert.Translator(config.data_roots))
+    servicer = SpacerServicer(engine)
     add_to_server(servicer, server)
 
     health_servicer = health.aio.HealthServicer()

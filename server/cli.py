@@ -51,8 +51,13 @@ def _setup_logging(level: str) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    from spacer_core.exceptions import InvalidDataError
+
     text = sys.stdin.read() if str(path) == "-" else path.read_text()
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidDataError(f"{path}: not JSON ({exc})") from None
 
 
 def _write_output(data: Any, output: Path | None) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from spacer_core.runtime import RuntimeSettings
+from spacer_core.storage import ALLOW_ALL, DataRootsPolicy, StoragePolicy
 
 MIB = 1024 * 1024
 
@@ -53,7 +56,6 @@ class ServerConfig:
     max_image_pixels: int | None = None
     max_points_per_image: int | None = None
     log_level: str = "INFO"
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -87,8 +89,20 @@ class ServerConfig:
         out["data_roots"] = [str(p) for p in self.data_roots] or "unrestricted"
         out["port_file"] = str(self.port_file) if self.port_file else None
         out["batch_size"] = self.batch_size or "auto (the backend's preferred size)"
-        out.pop("extra")
         return out
+
+    def runtime_settings(self) -> RuntimeSettings:
+        """How this server's runtime runs networks (device, precision, batching)."""
+        return RuntimeSettings(
+            device=None if self.device == "auto" else self.device,
+            precision=self.precision,
+            batch_size=self.batch_size,
+            queue_delay_s=self.queue_delay_ms / 1000.0,
+        )
+
+    def storage_policy(self) -> StoragePolicy:
+        """What clients of this server may read and write."""
+        return DataRootsPolicy(self.data_roots) if self.data_roots else ALLOW_ALL
 
 
 def _bool(text: str) -> bool:

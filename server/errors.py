@@ -12,18 +12,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import json
 import logging
-import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
-from PIL import UnidentifiedImageError
 
+from spacer_core import crop
 from spacer_core import exceptions as spacer_exc
 
 logger = logging.getLogger("server.rpc")
@@ -43,116 +40,40 @@ def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-class QueueFullError(Exception):
-    """The server admitted as much work as it is configured to hold."""
-
-
-class DataRootError(PermissionError):
-    """A filesystem DataLocation lies outside the configured data roots."""
-
-
-def _boto_status(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
-    """Status of a botocore error, or None when exc is not one."""
-    try:
-        from botocore.exceptions import (
-            ClientError,
-            ConnectionError as BotoConnectionError,
-            NoCredentialsError,
-        )
-    except ImportError:  # pragma: no cover - boto3 is a dependency
-        return None
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        http = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound") or http == 404:
-            return grpc.StatusCode.NOT_FOUND, str(exc)
-        if code in ("403", "AccessDenied") or http == 403:
-            return grpc.StatusCode.PERMISSION_DENIED, str(exc)
-        if http is not None and int(http) >= 500:
-            return grpc.StatusCode.UNAVAILABLE, str(exc)
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, BotoConnectionError):
-        return grpc.StatusCode.UNAVAILABLE, f"storage unreachable: {exc}"
-    if isinstance(exc, NoCredentialsError):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    return None
+# Library error categories and their status codes, most specific first. Only
+# library types are mapped: any other exception is a bug, reported as INTERNAL.
+_STATUS_BY_CATEGORY: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (spacer_exc.DataNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (spacer_exc.AccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (spacer_exc.ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (spacer_exc.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (spacer_exc.InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (spacer_exc.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    # The Rust decoder's own types: undecodable bytes, a crop it cannot serve.
+    (crop.ImageDecodeError, grpc.StatusCode.INVALID_ARGUMENT),
+    (crop.PatchError, grpc.StatusCode.INVALID_ARGUMENT),
+)
 
 
 def _url_status(exc: spacer_exc.URLDownloadError) -> grpc.StatusCode:
-    original = exc.original_error
-    http = getattr(original, "code", None) or getattr(
-        getattr(original, "response", None), "status_code", None
-    )
-    if http == 404:
+    if exc.http_status == 404:
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(http, int) and 400 <= http < 500:
+    if exc.http_status is not None and 400 <= exc.http_status < 500:
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.UNAVAILABLE
 
 
-def _inference_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """Status of a batcher error; the module is only inspected once something loaded it."""
-    batcher = sys.modules.get("spacer_core.inference.batcher")
-    if batcher is None:
-        return None
-    if isinstance(exc, batcher.QueueFullError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, batcher.BatcherClosedError):
-        return grpc.StatusCode.UNAVAILABLE, f"server is shutting down: {exc}"
-    return None
-
-
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """(code, message) for a known failure; None for an unexpected one."""
-    code = grpc.StatusCode
-    inference = _inference_status(exc)
-    if inference is not None:
-        return inference
+    """(code, message) for a request or library error; None for an unexpected one."""
     if isinstance(exc, RequestError):
         return exc.code, exc.message
-    if isinstance(exc, QueueFullError):
-        return code.RESOURCE_EXHAUSTED, str(exc) or "server queue is full; retry later"
-    if isinstance(exc, spacer_exc.DataLimitError):
-        return code.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, (spacer_exc.HashMismatchError, spacer_exc.ConfigError)):
-        return code.FAILED_PRECONDITION, str(exc)
-    feature_dim = getattr(spacer_exc, "FeatureDimensionError", None)
-    if feature_dim is not None and isinstance(exc, feature_dim):
-        return code.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, (spacer_exc.RowColumnMismatchError, spacer_exc.RowColumnMissingError)):
-        return code.NOT_FOUND, str(exc)
     if isinstance(exc, spacer_exc.URLDownloadError):
         return _url_status(exc), str(exc)
-    if isinstance(exc, DataRootError):
-        return code.PERMISSION_DENIED, str(exc)
-    if isinstance(exc, FileNotFoundError):
-        name = exc.filename if exc.filename is not None else str(exc)
-        return code.NOT_FOUND, f"file not found: {name}"
-    if isinstance(exc, KeyError):
-        # Memory storage and lookups by key raise KeyError(key).
-        key = exc.args[0] if exc.args else ""
-        return code.NOT_FOUND, f"key not found: {key}"
-    boto = _boto_status(exc) if isinstance(exc, Exception) else None
-    if boto is not None:
-        return boto
-    if isinstance(exc, (ConnectionError, socket.timeout, TimeoutError)):
-        return code.UNAVAILABLE, f"storage unreachable: {exc}"
-    if isinstance(
-        exc,
-        (
-            spacer_exc.RowColumnInvalidError,
-            spacer_exc.TrainingLabelsError,
-            UnidentifiedImageError,
-            json.JSONDecodeError,
-        ),
-    ):
-        return code.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, OSError) and "image file is truncated" in str(exc):
-        return code.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, (ValueError, TypeError)) and not isinstance(exc, UnicodeError):
-        # The library signals malformed messages with ValueError/TypeError.
-        return code.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, crop.InternalCropError):
+        return None
+    for category, code in _STATUS_BY_CATEGORY:
+        if isinstance(exc, category):
+            return code, str(exc)
     return None
 
 
@@ -183,6 +104,8 @@ def describe(
         logger.error("internal error ref=%s context=%s", ref, context, exc_info=exc)
         return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see server log"
     status, message = known
+    if status == grpc.StatusCode.PERMISSION_DENIED:
+        message = _name_the_field(message, locations)
     if context and context not in message:
         message = f"{context}: {message}"
     if status in _NAME_THE_FILES and locations:
@@ -194,6 +117,16 @@ def describe(
                 shown += f" and {more} more"
             message = f"{message} (request locations: {shown})"
     return status, message
+
+
+def _name_the_field(message: str, locations: Sequence[str]) -> str:
+    """Prefix the request field whose location the message is about, when it names none."""
+    for entry in locations:
+        name, _, where = entry.partition("=")
+        key = where.rsplit("/", 1)[-1] if where.startswith("s3://") else where
+        if key and key in message:
+            return message if message.startswith(name) else f"{name}: {message}"
+    return message
 
 
 def request_locations(message: Any) -> list[str]:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -16,8 +13,12 @@ import grpc
 from server import convert
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
-from server.engine import Engine, inline_image
+from server.engine import Engine
 from server.errors import describe, invalid, request_locations, rpc_method
+from spacer_core import tasks
+from spacer_core.exceptions import InvalidInputError
+from spacer_core.messages import ClassifyFeaturesMsg, JobMsg
+from spacer_core.storage import require_writable
 
 logger = logging.getLogger(__name__)
 
@@ -27,71 +28,44 @@ class TrainingCancelled(Exception):
 
 
 class SpacerServicer(pb_grpc.SpacerServicer):
-    """The Spacer service; image work goes through `engine`."""
+    """The Spacer service: translate requests, call the library through `engine`, translate back."""
 
-    def __init__(self, engine: Engine, translator: convert.Translator):
+    def __init__(self, engine: Engine):
         self.engine = engine
-        self.translate = translator
-
-    # ------------------------------------------------------------ helpers
-
-    @contextlib.contextmanager
-    def _image_loc(self, req: Any) -> Iterator[Any]:
-        """The request's image as a DataLocation (inline bytes live in memory storage)."""
-        source = req.WhichOneof("image")
-        if source == "image_loc":
-            yield self.translate.location(req.image_loc, "image_loc")
-        elif source == "image_bytes":
-            with inline_image(req.image_bytes, req.job_token) as loc:
-                yield loc
-        else:
-            raise invalid("an image is required: set image_loc or image_bytes")
 
     async def _classify_one(self, req: pb.ClassifyImageRequest) -> pb.ClassifyResponse:
-        with self._image_loc(req) as image_loc:
-            msg = self.translate.classify_image_msg(req, image_loc)
-            result = await self.engine.classify_image(msg)
-        return convert.classify_response(result, req.job_token)
+        job = convert.image_job(req, classify=True)
+        return convert.classify_response(await self.engine.run_image(job), req.job_token)
 
     # ------------------------------------------------------------ unary
 
     @rpc_method
     async def ExtractFeatures(self, request, context):
-        from spacer_core.data_classes import ImageFeatures
-
-        feature_loc = self.translate.optional_location(request, "feature_loc")
+        feature_loc = convert.optional_location(request, "feature_loc")
         if feature_loc is None and not request.return_features:
             raise invalid("feature_loc is required unless return_features is set")
-        if feature_loc is not None and not feature_loc.is_writable:
-            raise invalid(f"feature_loc {feature_loc.key!r} is not writable storage")
+        if feature_loc is not None:
+            with convert.field("feature_loc"):
+                require_writable(feature_loc)
+        job = convert.image_job(request, feature_loc=feature_loc)
         async with self.engine.admission.try_enter():
-            with contextlib.ExitStack() as stack:
-                image_loc = stack.enter_context(self._image_loc(request))
-                if feature_loc is None:
-                    # Nothing to keep: the features go to memory and come back inline.
-                    feature_loc = stack.enter_context(
-                        _scratch_location(f"features/{request.job_token or 'image'}")
-                    )
-                msg = self.translate.extract_msg(request, image_loc, feature_loc)
-                result = await self.engine.extract_features(msg)
-                features = None
-                if request.return_features:
-                    loaded = await self.engine.call(ImageFeatures.load, feature_loc)
-                    features = convert.features_proto(loaded)
+            result = await self.engine.run_image(job)
         return pb.ExtractFeaturesResponse(
             job_token=request.job_token,
-            extractor_loaded_remotely=bool(result.extractor_loaded_remotely),
+            extractor_loaded_remotely=result.loaded_remotely,
             runtime=float(result.runtime),
-            features=features,
+            features=convert.features_proto(result) if request.return_features else None,
         )
 
     @rpc_method
     async def ClassifyFeatures(self, request, context):
-        from spacer_core import tasks
-
-        msg = self.translate.classify_features_msg(request)
+        msg = ClassifyFeaturesMsg(
+            job_token=request.job_token,
+            feature_loc=convert.location(request.feature_loc, "feature_loc"),
+            classifier_loc=convert.location(request.classifier_loc, "classifier_loc"),
+        )
         result = await self.engine.call(tasks.classify_features, msg)
-        return convert.classify_response(result, request.job_token)
+        return convert.classify_return_response(result, request.job_token)
 
     @rpc_method
     async def ClassifyImage(self, request, context):
@@ -100,20 +74,16 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
     @rpc_method
     async def RunJob(self, request, context):
-        from spacer_core import tasks
-        from spacer_core.messages import JobMsg
-
         try:
             data = json.loads(request.job_msg_json)
         except json.JSONDecodeError as exc:
             raise invalid(f"job_msg_json is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise invalid("job_msg_json must be a JSON object (a pyspacer JobMsg)")
-        self.translate.check_json_locations(data)
         try:
             job = JobMsg.deserialize(data)
-        except (KeyError, TypeError, AssertionError) as exc:
-            raise invalid(f"job_msg_json is not a valid JobMsg: {exc!r}") from None
+        except (KeyError, TypeError, AssertionError, InvalidInputError) as exc:
+            raise invalid(f"job_msg_json is not a valid JobMsg: {exc}") from None
         result = await self.engine.call(tasks.process_job, job)
         return pb.RunJobResponse(
             job_return_msg_json=json.dumps(result.serialize()),
@@ -125,18 +95,18 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     async def LoadModel(self, request, context):
         which = request.WhichOneof("model")
         if which == "extractor":
-            extractor = self.translate.extractor(request.extractor)
-            model = await self.engine.load_extractor(extractor)
+            model = await self.engine.load_extractor(convert.extractor(request.extractor))
         elif which == "classifier_loc":
-            loc = self.translate.location(request.classifier_loc, "classifier_loc")
+            loc = convert.location(request.classifier_loc, "classifier_loc")
             model = await self.engine.load_classifier(loc)
         else:
             raise invalid("set extractor or classifier_loc")
-        return _loaded_proto(model)
+        return convert.loaded_proto(model)
 
     @rpc_method
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[_loaded_proto(m) for m in self.engine.models.list()])
+        models = self.engine.runtime.loaded_models()
+        return pb.ListModelsResponse(models=[convert.loaded_proto(m) for m in models])
 
     # ------------------------------------------------------------ streams
 
@@ -197,9 +167,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     @rpc_method
     async def TrainClassifier(self, request, context):
         """Streams one TrainProgress per epoch, then the TrainResult."""
-        from spacer_core import tasks
-
-        msg = self.translate.train_msg(request)
+        msg = convert.train_msg(request, request.trainer or "minibatch")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[pb.TrainProgress] = asyncio.Queue()
         stop = threading.Event()
@@ -245,30 +213,6 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                 valresult_loc=request.valresult_loc,
             ),
         )
-
-
-@contextlib.contextmanager
-def _scratch_location(name: str) -> Iterator[Any]:
-    """A memory DataLocation removed on exit."""
-    from spacer_core.data_classes import DataLocation
-    from spacer_core.storage import storage_factory
-
-    key = f"scratch/{id(object())}-{time.monotonic_ns()}/{name}"
-    try:
-        yield DataLocation("memory", key)
-    finally:
-        with contextlib.suppress(KeyError):
-            storage_factory("memory").delete(key)
-
-
-def _loaded_proto(model: Any) -> pb.LoadedModel:
-    return pb.LoadedModel(
-        kind=model.kind,
-        name=model.name,
-        classes=[convert.label_proto(c) for c in model.classes],
-        feature_dim=model.feature_dim,
-        load_seconds=model.load_seconds,
-    )
 
 
 def add_to_server(servicer: SpacerServicer, server: grpc.aio.Server) -> None:

@@ -9,6 +9,7 @@ import numpy.typing as npt
 __all__ = [
     "PatchError",
     "ImageDecodeError",
+    "InternalCropError",
     "UnsupportedFormatError",
     "ImageTooLargeError",
     "ImageInfo",
@@ -29,6 +30,9 @@ class PatchError(ValueError):
 
 class ImageDecodeError(ValueError):
     """The bytes are not a decodable image (corrupt, truncated header, unsupported layout)."""
+
+class InternalCropError(RuntimeError):
+    """A bug in crop_rs (a caught panic): not the caller's fault."""
 
 class UnsupportedFormatError(ImageDecodeError):
     """Neither JPEG nor PNG: decode such files with Pillow instead."""

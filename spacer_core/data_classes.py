@@ -20,7 +20,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from spacer_core import config
-from spacer_core.exceptions import RowColumnMismatchError, RowColumnMissingError
+from spacer_core.exceptions import InvalidDataError, InvalidInputError, RowColumnMismatchError, RowColumnMissingError
+from spacer_core.locations import Location
+from spacer_core.locations import require as _require
 from spacer_core.storage import RemoteStorage, load_bytes, storage_factory, store_bytes  # noqa: F401  (pyspacer names)
 
 # Labels may be ints or strings (anything scikit-learn accepts as a target).
@@ -28,19 +30,6 @@ LabelId: TypeAlias = int | str
 Annotation: TypeAlias = tuple[int, int, LabelId]
 FeatureLabelPair: TypeAlias = tuple[np.ndarray, LabelId]
 FeatureLabelBatch: TypeAlias = tuple[list[np.ndarray], list[LabelId]]
-
-
-class InvalidDataError(ValueError, AssertionError):
-    """A data class or message was built from invalid values.
-
-    Also an AssertionError, because pyspacer signals these cases with
-    ``assert`` and callers may catch that.
-    """
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise InvalidDataError(message)
 
 
 class DataClass(ABC):
@@ -53,7 +42,7 @@ class DataClass(ABC):
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{loc.key}: not a JSON {cls.__name__} ({err}).") from err
+            raise InvalidDataError(f"{loc.key}: not a JSON {cls.__name__} ({err}).") from err
         return cls.deserialize(data)
 
     def store(self, loc: DataLocation) -> None:
@@ -84,64 +73,10 @@ class DataClass(ABC):
         return mine.keys() == theirs.keys() and all(mine[k] == theirs[k] for k in mine)
 
 
-class DataLocation(DataClass):
+class DataLocation(Location, DataClass):
     """Where a piece of data lives: a path, a memory key, a URL or an S3 key."""
 
-    def __init__(self, storage_type: str, key: str, bucket_name: str | None = None):
-        _require(
-            storage_type in config.STORAGE_TYPES,
-            f"Storage type not valid: {storage_type!r} (expected one of {config.STORAGE_TYPES}).",
-        )
-        if storage_type == "s3":
-            _require(bucket_name is not None, "Need bucket_name to use s3.")
-        self.storage_type = storage_type
-        self.key = key
-        self.bucket_name = bucket_name
-
-    @classmethod
-    def example(cls) -> DataLocation:
-        return cls("memory", "my_blob")
-
-    @property
-    def filename(self) -> str:
-        """Last part of the key's path (of the URL's path, for url locations)."""
-        path = urlparse(self.key).path if self.storage_type == "url" else self.key
-        return Path(path).name
-
-    @property
-    def is_remote(self) -> bool:
-        return self.storage_type in ("url", "s3")
-
-    @property
-    def is_writable(self) -> bool:
-        return self.storage_type != "url"
-
-    @classmethod
-    def deserialize(cls, data: Mapping[str, Any]) -> DataLocation:
-        if not isinstance(data, Mapping):
-            raise InvalidDataError(f"A DataLocation must be a JSON object, got {data!r}.")
-        unknown = set(data) - {"storage_type", "key", "bucket_name"}
-        _require(not unknown, f"Unknown DataLocation fields {sorted(unknown)} in {dict(data)!r}.")
-        _require("storage_type" in data and "key" in data, f"DataLocation needs storage_type and key: {dict(data)!r}.")
-        return cls(data["storage_type"], data["key"], data.get("bucket_name"))
-
-    def serialize(self) -> dict[str, Any]:
-        return {"storage_type": self.storage_type, "key": self.key, "bucket_name": self.bucket_name}
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, DataLocation):
-            return NotImplemented
-        return (self.storage_type, self.key, self.bucket_name) == (
-            other.storage_type,
-            other.key,
-            other.bucket_name,
-        )
-
-    def __hash__(self) -> int:
-        return hash((self.storage_type, self.key, self.bucket_name))
-
-    def __repr__(self) -> str:
-        return f"DataLocation({self.storage_type!r}, {self.key!r}, bucket_name={self.bucket_name!r})"
+    __hash__ = Location.__hash__
 
 
 class ImageLabels(DataClass):
@@ -476,7 +411,7 @@ class ImageFeatures(DataClass):
 
     def _index(self, rowcol: tuple[int, int]) -> int:
         if not self.valid_rowcol:
-            raise ValueError("Method not supported for legacy features")
+            raise InvalidInputError("Method not supported for legacy features")
         return self._rchash[(rowcol[0], rowcol[1])]
 
     def __getitem__(self, rowcol: tuple[int, int]) -> np.ndarray:
@@ -568,7 +503,7 @@ class ImageFeatures(DataClass):
             assert self._rows is not None and self._cols is not None
             for name, values in (("row", self._rows), ("column", self._cols)):
                 if values.size and (values.min() < 0 or values.max() > np.iinfo(np.uint16).max):
-                    raise ValueError(f"A {name} outside 0..65535 cannot be stored in a feature file.")
+                    raise InvalidInputError(f"A {name} outside 0..65535 cannot be stored in a feature file.")
             rows = self._rows.astype(np.uint16)
             cols = self._cols.astype(np.uint16)
         else:
@@ -587,15 +522,15 @@ class ImageFeatures(DataClass):
                         return cls.from_arrays(feat, rows=npz["rows"], cols=npz["cols"])
                     return cls.from_arrays(feat)
             except (KeyError, ValueError, OSError, zipfile.BadZipFile, InvalidDataError) as err:
-                raise ValueError(f"{source}: not a valid feature file ({err}).") from err
+                raise InvalidDataError(f"{source}: not a valid feature file ({err}).") from err
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{source}: not a feature file (neither npz nor JSON).") from err
+            raise InvalidDataError(f"{source}: not a feature file (neither npz nor JSON).") from err
         try:
             return cls.deserialize(data)
         except (InvalidDataError, ValueError) as err:
-            raise ValueError(f"{source}: not a valid legacy feature file ({err}).") from err
+            raise InvalidDataError(f"{source}: not a valid legacy feature file ({err}).") from err
 
     @classmethod
     def load(cls, loc: DataLocation, filesystem_cache: str | None = None) -> ImageFeatures:

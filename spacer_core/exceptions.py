@@ -1,15 +1,67 @@
-"""Exception classes, named and shaped as pyspacer's so callers can catch either."""
+"""The library's exceptions: one hierarchy, with pyspacer's names.
+
+Every error the library raises on purpose derives from `SpacerError` through
+one of a few categories, and a transport maps only those categories (the gRPC
+server turns them into status codes; anything else is a bug and becomes
+INTERNAL). pyspacer's exception classes keep their names, and built-in bases
+where callers may catch those (`ValueError`, `KeyError`, `FileNotFoundError`,
+`PermissionError`).
+"""
+
+from __future__ import annotations
 
 
-class ConfigError(Exception):
+class SpacerError(Exception):
+    """Base of every error the library raises on purpose."""
+
+
+# --- categories -------------------------------------------------------------
+
+
+class InvalidInputError(SpacerError, ValueError):
+    """The caller's input is malformed or inconsistent."""
+
+
+class DataNotFoundError(SpacerError):
+    """A location, key or point the input names does not exist."""
+
+
+class AccessDeniedError(SpacerError, PermissionError):
+    """The storage policy refuses this location."""
+
+
+class PreconditionError(SpacerError):
+    """The input is well formed but the data it names cannot be used as it is."""
+
+
+class ResourceLimitError(SpacerError):
+    """A size or capacity limit was reached."""
+
+
+class UnavailableError(SpacerError):
+    """A store or service the work depends on cannot be reached now; retrying may help."""
+
+
+# --- pyspacer's classes and specific errors ---------------------------------
+
+
+class InvalidDataError(InvalidInputError, AssertionError):
+    """A data class or message was built from invalid values.
+
+    Also an AssertionError, because pyspacer signals these cases with
+    ``assert`` and callers may catch that.
+    """
+
+
+class ConfigError(PreconditionError):
     """A setting is missing or has a value of the wrong form."""
 
 
-class DataLimitError(Exception):
+class DataLimitError(ResourceLimitError):
     """An image or point list exceeds MAX_IMAGE_PIXELS / MAX_POINTS_PER_IMAGE."""
 
     @classmethod
-    def too_many_pixels(cls, image_key: str, width: int, height: int, limit: int) -> "DataLimitError":
+    def too_many_pixels(cls, image_key: str, width: int, height: int, limit: int) -> DataLimitError:
         """The error for an image over the pixel limit, in pyspacer's words."""
         subject = f"Image {image_key}" if image_key else "Image"
         return cls(
@@ -18,33 +70,39 @@ class DataLimitError(Exception):
         )
 
 
-class HashMismatchError(Exception):
+class HashMismatchError(PreconditionError):
     """An extractor file's sha256 differs from the one its message promised."""
 
 
-class RowColumnInvalidError(Exception):
+class RowColumnInvalidError(InvalidInputError):
     """A row or column is not an int, is negative, or lies outside the image."""
 
 
-class RowColumnMismatchError(Exception):
+class RowColumnMismatchError(DataNotFoundError):
     """A requested (row, col) is absent from a feature file."""
 
 
-class RowColumnMissingError(Exception):
+class RowColumnMissingError(DataNotFoundError):
     """A legacy feature file has no row/col information to index by."""
 
 
-class TrainingLabelsError(Exception):
+class TrainingLabelsError(InvalidInputError):
     """Training labels cannot form usable train / ref / val sets."""
 
 
-class URLDownloadError(Exception):
-    """Reading from a url DataLocation failed; keeps the underlying error."""
+class URLDownloadError(UnavailableError):
+    """Reading from a url DataLocation failed; keeps the underlying error.
+
+    `http_status` is the server's HTTP status when it answered (404 means
+    the URL names nothing), else None.
+    """
 
     def __init__(self, message: str, original_error: BaseException):
         super().__init__(message)
         self.message = message
         self.original_error = original_error
+        status = getattr(original_error, "code", None)
+        self.http_status: int | None = status if isinstance(status, int) else None
 
     def __str__(self) -> str:
         return (
@@ -54,5 +112,45 @@ class URLDownloadError(Exception):
         )
 
 
-class FeatureDimensionError(ValueError):
+class FeatureDimensionError(PreconditionError, ValueError):
     """Features have a different dimension from the one a classifier was trained on."""
+
+
+class StorageKeyError(DataNotFoundError, KeyError):
+    """No blob under this key in memory storage."""
+
+    def __str__(self) -> str:
+        # KeyError's str() quotes its argument; this message is a sentence.
+        return str(self.args[0]) if self.args else ""
+
+
+class StorageFileNotFoundError(DataNotFoundError, FileNotFoundError):
+    """No file at this filesystem location."""
+
+
+class StorageMissingObjectError(DataNotFoundError):
+    """No object under this S3 key (or no such bucket)."""
+
+
+class StorageUnavailableError(UnavailableError, ConnectionError):
+    """A remote store (S3, a URL's host) did not answer."""
+
+
+class StorageRequestError(PreconditionError):
+    """A remote store refused the request (bad bucket, credentials, ...)."""
+
+
+class ImageError(InvalidInputError):
+    """The bytes given as an image cannot be decoded."""
+
+
+class QueueFullError(ResourceLimitError):
+    """A bounded queue is full; try again later."""
+
+
+class ShuttingDownError(UnavailableError):
+    """The component was closed before this work could run."""
+
+
+class InvalidInputTypeError(InvalidInputError, TypeError):
+    """An input of the wrong type (also a TypeError, as Python raises for those)."""

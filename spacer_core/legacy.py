@@ -22,6 +22,8 @@ from typing import Any
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
+from spacer_core.exceptions import InvalidInputError
+
 # Modules of scikit-learn < 0.22 that no longer exist, and where their classes
 # live now (0.22 made the submodules private).
 _MODULE_RENAMES = {
@@ -64,9 +66,9 @@ def _upgrade_estimator(estimator: Any) -> None:
 def upgrade_classifier(clf: Any) -> CalibratedClassifierCV:
     """Check ``clf`` is a prefit CalibratedClassifierCV and bring old attributes up to date."""
     if not isinstance(clf, CalibratedClassifierCV):
-        raise ValueError(f"Loaded a {type(clf).__name__} instead of a CalibratedClassifierCV.")
+        raise InvalidInputError(f"Loaded a {type(clf).__name__} instead of a CalibratedClassifierCV.")
     if clf.cv != "prefit":
-        raise ValueError(
+        raise InvalidInputError(
             f"Loaded classifier has cv '{clf.cv}' instead of 'prefit'."
             f" Don't know how to check this classifier type for compatibility."
         )
@@ -96,6 +98,6 @@ def load_classifier_bytes(data: bytes, source: str = "<bytes>") -> CalibratedCla
             # latin1 reads Python 2 pickles' 8-bit strings (numpy buffers) unchanged.
             return ClassifierUnpickler(io.BytesIO(data), fix_imports=True, encoding="latin1").load()
         except ValueError as err:
-            raise ValueError(f"{source}: {err}") from err
+            raise InvalidInputError(f"{source}: {err}") from err
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as err:
-            raise ValueError(f"{source}: cannot load classifier ({type(err).__name__}: {err}).") from err
+            raise InvalidInputError(f"{source}: cannot load classifier ({type(err).__name__}: {err}).") from err

@@ -13,6 +13,7 @@ import os
 import sys
 from io import BytesIO
 
+from spacer_core.exceptions import ConfigError, InvalidInputError
 from spacer_core import config
 from spacer_core.data_classes import DataLocation
 from spacer_core.messages import JobMsg
@@ -29,14 +30,14 @@ def _location_from_env(name: str) -> DataLocation | None:
     try:
         return DataLocation.deserialize(json.loads(raw))
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{name} is not a DataLocation in JSON form: {raw!r} ({exc})") from exc
+        raise InvalidInputError(f"{name} is not a DataLocation in JSON form: {raw!r} ({exc})") from exc
 
 
 def env_job() -> int:
     """Run the job named by JOB_MSG_LOC; write its JobReturnMsg to RES_MSG_LOC if set."""
     job_loc = _location_from_env("JOB_MSG_LOC")
     if job_loc is None:
-        raise ValueError("JOB_MSG_LOC env. variable not set. Can not process job.")
+        raise ConfigError("JOB_MSG_LOC env. variable not set. Can not process job.")
     logger.info("Received job from %s", job_loc.key)
 
     with config.log_entry_and_exit("job message loading"):

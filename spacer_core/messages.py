@@ -4,8 +4,7 @@ JSON forms are pyspacer 0.14.0's; pyspacer 0.5.0's forms are accepted on
 input (see ``TrainClassifierMsg.deserialize``).
 
 Extractor and trainer fields are resolved through ``spacer_core.extractors``
-and ``spacer_core.train_classifier``; those are imported inside functions
-because they import this module.
+and ``spacer_core.train_classifier``, which sit below this module.
 """
 
 from __future__ import annotations
@@ -13,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
+from spacer_core.exceptions import InvalidInputError
 from spacer_core import config
 from spacer_core.data_classes import (
     DataClass,
@@ -26,9 +26,9 @@ from spacer_core.data_classes import (
     is_legacy_image_labels,
 )
 
-if TYPE_CHECKING:
-    from spacer_core.extractors import FeatureExtractor
-    from spacer_core.train_classifier import ClassifierTrainer
+from spacer_core.extractors import EfficientNetExtractor, FeatureExtractor
+from spacer_core.task_io import ExtractFeaturesReturnMsg, TrainClassifierReturnMsg, TrainingTaskLabels
+from spacer_core.train_classifier import ClassifierTrainer, trainer_factory
 
 __all__ = [
     "DataLocation",
@@ -46,8 +46,6 @@ __all__ = [
 
 
 def _deserialize_extractor(data: Mapping[str, Any]) -> FeatureExtractor:
-    from spacer_core.extractors import FeatureExtractor
-
     return FeatureExtractor.deserialize(data)
 
 
@@ -90,7 +88,6 @@ class ExtractFeaturesMsg(DataClass):
 
     @classmethod
     def example(cls) -> ExtractFeaturesMsg:
-        from spacer_core.extractors import EfficientNetExtractor
 
         return cls(
             job_token="123abc",
@@ -120,73 +117,6 @@ class ExtractFeaturesMsg(DataClass):
             image_loc=DataLocation.deserialize(data["image_loc"]),
             feature_loc=DataLocation.deserialize(data["feature_loc"]),
         )
-
-
-class ExtractFeaturesReturnMsg(DataClass):
-    """Output of extract_features."""
-
-    def __init__(self, extractor_loaded_remotely: bool, runtime: float):
-        self.extractor_loaded_remotely = extractor_loaded_remotely
-        self.runtime = runtime
-
-    @classmethod
-    def example(cls) -> ExtractFeaturesReturnMsg:
-        return cls(extractor_loaded_remotely=True, runtime=2.1)
-
-    @classmethod
-    def deserialize(cls, data: Mapping[str, Any]) -> ExtractFeaturesReturnMsg:
-        return cls(extractor_loaded_remotely=data["extractor_loaded_remotely"], runtime=data["runtime"])
-
-
-_SET_NAMES = ("train", "ref", "val")
-
-
-@dataclasses.dataclass
-class TrainingTaskLabels:
-    """The three annotation sets of a training task.
-
-    train: what the classifier learns from; ref: held out, scored every
-    epoch and used to calibrate (should fit in one training batch); val:
-    scores the finished classifier. ``task_utils.preprocess_labels`` builds
-    this from one ImageLabels.
-    """
-
-    train: ImageLabels
-    ref: ImageLabels
-    val: ImageLabels
-
-    def __getitem__(self, item: str) -> ImageLabels:
-        if item not in _SET_NAMES:
-            raise KeyError(item)
-        return getattr(self, item)  # type: ignore[no-any-return]
-
-    def __setitem__(self, item: str, value: ImageLabels) -> None:
-        if item not in _SET_NAMES:
-            raise KeyError(item)
-        setattr(self, item, value)
-
-    @property
-    def label_count(self) -> int:
-        return self.train.label_count + self.ref.label_count + self.val.label_count
-
-    @property
-    def has_remote_data(self) -> bool:
-        return self.train.has_remote_data or self.ref.has_remote_data or self.val.has_remote_data
-
-    def set_filesystem_cache(self, dir_path: str | None) -> None:
-        for name in _SET_NAMES:
-            self[name].set_filesystem_cache(dir_path)
-
-    def serialize(self) -> dict[str, Any]:
-        return {name: self[name].serialize() for name in _SET_NAMES}
-
-    @classmethod
-    def deserialize(cls, data: Mapping[str, Any]) -> TrainingTaskLabels:
-        return cls(**{name: ImageLabels.deserialize(data[name]) for name in _SET_NAMES})
-
-    @classmethod
-    def example(cls) -> TrainingTaskLabels:
-        return cls(train=ImageLabels.example(), ref=ImageLabels.example(), val=ImageLabels.example())
 
 
 def split_legacy_train_labels(train_labels: ImageLabels, batch_label_count: int = 5000) -> tuple[ImageLabels, ImageLabels]:
@@ -236,7 +166,6 @@ class TrainClassifierMsg(DataClass):
     ):
         """``trainer``: a ClassifierTrainer, ``'minibatch'`` or a dotted class path."""
         if isinstance(trainer, str):
-            from spacer_core.train_classifier import trainer_factory
 
             trainer = trainer_factory(trainer)
         self.job_token = job_token
@@ -283,7 +212,6 @@ class TrainClassifierMsg(DataClass):
         """Read 0.14.0 JSON, or 0.5.0's (``trainer_name``, ``train_labels``,
         ``val_labels``, ``features_loc``; train/ref split as 0.5.0 made it)."""
         if "trainer_name" in data:
-            from spacer_core.train_classifier import trainer_factory
 
             trainer = trainer_factory(data["trainer_name"])
         elif "trainer" in data:
@@ -313,7 +241,6 @@ class TrainClassifierMsg(DataClass):
 
 def _trainer_from_json(raw: Any) -> ClassifierTrainer:
     """A trainer from its JSON object, or from a bare name / class path string."""
-    from spacer_core.train_classifier import ClassifierTrainer, trainer_factory
 
     if isinstance(raw, str):
         return trainer_factory(raw)
@@ -330,24 +257,6 @@ def _legacy_training_labels(data: Mapping[str, Any]) -> TrainingTaskLabels:
 
     train, ref = split_legacy_train_labels(read(data["train_labels"]), config.TRAINING_BATCH_LABEL_COUNT)
     return TrainingTaskLabels(train=train, ref=ref, val=read(data["val_labels"]))
-
-
-class TrainClassifierReturnMsg(DataClass):
-    """Output of train_classifier: accuracies and runtime."""
-
-    def __init__(self, acc: float, pc_accs: list[float], ref_accs: list[float], runtime: float):
-        self.acc = acc
-        self.pc_accs = pc_accs
-        self.ref_accs = ref_accs
-        self.runtime = runtime
-
-    @classmethod
-    def example(cls) -> TrainClassifierReturnMsg:
-        return cls(acc=0.7, pc_accs=[0.4, 0.5, 0.6], ref_accs=[0.55, 0.65, 0.64, 0.67, 0.70], runtime=123.4)
-
-    @classmethod
-    def deserialize(cls, data: Mapping[str, Any]) -> TrainClassifierReturnMsg:
-        return cls(acc=data["acc"], pc_accs=data["pc_accs"], ref_accs=data["ref_accs"], runtime=data["runtime"])
 
 
 class ClassifyFeaturesMsg(DataClass):
@@ -401,7 +310,6 @@ class ClassifyImageMsg(DataClass):
 
     @classmethod
     def example(cls) -> ClassifyImageMsg:
-        from spacer_core.extractors import EfficientNetExtractor
 
         return cls(
             job_token="my_job",
@@ -455,7 +363,7 @@ class ClassifyReturnMsg(DataClass):
     def __getitem__(self, rowcol: tuple[int, int]) -> list[float]:
         """Scores of the point at (row, col); needs valid_rowcol."""
         if not self.valid_rowcol:
-            raise ValueError("Method requires valid rows and columns")
+            raise InvalidInputError("Method requires valid rows and columns")
         by_rowcol = {(row, col): scores for row, col, scores in self.scores}
         return by_rowcol[(rowcol[0], rowcol[1])]
 

@@ -7,27 +7,38 @@ here too.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import pickle
+import sys
 import tempfile
 import threading
 import urllib.request
-from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
+from contextvars import ContextVar
 from http.client import HTTPException
 from io import BytesIO
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Hashable, Union
+from typing import IO, TYPE_CHECKING, Any, Literal, Union
 from urllib.error import URLError
 
 from PIL import Image
 
 from spacer_core import config
-from spacer_core.exceptions import URLDownloadError
+from spacer_core.exceptions import (
+    AccessDeniedError,
+    InvalidInputError,
+    StorageFileNotFoundError,
+    StorageKeyError,
+    StorageMissingObjectError,
+    StorageRequestError,
+    StorageUnavailableError,
+    URLDownloadError,
+)
+from spacer_core.locations import Location
 
 if TYPE_CHECKING:
     from sklearn.calibration import CalibratedClassifierCV
-
-    from spacer_core.data_classes import DataLocation
 
 # Anything store() accepts: a BytesIO (pyspacer's type), any binary file
 # object, or plain bytes.
@@ -134,14 +145,14 @@ class MemoryStorage(Storage):
         try:
             return self.blobs[key]
         except KeyError:
-            raise KeyError(f"No blob with key {key!r} in memory storage.") from None
+            raise StorageKeyError(f"No blob with key {key!r} in memory storage.") from None
 
     def delete(self, key: str) -> None:
         with self._lock:
             try:
                 del self.blobs[key]
             except KeyError:
-                raise KeyError(f"No blob with key {key!r} in memory storage.") from None
+                raise StorageKeyError(f"No blob with key {key!r} in memory storage.") from None
 
     def exists(self, key: str) -> bool:
         return key in self.blobs
@@ -266,7 +277,11 @@ def _global_memory_storage() -> MemoryStorage:
 
 
 def storage_factory(storage_type: str, bucket_name: str | None = None) -> Storage:
-    """The Storage for a DataLocation's ``storage_type`` (and bucket, for s3)."""
+    """The Storage for a Location's ``storage_type`` (and bucket, for s3).
+
+    The objects it returns read and write without consulting the storage
+    policy; the library itself goes through the location functions below.
+    """
     if storage_type == "filesystem":
         return FileSystemStorage()
     if storage_type == "memory":
@@ -275,116 +290,214 @@ def storage_factory(storage_type: str, bucket_name: str | None = None) -> Storag
         return URLStorage()
     if storage_type == "s3":
         if bucket_name is None:
-            raise ValueError("bucket_name must be a string for s3 storage")
+            raise InvalidInputError("bucket_name must be a string for s3 storage")
         return S3Storage(bucket_name=bucket_name)
-    raise ValueError(f"Unknown storage type {storage_type!r}; expected one of {config.STORAGE_TYPES}.")
+    raise InvalidInputError(
+        f"Unknown storage type {storage_type!r}; expected one of {config.STORAGE_TYPES}.")
 
 
-def _storage_for(loc: DataLocation) -> Storage:
-    return storage_factory(loc.storage_type, loc.bucket_name)
+# --- the policy seam ----------------------------------------------------------
+
+Access = Literal["read", "write", "delete"]
 
 
-def load_bytes(loc: DataLocation, filesystem_cache: str | None = None) -> BytesIO:
+class StoragePolicy:
+    """Decides which locations may be read, written or deleted.
+
+    The base class allows everything (pyspacer's behaviour, the library's
+    default). Subclasses refuse with `AccessDeniedError`; a refusal never
+    says whether the location exists.
+    """
+
+    def check(self, loc: Location, access: Access) -> None:
+        """Raise AccessDeniedError when `access` to `loc` is not allowed."""
+
+    def describe(self) -> str:
+        return "any location"
+
+
+ALLOW_ALL = StoragePolicy()
+
+
+class DataRootsPolicy(StoragePolicy):
+    """Filesystem locations only under the given directories (symlinks resolved).
+
+    Other storage types are left to `others` (allowed by default).
+    """
+
+    def __init__(self, roots: Sequence[str | os.PathLike[str]], others: StoragePolicy = ALLOW_ALL):
+        if not roots:
+            raise ValueError("DataRootsPolicy needs at least one root")
+        self.roots = tuple(Path(os.path.realpath(r)) for r in roots)
+        self.others = others
+
+    def check(self, loc: Location, access: Access) -> None:
+        if loc.storage_type != "filesystem":
+            self.others.check(loc, access)
+            return
+        # realpath resolves `..` and every symlink, also of a path that does
+        # not exist yet (a file about to be written).
+        path = Path(os.path.realpath(loc.key))
+        if not any(path.is_relative_to(root) for root in self.roots):
+            raise AccessDeniedError(f"{loc.key!r} is outside the allowed data roots")
+
+    def describe(self) -> str:
+        return "filesystem under " + ", ".join(map(str, self.roots))
+
+
+_policy: ContextVar[StoragePolicy | None] = ContextVar("spacer_storage_policy", default=None)
+
+
+def active_policy() -> StoragePolicy:
+    """The policy that applies to storage access from this context."""
+    return _policy.get() or ALLOW_ALL
+
+
+@contextlib.contextmanager
+def policy_scope(policy: StoragePolicy) -> Iterator[StoragePolicy]:
+    """Apply `policy` to every storage access made in this context (and copies of it)."""
+    token = _policy.set(policy)
+    try:
+        yield policy
+    finally:
+        _policy.reset(token)
+
+
+def check_access(loc: Location, access: Access) -> None:
+    """Raise AccessDeniedError unless the active policy allows `access` to `loc`.
+
+    For code that must open a local file itself (a path handed to another
+    library); everything else goes through the functions below, which check.
+    """
+    active_policy().check(loc, access)
+
+
+@contextlib.contextmanager
+def _access(loc: Location, access: Access) -> Iterator[Storage]:
+    """The one gate to storage: checks the policy, then maps store errors to library ones."""
+    check_access(loc, access)
+    storage = storage_factory(loc.storage_type, loc.bucket_name)
+    try:
+        yield storage
+    except FileNotFoundError as err:
+        if isinstance(err, StorageFileNotFoundError):
+            raise
+        raise StorageFileNotFoundError(f"{loc.describe()}: file not found") from err
+    except IsADirectoryError as err:
+        raise InvalidInputError(f"{loc.describe()}: is a directory, not a file") from err
+    except PermissionError as err:
+        if isinstance(err, AccessDeniedError):
+            raise
+        raise AccessDeniedError(f"{loc.describe()}: permission denied") from err
+    except Exception as err:
+        _raise_boto_error(loc, err)
+        raise
+
+
+def _raise_boto_error(loc: Location, err: Exception) -> None:
+    """Re-raise a botocore error as the library's; returns for anything else."""
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is None:
+        return
+    where = loc.describe()
+    if isinstance(err, botocore.ClientError):
+        error = err.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        http = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound") or http == 404:
+            raise StorageMissingObjectError(f"{where}: no such object ({code or http})") from err
+        if code in ("403", "AccessDenied") or http == 403:
+            raise AccessDeniedError(f"{where}: access denied by S3 ({code or http})") from err
+        if http is not None and int(http) >= 500:
+            raise StorageUnavailableError(f"{where}: S3 answered {http} ({code})") from err
+        raise StorageRequestError(f"{where}: S3 refused the request: {code or http}") from err
+    if isinstance(err, (botocore.EndpointConnectionError, botocore.ConnectionError,
+                        botocore.ReadTimeoutError, botocore.ConnectTimeoutError)):
+        raise StorageUnavailableError(f"{where}: S3 endpoint unreachable") from err
+    if isinstance(err, botocore.NoCredentialsError):
+        raise StorageRequestError(f"{where}: no AWS credentials configured") from err
+
+
+def load_bytes(loc: Location, filesystem_cache: str | None = None) -> BytesIO:
     """The content at ``loc`` (remote locations may use ``filesystem_cache``)."""
-    storage = _storage_for(loc)
-    if isinstance(storage, RemoteStorage):
-        return storage.load(loc.key, filesystem_cache)
-    return storage.load(loc.key)
+    with _access(loc, "read") as storage:
+        if isinstance(storage, RemoteStorage):
+            return storage.load(loc.key, filesystem_cache)
+        return storage.load(loc.key)
 
 
-def store_bytes(loc: DataLocation, data: Payload) -> None:
+def require_writable(loc: Location) -> None:
+    """Raise InvalidInputError for a location of a read-only storage type."""
+    if not loc.is_writable:
+        raise InvalidInputError(f"{loc.describe()}: {loc.storage_type} storage is read-only")
+
+
+def store_bytes(loc: Location, data: Payload) -> None:
     """Save ``data`` at ``loc``."""
-    _storage_for(loc).store(loc.key, data)
+    require_writable(loc)
+    with _access(loc, "write") as storage:
+        storage.store(loc.key, data)
 
 
-def store_image(loc: DataLocation, img: Image.Image) -> None:
+def delete_data(loc: Location) -> None:
+    """Remove the data at ``loc``."""
+    with _access(loc, "delete") as storage:
+        storage.delete(loc.key)
+
+
+def data_exists(loc: Location) -> bool:
+    """Whether ``loc`` holds data."""
+    with _access(loc, "read") as storage:
+        return storage.exists(loc.key)
+
+
+def file_version(loc: Location) -> Hashable:
+    """A token that changes whenever the data at ``loc`` is replaced (None: unknown).
+
+    Local files give (mtime, size, inode); memory blobs their identity; remote
+    data has no cheap version and gives None.
+    """
+    with _access(loc, "read") as storage:
+        if loc.storage_type == "filesystem":
+            st = os.stat(loc.key)
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
+        if isinstance(storage, MemoryStorage):
+            return id(storage.get_bytes(loc.key))
+    return None
+
+
+def store_image(loc: Location, img: Image.Image) -> None:
     """Save ``img`` at ``loc`` as JPEG."""
     stream = BytesIO()
     img.save(stream, "JPEG")
-    _storage_for(loc).store(loc.key, stream)
+    store_bytes(loc, stream)
 
 
-def load_image(loc: DataLocation) -> Image.Image:
+def load_image(loc: Location) -> Image.Image:
     """Open the image at ``loc`` with Pillow (lazily decoded; truncated files allowed)."""
-    return Image.open(_storage_for(loc).load(loc.key))
+    return Image.open(load_bytes(loc))
 
 
-def store_classifier(loc: DataLocation, clf: CalibratedClassifierCV) -> None:
+def store_classifier(loc: Location, clf: CalibratedClassifierCV) -> None:
     """Pickle a fitted classifier to ``loc`` (protocol 2, readable by every pyspacer)."""
     if not hasattr(clf, "calibrated_classifiers_"):
-        raise ValueError("Only fitted classifiers can be stored.")
-    _storage_for(loc).store(loc.key, pickle.dumps(clf, protocol=2))
-    _classifier_cache.forget(loc)
+        raise InvalidInputError("Only fitted classifiers can be stored.")
+    store_bytes(loc, pickle.dumps(clf, protocol=2))
 
 
-class _ClassifierCache:
-    """A few recently loaded classifiers, reloaded when a local file changes.
-
-    pyspacer caches by location alone, which serves a stale model after a
-    file is overwritten; local files and memory blobs are therefore keyed on
-    their current state too. Remote locations are keyed on location alone.
-    """
-
-    def __init__(self, maxsize: int = 3):
-        self.maxsize = maxsize
-        self._entries: OrderedDict[DataLocation, tuple[Hashable, Any, CalibratedClassifierCV]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _version(loc: DataLocation) -> tuple[Hashable, Any]:
-        # Returns (version token, object kept alive with the entry).
-        if loc.storage_type == "filesystem":
-            st = os.stat(loc.key)
-            return (st.st_mtime_ns, st.st_size, st.st_ino), None
-        if loc.storage_type == "memory":
-            blob = _global_memory_storage().get_bytes(loc.key)
-            # Holding the blob keeps its id from being reused while cached.
-            return id(blob), blob
-        return None, None
-
-    def get(self, loc: DataLocation) -> CalibratedClassifierCV:
-        from spacer_core.legacy import load_classifier_bytes
-
-        version, keepalive = self._version(loc)
-        with self._lock:
-            entry = self._entries.get(loc)
-            if entry is not None and entry[0] == version:
-                self._entries.move_to_end(loc)
-                return entry[2]
-        if loc.storage_type == "memory":
-            data: bytes = keepalive
-        else:
-            data = _storage_for(loc).load(loc.key).getvalue()
-        clf = load_classifier_bytes(data, source=loc.key)
-        with self._lock:
-            self._entries[loc] = (version, keepalive, clf)
-            self._entries.move_to_end(loc)
-            while len(self._entries) > self.maxsize:
-                self._entries.popitem(last=False)
-        return clf
-
-    def forget(self, loc: DataLocation) -> None:
-        with self._lock:
-            self._entries.pop(loc, None)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-
-_classifier_cache = _ClassifierCache()
-
-
-def load_classifier(loc: DataLocation) -> CalibratedClassifierCV:
+def load_classifier(loc: Location) -> CalibratedClassifierCV:
     """Unpickle the classifier at ``loc``, upgrading pickles from older scikit-learn.
 
-    Recently loaded classifiers are cached (``load_classifier.cache_clear()``
-    empties the cache, as with pyspacer's lru_cache).
+    Not cached here: the tasks keep loaded classifiers in their runtime
+    (`spacer_core.runtime`), which reloads a classifier whose file changed.
     """
-    return _classifier_cache.get(loc)
+    from spacer_core.legacy import load_classifier_bytes
+
+    return load_classifier_bytes(load_bytes(loc).getvalue(), source=loc.key)
 
 
-load_classifier.cache_clear = _classifier_cache.clear  # type: ignore[attr-defined]
+# pyspacer's load_classifier is an lru_cache; code may call its cache_clear().
+load_classifier.cache_clear = lambda: None  # type: ignore[attr-defined]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from spacer_core import config
 from spacer_core.data_classes import ImageLabels, LabelId
 from spacer_core.exceptions import DataLimitError, RowColumnInvalidError, TrainingLabelsError
-from spacer_core.messages import TrainingTaskLabels
+from spacer_core.task_io import TrainingTaskLabels
 
 _SET_NAMES = ("train", "ref", "val")
 

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 
+from spacer_core.exceptions import InvalidInputError, InvalidInputTypeError
 from spacer_core import config
 from spacer_core.data_classes import ValResults
-from spacer_core.messages import TrainClassifierReturnMsg, TrainingTaskLabels
+from spacer_core.task_io import TrainClassifierReturnMsg, TrainingTaskLabels
 from spacer_core.train_utils import (
     EVAL_BATCH_SIZE,
     LabelledFeatures,
@@ -75,14 +76,14 @@ class ClassifierTrainer(abc.ABC):
         try:
             class_path = options.pop("class_path")
         except KeyError:
-            raise ValueError(f"Trainer data {data!r} has no 'class_path'.") from None
+            raise InvalidInputError(f"Trainer data {data!r} has no 'class_path'.") from None
         class_path = _TRAINER_ALIASES.get(class_path, class_path)
         module_path, _, class_name = class_path.rpartition(".")
         if not module_path:
-            raise ValueError(f"Unknown trainer {class_path!r}: not a built-in name or a dotted class path.")
+            raise InvalidInputError(f"Unknown trainer {class_path!r}: not a built-in name or a dotted class path.")
         trainer_class = getattr(import_module(module_path), class_name, None)
         if not (isinstance(trainer_class, type) and issubclass(trainer_class, ClassifierTrainer)):
-            raise TypeError(f"{class_path} is not a ClassifierTrainer subclass")
+            raise InvalidInputTypeError(f"{class_path} is not a ClassifierTrainer subclass")
         return trainer_class(**options)
 
     def __repr__(self) -> str:
@@ -144,7 +145,7 @@ class MiniBatchTrainer(ClassifierTrainer):
         progress: ProgressCallback | None = None,
     ) -> TrainResult:
         if clf_type not in config.CLASSIFIER_TYPES:
-            raise ValueError(f"Unknown clf_type {clf_type!r}; expected one of {config.CLASSIFIER_TYPES}.")
+            raise InvalidInputError(f"Unknown clf_type {clf_type!r}; expected one of {config.CLASSIFIER_TYPES}.")
         start = time.time()
         batch_size = self.batch_size or config.TRAINING_BATCH_LABEL_COUNT
         with config.log_entry_and_exit("loading training, reference and validation features"):
@@ -213,5 +214,5 @@ def trainer_factory(trainer: str | ClassifierTrainer) -> ClassifierTrainer:
     if isinstance(trainer, ClassifierTrainer):
         return trainer
     if not isinstance(trainer, str):
-        raise TypeError(f"A trainer must be a name, class path or ClassifierTrainer, got {type(trainer).__name__}.")
+        raise InvalidInputTypeError(f"A trainer must be a name, class path or ClassifierTrainer, got {type(trainer).__name__}.")
     return ClassifierTrainer.deserialize({"class_path": trainer})

@@ -12,6 +12,7 @@ to pyspacer's, MLP models identical up to the last-bit rounding of BLAS
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import tempfile
 import threading
@@ -29,6 +30,7 @@ from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels, LabelId
+from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
 
 # Called after each epoch with (epoch index, ref-set accuracy, seconds since
 # training started).
@@ -155,8 +157,11 @@ def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) 
     np.cumsum(counts, out=starts[1:])
     y = np.asarray([label for image in annotations for (_row, _col, label) in image])
 
+    # Readers run in the caller's context, so its storage policy applies to them.
+    context = contextvars.copy_context()
+
     def read(i: int) -> np.ndarray:
-        return _annotated_rows(labels, keys[i], annotations[i])
+        return context.copy().run(_annotated_rows, labels, keys[i], annotations[i])
 
     if not keys:
         return LabelledFeatures(np.empty((0, 0)), y, starts)
@@ -170,7 +175,7 @@ def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) 
         inexact: dict[int, np.ndarray] = {}
         for i, block in enumerate(_chain(first, blocks)):
             if block.shape[1] != dim:
-                raise ValueError(
+                raise FeatureDimensionError(
                     f"{keys[i].key}: features have dimension {block.shape[1]},"
                     f" but {keys[0].key} has dimension {dim}."
                 )
@@ -261,7 +266,7 @@ def make_classifier(
         return MLPClassifier(hidden_layer_sizes=hidden, learning_rate_init=rate)
     if clf_type == "LR":
         return SGDClassifier(loss=sgd_loss, average=sgd_average, random_state=sgd_random_state)
-    raise ValueError(f"Unknown classifier type {clf_type!r}; expected 'LR' or 'MLP'.")
+    raise InvalidInputError(f"Unknown classifier type {clf_type!r}; expected 'LR' or 'MLP'.")
 
 
 def train(
@@ -366,16 +371,16 @@ def evaluate_classifier(clf: Any, labels: ImageLabels) -> tuple[list, list, list
     data = load_labelled_features(labels)
     estimates, scores = predict_with_scores(clf, data)
     if len(data) == 0:
-        raise ValueError("Cannot evaluate a classifier on an empty label set.")
+        raise InvalidInputError("Cannot evaluate a classifier on an empty label set.")
     return data.y.tolist(), estimates.tolist(), scores.tolist()
 
 
 def calc_acc(gt: Sequence[Any], est: Sequence[Any]) -> float:
     """Fraction of positions where `gt` and `est` agree."""
     if len(gt) == 0 or len(est) == 0:
-        raise ValueError("Inputs can not be empty")
+        raise InvalidInputError("Inputs can not be empty")
     if len(gt) != len(est):
-        raise ValueError("Input gt and est must have the same length")
+        raise InvalidInputError("Input gt and est must have the same length")
     return sum(1 for g, e in zip(gt, est) if g == e) / len(gt)
 
 

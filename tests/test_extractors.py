@@ -25,7 +25,6 @@ from spacer_core import config
 from spacer_core.data_classes import DataLocation, InvalidDataError
 from spacer_core.exceptions import ConfigError, HashMismatchError
 from spacer_core.extractors import (
-    RUNNERS,
     DummyExtractor,
     EfficientNetExtractor,
     FeatureExtractor,
@@ -35,6 +34,7 @@ from spacer_core.extractors import (
     register_extractor_class,
 )
 from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS
+from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.storage import clear_memory_storage, storage_factory
 from tests.support.http_server import http_server  # noqa: F401  (fixture)
 from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
@@ -122,12 +122,13 @@ def test_features_match_pyspacer(efficientnet_weights: WeightsFile, record_prope
     assert msg.runtime > 0
 
 
-def test_batch_size_does_not_change_features(efficientnet_weights: WeightsFile, monkeypatch) -> None:
+def test_batch_size_does_not_change_features(efficientnet_weights: WeightsFile) -> None:
     image = _image(seed=1)
     extractor = _extractor(efficientnet_weights)
-    large, _ = extractor(image, POINTS)
-    monkeypatch.setattr(EfficientNetExtractor, "BATCH_SIZE", 4)
-    small, _ = extractor(image, POINTS)
+    with Runtime(RuntimeSettings(batch_size=16)).activate():
+        large, _ = extractor(image, POINTS)
+    with Runtime(RuntimeSettings(batch_size=4)).activate():
+        small, _ = extractor(image, POINTS)
     assert np.abs(_matrix(large) - _matrix(small)).max() <= 1e-5
 
 
@@ -160,21 +161,24 @@ def test_module_prefix_is_optional(efficientnet_weights: WeightsFile, tmp_path: 
 
 
 def test_network_is_loaded_once_per_weights(efficientnet_weights: WeightsFile, monkeypatch) -> None:
+    import spacer_core.runtime as runtime_module
+
     built: list[str] = []
-    original = EfficientNetExtractor.runner_factory
+    original = runtime_module.load_backend
 
-    def counting_factory(weights: bytes, name: str):
-        built.append(hashlib.sha256(weights).hexdigest())
-        return original(weights, name)
+    def counting_load(sha256, make_net, **kwargs):
+        built.append(sha256)
+        return original(sha256, make_net, **kwargs)
 
-    monkeypatch.setattr(EfficientNetExtractor, "runner_factory", staticmethod(counting_factory))
-    RUNNERS.clear()
+    monkeypatch.setattr(runtime_module, "load_backend", counting_load)
+    runtime = Runtime()
     image = _image(seed=3)
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            _extractor(efficientnet_weights)(image, POINTS[:1])
+            with runtime.activate():
+                _extractor(efficientnet_weights)(image, POINTS[:1])
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -184,46 +188,39 @@ def test_network_is_loaded_once_per_weights(efficientnet_weights: WeightsFile, m
     for t in threads:
         t.join()
     assert not errors
-    _extractor(efficientnet_weights)(image, POINTS[:1])
+    with runtime.activate():
+        _extractor(efficientnet_weights)(image, POINTS[:1])
     assert built == [efficientnet_weights.sha256]
 
 
-def test_run_network_is_the_single_entry(efficientnet_weights: WeightsFile, monkeypatch) -> None:
-    """Backends replace the runner; every batch must pass through _run_network."""
+def test_runtime_features_is_the_single_entry(efficientnet_weights: WeightsFile, monkeypatch) -> None:
+    """Every batch of an extractor call passes through the runtime's features(), batch_size at a time."""
     extractor = _extractor(efficientnet_weights)
-    extractor.load_runner()  # the default backend's runner is cached for these weights
     calls: list[tuple[int, ...]] = []
 
-    def fake_runner_factory(weights: bytes, name: str):
-        def run(batch: np.ndarray) -> np.ndarray:
-            calls.append(batch.shape)
-            assert batch.dtype == np.float32 and 0.0 <= batch.min() and batch.max() <= 1.0
-            return batch.mean(axis=(2, 3)).repeat(1280 // 3 + 1, axis=1)[:, :1280]
+    def fake_features(self, net, batch: np.ndarray) -> np.ndarray:
+        calls.append(batch.shape)
+        assert net.key == efficientnet_weights.sha256 and net.feature_dim == 1280
+        assert batch.dtype == np.float32 and 0.0 <= batch.min() and batch.max() <= 1.0
+        return batch.mean(axis=(2, 3)).repeat(1280 // 3 + 1, axis=1)[:, :1280]
 
-        return run
-
-    monkeypatch.setattr(EfficientNetExtractor, "runner_factory", staticmethod(fake_runner_factory))
-    monkeypatch.setattr(EfficientNetExtractor, "BATCH_SIZE", 4)
-    features, _ = extractor(_image(seed=4), POINTS)
+    runtime = Runtime(RuntimeSettings(batch_size=4))
+    monkeypatch.setattr(Runtime, "features", fake_features)
+    with runtime.activate():
+        features, _ = extractor(_image(seed=4), POINTS)
     assert calls == [(4, 3, 224, 224), (2, 3, 224, 224)]
     assert _matrix(features).shape == (len(POINTS), 1280)
 
 
 @pytest.mark.gpu
-def test_cuda_runner_matches_cpu(efficientnet_weights: WeightsFile) -> None:
-    from spacer_core.extractors import TorchRunner
+def test_cuda_network_matches_cpu(efficientnet_weights: WeightsFile) -> None:
+    from spacer_core.inference import EagerBackend, Precision
 
-    net = build_network(efficientnet_weights.path)
     batch = np.random.default_rng(0).random((4, 3, 224, 224), dtype=np.float32)
-    cpu = TorchRunner(net)(batch)
-    # TF32 convolutions (cuDNN's default) trade precision for speed; exact
-    # float32 is what the feature tolerance is defined against.
-    previous = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        cuda = TorchRunner(build_network(efficientnet_weights.path), device="cuda")(batch)
-    finally:
-        torch.backends.cudnn.allow_tf32 = previous
+    net = build_network(efficientnet_weights.path)
+    cpu = EagerBackend(net, torch.device("cpu"), Precision.EXACT).run(batch)
+    # EXACT mode turns TF32 off on CUDA: float32 is what the tolerance is defined against.
+    cuda = EagerBackend(net, torch.device("cuda"), Precision.EXACT).run(batch)
     assert np.abs(cpu - cuda).max() <= TOLERANCE
 
 

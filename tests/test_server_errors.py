@@ -16,6 +16,7 @@ from server import errors
 from server.app import _RUNTIMES
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from spacer_core import config as core_config
+from spacer_core import crop
 from spacer_core import exceptions as exc
 from server.client import SpacerClient
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
@@ -206,11 +207,13 @@ def test_data_roots_restrict_filesystem_locations(data, tmp_path):
         (exc.HashMismatchError("weights hash"), Code.FAILED_PRECONDITION),
         (exc.RowColumnMismatchError("(3, 4) not in f.fv"), Code.NOT_FOUND),
         (exc.TrainingLabelsError("one class"), Code.INVALID_ARGUMENT),
-        (FileNotFoundError(2, "No such file", "/d/x.jpg"), Code.NOT_FOUND),
-        (KeyError("mem/key"), Code.NOT_FOUND),
-        (ConnectionRefusedError("refused"), Code.UNAVAILABLE),
-        (errors.QueueFullError("full"), Code.RESOURCE_EXHAUSTED),
+        (exc.StorageFileNotFoundError("/d/x.jpg: file not found"), Code.NOT_FOUND),
+        (exc.StorageKeyError("No blob with key 'mem/key' in memory storage."), Code.NOT_FOUND),
+        (exc.StorageUnavailableError("s3://b/k: S3 endpoint unreachable"), Code.UNAVAILABLE),
+        (exc.QueueFullError("full"), Code.RESOURCE_EXHAUSTED),
+        (exc.AccessDeniedError("'/etc/x' is outside the allowed data roots"), Code.PERMISSION_DENIED),
         (exc.URLDownloadError("http://h/x.jpg", TimeoutError("slow")), Code.UNAVAILABLE),
+        (crop.ImageDecodeError("not an image"), Code.INVALID_ARGUMENT),
     ],
 )
 def test_status_for_known_errors(error, code):
@@ -219,16 +222,44 @@ def test_status_for_known_errors(error, code):
     assert message.startswith("tok: ")
 
 
-def test_boto_errors_map_by_http_status():
+@pytest.mark.parametrize(
+    "error",
+    [
+        KeyError("mem/key"),
+        ValueError("a library bug"),
+        FileNotFoundError(2, "No such file", "/d/x.jpg"),
+        ConnectionRefusedError("refused"),
+        crop.InternalCropError("internal error in crop_rs: index out of bounds"),
+    ],
+)
+def test_builtin_and_internal_errors_are_internal_not_the_clients_fault(error):
+    assert errors.status_for(error) is None
+    code, message = errors.describe(error, "tok")
+    assert code == Code.INTERNAL and "ref " in message
+
+
+def test_boto_errors_are_wrapped_by_storage_and_map_by_http_status():
     from botocore.exceptions import ClientError, EndpointConnectionError
+
+    from spacer_core.data_classes import DataLocation
+    from spacer_core.storage import _raise_boto_error
+
+    loc = DataLocation("s3", "k.jpg", "b")
+
+    def mapped(error):
+        with pytest.raises(exc.SpacerError) as raised:
+            _raise_boto_error(loc, error)
+        assert "s3://b/k.jpg" in str(raised.value)
+        return errors.status_for(raised.value)[0]
 
     def client_error(code, status):
         return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
 
-    assert errors.status_for(client_error("NoSuchKey", 404))[0] == Code.NOT_FOUND
-    assert errors.status_for(client_error("AccessDenied", 403))[0] == Code.PERMISSION_DENIED
-    assert errors.status_for(client_error("InternalError", 503))[0] == Code.UNAVAILABLE
-    assert errors.status_for(EndpointConnectionError(endpoint_url="http://x"))[0] == Code.UNAVAILABLE
+    assert mapped(client_error("NoSuchKey", 404)) == Code.NOT_FOUND
+    assert mapped(client_error("AccessDenied", 403)) == Code.PERMISSION_DENIED
+    assert mapped(client_error("InternalError", 503)) == Code.UNAVAILABLE
+    assert mapped(client_error("InvalidBucketName", 400)) == Code.FAILED_PRECONDITION
+    assert mapped(EndpointConnectionError(endpoint_url="http://x")) == Code.UNAVAILABLE
 
 
 def test_unexpected_errors_are_internal_with_a_generic_message_and_a_logged_traceback(caplog):
@@ -241,9 +272,7 @@ def test_unexpected_errors_are_internal_with_a_generic_message_and_a_logged_trac
 
 
 def test_storage_errors_without_a_file_name_list_the_request_locations():
-    from botocore.exceptions import ClientError
-
-    bare_404 = ClientError({"Error": {"Code": "404", "Message": "Not Found"}}, "HeadObject")
+    bare_404 = exc.StorageMissingObjectError("no such object (404)")
     code, message = errors.describe(bare_404, "", ["feature_loc=s3://b/f/a.fv", "classifier_loc=s3://b/m.pkl"])
     assert code == Code.NOT_FOUND
     assert "feature_loc=s3://b/f/a.fv" in message and "classifier_loc=s3://b/m.pkl" in message
@@ -251,8 +280,8 @@ def test_storage_errors_without_a_file_name_list_the_request_locations():
     _, message = errors.describe(bare_404, "", many)
     assert "and 14 more" in message and "/d/19.fv" not in message
     # A message that already names its file is left alone.
-    _, message = errors.describe(FileNotFoundError(2, "No such file", "/d/3.fv"), "", many)
-    assert message == "file not found: /d/3.fv"
+    _, message = errors.describe(exc.StorageFileNotFoundError("/d/3.fv: file not found"), "", many)
+    assert message == "/d/3.fv: file not found"
 
 
 def test_one_log_line_per_rpc_with_method_status_duration_and_token(client, data, caplog):

@@ -160,7 +160,8 @@ def _engine(server):
 
 
 def _batcher_patches(server) -> int:
-    return sum(b.stats.patches for b in _engine(server)._batchers.values())
+    batchers = _engine(server).runtime._batchers
+    return sum(b.stats.patches for b in map(batchers.peek, batchers.keys()) if b is not None)
 
 
 def assert_work_stopped(server, before: int, at_end: int, total: int) -> None:

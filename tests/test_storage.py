@@ -33,6 +33,7 @@ from spacer_core.storage import (
     store_classifier,
     store_image,
 )
+from spacer_core.runtime import Runtime
 from tests.support.http_server import http_server  # noqa: F401  (fixture)
 from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
 
@@ -417,6 +418,7 @@ def test_store_unfitted_classifier_is_refused():
 
 
 def test_classifier_cache_sees_overwritten_file(tmp_path):
+    load_classifier = Runtime().classifier
     loc = DataLocation("filesystem", str(tmp_path / "clf.pkl"))
     first, second = _fitted_classifier("LR", seed=1), _fitted_classifier("LR", seed=2)
     store_classifier(loc, first)
@@ -430,6 +432,7 @@ def test_classifier_cache_sees_overwritten_file(tmp_path):
 
 
 def test_classifier_cache_sees_replaced_memory_blob():
+    load_classifier = Runtime().classifier
     loc = DataLocation("memory", "clf.pkl")
     first, second = _fitted_classifier("LR", seed=1), _fitted_classifier("LR", seed=2)
     storage_factory("memory").store(loc.key, pickle.dumps(first, protocol=2))

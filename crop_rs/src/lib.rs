@@ -22,7 +22,7 @@ mod python {
         PyUntypedArrayMethods,
     };
     use pyo3::create_exception;
-    use pyo3::exceptions::PyValueError;
+    use pyo3::exceptions::{PyRuntimeError, PyValueError};
     use pyo3::prelude::*;
     use pyo3::pybacked::PyBackedBytes;
     use rayon::prelude::*;
@@ -42,6 +42,12 @@ mod python {
         ImageDecodeError,
         PyValueError,
         "The bytes are not a decodable image (corrupt, truncated header, unsupported layout)."
+    );
+    create_exception!(
+        _crop_rs,
+        InternalCropError,
+        PyRuntimeError,
+        "A bug in crop_rs (a caught panic): not the caller's fault."
     );
     create_exception!(
         _crop_rs,
@@ -80,7 +86,7 @@ mod python {
     }
 
     /// Runs `f` without the GIL; a panic (a bug, never expected) becomes an
-    /// ImageDecodeError instead of unwinding into Python. PyErr values made
+    /// InternalCropError instead of unwinding into Python. PyErr values made
     /// with `new_err` are lazy, so building them without the GIL is fine.
     fn guarded<T: Send>(py: Python<'_>, f: impl FnOnce() -> PyResult<T> + Send) -> PyResult<T> {
         py.allow_threads(|| catch_unwind(AssertUnwindSafe(f)))
@@ -90,7 +96,7 @@ mod python {
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
-                Err(ImageDecodeError::new_err(format!(
+                Err(InternalCropError::new_err(format!(
                     "internal error in crop_rs: {what}"
                 )))
             })
@@ -350,6 +356,7 @@ mod python {
         let py = m.py();
         m.add("PatchError", py.get_type::<PatchError>())?;
         m.add("ImageDecodeError", py.get_type::<ImageDecodeError>())?;
+        m.add("InternalCropError", py.get_type::<InternalCropError>())?;
         m.add(
             "UnsupportedFormatError",
             py.get_type::<UnsupportedFormatError>(),

@@ -18,26 +18,31 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import import_module
 from io import BytesIO
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
-from spacer_core import config
-from spacer_core.crop import CROP_SIZE, to_rgb_array
-from spacer_core.data_classes import DataLocation, ImageFeatures, InvalidDataError
-from spacer_core.exceptions import ConfigError, HashMismatchError
-from spacer_core.storage import load_bytes, write_file_atomic
-
-if TYPE_CHECKING:
-    from spacer_core.messages import ExtractFeaturesReturnMsg
+from spacer_core import config, runtime
+from spacer_core.crop import CROP_SIZE, crop_array_into_chw, to_rgb_array
+from spacer_core.data_classes import DataLocation, ImageFeatures
+from spacer_core.exceptions import (
+    ConfigError,
+    HashMismatchError,
+    InvalidDataError,
+    InvalidInputError,
+    StorageFileNotFoundError,
+)
+from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS, canonical_class_path
+from spacer_core.inference.network import NetworkSpec
+from spacer_core.storage import check_access, load_bytes, write_file_atomic
+from spacer_core.task_io import ExtractFeaturesReturnMsg
 
 RowCol = tuple[int, int]
 
@@ -60,38 +65,13 @@ class ExtractorData:
             return f.read()
 
 
-class _FileHashes:
-    """sha256 of local files, remembered per (path, device, inode, size, mtime)."""
-
-    def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple[int, int, int, int], str]] = {}
-        self._lock = threading.Lock()
-
-    def sha256(self, path: str) -> str:
-        st = os.stat(path)
-        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        with self._lock:
-            known = self._known.get(path)
-        if known is not None and known[0] == version:
-            return known[1]
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        sha = digest.hexdigest()
-        with self._lock:
-            self._known[path] = (version, sha)
-        return sha
-
-
-FILE_HASHES = _FileHashes()
-
-
 class FeatureExtractor(abc.ABC):
     """Base class: crops patches at points and turns them into feature vectors.
 
     Subclasses name the files they need in DATA_LOCATION_KEYS and implement
-    `feature_dim` and `extract_rgb` (uint8 RGB pixels and points -> features).
+    `feature_dim`, and either `network()` (a network the pipeline runs on
+    float32 patches, batched across callers by the runtime) or `extract_rgb`
+    (uint8 RGB pixels and points -> features, for extractors without one).
     """
 
     DATA_LOCATION_KEYS: ClassVar[list[str]] = []
@@ -112,7 +92,8 @@ class FeatureExtractor(abc.ABC):
         self.data_locations = dict(data_locations)
         for key in self.DATA_LOCATION_KEYS:
             if key not in self.data_locations:
-                raise ValueError(f"{key} must be present in data_locations for {type(self).__name__}.")
+                raise InvalidInputError(
+                    f"{key} must be present in data_locations for {type(self).__name__}.")
         self.data_hashes = dict(data_hashes or {})
 
     # --- extraction ---------------------------------------------------------
@@ -136,12 +117,10 @@ class FeatureExtractor(abc.ABC):
     def _extract(
         self, rowcols: Sequence[RowCol], run: Callable[[list[RowCol]], tuple[np.ndarray, bool]]
     ) -> tuple[ImageFeatures, ExtractFeaturesReturnMsg]:
-        from spacer_core.messages import ExtractFeaturesReturnMsg
-
         start = time.time()
         points = [(int(r), int(c)) for r, c in rowcols]
         if not points:
-            raise ValueError(f"{type(self).__name__} needs at least one (row, col) point.")
+            raise InvalidInputError(f"{type(self).__name__} needs at least one (row, col) point.")
         feats, loaded_remotely = run(points)
         features = ImageFeatures.from_arrays(feats, [p[0] for p in points], [p[1] for p in points])
         return features, ExtractFeaturesReturnMsg(
@@ -154,9 +133,41 @@ class FeatureExtractor(abc.ABC):
             rgb = to_rgb_array(im)
         return self.extract_rgb(rgb, rowcols)
 
-    @abc.abstractmethod
     def extract_rgb(self, rgb: np.ndarray, rowcols: Sequence[RowCol]) -> tuple[np.ndarray, bool]:
-        """uint8 HxWx3 image and points -> ((N, feature_dim) features, loaded-remotely flag)."""
+        """uint8 HxWx3 image and points -> ((N, feature_dim) features, loaded-remotely flag).
+
+        Network extractors crop into the network's float32 input and run it
+        in the current runtime, a batch at a time.
+        """
+        found = self.network()
+        if found is None:
+            raise NotImplementedError(f"{type(self).__name__} implements neither network() nor extract_rgb()")
+        net, loaded_remotely = found
+        active = runtime.current()
+        batch_size = active.settings.batch_size or active.backend(net).preferred_batch_size
+        feats = np.empty((len(rowcols), net.feature_dim), dtype=np.float32)
+        buffer = np.empty((min(len(rowcols), batch_size), 3, self.CROP_SIZE, self.CROP_SIZE), np.float32)
+        with config.log_entry_and_exit("forward pass through net"):
+            for start in range(0, len(rowcols), batch_size):
+                points = rowcols[start : start + batch_size]
+                batch = buffer[: len(points)]
+                crop_array_into_chw(rgb, points, batch, self.CROP_SIZE)
+                feats[start : start + len(points)] = active.features(net, batch)
+        return feats, loaded_remotely
+
+    def network(self) -> tuple[NetworkSpec, bool] | None:
+        """The network that turns float32 (N, 3, 224, 224) patches into features, and
+        whether its files came from remote storage; None for extractors without one.
+
+        Extractors with a network are batchable: the pipeline crops straight
+        into the network's input and the runtime batches patches across calls.
+        """
+        return None
+
+    @property
+    def batchable(self) -> bool:
+        """Whether patches of this extractor can be batched across calls (it has a network)."""
+        return type(self).network is not FeatureExtractor.network
 
     @property
     @abc.abstractmethod
@@ -177,8 +188,6 @@ class FeatureExtractor(abc.ABC):
     @staticmethod
     def deserialize(data: Mapping[str, Any]) -> FeatureExtractor:
         """Rebuild an extractor from its JSON form; pyspacer 0.5.0+ class paths are understood."""
-        from spacer_core.extractors.class_paths import resolve_class_path
-
         if not isinstance(data, Mapping) or "class_path" not in data:
             raise InvalidDataError(f"An extractor must be a JSON object with a class_path, got {data!r}")
         fields = dict(data)
@@ -225,7 +234,11 @@ class FeatureExtractor(abc.ABC):
         """Locate and hash-check the file of `key`, downloading remote files into the cache."""
         loc = self.data_locations[key]
         if loc.storage_type == "filesystem":
-            sha = FILE_HASHES.sha256(loc.key)
+            check_access(loc, "read")
+            try:
+                sha = runtime.current().file_hashes.sha256(loc.key)
+            except FileNotFoundError:
+                raise StorageFileNotFoundError(f"{loc.describe()}: file not found") from None
             self._check_data_hash(sha, key)
             return ExtractorData(key, sha, False, path=loc.key)
         if not loc.is_remote:
@@ -236,7 +249,7 @@ class FeatureExtractor(abc.ABC):
 
         cached = self.data_filepath_for_cache(key)
         if cached.exists():
-            sha = FILE_HASHES.sha256(str(cached))
+            sha = runtime.current().file_hashes.sha256(str(cached))
             # A cached copy that no longer matches its hash (edited, or
             # written by an older download) is fetched again, not trusted.
             if key not in self.data_hashes or sha == self.data_hashes[key]:
@@ -265,3 +278,39 @@ class FeatureExtractor(abc.ABC):
         cached = self.data_filepath_for_cache(key)
         write_file_atomic(cached, data.read())
         return str(cached), False
+
+
+# Extractor classes defined outside spacer_core, registered by their users.
+_REGISTERED: dict[str, type[FeatureExtractor]] = {}
+
+
+def register_extractor_class(class_path: str, extractor_class: type) -> None:
+    """Let messages name `extractor_class` (a FeatureExtractor subclass) by `class_path`."""
+    if not (isinstance(extractor_class, type) and issubclass(extractor_class, FeatureExtractor)):
+        raise TypeError(f"{extractor_class!r} is not a FeatureExtractor subclass")
+    _REGISTERED[class_path] = extractor_class
+
+
+def resolve_class_path(class_path: object) -> type[FeatureExtractor]:
+    """The FeatureExtractor subclass that `class_path` names; InvalidDataError if none.
+
+    Only this package's modules are imported: a class path in a message must
+    not make the process import arbitrary (pyspacer or third-party) code.
+    """
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise InvalidDataError(f"Extractor class_path must be a dotted path string, got {class_path!r}")
+    if class_path in _REGISTERED:
+        return _REGISTERED[class_path]
+    module_path, class_name = canonical_class_path(class_path).rsplit(".", 1)
+    found = None
+    if module_path == "spacer_core" or module_path.startswith("spacer_core."):
+        try:
+            found = getattr(import_module(module_path), class_name, None)
+        except ImportError:
+            found = None
+    if isinstance(found, type) and issubclass(found, FeatureExtractor):
+        return found
+    raise InvalidDataError(
+        f"Unknown extractor class_path {class_path!r}; expected one of {sorted(KNOWN_CLASS_PATHS)},"
+        " a FeatureExtractor subclass in spacer_core, or a path given to register_extractor_class()"
+    )

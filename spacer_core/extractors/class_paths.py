@@ -4,15 +4,11 @@ pyspacer writes `class_path` as the dotted path of the extractor class, and
 the module holding each class moved between releases. Every path a pyspacer
 release (0.5.0 to 0.14.0) or this package writes resolves here; any other
 path must name a FeatureExtractor subclass inside spacer_core or one
-registered with `register_extractor_class` (unlike pyspacer, a message
-cannot make this process import an arbitrary module).
+registered with `register_extractor_class` (see
+`spacer_core.extractors.base.resolve_class_path`).
 """
 
 from __future__ import annotations
-
-from importlib import import_module
-
-from spacer_core.data_classes import InvalidDataError
 
 # Class name -> every module path it has been written under.
 _MODULES_BY_CLASS: dict[str, tuple[str, ...]] = {
@@ -44,43 +40,17 @@ KNOWN_CLASS_PATHS: frozenset[str] = frozenset(
     f"{module}.{name}" for name, modules in _MODULES_BY_CLASS.items() for module in modules
 )
 
-# Extractor classes defined outside spacer_core, registered by their users.
-_REGISTERED: dict[str, type] = {}
+# Where each class lives in this package.
+_HOME = {
+    "EfficientNetExtractor": "spacer_core.extractors.efficientnet",
+    "VGG16CaffeExtractor": "spacer_core.extractors.vgg16",
+    "DummyExtractor": "spacer_core.extractors.dummy",
+}
 
 
-def register_extractor_class(class_path: str, extractor_class: type) -> None:
-    """Let messages name `extractor_class` (a FeatureExtractor subclass) by `class_path`."""
-    from spacer_core.extractors.base import FeatureExtractor
-
-    if not (isinstance(extractor_class, type) and issubclass(extractor_class, FeatureExtractor)):
-        raise TypeError(f"{extractor_class!r} is not a FeatureExtractor subclass")
-    _REGISTERED[class_path] = extractor_class
-
-
-def resolve_class_path(class_path: object) -> type:
-    """The FeatureExtractor subclass that `class_path` names; InvalidDataError if none."""
-    from spacer_core import extractors
-    from spacer_core.extractors.base import FeatureExtractor
-
-    if not isinstance(class_path, str) or "." not in class_path:
-        raise InvalidDataError(f"Extractor class_path must be a dotted path string, got {class_path!r}")
+def canonical_class_path(class_path: str) -> str:
+    """This package's path for a class path any pyspacer release wrote; others unchanged."""
     if class_path in KNOWN_CLASS_PATHS:
-        return getattr(extractors, class_path.rsplit(".", 1)[1])
-    if class_path in _REGISTERED:
-        return _REGISTERED[class_path]
-
-    module_path, class_name = class_path.rsplit(".", 1)
-    found = None
-    # Only this package's modules are imported: a class path in a message
-    # must not make us import arbitrary (pyspacer or third-party) code.
-    if module_path == "spacer_core" or module_path.startswith("spacer_core."):
-        try:
-            found = getattr(import_module(module_path), class_name, None)
-        except ImportError:
-            found = None
-    if isinstance(found, type) and issubclass(found, FeatureExtractor):
-        return found
-    raise InvalidDataError(
-        f"Unknown extractor class_path {class_path!r}; expected one of {sorted(KNOWN_CLASS_PATHS)},"
-        " a FeatureExtractor subclass in spacer_core, or a path given to register_extractor_class()"
-    )
+        name = class_path.rsplit(".", 1)[1]
+        return f"{_HOME[name]}.{name}"
+    return class_path

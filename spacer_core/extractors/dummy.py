@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from spacer_core.data_classes import DataLocation
+from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors.base import FeatureExtractor, RowCol
 
 
@@ -31,7 +32,7 @@ class DummyExtractor(FeatureExtractor):
     ):
         super().__init__(data_locations or {}, **kwargs)
         if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
-            raise ValueError(f"DummyExtractor feature_dim must be a positive int, got {feature_dim!r}")
+            raise InvalidInputError(f"DummyExtractor feature_dim must be a positive int, got {feature_dim!r}")
         self._feature_dim = feature_dim
 
     @property

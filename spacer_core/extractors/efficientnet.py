@@ -9,19 +9,15 @@ dropout are training-time regularisers and are left out.
 """
 
 import os
-from collections.abc import Sequence
 from typing import ClassVar, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from spacer_core import config
-from spacer_core.crop import crop_array_into_chw
-from spacer_core.extractors.base import FeatureExtractor, RowCol
-from spacer_core.extractors.runner import RUNNERS, NetworkRunner, RunnerFactory, TorchRunner
+from spacer_core.extractors.base import FeatureExtractor
 from spacer_core.extractors.torch_weights import WeightsSource, load_into, read_state_dict
+from spacer_core.inference.network import NetworkSpec
 
 INPUT_SIZE = 224
 FEATURE_DIM = 1280
@@ -204,66 +200,22 @@ def build_network(source: WeightsSource, name: str | None = None) -> EfficientNe
     return net
 
 
-def torch_runner_factory(weights: bytes, name: str) -> NetworkRunner:
-    """Default backend: eager PyTorch on CPU."""
-    return TorchRunner(build_network(weights, name))
-
-
-def compiled_runner_factory(weights: bytes, name: str) -> NetworkRunner:
-    """Default backend: compiled once per weights file by spacer_core.inference.
-
-    ONNX Runtime on CPU, TorchScript on CUDA, eager PyTorch if those fail.
-    """
-    from spacer_core.inference import network_runner  # lazy: inference imports this module
-
-    return network_runner(weights, name)
-
-
 class EfficientNetExtractor(FeatureExtractor):
     """CoralNet 1.0's extractor: EfficientNet-b0 weights in a PyTorch file -> 1280-d features.
 
-    The network stays loaded between calls (keyed by the weights' sha256);
-    every forward pass goes through `_run_network`.
+    The network is compiled once per weights file (keyed by its sha256) and
+    kept by the runtime between calls.
     """
 
     DATA_LOCATION_KEYS: ClassVar[list[str]] = ["weights"]
     PYSPACER_CLASS_PATH: ClassVar[str | None] = "spacer.extractors.efficientnet.EfficientNetExtractor"
-    # Patches per forward pass. pyspacer uses 10; features agree to ~3e-6
-    # whatever the batch size. Larger batches amortise per-call overhead; 16
-    # keeps the eager-mode activation memory of one call bounded.
-    BATCH_SIZE: ClassVar[int] = 16
-    # Backends plug in here: (weights bytes, file label) -> runner. Loaded
-    # runners are cached per (factory, weights sha256), so swapping the
-    # factory never serves a runner the previous one built.
-    runner_factory: ClassVar[RunnerFactory] = staticmethod(compiled_runner_factory)  # type: ignore[assignment]
 
     @property
     def feature_dim(self) -> int:
         return FEATURE_DIM
 
-    def load_runner(self) -> tuple[NetworkRunner, bool]:
-        """The loaded network for this extractor's weights, and whether they came from remote storage."""
+    def network(self) -> tuple[NetworkSpec, bool]:
         data = self.resolve_data("weights")
-        label = f"'{self.data_locations['weights'].key}'"
-        factory = type(self).runner_factory
-        runner = RUNNERS.get((factory, data.sha256), lambda: factory(data.read(), label))
-        return runner, data.remote_loaded
-
-    @staticmethod
-    def _run_network(runner: NetworkRunner, batch: np.ndarray) -> np.ndarray:
-        """The one place patches meet the network: float32 (N, 3, 224, 224) -> float32 (N, 1280)."""
-        return runner(batch)
-
-    def extract_rgb(self, rgb: np.ndarray, rowcols: Sequence[RowCol]) -> tuple[np.ndarray, bool]:
-        runner, loaded_remotely = self.load_runner()
-        n = len(rowcols)
-        size = self.CROP_SIZE
-        feats = np.empty((n, FEATURE_DIM), dtype=np.float32)
-        buffer = np.empty((min(n, self.BATCH_SIZE), 3, size, size), dtype=np.float32)
-        with config.log_entry_and_exit("forward pass through net"):
-            for start in range(0, n, self.BATCH_SIZE):
-                points = rowcols[start : start + self.BATCH_SIZE]
-                batch = buffer[: len(points)]
-                crop_array_into_chw(rgb, points, batch, size)
-                feats[start : start + len(points)] = self._run_network(runner, batch)
-        return feats, loaded_remotely
+        label = self.data_locations["weights"].describe()
+        spec = NetworkSpec(data.sha256, FEATURE_DIM, lambda: build_network(data.read(), label), label)
+        return spec, data.remote_loaded

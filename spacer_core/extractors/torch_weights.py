@@ -19,12 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from spacer_core.exceptions import PreconditionError
+
 WeightsSource = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", BinaryIO]
 
 DATAPARALLEL_PREFIX = "module."
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(PreconditionError, ValueError):
     """A weights file cannot be read, or does not fit the network it is meant for."""
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from spacer_core.exceptions import QueueFullError, ShuttingDownError
 from spacer_core.inference.backends import (
     PATCH_SHAPE,
     Backend,
@@ -50,11 +51,7 @@ from spacer_core.inference.backends import (
 
 logger = logging.getLogger(__name__)
 
-class QueueFullError(RuntimeError):
-    """The batcher's queue is at its bound; try again later (gRPC: RESOURCE_EXHAUSTED)."""
-
-
-class BatcherClosedError(RuntimeError):
+class BatcherClosedError(ShuttingDownError):
     """The batcher was closed before this request could run."""
 
 

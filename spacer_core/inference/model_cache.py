@@ -148,6 +148,12 @@ class ModelCache(Generic[K, V]):
         with self._lock:
             return len(self._entries)
 
+    def peek(self, key: K) -> V | None:
+        """The cached value, without loading it or changing its recency."""
+        with self._lock:
+            entry = self._entries.get(key)
+        return entry[0] if entry is not None else None
+
     def keys(self) -> list[K]:
         """Keys from least to most recently used."""
         with self._lock:

@@ -1,0 +1,185 @@
+"""The one path from image bytes to features and scores, for every caller.
+
+    job = ImageJob(extractor, rowcols, image=DataLocation(...) or b"...jpeg bytes...",
+                   feature_loc=..., classifier_loc=...)
+    result = pipeline.run(job)                         # tasks, CLI: features in this thread
+    result = await pipeline.run_async(job, runtime, call)  # server: shared dynamic batcher
+
+Each image goes: load bytes -> check limits and points from the header (no
+pixel decoded yet) -> decode + crop in Rust straight into the network's
+float32 input -> features (`Runtime.features`, or the runtime's dynamic
+batcher across concurrent calls) -> store the features and/or score them.
+Extractors without a network (`batchable` False) compute their features
+from decoded RGB pixels in the preparing step instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+import numpy as np
+
+from spacer_core import config, crop, runtime
+from spacer_core.data_classes import ImageFeatures
+from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
+from spacer_core.extractors import FeatureExtractor
+from spacer_core.inference.network import NetworkSpec
+from spacer_core.locations import Location
+from spacer_core.runtime import Runtime, classifier_feature_dim
+from spacer_core.storage import load_bytes
+from spacer_core.task_utils import check_extract_inputs
+
+T = TypeVar("T")
+RowCol = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image's points to turn into features, and where the results go.
+
+    `image` is a Location or the encoded bytes themselves; `name` labels
+    the image in errors (defaults to the location's key). Features are stored
+    at `feature_loc` and scored with the classifier at `classifier_loc`, when
+    given.
+    """
+
+    extractor: FeatureExtractor
+    rowcols: Sequence[RowCol]
+    image: Location | bytes
+    name: str = ""
+    feature_loc: Location | None = None
+    classifier_loc: Location | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return self.image.key if isinstance(self.image, Location) else "image"
+
+
+@dataclass
+class ImageResult:
+    """Features (N, D) float32 in the order of the job's points, and scores when asked for."""
+
+    rowcols: list[RowCol]
+    features: np.ndarray
+    loaded_remotely: bool
+    runtime: float
+    scores: np.ndarray | None = None  # (N, classes) float64
+    classes: list[Any] | None = None
+
+
+@dataclass
+class Prepared:
+    """A job after its image was checked and cut: patches for `net`, or features already."""
+
+    job: ImageJob
+    rowcols: list[RowCol]
+    start: float
+    loaded_remotely: bool
+    net: NetworkSpec | None = None
+    patches: np.ndarray | None = None
+    features: np.ndarray | None = None
+
+
+def read_image(image: Location | bytes, name: str) -> bytes:
+    """The encoded image bytes of a job (read through storage and its policy)."""
+    if isinstance(image, Location):
+        return load_bytes(image).getvalue()
+    if not image:
+        raise InvalidInputError(f"{name}: the image is empty (0 bytes)")
+    return bytes(image)
+
+
+def check_points(data: bytes, rowcols: Sequence[RowCol], name: str) -> list[RowCol]:
+    """pyspacer's limit and point checks, with the size read from the header only."""
+    points = list(rowcols)
+    if not points:
+        raise InvalidInputError(f"{name}: no points given; need at least one (row, col)")
+    size = crop.image_size(data, image_key=name)
+    check_extract_inputs(SimpleNamespace(size=size), points, name)
+    return [(int(r), int(c)) for r, c in points]
+
+
+def prepare(job: ImageJob) -> Prepared:
+    """Load and check the image, then cut its patches (or, without a network, extract)."""
+    start = time.time()
+    name = job.label
+    data = read_image(job.image, name)
+    points = check_points(data, job.rowcols, name)
+    found = job.extractor.network()
+    if found is None:
+        rgb = crop.decode_image(data, image_key=name).rgb
+        with config.log_entry_and_exit("feature extraction"):
+            features, remote = job.extractor.extract_rgb(rgb, points)
+        return Prepared(job, points, start, remote, features=np.asarray(features))
+    net, remote = found
+    size = job.extractor.CROP_SIZE
+    patches = np.empty((len(points), 3, size, size), dtype=np.float32)
+    crop.crop_patches_into_chw(data, points, patches, size, image_key=name)
+    return Prepared(job, points, start, remote, net=net, patches=patches)
+
+
+def finish(prepared: Prepared, features: np.ndarray) -> ImageResult:
+    """Store and/or score the features of a prepared job."""
+    job = prepared.job
+    result = ImageResult(prepared.rowcols, features, prepared.loaded_remotely, 0.0)
+    if job.feature_loc is not None:
+        rows, cols = zip(*prepared.rowcols)
+        with config.log_entry_and_exit("storing features"):
+            ImageFeatures.from_arrays(features, list(rows), list(cols)).store(job.feature_loc)
+    if job.classifier_loc is not None:
+        clf = runtime.current().classifier(job.classifier_loc)
+        result.scores = score(clf, features, job.label)
+        result.classes = clf.classes_.tolist()
+    result.runtime = time.time() - prepared.start
+    return result
+
+
+def run(job: ImageJob) -> ImageResult:
+    """The whole pipeline in this thread, with the current runtime."""
+    prepared = prepare(job)
+    features = prepared.features
+    if features is None:
+        assert prepared.net is not None and prepared.patches is not None
+        with config.log_entry_and_exit("forward pass through net"):
+            features = runtime.current().features(prepared.net, prepared.patches)
+    return finish(prepared, features)
+
+
+Call = Callable[..., Awaitable[Any]]
+
+
+async def run_async(job: ImageJob, active: Runtime, call: Call) -> ImageResult:
+    """The pipeline for asyncio callers: blocking steps through `call`, the network
+    through `active`'s dynamic batcher, so concurrent jobs fill each other's batches.
+
+    `call(func, *args)` runs a blocking function off the event loop (in a
+    context where `active` is current).
+    """
+    prepared: Prepared = await call(prepare, job)
+    features = prepared.features
+    if features is None:
+        assert prepared.net is not None and prepared.patches is not None
+        features = await active.features_async(prepared.net, prepared.patches)
+        prepared.patches = None  # free the float32 input before scoring
+    return await call(finish, prepared, features)
+
+
+def score(clf: Any, features: np.ndarray, source: str) -> np.ndarray:
+    """predict_proba for all points of one image in one call.
+
+    `source` names the feature file or image, for the error raised when the
+    feature dimension differs from what the classifier was trained on.
+    """
+    expected = classifier_feature_dim(clf)
+    if expected is not None and features.shape[1] != expected:
+        raise FeatureDimensionError(
+            f"{source}: features have dimension {features.shape[1]}, but the"
+            f" classifier was trained on dimension {expected}."
+        )
+    return np.asarray(clf.predict_proba(np.asarray(features, dtype=np.float64)))

@@ -1,0 +1,303 @@
+"""The runtime: one object that owns what is expensive and shared.
+
+A `Runtime` holds the compiled feature networks, their dynamic batchers,
+loaded classifiers and the hashes of local weights files, each in a bounded
+cache with explicit settings, plus the storage policy its work runs under.
+The library uses a process-wide default (`default_runtime()`); a server, a
+test or a bulk job builds its own and makes it current with `activate()`.
+
+    runtime = Runtime(RuntimeSettings(batch_size=8), policy=DataRootsPolicy(["/data"]))
+    with runtime.activate():
+        tasks.extract_features(msg)        # uses this runtime's caches and policy
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spacer_core.inference.backends import Backend, load_backend, resolve_device, run_in_batches
+from spacer_core.inference.batcher import BatcherClosedError, DynamicBatcher
+from spacer_core.inference.model_cache import ModelCache
+from spacer_core.inference.network import NetworkSpec
+from spacer_core.inference.precision import Precision
+from spacer_core.locations import Location
+from spacer_core.storage import ALLOW_ALL, StoragePolicy, file_version, load_classifier, policy_scope
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How networks run and how much a runtime keeps in memory.
+
+    `device` None picks CUDA when available. `batch_size` None uses each
+    backend's preferred size (small on CPU, large on GPU). `batcher_workers`
+    None runs two batches at once on CPU (measured ~10% faster on 2 cores)
+    and one on CUDA.
+    """
+
+    device: str | None = None
+    precision: str = "exact"
+    batch_size: int | None = None
+    queue_delay_s: float = 0.002
+    max_queued_patches: int = 4096
+    batcher_workers: int | None = None
+    max_networks: int = 4
+    max_classifiers: int = 8
+    max_file_hashes: int = 1024
+    compile_cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network or classifier a runtime holds, as ListModels reports it."""
+
+    kind: str  # "extractor" or "classifier"
+    name: str
+    feature_dim: int
+    load_seconds: float
+    classes: tuple[Any, ...] = ()
+
+
+@dataclass
+class _Network:
+    backend: Backend
+    info: LoadedModel
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = self.backend.nbytes
+
+
+@dataclass
+class _Classifier:
+    version: Any
+    clf: Any
+    info: LoadedModel
+    nbytes: int = 0
+
+
+class FileHashes:
+    """sha256 of local files, remembered per (path, device, inode, size, mtime); bounded LRU."""
+
+    def __init__(self, max_entries: int = 1024):
+        self.max_entries = max_entries
+        self._known: OrderedDict[str, tuple[tuple[int, int, int, int], str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def sha256(self, path: str) -> str:
+        st = os.stat(path)
+        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            known = self._known.get(path)
+            if known is not None and known[0] == version:
+                self._known.move_to_end(path)
+                return known[1]
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        sha = digest.hexdigest()
+        with self._lock:
+            self._known[path] = (version, sha)
+            self._known.move_to_end(path)
+            while len(self._known) > self.max_entries:
+                self._known.popitem(last=False)
+        return sha
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
+def _close_batcher(key: object, batcher: DynamicBatcher) -> None:
+    # Don't wait: queued requests still finish on the batcher's own thread.
+    batcher.close(drain=True, timeout=0)
+
+
+class Runtime:
+    """Caches for networks, batchers, classifiers and file hashes, and a storage policy."""
+
+    def __init__(self, settings: RuntimeSettings | None = None, *, policy: StoragePolicy = ALLOW_ALL):
+        self.settings = settings or RuntimeSettings()
+        self.policy = policy
+        self.device = resolve_device(self.settings.device)
+        self.precision = Precision.parse(self.settings.precision)
+        self.file_hashes = FileHashes(self.settings.max_file_hashes)
+        self._networks: ModelCache[str, _Network] = ModelCache(max_items=self.settings.max_networks)
+        self._batchers: ModelCache[str, DynamicBatcher] = ModelCache(
+            max_items=self.settings.max_networks, on_evict=_close_batcher)
+        self._classifiers: ModelCache[Location, _Classifier] = ModelCache(
+            max_items=self.settings.max_classifiers)
+        # Loaded on request (LoadModel): what loaded_models() lists while cached.
+        self._requested: dict[tuple[str, Any], None] = {}
+
+    # -- context ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[Runtime]:
+        """Make this runtime (and its storage policy) current in this context."""
+        token = _current.set(self)
+        try:
+            with policy_scope(self.policy):
+                yield self
+        finally:
+            _current.reset(token)
+
+    # -- networks ---------------------------------------------------------------------
+
+    def backend(self, net: NetworkSpec) -> Backend:
+        """The compiled backend for `net` on this runtime's device, built on first use."""
+        return self._network(net).backend
+
+    def _network(self, net: NetworkSpec) -> _Network:
+        def load() -> _Network:
+            start = time.perf_counter()
+            backend = load_backend(net.key, net.build, device=self.device, precision=self.precision,
+                                   cache_dir=self.settings.compile_cache_dir)
+            info = LoadedModel("extractor", net.label or net.key, net.feature_dim,
+                               time.perf_counter() - start)
+            return _Network(backend, info)
+
+        return self._networks.get(net.key, load)
+
+    def load_network(self, net: NetworkSpec) -> LoadedModel:
+        """Build (or find) `net`'s backend now; what ListModels reports for it."""
+        info = self._network(net).info
+        self._requested[("extractor", net.key)] = None
+        return info
+
+    def batcher(self, net: NetworkSpec) -> DynamicBatcher:
+        """The dynamic batcher shared by every caller of `net` in this runtime."""
+
+        def create() -> DynamicBatcher:
+            backend = self.backend(net)
+            settings = self.settings
+            return DynamicBatcher(
+                backend,
+                max_batch_size=settings.batch_size or backend.preferred_batch_size,
+                max_queue_delay_s=settings.queue_delay_s,
+                max_queued_patches=settings.max_queued_patches,
+                name=f"batcher-{net.key[:8]}-{self.device}",
+                workers=settings.batcher_workers or (1 if self.device.type == "cuda" else 2),
+            )
+
+        batcher = self._batchers.get(net.key, create)
+        if batcher.closed:  # evicted between lookup and use
+            self._batchers.pop(net.key)
+            batcher = self._batchers.get(net.key, create)
+        return batcher
+
+    def features(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
+        """Features of float32 (N, 3, 224, 224) patches, computed in this thread."""
+        backend = self.backend(net)
+        return run_in_batches(backend, patches, self.settings.batch_size or backend.preferred_batch_size)
+
+    async def features_async(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
+        """Features of patches through the shared batcher (batched with other callers)."""
+        try:
+            return await self.batcher(net).extract(patches)
+        except BatcherClosedError:
+            if self.closed:
+                raise
+            # Evicted meanwhile by another network: get a fresh batcher once.
+            return await self.batcher(net).extract(patches)
+
+    # -- classifiers ------------------------------------------------------------------
+
+    def classifier(self, loc: Location) -> Any:
+        """The classifier at `loc`, loaded once and reloaded when its file changes.
+
+        pyspacer caches by location alone and serves a stale model after a
+        file is overwritten; local files and memory blobs are keyed on their
+        current version too. Remote ones are cached by location.
+        """
+        version = file_version(loc)
+        entry = self._classifiers.get(loc, lambda: self._load_classifier(loc, version))
+        if entry.version != version:
+            entry = self._load_classifier(loc, version)
+            self._classifiers.put(loc, entry)
+        return entry.clf
+
+    @staticmethod
+    def _load_classifier(loc: Location, version: Any) -> _Classifier:
+        start = time.perf_counter()
+        clf = load_classifier(loc)
+        info = LoadedModel("classifier", loc.describe(), classifier_feature_dim(clf) or 0,
+                           time.perf_counter() - start, tuple(clf.classes_.tolist()))
+        return _Classifier(version, clf, info)
+
+    def load_classifier(self, loc: Location) -> LoadedModel:
+        """Load (or find) the classifier at `loc` now; what ListModels reports for it."""
+        self.classifier(loc)
+        entry = self._classifiers.peek(loc)
+        assert entry is not None
+        self._requested[("classifier", loc)] = None
+        return entry.info
+
+    def forget_classifier(self, loc: Location) -> None:
+        """Drop a cached classifier (after it was overwritten through this runtime)."""
+        self._classifiers.pop(loc)
+
+    # -- inventory and lifetime -------------------------------------------------------
+
+    def loaded_models(self) -> list[LoadedModel]:
+        """Networks and classifiers loaded on request and still held, sorted by kind and name."""
+        infos = []
+        for kind, key in list(self._requested):
+            entry = (self._networks if kind == "extractor" else self._classifiers).peek(key)
+            if entry is None:  # evicted since: forget the request too
+                self._requested.pop((kind, key), None)
+            else:
+                infos.append(entry.info)
+        return sorted(infos, key=lambda m: (m.kind, m.name))
+
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "_closed", False)
+
+    def close(self) -> None:
+        """Stop the batchers (queued work finishes) and drop every cache."""
+        self._closed = True
+        self._batchers.clear()
+        self._networks.clear()
+        self._classifiers.clear()
+
+
+def classifier_feature_dim(clf: Any) -> int | None:
+    """The feature dimension a classifier was trained on, when it says."""
+    for candidate in (clf, getattr(clf, "estimator", None), getattr(clf, "base_estimator", None)):
+        dim = getattr(candidate, "n_features_in_", None)
+        if dim is not None:
+            return int(dim)
+        coef = getattr(candidate, "coef_", None)
+        if coef is not None:
+            return int(np.shape(coef)[-1])
+    return None
+
+
+_default: Runtime | None = None
+_default_lock = threading.Lock()
+_current: ContextVar[Runtime | None] = ContextVar("spacer_runtime", default=None)
+
+
+def default_runtime() -> Runtime:
+    """The process-wide runtime library calls use when none is active."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Runtime()
+        return _default
+
+
+def current() -> Runtime:
+    """The runtime active in this context, else the process default."""
+    return _current.get() or default_runtime()

@@ -1,0 +1,127 @@
+"""The one pipeline (image bytes -> features -> scores) against pyspacer, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+from spacer.data_classes import DataLocation as PyspacerDataLocation
+from spacer.extractors.efficientnet import EfficientNetExtractor as PyspacerEfficientNet
+
+from spacer_core import pipeline
+from spacer_core.crop import ImageDecodeError
+from spacer_core.data_classes import DataLocation, ImageFeatures
+from spacer_core.exceptions import InvalidInputError, RowColumnInvalidError
+from spacer_core.extractors import DummyExtractor, EfficientNetExtractor
+from spacer_core.runtime import Runtime, RuntimeSettings
+from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory):
+    """Three JPEGs (different sizes, one greyscale) and their points, near edges too."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(11)
+    out = []
+    for i, (h, w, mode) in enumerate([(300, 420, "RGB"), (256, 256, "L"), (330, 250, "RGB")]):
+        coarse = rng.integers(0, 256, size=(h // 10 + 1, w // 10 + 1, 3), dtype=np.uint8)
+        pixels = coarse.repeat(10, 0).repeat(10, 1)[:h, :w]
+        image = Image.fromarray(pixels).convert(mode)
+        path = folder / f"image{i}.jpg"
+        image.save(path, quality=90)
+        rowcols = [(0, 0), (h - 1, w - 1)] + [
+            (int(r), int(c)) for r, c in zip(rng.integers(0, h, 2 + i), rng.integers(0, w, 2 + i))]
+        out.append((path, rowcols))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pyspacer_features(images, efficientnet_weights):  # noqa: F811
+    extractor = PyspacerEfficientNet(
+        data_locations={"weights": PyspacerDataLocation("filesystem", str(efficientnet_weights.path))})
+    result = []
+    for path, rowcols in images:
+        with Image.open(path) as image:
+            features, _ = extractor(image, rowcols)
+        result.append(np.array([pf.data for pf in features.point_features]))
+    return result
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    active = Runtime(RuntimeSettings(device="cpu", batch_size=3,
+                                     compile_cache_dir=str(tmp_path_factory.mktemp("compiled"))))
+    yield active
+    active.close()
+
+
+def _extractor(weights) -> EfficientNetExtractor:
+    return EfficientNetExtractor(data_locations={"weights": DataLocation("filesystem", str(weights.path))})
+
+
+def test_run_matches_pyspacer_from_locations_and_bytes(images, pyspacer_features, runtime,
+                                                       efficientnet_weights):  # noqa: F811
+    extractor = _extractor(efficientnet_weights)
+    with runtime.activate():
+        for (path, rowcols), want in zip(images, pyspacer_features):
+            for image in (DataLocation("filesystem", str(path)), path.read_bytes()):
+                result = pipeline.run(pipeline.ImageJob(extractor, rowcols, image))
+                assert result.features.shape == want.shape
+                assert np.max(np.abs(result.features - want)) <= 1e-4
+                assert result.rowcols == list(rowcols) and result.scores is None
+
+
+def test_concurrent_async_jobs_share_the_batcher(images, pyspacer_features, runtime,
+                                                 efficientnet_weights):  # noqa: F811
+    extractor = _extractor(efficientnet_weights)
+
+    async def call(func, *args):
+        def in_runtime():
+            with runtime.activate():
+                return func(*args)
+        return await asyncio.to_thread(in_runtime)
+
+    async def all_images():
+        jobs = [pipeline.ImageJob(extractor, rowcols, DataLocation("filesystem", str(path)))
+                for path, rowcols in images]
+        return await asyncio.gather(*(pipeline.run_async(job, runtime, call) for job in jobs))
+
+    before = runtime.batcher(extractor.network()[0]).stats.patches
+    results = asyncio.run(all_images())
+    for result, want in zip(results, pyspacer_features):
+        assert np.max(np.abs(result.features - want)) <= 1e-4
+    after = runtime.batcher(extractor.network()[0]).stats.patches
+    assert after - before == sum(len(rc) for _, rc in images)
+
+
+def test_feature_file_written_and_errors_name_the_image(images, runtime, tmp_path,
+                                                        efficientnet_weights):  # noqa: F811
+    extractor = _extractor(efficientnet_weights)
+    path, rowcols = images[1]
+    out = DataLocation("filesystem", str(tmp_path / "f.featurevector"))
+    with runtime.activate():
+        result = pipeline.run(pipeline.ImageJob(extractor, rowcols, path.read_bytes(), feature_loc=out))
+        stored = ImageFeatures.load(out)
+        np.testing.assert_array_equal(stored.feat, result.features)
+        broken = tmp_path / "broken.jpg"
+        broken.write_bytes(b"not a jpeg")
+        with pytest.raises(ImageDecodeError, match="broken.jpg"):
+            pipeline.run(pipeline.ImageJob(extractor, [(1, 1)], DataLocation("filesystem", str(broken))))
+        with pytest.raises(RowColumnInvalidError, match="upload.jpg"):
+            pipeline.run(pipeline.ImageJob(extractor, [(10_000, 1)], path.read_bytes(), "upload.jpg"))
+        with pytest.raises(InvalidInputError, match="no points"):
+            pipeline.run(pipeline.ImageJob(extractor, [], path.read_bytes(), "upload.jpg"))
+        with pytest.raises(InvalidInputError, match="empty"):
+            pipeline.run(pipeline.ImageJob(extractor, [(1, 1)], b"", "upload.jpg"))
+    assert not (tmp_path / "never.featurevector").exists()
+
+
+def test_extractors_without_a_network_take_the_rgb_path(images, runtime):
+    path, rowcols = images[0]
+    extractor = DummyExtractor(feature_dim=7)
+    assert not extractor.batchable
+    with runtime.activate():
+        result = pipeline.run(pipeline.ImageJob(extractor, rowcols, path.read_bytes()))
+    assert result.features.shape == (len(rowcols), 7)

@@ -1,0 +1,118 @@
+"""The runtime: bounded caches of networks, batchers, classifiers and file hashes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from spacer.extractors.efficientnet import EfficientNetExtractor as PyspacerEfficientNet
+
+from spacer_core import runtime as runtime_module
+from spacer_core.data_classes import DataLocation
+from spacer_core.extractors import EfficientNetExtractor
+from spacer_core.extractors.efficientnet import build_network
+from spacer_core.inference import BatcherClosedError, NetworkSpec
+from spacer_core.inference.backends import probe_batch
+from spacer_core.runtime import FileHashes, Runtime, RuntimeSettings
+from spacer_core.storage import store_bytes
+from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
+
+
+def _spec(weights, key=None) -> NetworkSpec:
+    return NetworkSpec(key or weights.sha256, 1280, lambda: build_network(weights.path), "test weights")
+
+
+def test_features_match_pyspacer_and_compile_once(efficientnet_weights, tmp_path):  # noqa: F811
+    active = Runtime(RuntimeSettings(device="cpu", compile_cache_dir=str(tmp_path)))
+    batch = probe_batch(6, seed=5)
+    with open(efficientnet_weights.path, "rb") as f:
+        net = PyspacerEfficientNet.load_weights(f).eval()
+    with torch.no_grad():
+        expected = net.extract_features(torch.from_numpy(batch)).numpy()
+    assert np.max(np.abs(active.features(_spec(efficientnet_weights), batch) - expected)) <= 1e-4
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
+    assert active.backend(_spec(efficientnet_weights)) is active.backend(_spec(efficientnet_weights))
+    assert active.loaded_models() == []  # only what was loaded on request is listed
+    active.load_network(_spec(efficientnet_weights))
+    [model] = active.loaded_models()
+    assert model.kind == "extractor" and model.feature_dim == 1280
+
+
+def test_batcher_is_shared_and_replaced_after_eviction(efficientnet_weights, tmp_path):  # noqa: F811
+    active = Runtime(RuntimeSettings(device="cpu", max_networks=1, compile_cache_dir=str(tmp_path)))
+    first = active.batcher(_spec(efficientnet_weights))
+    assert active.batcher(_spec(efficientnet_weights)) is first
+    patches = probe_batch(3)
+    features = first.extract_sync(patches, timeout=60)
+    assert features.shape == (3, 1280)
+    # A second network evicts the first batcher (max_networks=1), which closes it.
+    other = active.batcher(_spec(efficientnet_weights, key="ef" * 32))
+    assert other is not first
+    for worker in first._workers:
+        worker.join(10)
+    assert first.closed
+    with pytest.raises(BatcherClosedError):
+        first.submit(patches)
+    again = active.batcher(_spec(efficientnet_weights))
+    assert again is not first and not again.closed
+    np.testing.assert_allclose(again.extract_sync(patches, timeout=60), features, atol=1e-5)
+    active.close()
+    assert again.closed or not any(w.is_alive() for w in again._workers)
+
+
+def test_batcher_settings_are_the_runtimes_own(efficientnet_weights, tmp_path):  # noqa: F811
+    small = Runtime(RuntimeSettings(device="cpu", batch_size=2, compile_cache_dir=str(tmp_path)))
+    large = Runtime(RuntimeSettings(device="cpu", batch_size=8, compile_cache_dir=str(tmp_path)))
+    assert small.batcher(_spec(efficientnet_weights)).max_batch_size == 2
+    assert large.batcher(_spec(efficientnet_weights)).max_batch_size == 8
+    small.close()
+    large.close()
+
+
+def test_activate_makes_the_runtime_current_for_extractors(efficientnet_weights, tmp_path):  # noqa: F811
+    active = Runtime(RuntimeSettings(device="cpu", compile_cache_dir=str(tmp_path)))
+    extractor = EfficientNetExtractor(
+        data_locations={"weights": DataLocation("filesystem", str(efficientnet_weights.path))})
+    assert runtime_module.current() is runtime_module.default_runtime()
+    with active.activate():
+        assert runtime_module.current() is active
+        extractor.network()
+        assert len(active.file_hashes) == 1
+    assert runtime_module.current() is runtime_module.default_runtime()
+
+
+def test_classifier_reloaded_when_its_file_changes(tmp_path):
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import SGDClassifier
+
+    def fitted(seed):
+        rng = np.random.default_rng(seed)
+        x, y = rng.random((40, 5)), np.arange(40) % 2
+        sgd = SGDClassifier(loss="log_loss", random_state=seed).fit(x, y)
+        return CalibratedClassifierCV(sgd, cv="prefit").fit(x, y)
+
+    active = Runtime(RuntimeSettings(max_classifiers=1))
+    loc = DataLocation("filesystem", str(tmp_path / "clf.pkl"))
+    store_bytes(loc, pickle.dumps(fitted(1), protocol=2))
+    first = active.classifier(loc)
+    assert active.classifier(loc) is first
+    store_bytes(loc, pickle.dumps(fitted(2), protocol=2))
+    os.utime(loc.key, ns=(1, 1))
+    assert active.classifier(loc) is not first
+    other = DataLocation("filesystem", str(tmp_path / "other.pkl"))
+    store_bytes(other, pickle.dumps(fitted(3), protocol=2))
+    active.load_classifier(loc)
+    assert [m.name for m in active.loaded_models()] == [loc.key]
+    active.load_classifier(other)
+    assert [m.name for m in active.loaded_models()] == [other.key]  # bounded to one
+
+
+def test_file_hashes_are_bounded(tmp_path):
+    hashes = FileHashes(max_entries=2)
+    for i in range(4):
+        (tmp_path / f"{i}").write_bytes(bytes([i]))
+        hashes.sha256(str(tmp_path / f"{i}"))
+    assert len(hashes) == 2
