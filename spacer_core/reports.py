@@ -116,8 +116,12 @@ def _png(fig: Figure) -> str:
 def _label_colours(classes: Sequence[str]) -> dict[str, str]:
     from matplotlib import colormaps
 
-    cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
-    return {c: to_hex(cmap(i % cmap.N)) for i, c in enumerate(classes)}
+    # Red is kept for the ring that marks points below the threshold.
+    small, large = colormaps["tab10"], colormaps["tab20"]
+    palette = [to_hex(small(i)) for i in range(10) if i != 3]
+    if len(classes) > len(palette):
+        palette = [to_hex(large(i)) for i in range(20) if i not in (6, 7)]
+    return {c: palette[i % len(palette)] for i, c in enumerate(classes)}
 
 
 def _accuracy_figure(ref_accs: Sequence[float]) -> str:
