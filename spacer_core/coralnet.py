@@ -69,7 +69,8 @@ def _header_map(path: Path, header: Sequence[str] | None, wanted: Sequence[str])
         index = next((normalised[a.lower()] for a in aliases if a.lower() in normalised), None)
         if index is None:
             raise CsvFormatError(
-                path, f"no {name!r} column (header: {', '.join(h.strip() for h in header)})", row=1
+                path, f"missing from the header ({', '.join(h.strip() for h in header)})",
+                row=1, column=name,
             )
         found[name] = index
     return found
