@@ -10,7 +10,7 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 deps: ## Install the package (builds the Rust extension) with test tools and the pyspacer oracle
-	bash scripts/install-system-deps.sh
+	bash scripts/install-system-deps.sh --test
 	$(PIP) install -q -e '.[test]'
 	# pyspacer pins old torch/scikit-learn; its runtime needs are ours, so skip its pins.
 	$(PIP) install -q --no-deps 'pyspacer==0.14.0'
@@ -39,6 +39,7 @@ bench: ## Side-by-side benchmarks against pyspacer (slow; see docs/benchmarks.md
 	$(PYTHON) benchmarks/eval_precision.py
 	$(PYTHON) benchmarks/bench_server.py
 
-serve: ## Install and start the server on 127.0.0.1:50051
+serve: ## Install (system build tools too, when missing) and start the server on 127.0.0.1:50051
+	bash scripts/install-system-deps.sh
 	$(PIP) install -q .
 	spacer serve

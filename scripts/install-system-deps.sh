@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# System packages the build needs beyond Rust and Python: cmake and nasm build
-# the bundled libjpeg-turbo (see crop_rs/scripts/install_build_deps.sh).
+# System packages beyond Rust and Python, installed only when missing.
+#   Build (always): cmake and nasm build the bundled libjpeg-turbo (see
+#   crop_rs/scripts/install_build_deps.sh), a C compiler its C parts.
+#   --test: Debian's chromium too, which the report tests render pages with.
 set -euo pipefail
-if command -v cmake >/dev/null && command -v nasm >/dev/null && command -v cc >/dev/null; then
-    exit 0
+here="$(dirname "$0")"
+if ! { command -v cmake && command -v nasm && command -v cc; } >/dev/null; then
+    sh "$here/../crop_rs/scripts/install_build_deps.sh"
 fi
-sh "$(dirname "$0")/../crop_rs/scripts/install_build_deps.sh"
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update
+    $SUDO apt-get install -y --no-install-recommends chromium
+fi

@@ -1,4 +1,4 @@
-"""The `spacer` command: serve, one-off tasks from JSON message files, check-config."""
+"""The `spacer` command: serve, tasks on CoralNet CSVs or pyspacer JSON messages, demo, check-config."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from server.commands import add_shell_arguments, is_shell_form
 from server.config import ServerConfig, add_arguments, config_from_args
 
 
@@ -29,16 +30,30 @@ def _build_parser() -> argparse.ArgumentParser:
     add_arguments(check)
 
     for name, help_text in (
-        ("extract", "run extract_features on an ExtractFeaturesMsg JSON file"),
-        ("classify", "run classify_image or classify_features on a message JSON file"),
-        ("train", "run train_classifier on a TrainClassifierMsg JSON file"),
+        ("extract", "extract features: images + points CSV (or generated points), or a message JSON"),
+        ("classify", "classify images into a results CSV, or run a message JSON"),
+        ("train", "train a classifier from a CoralNet annotation CSV, or a TrainClassifierMsg JSON"),
+        ("evaluate", "accuracy and confusion matrix of a classifier on new annotations"),
     ):
         task = sub.add_parser(name, help=help_text)
-        task.add_argument("message", type=Path, help="pyspacer message as JSON ('-' = stdin)")
+        if name != "evaluate":
+            task.add_argument(
+                "inputs", nargs="*", metavar="IMAGE_OR_MESSAGE",
+                help="images (CSV forms), or one pyspacer message JSON file ('-' = stdin)",
+            )
         task.add_argument(
-            "-o", "--output", type=Path, help="write the return message JSON here (else stdout)"
+            "-o", "--out", "--output", dest="out", type=Path,
+            help="where the result goes: features folder, classifier, results CSV or return message JSON",
         )
+        add_shell_arguments(name, task)
         task.add_argument("--log-level", default=os.environ.get("SPACER_LOG_LEVEL") or "WARNING")
+
+    demo = sub.add_parser("demo", help="build a small synthetic survey and run the whole workflow on it")
+    demo.add_argument("folder", nargs="?", type=Path, default=Path("spacer-demo"),
+                      help="where to put the survey (default ./spacer-demo)")
+    demo.add_argument("--server", metavar="ADDR", help="run through a running `spacer serve` at host:port")
+    demo.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    demo.add_argument("--log-level", default=os.environ.get("SPACER_LOG_LEVEL") or "WARNING")
     return parser
 
 
@@ -90,17 +105,25 @@ def _run_task(args: argparse.Namespace) -> int:
     from server.errors import describe
 
     _setup_logging(args.log_level)
+    if len(args.inputs) != 1:
+        print(
+            f"spacer {args.command}: give one message JSON file, or the CSV form's options"
+            f" (see spacer {args.command} --help)",
+            file=sys.stderr,
+        )
+        return 2
+    message = Path(args.inputs[0])
     try:
-        data = _read_json(args.message)
+        data = _read_json(message)
         if not isinstance(data, dict):
-            raise ValueError(f"{args.message}: expected a JSON object")
+            raise ValueError(f"{message}: expected a JSON object")
         func, msg = _task_for(args.command, data)
         result = func(msg)
     except Exception as exc:
-        code, message = describe(exc, str(args.message))
-        print(f"spacer {args.command}: {code.name}: {message}", file=sys.stderr)
+        code, text = describe(exc, str(message))
+        print(f"spacer {args.command}: {code.name}: {text}", file=sys.stderr)
         return 1
-    _write_output(result.serialize(), args.output)
+    _write_output(result.serialize(), args.out)
     return 0
 
 
@@ -117,11 +140,19 @@ def _check_config(config: ServerConfig) -> int:
     return 0
 
 
+_TASKS = ("extract", "classify", "train", "evaluate")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spacer` console script and `python -m server`."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("extract", "classify", "train"):
+    if args.command == "demo" or (args.command in _TASKS and is_shell_form(args)):
+        from server.commands import run
+
+        _setup_logging(args.log_level)
+        return run(args)
+    if args.command in _TASKS:
         return _run_task(args)
     try:
         config = config_from_args(args)
@@ -132,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(config.log_level)
     from server.app import serve
 
+    if config.port:
+        print(f"spacer serve: to try it, run `spacer demo --server {config.address}` in another shell",
+              file=sys.stderr, flush=True)
     try:
         asyncio.run(serve(config))
     except (ValueError, OSError) as exc:
