@@ -21,7 +21,7 @@ build-dev: ## Rebuild the Rust extension in place after editing crop_rs/
 proto: ## Regenerate the committed gRPC stubs from proto/
 	$(PYTHON) scripts/gen_proto.py
 
-test: deps test-rust fuzz test-py ## Install everything, then run the Rust tests, a 60 s decoder fuzz and pytest
+test: deps lint test-rust fuzz test-py ## Install everything, then type-check, run the Rust tests, a 60 s decoder fuzz and pytest
 
 test-rust: ## Rust unit and property tests of crop_rs
 	cargo test --no-default-features -p crop_rs
@@ -31,6 +31,9 @@ test-py: ## pytest (GPU tests skip without CUDA)
 
 fuzz: ## Bounded fuzz run of the image decoder
 	bash scripts/fuzz.sh
+
+lint: ## Type-check spacer_core and server (mypy)
+	$(PYTHON) -m mypy spacer_core server
 
 bench: ## Side-by-side benchmarks against pyspacer (slow; see docs/benchmarks.md)
 	$(PYTHON) benchmarks/bench_crop.py

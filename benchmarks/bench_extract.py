@@ -9,13 +9,15 @@ concurrent callers (threads):
   (reloads weights and classifier for every image, eager PyTorch, batches of 10);
 - ours/tasks: `spacer_core.tasks.extract_features` / `classify_image`
   (the library path; its network runs on whatever backend the extractor uses);
-- ours/batched: the server's path: images decoded and cropped in Rust ahead of
-  the network (`extract_stream`), one `DynamicBatcher` shared by all callers
-  over the compiled backend (`load_backend`), features stored as pyspacer's
-  npz, or scored with one predict_proba per image on a cached classifier.
+- ours/batched: the server's path without gRPC: `spacer_core.pipeline` steps
+  (Rust decode + crop straight into float32), the runtime's `DynamicBatcher`
+  shared by all callers over the compiled backend, features stored as
+  pyspacer's npz, or scored with one predict_proba per image on a cached classifier.
 
-Prints points/s, the ratio to pyspacer, and the max abs feature difference to
-pyspacer. `--scale 0.1` runs a tenth of the images and points for a quick look.
+Also measures the network alone (no decoding): the project's backend and a
+plain ONNX Runtime session of the same network, alternating. Prints points/s,
+the ratios to pyspacer and to the network alone, and the max abs feature
+difference to pyspacer. `--scale 0.1` runs a tenth of the images and points for a quick look.
 
     python benchmarks/bench_extract.py                 # full run (several minutes on 2 cores)
     python benchmarks/bench_extract.py --scale 0.2
@@ -135,56 +137,95 @@ class OursTasks(Pyspacer):
     package = "spacer_core"
 
 class OursBatched:
-    """The server's path: Rust decode/crop ahead of a shared dynamic batcher on a compiled backend."""
+    """The server's path without gRPC: `spacer_core.pipeline` steps, the network through the
+    runtime's shared dynamic batcher, so concurrent callers fill each other's batches."""
 
     name = "ours/batched"
 
     def __init__(self, weights: Path, sha256: str, classifier: Path, out: Path, args: argparse.Namespace):
-        from spacer_core.extractors import build_network
-        from spacer_core.inference import DynamicBatcher, ModelCache, load_backend
+        from spacer_core.data_classes import DataLocation
+        from spacer_core.extractors import EfficientNetExtractor
+        from spacer_core.runtime import Runtime, RuntimeSettings
 
+        self.runtime = Runtime(RuntimeSettings(
+            precision=args.precision, batch_size=args.batch_size, queue_delay_s=args.queue_delay,
+            batcher_workers=args.workers))
+        self.extractor = EfficientNetExtractor(
+            data_locations={"weights": DataLocation("filesystem", str(weights))},
+            data_hashes={"weights": sha256})
         start = time.perf_counter()
-        self.backend = load_backend(sha256, lambda: build_network(weights), precision=args.precision,
-                                    kind=args.backend)
+        with self.runtime.activate():
+            self.net = self.extractor.network()[0]
+            self.batcher = self.runtime.batcher(self.net)
+        self.backend = self.runtime.backend(self.net)
         self.load_seconds = time.perf_counter() - start
-        self.batcher = DynamicBatcher(self.backend,
-                                      max_batch_size=args.batch_size or self.backend.preferred_batch_size,
-                                      max_queue_delay_s=args.queue_delay,
-                                      workers=args.workers)
-        self.classifiers: ModelCache[str, object] = ModelCache(max_items=4)
-        self.classifier = classifier
+        self.classifier = DataLocation("filesystem", str(classifier))
         self.out = out
 
     def feature_path(self, image: Path) -> Path:
         return self.out / f"{image.stem}.batched.featurevector"
 
-    def _stream(self, jobs: list[Job]):
-        from spacer_core.inference import extract_stream
+    def _run(self, jobs: list[Job], classify: bool) -> None:
+        from spacer_core import pipeline
+        from spacer_core.data_classes import DataLocation
 
-        return zip(jobs, extract_stream(jobs, self.batcher.extract_sync))
+        with self.runtime.activate():
+            for image, rowcols in jobs:
+                job = pipeline.ImageJob(
+                    self.extractor, rowcols, DataLocation("filesystem", str(image)),
+                    feature_loc=None if classify else DataLocation("filesystem", str(self.feature_path(image))),
+                    classifier_loc=self.classifier if classify else None)
+                prepared = pipeline.prepare(job)
+                pipeline.finish(prepared, self.batcher.extract_sync(prepared.patches))
 
     def extract(self, jobs: list[Job]) -> None:
-        from spacer_core.data_classes import DataLocation, ImageFeatures
-
-        for (image, rowcols), feats in self._stream(jobs):
-            rows, cols = zip(*rowcols)
-            ImageFeatures.from_arrays(feats.astype(np.float64), rows, cols).store(
-                DataLocation("filesystem", str(self.feature_path(image))))
+        self._run(jobs, classify=False)
 
     def classify(self, jobs: list[Job]) -> None:
-        from spacer_core.data_classes import DataLocation
-        from spacer_core.storage import load_classifier
-        from spacer_core.tasks import score_features
-
-        loc = DataLocation("filesystem", str(self.classifier))
-        clf = self.classifiers.get(str(self.classifier), lambda: load_classifier(loc))
-        for (image, _), feats in self._stream(jobs):
-            score_features(clf, feats.astype(np.float64), str(image)).tolist()
+        self._run(jobs, classify=True)
 
     def features(self, image: Path) -> np.ndarray:
         from spacer_core.data_classes import DataLocation, ImageFeatures
 
         return ImageFeatures.load(DataLocation("filesystem", str(self.feature_path(image)))).feat
+
+
+def network_alone(batched: OursBatched, patches: int, repeats: int = 3) -> tuple[float, float]:
+    """Patches/s of the network by itself, no decoding: (the project's backend, a plain ONNX
+    Runtime session of the same network with its default settings and a static batch of 4).
+
+    Medians of `repeats` alternating runs over the same float32 input.
+    """
+    import io
+
+    import onnxruntime as ort
+    import torch
+
+    from spacer_core.extractors import build_network
+    from spacer_core.inference.backends import probe_batch
+
+    batch = probe_batch(patches, seed=3)
+    net = build_network(batched.extractor.resolve_data("weights").read())
+    buffer = io.BytesIO()
+    torch.onnx.export(net, torch.from_numpy(batch[:4]), buffer, input_names=["x"], opset_version=17,
+                      dynamo=False)
+    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+
+    def plain() -> None:
+        for start in range(0, patches - patches % 4, 4):
+            session.run(None, {"x": batch[start:start + 4]})
+
+    def ours() -> None:
+        batched.runtime.features(batched.net, batch)
+
+    timings: dict[str, list[float]] = {"ours": [], "plain": []}
+    for _ in range(repeats):
+        for name, run in (("ours", ours), ("plain", plain)):
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+    done = {"ours": patches, "plain": patches - patches % 4}
+    return tuple(done[n] / float(np.median(timings[n])) for n in ("ours", "plain"))  # type: ignore[return-value]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -241,6 +282,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         # (pyspacer keeps nothing, so this is only fair to it).
         for system in systems:
             system.extract(jobs[:1])
+        alone = None
+        if "batched" not in skip:
+            alone, plain = network_alone(batched, min(total, 200))
+            print(f"network alone: ours {alone:.1f} patches/s, plain ONNX Runtime session {plain:.1f} "
+                  f"patches/s (ours/plain {alone / plain:.2f})", flush=True)
 
         rates: dict[tuple[str, str, int], float] = {}
         for task in ("extract", "classify"):
@@ -250,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     rates[(system.name, task, callers)] = total / seconds
                     base = rates.get(("pyspacer", task, callers))
                     ratio = f"  {total / seconds / base:5.2f}x pyspacer" if base else ""
+                    if alone and system.name != "pyspacer":
+                        ratio += f"  {total / seconds / alone:4.2f} of network alone"
                     print(f"{task:8s} callers={callers:<2d} {system.name:13s} "
                           f"{total / seconds:8.1f} points/s  ({seconds:6.1f} s){ratio}", flush=True)
 
@@ -262,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"load average after: {os.getloadavg()[0]:.1f} (other work on the machine skews figures)")
         for system in systems:
             if isinstance(system, OursBatched):
-                system.batcher.close()
+                system.runtime.close()
                 stats = system.batcher.stats
                 print(f"ours/batched: {stats.batches} batches, "
                       f"{stats.patches / max(stats.batches, 1):.1f} patches per batch")

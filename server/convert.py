@@ -73,8 +73,9 @@ def image_job(
     """
     source = req.WhichOneof("image")
     if source == "image_loc":
-        image: DataLocation | bytes = location(req.image_loc, "image_loc")
-        name = image.key
+        loc = location(req.image_loc, "image_loc")
+        image: DataLocation | bytes = loc
+        name = loc.key
     elif source == "image_bytes":
         if not req.image_bytes:
             raise invalid("image_bytes is empty")

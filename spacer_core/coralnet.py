@@ -18,7 +18,7 @@ import csv
 import io
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,7 +153,7 @@ def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes
     return buffer.getvalue().encode("utf-8")
 
 
-def write_annotations(path: str | Path, annotations: dict[str, Sequence[Annotation]]) -> None:
+def write_annotations(path: str | Path, annotations: Mapping[str, Sequence[Annotation]]) -> None:
     """Write {image name: [(row, col, label)]} as a CoralNet annotation CSV (atomically)."""
     rows = ((name, r, c, label) for name, points in annotations.items() for r, c, label in points)
     write_file_atomic(path, _csv_bytes((NAME, ROW, COLUMN, LABEL), rows))

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from spacer_core import config
 from spacer_core.exceptions import InvalidDataError
+
+
+L = TypeVar("L", bound="Location")
 
 
 def require(condition: bool, message: str) -> None:
@@ -38,7 +41,7 @@ class Location:
         self.bucket_name = bucket_name
 
     @classmethod
-    def example(cls) -> Location:
+    def example(cls: type[L]) -> L:
         return cls("memory", "my_blob")
 
     @property
@@ -64,7 +67,7 @@ class Location:
         return self.key
 
     @classmethod
-    def deserialize(cls, data: Mapping[str, Any]) -> Location:
+    def deserialize(cls: type[L], data: Mapping[str, Any]) -> L:
         if not isinstance(data, Mapping):
             raise InvalidDataError(f"A DataLocation must be a JSON object, got {data!r}.")
         unknown = set(data) - {"storage_type", "key", "bucket_name"}

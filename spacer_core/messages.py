@@ -351,7 +351,7 @@ class ClassifyReturnMsg(DataClass):
     def __init__(
         self,
         runtime: float,
-        scores: list[tuple[int, int, list[float]]],
+        scores: list[tuple[int | None, int | None, list[float]]],
         classes: list[LabelId],
         valid_rowcol: bool,
     ):

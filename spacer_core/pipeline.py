@@ -24,11 +24,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from spacer_core import config, crop, runtime
-from spacer_core.data_classes import ImageFeatures
+from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
 from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference.network import NetworkSpec
-from spacer_core.locations import Location
 from spacer_core.runtime import Runtime, classifier_feature_dim
 from spacer_core.storage import load_bytes
 from spacer_core.task_utils import check_extract_inputs
@@ -41,7 +40,7 @@ RowCol = tuple[int, int]
 class ImageJob:
     """One image's points to turn into features, and where the results go.
 
-    `image` is a Location or the encoded bytes themselves; `name` labels
+    `image` is a DataLocation or the encoded bytes themselves; `name` labels
     the image in errors (defaults to the location's key). Features are stored
     at `feature_loc` and scored with the classifier at `classifier_loc`, when
     given.
@@ -49,16 +48,16 @@ class ImageJob:
 
     extractor: FeatureExtractor
     rowcols: Sequence[RowCol]
-    image: Location | bytes
+    image: DataLocation | bytes
     name: str = ""
-    feature_loc: Location | None = None
-    classifier_loc: Location | None = None
+    feature_loc: DataLocation | None = None
+    classifier_loc: DataLocation | None = None
 
     @property
     def label(self) -> str:
         if self.name:
             return self.name
-        return self.image.key if isinstance(self.image, Location) else "image"
+        return self.image.key if isinstance(self.image, DataLocation) else "image"
 
 
 @dataclass
@@ -86,9 +85,9 @@ class Prepared:
     features: np.ndarray | None = None
 
 
-def read_image(image: Location | bytes, name: str) -> bytes:
+def read_image(image: DataLocation | bytes, name: str) -> bytes:
     """The encoded image bytes of a job (read through storage and its policy)."""
-    if isinstance(image, Location):
+    if isinstance(image, DataLocation):
         return load_bytes(image).getvalue()
     if not image:
         raise InvalidInputError(f"{name}: the image is empty (0 bytes)")

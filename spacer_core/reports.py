@@ -171,7 +171,7 @@ def _confusion_figure(metrics: ClassMetrics) -> str:
 def _confidence_figure(scores: Sequence[float], threshold: float) -> str:
     fig = Figure(figsize=(5.5, 3.2))
     ax = fig.subplots()
-    ax.hist(scores, bins=np.linspace(0, 1, 21), color="#4c72b0", edgecolor="white")
+    ax.hist(scores, bins=np.linspace(0, 1, 21).tolist(), color="#4c72b0", edgecolor="white")
     ax.axvline(threshold, color="#d62728", linestyle="--", label=f"threshold {threshold:g}")
     ax.set_xlabel("confidence of the best label")
     ax.set_ylabel("points")

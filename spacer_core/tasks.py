@@ -32,8 +32,13 @@ from spacer_core.task_utils import preprocess_labels
 logger = getLogger(__name__)
 
 
-def _job(msg: ExtractFeaturesMsg | ClassifyImageMsg, **outputs: DataLocation) -> pipeline.ImageJob:
-    return pipeline.ImageJob(msg.extractor, msg.rowcols, msg.image_loc, **outputs)
+def _job(
+    msg: ExtractFeaturesMsg | ClassifyImageMsg,
+    feature_loc: DataLocation | None = None,
+    classifier_loc: DataLocation | None = None,
+) -> pipeline.ImageJob:
+    return pipeline.ImageJob(msg.extractor, msg.rowcols, msg.image_loc,
+                             feature_loc=feature_loc, classifier_loc=classifier_loc)
 
 
 def extract_features(msg: ExtractFeaturesMsg) -> ExtractFeaturesReturnMsg:
@@ -92,7 +97,8 @@ def score_features(clf: Any, features: np.ndarray, source: str) -> np.ndarray:
 
 
 def classify_return(
-    start: float, rowcols: list[tuple[int, int]], probs: np.ndarray, classes: list[Any], valid_rowcol: bool
+    start: float, rowcols: list[tuple[int | None, int | None]], probs: np.ndarray, classes: list[Any],
+    valid_rowcol: bool
 ) -> ClassifyReturnMsg:
     """The reply for scored points: one probability row per (row, col), in order."""
     return ClassifyReturnMsg(
