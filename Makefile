@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build-dev proto test test-rust test-py fuzz bench serve lint
+.PHONY: help deps build-dev proto test test-rust test-py fuzz bench serve lint gpu-check
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ bench: ## Side-by-side benchmarks against pyspacer (slow; see docs/benchmarks.md
 	$(PYTHON) benchmarks/bench_extract.py
 	$(PYTHON) benchmarks/eval_precision.py
 	$(PYTHON) benchmarks/bench_server.py
+
+gpu-check: ## On a CUDA machine: GPU tests and a ClassifyImages benchmark (exact and fast)
+	bash scripts/gpu-check.sh
 
 serve: ## Install (system build tools too, when missing) and start the server on 127.0.0.1:50051
 	bash scripts/install-system-deps.sh

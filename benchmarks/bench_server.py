@@ -77,11 +77,11 @@ def pyspacer_points_per_s(images, extractor: dict, clf: Path) -> float:
     return total / (time.perf_counter() - start)
 
 
-def start_server(workdir: Path, device: str) -> tuple[subprocess.Popen, str]:
+def start_server(workdir: Path, device: str, precision: str = "exact") -> tuple[subprocess.Popen, str]:
     port_file = workdir / "port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--port", "0", "--port-file", str(port_file),
-         "--device", device, "--log-level", "WARNING"],
+         "--device", device, "--precision", precision, "--log-level", "WARNING"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8")
     parser.add_argument("--distinct", type=int, default=8, help="distinct image files made")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="exact", choices=["exact", "fast"])
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     client_counts = [int(c) for c in args.clients.split(",")]
@@ -157,7 +158,7 @@ def main() -> None:
         print(f"pyspacer classify_image loop: {baseline:8.1f} points/s")
         rates: list[tuple[int, float]] = []
 
-        proc, address = start_server(workdir, args.device)
+        proc, address = start_server(workdir, args.device, args.precision)
         try:
             with SpacerClient(address) as client:
                 # Build (or load the cached) compiled network before timing.
