@@ -5,8 +5,10 @@ Usage: python scripts/gen_proto.py [--check]
 Runs grpc_tools.protoc (--python_out, --grpc_python_out, --pyi_out) on every
 proto/spacer/v1/*.proto into server/_proto/, then rewrites the generated
 absolute imports (``from spacer.v1 import ...``) to ``server._proto.spacer.v1``
-so the stubs import as part of the ``server`` package. ``--check`` generates
-into a temporary directory and exits 1 if the committed stubs differ.
+so the stubs import as part of the ``server`` package. It also generates
+spacer_core/caffe/caffe_pb2.py(.pyi) from spacer_core/caffe/caffe.proto (the
+Caffe model schema; no gRPC service). ``--check`` generates into a temporary
+directory and exits 1 if any committed stub differs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PACKAGE_DIR = ROOT / "server" / "_proto"
 PYTHON_PACKAGE = "server._proto"
+# The Caffe schema is named relative to the repository root, so protoc
+# writes its module next to the .proto and registers a unique file name.
+CAFFE_PROTO = Path("spacer_core") / "caffe" / "caffe.proto"
+CAFFE_OUTPUTS = (CAFFE_PROTO.with_name("caffe_pb2.py"), CAFFE_PROTO.with_name("caffe_pb2.pyi"))
 
 # protoc names the modules after the proto package path (spacer/v1/x.proto ->
 # spacer.v1.x_pb2); inside our tree they live one package deeper.
@@ -73,6 +79,36 @@ def generate(out_dir: Path) -> list[Path]:
     return sorted(written)
 
 
+def generate_caffe(out_root: Path) -> list[Path]:
+    """Generate the Caffe schema module under out_root (the equivalent of the repository root)."""
+    from grpc_tools import protoc  # development dependency only
+
+    out_root.mkdir(parents=True, exist_ok=True)
+    args = [
+        "grpc_tools.protoc",
+        f"-I{ROOT}",
+        f"--python_out={out_root}",
+        f"--pyi_out={out_root}",
+        str(ROOT / CAFFE_PROTO),
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed: " + " ".join(args))
+    return [out_root / rel for rel in CAFFE_OUTPUTS]
+
+
+def stale_caffe_files(committed_root: Path = ROOT) -> list[str]:
+    """Paths of the Caffe schema module (relative to the root) that a fresh generation changes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp)
+        generate_caffe(fresh)
+        return [
+            str(rel)
+            for rel in CAFFE_OUTPUTS
+            if not (committed_root / rel).exists()
+            or not filecmp.cmp(fresh / rel, committed_root / rel, shallow=False)
+        ]
+
+
 def stale_files(committed: Path = PACKAGE_DIR) -> list[str]:
     """Relative paths whose committed content differs from a fresh generation."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -104,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         stale = stale_files()
         for rel in stale:
             print(f"stale: server/_proto/{rel}", file=sys.stderr)
-        return 1 if stale else 0
-    for path in generate(PACKAGE_DIR):
+        stale_caffe = stale_caffe_files()
+        for rel in stale_caffe:
+            print(f"stale: {rel}", file=sys.stderr)
+        return 1 if stale or stale_caffe else 0
+    for path in [*generate(PACKAGE_DIR), *generate_caffe(ROOT)]:
         print(path.relative_to(ROOT))
     return 0
 

@@ -541,19 +541,6 @@ def test_dummy_defaults_and_seed() -> None:
         DummyExtractor(feature_dim=0)
 
 
-def test_vgg16_without_caffe() -> None:
-    from spacer_core.extractors.vgg16 import has_caffe
-
-    if has_caffe():
-        pytest.skip("Caffe is installed here")
-    extractor = VGG16CaffeExtractor(
-        {"definition": DataLocation("filesystem", "/m/v.prototxt"), "weights": DataLocation("filesystem", "/m/v.caffemodel")}
-    )
-    assert extractor.feature_dim == 4096
-    with pytest.raises(ConfigError, match="Need Caffe installed to call VGG16CaffeExtractor."):
-        extractor(_image(), POINTS[:1])
-
-
 def test_extractor_equality_and_repr(efficientnet_weights: WeightsFile) -> None:
     a, b = _extractor(efficientnet_weights), _extractor(efficientnet_weights)
     assert a == b and a != _extractor(efficientnet_weights, "0" * 64)

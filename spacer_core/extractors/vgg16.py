@@ -1,78 +1,71 @@
-"""VGG16CaffeExtractor: CoralNet's legacy 4096-d features from a Caffe VGG16.
+"""VGG16CaffeExtractor: CoralNet's legacy 4096-d features from a Caffe VGG16, without Caffe.
 
-Runs only where the `caffe` Python module is installed; elsewhere its
-messages still load and serialize, and calling it raises ConfigError.
+The `.prototxt` definition and `.caffemodel` weights are read with protobuf
+and rebuilt in PyTorch (`spacer_core.caffe.build_caffe_network`), which
+feeds Caffe's input (BGR, mean 128, unscaled) and returns blob `fc7` after
+the whole forward pass, as pyspacer's Caffe path does. The network runs
+through the current runtime's compiled backends, as EfficientNet's does.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import threading
-from collections.abc import Sequence
-from typing import Any, ClassVar
+import hashlib
+from typing import ClassVar
 
-import numpy as np
-from PIL import Image
+from torch import nn
 
-from spacer_core import config
-from spacer_core.crop import crop_array
-from spacer_core.exceptions import ConfigError
-from spacer_core.extractors.base import FeatureExtractor, RowCol
+from spacer_core.caffe import build_caffe_network, output_size
+from spacer_core.extractors.base import FeatureExtractor
+from spacer_core.inference.network import NetworkSpec
 
-# Caffe's VGG16 input: BGR channels minus this mean, unscaled.
-PIXEL_MEAN = 128.0
+FEATURE_DIM = 4096
+# pyspacer starts the forward pass here (skipping the data layer) and reads this blob.
+START_LAYER = "conv1_1"
+SCORE_LAYER = "fc7"
 
 
-def has_caffe() -> bool:
-    """Whether the `caffe` module can be imported here."""
-    return importlib.util.find_spec("caffe") is not None
+def combined_sha256(definition_sha256: str, weights_sha256: str) -> str:
+    """One cache key for a definition + weights pair: the network depends on both files."""
+    return hashlib.sha256(f"caffe:{definition_sha256}:{weights_sha256}".encode()).hexdigest()
+
+
+def build_vgg16_network(definition: bytes, weights: bytes, label: str) -> nn.Module:
+    """The PyTorch network for a Caffe definition + weights pair, returning blob fc7, frozen."""
+    net = build_caffe_network(definition, weights, label, output_blob=SCORE_LAYER, start_layer=START_LAYER)
+    net.eval()
+    for param in net.parameters():
+        param.requires_grad_(False)
+    return net
 
 
 class VGG16CaffeExtractor(FeatureExtractor):
-    """fc7 activations of a Caffe VGG16 (`definition` .prototxt + `weights` .caffemodel)."""
+    """fc7 activations of a Caffe VGG16 (`definition` .prototxt + `weights` .caffemodel).
+
+    The network is compiled once per file pair (keyed by a sha256 over both
+    files) and kept by the runtime between calls.
+    """
 
     DATA_LOCATION_KEYS: ClassVar[list[str]] = ["definition", "weights"]
     PYSPACER_CLASS_PATH: ClassVar[str | None] = "spacer.extractors.vgg16.VGG16CaffeExtractor"
+    # pyspacer's names. Batches are sized by the runtime; features do not depend on it.
     BATCH_SIZE: ClassVar[int] = 10
-    START_LAYER: ClassVar[str] = "conv1_1"
-    SCORE_LAYER: ClassVar[str] = "fc7"
-
-    _net_lock = threading.Lock()
-    _net_cache: dict[tuple[str, str], Any] = {}
+    START_LAYER: ClassVar[str] = START_LAYER
+    SCORE_LAYER: ClassVar[str] = SCORE_LAYER
 
     @property
     def feature_dim(self) -> int:
-        return 4096
+        return FEATURE_DIM
 
-    def __call__(self, im: Image.Image, rowcols: Sequence[RowCol]):  # type: ignore[no-untyped-def]
-        if not has_caffe():
-            raise ConfigError(f"Need Caffe installed to call {type(self).__name__}.")
-        return super().__call__(im, rowcols)
-
-    def _load_net(self) -> tuple[Any, bool]:
-        definition, _ = self.load_data_into_filesystem("definition")
-        weights, loaded_remotely = self.load_data_into_filesystem("weights")
-        with self._net_lock:
-            net = self._net_cache.get((definition, weights))
-            if net is None:
-                import caffe  # type: ignore[import-not-found]  # only where Caffe is installed
-
-                caffe.set_mode_cpu()
-                net = caffe.Net(definition, weights, caffe.TEST)
-                # One net at a time: VGG16 is large.
-                self._net_cache.clear()
-                self._net_cache[(definition, weights)] = net
-        return net, loaded_remotely
-
-    def extract_rgb(self, rgb: np.ndarray, rowcols: Sequence[RowCol]) -> tuple[np.ndarray, bool]:
-        net, loaded_remotely = self._load_net()
-        feats = np.empty((len(rowcols), self.feature_dim), dtype=np.float64)
-        with config.log_entry_and_exit("forward pass through net"), self._net_lock:
-            for start in range(0, len(rowcols), self.BATCH_SIZE):
-                patches = crop_array(rgb, rowcols[start : start + self.BATCH_SIZE], self.CROP_SIZE)
-                # RGB -> BGR, minus the mean, HWC -> CHW.
-                batch = (patches[..., ::-1].astype(np.float32) - PIXEL_MEAN).transpose(0, 3, 1, 2)
-                net.blobs["data"].data[: len(batch)] = batch
-                net.forward(start=self.START_LAYER)
-                feats[start : start + len(batch)] = net.blobs[self.SCORE_LAYER].data[: len(batch)]
-        return feats, loaded_remotely
+    def network(self) -> tuple[NetworkSpec, bool]:
+        definition = self.resolve_data("definition")
+        weights = self.resolve_data("weights")
+        label = f"{self.data_locations['definition'].describe()} + {self.data_locations['weights'].describe()}"
+        # fc7's size as the definition gives it (4096 for CoralNet's VGG16).
+        dim = output_size(definition.read(), f"{label} (definition)", SCORE_LAYER) or FEATURE_DIM
+        spec = NetworkSpec(
+            combined_sha256(definition.sha256, weights.sha256),
+            dim,
+            lambda: build_vgg16_network(definition.read(), weights.read(), label),
+            label,
+        )
+        return spec, definition.remote_loaded or weights.remote_loaded
