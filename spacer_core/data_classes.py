@@ -87,8 +87,25 @@ class ImageLabels(DataClass):
         self.label_count_per_class: Counter[LabelId] = Counter()
         self.has_remote_data = False
         self.filesystem_cache: str | None = None
+        # pyspacer 0.5.0 keyed labels by bare feature keys; their storage
+        # comes from the training message's features_loc (see resolve_keys).
+        self.bare_keys: set[str] = set()
         for feature_loc, annotations in (data or {}).items():
+            if isinstance(feature_loc, str):
+                self.bare_keys.add(feature_loc)
+                feature_loc = DataLocation("filesystem", feature_loc)
             self.add_image(feature_loc, annotations)
+
+    def resolve_keys(self, features_loc: DataLocation | None) -> ImageLabels:
+        """A copy where bare string keys take `features_loc`'s storage type and bucket (0.5.0's form)."""
+        if not self.bare_keys or features_loc is None:
+            return self
+        resolved = ImageLabels()
+        for loc, annotations in self._data.items():
+            if loc.key in self.bare_keys and loc.storage_type == "filesystem":
+                loc = DataLocation(features_loc.storage_type, loc.key, features_loc.bucket_name)
+            resolved.add_image(loc, annotations)
+        return resolved
 
     def add_image(self, feature_loc: DataLocation, image_annotations: Sequence[Annotation]) -> None:
         """Add (or replace) one image's annotations."""

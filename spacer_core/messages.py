@@ -155,16 +155,38 @@ class TrainClassifierMsg(DataClass):
     def __init__(
         self,
         job_token: str,
-        trainer: Union[ClassifierTrainer, str],
-        nbr_epochs: int,
-        clf_type: str,
-        labels: TrainingTaskLabels,
-        previous_model_locs: list[DataLocation],
-        model_loc: DataLocation,
-        valresult_loc: DataLocation,
+        trainer: Union[ClassifierTrainer, str, None] = None,
+        nbr_epochs: int = 1,
+        clf_type: str = "MLP",
+        labels: TrainingTaskLabels | None = None,
+        previous_model_locs: list[DataLocation] | None = None,
+        model_loc: DataLocation | None = None,
+        valresult_loc: DataLocation | None = None,
         feature_cache_dir: str | Path = FeatureCache.AUTO,
+        *,
+        trainer_name: str | None = None,
+        train_labels: ImageLabels | None = None,
+        val_labels: ImageLabels | None = None,
+        features_loc: DataLocation | None = None,
     ):
-        """``trainer``: a ClassifierTrainer, ``'minibatch'`` or a dotted class path."""
+        """``trainer``: a ClassifierTrainer, ``'minibatch'`` or a dotted class path.
+
+        pyspacer 0.5.0's keywords are accepted too: ``trainer_name``, and
+        ``train_labels`` + ``val_labels`` (ImageLabels, keys may be bare
+        feature keys resolved against ``features_loc``) instead of ``labels``;
+        the reference set is carved from ``train_labels`` as 0.5.0 did.
+        """
+        if trainer is None:
+            trainer = trainer_name
+        _require(trainer is not None, f"Training job {job_token!r} names no trainer.")
+        if labels is None:
+            _require(train_labels is not None and val_labels is not None,
+                     f"Training job {job_token!r} needs labels (or 0.5.0's train_labels and val_labels).")
+            assert train_labels is not None and val_labels is not None
+            labels = legacy_training_labels(train_labels, val_labels, features_loc)
+        _require(model_loc is not None and valresult_loc is not None,
+                 f"Training job {job_token!r} needs model_loc and valresult_loc.")
+        previous_model_locs = list(previous_model_locs or [])
         if isinstance(trainer, str):
 
             trainer = trainer_factory(trainer)
@@ -255,8 +277,15 @@ def _legacy_training_labels(data: Mapping[str, Any]) -> TrainingTaskLabels:
             return ImageLabels.deserialize(raw, features_loc=features_loc)
         return ImageLabels.deserialize(raw)
 
-    train, ref = split_legacy_train_labels(read(data["train_labels"]), config.TRAINING_BATCH_LABEL_COUNT)
-    return TrainingTaskLabels(train=train, ref=ref, val=read(data["val_labels"]))
+    return legacy_training_labels(read(data["train_labels"]), read(data["val_labels"]), features_loc)
+
+
+def legacy_training_labels(
+    train_labels: ImageLabels, val_labels: ImageLabels, features_loc: DataLocation | None
+) -> TrainingTaskLabels:
+    """0.5.0's train_labels / val_labels as train, ref and val sets (bare keys resolved against features_loc)."""
+    train, ref = split_legacy_train_labels(train_labels.resolve_keys(features_loc), config.TRAINING_BATCH_LABEL_COUNT)
+    return TrainingTaskLabels(train=train, ref=ref, val=val_labels.resolve_keys(features_loc))
 
 
 class ClassifyFeaturesMsg(DataClass):

@@ -26,8 +26,9 @@ from spacer_core.messages import (
     TrainClassifierMsg,
     TrainClassifierReturnMsg,
 )
-from spacer_core.storage import store_classifier
-from spacer_core.task_utils import preprocess_labels
+from spacer_core.storage import load_bytes, load_classifier, load_image, store_classifier  # noqa: F401  (pyspacer names)
+from spacer_core.task_utils import check_extract_inputs, preprocess_labels  # noqa: F401  (check_extract_inputs: pyspacer name)
+from spacer_core.train_classifier import ClassifierTrainer  # noqa: F401  (pyspacer name)
 
 logger = getLogger(__name__)
 

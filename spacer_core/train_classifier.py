@@ -21,6 +21,7 @@ from spacer_core.train_utils import (
     LabelledFeatures,
     ProgressCallback,
     calc_acc,
+    evaluate_classifier,  # noqa: F401  (pyspacer name)
     load_labelled_features,
     make_classifier,
     predict_with_scores,

@@ -8,6 +8,7 @@ loads with strict key matching. Only inference is supported: drop-connect and
 dropout are training-time regularisers and are left out.
 """
 
+import io
 import os
 from typing import ClassVar, NamedTuple
 
@@ -15,9 +16,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from spacer_core.data_classes import DataLocation
 from spacer_core.extractors.base import FeatureExtractor
 from spacer_core.extractors.torch_weights import WeightsSource, load_into, read_state_dict
 from spacer_core.inference.network import NetworkSpec
+from spacer_core.storage import store_bytes
 
 INPUT_SIZE = 224
 FEATURE_DIM = 1280
@@ -210,9 +213,38 @@ class EfficientNetExtractor(FeatureExtractor):
     DATA_LOCATION_KEYS: ClassVar[list[str]] = ["weights"]
     PYSPACER_CLASS_PATH: ClassVar[str | None] = "spacer.extractors.efficientnet.EfficientNetExtractor"
 
+    # pyspacer's names for the architecture, and its batch size (here the
+    # runtime sizes batches; features do not depend on it).
+    MODEL_NAME: ClassVar[str] = "efficientnet-b0"
+    NUM_CLASSES: ClassVar[int] = NUM_CLASSES
+    BATCH_SIZE: ClassVar[int] = 10
+
     @property
     def feature_dim(self) -> int:
         return FEATURE_DIM
+
+    @classmethod
+    def untrained_model(cls) -> EfficientNetB0:
+        """The network with fresh (untrained) parameters, in eval mode."""
+        return EfficientNetB0(cls.NUM_CLASSES).eval()
+
+    @classmethod
+    def load_weights(cls, weights_datastream: io.BytesIO) -> EfficientNetB0:
+        """The network loaded from a CoralNet weights file's content (`module.` prefixes allowed)."""
+        return build_network(weights_datastream.getvalue(), "<weights stream>")
+
+    @classmethod
+    def untrained_instance(cls, data_loc_key: str = "weights") -> "EfficientNetExtractor":
+        """An extractor over untrained weights kept in memory storage under `data_loc_key`.
+
+        For tests and demos that need valid features of the right shape, not
+        meaningful ones (as pyspacer's method of the same name).
+        """
+        buffer = io.BytesIO()
+        torch.save({"net": cls.untrained_model().state_dict()}, buffer)
+        location = DataLocation("memory", data_loc_key)
+        store_bytes(location, buffer.getvalue())
+        return cls(data_locations={"weights": location})
 
     def network(self) -> tuple[NetworkSpec, bool]:
         data = self.resolve_data("weights")
