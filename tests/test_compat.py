@@ -1,0 +1,219 @@
+"""Drop-in use for pyspacer code: public API coverage, the `spacer` import alias, 0.5.0's examples.
+
+The installed pyspacer 0.14.0 is the oracle for which names must exist.
+Programs run in subprocesses through `python -m spacer_core.compat`, where
+the real pyspacer is importable too, so the alias must win over it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pkgutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
+from spacer_core.messages import TrainClassifierMsg
+from tests.support.grpc_server import make_classifier
+from tests.support.weights import make_weights
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "tests" / "fixtures" / "pyspacer050" / "examples"
+
+spacer = pytest.importorskip("spacer")
+
+# pyspacer 0.14.0 public names this library deliberately lacks, and why.
+DELIBERATE_GAPS = {
+    # pyspacer's per-extractor hook from cropped patches to features; here
+    # patches are cropped straight into the network's input batch instead.
+    "spacer.extractors.FeatureExtractor.patches_to_features",
+    "spacer.extractors.DummyExtractor.patches_to_features",
+    "spacer.extractors.EfficientNetExtractor.patches_to_features",
+    "spacer.extractors.VGG16CaffeExtractor.patches_to_features",
+    # Internals of pyspacer's pickle loader; ours maps the same old module
+    # names and losses with its own (restricted) unpickler.
+    "spacer.storage.ClassifierUnpickler.IMPORT_MAPPING",
+    "spacer.storage.ClassifierUnpickler.patch_estimator",
+}
+
+
+def _public_names() -> list[tuple[str, str]]:
+    """(pyspacer module, dotted name) for every public module-level name and class attribute."""
+    found = []
+    modules = ["spacer"] + [f"spacer.{m.name}" for m in pkgutil.walk_packages(spacer.__path__)]
+    for module_name in modules:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # spacer.mailman needs `fire`, absent here
+            continue
+        for name, obj in vars(module).items():
+            if name.startswith("_") or type(obj).__module__.startswith("django") or inspect.ismodule(obj):
+                continue
+            if not (getattr(obj, "__module__", None) or "spacer").startswith("spacer"):
+                continue  # a third-party name pyspacer imported
+            found.append((module_name, name))
+            if inspect.isclass(obj):
+                found += [(module_name, f"{name}.{attr}") for attr in dir(obj) if not attr.startswith("_")]
+    return found
+
+
+def test_every_public_pyspacer_name_exists_here():
+    names = _public_names()
+    assert len(names) > 300  # the walk really covered pyspacer
+    missing = []
+    for module_name, dotted in names:
+        ours: object = importlib.import_module("spacer_core" + module_name[len("spacer"):])
+        try:
+            for part in dotted.split("."):
+                ours = getattr(ours, part)
+        except AttributeError:
+            if f"{module_name}.{dotted}" not in DELIBERATE_GAPS:
+                missing.append(f"{module_name}.{dotted}")
+    assert missing == []
+
+
+def test_untrained_instance_extracts_1280_features():
+    from spacer_core.extractors import EfficientNetExtractor
+
+    extractor = EfficientNetExtractor.untrained_instance("compat-untrained")
+    assert extractor.data_locations["weights"] == DataLocation("memory", "compat-untrained")
+    features, _ = extractor(Image.new("RGB", (240, 240)), [(10, 20)])
+    assert len(features.point_features[0].data) == 1280
+    assert isinstance(EfficientNetExtractor.untrained_model(), type(EfficientNetExtractor.load_weights(
+        __import__("io").BytesIO(extractor.resolve_data("weights").read()))))
+
+
+def test_050_keywords_of_train_classifier_msg_resolve_bare_keys():
+    msg = TrainClassifierMsg(
+        job_token="t", trainer_name="minibatch", nbr_epochs=1, clf_type="LR",
+        train_labels=ImageLabels(data={f"f{i}.fv": [(1, 2, i % 2)] for i in range(12)}),
+        val_labels=ImageLabels(data={"v.fv": [(1, 2, 0)]}),
+        features_loc=DataLocation("s3", "", bucket_name="b"),
+        previous_model_locs=[], model_loc=DataLocation("memory", "m"),
+        valresult_loc=DataLocation("memory", "v"),
+    )
+    assert list(msg.labels.val.keys()) == [DataLocation("s3", "v.fv", bucket_name="b")]
+    # 0.5.0 held out every 10th image as the reference set.
+    assert [loc.key for loc in msg.labels.ref.keys()] == ["f0.fv", "f10.fv"]
+    assert len(list(msg.labels.train.keys())) == 10
+    assert all(loc.bucket_name == "b" for loc in msg.labels.train.keys())
+
+
+def _run(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SPACER_EXTRACTORS_CACHE_DIR=str(cwd / "cache"))
+    return subprocess.run([sys.executable, "-m", "spacer_core.compat", str(script), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_alias_runs_a_pyspacer_program_although_pyspacer_is_installed(tmp_path):
+    script = tmp_path / "program.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from PIL import Image
+        import spacer.tasks, spacer_core.tasks
+        from spacer.extractors import EfficientNetExtractor
+        from spacer.messages import DataLocation, ExtractFeaturesMsg
+        from spacer.storage import storage_factory
+        from spacer.data_classes import ImageFeatures
+
+        assert spacer.tasks is spacer_core.tasks, spacer.tasks.__file__
+        Image.new("RGB", (300, 260), (10, 120, 40)).save(sys.argv[1])
+        msg = ExtractFeaturesMsg(
+            job_token="img", extractor=EfficientNetExtractor.untrained_instance(),
+            rowcols=[(10, 10), (200, 250)], image_loc=DataLocation("filesystem", sys.argv[1]),
+            feature_loc=DataLocation("memory", "img.featurevector"))
+        spacer.tasks.extract_features(msg)
+        features = ImageFeatures.load(msg.feature_loc)
+        print("points", len(features.point_features), features.feature_dim)
+    """))
+    result = _run(script, tmp_path, str(tmp_path / "img.png"))
+    assert result.returncode == 0, result.stderr
+    assert "points 2 1280" in result.stdout
+
+
+def test_alias_refuses_after_real_pyspacer_was_imported(tmp_path):
+    script = tmp_path / "late.py"
+    script.write_text("import spacer.messages\nimport spacer_core.compat as c\nc.install()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "already imported" in result.stderr
+
+
+def _example(name: str, folder: Path) -> Path:
+    """The 0.5.0 example with its `/path/to/` placeholders pointing into `folder`."""
+    text = (EXAMPLES / f"{name}.py").read_text()
+    script = folder / f"{name}.py"
+    script.write_text(text.replace("/path/to/", f"{folder}/"))
+    return script
+
+
+@pytest.fixture(scope="module")
+def example_files(tmp_path_factory):
+    """Real files for the four 0.5.0 examples: weights, a 3200x1600 photo, features, classifiers."""
+    folder = tmp_path_factory.mktemp("pyspacer050")
+    make_weights(folder / "weights.pt")
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (50, 25, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((1600, 3200)).save(folder / "image1.jpg", quality=90)
+    make_classifier(folder / "classifier1.pkl", classes=(1, 2, 3))
+    make_classifier(folder / "oldclassifier1.pkl", classes=(1, 3, 25), seed=1)
+    make_classifier(folder / "oldclassifier2.pkl", classes=(19, 25), seed=2)
+    return folder
+
+
+def _training_features(folder: Path) -> None:
+    # Features at the points the train_classifier example labels, one
+    # cluster per label so a classifier can learn them.
+    points = {
+        "image1": [(1000, 2000, 1), (3000, 2000, 2)], "image2": [(1000, 2000, 3), (3000, 2000, 1)],
+        "image3": [(1234, 2857, 11), (3094, 2262, 25)], "image4": [(500, 2500, 1), (2500, 1500, 3)],
+        "image5": [(4321, 5582, 25), (4903, 2622, 19)],
+    }
+    rng = np.random.default_rng(1)
+    for image, annotations in points.items():
+        feats = np.stack([rng.normal(size=1280) + label for _, _, label in annotations])
+        ImageFeatures.from_arrays(feats, [a[0] for a in annotations], [a[1] for a in annotations]).store(
+            DataLocation("filesystem", str(folder / f"{image}.featurevector")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    "extract_features", "classify_features", "classify_image",
+    # The example's three training images leave one class shared by the
+    # train and reference sets 0.5.0 carves (every 10th image), and training
+    # needs two: the same labels fail in pyspacer 0.14.0's preprocessing.
+    pytest.param("train_classifier", marks=pytest.mark.xfail(
+        strict=True, reason="the example's labels leave one class after the train/ref split")),
+])
+def test_050_core_api_example_runs_unchanged(example_files, name):
+    if name == "classify_features" and not (example_files / "image1.featurevector").exists():
+        _run(_example("extract_features", example_files), example_files)
+    if name == "train_classifier":
+        folder = example_files / "training"
+        folder.mkdir(exist_ok=True)
+        for old in ("oldclassifier1.pkl", "oldclassifier2.pkl"):
+            (folder / old).write_bytes((example_files / old).read_bytes())
+        _training_features(folder)
+    else:
+        folder = example_files
+    result = _run(_example(name, folder), folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = {
+        "extract_features": "Extraction runtime:",
+        "classify_features": "Row 2200, column 1000: [",
+        "classify_image": "Row 3000, column 450: [",
+        "train_classifier": "Previous models' accuracies: [",
+    }[name]
+    assert expected in result.stdout
+    if name == "extract_features":
+        assert len(ImageFeatures.load(DataLocation("filesystem", str(folder / "image1.featurevector")))
+                   .point_features) == 3
