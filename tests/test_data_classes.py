@@ -150,7 +150,10 @@ def test_image_labels_bad_input_is_named():
     with pytest.raises(InvalidDataError, match=r"annotation \[1, 2\] is not \[row, col, label\]"):
         ImageLabels.deserialize({key: [[1, 2]]})
     with pytest.raises(InvalidDataError, match="keys must be DataLocations"):
-        ImageLabels({"img.fv": [(1, 2, 3)]})  # type: ignore[dict-item]
+        ImageLabels({7: [(1, 2, 3)]})  # type: ignore[dict-item]
+    # pyspacer 0.5.0's bare feature keys are accepted, resolved later against features_loc.
+    bare = ImageLabels({"img.fv": [(1, 2, 3)]})  # type: ignore[dict-item]
+    assert list(bare.resolve_keys(DataLocation("memory", "")).keys()) == [DataLocation("memory", "img.fv")]
 
 
 def _store_both(loc: DataLocation, rows, cols, feat) -> None:
