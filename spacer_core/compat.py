@@ -66,7 +66,9 @@ class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         # Already executed under its real name; only undo the spec stamp.
-        module.__spec__ = module.__spec__.loader_state
+        spec = module.__spec__
+        assert spec is not None
+        module.__spec__ = spec.loader_state
 
 
 _FINDER = AliasFinder()

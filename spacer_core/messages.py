@@ -186,18 +186,19 @@ class TrainClassifierMsg(DataClass):
             labels = legacy_training_labels(train_labels, val_labels, features_loc)
         _require(model_loc is not None and valresult_loc is not None,
                  f"Training job {job_token!r} needs model_loc and valresult_loc.")
+        assert model_loc is not None and valresult_loc is not None
         previous_model_locs = list(previous_model_locs or [])
         if isinstance(trainer, str):
-
             trainer = trainer_factory(trainer)
+        assert trainer is not None
         self.job_token = job_token
-        self.trainer = trainer
+        self.trainer: ClassifierTrainer = trainer
         self.nbr_epochs = nbr_epochs
         self.clf_type = clf_type
         self.labels = labels
         self.previous_model_locs = previous_model_locs
-        self.model_loc = model_loc
-        self.valresult_loc = valresult_loc
+        self.model_loc: DataLocation = model_loc
+        self.valresult_loc: DataLocation = valresult_loc
         self.feature_cache_dir = feature_cache_dir
 
     @classmethod
