@@ -160,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.command == "check-config":
         return _check_config(config)
-    _setup_logging(config.log_level)
+    from server.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_format)
     from server.app import serve
 
     if config.port:
