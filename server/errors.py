@@ -205,7 +205,7 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
             except Exception as exc:
                 await _fail(context, exc, call, request)
             else:
-                call.finish("OK")
+                call.finish_ok()
 
         return stream_wrapper
 
@@ -225,7 +225,7 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
             await _fail(context, exc, call, request)
         else:
             call.sent_one(response)
-            call.finish("OK")
+            call.finish_ok()
             return response
 
     return unary_wrapper

@@ -26,6 +26,7 @@ logger = logging.getLogger("server.rpc")
 REQUEST_ID_KEY = "x-request-id"
 _USABLE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _TOKENS_LOGGED = 8
+DEADLINE_SLACK_S = 0.2
 
 
 def _incoming_id(context: Any) -> str | None:
@@ -77,7 +78,40 @@ class CallLog:
             remaining = self.context.time_remaining()
         except Exception:
             remaining = None
-        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+        # The server's deadline starts when the call arrives, a little after the
+        # client's, and the client gives up at its own: a cancel that close to
+        # the deadline is the deadline.
+        if remaining is not None and remaining <= DEADLINE_SLACK_S:
+            return "DEADLINE_EXCEEDED"
+        return "CANCELLED"
+
+    def finish_ok(self) -> None:
+        """Log a handler that returned normally: OK, unless the client had already given up.
+
+        A stream's reads just end when its client gives up at the deadline, so
+        a handler can return normally on a call the client saw fail. Near the
+        deadline the line waits for the call's end; a call that ends within
+        DEADLINE_SLACK_S of its deadline is logged as DEADLINE_EXCEEDED (an
+        approximation: the client's deadline comes slightly before the server's).
+        """
+        try:
+            remaining = self.context.time_remaining()
+        except Exception:
+            remaining = None
+        if remaining is None or remaining > DEADLINE_SLACK_S:
+            self.finish("OK")
+            return
+
+        def done(context: Any) -> None:
+            # A client that gave up at its deadline does not always show as a
+            # cancel here; ending within the slack of the deadline counts as missing it.
+            late = self.cancelled_status() == "DEADLINE_EXCEEDED"
+            self.finish(self.cancelled_status() if context.cancelled() or late else "OK")
+
+        try:
+            self.context.add_done_callback(done)
+        except Exception:  # a context without callbacks: log what is known now
+            self.finish("OK")
 
     def aborted_status(self) -> str:
         """The code the servicer itself aborted with."""
