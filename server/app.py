@@ -13,11 +13,12 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from server import metrics
 from server._proto.spacer.v1 import spacer_pb2
 from server.config import ServerConfig
 from server.engine import Engine
+from server.reflection import enable_reflection
 from server.servicer import SpacerServicer, add_to_server
 
 logger = logging.getLogger("server")
@@ -32,6 +33,7 @@ class _Runtime:
     config: ServerConfig
     health: health.aio.HealthServicer
     engine: Engine
+    metrics: metrics.MetricsServer | None = None
 
 
 _RUNTIMES: weakref.WeakKeyDictionary[grpc.aio.Server, _Runtime] = weakref.WeakKeyDictionary()
@@ -63,9 +65,9 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+    metrics.observe_batchers(engine.runtime)
+    metrics.watch_models(engine, engine.runtime.loaded_models)
 
     try:
         port = server.add_insecure_port(config.address)
@@ -93,6 +95,14 @@ async def start(server: grpc.aio.Server) -> None:
     """Start serving and mark every service SERVING."""
     await server.start()
     runtime = _RUNTIMES[server]
+    if runtime.config.metrics_port is not None:
+        try:
+            runtime.metrics = metrics.MetricsServer(runtime.config.host, runtime.config.metrics_port)
+        except OSError as exc:
+            await server.stop(0)
+            raise OSError(
+                f"cannot serve metrics on {runtime.config.host}:{runtime.config.metrics_port}: {exc}"
+            ) from None
     for name in ("", SERVICE_NAME):
         await runtime.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -105,6 +115,15 @@ async def drain(server: grpc.aio.Server, grace: float | None = None) -> None:
     await server.stop(grace)
     # Models and threads go only after the server has drained.
     runtime.engine.shutdown()
+    if runtime.metrics is not None:
+        runtime.metrics.close()
+        runtime.metrics = None
+
+
+def metrics_port(server: grpc.aio.Server) -> int | None:
+    """The port /metrics is served on, once started; None when metrics are off."""
+    runtime = _RUNTIMES[server]
+    return runtime.metrics.port if runtime.metrics is not None else None
 
 
 async def serve(config: ServerConfig) -> None:
@@ -115,6 +134,8 @@ async def serve(config: ServerConfig) -> None:
         _write_atomic(config.port_file, f"{port}\n")
     logger.info("spacer.v1.Spacer listening on %s:%d", config.host, port)
     print(f"listening on {config.host}:{port}", flush=True)
+    if metrics_port(server) is not None:
+        logger.info("metrics on http://%s:%d/metrics", config.host, metrics_port(server))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

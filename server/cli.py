@@ -29,6 +29,13 @@ def _build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="print the effective settings and exit")
     add_arguments(check)
 
+    health = sub.add_parser(
+        "health", help="ask a server's gRPC health service; exit 0 when SERVING (container probes)"
+    )
+    health.add_argument("address", nargs="?", default="127.0.0.1:50051", help="host:port")
+    health.add_argument("--service", default="", help="service to ask about; default: the server")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+
     for name, help_text in (
         ("extract", "extract features: images + points CSV (or generated points), or a message JSON"),
         ("classify", "classify images into a results CSV, or run a message JSON"),
@@ -143,10 +150,28 @@ def _check_config(config: ServerConfig) -> int:
 _TASKS = ("extract", "classify", "train", "evaluate")
 
 
+def _health(args: argparse.Namespace) -> int:
+    """Print the serving status; 0 for SERVING, 1 otherwise (NOT_SERVING, unreachable, unknown)."""
+    import grpc
+
+    from server.client import SpacerClient
+
+    with SpacerClient(args.address, timeout=args.timeout) as client:
+        try:
+            status = client.health(args.service)
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(f"{args.address}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spacer` console script and `python -m server`."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.command == "health":
+        return _health(args)
     if args.command == "demo" or (args.command in _TASKS and is_shell_form(args)):
         from server.commands import run
 
@@ -160,7 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     if args.command == "check-config":
         return _check_config(config)
-    _setup_logging(config.log_level)
+    from server.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_format)
     from server.app import serve
 
     if config.port:

@@ -7,6 +7,14 @@
         for item in client.classify_images(client.image_request(...) for ...):
             ...
 
+Several replicas: give a list of addresses or a `dns:///host:port` target
+(a Kubernetes headless Service); calls are spread round-robin over every
+address, and idempotent calls that meet UNAVAILABLE (a replica stopping or
+gone) are retried on another one:
+
+    SpacerClient(["10.0.0.5:50051", "10.0.0.6:50051"])
+    SpacerClient("dns:///spacer.default.svc.cluster.local:50051")
+
 Extractors and locations may be given as spacer_core objects (anything with
 `serialize()`), pyspacer JSON dicts or the protobuf messages. Images may be
 paths or bytes (sent inline) or locations the server reads itself.
@@ -14,8 +22,10 @@ paths or bytes (sent inline) or locations the server reads itself.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -31,7 +41,79 @@ LocationLike = Union[pb.DataLocation, Mapping[str, Any], Any]
 ExtractorLike = Union[pb.Extractor, Mapping[str, Any], Any]
 ImageLike = Union[bytes, str, os.PathLike, LocationLike]
 
-__all__ = ["SpacerClient", "pb", "to_location", "to_extractor"]
+__all__ = ["SpacerClient", "pb", "to_location", "to_extractor", "service_config", "channel_target"]
+
+SERVICE = "spacer.v1.Spacer"
+# Calls that may run twice without harm: reads, and writes of the same bytes
+# to the same place (atomic replace). Training, RunJob and the ClassifyImages
+# stream are not retried by the channel.
+IDEMPOTENT_METHODS = ("ExtractFeatures", "ClassifyFeatures", "ClassifyImage", "LoadModel", "ListModels")
+
+
+def service_config(max_attempts: int = 5) -> dict[str, Any]:
+    """gRPC service config: round_robin over every resolved address, retries on UNAVAILABLE.
+
+    UNAVAILABLE means the call never ran to completion on a replica (refused,
+    connection lost, server draining), so it is safe to run it on another.
+    """
+    if not 2 <= max_attempts <= 5:
+        raise ValueError(f"max_attempts must be in 2..5 (gRPC's limit), got {max_attempts}")
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{"service": SERVICE, "method": m} for m in IDEMPOTENT_METHODS]
+                + [{"service": "grpc.health.v1.Health", "method": "Check"}],
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+    }
+
+
+def _ip_literal(host: str) -> str:
+    """host as an IP literal; names are resolved once, here."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"cannot resolve address {host!r}: {exc}") from None
+    return str(infos[0][4][0])
+
+
+def channel_target(address: str | Sequence[str]) -> str:
+    """A gRPC target for one address, a `scheme:` target, or several host:port addresses.
+
+    Several addresses become one `ipv4:`/`ipv6:` target listing them all, which
+    round_robin balances over; host names in the list are resolved once.
+    """
+    if isinstance(address, str):
+        return address
+    addresses = list(address)
+    if not addresses:
+        raise ValueError("give at least one address")
+    if len(addresses) == 1:
+        return addresses[0]
+    hosts: list[tuple[str, str]] = []
+    for item in addresses:
+        host, sep, port = item.rpartition(":")
+        if not sep or not port.isdigit() or "://" in item:
+            raise ValueError(f"address must look like host:port, got {item!r}")
+        hosts.append((_ip_literal(host.strip("[]")), port))
+    families = {ipaddress.ip_address(h).version for h, _ in hosts}
+    if families == {4}:
+        return "ipv4:" + ",".join(f"{h}:{p}" for h, p in hosts)
+    if families == {6}:
+        return "ipv6:" + ",".join(f"[{h}]:{p}" for h, p in hosts)
+    raise ValueError(f"addresses mix IPv4 and IPv6, which one channel cannot balance: {addresses}")
 
 
 def _as_dict(value: Any) -> Mapping[str, Any]:
@@ -78,22 +160,31 @@ def _rowcols(rowcols: Iterable[Sequence[int]]) -> list[pb.RowCol]:
 
 
 class SpacerClient:
-    """Blocking client; one channel, reused by every call. Errors raise grpc.RpcError."""
+    """Blocking client; one channel, reused by every call. Errors raise grpc.RpcError.
+
+    `address`: "host:port", a list of them, or any gRPC target ("dns:///name:port").
+    Calls are balanced round-robin; idempotent ones are retried on UNAVAILABLE up
+    to `max_attempts` times in all (see `service_config`).
+    """
 
     def __init__(
         self,
-        address: str = "127.0.0.1:50051",
+        address: str | Sequence[str] = "127.0.0.1:50051",
         *,
         max_message_bytes: int = 64 * MIB,
         timeout: float | None = None,
+        max_attempts: int = 5,
     ):
         self.address = address
+        self.target = channel_target(address)
         self.timeout = timeout
         self.channel = grpc.insecure_channel(
-            address,
+            self.target,
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", json.dumps(service_config(max_attempts))),
             ],
         )
         self.stub = pb_grpc.SpacerStub(self.channel)

@@ -21,6 +21,7 @@ MIB = 1024 * 1024
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("exact", "fast")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class ServerConfig:
     max_image_pixels: int | None = None
     max_points_per_image: int | None = None
     log_level: str = "INFO"
+    # "json": one JSON object per log line.
+    log_format: str = "text"
+    # Prometheus /metrics on this port (same host); None: no metrics endpoint.
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -70,8 +75,12 @@ class ServerConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
         for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -140,6 +149,9 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
     ("--max-points-per-image", "max_points_per_image", int, "SPACER_MAX_POINTS_PER_IMAGE",
      "override spacer_core's MAX_POINTS_PER_IMAGE"),
     ("--log-level", "log_level", str, "SPACER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+    ("--log-format", "log_format", str, "SPACER_LOG_FORMAT", "text or json (one object per line)"),
+    ("--metrics-port", "metrics_port", int, "SPACER_METRICS_PORT",
+     "serve Prometheus /metrics on this port; default: off"),
 ]
 
 

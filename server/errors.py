@@ -2,7 +2,7 @@
 
 `status_for` maps an exception to (code, message); `rpc_method` wraps each
 servicer method so that every failure is aborted with that status and every
-call is logged as one line (method, status, duration, job token).
+call is logged as one line (method, status, duration, job tokens, request id).
 Unexpected exceptions become INTERNAL with a generic message and a logged
 traceback, so internals never leak to clients.
 """
@@ -13,13 +13,13 @@ import asyncio
 import functools
 import inspect
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 
+from server.logs import CallLog
 from spacer_core import crop
 from spacer_core import exceptions as spacer_exc
 
@@ -170,65 +170,62 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
 
     Works for coroutine methods (unary responses) and async generator
     methods (streamed responses). Cancellation (client cancel or deadline)
-    propagates so the work the call started is stopped.
+    propagates so the work the call started is stopped. Every reply carries
+    the call's request id in its trailing metadata (server.logs.CallLog).
     """
     name = func.__name__
 
-    def _log(status: str, start: float, token: str, detail: str = "") -> None:
-        logger.info(
-            "rpc method=%s status=%s duration_ms=%.1f token=%s%s",
-            name,
-            status,
-            (time.perf_counter() - start) * 1000,
-            token or "-",
-            f" {detail}" if detail else "",
-        )
-
     async def _fail(
-        context: grpc.aio.ServicerContext, exc: Exception, start: float, token: str, request: Any
+        context: grpc.aio.ServicerContext, exc: Exception, call: CallLog, request: Any
     ) -> None:
-        status, message = describe(exc, token, request_locations(request))
-        _log(status.name, start, token, f"error={message!r}")
-        await context.abort(status, message)
+        status, message = describe(exc, _token_of(request), request_locations(request))
+        call.finish(status.name, message)
+        await context.abort(status, message, trailing_metadata=call.trailing)
 
     if inspect.isasyncgenfunction(func):
 
         @functools.wraps(func)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-            start = time.perf_counter()
-            token = _token_of(request)
-            items = 0
+            streamed_in = not hasattr(request, "DESCRIPTOR")
+            call = CallLog(name, context, "bidi_stream" if streamed_in else "server_stream")
+            if streamed_in:
+                request = call.requests(request)
+            else:
+                call.received_one(request)
             try:
                 async for item in func(self, request, context):
-                    items += 1
+                    call.sent_one(item)
                     yield item
             except asyncio.CancelledError:
-                _log("CANCELLED", start, token)
+                call.finish(call.cancelled_status())
                 raise
             except grpc.aio.AbortError:
+                call.finish(call.aborted_status())
                 raise
             except Exception as exc:
-                await _fail(context, exc, start, token, request)
+                await _fail(context, exc, call, request)
             else:
-                _log("OK", start, token, f"items={items}")
+                call.finish_ok()
 
         return stream_wrapper
 
     @functools.wraps(func)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-        start = time.perf_counter()
-        token = _token_of(request)
+        call = CallLog(name, context, "unary")
+        call.received_one(request)
         try:
             response = await func(self, request, context)
         except asyncio.CancelledError:
-            _log("CANCELLED", start, token)
+            call.finish(call.cancelled_status())
             raise
         except grpc.aio.AbortError:
+            call.finish(call.aborted_status())
             raise
         except Exception as exc:
-            await _fail(context, exc, start, token, request)
+            await _fail(context, exc, call, request)
         else:
-            _log("OK", start, token)
+            call.sent_one(response)
+            call.finish_ok()
             return response
 
     return unary_wrapper

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +28,19 @@ from typing import Any
 import numpy as np
 
 from spacer_core.inference.backends import Backend, load_backend, resolve_device, run_in_batches
-from spacer_core.inference.batcher import BatcherClosedError, DynamicBatcher
+from spacer_core.inference.batcher import (
+    BatchObservation,
+    BatcherClosedError,
+    BatchObserver,
+    DynamicBatcher,
+)
 from spacer_core.inference.model_cache import ModelCache
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.inference.precision import Precision
 from spacer_core.locations import Location
 from spacer_core.storage import ALLOW_ALL, StoragePolicy, file_version, load_classifier, policy_scope
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,9 +134,18 @@ def _close_batcher(key: object, batcher: DynamicBatcher) -> None:
 class Runtime:
     """Caches for networks, batchers, classifiers and file hashes, and a storage policy."""
 
-    def __init__(self, settings: RuntimeSettings | None = None, *, policy: StoragePolicy = ALLOW_ALL):
+    def __init__(
+        self,
+        settings: RuntimeSettings | None = None,
+        *,
+        policy: StoragePolicy = ALLOW_ALL,
+        batch_observers: Iterable[BatchObserver] = (),
+    ):
         self.settings = settings or RuntimeSettings()
         self.policy = policy
+        # Called after every batch of every batcher this runtime creates (metrics).
+        self._batch_observers: list[BatchObserver] = list(dict.fromkeys(batch_observers))
+        self._observers_lock = threading.Lock()
         self.device = resolve_device(self.settings.device)
         self.precision = Precision.parse(self.settings.precision)
         self.file_hashes = FileHashes(self.settings.max_file_hashes)
@@ -188,6 +205,7 @@ class Runtime:
                 max_queued_patches=settings.max_queued_patches,
                 name=f"batcher-{net.key[:8]}-{self.device}",
                 workers=settings.batcher_workers or (1 if self.device.type == "cuda" else 2),
+                observers=(self._observe_batch,),
             )
 
         batcher = self._batchers.get(net.key, create)
@@ -195,6 +213,30 @@ class Runtime:
             self._batchers.pop(net.key)
             batcher = self._batchers.get(net.key, create)
         return batcher
+
+    def add_batch_observer(self, observer: BatchObserver) -> None:
+        """Call observer(BatchObservation) after every batch of this runtime's batchers.
+
+        Applies to the batchers already running and to every one created later.
+        Observers run on batcher threads and must be quick; adding one twice has no effect.
+        """
+        with self._observers_lock:
+            if observer not in self._batch_observers:
+                self._batch_observers = [*self._batch_observers, observer]
+
+    def remove_batch_observer(self, observer: BatchObserver) -> None:
+        """Stop calling observer; unknown observers are ignored."""
+        with self._observers_lock:
+            self._batch_observers = [o for o in self._batch_observers if o != observer]
+
+    def _observe_batch(self, observation: BatchObservation) -> None:
+        # Every batcher of this runtime calls this one observer, so observers added
+        # later reach existing batchers too. The list is replaced, never mutated.
+        for observer in self._batch_observers:
+            try:
+                observer(observation)
+            except Exception:
+                logger.exception("batch observer %r failed", observer)
 
     def features(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
         """Features of float32 (N, 3, 224, 224) patches, computed in this thread."""

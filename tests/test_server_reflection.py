@@ -86,10 +86,26 @@ def rc():
         channel.close()
 
 
+SERVICES = sorted([
+    "spacer.v1.Spacer", "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
+])
+
+
+class _OnlyV1(grpc.StreamStreamClientInterceptor):
+    """Sends every reflection call to grpc.reflection.v1, as a v1-only client (newer grpcurl) does."""
+
+    def __init__(self):
+        self.methods: list[str] = []
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        method = details.method.replace("/grpc.reflection.v1alpha.", "/grpc.reflection.v1.")
+        self.methods.append(method)
+        return continuation(details._replace(method=method), request_iterator)
+
+
 def test_reflection_lists_spacer_health_and_reflection(rc):
-    assert rc.services() == sorted(
-        ["spacer.v1.Spacer", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"]
-    )
+    assert rc.services() == SERVICES
     spacer = rc.pool.FindServiceByName("spacer.v1.Spacer")
     streams = {m.name: (m.client_streaming, m.server_streaming) for m in spacer.methods}
     assert streams["ClassifyImages"] == (True, True)
@@ -178,3 +194,21 @@ def test_json_errors_come_back_as_status_codes(rc, data):
         }))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "absent.featurevector" in err.value.details()
+
+
+def test_a_v1_only_client_lists_describes_and_calls(rc):
+    only_v1 = _OnlyV1()
+    channel = grpc.intercept_channel(rc.channel, only_v1)
+    v1 = ReflectionClient(channel)
+    assert v1.services() == SERVICES
+    # The v1 service describes itself under its own package.
+    own = v1.pool.FindServiceByName("grpc.reflection.v1.ServerReflection")
+    assert own.file.package == "grpc.reflection.v1"
+    assert own.methods_by_name["ServerReflectionInfo"].input_type.full_name == (
+        "grpc.reflection.v1.ServerReflectionRequest"
+    )
+    assert v1.method("spacer.v1.Spacer.ClassifyImages").client_streaming
+    assert v1.call("grpc.health.v1.Health.Check", '{"service": "spacer.v1.Spacer"}') == [{"status": "SERVING"}]
+    assert len(v1.call("spacer.v1.Spacer.ListModels", "{}")) == 1
+    reflection_calls = [m for m in only_v1.methods if "ServerReflection" in m]
+    assert reflection_calls and all(m.startswith("/grpc.reflection.v1.") for m in reflection_calls)

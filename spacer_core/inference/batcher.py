@@ -33,7 +33,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,7 @@ class _Request:
     scheduled: int = 0  # patches handed to a batch so far
     finished: int = 0  # patches whose features are back
     features: np.ndarray | None = None
+    enqueued: float = 0.0  # monotonic time it entered the queue
 
     @property
     def size(self) -> int:
@@ -75,6 +76,9 @@ class _Batch:
     size: int
     pending: PendingFeatures | None = None
     started: float = field(default_factory=time.monotonic)
+    # Seconds each request whose first patches ride in this batch waited in the queue.
+    queue_waits: list[float] = field(default_factory=list)
+    launched: float = 0.0
 
 
 @dataclass
@@ -85,6 +89,24 @@ class BatcherStats:
     patches: int = 0
     failed_batches: int = 0
     cancelled_patches: int = 0
+    # Totals behind the observers' figures: queue wait per request, network time per batch.
+    queue_seconds: float = 0.0
+    network_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BatchObservation:
+    """One finished batch, as observers see it."""
+
+    batcher: str
+    size: int
+    # Time in queue of each request that started in this batch (Triton's queue time).
+    queue_waits: tuple[float, ...]
+    # Launch to features back: input conversion, transfer and the network (compute time).
+    network_seconds: float
+
+
+BatchObserver = Callable[[BatchObservation], None]
 
 
 RunBatch = Backend | Callable[[np.ndarray], np.ndarray]
@@ -102,6 +124,7 @@ class DynamicBatcher:
         max_queued_patches: int = 4096,
         name: str = "batcher",
         workers: int = 1,
+        observers: Iterable[BatchObserver] = (),
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -127,6 +150,10 @@ class DynamicBatcher:
         self.max_queued_patches = max_queued_patches
         self.name = name
         self.stats = BatcherStats()
+        self._observers: list[BatchObserver] = []
+        for observer in observers:
+            if observer not in self._observers:
+                self._observers.append(observer)
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0  # patches waiting to be put in a batch
         self._closed = False
@@ -250,6 +277,7 @@ class DynamicBatcher:
                 f"{self.max_queued_patches}); cannot take {request.size} more")
 
     def _enqueue(self, request: _Request) -> None:
+        request.enqueued = time.monotonic()
         self._queue.append(request)
         self._queued += request.size
         self._work.notify()
@@ -321,9 +349,13 @@ class DynamicBatcher:
                         break
                     self._work.wait(remaining)
             parts: list[tuple[_Request, int, int]] = []
+            waits: list[float] = []
             size = 0
+            now = time.monotonic()
             while self._queue and size < self.max_batch_size:
                 request = self._queue[0]
+                if request.scheduled == 0:
+                    waits.append(now - request.enqueued)
                 take = min(self.max_batch_size - size, request.size - request.scheduled)
                 parts.append((request, request.scheduled, request.scheduled + take))
                 request.scheduled += take
@@ -333,9 +365,10 @@ class DynamicBatcher:
             self._queued -= size
             if size:
                 self._freed()
-        return _Batch(parts, size) if size else None
+        return _Batch(parts, size, queue_waits=waits) if size else None
 
     def _start(self, batch: _Batch) -> None:
+        batch.launched = time.monotonic()
         try:
             inputs = self._allocate(batch.size)
             offset = 0
@@ -357,9 +390,12 @@ class DynamicBatcher:
             self._fail_batch(batch, exc)
             return
         completed: list[_Request] = []
+        network_seconds = time.monotonic() - batch.launched
         with self._lock:
             self.stats.batches += 1
             self.stats.patches += batch.size
+            self.stats.queue_seconds += sum(batch.queue_waits)
+            self.stats.network_seconds += network_seconds
             for request, _, _ in batch.parts:
                 if request.features is None:
                     request.features = np.empty((request.size, features.shape[1]), np.float32)
@@ -374,12 +410,38 @@ class DynamicBatcher:
                 request.finished += stop - start
                 if request.finished == request.size:
                     completed.append(request)
+        # Observed before callers get their features, so the figures are in place when they look.
+        self._notify(BatchObservation(
+            self.name, batch.size, tuple(batch.queue_waits), network_seconds))
         for request in completed:
             if not request.future.done():
                 try:
                     request.future.set_result(request.features)  # type: ignore[arg-type]
                 except concurrent.futures.InvalidStateError:
                     pass  # cancelled meanwhile
+
+    def add_observer(self, observer: BatchObserver) -> None:
+        """Call observer(BatchObservation) after every successful batch.
+
+        Observers run on the worker thread and must be quick; one that raises is
+        logged and skipped. Adding the same observer twice has no effect.
+        """
+        with self._lock:
+            if observer not in self._observers:
+                self._observers = [*self._observers, observer]
+
+    def remove_observer(self, observer: BatchObserver) -> None:
+        """Stop calling observer; unknown observers are ignored."""
+        with self._lock:
+            self._observers = [o for o in self._observers if o != observer]
+
+    def _notify(self, observation: BatchObservation) -> None:
+        for observer in self._observers:  # replaced, never mutated: no lock needed
+            try:
+                observer(observation)
+            except Exception:
+                # Monitoring must never fail inference.
+                logger.exception("batch observer %r failed", observer)
 
     def _fail_batch(self, batch: _Batch, exc: Exception) -> None:
         with self._lock:
