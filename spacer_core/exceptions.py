@@ -154,3 +154,11 @@ class ShuttingDownError(UnavailableError):
 
 class InvalidInputTypeError(InvalidInputError, TypeError):
     """An input of the wrong type (also a TypeError, as Python raises for those)."""
+
+
+class UnsafePickleError(InvalidInputError):
+    """A classifier pickle refers to something a trained classifier never contains.
+
+    A ValueError too (through InvalidInputError), so code that catches
+    pyspacer's load errors still does.
+    """

@@ -9,6 +9,13 @@ CoralNet's classifiers were pickled with scikit-learn 0.17.1 (Python 2),
 - SGDClassifier's ``loss='log'`` renamed ``'log_loss'``.
 
 Only what inference (``predict_proba``) needs is guaranteed.
+
+A pickle names the callables that rebuild it, so unpickling an untrusted
+file can run any code. Classifier files come from clients, so the
+unpickler resolves only the globals on an allowlist: the scikit-learn,
+NumPy and codec names that trained CoralNet classifiers (every scikit-learn
+release CoralNet used, and what pyspacer and this library write) contain.
+Anything else is refused with UnsafePickleError before it is imported.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ import re
 import warnings
 from typing import Any
 
+import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
-from spacer_core.exceptions import InvalidInputError
+from spacer_core.exceptions import InvalidInputError, UnsafePickleError
 
 # Modules of scikit-learn < 0.22 that no longer exist, and where their classes
 # live now (0.22 made the submodules private).
@@ -34,6 +42,56 @@ _MODULE_RENAMES = {
     "sklearn.preprocessing.label": "sklearn.preprocessing",
 }
 
+# NumPy 2 moved numpy.core to numpy._core; pickles written under NumPy 1
+# name the old path, which NumPy 2 still serves but with a warning.
+_NUMPY_CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
+for _old in ("numpy.core", "numpy._core"):
+    for _sub in ("multiarray", "numeric"):
+        _MODULE_RENAMES[f"{_old}.{_sub}"] = f"{_NUMPY_CORE}.{_sub}"
+
+_SGD_LOSSES = (
+    "Log", "Hinge", "ModifiedHuber", "SquaredHinge",
+    "Huber", "SquaredLoss", "EpsilonInsensitive", "SquaredEpsilonInsensitive",
+)  # fmt: skip
+
+# (module after renaming, name): everything a trained classifier's pickle
+# may name. Found by loading the legacy fixtures and classifiers trained
+# and stored by pyspacer 0.14.0 and by this library (pickle protocols 2-5).
+ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        # The classifier: calibration wrapper around an SGD or MLP model.
+        ("sklearn.calibration", "CalibratedClassifierCV"),
+        ("sklearn.calibration", "_CalibratedClassifier"),
+        ("sklearn.calibration", "_SigmoidCalibration"),
+        ("sklearn.linear_model", "SGDClassifier"),
+        ("sklearn.linear_model._stochastic_gradient", "SGDClassifier"),
+        ("sklearn.neural_network", "MLPClassifier"),
+        ("sklearn.neural_network._multilayer_perceptron", "MLPClassifier"),
+        ("sklearn.neural_network._stochastic_optimizers", "AdamOptimizer"),
+        ("sklearn.preprocessing", "LabelBinarizer"),
+        ("sklearn.preprocessing._label", "LabelBinarizer"),
+        ("sklearn.preprocessing", "LabelEncoder"),  # scikit-learn 0.17
+        ("sklearn.preprocessing._label", "LabelEncoder"),
+        # SGDClassifier's loss object (pyspacer's trainer lets the loss be set).
+        *(("sklearn.linear_model._sgd_fast", loss) for loss in _SGD_LOSSES),
+        # NumPy arrays, scalars and dtypes.
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        (f"{_NUMPY_CORE}.multiarray", "_reconstruct"),
+        (f"{_NUMPY_CORE}.multiarray", "scalar"),
+        (f"{_NUMPY_CORE}.numeric", "_frombuffer"),  # protocol 5 buffers
+        # An MLP's RandomState (its constructor only accepts bit generator
+        # classes, which must themselves pass this list).
+        ("numpy.random._pickle", "__randomstate_ctor"),
+        ("numpy.random._pickle", "__bit_generator_ctor"),
+        ("numpy.random._mt19937", "MT19937"),
+        ("numpy.random.bit_generator", "SeedSequence"),
+        ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
+        # Protocol 2 writes bytes (numpy buffers) as latin-1 text to encode.
+        ("_codecs", "encode"),
+    }
+)
+
 # scikit-learn versions CoralNet pickled with; their "unpickling from another
 # version" warnings are expected and silenced.
 _KNOWN_OLD_VERSIONS = re.compile(
@@ -42,10 +100,21 @@ _KNOWN_OLD_VERSIONS = re.compile(
 
 
 class ClassifierUnpickler(pickle.Unpickler):
-    """Unpickler that maps old scikit-learn module paths and repairs old classifiers."""
+    """Unpickler for untrusted classifier files.
+
+    Resolves only ALLOWED_GLOBALS (raising UnsafePickleError for anything
+    else), maps old scikit-learn module paths and repairs old classifiers.
+    """
 
     def find_class(self, module: str, name: str) -> Any:
-        return super().find_class(_MODULE_RENAMES.get(module, module), name)
+        target = _MODULE_RENAMES.get(module, module)
+        if (target, name) not in ALLOWED_GLOBALS:
+            # Checked before anything is imported, so a refused module never loads.
+            raise UnsafePickleError(
+                f"refused to load classifier: the pickle refers to '{module}.{name}',"
+                " which is not part of a trained classifier."
+            )
+        return super().find_class(target, name)
 
     def load(self) -> CalibratedClassifierCV:
         clf = super().load()
@@ -97,6 +166,8 @@ def load_classifier_bytes(data: bytes, source: str = "<bytes>") -> CalibratedCla
         try:
             # latin1 reads Python 2 pickles' 8-bit strings (numpy buffers) unchanged.
             return ClassifierUnpickler(io.BytesIO(data), fix_imports=True, encoding="latin1").load()
+        except UnsafePickleError as err:
+            raise UnsafePickleError(f"{source}: {err}") from None
         except ValueError as err:
             raise InvalidInputError(f"{source}: {err}") from err
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as err:
