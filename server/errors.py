@@ -67,7 +67,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """(code, message) for a request or library error; None for an unexpected one."""
     if isinstance(exc, RequestError):
         return exc.code, exc.message
-    if isinstance(exc, spacer_exc.URLDownloadError):
+    if isinstance(exc, spacer_exc.URLDownloadError) and not isinstance(exc, spacer_exc.AccessDeniedError):
+        # A refused URL (URLRefusedError) is also an AccessDeniedError: the
+        # category table below makes it PERMISSION_DENIED.
         return _url_status(exc), str(exc)
     if isinstance(exc, crop.InternalCropError):
         return None

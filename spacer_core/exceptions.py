@@ -112,6 +112,13 @@ class URLDownloadError(UnavailableError):
         )
 
 
+class URLRefusedError(URLDownloadError, AccessDeniedError):
+    """A URL was not fetched: its scheme, host address or redirect target is not allowed.
+
+    An AccessDeniedError too: the server reports it as PERMISSION_DENIED.
+    """
+
+
 class FeatureDimensionError(PreconditionError, ValueError):
     """Features have a different dimension from the one a classifier was trained on."""
 

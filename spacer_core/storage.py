@@ -13,18 +13,15 @@ import pickle
 import sys
 import tempfile
 import threading
-import urllib.request
 from collections.abc import Hashable, Iterator, Sequence
 from contextvars import ContextVar
-from http.client import HTTPException
 from io import BytesIO
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, Union
-from urllib.error import URLError
 
 from PIL import Image
 
-from spacer_core import config
+from spacer_core import config, urlfetch
 from spacer_core.exceptions import (
     AccessDeniedError,
     InvalidInputError,
@@ -33,9 +30,10 @@ from spacer_core.exceptions import (
     StorageMissingObjectError,
     StorageRequestError,
     StorageUnavailableError,
-    URLDownloadError,
+    URLDownloadError,  # noqa: F401  (pyspacer exposes it here)
 )
 from spacer_core.locations import Location
+from spacer_core.urlfetch import UrlRules
 
 if TYPE_CHECKING:
     from sklearn.calibration import CalibratedClassifierCV
@@ -180,10 +178,18 @@ class RemoteStorage(Storage):
 
 
 class URLStorage(RemoteStorage):
-    """Read-only HTTP(S) access; the key is the URL."""
+    """Read-only HTTP(S) access; the key is the URL.
+
+    Fetches go through spacer_core.urlfetch under ``rules`` (default: the
+    class attribute ``default_rules``, which refuses private addresses).
+    """
 
     # Applies to connecting and to each idle gap while reading.
     TIMEOUT = 20.0
+    default_rules = UrlRules()
+
+    def __init__(self, rules: UrlRules | None = None):
+        self.rules = rules if rules is not None else self.default_rules
 
     def store(self, key: str, stream: Payload) -> None:
         raise TypeError("Store operation not supported for URL storage.")
@@ -192,27 +198,11 @@ class URLStorage(RemoteStorage):
         raise TypeError("Delete operation not supported for URL storage.")
 
     def _load_remote(self, key: str) -> BytesIO:
-        try:
-            response = urllib.request.urlopen(key, timeout=self.TIMEOUT)
-        except (TimeoutError, URLError, ValueError, HTTPException, OSError) as err:
-            raise URLDownloadError(f"Failed to download from the URL '{key}'.", err) from err
-        try:
-            with response:
-                return BytesIO(response.read())
-        except (TimeoutError, HTTPException, OSError) as err:
-            raise URLDownloadError(f"Couldn't read the full response from the URL '{key}'.", err) from err
+        return BytesIO(urlfetch.fetch(key, self.rules, self.TIMEOUT))
 
     def exists(self, key: str) -> bool:
         """Best effort: True when a HEAD request succeeds."""
-        try:
-            request = urllib.request.Request(key, method="HEAD")
-        except ValueError:
-            return False
-        try:
-            with urllib.request.urlopen(request, timeout=self.TIMEOUT):
-                return True
-        except (TimeoutError, URLError, HTTPException, OSError):
-            return False
+        return urlfetch.exists(key, self.rules, self.TIMEOUT)
 
 
 class S3Storage(RemoteStorage):

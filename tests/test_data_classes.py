@@ -24,6 +24,7 @@ from spacer_core.data_classes import (
 )
 from spacer_core.exceptions import RowColumnMismatchError, RowColumnMissingError
 from spacer_core.storage import clear_memory_storage, storage_factory
+from tests.support.http_server import http_server  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -216,21 +217,14 @@ def test_load_data_errors_name_the_file(tmp_path):
         list(ImageLabels({legacy: [(1, 3, 0)]}).load_data_in_batches())
 
 
-def test_load_data_uses_filesystem_cache(tmp_path):
-    from tests.support.http_server import LoopbackHTTPServer
-
-    server = LoopbackHTTPServer()
-    server.start()
-    try:
-        url = server.add("/f/a.fv", ImageFeatures.from_arrays(np.eye(3), [1, 2, 3], [1, 2, 3]).to_bytes())
-        labels = ImageLabels({DataLocation("url", url): [(2, 2, "x")]})
-        labels.set_filesystem_cache(str(tmp_path))
-        for _ in range(3):
-            x, y = labels.load_all_data()
-            np.testing.assert_array_equal(np.stack(x), [[0.0, 1.0, 0.0]])
-        assert server.hits["/f/a.fv"] == 1
-    finally:
-        server.stop()
+def test_load_data_uses_filesystem_cache(tmp_path, http_server):
+    url = http_server.add("/f/a.fv", ImageFeatures.from_arrays(np.eye(3), [1, 2, 3], [1, 2, 3]).to_bytes())
+    labels = ImageLabels({DataLocation("url", url): [(2, 2, "x")]})
+    labels.set_filesystem_cache(str(tmp_path))
+    for _ in range(3):
+        x, y = labels.load_all_data()
+        np.testing.assert_array_equal(np.stack(x), [[0.0, 1.0, 0.0]])
+    assert http_server.hits["/f/a.fv"] == 1
 
 
 # --- ImageFeatures ------------------------------------------------------------------

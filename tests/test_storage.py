@@ -34,6 +34,7 @@ from spacer_core.storage import (
     store_image,
 )
 from spacer_core.runtime import Runtime
+from spacer_core.urlfetch import UrlRules
 from tests.support.http_server import http_server  # noqa: F401  (fixture)
 from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
 
@@ -178,8 +179,9 @@ def test_url_malformed_and_unreachable():
     with pytest.raises(URLDownloadError, match="Failed to download from the URL 'no-scheme'"):
         URLStorage().load("no-scheme")
     # Nothing listens on port 9 (discard) of the loopback interface here.
-    with pytest.raises(URLDownloadError, match="http://127.0.0.1:9/x"):
-        URLStorage().load("http://127.0.0.1:9/x")
+    with pytest.raises(URLDownloadError, match="Failed to download from the URL 'http://127.0.0.1:9/x'") as info:
+        URLStorage(UrlRules(allow_private=True)).load("http://127.0.0.1:9/x")
+    assert isinstance(info.value.original_error, ConnectionRefusedError)
 
 
 def test_url_timeout(http_server, monkeypatch):

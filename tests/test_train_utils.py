@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_info
 from spacer_core import train_utils
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.exceptions import RowColumnMismatchError, RowColumnMissingError
+from spacer_core.storage import URLStorage
 from spacer_core.train_utils import (
     calc_acc,
     evaluate_classifier,
@@ -30,6 +31,7 @@ from spacer_core.train_utils import (
     make_random_data,
     train,
 )
+from spacer_core.urlfetch import UrlRules
 
 
 def pyspacer_labels(labels: ImageLabels) -> py_data.ImageLabels:
@@ -164,7 +166,9 @@ def test_feature_dimension_mismatch_names_both_files(tmp_path):
         load_labelled_features(ImageLabels({loc: [(0, 0, 1)] for loc in locs}))
 
 
-def test_remote_files_go_through_the_filesystem_cache(tmp_path):
+def test_remote_files_go_through_the_filesystem_cache(tmp_path, monkeypatch):
+    # The files are served on loopback, which url storage refuses by default.
+    monkeypatch.setattr(URLStorage, "default_rules", UrlRules(allow_private=True))
     served = tmp_path / "served"
     served.mkdir()
     labels = float32_features(served, 3, 5, 4)

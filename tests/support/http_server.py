@@ -7,7 +7,12 @@
         http_server.add("/slow", b"x", delay=2.0)         # waits before answering
         http_server.add("/cut", b"abc", claim_length=10)  # promises 10 bytes, sends 3
         http_server.add("/stall", b"abcd", stall=2.0)     # sends half, pauses, sends the rest
+        http_server.add("/r", b"", status=302, location="http://10.0.0.1/")  # a redirect
+        http_server.add("/eof", b"abc", send_length=False)  # body ends when the connection does
         # any other path answers 404
+
+The fixture lets url storage reach this loopback server (URLStorage's
+default rules refuse private addresses) for the length of the test.
 
 Handlers run in their own threads, so a slow response does not block others.
 """
@@ -30,6 +35,8 @@ class _Route:
     delay: float = 0.0
     claim_length: int | None = None
     stall: float = 0.0
+    location: str | None = None
+    send_length: bool = True
 
 
 class LoopbackHTTPServer:
@@ -52,7 +59,10 @@ class LoopbackHTTPServer:
                     return
                 time.sleep(route.delay)
                 self.send_response(route.status)
-                self.send_header("Content-Length", str(route.claim_length or len(route.body)))
+                if route.location is not None:
+                    self.send_header("Location", route.location)
+                if route.send_length:
+                    self.send_header("Content-Length", str(route.claim_length or len(route.body)))
                 self.end_headers()
                 if send_body:
                     half = len(route.body) // 2 if route.stall else len(route.body)
@@ -99,8 +109,12 @@ class LoopbackHTTPServer:
 
 
 @pytest.fixture
-def http_server() -> Iterator[LoopbackHTTPServer]:
-    """A LoopbackHTTPServer running for one test."""
+def http_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHTTPServer]:
+    """A LoopbackHTTPServer running for one test, reachable through url storage."""
+    from spacer_core.storage import URLStorage
+    from spacer_core.urlfetch import UrlRules
+
+    monkeypatch.setattr(URLStorage, "default_rules", UrlRules(allow_private=True))
     server = LoopbackHTTPServer()
     server.start()
     try:
