@@ -21,6 +21,7 @@ from spacer_core.extractors import FeatureExtractor, resolve_class_path
 from spacer_core.messages import TrainClassifierMsg, TrainingTaskLabels
 from spacer_core.pipeline import ImageJob, ImageResult
 from spacer_core.runtime import LoadedModel
+from spacer_core.train_classifier import is_registered_trainer
 
 
 @contextlib.contextmanager
@@ -107,12 +108,46 @@ def labels(images: pb.ImageLabels, what: str) -> ImageLabels:
     return ImageLabels(data)
 
 
+def check_trainer(name: str, what: str = "trainer") -> None:
+    """Refuse a trainer that is not built in or registered, before anything imports it.
+
+    Library callers may name any importable class path, as in pyspacer;
+    a client must not make the server import a module of its choice.
+    """
+    if not is_registered_trainer(name):
+        raise invalid(
+            f"{what}: unknown trainer {name!r}; the server accepts 'minibatch' and"
+            " trainers registered with register_trainer_class()"
+        )
+
+
+def check_json_trainers(data: Any) -> None:
+    """Apply check_trainer to every trainer a pyspacer JSON job names."""
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    for i, task in enumerate(tasks if isinstance(tasks, list) else []):
+        if not isinstance(task, dict):
+            continue
+        what = f"tasks[{i}]"
+        if "trainer_name" in task:
+            check_trainer(str(task["trainer_name"]), f"{what}.trainer_name")
+        trainer = task.get("trainer")
+        if isinstance(trainer, dict):
+            check_trainer(str(trainer.get("class_path", "")), f"{what}.trainer.class_path")
+        elif trainer is not None:
+            check_trainer(str(trainer), f"{what}.trainer")
+
+
 def train_msg(req: pb.TrainClassifierRequest, trainer: Any) -> TrainClassifierMsg:
-    """The library's training message; `trainer` is already resolved by the caller's rules."""
+    """The library's training message; `trainer` is already resolved by the caller's rules.
+
+    A trainer given by name must be built in or registered (see check_trainer).
+    """
     if req.nbr_epochs < 1:
         raise invalid(f"nbr_epochs must be >= 1, got {req.nbr_epochs}")
     if not req.HasField("labels"):
         raise invalid("labels is required (train, ref and val sets)")
+    if isinstance(trainer, str):
+        check_trainer(trainer)
     task_labels = TrainingTaskLabels(
         train=labels(req.labels.train, "train"),
         ref=labels(req.labels.ref, "ref"),

@@ -15,6 +15,7 @@ from server._proto.spacer.v1 import spacer_pb2 as pb
 from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
 from server.engine import Engine
 from server.errors import describe, invalid, request_locations, rpc_method
+from server.security import redact_job_error
 from spacer_core import tasks
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.messages import ClassifyFeaturesMsg, JobMsg
@@ -80,11 +81,16 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             raise invalid(f"job_msg_json is not JSON: {exc}") from None
         if not isinstance(data, dict):
             raise invalid("job_msg_json must be a JSON object (a pyspacer JobMsg)")
+        convert.check_json_trainers(data)
         try:
             job = JobMsg.deserialize(data)
         except (KeyError, TypeError, AssertionError, InvalidInputError) as exc:
             raise invalid(f"job_msg_json is not a valid JobMsg: {exc}") from None
         result = await self.engine.call(tasks.process_job, job)
+        if not result.ok and result.error_message:
+            # The library reply carries a traceback; clients get its last line, redacted.
+            tokens = ",".join(task.job_token for task in job.tasks)
+            result.error_message = redact_job_error(result.error_message, tokens)
         return pb.RunJobResponse(
             job_return_msg_json=json.dumps(result.serialize()),
             ok=bool(result.ok),

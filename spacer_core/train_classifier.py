@@ -45,6 +45,29 @@ _PYSPACER_CLASS_PATHS: dict[str, str] = {
 
 TrainResult = tuple[CalibratedClassifierCV, ValResults, TrainClassifierReturnMsg]
 
+# Trainer classes named by class path without an import: registered by
+# their users for callers that may not import modules (the gRPC server).
+_REGISTERED_TRAINERS: dict[str, type] = {}
+
+
+def register_trainer_class(class_path: str, trainer_class: type) -> None:
+    """Let messages name ``trainer_class`` (a ClassifierTrainer subclass) by ``class_path``.
+
+    Registered trainers resolve without importing anything, and are the
+    only custom trainers the server accepts from its clients.
+    """
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, ClassifierTrainer)):
+        raise InvalidInputTypeError(f"{trainer_class!r} is not a ClassifierTrainer subclass")
+    _REGISTERED_TRAINERS[class_path] = trainer_class
+
+
+def is_registered_trainer(name: str) -> bool:
+    """True when ``name`` is a built-in trainer name or class path, or a registered one.
+
+    Such names resolve without importing a module a message chose.
+    """
+    return name in _TRAINER_ALIASES or name in _TRAINER_ALIASES.values() or name in _REGISTERED_TRAINERS
+
 
 class ClassifierTrainer(abc.ABC):
     """Trains a classifier from TrainingTaskLabels; JSON-serializable by class path."""
@@ -80,9 +103,13 @@ class ClassifierTrainer(abc.ABC):
             raise InvalidInputError(f"Trainer data {data!r} has no 'class_path'.") from None
         class_path = _TRAINER_ALIASES.get(class_path, class_path)
         module_path, _, class_name = class_path.rpartition(".")
-        if not module_path:
+        if class_path in _REGISTERED_TRAINERS:
+            trainer_class = _REGISTERED_TRAINERS[class_path]
+        elif not module_path:
             raise InvalidInputError(f"Unknown trainer {class_path!r}: not a built-in name or a dotted class path.")
-        trainer_class = getattr(import_module(module_path), class_name, None)
+        else:
+            # pyspacer's behaviour for library callers: any importable class path.
+            trainer_class = getattr(import_module(module_path), class_name, None)
         if not (isinstance(trainer_class, type) and issubclass(trainer_class, ClassifierTrainer)):
             raise InvalidInputTypeError(f"{class_path} is not a ClassifierTrainer subclass")
         return trainer_class(**options)

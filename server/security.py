@@ -1,0 +1,139 @@
+"""Transport security and client-safe error text.
+
+- :class:`BearerTokenInterceptor` requires ``authorization: Bearer <token>``
+  on every call except the health service (load balancers probe it without
+  credentials).
+- :func:`server_credentials` builds TLS (optionally mutual TLS) credentials
+  from PEM files.
+- :func:`redact_job_error` turns a failed job's traceback into a message
+  that names the failure but not the server's files or objects; the whole
+  traceback goes to the log under a reference id the message carries.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import site
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+logger = logging.getLogger("server.security")
+
+HEALTH_SERVICE = "/grpc.health.v1.Health/"
+AUTH_HEADER = "authorization"
+
+
+# ---------------------------------------------------------------- tokens
+
+
+def read_token_file(path: str | Path) -> str:
+    """The token in ``path`` (surrounding whitespace removed); ValueError when empty."""
+    token = Path(path).read_text(encoding="utf-8").strip()
+    if not token:
+        raise ValueError(f"auth token file {str(path)!r} is empty")
+    return token
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without the configured bearer token with UNAUTHENTICATED."""
+
+    def __init__(self, token: str, open_prefixes: tuple[str, ...] = (HEALTH_SERVICE,)):
+        self._expected = f"Bearer {token}".encode()
+        self._open_prefixes = open_prefixes
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        async def deny_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = {
+            (False, False): grpc.unary_unary_rpc_method_handler(deny),
+            (False, True): grpc.unary_stream_rpc_method_handler(deny),
+            (True, False): grpc.stream_unary_rpc_method_handler(deny_stream),
+            (True, True): grpc.stream_stream_rpc_method_handler(deny_stream),
+        }
+
+    def _authorized(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key == AUTH_HEADER:
+                given = value.encode() if isinstance(value, str) else value
+                # Constant time, so response timing does not reveal the token.
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method or ""
+        if method.startswith(self._open_prefixes) or self._authorized(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
+            return handler
+        return self._deny[(handler.request_streaming, handler.response_streaming)]
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None) -> grpc.ServerCredentials:
+    """TLS credentials from PEM files; with ``client_ca``, clients must present a certificate it signed."""
+    chain = Path(cert).read_bytes()
+    private_key = Path(key).read_bytes()
+    root = Path(client_ca).read_bytes() if client_ca else None
+    return grpc.ssl_server_credentials(
+        [(private_key, chain)], root_certificates=root, require_client_auth=root is not None
+    )
+
+
+# ---------------------------------------------------------------- error text
+
+
+def _install_prefixes() -> list[str]:
+    import spacer_core
+
+    # The packages themselves, not the folder above them: in a source
+    # checkout that folder may be a data root whose paths clients name.
+    packages = {str(Path(__file__).resolve().parent), str(Path(spacer_core.__file__).resolve().parent)}
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, *packages}
+    roots.update(site.getsitepackages())
+    # Longest first, so a site-packages path is replaced whole.
+    return sorted((r for r in roots if r and r != "/"), key=len, reverse=True)
+
+
+_OBJECT_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def redact(text: str) -> str:
+    """``text`` without object reprs and paths inside the server's installation."""
+    text = _OBJECT_REPR.sub(lambda m: f"<{m.group(1).rsplit('.', 1)[-1]}>", text)
+    for prefix in _install_prefixes():
+        text = re.sub(re.escape(prefix) + r"[^\s'\"]*", "<server>", text)
+    return text
+
+
+def _final_message(traceback_text: str) -> str:
+    """The 'ExceptionType: message' that ends a formatted traceback."""
+    lines = traceback_text.rstrip().splitlines()
+    if not lines or not lines[0].startswith("Traceback"):
+        return traceback_text.strip()
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith("  ")), default=0)
+    message = "\n".join(lines[last_frame + 1 :]).strip()
+    # 'spacer_core.exceptions.URLDownloadError: ...' -> 'URLDownloadError: ...'
+    return re.sub(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*(?::|$))", "", message)
+
+
+def redact_job_error(error_text: str, context: str = "") -> str:
+    """A client-safe version of a failed job's error text; the full text is logged under a reference."""
+    ref = uuid.uuid4().hex[:12]
+    logger.error("job failed ref=%s context=%s\n%s", ref, context or "-", error_text)
+    return f"{redact(_final_message(error_text))} (ref {ref}; details in the server log)"
