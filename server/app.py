@@ -19,6 +19,7 @@ from server._proto.spacer.v1 import spacer_pb2
 from server.config import ServerConfig
 from server.engine import Engine
 from server.reflection import enable_reflection
+from server.security import BearerTokenInterceptor, read_token_file, server_credentials
 from server.servicer import SpacerServicer, add_to_server
 
 logger = logging.getLogger("server")
@@ -58,7 +59,10 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
         if not torch.cuda.is_available():
             raise ValueError("device is cuda, but CUDA is not available on this machine")
     apply_library_limits(config)
-    server = grpc.aio.server(options=server_options(config))
+    interceptors = []
+    if config.auth_token_file is not None:
+        interceptors.append(BearerTokenInterceptor(read_token_file(config.auth_token_file)))
+    server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
     engine = Engine(config)
     servicer = SpacerServicer(engine)
     add_to_server(servicer, server)
@@ -70,7 +74,11 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
     metrics.watch_models(engine, engine.runtime.loaded_models)
 
     try:
-        port = server.add_insecure_port(config.address)
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            port = server.add_secure_port(config.address, credentials)
+        else:
+            port = server.add_insecure_port(config.address)
     except RuntimeError as exc:  # grpc reports a failed bind this way
         raise OSError(f"cannot listen on {config.address}: {exc}") from None
     if port == 0:

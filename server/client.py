@@ -41,7 +41,9 @@ LocationLike = Union[pb.DataLocation, Mapping[str, Any], Any]
 ExtractorLike = Union[pb.Extractor, Mapping[str, Any], Any]
 ImageLike = Union[bytes, str, os.PathLike, LocationLike]
 
-__all__ = ["SpacerClient", "pb", "to_location", "to_extractor", "service_config", "channel_target"]
+__all__ = [
+    "SpacerClient", "pb", "to_location", "to_extractor", "service_config", "channel_target", "tls_credentials",
+]
 
 SERVICE = "spacer.v1.Spacer"
 # Calls that may run twice without harm: reads, and writes of the same bytes
@@ -116,6 +118,50 @@ def channel_target(address: str | Sequence[str]) -> str:
     raise ValueError(f"addresses mix IPv4 and IPv6, which one channel cannot balance: {addresses}")
 
 
+def tls_credentials(
+    ca: str | os.PathLike | None = None,
+    cert: str | os.PathLike | None = None,
+    key: str | os.PathLike | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files.
+
+    ``ca`` verifies the server (default: the system's roots); ``cert`` and
+    ``key`` are this client's certificate for a server that requires mutual TLS.
+    """
+
+    def read(path: str | os.PathLike | None) -> bytes | None:
+        return Path(path).read_bytes() if path is not None else None
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds 'authorization: Bearer <token>' to every call."""
+
+    def __init__(self, token: str):
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self._header])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
 def _as_dict(value: Any) -> Mapping[str, Any]:
     if isinstance(value, Mapping):
         return value
@@ -174,19 +220,30 @@ class SpacerClient:
         max_message_bytes: int = 64 * MIB,
         timeout: float | None = None,
         max_attempts: int = 5,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
     ):
+        """``credentials`` (see tls_credentials) makes the channel TLS; ``token``
+        is sent as a bearer token; ``server_name`` overrides the name the
+        server's certificate is checked against."""
         self.address = address
         self.target = channel_target(address)
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(
-            self.target,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", json.dumps(service_config(max_attempts))),
-            ],
-        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(service_config(max_attempts))),
+        ]
+        if server_name is not None:
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if credentials is not None:
+            self.channel = grpc.secure_channel(self.target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.target, options=options)
+        if token is not None:
+            self.channel = grpc.intercept_channel(self.channel, _BearerToken(token))
         self.stub = pb_grpc.SpacerStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 

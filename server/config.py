@@ -61,6 +61,13 @@ class ServerConfig:
     log_format: str = "text"
     # Prometheus /metrics on this port (same host); None: no metrics endpoint.
     metrics_port: int | None = None
+    # TLS: certificate chain and key (PEM); with a client CA, clients must
+    # present a certificate it signed (mutual TLS). None: plaintext.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # A file holding the bearer token every call but health must carry.
+    auth_token_file: Path | None = None
 
     @property
     def address(self) -> str:
@@ -87,6 +94,14 @@ class ServerConfig:
         for name in ("queue_delay_ms", "grace_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file {str(path)!r}")
         for root in self.data_roots:
             if not root.is_absolute():
                 raise ValueError(f"data root must be an absolute path, got {str(root)!r}")
@@ -96,7 +111,8 @@ class ServerConfig:
         """JSON-friendly view for `spacer check-config` and the startup log."""
         out = asdict(self)
         out["data_roots"] = [str(p) for p in self.data_roots] or "unrestricted"
-        out["port_file"] = str(self.port_file) if self.port_file else None
+        for name in ("port_file", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            out[name] = str(getattr(self, name)) if getattr(self, name) else None
         out["batch_size"] = self.batch_size or "auto (the backend's preferred size)"
         return out
 
@@ -152,6 +168,12 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
     ("--log-format", "log_format", str, "SPACER_LOG_FORMAT", "text or json (one object per line)"),
     ("--metrics-port", "metrics_port", int, "SPACER_METRICS_PORT",
      "serve Prometheus /metrics on this port; default: off"),
+    ("--tls-cert", "tls_cert", Path, "SPACER_TLS_CERT", "serve TLS with this PEM certificate chain"),
+    ("--tls-key", "tls_key", Path, "SPACER_TLS_KEY", "PEM private key of --tls-cert"),
+    ("--tls-client-ca", "tls_client_ca", Path, "SPACER_TLS_CLIENT_CA",
+     "require client certificates signed by this PEM CA (mutual TLS)"),
+    ("--auth-token-file", "auth_token_file", Path, "SPACER_AUTH_TOKEN_FILE",
+     "require 'authorization: Bearer <token>' with the token in this file (health stays open)"),
 ]
 
 
