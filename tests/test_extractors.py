@@ -346,14 +346,15 @@ def test_memory_storage_weights(efficientnet_weights: WeightsFile) -> None:
         bad(_image(), POINTS[:2])
 
 
-def test_url_weights_are_cached(efficientnet_weights: WeightsFile, http_server, cache_dir: Path) -> None:
+def test_url_weights_are_cached_by_content(efficientnet_weights: WeightsFile, http_server, cache_dir: Path) -> None:
     url = http_server.add("/models/b0.pt", efficientnet_weights.path.read_bytes())
     extractor = EfficientNetExtractor({"weights": DataLocation("url", url)}, {"weights": efficientnet_weights.sha256})
 
     first, msg = extractor(_image(), POINTS[:2])
     assert msg.extractor_loaded_remotely is True
-    cached = cache_dir / "b0.pt"
+    cached = cache_dir / "sha256" / efficientnet_weights.sha256
     assert cached.read_bytes() == efficientnet_weights.path.read_bytes()
+    assert not (cache_dir / "b0.pt").exists()
     assert http_server.hits["/models/b0.pt"] == 1
 
     second, msg = extractor(_image(), POINTS[:2])
@@ -368,6 +369,38 @@ def test_url_weights_are_cached(efficientnet_weights: WeightsFile, http_server, 
     assert cached.read_bytes() == efficientnet_weights.path.read_bytes()
 
 
+def test_same_filename_from_another_url_is_not_confused(
+    efficientnet_weights: WeightsFile, http_server, cache_dir: Path
+) -> None:
+    # Two URLs ending in the same name used to share one cache file.
+    good = http_server.add("/a/b0.pt", efficientnet_weights.path.read_bytes())
+    evil = http_server.add("/b/b0.pt", b"other weights")
+    EfficientNetExtractor({"weights": DataLocation("url", good)}, {"weights": efficientnet_weights.sha256})(
+        _image(), POINTS[:1]
+    )
+    unhashed = EfficientNetExtractor({"weights": DataLocation("url", evil)})
+    # Not a weights file: it was downloaded and read, not taken from the other URL's copy.
+    with pytest.raises(WeightsFileError):
+        unhashed(_image(), POINTS[:1])
+    assert http_server.hits["/b/b0.pt"] == 1
+    assert (cache_dir / "sha256" / efficientnet_weights.sha256).read_bytes() == efficientnet_weights.path.read_bytes()
+
+
+def test_unhashed_url_weights_are_downloaded_once_per_process(
+    efficientnet_weights: WeightsFile, http_server, cache_dir: Path
+) -> None:
+    url = http_server.add("/nohash/b0.pt", efficientnet_weights.path.read_bytes())
+    extractor = EfficientNetExtractor({"weights": DataLocation("url", url)})
+    _, first = extractor(_image(), POINTS[:1])
+    _, second = extractor(_image(), POINTS[:1])
+    assert (first.extractor_loaded_remotely, second.extractor_loaded_remotely) == (True, False)
+    assert http_server.hits["/nohash/b0.pt"] == 1
+    # A copy planted under the digest is refused even without a hash in the message.
+    (cache_dir / "sha256" / efficientnet_weights.sha256).write_bytes(b"planted")
+    _, third = extractor(_image(), POINTS[:1])
+    assert third.extractor_loaded_remotely is True and http_server.hits["/nohash/b0.pt"] == 2
+
+
 def test_url_hash_mismatch_leaves_no_cached_file(
     efficientnet_weights: WeightsFile, http_server, cache_dir: Path
 ) -> None:
@@ -377,20 +410,31 @@ def test_url_hash_mismatch_leaves_no_cached_file(
         with pytest.raises(HashMismatchError) as info:
             extractor(_image(), POINTS[:1])
         assert str(info.value) == HASH_ERROR
-        assert not (cache_dir / "b0.pt").exists()
+        assert not list((cache_dir / "sha256").iterdir())
         assert http_server.hits["/models/b0.pt"] == attempt
 
 
 def test_stale_cached_file_is_removed_on_mismatch(
     efficientnet_weights: WeightsFile, http_server, cache_dir: Path
 ) -> None:
-    cache_dir.mkdir()
-    (cache_dir / "b0.pt").write_bytes(b"stale")
+    stale = cache_dir / "sha256" / efficientnet_weights.sha256
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"stale")
     url = http_server.add("/models/b0.pt", b"also wrong")
     extractor = EfficientNetExtractor({"weights": DataLocation("url", url)}, {"weights": efficientnet_weights.sha256})
     with pytest.raises(HashMismatchError):
         extractor(_image(), POINTS[:1])
-    assert not (cache_dir / "b0.pt").exists()
+    assert not stale.exists()
+
+
+def test_a_hash_that_is_not_a_digest_names_no_cache_file(http_server, cache_dir: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    url = http_server.add("/x.pt", b"whatever")
+    extractor = EfficientNetExtractor({"weights": DataLocation("url", url)}, {"weights": "../../victim"})
+    with pytest.raises(HashMismatchError):
+        extractor(_image(), POINTS[:1])
+    assert victim.read_bytes() == b"keep me"
 
 
 def test_remote_weights_need_a_cache_dir(http_server, monkeypatch) -> None:
@@ -407,7 +451,7 @@ def test_s3_weights_are_cached(efficientnet_weights: WeightsFile, s3_bucket: str
     _, first = extractor(_image(), POINTS[:1])
     _, second = extractor(_image(), POINTS[:1])
     assert (first.extractor_loaded_remotely, second.extractor_loaded_remotely) == (True, False)
-    assert (cache_dir / "b0_s3.pt").exists()
+    assert (cache_dir / "sha256" / efficientnet_weights.sha256).exists()
 
 
 def test_pyspacer_style_data_access(efficientnet_weights: WeightsFile) -> None:

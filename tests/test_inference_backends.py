@@ -95,8 +95,9 @@ def test_auto_on_cpu_is_onnxruntime_and_compiled_once(efficientnet_weights, make
     first = load_backend(efficientnet_weights.sha256, make_net, device="cpu", cache_dir=tmp_path)
     assert isinstance(first, OnnxBackend)
     built = len(make_net.calls)
-    artifacts = list(tmp_path.glob(f"{efficientnet_weights.sha256}.onnx-*"))
+    artifacts = [p for p in tmp_path.glob(f"{efficientnet_weights.sha256}.onnx-*") if p.suffix != ".sha256"]
     assert len(artifacts) == 1 and built == 1
+    assert compile_cache.read_verified(artifacts[0]) is not None  # stored with its digest
     # A second load comes from the disk cache without building the torch network.
     second = load_backend(efficientnet_weights.sha256, make_net, device="cpu", cache_dir=tmp_path)
     assert len(make_net.calls) == built

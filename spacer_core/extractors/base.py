@@ -5,12 +5,14 @@ and so on) plus optional sha256 hashes of them; that description is what
 messages carry (`{class_path, data_locations, data_hashes}`).
 
 Loading the files follows pyspacer: local files (filesystem, memory) are
-checked against `data_hashes` on every load; remote ones (url, s3) are
-cached in `config.EXTRACTORS_CACHE_DIR` under their filename and checked
-when downloaded; a mismatch removes the cached copy and raises
-HashMismatchError. One difference: the hash of a local file is remembered
-per file version (path, inode, size, mtime), so an unchanged multi-megabyte
-weights file is not re-hashed for every image.
+checked against `data_hashes` on every load, and a mismatch raises
+HashMismatchError. Two differences: remote files (url, s3) are cached in
+`config.EXTRACTORS_CACHE_DIR/sha256/` under the digest of their content
+(not their filename, which any URL can share) and a cached copy is used
+only after it matches the expected digest, so nothing is written for a
+mismatch; and the hash of a local file is remembered per file version
+(path, inode, size, mtime), so an unchanged multi-megabyte weights file is
+not re-hashed for every image.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
+import re
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,6 +67,14 @@ class ExtractorData:
         assert self.path is not None
         with open(self.path, "rb") as f:
             return f.read()
+
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+# sha256 of each remote location this process downloaded without a hash
+# in its message, so the content-addressed copy can be checked and reused.
+_REMOTE_SHAS: dict[DataLocation, str] = {}
+_REMOTE_SHAS_LOCK = threading.Lock()
 
 
 class FeatureExtractor(abc.ABC):
@@ -213,22 +225,49 @@ class FeatureExtractor(abc.ABC):
         if expected is not None and sha256 != expected:
             raise HashMismatchError(f"Hash doesn't match for extractor's '{key}' file/blob.")
 
-    def data_filepath_for_cache(self, key: str) -> Path:
-        """Where the file of `key` is cached on local disk (by its filename)."""
+    @staticmethod
+    def _cache_root() -> Path:
         if not config.EXTRACTORS_CACHE_DIR:
             raise ConfigError(
                 "Must define EXTRACTORS_CACHE_DIR to load extractor files/blobs into the filesystem."
             )
-        return Path(config.EXTRACTORS_CACHE_DIR) / self.data_locations[key].filename
+        return Path(config.EXTRACTORS_CACHE_DIR)
+
+    def data_filepath_for_cache(self, key: str) -> Path:
+        """Where the file of `key` is put on local disk by filename (memory blobs; pyspacer's layout)."""
+        return self._cache_root() / self.data_locations[key].filename
+
+    @classmethod
+    def content_cache_path(cls, sha256: str) -> Path:
+        """Where a downloaded file with this sha256 is cached: named by content, not by URL or key."""
+        if not _SHA256_HEX.match(sha256):
+            raise InvalidInputError(f"Not a sha256 hex digest: {sha256!r}")
+        folder = cls._cache_root() / "sha256"
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return folder / sha256
+
+    def _expected_sha256(self, key: str) -> str | None:
+        # The message's hash or, without one, what this process last downloaded.
+        expected = self.data_hashes.get(key)
+        if expected is None:
+            with _REMOTE_SHAS_LOCK:
+                expected = _REMOTE_SHAS.get(self.data_locations[key])
+        # Anything but a digest never names a cache file (no '../' lookups).
+        return expected if expected is not None and _SHA256_HEX.match(expected) else None
 
     def decache_remote_loaded_file(self, key: str) -> None:
         """Remove the cached copy of a remote file, if there is one."""
         if not self.data_locations[key].is_remote:
             return
-        try:
-            os.remove(self.data_filepath_for_cache(key))
-        except FileNotFoundError:
-            pass
+        expected = self._expected_sha256(key)
+        paths = [self.data_filepath_for_cache(key)]
+        if expected is not None:
+            paths.append(self.content_cache_path(expected))
+        for path in paths:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
     def resolve_data(self, key: str) -> ExtractorData:
         """Locate and hash-check the file of `key`, downloading remote files into the cache."""
@@ -247,21 +286,25 @@ class FeatureExtractor(abc.ABC):
             self._check_data_hash(sha, key)
             return ExtractorData(key, sha, False, blob=blob)
 
-        cached = self.data_filepath_for_cache(key)
-        if cached.exists():
-            sha = runtime.current().file_hashes.sha256(str(cached))
-            # A cached copy that no longer matches its hash (edited, or
-            # written by an older download) is fetched again, not trusted.
-            if key not in self.data_hashes or sha == self.data_hashes[key]:
-                return ExtractorData(key, sha, False, path=str(cached))
+        # Remote files are cached by content. A cached copy is used only when
+        # its digest matches the expected one; without a hash in the message
+        # nothing on disk is trusted until this process has downloaded the
+        # file once and knows its digest.
+        self._cache_root()  # no download without somewhere to keep it
+        expected = self._expected_sha256(key)
+        if expected is not None:
+            cached = self.content_cache_path(expected)
+            if cached.exists():
+                if runtime.current().file_hashes.sha256(str(cached)) == expected:
+                    return ExtractorData(key, expected, False, path=str(cached))
+                cached.unlink(missing_ok=True)  # damaged: fetched again
         data = load_bytes(loc).getvalue()
         sha = hashlib.sha256(data).hexdigest()
-        try:
-            self._check_data_hash(sha, key)
-        except HashMismatchError:
-            self.decache_remote_loaded_file(key)
-            raise
+        self._check_data_hash(sha, key)
+        cached = self.content_cache_path(sha)
         write_file_atomic(cached, data)
+        with _REMOTE_SHAS_LOCK:
+            _REMOTE_SHAS[loc] = sha
         return ExtractorData(key, sha, True, path=str(cached))
 
     def load_datastream(self, key: str) -> tuple[BytesIO, bool]:
