@@ -103,6 +103,7 @@ class ClassifierTrainer(abc.ABC):
             raise InvalidInputError(f"Trainer data {data!r} has no 'class_path'.") from None
         class_path = _TRAINER_ALIASES.get(class_path, class_path)
         module_path, _, class_name = class_path.rpartition(".")
+        trainer_class: Any
         if class_path in _REGISTERED_TRAINERS:
             trainer_class = _REGISTERED_TRAINERS[class_path]
         elif not module_path:

@@ -89,7 +89,7 @@ def _resolve(host: str, port: int, rules: UrlRules, url: str) -> str:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
         raise URLDownloadError(f"Failed to download from the URL '{url}'.", err) from err
-    addresses = [info[4][0] for info in infos]
+    addresses = [str(info[4][0]) for info in infos]
     # Every address must pass: a host answering with one public and one
     # private address could otherwise be steered to the private one.
     for text in addresses:
