@@ -213,6 +213,8 @@ def test_data_roots_restrict_filesystem_locations(data, tmp_path):
         (exc.QueueFullError("full"), Code.RESOURCE_EXHAUSTED),
         (exc.AccessDeniedError("'/etc/x' is outside the allowed data roots"), Code.PERMISSION_DENIED),
         (exc.URLDownloadError("http://h/x.jpg", TimeoutError("slow")), Code.UNAVAILABLE),
+        (exc.URLRefusedError("http://10.0.0.1/x.jpg refused", PermissionError("private")), Code.PERMISSION_DENIED),
+        (exc.UnsafePickleError("clf.pkl: refused to load classifier"), Code.INVALID_ARGUMENT),
         (crop.ImageDecodeError("not an image"), Code.INVALID_ARGUMENT),
     ],
 )

@@ -119,9 +119,9 @@ def test_registered_trainer_resolves_without_import():
     register_trainer_class("nowhere.FastTrainer", FastTrainer)
     assert type(trainer_factory("nowhere.FastTrainer")) is FastTrainer
     assert "nowhere" not in sys.modules
-    from server.convert import Translator
+    from server.convert import check_trainer
 
-    Translator.check_trainer("nowhere.FastTrainer")  # accepted: no error
+    check_trainer("nowhere.FastTrainer")  # accepted: no error
     with pytest.raises(TypeError, match="not a ClassifierTrainer subclass"):
         register_trainer_class("x.Y", dict)
 
@@ -166,7 +166,7 @@ def test_failed_job_reply_has_no_traceback(client, tmp_path, caplog):
     assert reply["ok"] is False
     assert "Traceback" not in message and 'File "' not in message
     assert "site-packages" not in message and sys.prefix not in message
-    assert message.startswith("FileNotFoundError:") and "absent.featurevector" in message
+    assert message.startswith("StorageFileNotFoundError:") and "absent.featurevector" in message
     ref = message.rsplit("(ref ", 1)[1].split(";")[0]
     logged = [r.getMessage() for r in caplog.records if ref in r.getMessage()]
     assert logged and "Traceback" in logged[0] and "cf-1" in logged[0]
