@@ -12,13 +12,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import Message
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.errors import invalid
-from spacer_core.data_classes import DataLocation, ImageLabels
+from spacer_core.data_classes import DataLocation, ImageLabels, LabelId
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import FeatureExtractor, resolve_class_path
-from spacer_core.messages import TrainClassifierMsg, TrainingTaskLabels
+from spacer_core.messages import ClassifyReturnMsg, TrainClassifierMsg, TrainingTaskLabels
 from spacer_core.pipeline import ImageJob, ImageResult
 from spacer_core.runtime import LoadedModel
 from spacer_core.train_classifier import is_registered_trainer
@@ -43,7 +44,7 @@ def location(loc: pb.DataLocation, what: str) -> DataLocation:
         return DataLocation(loc.storage_type, loc.key, loc.bucket_name or None)
 
 
-def optional_location(parent: Any, name: str) -> DataLocation | None:
+def optional_location(parent: Message, name: str) -> DataLocation | None:
     """The DataLocation in parent.<name>, or None when the field is unset."""
     return location(getattr(parent, name), name) if parent.HasField(name) else None
 
@@ -137,7 +138,7 @@ def check_json_trainers(data: Any) -> None:
             check_trainer(str(trainer), f"{what}.trainer")
 
 
-def train_msg(req: pb.TrainClassifierRequest, trainer: Any) -> TrainClassifierMsg:
+def train_msg(req: pb.TrainClassifierRequest, trainer: str) -> TrainClassifierMsg:
     """The library's training message; `trainer` is already resolved by the caller's rules.
 
     A trainer given by name must be built in or registered (see check_trainer).
@@ -177,13 +178,15 @@ def label_value(label: pb.Label) -> int | str:
     return label.id if label.WhichOneof("value") == "id" else label.name
 
 
-def label_proto(value: Any) -> pb.Label:
+def label_proto(value: LabelId) -> pb.Label:
     if isinstance(value, str):
         return pb.Label(name=value)
     return pb.Label(id=int(value))
 
 
-def _point_scores(rowcols: Sequence[tuple[Any, Any]], scores: Any) -> list[pb.PointScores]:
+def _point_scores(
+    rowcols: Sequence[tuple[int | None, int | None]], scores: np.ndarray | list[list[float]]
+) -> list[pb.PointScores]:
     return [
         pb.PointScores(row=int(row or 0), col=int(col or 0), scores=row_scores)
         for (row, col), row_scores in zip(rowcols, np.asarray(scores, np.float64).tolist())
@@ -202,7 +205,7 @@ def classify_response(result: ImageResult, job_token: str) -> pb.ClassifyRespons
     )
 
 
-def classify_return_response(msg: Any, job_token: str) -> pb.ClassifyResponse:
+def classify_return_response(msg: ClassifyReturnMsg, job_token: str) -> pb.ClassifyResponse:
     """pyspacer's ClassifyReturnMsg (from classify_features) -> ClassifyResponse."""
     return pb.ClassifyResponse(
         job_token=job_token,

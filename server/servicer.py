@@ -6,7 +6,8 @@ import asyncio
 import json
 import logging
 import threading
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -22,6 +23,7 @@ from spacer_core.messages import ClassifyFeaturesMsg, JobMsg
 from spacer_core.storage import require_writable
 
 logger = logging.getLogger(__name__)
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 class TrainingCancelled(Exception):
@@ -41,7 +43,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     # ------------------------------------------------------------ unary
 
     @rpc_method
-    async def ExtractFeatures(self, request, context):
+    async def ExtractFeatures(self, request: pb.ExtractFeaturesRequest, context: Context) -> pb.ExtractFeaturesResponse:  # type: ignore[override]
         feature_loc = convert.optional_location(request, "feature_loc")
         if feature_loc is None and not request.return_features:
             raise invalid("feature_loc is required unless return_features is set")
@@ -59,7 +61,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         )
 
     @rpc_method
-    async def ClassifyFeatures(self, request, context):
+    async def ClassifyFeatures(self, request: pb.ClassifyFeaturesRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
         msg = ClassifyFeaturesMsg(
             job_token=request.job_token,
             feature_loc=convert.location(request.feature_loc, "feature_loc"),
@@ -69,12 +71,12 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         return convert.classify_return_response(result, request.job_token)
 
     @rpc_method
-    async def ClassifyImage(self, request, context):
+    async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
         async with self.engine.admission.try_enter():
             return await self._classify_one(request)
 
     @rpc_method
-    async def RunJob(self, request, context):
+    async def RunJob(self, request: pb.RunJobRequest, context: Context) -> pb.RunJobResponse:  # type: ignore[override]
         try:
             data = json.loads(request.job_msg_json)
         except json.JSONDecodeError as exc:
@@ -98,7 +100,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         )
 
     @rpc_method
-    async def LoadModel(self, request, context):
+    async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> pb.LoadedModel:  # type: ignore[override]
         which = request.WhichOneof("model")
         if which == "extractor":
             model = await self.engine.load_extractor(convert.extractor(request.extractor))
@@ -110,14 +112,16 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         return convert.loaded_proto(model)
 
     @rpc_method
-    async def ListModels(self, request, context):
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:  # type: ignore[override]
         models = self.engine.runtime.loaded_models()
         return pb.ListModelsResponse(models=[convert.loaded_proto(m) for m in models])
 
     # ------------------------------------------------------------ streams
 
     @rpc_method
-    async def ClassifyImages(self, request_iterator, context):
+    async def ClassifyImages(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.ClassifyImageRequest], context: Context
+    ) -> AsyncIterator[pb.ClassifyImagesResponse]:
         """Results are yielded as images finish; a failed image yields an error item."""
         window = asyncio.Semaphore(self.engine.config.stream_window)
         results: asyncio.Queue[Any] = asyncio.Queue()
@@ -171,7 +175,9 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                 task.cancel()
 
     @rpc_method
-    async def TrainClassifier(self, request, context):
+    async def TrainClassifier(  # type: ignore[override]
+        self, request: pb.TrainClassifierRequest, context: Context
+    ) -> AsyncIterator[pb.TrainClassifierResponse]:
         """Streams one TrainProgress per epoch, then the TrainResult."""
         msg = convert.train_msg(request, request.trainer or "minibatch")
         loop = asyncio.get_running_loop()
