@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from spacer_core.inference.backends import Backend, load_backend, resolve_device, run_in_batches
+from spacer_core.inference.backends import Backend, resolve_device, run_in_batches
+from spacer_core.inference.compile import load_backend
 from spacer_core.inference.batcher import (
     BatchObservation,
     BatcherClosedError,

@@ -17,10 +17,10 @@ from spacer_core.inference.backends import (
     EagerBackend,
     OnnxBackend,
     TorchScriptBackend,
-    load_backend,
     run_in_batches,
     to_network_input,
 )
+from spacer_core.inference.compile import load_backend
 from spacer_core.inference.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from spacer_core.inference.model_cache import ModelCache, estimate_nbytes
 from spacer_core.inference.network import NetworkSpec

@@ -2,9 +2,8 @@
 
 Every backend takes a float32 batch (N, 3, 224, 224) in [0, 1] (ToTensor
 layout, as `spacer_core.crop.crop_array_into_chw` writes it) and returns
-float32 features (N, D). `load_backend` compiles a network once per weights
-file (keyed by the file's sha256, cached on disk) and falls back to eager
-PyTorch when a compiled backend cannot be built or loaded.
+float32 features (N, D). `spacer_core.inference.compile.load_backend`
+builds them, once per weights file.
 
 Measured on the 2-core AMD EPYC development machine, EfficientNet-b0, fp32:
 eager 28 patches/s, eager channels_last 31/s, TorchScript frozen 38/s,
@@ -19,23 +18,16 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
-import io
-import json
 import logging
 import os
-import platform
 import threading
-import time
-import warnings
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from spacer_core.inference import compile_cache
 from spacer_core.inference.fold import fold_batchnorm
 from spacer_core.inference.precision import Precision, half_dtype
 
@@ -426,261 +418,3 @@ def probe_batch(n: int = 2, seed: int = 1234) -> np.ndarray:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, size=(n, *PATCH_SHAPE), dtype=np.uint8)
     return pixels.astype(np.float32) / np.float32(255)
-
-
-# -- compiling ---------------------------------------------------------------------------
-
-
-def export_onnx(net: nn.Module) -> bytes:
-    """The network as an ONNX model (fp32, dynamic batch size)."""
-    module, _ = _prepared_module(net, torch.device("cpu"), Precision.EXACT)
-    buffer = io.BytesIO()
-    # The TorchScript-based exporter needs no extra packages; its
-    # deprecation and constant-folding notices say nothing about our model.
-    with warnings.catch_warnings(), torch.inference_mode():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (torch.from_numpy(probe_batch()),),
-            buffer,  # type: ignore[arg-type]  # the exporter writes to any binary file object
-            input_names=["patches"],
-            output_names=["features"],
-            dynamic_axes={"patches": {0: "batch"}, "features": {0: "batch"}},
-            opset_version=ONNX_OPSET,
-            dynamo=False,
-        )
-    return buffer.getvalue()
-
-
-def export_torchscript(net: nn.Module, device: torch.device, precision: Precision) -> bytes:
-    """The network traced and frozen for `device` and `precision`, as torch.jit.save bytes."""
-    module, _ = _prepared_module(net, device, precision)
-    example = torch.from_numpy(probe_batch()).to(device)
-    buffer = io.BytesIO()
-    # torch.jit is deprecated in favour of torch.export, which cannot yet
-    # save a frozen CUDA half-precision module this simply; silence the notice.
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(module, example)
-        frozen = torch.jit.freeze(traced.eval())
-        torch.jit.save(frozen, buffer)
-    return buffer.getvalue()
-
-
-class _LazyNet:
-    """Builds the torch network only if some backend needs it (cache hits don't)."""
-
-    def __init__(self, make: Callable[[], nn.Module]):
-        self._make = make
-        self._net: nn.Module | None = None
-        self.error: BaseException | None = None
-
-    def get(self) -> nn.Module:
-        if self.error is not None:
-            raise self.error
-        if self._net is None:
-            try:
-                self._net = self._make().eval()
-            except BaseException as exc:
-                self.error = exc
-                raise
-        return self._net
-
-
-def _verify(backend: Backend, net: nn.Module) -> None:
-    """Reject a freshly compiled backend whose features drift from eager PyTorch.
-
-    EXACT must agree within EXACT_TOLERANCE; FAST must stay finite and within
-    FAST_RELATIVE_TOLERANCE of the fp32 features on average.
-    """
-    # Not the tracing example: a traced constant would match that input only.
-    batch = probe_batch(3, seed=99)
-    reference = EagerBackend(net, torch.device("cpu"), Precision.EXACT).run(batch)
-    got = backend.run(batch)
-    if got.shape != reference.shape or not np.isfinite(got).all():
-        raise BackendError(f"{backend.describe()} gave shape {got.shape} or non-finite features")
-    if backend.precision is Precision.EXACT:
-        diff = float(np.max(np.abs(got - reference)))
-        if not diff <= EXACT_TOLERANCE:
-            raise BackendError(f"{backend.describe()} differs from eager PyTorch by {diff:.3g} "
-                               f"(tolerance {EXACT_TOLERANCE})")
-    else:
-        rel = float(np.mean(np.abs(got - reference)) / max(np.mean(np.abs(reference)), 1e-12))
-        if not rel <= FAST_RELATIVE_TOLERANCE:
-            raise BackendError(f"{backend.describe()} drifts {rel:.3g} (mean relative) from fp32")
-
-
-def _device_variant(device: torch.device) -> str:
-    """TorchScript artifacts depend on the torch version and, on CUDA, the GPU generation."""
-    torch_version = torch.__version__.split("+")[0]
-    if device.type != "cuda":
-        return f"cpu-torch{torch_version}"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"cuda-sm{major}{minor}-torch{torch_version}"
-
-
-def _cached_artifact(
-    folder: Path,
-    sha256: str,
-    backend: str,
-    variant: str,
-    suffix: str,
-    build: Callable[[], bytes],
-    load: Callable[[bytes], Backend],
-    net: _LazyNet,
-) -> Backend:
-    """Load the cached artifact, or build, verify and store it; a corrupt file is rebuilt once."""
-    path = compile_cache.artifact_path(folder, sha256, backend, variant, suffix)
-    for attempt in range(2):
-        data, built = compile_cache.load_or_build(path, build)
-        try:
-            loaded = load(data)
-            if built:
-                _verify(loaded, net.get())
-            return loaded
-        except Exception:
-            compile_cache.discard(path)
-            if built or attempt:
-                raise
-            logger.warning("Cached artifact %s failed to load; rebuilding", path, exc_info=True)
-    raise AssertionError("unreachable")
-
-
-def _build_onnx(sha256: str, net: _LazyNet, folder: Path, threads: int | None) -> Backend:
-    return _cached_artifact(
-        folder, sha256, "onnx", "exact-cpu", ".onnx",
-        build=lambda: export_onnx(net.get()),
-        load=lambda data: OnnxBackend(data, threads=threads),
-        net=net,
-    )
-
-
-def _build_torchscript(
-    sha256: str, net: _LazyNet, folder: Path, device: torch.device, precision: Precision
-) -> Backend:
-    def load(data: bytes) -> Backend:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            module = torch.jit.load(io.BytesIO(data), map_location=device)
-        return TorchScriptBackend(module.eval(), device, precision)
-
-    return _cached_artifact(
-        folder, sha256, "torchscript", f"{precision.value}-{_device_variant(device)}", ".pt",
-        build=lambda: export_torchscript(net.get(), device, precision),
-        load=load,
-        net=net,
-    )
-
-
-def _candidates(kind: str, device: torch.device, precision: Precision) -> list[str]:
-    if kind not in BACKEND_KINDS:
-        raise ValueError(f"Unknown backend kind {kind!r}; expected one of {BACKEND_KINDS}")
-    if kind == "onnxruntime" and (device.type != "cpu" or precision is not Precision.EXACT):
-        raise ValueError("The onnxruntime backend runs exact (fp32) on CPU only")
-    if kind != "auto":
-        return [kind] if kind == "eager" else [kind, "eager"]
-    if device.type == "cuda":
-        return ["torchscript", "eager"]
-    if precision is Precision.FAST and half_dtype(device) is not None:
-        return ["fast-cpu", "onnxruntime", "eager"]
-    return ["onnxruntime", "eager"]
-
-
-def load_backend(
-    sha256: str,
-    make_net: Callable[[], nn.Module],
-    *,
-    device: str | torch.device | None = None,
-    precision: Precision | str = Precision.EXACT,
-    kind: str = "auto",
-    cache_dir: str | os.PathLike[str] | None = None,
-    threads: int | None = None,
-) -> Backend:
-    """The fastest working backend for one weights file.
-
-    `sha256` is the weights file's digest (the cache key); `make_net` builds
-    the features network (`forward(x) -> (N, D)`, float32, CPU) and is only
-    called when a compiled artifact must be built or eager PyTorch is used.
-    `kind` forces a backend ('onnxruntime', 'torchscript', 'eager'); 'auto'
-    picks TorchScript on CUDA, ONNX Runtime on CPU. Compiled backends that
-    fail to build, load or verify fall back to eager PyTorch (logged). An
-    error raised by `make_net` itself (a bad weights file) propagates unchanged.
-    """
-    device = resolve_device(device)
-    precision = Precision.parse(precision)
-    net = _LazyNet(make_net)
-    folder = compile_cache.cache_dir(cache_dir)
-    failures: list[str] = []
-    for name in _candidates(kind, device, precision):
-        try:
-            if name == "onnxruntime":
-                backend = _build_onnx(sha256, net, folder, threads)
-            elif name == "torchscript":
-                backend = _build_torchscript(sha256, net, folder, device, precision)
-            elif name == "fast-cpu":
-                backend = _pick_fast_cpu(sha256, net, folder, threads)
-            else:
-                backend = EagerBackend(net.get(), device, precision)
-        except Exception as exc:
-            if net.error is exc:
-                # The network itself cannot be built (e.g. a bad weights file):
-                # no backend can help, and the caller needs the original error.
-                raise
-            logger.warning("Backend %s for %s on %s failed: %s", name, sha256[:12], device, exc,
-                           exc_info=True)
-            failures.append(f"{name}: {exc}")
-            continue
-        if failures:
-            logger.warning("Using %s after failures: %s", backend.describe(), "; ".join(failures))
-        return backend
-    raise BackendError(f"No backend could run the network {sha256[:12]} on {device}: "
-                       + "; ".join(failures))
-
-
-def _pick_fast_cpu(sha256: str, net: _LazyNet, folder: Path, threads: int | None) -> Backend:
-    """bf16 eager or ONNX Runtime fp32, whichever is faster on this CPU (measured once, cached).
-
-    On CPUs with AMX, bf16 wins by far; on AVX512-BF16-only CPUs (as on the
-    development machine) ONNX Runtime fp32 is about twice as fast as bf16.
-    """
-    choice_path = compile_cache.artifact_path(
-        folder, sha256, "fast-cpu-choice", _cpu_tag(), ".json")
-    try:
-        choice = json.loads(choice_path.read_text())["backend"]
-    except (OSError, ValueError, KeyError):
-        choice = None
-    if choice == "onnxruntime":
-        return _build_onnx(sha256, net, folder, threads)
-    if choice == "eager":
-        return EagerBackend(net.get(), torch.device("cpu"), Precision.FAST)
-    candidates: list[Backend] = [
-        EagerBackend(net.get(), torch.device("cpu"), Precision.FAST),
-        _build_onnx(sha256, net, folder, threads),
-    ]
-    timings = [_time_backend(b) for b in candidates]
-    best = candidates[int(np.argmin(timings))]
-    logger.info("FAST CPU backend: %s (s/batch: %s)", best.describe(), timings)
-    compile_cache.write_atomic(
-        choice_path, json.dumps({"backend": best.name, "seconds_per_batch": timings}).encode())
-    return best
-
-
-def _cpu_tag() -> str:
-    import hashlib
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return "cpu" + hashlib.sha256(f"{model}-{available_cpus()}".encode()).hexdigest()[:8]
-
-
-def _time_backend(backend: Backend, n: int = 8, repeats: int = 2) -> float:
-    batch = probe_batch(n)
-    backend.run(batch)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        backend.run(batch)
-    return (time.perf_counter() - start) / repeats
