@@ -15,7 +15,7 @@ from pathlib import Path
 
 from spacer_core.runtime import RuntimeSettings
 from spacer_core.storage import ClientPolicy, StoragePolicy
-from spacer_core.urlfetch import UrlRules
+from spacer_core.urlfetch import DEFAULT_MAX_BYTES, DEFAULT_TOTAL_TIMEOUT, UrlRules
 
 MIB = 1024 * 1024
 
@@ -58,6 +58,9 @@ class ServerConfig:
     allow_private_urls: bool = False
     # The S3 buckets clients may name; empty: any bucket.
     s3_buckets: tuple[str, ...] = ()
+    # Largest url download and the time the whole download may take.
+    url_max_bytes: int = DEFAULT_MAX_BYTES
+    url_timeout_seconds: float = DEFAULT_TOTAL_TIMEOUT
     max_message_bytes: int = 64 * MIB
     # Seconds in-flight calls get to finish after SIGTERM.
     grace_seconds: float = 30.0
@@ -96,12 +99,15 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
-        for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes"):
+        for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes",
+                     "url_max_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("queue_delay_ms", "grace_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.url_timeout_seconds <= 0:
+            raise ValueError(f"url_timeout_seconds must be > 0, got {self.url_timeout_seconds}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -155,7 +161,11 @@ class ServerConfig:
         return ClientPolicy(
             self.effective_data_roots(),
             s3_buckets=self.s3_buckets or None,
-            url_rules=UrlRules(allow_private=self.allow_private_urls),
+            url_rules=UrlRules(
+                allow_private=self.allow_private_urls,
+                max_bytes=self.url_max_bytes,
+                total_timeout=self.url_timeout_seconds,
+            ),
         )
 
 
@@ -187,6 +197,10 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
      "image tasks admitted server-wide before RESOURCE_EXHAUSTED"),
     ("--max-message-mb", "max_message_mb", float, "SPACER_MAX_MESSAGE_MB",
      "largest request/response message, MiB"),
+    ("--url-max-mb", "url_max_mb", float, "SPACER_URL_MAX_MB",
+     "largest body a url location may download, MiB"),
+    ("--url-timeout", "url_timeout_seconds", float, "SPACER_URL_TIMEOUT",
+     "seconds a whole url download may take"),
     ("--grace", "grace_seconds", float, "SPACER_GRACE_SECONDS",
      "seconds in-flight calls get after SIGTERM"),
     ("--max-image-pixels", "max_image_pixels", int, "SPACER_MAX_IMAGE_PIXELS",
@@ -281,6 +295,8 @@ def config_from_args(
 
     if "max_message_mb" in values:
         values["max_message_bytes"] = int(float(values.pop("max_message_mb")) * MIB)  # type: ignore[arg-type]
+    if "url_max_mb" in values:
+        values["url_max_bytes"] = int(float(values.pop("url_max_mb")) * MIB)  # type: ignore[arg-type]
     if "log_level" in values:
         values["log_level"] = str(values["log_level"]).upper()
 
