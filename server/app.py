@@ -21,6 +21,7 @@ from server.engine import Engine
 from server.reflection import enable_reflection
 from server.security import BearerTokenInterceptor, read_token_file, server_credentials
 from server.servicer import SpacerServicer, add_to_server
+from spacer_core.storage import StoragePolicy
 
 logger = logging.getLogger("server")
 
@@ -64,6 +65,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
         interceptors.append(BearerTokenInterceptor(read_token_file(config.auth_token_file)))
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
     engine = Engine(config)
+    log_storage_policy(config, engine.runtime.policy)
     servicer = SpacerServicer(engine)
     add_to_server(servicer, server)
 
@@ -85,6 +87,15 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
         raise OSError(f"cannot listen on {config.address}")
     _RUNTIMES[server] = _Runtime(config, health_servicer, engine)
     return server, port
+
+
+def log_storage_policy(config: ServerConfig, policy: StoragePolicy) -> None:
+    """Say what clients may reach; loudly when they may reach every file."""
+    if config.allow_any_path:
+        logger.warning(
+            "allow_any_path is set: clients may read and write ANY file this process can reach"
+            " (use --data-root to confine them)")
+    logger.info("storage policy: %s", policy.describe())
 
 
 def apply_library_limits(config: ServerConfig) -> None:

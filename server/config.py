@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spacer_core.runtime import RuntimeSettings
-from spacer_core.storage import ALLOW_ALL, DataRootsPolicy, StoragePolicy
+from spacer_core.storage import ClientPolicy, StoragePolicy
+from spacer_core.urlfetch import DEFAULT_MAX_BYTES, DEFAULT_TOTAL_TIMEOUT, UrlRules
 
 MIB = 1024 * 1024
 
@@ -48,8 +49,18 @@ class ServerConfig:
     # Image tasks admitted across the server (running + waiting); beyond it
     # unary calls get RESOURCE_EXHAUSTED and streams wait.
     max_queue: int = 32
-    # Filesystem DataLocations must lie under one of these; empty = anywhere.
+    # Filesystem DataLocations must lie under one of these; empty: the
+    # working directory when the server is built (unless allow_any_path).
     data_roots: tuple[Path, ...] = ()
+    # Let clients name any filesystem path (pyspacer's behaviour).
+    allow_any_path: bool = False
+    # Let url locations reach loopback and private addresses.
+    allow_private_urls: bool = False
+    # The S3 buckets clients may name; empty: any bucket.
+    s3_buckets: tuple[str, ...] = ()
+    # Largest url download and the time the whole download may take.
+    url_max_bytes: int = DEFAULT_MAX_BYTES
+    url_timeout_seconds: float = DEFAULT_TOTAL_TIMEOUT
     max_message_bytes: int = 64 * MIB
     # Seconds in-flight calls get to finish after SIGTERM.
     grace_seconds: float = 30.0
@@ -88,12 +99,15 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
-        for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes"):
+        for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes",
+                     "url_max_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("queue_delay_ms", "grace_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.url_timeout_seconds <= 0:
+            raise ValueError(f"url_timeout_seconds must be > 0, got {self.url_timeout_seconds}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -105,12 +119,19 @@ class ServerConfig:
         for root in self.data_roots:
             if not root.is_absolute():
                 raise ValueError(f"data root must be an absolute path, got {str(root)!r}")
+        if self.allow_any_path and self.data_roots:
+            raise ValueError("allow_any_path and data roots contradict each other: give one or the other")
+        for bucket in self.s3_buckets:
+            if not bucket or "/" in bucket:
+                raise ValueError(f"s3 bucket must be a bucket name, got {bucket!r}")
         return self
 
     def describe(self) -> dict[str, object]:
         """JSON-friendly view for `spacer check-config` and the startup log."""
         out = asdict(self)
-        out["data_roots"] = [str(p) for p in self.data_roots] or "unrestricted"
+        roots = self.effective_data_roots()
+        out["data_roots"] = [str(p) for p in roots] if roots is not None else "any path (allow_any_path)"
+        out["s3_buckets"] = list(self.s3_buckets) or "any"
         for name in ("port_file", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
             out[name] = str(getattr(self, name)) if getattr(self, name) else None
         out["batch_size"] = self.batch_size or "auto (the backend's preferred size)"
@@ -125,9 +146,27 @@ class ServerConfig:
             queue_delay_s=self.queue_delay_ms / 1000.0,
         )
 
+    def effective_data_roots(self) -> tuple[Path, ...] | None:
+        """The folders clients may use: the data roots, else the working directory; None: any path."""
+        if self.allow_any_path:
+            return None
+        return self.data_roots or (Path.cwd().resolve(),)
+
     def storage_policy(self) -> StoragePolicy:
-        """What clients of this server may read and write."""
-        return DataRootsPolicy(self.data_roots) if self.data_roots else ALLOW_ALL
+        """What clients of this server may read and write (every storage type).
+
+        Memory storage is never offered to clients: it is one store shared
+        by the whole process.
+        """
+        return ClientPolicy(
+            self.effective_data_roots(),
+            s3_buckets=self.s3_buckets or None,
+            url_rules=UrlRules(
+                allow_private=self.allow_private_urls,
+                max_bytes=self.url_max_bytes,
+                total_timeout=self.url_timeout_seconds,
+            ),
+        )
 
 
 def _bool(text: str) -> bool:
@@ -158,6 +197,10 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
      "image tasks admitted server-wide before RESOURCE_EXHAUSTED"),
     ("--max-message-mb", "max_message_mb", float, "SPACER_MAX_MESSAGE_MB",
      "largest request/response message, MiB"),
+    ("--url-max-mb", "url_max_mb", float, "SPACER_URL_MAX_MB",
+     "largest body a url location may download, MiB"),
+    ("--url-timeout", "url_timeout_seconds", float, "SPACER_URL_TIMEOUT",
+     "seconds a whole url download may take"),
     ("--grace", "grace_seconds", float, "SPACER_GRACE_SECONDS",
      "seconds in-flight calls get after SIGTERM"),
     ("--max-image-pixels", "max_image_pixels", int, "SPACER_MAX_IMAGE_PIXELS",
@@ -192,7 +235,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         help="allow filesystem DataLocations only under this directory; repeatable"
-        " [SPACER_DATA_ROOTS, os.pathsep-separated]; default: no restriction",
+        " [SPACER_DATA_ROOTS, os.pathsep-separated]; default: the working directory",
+    )
+    parser.add_argument(
+        "--allow-any-path",
+        action="store_const",
+        const=True,
+        default=None,
+        help="let clients read and write any file this process can reach (unsafe)"
+        " [SPACER_ALLOW_ANY_PATH]",
+    )
+    parser.add_argument(
+        "--allow-private-urls",
+        action="store_const",
+        const=True,
+        default=None,
+        help="let url locations reach loopback and private addresses (metadata addresses stay refused)"
+        " [SPACER_ALLOW_PRIVATE_URLS]",
+    )
+    parser.add_argument(
+        "--s3-bucket",
+        dest="s3_buckets",
+        action="append",
+        default=None,
+        help="allow s3 DataLocations only in this bucket; repeatable"
+        " [SPACER_S3_BUCKETS, comma-separated]; default: any bucket",
     )
 
 
@@ -228,6 +295,8 @@ def config_from_args(
 
     if "max_message_mb" in values:
         values["max_message_bytes"] = int(float(values.pop("max_message_mb")) * MIB)  # type: ignore[arg-type]
+    if "url_max_mb" in values:
+        values["url_max_bytes"] = int(float(values.pop("url_max_mb")) * MIB)  # type: ignore[arg-type]
     if "log_level" in values:
         values["log_level"] = str(values["log_level"]).upper()
 
@@ -236,5 +305,22 @@ def config_from_args(
         roots = [r for r in env["SPACER_DATA_ROOTS"].split(os.pathsep) if r]
     if roots:
         values["data_roots"] = tuple(Path(r).expanduser().resolve() for r in roots)
+
+    for dest, var in (("allow_any_path", "SPACER_ALLOW_ANY_PATH"),
+                      ("allow_private_urls", "SPACER_ALLOW_PRIVATE_URLS")):
+        flag = getattr(args, dest, None)
+        if flag is None and env.get(var):
+            try:
+                flag = _bool(env[var])
+            except ValueError:
+                raise ValueError(f"{var}: cannot read {env[var]!r} as a boolean") from None
+        if flag is not None:
+            values[dest] = flag
+
+    buckets = getattr(args, "s3_buckets", None)
+    if buckets is None and env.get("SPACER_S3_BUCKETS"):
+        buckets = env["SPACER_S3_BUCKETS"].split(",")
+    if buckets:
+        values["s3_buckets"] = tuple(b.strip() for b in buckets if b.strip())
 
     return ServerConfig(**values).validate()  # type: ignore[arg-type]

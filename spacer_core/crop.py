@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from spacer_core import _crop_rs
 from spacer_core._crop_rs import (
@@ -201,6 +201,9 @@ def _limit(max_pixels: int | None) -> int:
 def _open_with_pillow(image_bytes: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(image_bytes))
+    except UnidentifiedImageError as e:
+        # Pillow's message is the repr of our buffer: nothing a caller can use.
+        raise ImageDecodeError("cannot identify image: not a known image format") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot identify image: {e}") from e
 

@@ -163,7 +163,7 @@ class RemoteStorage(Storage):
         """Load ``key``; with ``filesystem_cache``, keep a copy at ``<cache>/<key>`` and reuse it."""
         if not filesystem_cache:
             return self._load_remote(key)
-        cache_path = str(Path(filesystem_cache, key))
+        cache_path = cache_path_for(filesystem_cache, key)
         local = FileSystemStorage()
         if local.exists(cache_path):
             return local.load(cache_path)
@@ -175,6 +175,20 @@ class RemoteStorage(Storage):
     @abc.abstractmethod
     def _load_remote(self, key: str) -> BytesIO:
         """Fetch ``key`` from the remote store."""
+
+
+def cache_path_for(cache_dir: str | os.PathLike[str], key: str) -> str:
+    """``<cache_dir>/<key>`` (pyspacer's cache layout), refused if it would lie outside ``cache_dir``.
+
+    A remote key is chosen by whoever wrote the message: ``..`` segments, an
+    absolute key or a symlink in the cache must not turn a download into a
+    write elsewhere on disk.
+    """
+    root = Path(os.path.realpath(cache_dir))
+    path = Path(os.path.realpath(Path(root, key)))
+    if path == root or not path.is_relative_to(root):
+        raise AccessDeniedError(f"{key!r}: the key leads outside the local cache folder")
+    return str(path)
 
 
 class URLStorage(RemoteStorage):
@@ -297,7 +311,12 @@ class StoragePolicy:
     The base class allows everything (pyspacer's behaviour, the library's
     default). Subclasses refuse with `AccessDeniedError`; a refusal never
     says whether the location exists.
+
+    `url_rules` are the rules url storage fetches under while this policy is
+    active; None keeps `URLStorage.default_rules`.
     """
+
+    url_rules: UrlRules | None = None
 
     def check(self, loc: Location, access: Access) -> None:
         """Raise AccessDeniedError when `access` to `loc` is not allowed."""
@@ -335,6 +354,51 @@ class DataRootsPolicy(StoragePolicy):
         return "filesystem under " + ", ".join(map(str, self.roots))
 
 
+class ClientPolicy(StoragePolicy):
+    """What the clients of a server may reach, for every storage type.
+
+    roots: filesystem locations must resolve under one of these directories
+        (None: any path the process can reach).
+    s3_buckets: the buckets s3 locations may name (None: any bucket).
+    allow_memory: whether `memory` locations may be named; off by default,
+        since the process-wide memory store is shared by every caller.
+    url_rules: what url locations may fetch (`UrlRules`; private addresses
+        refused unless `allow_private`).
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[str | os.PathLike[str]] | None,
+        *,
+        s3_buckets: Sequence[str] | None = None,
+        allow_memory: bool = False,
+        url_rules: UrlRules = UrlRules(),
+    ):
+        self.filesystem = DataRootsPolicy(roots) if roots is not None else None
+        self.s3_buckets = frozenset(s3_buckets) if s3_buckets is not None else None
+        self.allow_memory = allow_memory
+        self.url_rules: UrlRules = url_rules
+
+    def check(self, loc: Location, access: Access) -> None:
+        if loc.storage_type == "filesystem":
+            if self.filesystem is not None:
+                self.filesystem.check(loc, access)
+        elif loc.storage_type == "memory":
+            if not self.allow_memory:
+                raise AccessDeniedError(f"{loc.describe()!r}: memory storage is not available to clients")
+        elif loc.storage_type == "s3":
+            if self.s3_buckets is not None and loc.bucket_name not in self.s3_buckets:
+                raise AccessDeniedError(f"{loc.describe()!r}: bucket {loc.bucket_name!r} is not allowed")
+
+    def describe(self) -> str:
+        parts = [self.filesystem.describe() if self.filesystem else "filesystem anywhere"]
+        parts.append("s3 buckets " + ", ".join(sorted(self.s3_buckets)) if self.s3_buckets is not None
+                     else "any s3 bucket")
+        parts.append("private urls " + ("allowed" if self.url_rules.allow_private else "refused"))
+        parts.append("memory " + ("allowed" if self.allow_memory else "refused"))
+        return "; ".join(parts)
+
+
 _policy: ContextVar[StoragePolicy | None] = ContextVar("spacer_storage_policy", default=None)
 
 
@@ -365,8 +429,11 @@ def check_access(loc: Location, access: Access) -> None:
 @contextlib.contextmanager
 def _access(loc: Location, access: Access) -> Iterator[Storage]:
     """The one gate to storage: checks the policy, then maps store errors to library ones."""
-    check_access(loc, access)
+    policy = active_policy()
+    policy.check(loc, access)
     storage = storage_factory(loc.storage_type, loc.bucket_name)
+    if isinstance(storage, URLStorage) and policy.url_rules is not None:
+        storage = URLStorage(policy.url_rules)
     try:
         yield storage
     except FileNotFoundError as err:

@@ -26,7 +26,7 @@ from spacer_core.messages import (
     TrainClassifierMsg,
     TrainClassifierReturnMsg,
 )
-from spacer_core.storage import load_bytes, load_classifier, load_image, store_classifier  # noqa: F401  (pyspacer names)
+from spacer_core.storage import check_access, load_bytes, load_classifier, load_image, store_classifier  # noqa: F401  (pyspacer names)
 from spacer_core.task_utils import check_extract_inputs, preprocess_labels  # noqa: F401  (check_extract_inputs: pyspacer name)
 from spacer_core.train_classifier import ClassifierTrainer  # noqa: F401  (pyspacer name)
 
@@ -82,10 +82,14 @@ def train_classifier(
 @contextlib.contextmanager
 def _feature_cache(msg: TrainClassifierMsg, labels: Any) -> Iterator[None]:
     """Cache remote feature files on local disk while training, unless disabled."""
+    parent = None if msg.feature_cache_dir in (msg.FeatureCache.AUTO, msg.FeatureCache.DISABLED) \
+        else str(msg.feature_cache_dir)
+    if parent is not None:
+        # A folder named in the message is written to like any other location.
+        check_access(DataLocation("filesystem", parent), "write")
     if not labels.has_remote_data or msg.feature_cache_dir == msg.FeatureCache.DISABLED:
         yield
         return
-    parent = None if msg.feature_cache_dir == msg.FeatureCache.AUTO else msg.feature_cache_dir
     # The temporary directory is removed even when training fails.
     with tempfile.TemporaryDirectory(dir=parent) as cache_dir:
         labels.set_filesystem_cache(cache_dir)

@@ -58,6 +58,25 @@ def test_environment_then_flags(tmp_path):
     assert flagged.data_roots == (tmp_path.resolve(),)
 
 
+def test_policy_flags_and_variables(tmp_path):
+    from spacer_core.data_classes import DataLocation
+    from spacer_core.exceptions import AccessDeniedError
+
+    config = parse(["--allow-private-urls", "--s3-bucket", "a", "--s3-bucket", "b"])
+    assert (config.allow_private_urls, config.s3_buckets, config.allow_any_path) == (True, ("a", "b"), False)
+    policy = config.storage_policy()
+    assert policy.url_rules is not None and policy.url_rules.allow_private
+    policy.check(DataLocation("s3", "k", "a"), "read")
+    with pytest.raises(AccessDeniedError, match="'c'"):
+        policy.check(DataLocation("s3", "k", "c"), "read")
+    env = parse([], {"SPACER_ALLOW_ANY_PATH": "true", "SPACER_S3_BUCKETS": "x,y"})
+    assert (env.allow_any_path, env.s3_buckets, env.effective_data_roots()) == (True, ("x", "y"), None)
+    env.storage_policy().check(DataLocation("filesystem", "/etc/hostname"), "read")
+    assert parse([]).storage_policy().url_rules.allow_private is False  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="contradict"):
+        parse(["--allow-any-path", "--data-root", str(tmp_path)])
+
+
 @pytest.mark.parametrize(
     "argv, env, fragment",
     [
@@ -86,7 +105,8 @@ def test_check_config_prints_effective_settings():
     assert result.returncode == 0, result.stderr
     head = result.stdout[: result.stdout.index("spacer_core settings:")]
     server = json.loads(head)["server"]
-    assert (server["port"], server["precision"], server["data_roots"]) == (6123, "fast", "unrestricted")
+    # No --data-root: confined to the working directory it started in.
+    assert (server["port"], server["precision"], server["data_roots"]) == (6123, "fast", [str(ROOT)])
     assert "MAX_POINTS_PER_IMAGE" in result.stdout
 
 

@@ -80,7 +80,7 @@ def test_missing_inputs_are_invalid_argument(client, data):
     assert err.code() == Code.INVALID_ARGUMENT and "ftp" in err.details()
 
 
-def test_missing_file_and_missing_memory_key_are_not_found(client, data):
+def test_missing_file_is_not_found_and_memory_storage_is_not_offered(client, data):
     missing = data["root"] / "gone.jpg"
     err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], fs(missing), fs(data["clf"]))
     assert err.code() == Code.NOT_FOUND and "gone.jpg" in err.details()
@@ -91,7 +91,8 @@ def test_missing_file_and_missing_memory_key_are_not_found(client, data):
         {"storage_type": "memory", "key": "no/such/key.jpg"},
         fs(data["clf"]),
     )
-    assert err.code() == Code.NOT_FOUND and "no/such/key.jpg" in err.details()
+    assert err.code() == Code.PERMISSION_DENIED and "no/such/key.jpg" in err.details()
+    assert "memory storage is not available" in err.details()
 
 
 def test_weights_hash_mismatch_is_failed_precondition(client, data):
@@ -194,6 +195,46 @@ def test_data_roots_restrict_filesystem_locations(data, tmp_path):
     with running_server(data_roots=(allowed,)) as server, SpacerClient(server.address) as client:
         err = rpc_error(client.load_model, extractor=data["extractor"])
         assert err.code() == Code.PERMISSION_DENIED and "extractor.data_locations[weights]" in err.details()
+
+
+def _shape(details: str, path: Path) -> str:
+    return details.replace(str(path), "<path>")
+
+
+def test_without_flags_the_server_is_confined_to_its_working_directory(data, tmp_path, monkeypatch):
+    from server.config import ServerConfig
+
+    home = tmp_path / "home"
+    home.mkdir()
+    inside = make_classifier(home / "clf.pkl")
+    (home / "link.pkl").symlink_to(data["clf"])
+    monkeypatch.chdir(home)
+    config = ServerConfig(workers=2, log_level="WARNING")  # what `spacer serve` with no flags builds
+    assert config.effective_data_roots() == (home.resolve(),)
+    with running_server(config) as server, SpacerClient(server.address) as client:
+        assert client.load_model(classifier_loc=fs(inside)).kind
+        assert client.load_model(classifier_loc=fs("clf.pkl")).kind  # relative to the working directory
+        refused = {}
+        for name, loc in {
+            "existing": data["clf"],
+            "missing": data["root"] / "no-such-clf.pkl",
+            "dotdot": home / ".." / "clf.pkl",
+            "symlink": home / "link.pkl",
+        }.items():
+            err = rpc_error(client.load_model, classifier_loc=fs(loc))
+            assert err.code() == Code.PERMISSION_DENIED, (name, err.details())
+            assert str(loc) in err.details()
+            refused[name] = _shape(err.details(), loc)
+        # Refusals never tell an existing file from a missing one.
+        assert len(set(refused.values())) == 1, refused
+
+
+def test_allow_any_path_opts_out_and_is_logged_loudly(data, caplog):
+    with caplog.at_level(logging.WARNING, logger="server"):
+        with running_server(allow_any_path=True) as server, SpacerClient(server.address) as client:
+            assert client.load_model(classifier_loc=fs(data["clf"])).kind
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "allow_any_path" in r.getMessage()]
+    assert warnings and "ANY file" in warnings[0].getMessage()
 
 
 # ---------------------------------------------------------------- the mapping itself

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.app import _RUNTIMES
 from server.client import SpacerClient
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
+from tests.support.grpc_server import TEST_DATA_ROOTS, extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
@@ -45,11 +45,12 @@ def wait_until(predicate, timeout: float = 30, what: str = "condition") -> None:
 
 
 def start_serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
-    """`python -m server serve --port 0` with the port written to a file."""
+    """`python -m server serve --port 0` with the port written to a file, confined to the test folders."""
     port_file = tmp_path / "port"
     log = open(tmp_path / "serve.log", "w")
+    roots = [arg for root in TEST_DATA_ROOTS for arg in ("--data-root", str(root))]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", "0", "--port-file", str(port_file), *args],
+        [sys.executable, "-m", "server", "serve", "--port", "0", "--port-file", str(port_file), *roots, *args],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,

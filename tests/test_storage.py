@@ -567,3 +567,51 @@ def test_public_names_cover_pyspacers(module):
         if not name.startswith("_") and _defined_in_spacer(value)
     }
     assert sorted(n for n in names if not hasattr(ours, n)) == []
+
+
+# ---------------------------------------------------------------- client policy and cache keys
+
+
+def test_cache_path_stays_inside_the_cache_folder(tmp_path):
+    from spacer_core.exceptions import AccessDeniedError
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "out").symlink_to(tmp_path, target_is_directory=True)
+    assert storage.cache_path_for(cache, "a/b.fv") == str(cache.resolve() / "a/b.fv")
+    # pyspacer's layout for URL keys: the scheme's '//' collapses.
+    assert storage.cache_path_for(cache, "http://h/x.fv") == str(cache.resolve() / "http:/h/x.fv")
+    for key in ("../x.fv", "a/../../x.fv", "/etc/passwd", "http://h/../../../x.fv", "out/x.fv", "."):
+        with pytest.raises(AccessDeniedError, match="outside the local cache folder"):
+            storage.cache_path_for(cache, key)
+
+
+def test_client_policy_covers_every_storage_type(tmp_path):
+    from spacer_core.exceptions import AccessDeniedError
+    from spacer_core.urlfetch import UrlRules
+
+    policy = storage.ClientPolicy([tmp_path], s3_buckets=["mine"], url_rules=UrlRules(allow_private=True))
+    policy.check(DataLocation("filesystem", str(tmp_path / "a.jpg")), "read")
+    policy.check(DataLocation("s3", "k", "mine"), "write")
+    policy.check(DataLocation("url", "http://127.0.0.1/x"), "read")
+    for loc in (DataLocation("filesystem", "/etc/passwd"), DataLocation("s3", "k", "theirs"),
+                DataLocation("memory", "k")):
+        with pytest.raises(AccessDeniedError):
+            policy.check(loc, "read")
+    storage.ClientPolicy(None).check(DataLocation("filesystem", "/etc/passwd"), "read")
+    storage.ClientPolicy(None, allow_memory=True).check(DataLocation("memory", "k"), "read")
+    assert "refused" in storage.ClientPolicy(None).describe()
+
+
+def test_url_rules_apply_per_policy_not_per_process(tmp_path):
+    """A policy's url rules reach url storage only where the policy is active."""
+    from spacer_core.exceptions import URLRefusedError
+    from spacer_core.urlfetch import UrlRules
+
+    loc = DataLocation("url", "http://127.0.0.1:9/x.jpg")
+    with storage.policy_scope(storage.ClientPolicy(None, url_rules=UrlRules(allow_private=True))):
+        with pytest.raises(URLDownloadError) as err:  # allowed: it tried, and nothing listens on port 9
+            storage.load_bytes(loc)
+        assert not isinstance(err.value, URLRefusedError)
+    with pytest.raises(URLRefusedError, match="loopback"):
+        storage.load_bytes(loc)

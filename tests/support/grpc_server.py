@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from server.app import create_server, drain, start
@@ -49,10 +51,25 @@ class ServerThread:
         self.loop.close()
 
 
+# Where test data lives: pytest's temporary folders (under the system temp
+# dir) and the committed fixtures. Servers in tests are confined to these,
+# as a deployment is confined to its data roots.
+TEST_DATA_ROOTS = (
+    Path(tempfile.gettempdir()).resolve(),
+    Path(__file__).resolve().parent.parent / "fixtures",
+)
+
+
 @contextlib.contextmanager
 def running_server(config: ServerConfig | None = None, **overrides: Any) -> Iterator[ServerThread]:
-    """Context manager: a started ServerThread, drained on exit."""
-    base = config or ServerConfig(workers=2, log_level="WARNING")
+    """Context manager: a started ServerThread, drained on exit.
+
+    Without a config the server may use TEST_DATA_ROOTS (pass data_roots or
+    allow_any_path=True to change that).
+    """
+    base = config or ServerConfig(workers=2, log_level="WARNING", data_roots=TEST_DATA_ROOTS)
+    if overrides.get("allow_any_path"):
+        overrides.setdefault("data_roots", ())
     thread = ServerThread(replace(base, **overrides)).start()
     try:
         yield thread
