@@ -77,11 +77,13 @@ def pyspacer_points_per_s(images, extractor: dict, clf: Path) -> float:
     return total / (time.perf_counter() - start)
 
 
-def start_server(workdir: Path, device: str, precision: str = "exact") -> tuple[subprocess.Popen, str]:
+def start_server(workdir: Path, device: str, precision: str = "exact",
+                 roots: tuple[Path, ...] = ()) -> tuple[subprocess.Popen, str]:
     port_file = workdir / "port"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--port", "0", "--port-file", str(port_file),
-         "--device", device, "--precision", precision, "--log-level", "WARNING"],
+         "--device", device, "--precision", precision, "--log-level", "WARNING",
+         *(arg for root in (workdir, *roots) for arg in ("--data-root", str(root)))],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -158,7 +160,7 @@ def main() -> None:
         print(f"pyspacer classify_image loop: {baseline:8.1f} points/s")
         rates: list[tuple[int, float]] = []
 
-        proc, address = start_server(workdir, args.device, args.precision)
+        proc, address = start_server(workdir, args.device, args.precision, (weights.path.parent,))
         try:
             with SpacerClient(address) as client:
                 # Build (or load the cached) compiled network before timing.
