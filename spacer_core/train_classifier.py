@@ -12,7 +12,12 @@ from typing import Any
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 
-from spacer_core.exceptions import InvalidInputError, InvalidInputTypeError
+from spacer_core.exceptions import (
+    InvalidInputError,
+    InvalidInputTypeError,
+    TrainerModuleNotFoundError,
+    UnknownTrainerError,
+)
 from spacer_core import config
 from spacer_core.data_classes import ValResults
 from spacer_core.task_io import TrainClassifierReturnMsg, TrainingTaskLabels
@@ -69,6 +74,23 @@ def is_registered_trainer(name: str) -> bool:
     return name in _TRAINER_ALIASES or name in _TRAINER_ALIASES.values() or name in _REGISTERED_TRAINERS
 
 
+_MISSING = object()
+
+
+def _import_trainer_module(module_path: str) -> Any:
+    """The module a trainer class path names; a missing module is the caller's input error."""
+    try:
+        return import_module(module_path)
+    except ModuleNotFoundError as err:
+        # Only when the path itself is missing: a module that exists but
+        # fails on its own imports is a bug there, not bad input here.
+        if err.name is None or not (module_path == err.name or module_path.startswith(err.name + ".")):
+            raise
+        error = TrainerModuleNotFoundError(f"Unknown trainer module {module_path!r}: no module named {err.name!r}.")
+        error.name = err.name
+        raise error from err
+
+
 class ClassifierTrainer(abc.ABC):
     """Trains a classifier from TrainingTaskLabels; JSON-serializable by class path."""
 
@@ -110,7 +132,9 @@ class ClassifierTrainer(abc.ABC):
             raise InvalidInputError(f"Unknown trainer {class_path!r}: not a built-in name or a dotted class path.")
         else:
             # pyspacer's behaviour for library callers: any importable class path.
-            trainer_class = getattr(import_module(module_path), class_name, None)
+            trainer_class = getattr(_import_trainer_module(module_path), class_name, _MISSING)
+            if trainer_class is _MISSING:
+                raise UnknownTrainerError(f"Unknown trainer {class_path!r}: module {module_path!r} has no {class_name!r}.")
         if not (isinstance(trainer_class, type) and issubclass(trainer_class, ClassifierTrainer)):
             raise InvalidInputTypeError(f"{class_path} is not a ClassifierTrainer subclass")
         return trainer_class(**options)

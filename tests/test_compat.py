@@ -107,6 +107,107 @@ def test_050_keywords_of_train_classifier_msg_resolve_bare_keys():
     assert all(loc.bucket_name == "b" for loc in msg.labels.train.keys())
 
 
+def _raised(call) -> BaseException:
+    try:
+        call()
+    except Exception as err:  # the oracle's exception, whatever its type
+        return err
+    raise AssertionError("no exception raised")
+
+
+def _job_with_task_name(job_msg_class, name: str):
+    # Both libraries refuse an unknown name when building a JobMsg, so set it after.
+    job = job_msg_class.example()
+    job.task_name = name
+    return job
+
+
+@pytest.mark.parametrize("case", ["not_a_job", "unknown_task", "unknown_storage", "missing_trainer_class",
+                                  "missing_trainer_module", "not_a_trainer"])
+def test_errors_are_also_what_pyspacer_raised(case):
+    import spacer.messages as ps_messages
+    import spacer.storage as ps_storage
+    import spacer.tasks as ps_tasks
+    import spacer.train_classifier as ps_train
+
+    from spacer_core import messages, storage, tasks, train_classifier
+    from spacer_core.exceptions import InvalidInputError
+
+    calls = {
+        "not_a_job": (lambda: ps_tasks.process_job({"task_name": "x"}),
+                      lambda: tasks.process_job({"task_name": "x"})),
+        "unknown_task": (lambda: ps_tasks.process_job(_job_with_task_name(ps_messages.JobMsg, "paint")),
+                         lambda: tasks.process_job(_job_with_task_name(messages.JobMsg, "paint"))),
+        "unknown_storage": (lambda: ps_storage.storage_factory("ftp"), lambda: storage.storage_factory("ftp")),
+        "missing_trainer_class": (lambda: ps_train.trainer_factory("spacer.train_classifier.NoSuchTrainer"),
+                                  lambda: train_classifier.trainer_factory("spacer_core.train_classifier.NoSuchTrainer")),
+        "missing_trainer_module": (lambda: ps_train.trainer_factory("no_such_pkg.trainers.Mine"),
+                                   lambda: train_classifier.trainer_factory("no_such_pkg.trainers.Mine")),
+        "not_a_trainer": (lambda: ps_train.trainer_factory("spacer.data_classes.DataLocation"),
+                          lambda: train_classifier.trainer_factory("spacer_core.data_classes.DataLocation")),
+    }
+    theirs, ours = (_raised(call) for call in calls[case])
+    assert isinstance(ours, type(theirs)), (type(ours).__mro__, type(theirs))
+    assert isinstance(ours, InvalidInputError)  # and still our category, for the server's status codes
+    assert str(ours)  # a sentence naming the input, where pyspacer's assert had none
+    if case == "unknown_task":
+        assert "paint" in str(ours)
+
+
+def test_unknown_task_name_in_a_job_msg_is_an_assertion_error_as_in_pyspacer():
+    import spacer.messages as ps_messages
+
+    from spacer_core.exceptions import UnknownTaskError
+    from spacer_core.messages import JobMsg
+
+    theirs = _raised(lambda: ps_messages.JobMsg(task_name="paint", tasks=[]))
+    ours = _raised(lambda: JobMsg(task_name="paint", tasks=[]))
+    assert isinstance(ours, type(theirs)) and isinstance(ours, UnknownTaskError)
+
+
+def _printed_objects(dc, msg) -> list:
+    """The same data-class values built with one library's modules (``dc``: data_classes, ``msg``: messages)."""
+    # One image: pprint orders unorderable keys (DataLocations) by memory
+    # address, so several images print in no repeatable order, in pyspacer too.
+    labels = dc.ImageLabels({dc.DataLocation("s3", "img1.fv", bucket_name="b"): [(1, 2, 3), (4, 5, 1)]})
+    points = [dc.PointFeatures(row=r, col=r + 1, data=np.linspace(0, 1, 5) + r) for r in (3, 70)]
+    objects = [
+        dc.DataLocation("s3", "a/b.fv", bucket_name="bucket"),
+        dc.DataLocation("url", "https://example.org/" + "x" * 90 + ".jpg"),
+        dc.PointFeatures(row=3, col=4, data=[1.5, -2.0, 0.125]),
+        dc.ImageFeatures(point_features=points, valid_rowcol=True, feature_dim=5, npoints=2),
+        dc.ImageFeatures(point_features=[dc.PointFeatures(None, None, [0.25, 0.5])], valid_rowcol=False,
+                         feature_dim=2, npoints=1),
+        labels,
+        dc.ValResults(scores=[0.5, 0.75], gt=[1, 0], est=[1, 1], classes=[12, 40]),
+        msg.ClassifyFeaturesMsg(job_token="j", feature_loc=dc.DataLocation("filesystem", "f.fv"),
+                                classifier_loc=dc.DataLocation("memory", "c.pkl")),
+        msg.ClassifyReturnMsg(runtime=1.5, scores=[(1, 2, [0.25, 0.75])], classes=[3, 4], valid_rowcol=True),
+        msg.TrainClassifierReturnMsg(acc=0.5, pc_accs=[0.25], ref_accs=[0.1, 0.2], runtime=3.0),
+    ]
+    for name in ("ExtractFeaturesMsg", "ClassifyImageMsg", "JobMsg", "JobReturnMsg", "ExtractFeaturesReturnMsg"):
+        objects.append(getattr(msg, name).example())
+    train_msg = msg.TrainClassifierMsg.example()
+    train_msg.labels = type(train_msg.labels)(train=labels, ref=labels, val=labels)
+    objects.append(train_msg)
+    return objects
+
+
+def test_repr_and_str_of_data_classes_print_as_pyspacer_prints_them():
+    import spacer.data_classes as ps_dc
+    import spacer.messages as ps_msg
+
+    from spacer_core import data_classes, messages
+
+    theirs, ours = _printed_objects(ps_dc, ps_msg), _printed_objects(data_classes, messages)
+    assert len(ours) == len(theirs) == 16
+    for mine, oracle in zip(ours, theirs):
+        assert type(mine).__name__ == type(oracle).__name__
+        assert repr(mine) == repr(oracle), type(mine).__name__
+        assert str(mine) == str(oracle), type(mine).__name__
+    assert repr(ours[2]) == "{'col': 4, 'data': array([ 1.5  , -2.   ,  0.125]), 'row': 3}"  # what a person reads: the values
+
+
 def _run(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), SPACER_EXTRACTORS_CACHE_DIR=str(cwd / "cache"))
     return subprocess.run([sys.executable, "-m", "spacer_core.compat", str(script), *args], cwd=cwd,
