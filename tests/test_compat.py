@@ -23,6 +23,7 @@ from PIL import Image
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.messages import TrainClassifierMsg
 from tests.support.grpc_server import make_classifier
+from tests.support.s3 import moto_server  # noqa: F401  (fixture)
 from tests.support.weights import make_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,6 +207,30 @@ def test_repr_and_str_of_data_classes_print_as_pyspacer_prints_them():
         assert repr(mine) == repr(oracle), type(mine).__name__
         assert str(mine) == str(oracle), type(mine).__name__
     assert repr(ours[2]) == "{'col': 4, 'data': array([ 1.5  , -2.   ,  0.125]), 'row': 3}"  # what a person reads: the values
+
+
+def _aws_check_output(package: str, env: dict[str, str], cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-c", f"import {package}.aws as a; a.aws_check()"], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("anonymous", [False, True])
+def test_aws_check_prints_pyspacers_lines(moto_server, tmp_path, anonymous):
+    from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPACER_", "AWS_"))}
+    env.update(PYTHONPATH=str(ROOT), SPACER_AWS_ACCESS_KEY_ID=ACCESS_KEY, SPACER_AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+               SPACER_AWS_REGION=REGION, AWS_ENDPOINT_URL_STS=moto_server,  # boto's own variable: both libraries
+               AWS_DEFAULT_REGION=REGION, AWS_CONFIG_FILE=str(tmp_path / "absent-config"))
+    if anonymous:
+        env["SPACER_AWS_ANONYMOUS"] = "True"
+    theirs, ours = (_aws_check_output(package, env, tmp_path) for package in ("spacer", "spacer_core"))
+    assert ours == theirs
+    if not anonymous:
+        assert "Spacer config - AWS_ACCESS_KEY_ID: Yes\n" in ours and "Identified as ARN: arn:aws:" in ours
+        assert SECRET_KEY not in ours
 
 
 def _run(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
