@@ -233,6 +233,31 @@ def test_aws_check_prints_pyspacers_lines(moto_server, tmp_path, anonymous):
         assert SECRET_KEY not in ours
 
 
+@pytest.mark.parametrize("points_per_image", [2, 9])
+def test_make_random_data_matches_pyspacer_after_the_same_seeds(points_per_image):
+    import random
+
+    import spacer.data_classes as ps_dc
+    import spacer.train_utils as ps_train_utils
+
+    from spacer_core import data_classes, train_utils
+
+    classes = [3, 8, 12, 40, 41]  # more classes than points in the first case: pyspacer grows the list
+    made = []
+    for dc, module in ((ps_dc, ps_train_utils), (data_classes, train_utils)):
+        random.seed(11)
+        np.random.seed(11)
+        labels = module.make_random_data(4, classes, points_per_image, 6, dc.DataLocation("memory", ""))
+        made.append([(loc.key, labels[loc], dc.ImageFeatures.load(loc)) for loc in labels.keys()])
+    theirs, ours = made
+    assert [(key, annotations) for key, annotations, _ in ours] == [(key, annotations) for key, annotations, _ in theirs]
+    for (_, annotations, mine), (_, _, oracle) in zip(ours, theirs):
+        assert len(annotations) == mine.npoints == max(points_per_image, len(classes))
+        assert {label for _, _, label in annotations} == set(classes)
+        assert np.array_equal(np.stack([pf.data for pf in mine.point_features]),
+                              np.stack([pf.data for pf in oracle.point_features]))
+
+
 def _run(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), SPACER_EXTRACTORS_CACHE_DIR=str(cwd / "cache"))
     return subprocess.run([sys.executable, "-m", "spacer_core.compat", str(script), *args], cwd=cwd,
