@@ -258,6 +258,27 @@ def test_make_random_data_matches_pyspacer_after_the_same_seeds(points_per_image
                               np.stack([pf.data for pf in oracle.point_features]))
 
 
+def test_minibatch_trainer_train_step_matches_pyspacers(tmp_path):
+    import spacer.data_classes as ps_dc
+    import spacer.train_classifier as ps_train
+
+    from spacer_core.train_classifier import MiniBatchTrainer
+    from spacer_core.train_utils import make_random_data
+
+    labels = make_random_data(8, [1, 2, 3], 12, 16, DataLocation("filesystem", f"{tmp_path}/"),
+                              rng=np.random.default_rng(4))
+    locs = list(labels.keys())
+    ours_sets = [ImageLabels({loc: labels[loc] for loc in part}) for part in (locs[:6], locs[6:])]
+    theirs_sets = [ps_dc.ImageLabels({ps_dc.DataLocation("filesystem", loc.key): labels[loc] for loc in part})
+                   for part in (locs[:6], locs[6:])]
+
+    clf, ref_accs = MiniBatchTrainer(batch_size=30)._train(*ours_sets, 3, "LR")
+    oracle, oracle_accs = ps_train.MiniBatchTrainer(batch_size=30)._train(*theirs_sets, 3, "LR")
+    assert len(ref_accs) == 3 and ref_accs == oracle_accs
+    ref_x = np.stack([ImageFeatures.load(loc).get_array((r, c))[0] for loc in locs[6:] for r, c, _ in labels[loc]])
+    assert np.array_equal(clf.predict_proba(ref_x), oracle.predict_proba(ref_x))
+
+
 def _run(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), SPACER_EXTRACTORS_CACHE_DIR=str(cwd / "cache"))
     return subprocess.run([sys.executable, "-m", "spacer_core.compat", str(script), *args], cwd=cwd,
