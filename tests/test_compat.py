@@ -342,14 +342,8 @@ def example_files(tmp_path_factory):
     return folder
 
 
-def _training_features(folder: Path) -> None:
-    # Features at the points the train_classifier example labels, one
-    # cluster per label so a classifier can learn them.
-    points = {
-        "image1": [(1000, 2000, 1), (3000, 2000, 2)], "image2": [(1000, 2000, 3), (3000, 2000, 1)],
-        "image3": [(1234, 2857, 11), (3094, 2262, 25)], "image4": [(500, 2500, 1), (2500, 1500, 3)],
-        "image5": [(4321, 5582, 25), (4903, 2622, 19)],
-    }
+def _store_training_features(folder: Path, points: dict[str, list[tuple[int, int, int]]]) -> None:
+    # Features at the labelled points, one cluster per label so a classifier can learn them.
     rng = np.random.default_rng(1)
     for image, annotations in points.items():
         feats = np.stack([rng.normal(size=1280) + label for _, _, label in annotations])
@@ -357,35 +351,79 @@ def _training_features(folder: Path) -> None:
             DataLocation("filesystem", str(folder / f"{image}.featurevector")))
 
 
+# The points the train_classifier example labels (train: image1-3, val: image4-5).
+_EXAMPLE_POINTS = {
+    "image1": [(1000, 2000, 1), (3000, 2000, 2)], "image2": [(1000, 2000, 3), (3000, 2000, 1)],
+    "image3": [(1234, 2857, 11), (3094, 2262, 25)], "image4": [(500, 2500, 1), (2500, 1500, 3)],
+    "image5": [(4321, 5582, 25), (4903, 2622, 19)],
+}
+
+
+def _training_folder(example_files: Path, name: str) -> Path:
+    folder = example_files / name
+    folder.mkdir(exist_ok=True)
+    for old in ("oldclassifier1.pkl", "oldclassifier2.pkl"):
+        (folder / old).write_bytes((example_files / old).read_bytes())
+    return folder
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    "extract_features", "classify_features", "classify_image",
-    # The example's three training images leave one class shared by the
-    # train and reference sets 0.5.0 carves (every 10th image), and training
-    # needs two: the same labels fail in pyspacer 0.14.0's preprocessing.
-    pytest.param("train_classifier", marks=pytest.mark.xfail(
-        strict=True, reason="the example's labels leave one class after the train/ref split")),
-])
+@pytest.mark.parametrize("name", ["extract_features", "classify_features", "classify_image"])
 def test_050_core_api_example_runs_unchanged(example_files, name):
     if name == "classify_features" and not (example_files / "image1.featurevector").exists():
         _run(_example("extract_features", example_files), example_files)
-    if name == "train_classifier":
-        folder = example_files / "training"
-        folder.mkdir(exist_ok=True)
-        for old in ("oldclassifier1.pkl", "oldclassifier2.pkl"):
-            (folder / old).write_bytes((example_files / old).read_bytes())
-        _training_features(folder)
-    else:
-        folder = example_files
-    result = _run(_example(name, folder), folder)
+    result = _run(_example(name, example_files), example_files)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = {
         "extract_features": "Extraction runtime:",
         "classify_features": "Row 2200, column 1000: [",
         "classify_image": "Row 3000, column 450: [",
-        "train_classifier": "Previous models' accuracies: [",
     }[name]
     assert expected in result.stdout
     if name == "extract_features":
-        assert len(ImageFeatures.load(DataLocation("filesystem", str(folder / "image1.featurevector")))
+        assert len(ImageFeatures.load(DataLocation("filesystem", str(example_files / "image1.featurevector")))
                    .point_features) == 3
+
+
+@pytest.mark.slow
+def test_050_train_classifier_example_as_written_is_refused_for_its_labels(example_files):
+    # 0.5.0 carved the reference set from train_labels (every 10th image), so
+    # the example's three images give ref = image1 (classes 1, 2) and train =
+    # image2-3 (1, 3, 11, 25): one shared class. No split of its six labels
+    # shares two (only class 1 occurs twice), and 0.5.0 itself refused fewer
+    # than 10 training images. The message must say so, not crash.
+    folder = _training_folder(example_files, "training_as_written")
+    _store_training_features(folder, _EXAMPLE_POINTS)
+    result = _run(_example("train_classifier", folder), folder)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "spacer_core.exceptions.TrainingLabelsError: Need multiple classes to do training."
+        " After preprocessing training data, there are 1 class(es) left.")
+    assert not (folder / "classifier1.pkl").exists()
+
+
+@pytest.mark.slow
+def test_050_train_classifier_example_trains_with_enough_images(example_files):
+    """The example's code, its train_labels grown to 20 images; everything else as written."""
+    folder = _training_folder(example_files, "training")
+    classes = (1, 2, 3, 11, 25)
+    train_points = {f"train{i:02d}": [(100 * p + 7, 50 * p + i, label) for p, label in enumerate(classes)]
+                    for i in range(20)}
+    _store_training_features(folder, {**train_points, "image4": _EXAMPLE_POINTS["image4"],
+                                      "image5": _EXAMPLE_POINTS["image5"]})
+    script = _example("train_classifier", folder)
+    text = script.read_text()
+    first = text.index("    train_labels=ImageLabels(data={\n") + len("    train_labels=ImageLabels(data={\n")
+    last = text.index("    }),\n", first)
+    assert text[first:last].count(".featurevector") == 3  # the example's three images, replaced here
+    grown = "".join(f"        '{folder}/{image}.featurevector': {points!r},\n" for image, points in train_points.items())
+    script.write_text(text[:first] + grown + text[last:])
+
+    result = _run(script, folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(result.stdout.split("New model's accuracy (0.0 = 0%, 1.0 = 100%): ")[1].split()[0])
+    assert accuracy == 1.0  # val keeps the trained classes (1, 3 and 25): well separated clusters
+    assert "Previous models' accuracies: [" in result.stdout
+    ref_accs = result.stdout.split("after each epoch of training: ")[1].splitlines()[0]
+    assert len(ref_accs.strip("[]").split(",")) == 10  # nbr_epochs=10, measured on the carved ref set
+    assert (folder / "classifier1.pkl").exists() and (folder / "valresult.json").exists()
