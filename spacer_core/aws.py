@@ -65,11 +65,13 @@ def get_s3_resource() -> Any:
 def aws_check() -> None:
     """Print which AWS settings are present (never their values), then who S3 calls run as.
 
+    The lines are pyspacer's, word for word (people and scripts read them);
+    AWS_ENDPOINT_URL, a setting pyspacer lacks, gets a line only when set.
     The identity lookup (STS GetCallerIdentity) goes over the network; its
     errors propagate unchanged, as boto's messages explain its auth chain best.
     """
     if config.AWS_ANONYMOUS:
-        print("AWS_ANONYMOUS is True, so AWS is accessed without credentials.")
+        print("AWS_ANONYMOUS has been set to True, so AWS will be accessed without credentials.")
         return
     settings = [
         ("Spacer config - AWS_PROFILE_NAME (highest priority if specified)", config.AWS_PROFILE_NAME),
@@ -78,12 +80,15 @@ def aws_check() -> None:
         ("Spacer config - AWS_ACCESS_KEY_ID", config.AWS_ACCESS_KEY_ID),
         ("Spacer config - AWS_SECRET_ACCESS_KEY", config.AWS_SECRET_ACCESS_KEY),
         ("Spacer config - AWS_SESSION_TOKEN", config.AWS_SESSION_TOKEN),
-        ("Spacer config - AWS_ENDPOINT_URL", config.AWS_ENDPOINT_URL),
     ]
+    if config.AWS_ENDPOINT_URL:
+        settings.append(("Spacer config - AWS_ENDPOINT_URL", config.AWS_ENDPOINT_URL))
     print("Variables that have been set:")
     for description, value in settings:
         print(f"{description}: {'Yes' if value else 'No'}")
+    print("Will now call create_aws_session()...")
     session = create_aws_session()
+    print("Will now call get_caller_identity()...")
     identity = session.client(
         "sts", region_name=config.AWS_REGION, endpoint_url=config.AWS_ENDPOINT_URL
     ).get_caller_identity()

@@ -63,8 +63,13 @@ class DataClass(ABC):
         """JSON-ready form of this object (dicts, lists, str, numbers)."""
         return dict(self.__dict__)
 
+    def _repr_fields(self) -> dict[str, Any]:
+        """The attributes pyspacer's instance of this class holds (what repr shows)."""
+        return dict(vars(self))
+
     def __repr__(self) -> str:
-        return pformat(vars(self))
+        # pyspacer prints the attribute dict; people and tests read that text.
+        return pformat(self._repr_fields())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DataClass):
@@ -77,6 +82,7 @@ class DataLocation(Location, DataClass):
     """Where a piece of data lives: a path, a memory key, a URL or an S3 key."""
 
     __hash__ = Location.__hash__
+    __repr__ = DataClass.__repr__
 
 
 class ImageLabels(DataClass):
@@ -263,8 +269,10 @@ class ImageLabels(DataClass):
             return NotImplemented
         return self._data == other._data
 
-    def __repr__(self) -> str:
-        return f"ImageLabels({pformat(self._data)})"
+    def _repr_fields(self) -> dict[str, Any]:
+        fields = dict(vars(self))
+        del fields["bare_keys"]  # ours alone (0.5.0's bare keys)
+        return fields
 
 
 def is_legacy_image_labels(data: Any) -> bool:
@@ -308,8 +316,6 @@ class PointFeatures(DataClass):
             and bool(np.allclose(self.data, other.data))
         )
 
-    def __repr__(self) -> str:
-        return f"PointFeatures(row={self.row}, col={self.col}, dim={self.data.size})"
 
 
 # Leading bytes of a zip archive (what savez_compressed writes).
@@ -494,8 +500,18 @@ class ImageFeatures(DataClass):
             return self._rows is None and other._rows is None
         return bool(np.array_equal(self._rows, other._rows) and np.array_equal(self._cols, other._cols))
 
-    def __repr__(self) -> str:
-        return f"ImageFeatures(npoints={self.npoints}, feature_dim={self.feature_dim}, valid_rowcol={self.valid_rowcol})"
+    def _repr_fields(self) -> dict[str, Any]:
+        # pyspacer holds a list of PointFeatures, and the (row, col) index
+        # only when rows and columns are valid.
+        fields: dict[str, Any] = {
+            "point_features": self.point_features,
+            "valid_rowcol": self.valid_rowcol,
+            "feature_dim": self.feature_dim,
+            "npoints": self.npoints,
+        }
+        if self.valid_rowcol:
+            fields["_rchash"] = self._rchash
+        return fields
 
     @classmethod
     def make_random(cls, point_labels: Sequence[LabelId], feature_dim: int) -> ImageFeatures:

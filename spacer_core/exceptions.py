@@ -169,3 +169,29 @@ class UnsafePickleError(InvalidInputError):
     A ValueError too (through InvalidInputError), so code that catches
     pyspacer's load errors still does.
     """
+
+
+# --- errors that are also what pyspacer raised ------------------------------
+# pyspacer signals these with `assert` or a failing getattr; each class keeps
+# our category and is also an instance of pyspacer's type, so callers'
+# `except AssertionError` / `except AttributeError` keep working.
+
+
+class UnknownTaskError(InvalidDataError):
+    """A job names a task that does not exist (also an AssertionError, as in pyspacer)."""
+
+
+class JobMsgTypeError(InvalidInputTypeError, AssertionError):
+    """process_job was given something other than a JobMsg (also an AssertionError, as in pyspacer)."""
+
+
+class UnknownStorageTypeError(InvalidInputError, AssertionError):
+    """A storage type that is not one of config.STORAGE_TYPES (also an AssertionError, as in pyspacer)."""
+
+
+class UnknownTrainerError(InvalidInputError, AttributeError):
+    """A trainer class path whose module lacks that class (also an AttributeError, as in pyspacer)."""
+
+
+class TrainerModuleNotFoundError(InvalidInputError, ModuleNotFoundError):
+    """A trainer class path whose module cannot be found (also a ModuleNotFoundError, as in pyspacer)."""

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
-from spacer_core.exceptions import InvalidInputError
+from spacer_core.exceptions import InvalidInputError, UnknownTaskError
 from spacer_core import config
 from spacer_core.data_classes import (
     DataClass,
@@ -434,7 +434,8 @@ _TASK_RETURN_TYPES: dict[str, Any] = {
 
 
 def _check_task_name(task_name: str) -> None:
-    _require(task_name in config.TASKS, f"Unknown task_name {task_name!r}; expected one of {config.TASKS}.")
+    if task_name not in config.TASKS:
+        raise UnknownTaskError(f"Unknown task_name {task_name!r}; expected one of {config.TASKS}.")
 
 
 class JobMsg(DataClass):

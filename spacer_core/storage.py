@@ -30,6 +30,7 @@ from spacer_core.exceptions import (
     StorageMissingObjectError,
     StorageRequestError,
     StorageUnavailableError,
+    UnknownStorageTypeError,
     URLDownloadError,  # noqa: F401  (pyspacer exposes it here)
 )
 from spacer_core.locations import Location
@@ -296,7 +297,7 @@ def storage_factory(storage_type: str, bucket_name: str | None = None) -> Storag
         if bucket_name is None:
             raise InvalidInputError("bucket_name must be a string for s3 storage")
         return S3Storage(bucket_name=bucket_name)
-    raise InvalidInputError(
+    raise UnknownStorageTypeError(
         f"Unknown storage type {storage_type!r}; expected one of {config.STORAGE_TYPES}.")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from spacer_core.exceptions import InvalidInputError, InvalidInputTypeError
+from spacer_core.exceptions import JobMsgTypeError, UnknownTaskError
 from spacer_core import config, pipeline, runtime
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.messages import (
@@ -143,10 +143,10 @@ TASK_FUNCTIONS: dict[str, Callable[[Any], Any]] = {
 def process_job(job_msg: JobMsg) -> JobReturnMsg:
     """Run a job's tasks in order; the first failure ends the job with ok=False."""
     if not isinstance(job_msg, JobMsg):
-        raise InvalidInputTypeError(f"process_job needs a JobMsg, got {type(job_msg).__name__}")
+        raise JobMsgTypeError(f"process_job needs a JobMsg, got {type(job_msg).__name__}")
     run = TASK_FUNCTIONS.get(job_msg.task_name)
     if run is None:
-        raise InvalidInputError(
+        raise UnknownTaskError(
             f"Unknown task name {job_msg.task_name!r}; expected one of {sorted(TASK_FUNCTIONS)}."
         )
     results = []

@@ -12,9 +12,14 @@ from typing import Any
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 
-from spacer_core.exceptions import InvalidInputError, InvalidInputTypeError
+from spacer_core.exceptions import (
+    InvalidInputError,
+    InvalidInputTypeError,
+    TrainerModuleNotFoundError,
+    UnknownTrainerError,
+)
 from spacer_core import config
-from spacer_core.data_classes import ValResults
+from spacer_core.data_classes import ImageLabels, ValResults
 from spacer_core.task_io import TrainClassifierReturnMsg, TrainingTaskLabels
 from spacer_core.train_utils import (
     EVAL_BATCH_SIZE,
@@ -69,6 +74,23 @@ def is_registered_trainer(name: str) -> bool:
     return name in _TRAINER_ALIASES or name in _TRAINER_ALIASES.values() or name in _REGISTERED_TRAINERS
 
 
+_MISSING = object()
+
+
+def _import_trainer_module(module_path: str) -> Any:
+    """The module a trainer class path names; a missing module is the caller's input error."""
+    try:
+        return import_module(module_path)
+    except ModuleNotFoundError as err:
+        # Only when the path itself is missing: a module that exists but
+        # fails on its own imports is a bug there, not bad input here.
+        if err.name is None or not (module_path == err.name or module_path.startswith(err.name + ".")):
+            raise
+        error = TrainerModuleNotFoundError(f"Unknown trainer module {module_path!r}: no module named {err.name!r}.")
+        error.name = err.name
+        raise error from err
+
+
 class ClassifierTrainer(abc.ABC):
     """Trains a classifier from TrainingTaskLabels; JSON-serializable by class path."""
 
@@ -110,7 +132,9 @@ class ClassifierTrainer(abc.ABC):
             raise InvalidInputError(f"Unknown trainer {class_path!r}: not a built-in name or a dotted class path.")
         else:
             # pyspacer's behaviour for library callers: any importable class path.
-            trainer_class = getattr(import_module(module_path), class_name, None)
+            trainer_class = getattr(_import_trainer_module(module_path), class_name, _MISSING)
+            if trainer_class is _MISSING:
+                raise UnknownTrainerError(f"Unknown trainer {class_path!r}: module {module_path!r} has no {class_name!r}.")
         if not (isinstance(trainer_class, type) and issubclass(trainer_class, ClassifierTrainer)):
             raise InvalidInputTypeError(f"{class_path} is not a ClassifierTrainer subclass")
         return trainer_class(**options)
@@ -165,22 +189,25 @@ class MiniBatchTrainer(ClassifierTrainer):
                 data[name] = list(value) if isinstance(value, tuple) else value
         return data
 
-    def __call__(
+    def _train(
         self,
-        labels: TrainingTaskLabels,
+        train_labels: ImageLabels,
+        ref_labels: ImageLabels,
         nbr_epochs: int,
-        pc_models: list[CalibratedClassifierCV],
         clf_type: str,
         progress: ProgressCallback | None = None,
-    ) -> TrainResult:
+    ) -> tuple[CalibratedClassifierCV, list[float]]:
+        """Train on ``train_labels``, calibrate on ``ref_labels``: (calibrated classifier, ref accuracy per epoch).
+
+        pyspacer's step of the same name (its tests and callers build
+        classifiers with it); the classes are those of ``ref_labels``.
+        """
         if clf_type not in config.CLASSIFIER_TYPES:
             raise InvalidInputError(f"Unknown clf_type {clf_type!r}; expected one of {config.CLASSIFIER_TYPES}.")
-        start = time.time()
         batch_size = self.batch_size or config.TRAINING_BATCH_LABEL_COUNT
-        with config.log_entry_and_exit("loading training, reference and validation features"):
-            train_data = load_labelled_features(labels["train"])
-            ref_data = load_labelled_features(labels["ref"])
-            val_data = load_labelled_features(labels["val"])
+        with config.log_entry_and_exit("loading training and reference features"):
+            train_data = load_labelled_features(train_labels)
+            ref_data = load_labelled_features(ref_labels)
         logger.debug(
             "Train: %d images, %d labels; ref: %d images, %d labels; batch size %d",
             train_data.image_count, len(train_data), ref_data.image_count, len(ref_data), batch_size,
@@ -196,11 +223,22 @@ class MiniBatchTrainer(ClassifierTrainer):
             sgd_random_state=self.sgd_random_state,
         )
         # preprocess_labels left train and ref with the same classes.
-        classes = list(labels["ref"].classes_set)
+        classes = list(ref_labels.classes_set)
         with config.log_entry_and_exit(f"training using {clf_type}"):
-            calibrated, ref_accs = train(
-                clf, train_data, ref_data, classes, nbr_epochs, batch_size, progress
-            )
+            return train(clf, train_data, ref_data, classes, nbr_epochs, batch_size, progress)
+
+    def __call__(
+        self,
+        labels: TrainingTaskLabels,
+        nbr_epochs: int,
+        pc_models: list[CalibratedClassifierCV],
+        clf_type: str,
+        progress: ProgressCallback | None = None,
+    ) -> TrainResult:
+        start = time.time()
+        calibrated, ref_accs = self._train(labels["train"], labels["ref"], nbr_epochs, clf_type, progress)
+        with config.log_entry_and_exit("loading validation features"):
+            val_data = load_labelled_features(labels["val"])
         val_results, acc = _validation_results(calibrated, val_data)
         pc_accs = [calc_acc(val_data.y.tolist(), _predict(model, val_data).tolist()) for model in pc_models]
         return_msg = TrainClassifierReturnMsg(

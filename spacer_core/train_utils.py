@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import random
+import string
 import tempfile
 import threading
 import time
@@ -403,31 +405,42 @@ def make_random_data(
 ) -> ImageLabels:
     """Store random feature files whose values depend on the labels; return their labels.
 
-    Every class appears in every image. Keys come from `feature_loc_keys`, or
-    are `feature_loc_base.key` (a folder or prefix; pyspacer ignores it)
-    followed by 20 random characters; storage type and bucket come from
-    `feature_loc_base`.
+    Every class appears in every image: an image has ``points_per_image``
+    points, or one per class when there are more classes, as in pyspacer.
+    Keys come from `feature_loc_keys`, or are `feature_loc_base.key` (a
+    folder or prefix; pyspacer ignores it) followed by 20 random characters;
+    storage type and bucket come from `feature_loc_base`. Without `rng`, the
+    draws come from numpy's and Python's global generators in pyspacer's
+    order, so after the same seeds the labels, keys and (for int classes)
+    values are pyspacer's.
     """
-    rng = rng or np.random.default_rng()
-    alphabet = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"))
+    alphabet = string.ascii_uppercase + string.digits
     labels = ImageLabels()
     for i in range(im_count):
-        choices = rng.integers(0, len(class_list), points_per_image)
+        if rng is None:
+            choices = np.random.choice(len(class_list), points_per_image)
+        else:
+            choices = rng.integers(0, len(class_list), points_per_image)
         point_labels = [class_list[c] for c in choices]
+        # Slice assignment grows the list when there are more classes than points.
         point_labels[: len(class_list)] = class_list
+        npoints = len(point_labels)
         offsets = np.array([_label_offset(label) for label in point_labels])
-        feat = offsets[:, None] + rng.standard_normal((points_per_image, feature_dim))
+        noise = np.random.randn(npoints, feature_dim) if rng is None else rng.standard_normal((npoints, feature_dim))
+        feat = offsets[:, None] + noise
         if feature_loc_keys is not None:
             key = feature_loc_keys[i]
+        elif rng is None:
+            key = feature_loc_base.key + "".join(random.choice(alphabet) for _ in range(20))
         else:
-            key = feature_loc_base.key + "".join(rng.choice(alphabet, 20))
+            key = feature_loc_base.key + "".join(rng.choice(list(alphabet), 20))
         loc = DataLocation(
             storage_type=feature_loc_base.storage_type,
             bucket_name=feature_loc_base.bucket_name,
             key=key,
         )
         # Row = col = point index, as pyspacer's random features have.
-        positions = list(range(points_per_image))
+        positions = list(range(npoints))
         ImageFeatures.from_arrays(feat, rows=positions, cols=positions).store(loc)
         labels.add_image(loc, [(p, p, label) for p, label in zip(positions, point_labels)])
     return labels

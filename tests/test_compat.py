@@ -23,6 +23,7 @@ from PIL import Image
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.messages import TrainClassifierMsg
 from tests.support.grpc_server import make_classifier
+from tests.support.s3 import moto_server  # noqa: F401  (fixture)
 from tests.support.weights import make_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +108,177 @@ def test_050_keywords_of_train_classifier_msg_resolve_bare_keys():
     assert all(loc.bucket_name == "b" for loc in msg.labels.train.keys())
 
 
+def _raised(call) -> BaseException:
+    try:
+        call()
+    except Exception as err:  # the oracle's exception, whatever its type
+        return err
+    raise AssertionError("no exception raised")
+
+
+def _job_with_task_name(job_msg_class, name: str):
+    # Both libraries refuse an unknown name when building a JobMsg, so set it after.
+    job = job_msg_class.example()
+    job.task_name = name
+    return job
+
+
+@pytest.mark.parametrize("case", ["not_a_job", "unknown_task", "unknown_storage", "missing_trainer_class",
+                                  "missing_trainer_module", "not_a_trainer"])
+def test_errors_are_also_what_pyspacer_raised(case):
+    import spacer.messages as ps_messages
+    import spacer.storage as ps_storage
+    import spacer.tasks as ps_tasks
+    import spacer.train_classifier as ps_train
+
+    from spacer_core import messages, storage, tasks, train_classifier
+    from spacer_core.exceptions import InvalidInputError
+
+    calls = {
+        "not_a_job": (lambda: ps_tasks.process_job({"task_name": "x"}),
+                      lambda: tasks.process_job({"task_name": "x"})),
+        "unknown_task": (lambda: ps_tasks.process_job(_job_with_task_name(ps_messages.JobMsg, "paint")),
+                         lambda: tasks.process_job(_job_with_task_name(messages.JobMsg, "paint"))),
+        "unknown_storage": (lambda: ps_storage.storage_factory("ftp"), lambda: storage.storage_factory("ftp")),
+        "missing_trainer_class": (lambda: ps_train.trainer_factory("spacer.train_classifier.NoSuchTrainer"),
+                                  lambda: train_classifier.trainer_factory("spacer_core.train_classifier.NoSuchTrainer")),
+        "missing_trainer_module": (lambda: ps_train.trainer_factory("no_such_pkg.trainers.Mine"),
+                                   lambda: train_classifier.trainer_factory("no_such_pkg.trainers.Mine")),
+        "not_a_trainer": (lambda: ps_train.trainer_factory("spacer.data_classes.DataLocation"),
+                          lambda: train_classifier.trainer_factory("spacer_core.data_classes.DataLocation")),
+    }
+    theirs, ours = (_raised(call) for call in calls[case])
+    assert isinstance(ours, type(theirs)), (type(ours).__mro__, type(theirs))
+    assert isinstance(ours, InvalidInputError)  # and still our category, for the server's status codes
+    assert str(ours)  # a sentence naming the input, where pyspacer's assert had none
+    if case == "unknown_task":
+        assert "paint" in str(ours)
+
+
+def test_unknown_task_name_in_a_job_msg_is_an_assertion_error_as_in_pyspacer():
+    import spacer.messages as ps_messages
+
+    from spacer_core.exceptions import UnknownTaskError
+    from spacer_core.messages import JobMsg
+
+    theirs = _raised(lambda: ps_messages.JobMsg(task_name="paint", tasks=[]))
+    ours = _raised(lambda: JobMsg(task_name="paint", tasks=[]))
+    assert isinstance(ours, type(theirs)) and isinstance(ours, UnknownTaskError)
+
+
+def _printed_objects(dc, msg) -> list:
+    """The same data-class values built with one library's modules (``dc``: data_classes, ``msg``: messages)."""
+    # One image: pprint orders unorderable keys (DataLocations) by memory
+    # address, so several images print in no repeatable order, in pyspacer too.
+    labels = dc.ImageLabels({dc.DataLocation("s3", "img1.fv", bucket_name="b"): [(1, 2, 3), (4, 5, 1)]})
+    points = [dc.PointFeatures(row=r, col=r + 1, data=np.linspace(0, 1, 5) + r) for r in (3, 70)]
+    objects = [
+        dc.DataLocation("s3", "a/b.fv", bucket_name="bucket"),
+        dc.DataLocation("url", "https://example.org/" + "x" * 90 + ".jpg"),
+        dc.PointFeatures(row=3, col=4, data=[1.5, -2.0, 0.125]),
+        dc.ImageFeatures(point_features=points, valid_rowcol=True, feature_dim=5, npoints=2),
+        dc.ImageFeatures(point_features=[dc.PointFeatures(None, None, [0.25, 0.5])], valid_rowcol=False,
+                         feature_dim=2, npoints=1),
+        labels,
+        dc.ValResults(scores=[0.5, 0.75], gt=[1, 0], est=[1, 1], classes=[12, 40]),
+        msg.ClassifyFeaturesMsg(job_token="j", feature_loc=dc.DataLocation("filesystem", "f.fv"),
+                                classifier_loc=dc.DataLocation("memory", "c.pkl")),
+        msg.ClassifyReturnMsg(runtime=1.5, scores=[(1, 2, [0.25, 0.75])], classes=[3, 4], valid_rowcol=True),
+        msg.TrainClassifierReturnMsg(acc=0.5, pc_accs=[0.25], ref_accs=[0.1, 0.2], runtime=3.0),
+    ]
+    for name in ("ExtractFeaturesMsg", "ClassifyImageMsg", "JobMsg", "JobReturnMsg", "ExtractFeaturesReturnMsg"):
+        objects.append(getattr(msg, name).example())
+    train_msg = msg.TrainClassifierMsg.example()
+    train_msg.labels = type(train_msg.labels)(train=labels, ref=labels, val=labels)
+    objects.append(train_msg)
+    return objects
+
+
+def test_repr_and_str_of_data_classes_print_as_pyspacer_prints_them():
+    import spacer.data_classes as ps_dc
+    import spacer.messages as ps_msg
+
+    from spacer_core import data_classes, messages
+
+    theirs, ours = _printed_objects(ps_dc, ps_msg), _printed_objects(data_classes, messages)
+    assert len(ours) == len(theirs) == 16
+    for mine, oracle in zip(ours, theirs):
+        assert type(mine).__name__ == type(oracle).__name__
+        assert repr(mine) == repr(oracle), type(mine).__name__
+        assert str(mine) == str(oracle), type(mine).__name__
+    assert repr(ours[2]) == "{'col': 4, 'data': array([ 1.5  , -2.   ,  0.125]), 'row': 3}"  # what a person reads: the values
+
+
+def _aws_check_output(package: str, env: dict[str, str], cwd: Path) -> str:
+    result = subprocess.run([sys.executable, "-c", f"import {package}.aws as a; a.aws_check()"], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("anonymous", [False, True])
+def test_aws_check_prints_pyspacers_lines(moto_server, tmp_path, anonymous):
+    from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPACER_", "AWS_"))}
+    env.update(PYTHONPATH=str(ROOT), SPACER_AWS_ACCESS_KEY_ID=ACCESS_KEY, SPACER_AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+               SPACER_AWS_REGION=REGION, AWS_ENDPOINT_URL_STS=moto_server,  # boto's own variable: both libraries
+               AWS_DEFAULT_REGION=REGION, AWS_CONFIG_FILE=str(tmp_path / "absent-config"))
+    if anonymous:
+        env["SPACER_AWS_ANONYMOUS"] = "True"
+    theirs, ours = (_aws_check_output(package, env, tmp_path) for package in ("spacer", "spacer_core"))
+    assert ours == theirs
+    if not anonymous:
+        assert "Spacer config - AWS_ACCESS_KEY_ID: Yes\n" in ours and "Identified as ARN: arn:aws:" in ours
+        assert SECRET_KEY not in ours
+
+
+@pytest.mark.parametrize("points_per_image", [2, 9])
+def test_make_random_data_matches_pyspacer_after_the_same_seeds(points_per_image):
+    import random
+
+    import spacer.data_classes as ps_dc
+    import spacer.train_utils as ps_train_utils
+
+    from spacer_core import data_classes, train_utils
+
+    classes = [3, 8, 12, 40, 41]  # more classes than points in the first case: pyspacer grows the list
+    made = []
+    for dc, module in ((ps_dc, ps_train_utils), (data_classes, train_utils)):
+        random.seed(11)
+        np.random.seed(11)
+        labels = module.make_random_data(4, classes, points_per_image, 6, dc.DataLocation("memory", ""))
+        made.append([(loc.key, labels[loc], dc.ImageFeatures.load(loc)) for loc in labels.keys()])
+    theirs, ours = made
+    assert [(key, annotations) for key, annotations, _ in ours] == [(key, annotations) for key, annotations, _ in theirs]
+    for (_, annotations, mine), (_, _, oracle) in zip(ours, theirs):
+        assert len(annotations) == mine.npoints == max(points_per_image, len(classes))
+        assert {label for _, _, label in annotations} == set(classes)
+        assert np.array_equal(np.stack([pf.data for pf in mine.point_features]),
+                              np.stack([pf.data for pf in oracle.point_features]))
+
+
+def test_minibatch_trainer_train_step_matches_pyspacers(tmp_path):
+    import spacer.data_classes as ps_dc
+    import spacer.train_classifier as ps_train
+
+    from spacer_core.train_classifier import MiniBatchTrainer
+    from spacer_core.train_utils import make_random_data
+
+    labels = make_random_data(8, [1, 2, 3], 12, 16, DataLocation("filesystem", f"{tmp_path}/"),
+                              rng=np.random.default_rng(4))
+    locs = list(labels.keys())
+    ours_sets = [ImageLabels({loc: labels[loc] for loc in part}) for part in (locs[:6], locs[6:])]
+    theirs_sets = [ps_dc.ImageLabels({ps_dc.DataLocation("filesystem", loc.key): labels[loc] for loc in part})
+                   for part in (locs[:6], locs[6:])]
+
+    clf, ref_accs = MiniBatchTrainer(batch_size=30)._train(*ours_sets, 3, "LR")
+    oracle, oracle_accs = ps_train.MiniBatchTrainer(batch_size=30)._train(*theirs_sets, 3, "LR")
+    assert len(ref_accs) == 3 and ref_accs == oracle_accs
+    ref_x = np.stack([ImageFeatures.load(loc).get_array((r, c))[0] for loc in locs[6:] for r, c, _ in labels[loc]])
+    assert np.array_equal(clf.predict_proba(ref_x), oracle.predict_proba(ref_x))
+
+
 def _run(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), SPACER_EXTRACTORS_CACHE_DIR=str(cwd / "cache"))
     return subprocess.run([sys.executable, "-m", "spacer_core.compat", str(script), *args], cwd=cwd,
@@ -170,14 +342,8 @@ def example_files(tmp_path_factory):
     return folder
 
 
-def _training_features(folder: Path) -> None:
-    # Features at the points the train_classifier example labels, one
-    # cluster per label so a classifier can learn them.
-    points = {
-        "image1": [(1000, 2000, 1), (3000, 2000, 2)], "image2": [(1000, 2000, 3), (3000, 2000, 1)],
-        "image3": [(1234, 2857, 11), (3094, 2262, 25)], "image4": [(500, 2500, 1), (2500, 1500, 3)],
-        "image5": [(4321, 5582, 25), (4903, 2622, 19)],
-    }
+def _store_training_features(folder: Path, points: dict[str, list[tuple[int, int, int]]]) -> None:
+    # Features at the labelled points, one cluster per label so a classifier can learn them.
     rng = np.random.default_rng(1)
     for image, annotations in points.items():
         feats = np.stack([rng.normal(size=1280) + label for _, _, label in annotations])
@@ -185,35 +351,79 @@ def _training_features(folder: Path) -> None:
             DataLocation("filesystem", str(folder / f"{image}.featurevector")))
 
 
+# The points the train_classifier example labels (train: image1-3, val: image4-5).
+_EXAMPLE_POINTS = {
+    "image1": [(1000, 2000, 1), (3000, 2000, 2)], "image2": [(1000, 2000, 3), (3000, 2000, 1)],
+    "image3": [(1234, 2857, 11), (3094, 2262, 25)], "image4": [(500, 2500, 1), (2500, 1500, 3)],
+    "image5": [(4321, 5582, 25), (4903, 2622, 19)],
+}
+
+
+def _training_folder(example_files: Path, name: str) -> Path:
+    folder = example_files / name
+    folder.mkdir(exist_ok=True)
+    for old in ("oldclassifier1.pkl", "oldclassifier2.pkl"):
+        (folder / old).write_bytes((example_files / old).read_bytes())
+    return folder
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    "extract_features", "classify_features", "classify_image",
-    # The example's three training images leave one class shared by the
-    # train and reference sets 0.5.0 carves (every 10th image), and training
-    # needs two: the same labels fail in pyspacer 0.14.0's preprocessing.
-    pytest.param("train_classifier", marks=pytest.mark.xfail(
-        strict=True, reason="the example's labels leave one class after the train/ref split")),
-])
+@pytest.mark.parametrize("name", ["extract_features", "classify_features", "classify_image"])
 def test_050_core_api_example_runs_unchanged(example_files, name):
     if name == "classify_features" and not (example_files / "image1.featurevector").exists():
         _run(_example("extract_features", example_files), example_files)
-    if name == "train_classifier":
-        folder = example_files / "training"
-        folder.mkdir(exist_ok=True)
-        for old in ("oldclassifier1.pkl", "oldclassifier2.pkl"):
-            (folder / old).write_bytes((example_files / old).read_bytes())
-        _training_features(folder)
-    else:
-        folder = example_files
-    result = _run(_example(name, folder), folder)
+    result = _run(_example(name, example_files), example_files)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = {
         "extract_features": "Extraction runtime:",
         "classify_features": "Row 2200, column 1000: [",
         "classify_image": "Row 3000, column 450: [",
-        "train_classifier": "Previous models' accuracies: [",
     }[name]
     assert expected in result.stdout
     if name == "extract_features":
-        assert len(ImageFeatures.load(DataLocation("filesystem", str(folder / "image1.featurevector")))
+        assert len(ImageFeatures.load(DataLocation("filesystem", str(example_files / "image1.featurevector")))
                    .point_features) == 3
+
+
+@pytest.mark.slow
+def test_050_train_classifier_example_as_written_is_refused_for_its_labels(example_files):
+    # 0.5.0 carved the reference set from train_labels (every 10th image), so
+    # the example's three images give ref = image1 (classes 1, 2) and train =
+    # image2-3 (1, 3, 11, 25): one shared class. No split of its six labels
+    # shares two (only class 1 occurs twice), and 0.5.0 itself refused fewer
+    # than 10 training images. The message must say so, not crash.
+    folder = _training_folder(example_files, "training_as_written")
+    _store_training_features(folder, _EXAMPLE_POINTS)
+    result = _run(_example("train_classifier", folder), folder)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "spacer_core.exceptions.TrainingLabelsError: Need multiple classes to do training."
+        " After preprocessing training data, there are 1 class(es) left.")
+    assert not (folder / "classifier1.pkl").exists()
+
+
+@pytest.mark.slow
+def test_050_train_classifier_example_trains_with_enough_images(example_files):
+    """The example's code, its train_labels grown to 20 images; everything else as written."""
+    folder = _training_folder(example_files, "training")
+    classes = (1, 2, 3, 11, 25)
+    train_points = {f"train{i:02d}": [(100 * p + 7, 50 * p + i, label) for p, label in enumerate(classes)]
+                    for i in range(20)}
+    _store_training_features(folder, {**train_points, "image4": _EXAMPLE_POINTS["image4"],
+                                      "image5": _EXAMPLE_POINTS["image5"]})
+    script = _example("train_classifier", folder)
+    text = script.read_text()
+    first = text.index("    train_labels=ImageLabels(data={\n") + len("    train_labels=ImageLabels(data={\n")
+    last = text.index("    }),\n", first)
+    assert text[first:last].count(".featurevector") == 3  # the example's three images, replaced here
+    grown = "".join(f"        '{folder}/{image}.featurevector': {points!r},\n" for image, points in train_points.items())
+    script.write_text(text[:first] + grown + text[last:])
+
+    result = _run(script, folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(result.stdout.split("New model's accuracy (0.0 = 0%, 1.0 = 100%): ")[1].split()[0])
+    assert accuracy == 1.0  # val keeps the trained classes (1, 3 and 25): well separated clusters
+    assert "Previous models' accuracies: [" in result.stdout
+    ref_accs = result.stdout.split("after each epoch of training: ")[1].splitlines()[0]
+    assert len(ref_accs.strip("[]").split(",")) == 10  # nbr_epochs=10, measured on the carved ref set
+    assert (folder / "classifier1.pkl").exists() and (folder / "valresult.json").exists()
