@@ -147,3 +147,113 @@ def test_sigkill_mid_write_never_leaves_a_partial_file(tmp_path):
     print(f"{kills} kills, mid-write per target: {mid_write}")
     # Every kind of write was caught in progress at least once.
     assert min(mid_write.values()) >= 1, mid_write
+
+
+# ------------------------------------------------------------ S3 goes away
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory, efficientnet_weights):  # noqa: F811
+    root = tmp_path_factory.mktemp("faults")
+    return {
+        "roots": (tmp_path_factory.getbasetemp(),),
+        "image": make_image(root / "img.png", 96, 72, seed=5),
+        "clf": make_classifier(root / "clf.pkl"),
+        "extractor": extractor_json(efficientnet_weights.path, efficientnet_weights.sha256),
+    }
+
+
+class Moto:
+    """moto's S3 server on loopback that can be stopped and started again on the same port.
+
+    moto keeps its data in this process, so objects outlive a restart.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server = None
+
+    def start(self) -> Moto:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+def moto(monkeypatch) -> Iterator[Moto]:
+    server = Moto().start()
+    use_endpoint(monkeypatch, server.url)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+class Stream:
+    """One ClassifyImages call fed request by request: `ask` sends one and waits for its answer."""
+
+    def __init__(self, client: SpacerClient, data: dict):
+        self.client = client
+        self.data = data
+        self.requests: queue.Queue = queue.Queue()
+        self.responses = client.classify_images(iter(self.requests.get, None))
+
+    def ask(self, token: str, image, points=((10, 10), (40, 60))):
+        self.requests.put(
+            self.client.image_request(self.data["extractor"], points, image, fs_loc(self.data["clf"]), token)
+        )
+        response = next(self.responses)
+        assert response.job_token == token
+        return response
+
+    def close(self) -> list:
+        self.requests.put(None)
+        return list(self.responses)
+
+
+@pytest.mark.slow
+def test_s3_endpoint_stopping_mid_stream_is_unavailable_then_work_resumes(moto, image_data):
+    bucket = "faults"
+    s3 = s3_client(moto.url)
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="images/a.png", Body=Path(image_data["image"]).read_bytes())
+    on_s3 = {"storage_type": "s3", "key": "images/a.png", "bucket_name": bucket}
+
+    with running_server(workers=2, data_roots=image_data["roots"]) as server, \
+            SpacerClient(server.address, max_attempts=2, timeout=120) as client:
+        stream = Stream(client, image_data)
+        before = stream.ask("s3-before", on_s3)
+        assert before.WhichOneof("outcome") == "result"
+
+        moto.stop()
+        start = time.monotonic()
+        down = stream.ask("s3-down", on_s3)
+        failed_in = time.monotonic() - start
+        assert down.WhichOneof("outcome") == "error"
+        assert down.error.code_name == "UNAVAILABLE"
+        assert f"s3://{bucket}/images/a.png" in down.error.message
+        assert "unreachable" in down.error.message
+        assert failed_in < 15, f"a dead endpoint took {failed_in:.1f} s to fail"
+
+        # Filesystem work on the same stream and other calls go on meanwhile.
+        assert stream.ask("fs-during", image_data["image"]).WhichOneof("outcome") == "result"
+        assert client.health() == "SERVING"
+
+        moto.start()  # the same port: the endpoint returns
+        after = stream.ask("s3-after", on_s3)
+        assert after.WhichOneof("outcome") == "result"
+        assert list(after.result.scores[0].scores) == list(before.result.scores[0].scores)
+        assert stream.close() == []
+    print(f"dead S3 endpoint failed the image in {failed_in:.2f} s")
