@@ -257,3 +257,132 @@ def test_s3_endpoint_stopping_mid_stream_is_unavailable_then_work_resumes(moto, 
         assert list(after.result.scores[0].scores) == list(before.result.scores[0].scores)
         assert stream.close() == []
     print(f"dead S3 endpoint failed the image in {failed_in:.2f} s")
+
+
+# ---------------------------------------------- a real server process, measured
+
+MAX_QUEUE, STREAM_WINDOW, WORKERS = 4, 2, 2
+WIDTH, HEIGHT, POINTS = 1000, 750, 20
+
+
+@pytest.fixture(scope="module")
+def serve(tmp_path_factory, image_data):
+    """`spacer serve` with a small admission queue, in its own process so /proc measures only it."""
+    workdir = tmp_path_factory.mktemp("serve")
+    images = [make_image(workdir / f"img{i}.jpg", WIDTH, HEIGHT, seed=i) for i in range(4)]
+    process = ServeProcess(
+        workdir,
+        "--max-queue", str(MAX_QUEUE), "--stream-window", str(STREAM_WINDOW), "--workers", str(WORKERS),
+        "--data-root", str(tmp_path_factory.getbasetemp()), "--grace", "1", "--log-level", "WARNING",
+    )
+    with process, SpacerClient(process.address, max_attempts=2, timeout=300) as client:
+        yield process, client, images
+
+
+def image_requests(client: SpacerClient, data: dict, images: list, n: int, prefix: str) -> list:
+    points = [((i * 37) % HEIGHT, (i * 53) % WIDTH) for i in range(POINTS)]
+    return [
+        client.image_request(data["extractor"], points, fs_loc(images[i % len(images)]), fs_loc(data["clf"]),
+                             f"{prefix}-{i}")
+        for i in range(n)
+    ]
+
+
+def settled(process: ServeProcess, quiet_cpu_s: float = 0.05, window_s: float = 0.5, timeout: float = 60):
+    """Wait until the server uses under quiet_cpu_s of CPU in window_s; its status then."""
+    deadline = time.monotonic() + timeout
+    last = process.status()
+    while True:
+        time.sleep(window_s)
+        now = process.status()
+        if now.cpu_s - last.cpu_s < quiet_cpu_s:
+            return now
+        assert time.monotonic() < deadline, "the server kept working"
+        last = now
+
+
+@pytest.mark.slow
+def test_client_cancel_mid_stream_returns_threads_and_memory(serve, image_data):
+    process, client, images = serve
+    warm = list(client.classify_images(image_requests(client, image_data, images, 8, "warm")))
+    assert all(r.WhichOneof("outcome") == "result" for r in warm)
+    base = settled(process)
+
+    started = time.monotonic()
+    call = client.classify_images(image_requests(client, image_data, images, 200, "cancel"))
+    for _ in range(3):
+        assert next(call).WhichOneof("outcome") == "result"
+    during = process.status()
+    call.cancel()
+    after = settled(process)
+    stopped_in = time.monotonic() - started
+    # 200 images would take far longer than the few that were in flight.
+    assert stopped_in < 30
+    assert after.threads <= base.threads, (base, during, after)
+    assert after.rss_mib <= base.rss_mib * 1.05 + 16, (base, during, after)
+    print(f"cancel: threads {base.threads} -> {during.threads} -> {after.threads};"
+          f" RSS {base.rss_mib:.0f} -> {during.rss_mib:.0f} -> {after.rss_mib:.0f} MiB;"
+          f" quiet {stopped_in:.1f} s after the call began")
+
+
+def overload_round(process: ServeProcess, client: SpacerClient, data: dict, images: list,
+                   streams: int, per_stream: int, tag: str) -> dict:
+    """`streams` concurrent ClassifyImages streams while unary calls are fired back to back;
+    what each got, and the server's peak RSS and threads sampled every 50 ms."""
+    answered: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def run_stream(s: int) -> None:
+        try:
+            for r in client.classify_images(image_requests(client, data, images, per_stream, f"{tag}{s}")):
+                answered.setdefault(r.job_token, []).append(r.WhichOneof("outcome"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_stream, args=(s,)) for s in range(streams)]
+    for t in threads:
+        t.start()
+    unary = {"ok": 0, "exhausted": 0}
+    messages = set()
+    single = image_requests(client, data, images, 1, f"{tag}-unary")[0]
+    peak_threads, peak_rss = 0, 0.0
+    while any(t.is_alive() for t in threads):
+        try:
+            client.stub.ClassifyImage(single, timeout=60)
+            unary["ok"] += 1
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+            unary["exhausted"] += 1
+            messages.add(err.details())
+        now = process.status()
+        peak_threads, peak_rss = max(peak_threads, now.threads), max(peak_rss, now.rss_mib)
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # Every stream request answered exactly once, with a result: streams waited, none failed.
+    assert sorted(answered) == sorted(f"{tag}{s}-{i}" for s in range(streams) for i in range(per_stream))
+    assert all(outcomes == ["result"] for outcomes in answered.values())
+    assert unary["exhausted"] >= 1, unary
+    assert all("queue is full" in m for m in messages), messages
+    return {"unary": unary, "peak_rss": peak_rss, "peak_threads": peak_threads}
+
+
+@pytest.mark.slow
+def test_overload_refuses_unary_calls_and_streams_wait_with_bounded_memory(serve, image_data):
+    process, client, images = serve
+    list(client.classify_images(image_requests(client, image_data, images, 2, "warm")))
+    base = settled(process)
+    first = overload_round(process, client, image_data, images, 8, 6, "a")
+    second = overload_round(process, client, image_data, images, 16, 6, "b")
+    lifetime_peak = process.status().peak_rss_mib  # includes building the network at warm-up
+    print(f"overload: base RSS {base.rss_mib:.0f} MiB, threads {base.threads}; 8 streams: {first};"
+          f" 16 streams: {second}; lifetime VmHWM {lifetime_peak:.0f} MiB")
+    # Work in memory is bounded by admission, not by the number of streams:
+    # at most MAX_QUEUE images hold float32 patches, WORKERS decode an RGB
+    # image each. What the allocator keeps from freed buffers (per-thread
+    # malloc arenas) comes on top; 768 MiB covers it on this workload.
+    work_mib = (MAX_QUEUE * POINTS * PATCH_BYTES + WORKERS * WIDTH * HEIGHT * 3) / 2**20
+    bound_mib = base.rss_mib + work_mib + 768
+    assert max(first["peak_rss"], second["peak_rss"]) <= bound_mib, (first, second, bound_mib)
+    assert first["peak_threads"] <= base.threads + 2 and second["peak_threads"] <= base.threads + 2

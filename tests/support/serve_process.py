@@ -18,23 +18,28 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 
 @dataclass(frozen=True)
 class ProcStatus:
-    """Resident memory now and at its peak (MiB) and the thread count of one process."""
+    """Resident memory now and at its peak (MiB), thread count and CPU seconds used of one process."""
 
     rss_mib: float
     peak_rss_mib: float
     threads: int
+    cpu_s: float
 
 
 def proc_status(pid: int) -> ProcStatus:
-    """Read VmRSS, VmHWM and Threads from /proc/<pid>/status."""
+    """Read VmRSS, VmHWM and Threads from /proc/<pid>/status, user + system time from /proc/<pid>/stat."""
     fields: dict[str, str] = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
         fields[name] = value.strip()
+    # The command name (field 2) may hold spaces; count fields after its ')'.
+    stat = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    stat = ["pid", "comm", *stat]
     return ProcStatus(
         rss_mib=int(fields["VmRSS"].split()[0]) / 1024,
         peak_rss_mib=int(fields["VmHWM"].split()[0]) / 1024,
         threads=int(fields["Threads"]),
+        cpu_s=(int(stat[13]) + int(stat[14])) / os.sysconf("SC_CLK_TCK"),
     )
 
 
