@@ -384,4 +384,7 @@ def test_overload_refuses_unary_calls_and_streams_wait_with_bounded_memory(serve
     work_mib = (MAX_QUEUE * POINTS * PATCH_BYTES + WORKERS * WIDTH * HEIGHT * 3) / 2**20
     bound_mib = base.rss_mib + work_mib + 128
     assert max(first["peak_rss"], second["peak_rss"]) <= bound_mib, (first, second, bound_mib)
-    assert first["peak_threads"] <= base.threads + 2 and second["peak_threads"] <= base.threads + 2
+    # Threads do not follow the number of streams either (pools start their
+    # threads lazily, so the first round may add a few).
+    assert first["peak_threads"] <= base.threads + 4, (base, first)
+    assert second["peak_threads"] <= first["peak_threads"], (first, second)
