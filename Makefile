@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build-dev proto test test-rust test-py fuzz bench serve lint gpu-check
+.PHONY: help deps build-dev proto test test-rust test-py fuzz bench soak serve lint gpu-check
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ bench: ## Side-by-side benchmarks against pyspacer (slow; see docs/benchmarks.md
 	$(PYTHON) benchmarks/bench_extract.py
 	$(PYTHON) benchmarks/eval_precision.py
 	$(PYTHON) benchmarks/bench_server.py
+
+SOAK_SECONDS ?= 600
+soak: ## 8 concurrent ClassifyImages streams against `spacer serve` for SOAK_SECONDS (default 600): nothing lost, RSS flat, p50/p99
+	$(PYTHON) benchmarks/soak.py --seconds $(SOAK_SECONDS)
 
 gpu-check: ## On a CUDA machine: GPU tests and a ClassifyImages benchmark (exact and fast)
 	bash scripts/gpu-check.sh

@@ -14,6 +14,16 @@ from spacer_core import config
 
 _THREAD_LOCAL = threading.local()
 
+# An S3 endpoint that stops answering must fail a call within seconds, not
+# hang a worker thread: boto's defaults are 60 s per connect and per read
+# and 5 attempts. With these, a refused connection fails in about a second
+# and a silent endpoint in at most S3_MAX_ATTEMPTS x (connect or read
+# timeout); the error becomes StorageUnavailableError (gRPC UNAVAILABLE).
+# "standard" retry mode retries throttling and 5xx answers with jittered backoff.
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 30.0
+S3_MAX_ATTEMPTS = 3
+
 
 def create_aws_session() -> boto3.Session:
     """A boto3 session using the configured credentials or profile (None = boto's own chain)."""
@@ -38,8 +48,14 @@ def _settings_key() -> tuple[Any, ...]:
 
 
 def create_aws_resource(service_name: str, region: str | None = None) -> Any:
-    """A boto3 resource honouring AWS_ANONYMOUS, AWS_REGION and AWS_ENDPOINT_URL."""
-    boto_config = BotoConfig(signature_version=botocore.UNSIGNED) if config.AWS_ANONYMOUS else None
+    """A boto3 resource honouring AWS_ANONYMOUS, AWS_REGION and AWS_ENDPOINT_URL, with bounded timeouts."""
+    boto_config = BotoConfig(
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_READ_TIMEOUT_S,
+        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+    )
+    if config.AWS_ANONYMOUS:
+        boto_config = boto_config.merge(BotoConfig(signature_version=botocore.UNSIGNED))
     return create_aws_session().resource(
         service_name,
         region_name=region or config.AWS_REGION,

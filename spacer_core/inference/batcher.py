@@ -33,6 +33,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -264,7 +265,10 @@ class DynamicBatcher:
         patches = check_patches(patches)
         future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
         request = _Request(patches, future)
-        future.add_done_callback(lambda f: self._on_done(request, f))
+        # A weak reference: request -> future -> callback -> request would be a
+        # cycle, keeping each request's patches alive until a gc pass.
+        ref = weakref.ref(request)
+        future.add_done_callback(lambda f: self._on_done(ref(), f))
         return request
 
     def _admissible(self, request: _Request) -> bool:
@@ -294,9 +298,9 @@ class DynamicBatcher:
         self._room.notify_all()
         self._wake_async_waiters()
 
-    def _on_done(self, request: _Request, future: concurrent.futures.Future[np.ndarray]) -> None:
+    def _on_done(self, request: _Request | None, future: concurrent.futures.Future[np.ndarray]) -> None:
         """Future callback: a cancelled request gives back its unbatched patches."""
-        if not future.cancelled():
+        if request is None or not future.cancelled():
             return
         with self._lock:
             self._remove(request, cancelled=True)

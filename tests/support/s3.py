@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -62,15 +63,14 @@ def moto_server() -> Iterator[str]:
         server.stop()
 
 
-@pytest.fixture
-def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A new empty bucket on the moto server; spacer_core configured to use it."""
-    for name, value in s3_env(moto_server).items():
+def use_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """Point spacer_core.config and the environment at ``endpoint`` until the test ends."""
+    for name, value in s3_env(endpoint).items():
         monkeypatch.setenv(name, value)
     for name in ("SPACER_AWS_SESSION_TOKEN", "SPACER_AWS_PROFILE_NAME", "SPACER_AWS_ANONYMOUS", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     settings = {
-        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
         "AWS_SESSION_TOKEN": None,
@@ -81,14 +81,24 @@ def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str
     for name, value in settings.items():
         monkeypatch.setattr(config, name, value)
 
-    bucket = f"spacer-test-{next(_bucket_numbers)}"
-    client = boto3.client(
+
+def s3_client(endpoint: str) -> Any:
+    """A plain boto3 S3 client on ``endpoint`` (fake credentials)."""
+    return boto3.client(
         "s3",
-        endpoint_url=moto_server,
+        endpoint_url=endpoint,
         region_name=REGION,
         aws_access_key_id=ACCESS_KEY,
         aws_secret_access_key=SECRET_KEY,
     )
+
+
+@pytest.fixture
+def s3_bucket(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A new empty bucket on the moto server; spacer_core configured to use it."""
+    use_endpoint(monkeypatch, moto_server)
+    bucket = f"spacer-test-{next(_bucket_numbers)}"
+    client = s3_client(moto_server)
     client.create_bucket(Bucket=bucket)
     yield bucket
     # Empty and drop the bucket so the shared server does not grow.
