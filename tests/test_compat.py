@@ -325,6 +325,203 @@ def test_minibatch_trainer_train_step_matches_pyspacers(tmp_path):
     assert np.array_equal(clf.predict_proba(ref_x), oracle.predict_proba(ref_x))
 
 
+# --- spacer.extractors.*: our helpers against pyspacer's ---------------------------------
+
+_MODEL_NAMES = [f"efficientnet-b{i}" for i in range(8)]
+
+
+def test_efficientnet_utils_scaling_and_tables_match_pyspacers():
+    import spacer.extractors.efficientnet_utils as theirs
+
+    from spacer_core.extractors import efficientnet_utils as ours
+
+    for name in _MODEL_NAMES:
+        assert ours.efficientnet_params(name) == theirs.efficientnet_params(name)
+        for override in (None, {"num_classes": 1275}, {"dropout_rate": 0.0, "image_size": 256}):
+            mine, oracle = ours.get_model_params(name, override), theirs.get_model_params(name, override)
+            assert mine == oracle and type(mine[1]).__name__ == type(oracle[1]).__name__
+            params = mine[1]
+            for filters in (16, 24, 32, 40, 80, 112, 192, 320, 1280):
+                assert ours.round_filters(filters, params) == theirs.round_filters(filters, params)
+            for repeats in (1, 2, 3, 4):
+                assert ours.round_repeats(repeats, params) == theirs.round_repeats(repeats, params)
+    # The cases pyspacer's own tests pin: no width coefficient, and a divisor of 32.
+    unscaled = ours.GlobalParams(width_coefficient=None, depth_divisor=8)
+    assert ours.round_filters(32, unscaled) == theirs.round_filters(32, unscaled) == 32
+    coarse = ours.GlobalParams(width_coefficient=1, depth_divisor=32)
+    assert ours.round_filters(40, coarse) == theirs.round_filters(40, coarse) == 64
+    assert ours.round_repeats(8, ours.GlobalParams(depth_coefficient=None)) == 8
+    assert ours.GlobalParams() == theirs.GlobalParams() and ours.BlockArgs() == theirs.BlockArgs()
+    assert ours.efficientnet(1.0, 1.0, image_size=224) == theirs.efficientnet(1.0, 1.0, image_size=224)
+
+
+def test_block_decoder_matches_pyspacers_and_round_trips():
+    import collections
+
+    from spacer.extractors.efficientnet_utils import BlockDecoder as Theirs
+
+    from spacer_core.extractors.efficientnet_utils import B0_BLOCK_STRINGS, BlockDecoder
+
+    strings = list(B0_BLOCK_STRINGS) + ["r2_k5_s11_e4_i8_o8_noskip", "r1_k3_s2_e1_i4_o4_se0.5"]
+    assert BlockDecoder.decode(strings) == Theirs.decode(strings)
+    # pyspacer's encode reads `strides` (its test builds such tuples); ours takes that or `stride`.
+    with_strides = collections.namedtuple("BlockArgs", ["kernel_size", "num_repeat", "input_filters",
+                                                         "output_filters", "expand_ratio", "id_skip",
+                                                         "strides", "se_ratio"])
+    block = with_strides(3, 1, 32, 16, 1, False, (1, 1), 0.25)
+    assert BlockDecoder.encode([block]) == Theirs.encode([block]) == ["r1_k3_s11_e1_i32_o16_se0.25_noskip"]
+    assert BlockDecoder.encode(BlockDecoder.decode(strings[:-1])) == strings[:-1]
+
+
+@pytest.mark.parametrize("case", ["model_family", "model_size", "model_name", "stride", "not_a_list"])
+def test_efficientnet_helpers_refuse_as_pyspacer_does(case):
+    import spacer.extractors.efficientnet as ps_net
+    import spacer.extractors.efficientnet_utils as ps_utils
+
+    from spacer_core.exceptions import InvalidInputError
+    from spacer_core.extractors import efficientnet as net
+    from spacer_core.extractors import efficientnet_utils as utils
+
+    calls = {
+        "model_family": lambda u, n: u.get_model_params("resnet-50", None),
+        "model_size": lambda u, n: u.efficientnet_params("efficientnet-b9"),
+        "model_name": lambda u, n: n.EfficientNet._check_model_name_is_valid("dummy"),
+        "stride": lambda u, n: u.BlockDecoder.decode(["r1_k3_s12_e1_i32_o16"]),
+        "not_a_list": lambda u, n: u.BlockDecoder.decode("r1_k3_s11_e1_i32_o16"),
+    }
+    theirs, ours = _raised(lambda: calls[case](ps_utils, ps_net)), _raised(lambda: calls[case](utils, net))
+    assert isinstance(ours, type(theirs)) and isinstance(ours, InvalidInputError)
+    assert str(ours) and "Traceback" not in str(ours)
+    if case in ("model_family", "model_size", "model_name"):
+        assert {"model_family": "resnet-50", "model_size": "efficientnet-b9", "model_name": "dummy"}[case] in str(ours)
+
+
+def test_drop_connect_draws_as_pyspacers():
+    import torch
+    from spacer.extractors.efficientnet_utils import drop_connect as theirs
+
+    from spacer_core.extractors.efficientnet_utils import drop_connect
+
+    x = torch.rand(6, 4, 3, 3)
+    assert drop_connect(x, 0.5, training=False) is x
+    torch.manual_seed(5)
+    mine = drop_connect(x, 0.5, training=True)
+    torch.manual_seed(5)
+    assert torch.equal(mine, theirs(x, p=0.5, training=True))
+    assert {float(sample.abs().sum() == 0) for sample in mine} == {0.0, 1.0}  # some samples dropped, some kept
+    assert torch.sum(drop_connect(x, 0.999, training=True)).item() == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, 9), (3, 2, 9), (5, 2, 10), (1, 1, 7), (5, 1, 8)])
+def test_same_padding_convs_compute_as_pyspacers(kernel, stride, size):
+    import torch
+    import spacer.extractors.efficientnet_utils as theirs
+
+    from spacer_core.extractors import efficientnet_utils as ours
+
+    x = torch.rand(2, 3, size, size + 1)
+    pairs = [(ours.Conv2dDynamicSamePadding(3, 4, kernel, stride=stride),
+              theirs.Conv2dDynamicSamePadding(3, 4, kernel, stride=stride)),
+             (ours.get_same_padding_conv2d([size, size + 1])(3, 4, kernel, stride=stride),
+              theirs.get_same_padding_conv2d([size, size + 1])(3, 4, kernel, stride=stride))]
+    for mine, oracle in pairs:
+        mine.load_state_dict(oracle.state_dict())
+        with torch.no_grad():
+            assert torch.equal(mine(x), oracle(x))
+        assert tuple(mine.stride) == tuple(oracle.stride) == (stride, stride)
+    assert ours.get_same_padding_conv2d(None).__name__ == "Conv2dDynamicSamePadding"
+
+
+def test_efficientnet_class_loads_pyspacers_parameters_and_computes_the_same():
+    import torch
+    from spacer.extractors.efficientnet import EfficientNet as Theirs
+
+    from spacer_core.exceptions import InvalidInputError
+    from spacer_core.extractors.efficientnet import EfficientNet, EfficientNetExtractor
+    from spacer_core.extractors.torch_extractors import TorchExtractor
+
+    torch.manual_seed(0)
+    oracle = Theirs.from_pretrained("efficientnet-b0", num_classes=1275).eval()
+    mine = EfficientNet.from_pretrained("efficientnet-b0", num_classes=1275).eval()
+    mine.load_state_dict(oracle.state_dict())  # strict: the same parameter names and shapes
+    # Small patches keep this fast; both pad every conv as for 224 (static SAME padding).
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(mine.extract_features(x), oracle.extract_features(x), atol=1e-5)
+        assert torch.allclose(mine(x), oracle(x), atol=1e-4)
+        assert mine(x).shape == (2, 1275)
+    assert EfficientNet.from_name("efficientnet-b0")._fc.out_features == Theirs.from_name("efficientnet-b0")._fc.out_features
+    for name in _MODEL_NAMES:
+        assert EfficientNet.get_image_size(name) == Theirs.get_image_size(name)
+    with pytest.raises(InvalidInputError, match="Only EfficientNet-b0"):
+        EfficientNet.from_name("efficientnet-b3")  # recognised, but only b0 is built here
+
+    # The extractor's classmethods sit on TorchExtractor, as in pyspacer.
+    assert issubclass(EfficientNetExtractor, TorchExtractor)
+    with pytest.raises(NotImplementedError):
+        TorchExtractor.untrained_model()
+    buffer = __import__("io").BytesIO()
+    torch.save({"net": {f"module.{k}": v for k, v in oracle.state_dict().items()}}, buffer)
+    loaded = EfficientNetExtractor.load_weights(buffer)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), oracle.extract_features(x), atol=1e-5)
+
+
+def test_transformation_converts_as_pyspacers():
+    import torch
+    from spacer.extractors.torch_extractors import transformation as theirs
+
+    from spacer_core.extractors.torch_extractors import transformation
+
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    inputs = [pixels, Image.fromarray(pixels), Image.fromarray(pixels[:, :, 0]), rng.random((4, 5, 3)).astype(np.float32)]
+    for item in inputs:
+        mine, oracle = transformation()(item), theirs()(item)
+        assert mine.dtype == oracle.dtype and torch.equal(mine, oracle)
+
+
+def test_crop_helpers_cut_the_same_pixels_as_pyspacers():
+    from spacer.extractors.utils import crop_patches as theirs, crop_simple as theirs_simple
+
+    from spacer_core.extractors.base import crop_patches
+    from spacer_core.extractors.utils import crop_simple
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (150, 210, 3), dtype=np.uint8)
+    rowcols = [(0, 0), (149, 209), (75, 100), (3, 200), (120, 5)]
+    for im in (Image.fromarray(rgb), Image.fromarray(rgb).convert("L")):
+        mine, oracle = crop_patches(im, rowcols, 64), theirs(im, rowcols, 64)
+        assert len(mine) == len(oracle) == len(rowcols)
+        for a, b in zip(mine, oracle):
+            assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    assert np.array_equal(crop_simple(rgb, (80, 90), 33), theirs_simple(rgb, (80, 90), 33))
+
+
+def test_vgg16_transformer_matches_pyspacers():
+    from spacer.extractors.vgg16 import Transformer as Theirs
+
+    from spacer_core.extractors.vgg16 import Transformer
+
+    rng = np.random.default_rng(4)
+    patch = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    for mean in ((0, 0, 0), (128, 128, 128), (104.0, 117.0, 123.0)):
+        mine, oracle = Transformer(mean).preprocess(patch), Theirs(mean).preprocess(patch)
+        assert mine.dtype == oracle.dtype == np.float32 and np.array_equal(mine, oracle)
+        assert np.array_equal(Transformer(mean).deprocess(mine), Theirs(mean).deprocess(oracle.copy()))
+    assert np.array_equal(Transformer((128, 128, 128)).deprocess(Transformer((128, 128, 128)).preprocess(patch)), patch)
+
+
+def test_dummy_extractor_lives_in_base_and_keeps_its_other_paths():
+    from spacer_core.extractors import DummyExtractor, base, dummy
+    from spacer_core.extractors.base import FeatureExtractor
+
+    assert base.DummyExtractor is dummy.DummyExtractor is DummyExtractor
+    for path in ("spacer.extractors.base.DummyExtractor", "spacer_core.extractors.dummy.DummyExtractor"):
+        restored = FeatureExtractor.deserialize({"class_path": path, "data_locations": {}, "feature_dim": 7})
+        assert type(restored) is DummyExtractor and restored.feature_dim == 7
+
+
 def _run(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), SPACER_EXTRACTORS_CACHE_DIR=str(cwd / "cache"))
     return subprocess.run([sys.executable, "-m", "spacer_core.compat", str(script), *args], cwd=cwd,

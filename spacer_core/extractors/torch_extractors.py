@@ -31,7 +31,8 @@ def _to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     if not isinstance(image, np.ndarray):
         raise InvalidInputTypeError(f"transformation() takes a PIL image or a numpy array, got {type(image).__name__}")
     array = image[:, :, None] if image.ndim == 2 else image
-    chw = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    # A copy: PIL hands out read-only buffers, and the caller keeps its array.
+    chw = torch.from_numpy(array.transpose(2, 0, 1).copy())
     # 8-bit pixels scale to [0, 1]; float arrays are taken as already scaled.
     return chw.float().div(255) if array.dtype == np.uint8 else chw
 
