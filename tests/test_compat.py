@@ -7,6 +7,7 @@ the real pyspacer is importable too, so the alias must win over it.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import inspect
 import os
@@ -31,30 +32,53 @@ EXAMPLES = ROOT / "tests" / "fixtures" / "pyspacer050" / "examples"
 
 spacer = pytest.importorskip("spacer")
 
-# pyspacer 0.14.0 public names this library deliberately lacks, and why.
+# pyspacer 0.14.0 public names this library deliberately lacks, and why
+# (fnmatch patterns over "module.Name.attribute"; docs/migration.md lists them too).
 DELIBERATE_GAPS = {
-    # pyspacer's per-extractor hook from cropped patches to features; here
-    # patches are cropped straight into the network's input batch instead.
-    "spacer.extractors.FeatureExtractor.patches_to_features",
-    "spacer.extractors.DummyExtractor.patches_to_features",
-    "spacer.extractors.EfficientNetExtractor.patches_to_features",
-    "spacer.extractors.VGG16CaffeExtractor.patches_to_features",
-    # Internals of pyspacer's pickle loader; ours maps the same old module
-    # names and losses with its own (restricted) unpickler.
-    "spacer.storage.ClassifierUnpickler.IMPORT_MAPPING",
-    "spacer.storage.ClassifierUnpickler.patch_estimator",
+    "spacer.*.patches_to_features":
+        "pyspacer's per-extractor hook from cropped patches to features; here patches are cropped"
+        " straight into the network's input batch and run by the runtime's batcher",
+    "spacer.storage.ClassifierUnpickler.IMPORT_MAPPING":
+        "internals of pyspacer's pickle loader; ours maps the same old module names with its own restricted"
+        " unpickler",
+    "spacer.storage.ClassifierUnpickler.patch_estimator": "as IMPORT_MAPPING",
+    "spacer.extractors.vgg16.load_net":
+        "returns a caffe.Net that callers drive with Caffe's API; without Caffe there is no such object"
+        " (vgg16.build_vgg16_network builds the PyTorch equivalent)",
+    "spacer.mailman.get_s3_resource":
+        "mailman's own import of aws.get_s3_resource, not part of its interface; import it from spacer.aws",
 }
 
 
+def _deliberate(full: str) -> bool:
+    return any(fnmatch.fnmatchcase(full, pattern) for pattern in DELIBERATE_GAPS)
+
+
+# Underscore helpers that pyspacer's own tests call, compared like public names.
+PRIVATE_NAMES_USED_BY_PYSPACERS_TESTS: list[tuple[str, str]] = [
+    ("spacer.extractors.efficientnet", "EfficientNet._check_model_name_is_valid"),
+    ("spacer.train_classifier", "MiniBatchTrainer._train"),
+]
+
+
+def _pyspacer_modules() -> list[str]:
+    """Every public pyspacer module, subpackages' modules included."""
+    # Without the prefix walk_packages reports bare names and does not descend
+    # into subpackages (spacer.extractors.*).
+    walked = [m.name for m in pkgutil.walk_packages(spacer.__path__, prefix="spacer.")]
+    return ["spacer"] + [name for name in walked if not any(part.startswith("_") for part in name.split("."))]
+
+
 def _public_names() -> list[tuple[str, str]]:
-    """(pyspacer module, dotted name) for every public module-level name and class attribute."""
+    """(pyspacer module, dotted name) for every public module-level name and class attribute.
+
+    A module itself is listed with the dotted name "" so that a missing module
+    is reported, not skipped.
+    """
     found = []
-    modules = ["spacer"] + [f"spacer.{m.name}" for m in pkgutil.walk_packages(spacer.__path__)]
-    for module_name in modules:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # spacer.mailman needs `fire`, absent here
-            continue
+    for module_name in _pyspacer_modules():
+        module = importlib.import_module(module_name)  # spacer.mailman needs `fire` (a test extra)
+        found.append((module_name, ""))
         for name, obj in vars(module).items():
             if name.startswith("_") or type(obj).__module__.startswith("django") or inspect.ismodule(obj):
                 continue
@@ -63,22 +87,44 @@ def _public_names() -> list[tuple[str, str]]:
             found.append((module_name, name))
             if inspect.isclass(obj):
                 found += [(module_name, f"{name}.{attr}") for attr in dir(obj) if not attr.startswith("_")]
-    return found
+    return found + [(module, name) for module, name in PRIVATE_NAMES_USED_BY_PYSPACERS_TESTS]
+
+
+def _ours(module_name: str, dotted: str) -> object:
+    """Our counterpart of pyspacer's `module_name`.`dotted` (spacer.X -> spacer_core.X); raises if absent."""
+    ours: object = importlib.import_module("spacer_core" + module_name[len("spacer"):])
+    for part in filter(None, dotted.split(".")):
+        ours = getattr(ours, part)
+    return ours
 
 
 def test_every_public_pyspacer_name_exists_here():
     names = _public_names()
-    assert len(names) > 300  # the walk really covered pyspacer
+    modules = {module for module, _ in names}
+    assert {"spacer.extractors.efficientnet_utils", "spacer.extractors.vgg16", "spacer.mailman"} <= modules
+    assert len(names) > 500  # the walk really covered pyspacer, subpackages included
     missing = []
     for module_name, dotted in names:
-        ours: object = importlib.import_module("spacer_core" + module_name[len("spacer"):])
+        full = f"{module_name}.{dotted}".rstrip(".")
         try:
-            for part in dotted.split("."):
-                ours = getattr(ours, part)
-        except AttributeError:
-            if f"{module_name}.{dotted}" not in DELIBERATE_GAPS:
-                missing.append(f"{module_name}.{dotted}")
+            _ours(module_name, dotted)
+        except (ImportError, AttributeError):
+            if not _deliberate(full):
+                missing.append(full)
     assert missing == []
+
+
+def test_deliberate_gaps_are_real_pyspacer_names_still_missing_here():
+    # A stale entry would hide a regression: each pattern must match names
+    # pyspacer has, and none of them may exist here.
+    names = _public_names()
+    for pattern in DELIBERATE_GAPS:
+        matched = [(module, dotted) for module, dotted in names
+                   if fnmatch.fnmatchcase(f"{module}.{dotted}".rstrip("."), pattern)]
+        assert matched, pattern
+        for module, dotted in matched:
+            with pytest.raises(AttributeError):
+                _ours(module, dotted)
 
 
 def test_untrained_instance_extracts_1280_features():
@@ -277,6 +323,203 @@ def test_minibatch_trainer_train_step_matches_pyspacers(tmp_path):
     assert len(ref_accs) == 3 and ref_accs == oracle_accs
     ref_x = np.stack([ImageFeatures.load(loc).get_array((r, c))[0] for loc in locs[6:] for r, c, _ in labels[loc]])
     assert np.array_equal(clf.predict_proba(ref_x), oracle.predict_proba(ref_x))
+
+
+# --- spacer.extractors.*: our helpers against pyspacer's ---------------------------------
+
+_MODEL_NAMES = [f"efficientnet-b{i}" for i in range(8)]
+
+
+def test_efficientnet_utils_scaling_and_tables_match_pyspacers():
+    import spacer.extractors.efficientnet_utils as theirs
+
+    from spacer_core.extractors import efficientnet_utils as ours
+
+    for name in _MODEL_NAMES:
+        assert ours.efficientnet_params(name) == theirs.efficientnet_params(name)
+        for override in (None, {"num_classes": 1275}, {"dropout_rate": 0.0, "image_size": 256}):
+            mine, oracle = ours.get_model_params(name, override), theirs.get_model_params(name, override)
+            assert mine == oracle and type(mine[1]).__name__ == type(oracle[1]).__name__
+            params = mine[1]
+            for filters in (16, 24, 32, 40, 80, 112, 192, 320, 1280):
+                assert ours.round_filters(filters, params) == theirs.round_filters(filters, params)
+            for repeats in (1, 2, 3, 4):
+                assert ours.round_repeats(repeats, params) == theirs.round_repeats(repeats, params)
+    # The cases pyspacer's own tests pin: no width coefficient, and a divisor of 32.
+    unscaled = ours.GlobalParams(width_coefficient=None, depth_divisor=8)
+    assert ours.round_filters(32, unscaled) == theirs.round_filters(32, unscaled) == 32
+    coarse = ours.GlobalParams(width_coefficient=1, depth_divisor=32)
+    assert ours.round_filters(40, coarse) == theirs.round_filters(40, coarse) == 64
+    assert ours.round_repeats(8, ours.GlobalParams(depth_coefficient=None)) == 8
+    assert ours.GlobalParams() == theirs.GlobalParams() and ours.BlockArgs() == theirs.BlockArgs()
+    assert ours.efficientnet(1.0, 1.0, image_size=224) == theirs.efficientnet(1.0, 1.0, image_size=224)
+
+
+def test_block_decoder_matches_pyspacers_and_round_trips():
+    import collections
+
+    from spacer.extractors.efficientnet_utils import BlockDecoder as Theirs
+
+    from spacer_core.extractors.efficientnet_utils import B0_BLOCK_STRINGS, BlockDecoder
+
+    strings = list(B0_BLOCK_STRINGS) + ["r2_k5_s11_e4_i8_o8_noskip", "r1_k3_s2_e1_i4_o4_se0.5"]
+    assert BlockDecoder.decode(strings) == Theirs.decode(strings)
+    # pyspacer's encode reads `strides` (its test builds such tuples); ours takes that or `stride`.
+    with_strides = collections.namedtuple("BlockArgs", ["kernel_size", "num_repeat", "input_filters",
+                                                         "output_filters", "expand_ratio", "id_skip",
+                                                         "strides", "se_ratio"])
+    block = with_strides(3, 1, 32, 16, 1, False, (1, 1), 0.25)
+    assert BlockDecoder.encode([block]) == Theirs.encode([block]) == ["r1_k3_s11_e1_i32_o16_se0.25_noskip"]
+    assert BlockDecoder.encode(BlockDecoder.decode(strings[:-1])) == strings[:-1]
+
+
+@pytest.mark.parametrize("case", ["model_family", "model_size", "model_name", "stride", "not_a_list"])
+def test_efficientnet_helpers_refuse_as_pyspacer_does(case):
+    import spacer.extractors.efficientnet as ps_net
+    import spacer.extractors.efficientnet_utils as ps_utils
+
+    from spacer_core.exceptions import InvalidInputError
+    from spacer_core.extractors import efficientnet as net
+    from spacer_core.extractors import efficientnet_utils as utils
+
+    calls = {
+        "model_family": lambda u, n: u.get_model_params("resnet-50", None),
+        "model_size": lambda u, n: u.efficientnet_params("efficientnet-b9"),
+        "model_name": lambda u, n: n.EfficientNet._check_model_name_is_valid("dummy"),
+        "stride": lambda u, n: u.BlockDecoder.decode(["r1_k3_s12_e1_i32_o16"]),
+        "not_a_list": lambda u, n: u.BlockDecoder.decode("r1_k3_s11_e1_i32_o16"),
+    }
+    theirs, ours = _raised(lambda: calls[case](ps_utils, ps_net)), _raised(lambda: calls[case](utils, net))
+    assert isinstance(ours, type(theirs)) and isinstance(ours, InvalidInputError)
+    assert str(ours) and "Traceback" not in str(ours)
+    if case in ("model_family", "model_size", "model_name"):
+        assert {"model_family": "resnet-50", "model_size": "efficientnet-b9", "model_name": "dummy"}[case] in str(ours)
+
+
+def test_drop_connect_draws_as_pyspacers():
+    import torch
+    from spacer.extractors.efficientnet_utils import drop_connect as theirs
+
+    from spacer_core.extractors.efficientnet_utils import drop_connect
+
+    x = torch.rand(6, 4, 3, 3)
+    assert drop_connect(x, 0.5, training=False) is x
+    torch.manual_seed(5)
+    mine = drop_connect(x, 0.5, training=True)
+    torch.manual_seed(5)
+    assert torch.equal(mine, theirs(x, p=0.5, training=True))
+    assert {float(sample.abs().sum() == 0) for sample in mine} == {0.0, 1.0}  # some samples dropped, some kept
+    assert torch.sum(drop_connect(x, 0.999, training=True)).item() == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, 9), (3, 2, 9), (5, 2, 10), (1, 1, 7), (5, 1, 8)])
+def test_same_padding_convs_compute_as_pyspacers(kernel, stride, size):
+    import torch
+    import spacer.extractors.efficientnet_utils as theirs
+
+    from spacer_core.extractors import efficientnet_utils as ours
+
+    x = torch.rand(2, 3, size, size + 1)
+    pairs = [(ours.Conv2dDynamicSamePadding(3, 4, kernel, stride=stride),
+              theirs.Conv2dDynamicSamePadding(3, 4, kernel, stride=stride)),
+             (ours.get_same_padding_conv2d([size, size + 1])(3, 4, kernel, stride=stride),
+              theirs.get_same_padding_conv2d([size, size + 1])(3, 4, kernel, stride=stride))]
+    for mine, oracle in pairs:
+        mine.load_state_dict(oracle.state_dict())
+        with torch.no_grad():
+            assert torch.equal(mine(x), oracle(x))
+        assert tuple(mine.stride) == tuple(oracle.stride) == (stride, stride)
+    assert ours.get_same_padding_conv2d(None).__name__ == "Conv2dDynamicSamePadding"
+
+
+def test_efficientnet_class_loads_pyspacers_parameters_and_computes_the_same():
+    import torch
+    from spacer.extractors.efficientnet import EfficientNet as Theirs
+
+    from spacer_core.exceptions import InvalidInputError
+    from spacer_core.extractors.efficientnet import EfficientNet, EfficientNetExtractor
+    from spacer_core.extractors.torch_extractors import TorchExtractor
+
+    torch.manual_seed(0)
+    oracle = Theirs.from_pretrained("efficientnet-b0", num_classes=1275).eval()
+    mine = EfficientNet.from_pretrained("efficientnet-b0", num_classes=1275).eval()
+    mine.load_state_dict(oracle.state_dict())  # strict: the same parameter names and shapes
+    # Small patches keep this fast; both pad every conv as for 224 (static SAME padding).
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(mine.extract_features(x), oracle.extract_features(x), atol=1e-5)
+        assert torch.allclose(mine(x), oracle(x), atol=1e-4)
+        assert mine(x).shape == (2, 1275)
+    assert EfficientNet.from_name("efficientnet-b0")._fc.out_features == Theirs.from_name("efficientnet-b0")._fc.out_features
+    for name in _MODEL_NAMES:
+        assert EfficientNet.get_image_size(name) == Theirs.get_image_size(name)
+    with pytest.raises(InvalidInputError, match="Only EfficientNet-b0"):
+        EfficientNet.from_name("efficientnet-b3")  # recognised, but only b0 is built here
+
+    # The extractor's classmethods sit on TorchExtractor, as in pyspacer.
+    assert issubclass(EfficientNetExtractor, TorchExtractor)
+    with pytest.raises(NotImplementedError):
+        TorchExtractor.untrained_model()
+    buffer = __import__("io").BytesIO()
+    torch.save({"net": {f"module.{k}": v for k, v in oracle.state_dict().items()}}, buffer)
+    loaded = EfficientNetExtractor.load_weights(buffer)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), oracle.extract_features(x), atol=1e-5)
+
+
+def test_transformation_converts_as_pyspacers():
+    import torch
+    from spacer.extractors.torch_extractors import transformation as theirs
+
+    from spacer_core.extractors.torch_extractors import transformation
+
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    inputs = [pixels, Image.fromarray(pixels), Image.fromarray(pixels[:, :, 0]), rng.random((4, 5, 3)).astype(np.float32)]
+    for item in inputs:
+        mine, oracle = transformation()(item), theirs()(item)
+        assert mine.dtype == oracle.dtype and torch.equal(mine, oracle)
+
+
+def test_crop_helpers_cut_the_same_pixels_as_pyspacers():
+    from spacer.extractors.utils import crop_patches as theirs, crop_simple as theirs_simple
+
+    from spacer_core.extractors.base import crop_patches
+    from spacer_core.extractors.utils import crop_simple
+
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (150, 210, 3), dtype=np.uint8)
+    rowcols = [(0, 0), (149, 209), (75, 100), (3, 200), (120, 5)]
+    for im in (Image.fromarray(rgb), Image.fromarray(rgb).convert("L")):
+        mine, oracle = crop_patches(im, rowcols, 64), theirs(im, rowcols, 64)
+        assert len(mine) == len(oracle) == len(rowcols)
+        for a, b in zip(mine, oracle):
+            assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    assert np.array_equal(crop_simple(rgb, (80, 90), 33), theirs_simple(rgb, (80, 90), 33))
+
+
+def test_vgg16_transformer_matches_pyspacers():
+    from spacer.extractors.vgg16 import Transformer as Theirs
+
+    from spacer_core.extractors.vgg16 import Transformer
+
+    rng = np.random.default_rng(4)
+    patch = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    for mean in ((0, 0, 0), (128, 128, 128), (104.0, 117.0, 123.0)):
+        mine, oracle = Transformer(mean).preprocess(patch), Theirs(mean).preprocess(patch)
+        assert mine.dtype == oracle.dtype == np.float32 and np.array_equal(mine, oracle)
+        assert np.array_equal(Transformer(mean).deprocess(mine), Theirs(mean).deprocess(oracle.copy()))
+    assert np.array_equal(Transformer((128, 128, 128)).deprocess(Transformer((128, 128, 128)).preprocess(patch)), patch)
+
+
+def test_dummy_extractor_lives_in_base_and_keeps_its_other_paths():
+    from spacer_core.extractors import DummyExtractor, base, dummy
+    from spacer_core.extractors.base import FeatureExtractor
+
+    assert base.DummyExtractor is dummy.DummyExtractor is DummyExtractor
+    for path in ("spacer.extractors.base.DummyExtractor", "spacer_core.extractors.dummy.DummyExtractor"):
+        restored = FeatureExtractor.deserialize({"class_path": path, "data_locations": {}, "feature_dim": 7})
+        assert type(restored) is DummyExtractor and restored.feature_dim == 7
 
 
 def _run(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import os
+import random
 import re
 import threading
 import time
@@ -35,7 +36,7 @@ from PIL import Image
 
 from spacer_core import config, runtime
 from spacer_core.crop import CROP_SIZE, crop_array_into_chw, to_rgb_array
-from spacer_core.data_classes import DataLocation, ImageFeatures
+from spacer_core.data_classes import DataLocation, ImageFeatures, PointFeatures
 from spacer_core.exceptions import (
     ConfigError,
     HashMismatchError,
@@ -45,7 +46,8 @@ from spacer_core.exceptions import (
 )
 from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS, canonical_class_path
 from spacer_core.inference.network import NetworkSpec
-from spacer_core.storage import check_access, load_bytes, write_file_atomic
+from spacer_core.extractors.utils import crop_patches
+from spacer_core.storage import check_access, load_bytes, storage_factory, write_file_atomic
 from spacer_core.task_io import ExtractFeaturesReturnMsg
 
 RowCol = tuple[int, int]
@@ -321,6 +323,45 @@ class FeatureExtractor(abc.ABC):
         cached = self.data_filepath_for_cache(key)
         write_file_atomic(cached, data.read())
         return str(cached), False
+
+
+class DummyExtractor(FeatureExtractor):
+    """Ignores the image and returns uniform random features in [0, 1).
+
+    Draws are seeded from Python's `random` module, so `random.seed()` makes
+    them repeatable as with pyspacer. Match `feature_dim` to a classifier's
+    to feed it these features.
+    """
+
+    PYSPACER_CLASS_PATH: ClassVar[str | None] = "spacer.extractors.base.DummyExtractor"
+
+    def __init__(
+        self,
+        data_locations: Mapping[str, DataLocation] | None = None,
+        feature_dim: int = 4096,
+        **kwargs: Any,
+    ):
+        super().__init__(data_locations or {}, **kwargs)
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+            raise InvalidInputError(f"DummyExtractor feature_dim must be a positive int, got {feature_dim!r}")
+        self._feature_dim = feature_dim
+
+    @property
+    def feature_dim(self) -> int:
+        return self._feature_dim
+
+    def extract_image(self, im: Image.Image, rowcols: Sequence[RowCol]) -> tuple[np.ndarray, bool]:
+        # The pixels are never looked at, so the image is not even decoded.
+        return self.extract_rgb(np.empty((0, 0, 3), np.uint8), rowcols)
+
+    def extract_rgb(self, rgb: np.ndarray, rowcols: Sequence[RowCol]) -> tuple[np.ndarray, bool]:
+        rng = np.random.default_rng(random.getrandbits(64))
+        return rng.random((len(rowcols), self._feature_dim)), False
+
+    def serialize(self) -> dict[str, Any]:
+        data = super().serialize()
+        data["feature_dim"] = self._feature_dim
+        return data
 
 
 # Extractor classes defined outside spacer_core, registered by their users.

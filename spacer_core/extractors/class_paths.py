@@ -44,7 +44,7 @@ KNOWN_CLASS_PATHS: frozenset[str] = frozenset(
 _HOME = {
     "EfficientNetExtractor": "spacer_core.extractors.efficientnet",
     "VGG16CaffeExtractor": "spacer_core.extractors.vgg16",
-    "DummyExtractor": "spacer_core.extractors.dummy",
+    "DummyExtractor": "spacer_core.extractors.base",
 }
 
 

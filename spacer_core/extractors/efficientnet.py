@@ -10,7 +10,7 @@ dropout are training-time regularisers and are left out.
 
 import io
 import os
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -18,9 +18,24 @@ from torch.nn import functional as F
 
 from spacer_core.data_classes import DataLocation
 from spacer_core.extractors.base import FeatureExtractor
+from spacer_core.exceptions import InvalidInputError
+from spacer_core.extractors.efficientnet_utils import (
+    B0_BLOCKS,
+    BlockArgs,
+    GlobalParams,
+    drop_connect,
+    efficientnet_params,
+    get_model_params,
+    get_same_padding_conv2d,
+    relu_fn,
+    round_filters,
+    round_repeats,
+    same_padding,
+    swish,
+)
+from spacer_core.extractors.torch_extractors import TorchExtractor
 from spacer_core.extractors.torch_weights import WeightsSource, load_into, read_state_dict
 from spacer_core.inference.network import NetworkSpec
-from spacer_core.storage import store_bytes
 
 INPUT_SIZE = 224
 FEATURE_DIM = 1280
@@ -43,21 +58,12 @@ class Stage(NamedTuple):
     out_ch: int
 
 
-# EfficientNet-b0 (width and depth multipliers 1.0, so no rounding applies).
-B0_STAGES: tuple[Stage, ...] = (
-    Stage(1, 3, 1, 1, 32, 16),
-    Stage(2, 3, 2, 6, 16, 24),
-    Stage(2, 5, 2, 6, 24, 40),
-    Stage(3, 3, 2, 6, 40, 80),
-    Stage(3, 5, 1, 6, 80, 112),
-    Stage(4, 5, 2, 6, 112, 192),
-    Stage(1, 3, 1, 6, 192, 320),
+# EfficientNet-b0 (width and depth multipliers 1.0, so no rounding applies),
+# from the stage table shared with the pyspacer-style helpers.
+B0_STAGES: tuple[Stage, ...] = tuple(
+    Stage(b.num_repeat, b.kernel_size, b.stride[0], b.expand_ratio, b.input_filters, b.output_filters)
+    for b in B0_BLOCKS
 )
-
-
-def swish(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(x), written out as CoralNet's network computes it."""
-    return x * torch.sigmoid(x)
 
 
 def _same_padding(kernel: int, stride: int) -> tuple[int, int, int, int]:
@@ -67,10 +73,8 @@ def _same_padding(kernel: int, stride: int) -> tuple[int, int, int, int]:
     padding); every stride-2 layer sees an even size, so that equals the true
     SAME padding. Stride 2 pads one more pixel on the right/bottom than left/top.
     """
-    out = -(-INPUT_SIZE // stride)
-    total = max((out - 1) * stride + kernel - INPUT_SIZE, 0)
-    before = total // 2
-    return (before, total - before, before, total - before)
+    before, after = same_padding(INPUT_SIZE, kernel, stride)
+    return (before, after, before, after)
 
 
 class SameConv2d(nn.Conv2d):
@@ -187,6 +191,82 @@ class EfficientNetB0(nn.Module):
         return self._fc(self.forward(x))
 
 
+class EfficientNet(EfficientNetB0):
+    """pyspacer's `EfficientNet` over this package's b0 network.
+
+    As in pyspacer, `forward` returns class scores and `extract_features`
+    the 1280-d pooled features, and parameters load from pyspacer's state
+    dicts unchanged. Only b0 is built here (the only size CoralNet used):
+    other sizes' names are recognised but refused. Inference only: dropout
+    and drop-connect are not applied, in training mode either.
+    """
+
+    def __init__(self, blocks_args: list[BlockArgs] | None = None, global_params: GlobalParams | None = None):
+        if blocks_args is None or global_params is None:
+            raise InvalidInputError("EfficientNet needs blocks_args and global_params;"
+                                    " EfficientNet.from_name('efficientnet-b0') builds them")
+        _check_builds_b0(blocks_args, global_params)
+        super().__init__(global_params.num_classes)
+        self._blocks_args = list(blocks_args)
+        self._global_params = global_params
+
+    def extract_features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) float in [0, 1] -> (N, 1280) pooled features."""
+        return super().forward(inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, num_classes) class scores."""
+        return self._fc(self.extract_features(x))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores, as `forward`."""
+        return self.forward(x)
+
+    @classmethod
+    def from_name(cls, model_name: str, override_params: dict[str, Any] | None = None) -> "EfficientNet":
+        """The untrained network of that name ('efficientnet-b0'), GlobalParams fields overridden."""
+        cls._check_model_name_is_valid(model_name)
+        return cls(*get_model_params(model_name, override_params))
+
+    @classmethod
+    def from_pretrained(cls, model_name: str, num_classes: int = 1000) -> "EfficientNet":
+        """The network with `num_classes` outputs; untrained, as pyspacer's (which downloads nothing)."""
+        return cls.from_name(model_name, override_params={"num_classes": num_classes})
+
+    @classmethod
+    def get_image_size(cls, model_name: str) -> int:
+        """The input resolution of that model size (224 for b0)."""
+        cls._check_model_name_is_valid(model_name)
+        return efficientnet_params(model_name)[2]
+
+    @classmethod
+    def _check_model_name_is_valid(cls, model_name: str) -> None:
+        """Raise a ValueError unless the name is efficientnet-b0 ... b8 ('-' or '_')."""
+        valid = [f"efficientnet_b{i}" for i in range(9)]
+        if not isinstance(model_name, str) or model_name.replace("-", "_") not in valid:
+            raise InvalidInputError(f"Unknown EfficientNet model name {model_name!r}; use one of {', '.join(valid)}")
+
+
+def _check_builds_b0(blocks_args: list[BlockArgs], global_params: GlobalParams) -> None:
+    """Refuse, naming the difference, any architecture other than b0 (the only one built here)."""
+    scaled = [b._replace(input_filters=round_filters(b.input_filters, global_params),
+                         output_filters=round_filters(b.output_filters, global_params),
+                         num_repeat=round_repeats(b.num_repeat, global_params)) for b in blocks_args]
+    if scaled != list(B0_BLOCKS):
+        raise InvalidInputError("Only EfficientNet-b0 is built here; blocks_args (after width and depth"
+                                " scaling) differ from b0's")
+    if round_filters(STEM_CHANNELS, global_params) != STEM_CHANNELS or round_filters(FEATURE_DIM, global_params) != FEATURE_DIM:
+        raise InvalidInputError("Only EfficientNet-b0 is built here; global_params.width_coefficient changes its widths")
+    if global_params.image_size not in (None, INPUT_SIZE):
+        raise InvalidInputError(f"Only {INPUT_SIZE}x{INPUT_SIZE} input padding is built here,"
+                                f" got image_size={global_params.image_size!r}")
+    if (global_params.batch_norm_momentum, global_params.batch_norm_epsilon) != (1 - BN_MOMENTUM, BN_EPS):
+        raise InvalidInputError("Only TensorFlow's BatchNorm settings (momentum 0.99, epsilon 1e-3) are built here")
+    classes = global_params.num_classes
+    if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+        raise InvalidInputError(f"global_params.num_classes must be a positive int, got {classes!r}")
+
+
 def build_network(source: WeightsSource, name: str | None = None) -> EfficientNetB0:
     """EfficientNet-b0 loaded from a CoralNet weights file (path, bytes or stream), in eval mode.
 
@@ -203,21 +283,18 @@ def build_network(source: WeightsSource, name: str | None = None) -> EfficientNe
     return net
 
 
-class EfficientNetExtractor(FeatureExtractor):
+class EfficientNetExtractor(TorchExtractor):
     """CoralNet 1.0's extractor: EfficientNet-b0 weights in a PyTorch file -> 1280-d features.
 
     The network is compiled once per weights file (keyed by its sha256) and
     kept by the runtime between calls.
     """
 
-    DATA_LOCATION_KEYS: ClassVar[list[str]] = ["weights"]
     PYSPACER_CLASS_PATH: ClassVar[str | None] = "spacer.extractors.efficientnet.EfficientNetExtractor"
 
-    # pyspacer's names for the architecture, and its batch size (here the
-    # runtime sizes batches; features do not depend on it).
+    # pyspacer's names for the architecture.
     MODEL_NAME: ClassVar[str] = "efficientnet-b0"
     NUM_CLASSES: ClassVar[int] = NUM_CLASSES
-    BATCH_SIZE: ClassVar[int] = 10
 
     @property
     def feature_dim(self) -> int:
@@ -227,24 +304,6 @@ class EfficientNetExtractor(FeatureExtractor):
     def untrained_model(cls) -> EfficientNetB0:
         """The network with fresh (untrained) parameters, in eval mode."""
         return EfficientNetB0(cls.NUM_CLASSES).eval()
-
-    @classmethod
-    def load_weights(cls, weights_datastream: io.BytesIO) -> EfficientNetB0:
-        """The network loaded from a CoralNet weights file's content (`module.` prefixes allowed)."""
-        return build_network(weights_datastream.getvalue(), "<weights stream>")
-
-    @classmethod
-    def untrained_instance(cls, data_loc_key: str = "weights") -> "EfficientNetExtractor":
-        """An extractor over untrained weights kept in memory storage under `data_loc_key`.
-
-        For tests and demos that need valid features of the right shape, not
-        meaningful ones (as pyspacer's method of the same name).
-        """
-        buffer = io.BytesIO()
-        torch.save({"net": cls.untrained_model().state_dict()}, buffer)
-        location = DataLocation("memory", data_loc_key)
-        store_bytes(location, buffer.getvalue())
-        return cls(data_locations={"weights": location})
 
     def network(self) -> tuple[NetworkSpec, bool]:
         data = self.resolve_data("weights")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 from typing import ClassVar
 
+import numpy as np
 from torch import nn
 
 from spacer_core.caffe import build_caffe_network, output_size
+from spacer_core.exceptions import ConfigError  # noqa: F401  (pyspacer exposes it here)
 from spacer_core.extractors.base import FeatureExtractor
 from spacer_core.inference.network import NetworkSpec
 
@@ -69,3 +71,26 @@ class VGG16CaffeExtractor(FeatureExtractor):
             label,
         )
         return spec, definition.remote_loaded or weights.remote_loaded
+
+
+class Transformer:
+    """pyspacer's Caffe-style patch conversion: RGB HxWx3 -> BGR 3xHxW float32, minus `mean`, times `scale`.
+
+    The network path does this itself (`spacer_core.caffe`); this is for code
+    that prepared or inspected patches with pyspacer's class.
+    """
+
+    def __init__(self, mean: tuple[float, ...] = (0, 0, 0)) -> None:
+        self.mean = np.array(mean, dtype=np.float32)
+        self.scale = 1.0
+
+    def preprocess(self, im: np.ndarray) -> np.ndarray:
+        """RGB HxWx3 pixels -> BGR 3xHxW float32 with the mean subtracted and the scale applied."""
+        bgr = np.asarray(im, dtype=np.float32)[:, :, ::-1]
+        return ((bgr - self.mean) * self.scale).transpose(2, 0, 1)
+
+    def deprocess(self, im: np.ndarray) -> np.ndarray:
+        """The inverse of `preprocess`, back to RGB HxWx3 uint8 (values wrap as numpy's cast does)."""
+        hwc = np.asarray(im, dtype=np.float32).transpose(1, 2, 0) / self.scale + self.mean
+        return hwc[:, :, ::-1].astype(np.uint8)
+
