@@ -267,16 +267,21 @@ class Runtime:
             # Evicted meanwhile by another network: get a fresh batcher once.
             return await self.batcher(net).extract(patches, priority=priority, deadline=deadline)
 
-    def warm_up(self, net: NetworkSpec) -> float:
-        """Run one full batch of blank patches through `net` (and its batcher); seconds taken.
+    def warm_up(self, net: NetworkSpec, *, batched: bool = True) -> float:
+        """Run one full batch of blank patches through `net`; seconds taken.
 
         The first forward pass of a compiled network pays for allocations and
-        kernel selection; doing it before traffic keeps that off a client's call.
+        kernel selection; doing it before traffic keeps that off a client's
+        call. `batched` goes through the shared batcher (starting it too).
         """
         start = time.perf_counter()
         backend = self.backend(net)
         size = self.settings.batch_size or backend.preferred_batch_size
-        self.batcher(net).extract_sync(np.zeros((size, *_PATCH_SHAPE), np.float32))
+        blank = np.zeros((size, *_PATCH_SHAPE), np.float32)
+        if batched:
+            self.batcher(net).extract_sync(blank)
+        else:
+            self.features(net, blank)
         return time.perf_counter() - start
 
     # -- classifiers ------------------------------------------------------------------
