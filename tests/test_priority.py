@@ -7,6 +7,7 @@ identify each patch); the server with real EfficientNet on loopback gRPC.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import grpc
@@ -115,3 +116,88 @@ def test_deadline_errors_map_to_deadline_exceeded():
     code, message = status_for(DeadlineExceededError("batcher: the deadline passed"))
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "deadline passed" in message
+
+
+# ---------------------------------------------------------------- server
+
+BULK_IMAGES = 6
+BULK_POINTS = 32
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, efficientnet_weights):  # noqa: F811
+    root = tmp_path_factory.mktemp("priority")
+    return {
+        "images": [make_image(root / f"img{i}.png", 80, 60, seed=i) for i in range(BULK_IMAGES)],
+        "clf": make_classifier(root / "clf.pkl"),
+        "extractor": extractor_json(efficientnet_weights.path, efficientnet_weights.sha256),
+    }
+
+
+def points(n: int) -> list[tuple[int, int]]:
+    return [(i * 7 % 60, i * 11 % 80) for i in range(n)]
+
+
+def _batcher(server):
+    batchers = _RUNTIMES[server.server].engine.runtime._batchers
+    (key,) = batchers.keys()
+    return batchers.peek(key)
+
+
+@pytest.mark.slow
+def test_interactive_call_overtakes_a_bulk_stream_and_an_expired_call_never_reaches_the_network(data):
+    config = dict(workers=2, batch_size=4, queue_delay_ms=0, stream_window=BULK_IMAGES,
+                  log_level="WARNING")
+    with running_server(**config) as server, SpacerClient(server.address, timeout=120) as client:
+        request = lambda path, n, token: client.image_request(  # noqa: E731
+            data["extractor"], points(n), fs(path), fs(data["clf"]), token)
+        client.classify_image(data["extractor"], points(1), fs(data["images"][0]), fs(data["clf"]))
+        batcher = _batcher(server)
+        warm_patches = batcher.stats.patches
+
+        stream = client.classify_images(
+            request(path, BULK_POINTS, f"bulk{i}") for i, path in enumerate(data["images"]))
+        arrivals: list[tuple[str, float]] = []
+        first = next(stream)  # the backlog is queued: every image is in the window
+        assert first.HasField("result"), first
+        arrivals.append((first.job_token, time.monotonic()))
+        reader = threading.Thread(
+            target=lambda: arrivals.extend((r.job_token, time.monotonic()) for r in stream))
+        reader.start()
+
+        # A bulk-priority call with a short deadline waits behind the backlog and is dropped.
+        doomed = request(data["images"][1], 20, "doomed")
+        with pytest.raises(grpc.RpcError) as caught:
+            client.stub.ClassifyImage(doomed, timeout=0.2, metadata=[("x-priority", "bulk")])
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+        # An interactive call (the unary default) goes ahead of what is left of the stream:
+        # at most the images finishing in the batches already running complete meanwhile.
+        asked = time.monotonic()
+        reply = client.classify_image(data["extractor"], points(2), fs(data["images"][2]), fs(data["clf"]),
+                                      job_token="interactive")
+        answered = time.monotonic()
+        assert len(reply.scores) == 2
+        reader.join(120)
+        during = [token for token, t in arrivals if asked <= t <= answered]
+        after = [token for token, t in arrivals if t > answered]
+        assert len(during) <= 2 and after, (during, after)
+        assert sorted(token for token, _ in arrivals) == sorted(f"bulk{i}" for i in range(BULK_IMAGES))
+
+        # The doomed call's 20 patches were dropped unrun (by its deadline or its
+        # cancellation, whichever came first); everything else ran exactly once.
+        stats = batcher.stats
+        assert stats.patches - warm_patches == BULK_IMAGES * BULK_POINTS + 2
+        assert stats.expired_patches + stats.cancelled_patches == 20
+
+
+def test_unknown_x_priority_is_invalid_argument(data):
+    with running_server(workers=1, log_level="WARNING") as server, \
+            SpacerClient(server.address, timeout=60) as client:
+        request = client.image_request(data["extractor"], points(1), fs(data["images"][0]), fs(data["clf"]))
+        with pytest.raises(grpc.RpcError) as caught:
+            client.stub.ClassifyImage(request, metadata=[("x-priority", "urgent")])
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "x-priority" in caught.value.details() and "urgent" in caught.value.details()
+        request.priority = pb.PRIORITY_BULK
+        assert len(client.stub.ClassifyImage(request, timeout=60).scores) == 1
