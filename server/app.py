@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server import metrics
 from server._proto.spacer.v1 import spacer_pb2
-from server.config import ServerConfig
+from server.config import Preload, ServerConfig, read_preload
 from server.engine import Engine
 from server.reflection import enable_reflection
 from server.security import BearerTokenInterceptor, read_token_file, server_credentials
@@ -36,6 +36,9 @@ class _Runtime:
     health: health.aio.HealthServicer
     engine: Engine
     metrics: metrics.MetricsServer | None = None
+    preload: Preload | None = None
+    # Loading and warming the preload file's models; health is SERVING once it is done.
+    preloading: asyncio.Task[None] | None = None
 
 
 _RUNTIMES: weakref.WeakKeyDictionary[grpc.aio.Server, _Runtime] = weakref.WeakKeyDictionary()
@@ -54,6 +57,8 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
     Must be called with an event loop running (grpc.aio binds to it).
     """
     config.validate()
+    # Read before binding, so a malformed file fails the start at once.
+    preload = read_preload(config.preload) if config.preload is not None else None
     if config.device == "cuda":
         import torch
 
@@ -85,7 +90,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
         raise OSError(f"cannot listen on {config.address}: {exc}") from None
     if port == 0:
         raise OSError(f"cannot listen on {config.address}")
-    _RUNTIMES[server] = _Runtime(config, health_servicer, engine)
+    _RUNTIMES[server] = _Runtime(config, health_servicer, engine, preload=preload)
     return server, port
 
 
@@ -111,7 +116,11 @@ def apply_library_limits(config: ServerConfig) -> None:
 
 
 async def start(server: grpc.aio.Server) -> None:
-    """Start serving and mark every service SERVING."""
+    """Start serving; every service is SERVING now, or once the preload file's models are warm.
+
+    While preloading, health reports NOT_SERVING (calls are answered, but a
+    balancer or probe keeps traffic away); `ready` waits for it to end.
+    """
     await server.start()
     runtime = _RUNTIMES[server]
     if runtime.config.metrics_port is not None:
@@ -122,8 +131,41 @@ async def start(server: grpc.aio.Server) -> None:
             raise OSError(
                 f"cannot serve metrics on {runtime.config.host}:{runtime.config.metrics_port}: {exc}"
             ) from None
+    if runtime.preload is None:
+        await _set_health(runtime, health_pb2.HealthCheckResponse.SERVING)
+        return
+    await _set_health(runtime, health_pb2.HealthCheckResponse.NOT_SERVING)
+    runtime.preloading = asyncio.create_task(_preload(runtime, runtime.preload))
+    # The failure is logged and reported by `ready`; nobody else need fetch it.
+    runtime.preloading.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+async def _set_health(runtime: _Runtime, status: int) -> None:
     for name in ("", SERVICE_NAME):
-        await runtime.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await runtime.health.set(name, status)  # type: ignore[arg-type]
+
+
+async def _preload(runtime: _Runtime, models: Preload) -> None:
+    start = asyncio.get_running_loop().time()
+    try:
+        loaded = await runtime.engine.preload(models)
+    except Exception as exc:
+        logger.error("preloading %s failed; health stays NOT_SERVING: %s", runtime.config.preload, exc)
+        raise
+    logger.info("preloaded %d models in %.1fs: %s", len(loaded),
+                asyncio.get_running_loop().time() - start, ", ".join(m.name for m in loaded))
+    await _set_health(runtime, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def ready(server: grpc.aio.Server) -> None:
+    """Wait until the server reports SERVING; raises ValueError when preloading failed."""
+    task = _RUNTIMES[server].preloading
+    if task is None:
+        return
+    try:
+        await asyncio.shield(task)
+    except Exception as exc:
+        raise ValueError(f"preload {_RUNTIMES[server].config.preload}: {exc}") from None
 
 
 async def drain(server: grpc.aio.Server, grace: float | None = None) -> None:
@@ -131,6 +173,8 @@ async def drain(server: grpc.aio.Server, grace: float | None = None) -> None:
     runtime = _RUNTIMES[server]
     grace = runtime.config.grace_seconds if grace is None else grace
     await runtime.health.enter_graceful_shutdown()
+    if runtime.preloading is not None and not runtime.preloading.done():
+        runtime.preloading.cancel()
     await server.stop(grace)
     # Models and threads go only after the server has drained.
     runtime.engine.shutdown()
@@ -160,12 +204,22 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    preloaded = asyncio.ensure_future(ready(server))
+    waiting = asyncio.ensure_future(stopping.wait())
     try:
-        await stopping.wait()
+        done, _ = await asyncio.wait({waiting, preloaded}, return_when=asyncio.FIRST_COMPLETED)
+        failure = preloaded.exception() if preloaded in done else None
+        if failure is not None:
+            # A server without the models it was told to hold must not linger half ready.
+            await drain(server, 0)
+            raise failure
+        await waiting
         logger.info("signal received: draining (grace %.1fs)", config.grace_seconds)
         await drain(server)
         logger.info("stopped")
     finally:
+        waiting.cancel()
+        preloaded.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

@@ -8,11 +8,15 @@ spacer_core.config's own; the server only overrides them when asked.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+from spacer_core.data_classes import DataLocation
+from spacer_core.extractors import FeatureExtractor
 from spacer_core.runtime import RuntimeSettings
 from spacer_core.storage import ClientPolicy, StoragePolicy
 from spacer_core.urlfetch import DEFAULT_MAX_BYTES, DEFAULT_TOTAL_TIMEOUT, UrlRules
@@ -42,6 +46,12 @@ class ServerConfig:
     queue_delay_ms: float = 5.0
     # Batch patches across requests (EfficientNet); False runs spacer_core.tasks per call.
     batching: bool = True
+    # Interactive calls (ClassifyImage, ExtractFeatures) ahead of bulk streams
+    # (ClassifyImages); False serves every request first come first served.
+    priority: bool = True
+    # A JSON file of extractors and classifiers to load and warm up before
+    # health reports SERVING (see read_preload).
+    preload: Path | None = None
     # Threads running blocking library work (decode, extract, train).
     workers: int = max(2, os.cpu_count() or 2)
     # Images one ClassifyImages stream may have in flight at once.
@@ -112,7 +122,7 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
-        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "preload"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: no such file {str(path)!r}")
@@ -132,7 +142,8 @@ class ServerConfig:
         roots = self.effective_data_roots()
         out["data_roots"] = [str(p) for p in roots] if roots is not None else "any path (allow_any_path)"
         out["s3_buckets"] = list(self.s3_buckets) or "any"
-        for name in ("port_file", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+        for name in ("port_file", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
+                     "preload"):
             out[name] = str(getattr(self, name)) if getattr(self, name) else None
         out["batch_size"] = self.batch_size or "auto (the backend's preferred size)"
         return out
@@ -169,6 +180,54 @@ class ServerConfig:
         )
 
 
+@dataclass(frozen=True)
+class Preload:
+    """Models a server loads before it reports SERVING."""
+
+    extractors: tuple[FeatureExtractor, ...] = ()
+    classifiers: tuple[DataLocation, ...] = ()
+
+
+def read_preload(path: Path) -> Preload:
+    """Parse a preload file; ValueError naming the file and entry when it is malformed.
+
+    The file is a JSON object with optional lists "extractors" (pyspacer's
+    extractor JSON: class_path, data_locations, data_hashes) and
+    "classifiers" (pyspacer's DataLocation JSON: storage_type, key, bucket_name).
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"preload file {str(path)!r}: cannot read it as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"preload file {str(path)!r}: expected a JSON object with"
+                         " 'extractors' and/or 'classifiers'")
+    unknown = sorted(set(data) - {"extractors", "classifiers"})
+    if unknown:
+        raise ValueError(f"preload file {str(path)!r}: unknown keys {unknown}; expected"
+                         " 'extractors' and/or 'classifiers'")
+
+    def entries(name: str, build: Callable[[Any], Any]) -> tuple[Any, ...]:
+        items = data.get(name, [])
+        if not isinstance(items, list):
+            raise ValueError(f"preload file {str(path)!r}: {name} must be a list")
+        built = []
+        for i, item in enumerate(items):
+            try:
+                built.append(build(item))
+            except Exception as exc:  # any malformed entry: name it, don't crash the CLI
+                raise ValueError(f"preload file {str(path)!r}: {name}[{i}]: {exc}") from None
+        return tuple(built)
+
+    def classifier(item: Any) -> DataLocation:
+        if not isinstance(item, dict):
+            raise ValueError("expected a DataLocation object (storage_type, key, bucket_name)")
+        return DataLocation.deserialize(item)
+
+    return Preload(entries("extractors", FeatureExtractor.deserialize),
+                   entries("classifiers", classifier))
+
+
 def _bool(text: str) -> bool:
     lowered = str(text).strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -190,6 +249,10 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
      "longest wait to fill a batch"),
     ("--batching", "batching", _bool, "SPACER_BATCHING",
      "true: batch patches across requests; false: one library call per image"),
+    ("--priority", "priority", _bool, "SPACER_PRIORITY",
+     "true: interactive calls are served ahead of bulk streams; false: first come first served"),
+    ("--preload", "preload", Path, "SPACER_PRELOAD",
+     "JSON file of extractors and classifiers to load and warm before health is SERVING"),
     ("--workers", "workers", int, "SPACER_WORKERS", "threads for blocking work"),
     ("--stream-window", "stream_window", int, "SPACER_STREAM_WINDOW",
      "images in flight per ClassifyImages stream"),

@@ -3,22 +3,31 @@
 Image work goes through `spacer_core.pipeline`: blocking steps in the pool,
 the network through the runtime's dynamic batcher shared by every call
 using the same network, so concurrent requests fill each other's batches.
+Interactive work goes ahead of bulk work at each of the three places it can
+wait: admission (a share of the slots is kept for it), the pool (a priority
+queue) and the batcher (batches filled in priority order).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import heapq
+import itertools
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
-from server.config import ServerConfig
+from server.config import Preload, ServerConfig
 from spacer_core import pipeline
+from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import QueueFullError
 from spacer_core.extractors import FeatureExtractor
-from spacer_core.data_classes import DataLocation
+from spacer_core.inference import Priority
+from spacer_core.inference.batcher import DEFAULT_PRIORITY
 from spacer_core.pipeline import ImageJob, ImageResult
 from spacer_core.runtime import LoadedModel, Runtime
 
@@ -31,18 +40,25 @@ class Admission:
 
     Unary calls use `try_enter` (RESOURCE_EXHAUSTED when full); streams use
     `enter`, which waits, so a fast client is slowed instead of failed.
+    Bulk work may fill only `limit - reserved` slots, so a burst of streams
+    leaves room for interactive calls.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, reserved: int = 0):
         self.limit = limit
+        self.reserved = min(reserved, limit - 1)
         self.active = 0
         self._freed = asyncio.Condition()
 
+    def _has_room(self, priority: int) -> bool:
+        bound = self.limit if priority <= Priority.INTERACTIVE else self.limit - self.reserved
+        return self.active < bound
+
     @contextlib.asynccontextmanager
-    async def try_enter(self) -> AsyncIterator[None]:
-        if self.active >= self.limit:
+    async def try_enter(self, priority: int = DEFAULT_PRIORITY) -> AsyncIterator[None]:
+        if not self._has_room(priority):
             raise QueueFullError(
-                f"server queue is full ({self.limit} image tasks admitted); retry later"
+                f"server queue is full ({self.active} image tasks admitted); retry later"
             )
         self.active += 1
         try:
@@ -51,9 +67,9 @@ class Admission:
             await self._release()
 
     @contextlib.asynccontextmanager
-    async def enter(self) -> AsyncIterator[None]:
+    async def enter(self, priority: int = DEFAULT_PRIORITY) -> AsyncIterator[None]:
         async with self._freed:
-            await self._freed.wait_for(lambda: self.active < self.limit)
+            await self._freed.wait_for(lambda: self._has_room(priority))
             self.active += 1
         try:
             yield
@@ -63,7 +79,70 @@ class Admission:
     async def _release(self) -> None:
         async with self._freed:
             self.active -= 1
-            self._freed.notify()
+            # Waiters differ in how much room they need: let each one check.
+            self._freed.notify_all()
+
+
+class PriorityPool(concurrent.futures.Executor):
+    """Threads running blocking work: higher priority first, FIFO within a priority.
+
+    A plain ThreadPoolExecutor runs work in arrival order, so an interactive
+    image would wait for every bulk image that arrived before it.
+    """
+
+    def __init__(self, workers: int, name: str = "spacer-work"):
+        self._heap: list[tuple[int, int, concurrent.futures.Future[Any], Callable[[], Any]]] = []
+        self._order = itertools.count()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+        """Run fn(*args, **kwargs) at the default priority."""
+        return self.submit_at(DEFAULT_PRIORITY, partial(fn, *args, **kwargs))
+
+    def submit_at(self, priority: int, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
+        """Run fn() once the work of higher priority, and earlier work of its own, has started."""
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new work after shutdown")
+            heapq.heappush(self._heap, (int(priority), next(self._order), future, fn))
+            self._lock.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._heap and not self._closed:
+                    self._lock.wait()
+                if not self._heap:
+                    return
+                _, _, future, fn = heapq.heappop(self._heap)
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled while waiting
+            try:
+                result = fn()
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            dropped = self._heap if cancel_futures else []
+            if cancel_futures:
+                self._heap = []
+            self._lock.notify_all()
+        for _, _, future, _ in dropped:
+            future.cancel()
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 class Engine:
@@ -76,39 +155,64 @@ class Engine:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.admission = Admission(config.max_queue)
+        # With priorities on, a quarter of the slots is kept for interactive calls.
+        self.admission = Admission(config.max_queue, config.max_queue // 4 if config.priority else 0)
         self.runtime = Runtime(config.runtime_settings(), policy=config.storage_policy())
-        self._pool = ThreadPoolExecutor(config.workers, thread_name_prefix="spacer-work")
+        self._pool = PriorityPool(config.workers)
 
-    async def call(self, func: Callable[..., T], *args: Any) -> T:
+    async def call(self, func: Callable[..., T], *args: Any, priority: int = DEFAULT_PRIORITY) -> T:
         """func(*args) in the worker pool, with this server's runtime active."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._in_runtime, func, args)
+        future = self._pool.submit_at(priority, partial(self._in_runtime, func, args))
+        return await asyncio.wrap_future(future)
 
     def _in_runtime(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
         with self.runtime.activate():
             return func(*args)
 
-    async def run_image(self, job: ImageJob) -> ImageResult:
-        """One image through the library pipeline; batched with concurrent calls unless disabled."""
+    def priority(self, requested: int) -> int:
+        """The priority work runs at: as requested, or all equal when priorities are off."""
+        return requested if self.config.priority else DEFAULT_PRIORITY
+
+    async def run_image(
+        self, job: ImageJob, *, priority: int = DEFAULT_PRIORITY, deadline: float | None = None
+    ) -> ImageResult:
+        """One image through the library pipeline; batched with concurrent calls unless disabled.
+
+        `priority` orders its pool and network work (`Priority`); work still
+        waiting for the network at `deadline` (time.monotonic()) is dropped.
+        """
+        priority = self.priority(priority)
+        call = partial(self.call, priority=priority)
         if not self.config.batching:
-            return await self.call(pipeline.run, job)
-        return await pipeline.run_async(job, self.runtime, self.call)
+            return await call(pipeline.run, job)
+        return await pipeline.run_async(job, self.runtime, call, priority=priority, deadline=deadline)
 
     async def load_extractor(self, extractor: FeatureExtractor) -> LoadedModel:
         """Fetch and verify the extractor's files; build its network (and batcher) now."""
         return await self.call(self._load_extractor, extractor)
 
-    def _load_extractor(self, extractor: FeatureExtractor) -> LoadedModel:
+    def _load_extractor(self, extractor: FeatureExtractor, warm: bool = False) -> LoadedModel:
         for key in extractor.data_locations:
             extractor.resolve_data(key)  # fetches remote files, checks hashes
         found = extractor.network()
         if found is None:
             return LoadedModel("extractor", type(extractor).__name__, extractor.feature_dim, 0.0)
         model = self.runtime.load_network(found[0])
-        if self.config.batching:
+        if warm:
+            seconds = self.runtime.warm_up(found[0], batched=self.config.batching)
+            logger.info("warmed up %s in %.2fs", model.name, seconds)
+        elif self.config.batching:
             self.runtime.batcher(found[0])
         return model
+
+    async def preload(self, models: Preload) -> list[LoadedModel]:
+        """Load every extractor (with a warm-up forward pass) and classifier of a preload file."""
+        loaded = []
+        for extractor in models.extractors:
+            loaded.append(await self.call(self._load_extractor, extractor, True))
+        for loc in models.classifiers:
+            loaded.append(await self.load_classifier(loc))
+        return loaded
 
     async def load_classifier(self, loc: DataLocation) -> LoadedModel:
         return await self.call(self.runtime.load_classifier, loc)

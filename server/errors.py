@@ -49,6 +49,7 @@ _STATUS_BY_CATEGORY: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (spacer_exc.PreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (spacer_exc.InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (spacer_exc.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (spacer_exc.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
     # The Rust decoder's own types: undecodable bytes, a crop it cannot serve.
     (crop.ImageDecodeError, grpc.StatusCode.INVALID_ARGUMENT),
     (crop.PatchError, grpc.StatusCode.INVALID_ARGUMENT),

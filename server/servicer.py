@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
@@ -19,6 +20,7 @@ from server.errors import describe, invalid, request_locations, rpc_method
 from server.security import redact_job_error
 from spacer_core import tasks
 from spacer_core.exceptions import InvalidInputError
+from spacer_core.inference import Priority
 from spacer_core.messages import ClassifyFeaturesMsg, JobMsg
 from spacer_core.storage import require_writable
 
@@ -30,15 +32,44 @@ class TrainingCancelled(Exception):
     """Raised from the progress callback to stop a training whose call ended."""
 
 
+_PRIORITY_FIELD = {pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE, pb.PRIORITY_BULK: Priority.BULK}
+_PRIORITY_METADATA = {"interactive": Priority.INTERACTIVE, "bulk": Priority.BULK}
+
+
+def call_priority(context: Any, default: Priority) -> Priority:
+    """The call's `x-priority` metadata ("interactive" or "bulk"), else `default`."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-priority":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            if text.strip().lower() not in _PRIORITY_METADATA:
+                raise invalid(f"x-priority metadata must be 'interactive' or 'bulk', got {text!r}")
+            return _PRIORITY_METADATA[text.strip().lower()]
+    return default
+
+
+def request_priority(request: Any, fallback: Priority) -> Priority:
+    """The request's priority field; `fallback` (the call's priority) when unspecified."""
+    return _PRIORITY_FIELD.get(request.priority, fallback)
+
+
+def call_deadline(context: Any) -> float | None:
+    """The call's deadline as a time.monotonic() instant; None when the client set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
 class SpacerServicer(pb_grpc.SpacerServicer):
     """The Spacer service: translate requests, call the library through `engine`, translate back."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    async def _classify_one(self, req: pb.ClassifyImageRequest) -> pb.ClassifyResponse:
+    async def _classify_one(
+        self, req: pb.ClassifyImageRequest, priority: int, deadline: float | None
+    ) -> pb.ClassifyResponse:
         job = convert.image_job(req, classify=True)
-        return convert.classify_response(await self.engine.run_image(job), req.job_token)
+        result = await self.engine.run_image(job, priority=priority, deadline=deadline)
+        return convert.classify_response(result, req.job_token)
 
     # ------------------------------------------------------------ unary
 
@@ -51,8 +82,11 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             with convert.field("feature_loc"):
                 require_writable(feature_loc)
         job = convert.image_job(request, feature_loc=feature_loc)
-        async with self.engine.admission.try_enter():
-            result = await self.engine.run_image(job)
+        priority = self.engine.priority(
+            request_priority(request, call_priority(context, Priority.INTERACTIVE)))
+        async with self.engine.admission.try_enter(priority):
+            result = await self.engine.run_image(job, priority=priority,
+                                                 deadline=call_deadline(context))
         return pb.ExtractFeaturesResponse(
             job_token=request.job_token,
             extractor_loaded_remotely=result.loaded_remotely,
@@ -72,8 +106,10 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
     @rpc_method
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
-        async with self.engine.admission.try_enter():
-            return await self._classify_one(request)
+        priority = self.engine.priority(
+            request_priority(request, call_priority(context, Priority.INTERACTIVE)))
+        async with self.engine.admission.try_enter(priority):
+            return await self._classify_one(request, priority, call_deadline(context))
 
     @rpc_method
     async def RunJob(self, request: pb.RunJobRequest, context: Context) -> pb.RunJobResponse:  # type: ignore[override]
@@ -127,12 +163,16 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         results: asyncio.Queue[Any] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         end = object()
+        stream_priority = call_priority(context, Priority.BULK)
+        deadline = call_deadline(context)
 
         async def one(req: pb.ClassifyImageRequest) -> None:
             try:
-                async with self.engine.admission.enter():
+                priority = self.engine.priority(request_priority(req, stream_priority))
+                async with self.engine.admission.enter(priority):
                     response = pb.ClassifyImagesResponse(
-                        job_token=req.job_token, result=await self._classify_one(req)
+                        job_token=req.job_token,
+                        result=await self._classify_one(req, priority, deadline),
                     )
             except asyncio.CancelledError:
                 raise

@@ -42,6 +42,10 @@ class UnavailableError(SpacerError):
     """A store or service the work depends on cannot be reached now; retrying may help."""
 
 
+class DeadlineExceededError(SpacerError, TimeoutError):
+    """The caller's deadline passed before the work could run; it was dropped unrun."""
+
+
 # --- pyspacer's classes and specific errors ---------------------------------
 
 

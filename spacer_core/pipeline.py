@@ -27,6 +27,7 @@ from spacer_core import config, crop, runtime
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
 from spacer_core.extractors import FeatureExtractor
+from spacer_core.inference.batcher import DEFAULT_PRIORITY
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, classifier_feature_dim
 from spacer_core.storage import load_bytes
@@ -153,18 +154,29 @@ def run(job: ImageJob) -> ImageResult:
 Call = Callable[..., Awaitable[Any]]
 
 
-async def run_async(job: ImageJob, active: Runtime, call: Call) -> ImageResult:
+async def run_async(
+    job: ImageJob,
+    active: Runtime,
+    call: Call,
+    *,
+    priority: int = DEFAULT_PRIORITY,
+    deadline: float | None = None,
+) -> ImageResult:
     """The pipeline for asyncio callers: blocking steps through `call`, the network
     through `active`'s dynamic batcher, so concurrent jobs fill each other's batches.
 
     `call(func, *args)` runs a blocking function off the event loop (in a
-    context where `active` is current).
+    context where `active` is current). `priority` (`Priority`, lower first)
+    orders the job's patches among those waiting for the network; a job still
+    waiting at `deadline` (`time.monotonic()`) is dropped before the network
+    with DeadlineExceededError.
     """
     prepared: Prepared = await call(prepare, job)
     features = prepared.features
     if features is None:
         assert prepared.net is not None and prepared.patches is not None
-        features = await active.features_async(prepared.net, prepared.patches)
+        features = await active.features_async(prepared.net, prepared.patches,
+                                               priority=priority, deadline=deadline)
         prepared.patches = None  # free the float32 input before scoring
     return await call(finish, prepared, features)
 

@@ -27,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from spacer_core.inference.backends import PATCH_SHAPE as _PATCH_SHAPE
 from spacer_core.inference.backends import Backend, resolve_device, run_in_batches
 from spacer_core.inference.compile import load_backend
 from spacer_core.inference.batcher import (
+    DEFAULT_PRIORITY,
     BatchObservation,
     BatcherClosedError,
     BatchObserver,
@@ -244,15 +246,44 @@ class Runtime:
         backend = self.backend(net)
         return run_in_batches(backend, patches, self.settings.batch_size or backend.preferred_batch_size)
 
-    async def features_async(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
-        """Features of patches through the shared batcher (batched with other callers)."""
+    async def features_async(
+        self,
+        net: NetworkSpec,
+        patches: np.ndarray,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        deadline: float | None = None,
+    ) -> np.ndarray:
+        """Features of patches through the shared batcher (batched with other callers).
+
+        `priority` orders this request among waiting ones (`Priority`, lower
+        first); past `deadline` (`time.monotonic()`) it is dropped before
+        reaching the network with DeadlineExceededError.
+        """
         try:
-            return await self.batcher(net).extract(patches)
+            return await self.batcher(net).extract(patches, priority=priority, deadline=deadline)
         except BatcherClosedError:
             if self.closed:
                 raise
             # Evicted meanwhile by another network: get a fresh batcher once.
-            return await self.batcher(net).extract(patches)
+            return await self.batcher(net).extract(patches, priority=priority, deadline=deadline)
+
+    def warm_up(self, net: NetworkSpec, *, batched: bool = True) -> float:
+        """Run one full batch of blank patches through `net`; seconds taken.
+
+        The first forward pass of a compiled network pays for allocations and
+        kernel selection; doing it before traffic keeps that off a client's
+        call. `batched` goes through the shared batcher (starting it too).
+        """
+        start = time.perf_counter()
+        backend = self.backend(net)
+        size = self.settings.batch_size or backend.preferred_batch_size
+        blank = np.zeros((size, *_PATCH_SHAPE), np.float32)
+        if batched:
+            self.batcher(net).extract_sync(blank)
+        else:
+            self.features(net, blank)
+        return time.perf_counter() - start
 
     # -- classifiers ------------------------------------------------------------------
 

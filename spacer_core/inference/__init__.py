@@ -21,7 +21,12 @@ from spacer_core.inference.backends import (
     to_network_input,
 )
 from spacer_core.inference.compile import load_backend
-from spacer_core.inference.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from spacer_core.inference.batcher import (
+    BatcherClosedError,
+    DynamicBatcher,
+    Priority,
+    QueueFullError,
+)
 from spacer_core.inference.model_cache import ModelCache, estimate_nbytes
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.inference.precision import Precision
@@ -36,6 +41,7 @@ __all__ = [
     "NetworkSpec",
     "OnnxBackend",
     "Precision",
+    "Priority",
     "QueueFullError",
     "TorchScriptBackend",
     "estimate_nbytes",

@@ -7,10 +7,19 @@ most `max_queue_delay_s` after the first queued patch for a batch to fill
 (Triton's max_queue_delay), runs the network and hands each caller its own
 features, in the order its patches were given.
 
-- Bounded: at most `max_queued_patches` patches wait to be batched. A full
+- Bounded: at most `max_queued_patches` patches of a priority or above wait
+  to be batched (lower-priority work does not count against higher). A full
   queue raises `QueueFullError` (`block=False`) or makes the caller wait for
   room (`block=True`, optionally with a timeout). A single request larger than
   the bound is admitted only into an empty queue, so it cannot starve.
+- Priorities: each request has one (`Priority.INTERACTIVE` first, then
+  `Priority.BULK`; any int, lower runs first). Batches are filled from the
+  highest priority waiting, FIFO within a priority, so a single interactive
+  image overtakes a long bulk backlog at the next batch.
+- Deadlines: a request may carry a `time.monotonic()` deadline. One whose
+  deadline passes while it waits is dropped when the next batch is formed,
+  before any more of its patches reach the network, and fails with
+  `DeadlineExceededError`.
 - Cancelling a caller's future (or its asyncio task) drops its patches that
   are still waiting.
 - A batch whose network call fails fails exactly the callers with patches in
@@ -32,15 +41,16 @@ import collections
 import concurrent.futures
 import logging
 import threading
+import enum
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from spacer_core.exceptions import QueueFullError, ShuttingDownError
+from spacer_core.exceptions import DeadlineExceededError, QueueFullError, ShuttingDownError
 from spacer_core.inference.backends import (
     PATCH_SHAPE,
     Backend,
@@ -56,10 +66,24 @@ class BatcherClosedError(ShuttingDownError):
     """The batcher was closed before this request could run."""
 
 
+class Priority(enum.IntEnum):
+    """Which requests fill batches first: lower values run first."""
+
+    INTERACTIVE = 0  # someone is waiting on this one image
+    BULK = 1  # streams and batch jobs: throughput matters, latency less
+
+
+# Library callers that say nothing are served as interactive work, as before
+# priorities existed (all requests equal: plain FIFO).
+DEFAULT_PRIORITY = Priority.INTERACTIVE
+
+
 @dataclass(eq=False)
 class _Request:
     patches: np.ndarray
     future: concurrent.futures.Future[np.ndarray]
+    priority: int = DEFAULT_PRIORITY
+    deadline: float | None = None  # time.monotonic() after which it is dropped unrun
     scheduled: int = 0  # patches handed to a batch so far
     finished: int = 0  # patches whose features are back
     features: np.ndarray | None = None
@@ -68,6 +92,54 @@ class _Request:
     @property
     def size(self) -> int:
         return len(self.patches)
+
+
+class _Queue:
+    """Waiting requests: one FIFO per priority, iterated highest priority first."""
+
+    def __init__(self) -> None:
+        self._fifos: dict[int, collections.deque[_Request]] = {}
+
+    def append(self, request: _Request) -> None:
+        fifo = self._fifos.get(request.priority)
+        if fifo is None:
+            fifo = self._fifos[request.priority] = collections.deque()
+            self._fifos = dict(sorted(self._fifos.items()))
+        fifo.append(request)
+
+    def remove(self, request: _Request) -> None:
+        """Raises ValueError when the request is not waiting."""
+        fifo = self._fifos.get(request.priority)
+        if fifo is None:
+            raise ValueError(request)
+        fifo.remove(request)
+
+    def first(self) -> _Request:
+        for fifo in self._fifos.values():
+            if fifo:
+                return fifo[0]
+        raise IndexError("empty queue")
+
+    def pop_first(self) -> _Request:
+        for fifo in self._fifos.values():
+            if fifo:
+                return fifo.popleft()
+        raise IndexError("empty queue")
+
+    def clear(self) -> None:
+        self._fifos.clear()
+
+    def waiting_patches(self, up_to: int) -> int:
+        """Unbatched patches of requests with priority `up_to` or higher (value <= up_to)."""
+        return sum(r.size - r.scheduled for priority, fifo in self._fifos.items()
+                   if priority <= up_to for r in fifo)
+
+    def __iter__(self) -> Iterator[_Request]:
+        for fifo in list(self._fifos.values()):
+            yield from list(fifo)
+
+    def __bool__(self) -> bool:
+        return any(self._fifos.values())
 
 
 @dataclass
@@ -90,6 +162,8 @@ class BatcherStats:
     patches: int = 0
     failed_batches: int = 0
     cancelled_patches: int = 0
+    # Patches of requests dropped unrun because their deadline passed in the queue.
+    expired_patches: int = 0
     # Totals behind the observers' figures: queue wait per request, network time per batch.
     queue_seconds: float = 0.0
     network_seconds: float = 0.0
@@ -155,7 +229,7 @@ class DynamicBatcher:
         for observer in observers:
             if observer not in self._observers:
                 self._observers.append(observer)
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._queue = _Queue()
         self._queued = 0  # patches waiting to be put in a batch
         self._closed = False
         self._lock = threading.Lock()
@@ -181,7 +255,13 @@ class DynamicBatcher:
         return self._closed
 
     def submit(
-        self, patches: np.ndarray, *, block: bool = False, timeout: float | None = None
+        self,
+        patches: np.ndarray,
+        *,
+        block: bool = False,
+        timeout: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
+        deadline: float | None = None,
     ) -> concurrent.futures.Future[np.ndarray]:
         """Queue one caller's patches; the future gives their features (N, D) float32.
 
@@ -189,9 +269,12 @@ class DynamicBatcher:
         crops (converted exactly as ToTensor does). When the queue is full:
         `block=False` raises QueueFullError; `block=True` waits for room, up
         to `timeout` seconds (None: no limit), then raises QueueFullError.
-        Cancelling the future drops the patches not yet batched.
+        `priority` orders batching (see `Priority`); past `deadline` (a
+        `time.monotonic()` value) the request is dropped unrun with
+        DeadlineExceededError. Cancelling the future drops the patches not
+        yet batched.
         """
-        request = self._new_request(patches)
+        request = self._new_request(patches, priority, deadline)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while not self._admissible(request):
@@ -205,13 +288,20 @@ class DynamicBatcher:
         return request.future
 
     async def extract(
-        self, patches: np.ndarray, *, block: bool = True, timeout: float | None = None
+        self,
+        patches: np.ndarray,
+        *,
+        block: bool = True,
+        timeout: float | None = None,
+        priority: int = DEFAULT_PRIORITY,
+        deadline: float | None = None,
     ) -> np.ndarray:
         """asyncio form of submit + result: waits for room without blocking the event loop.
 
-        Cancelling the awaiting task cancels the request.
+        `priority` and `deadline` as in `submit`. Cancelling the awaiting task
+        cancels the request.
         """
-        request = self._new_request(patches)
+        request = self._new_request(patches, priority, deadline)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -232,9 +322,18 @@ class DynamicBatcher:
                 raise QueueFullError(self._full_message(request)) from None
         return await asyncio.wrap_future(request.future)
 
-    def extract_sync(self, patches: np.ndarray, timeout: float | None = None) -> np.ndarray:
+    def extract_sync(
+        self,
+        patches: np.ndarray,
+        timeout: float | None = None,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        deadline: float | None = None,
+    ) -> np.ndarray:
         """Blocking submit (waiting for room) and result, for threads."""
-        return self.submit(patches, block=True, timeout=timeout).result(timeout)
+        future = self.submit(patches, block=True, timeout=timeout, priority=priority,
+                             deadline=deadline)
+        return future.result(timeout)
 
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; with `drain`, finish queued work first, else fail it."""
@@ -261,10 +360,12 @@ class DynamicBatcher:
 
     # -- admission (lock held) ----------------------------------------------------------
 
-    def _new_request(self, patches: np.ndarray) -> _Request:
+    def _new_request(self, patches: np.ndarray, priority: int, deadline: float | None) -> _Request:
         patches = check_patches(patches)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceededError(f"{self.name}: the deadline passed before the request was queued")
         future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
-        request = _Request(patches, future)
+        request = _Request(patches, future, int(priority), deadline)
         # A weak reference: request -> future -> callback -> request would be a
         # cycle, keeping each request's patches alive until a gc pass.
         ref = weakref.ref(request)
@@ -274,7 +375,10 @@ class DynamicBatcher:
     def _admissible(self, request: _Request) -> bool:
         if self._closed:
             raise BatcherClosedError(f"{self.name} is closed")
-        return self._queued == 0 or self._queued + request.size <= self.max_queued_patches
+        # Only work that would run before this request counts against the
+        # bound, so a bulk backlog never keeps interactive work out.
+        ahead = self._queue.waiting_patches(request.priority)
+        return ahead == 0 or ahead + request.size <= self.max_queued_patches
 
     def _full_message(self, request: _Request) -> str:
         return (f"{self.name}: queue full ({self._queued} patches waiting, bound "
@@ -340,6 +444,25 @@ class DynamicBatcher:
                         return
 
     def _take_batch(self, *, wait: bool) -> _Batch | None:
+        expired: list[_Request] = []
+        try:
+            return self._fill_batch(wait=wait, expired=expired)
+        finally:
+            for request in expired:
+                waited = time.monotonic() - request.enqueued
+                _fail(request, DeadlineExceededError(
+                    f"{self.name}: the deadline passed after {waited:.3f}s in the queue;"
+                    " dropped before reaching the network"))
+
+    def _drop_expired(self, now: float, expired: list[_Request]) -> None:
+        """Take requests whose deadline has passed out of the queue (lock held)."""
+        for request in self._queue:
+            if request.deadline is not None and now >= request.deadline:
+                self.stats.expired_patches += request.size - request.scheduled
+                self._remove(request, cancelled=False)
+                expired.append(request)
+
+    def _fill_batch(self, *, wait: bool, expired: list[_Request]) -> _Batch | None:
         with self._lock:
             while not self._queue:
                 if self._closed or not wait:
@@ -356,8 +479,9 @@ class DynamicBatcher:
             waits: list[float] = []
             size = 0
             now = time.monotonic()
+            self._drop_expired(now, expired)
             while self._queue and size < self.max_batch_size:
-                request = self._queue[0]
+                request = self._queue.first()
                 if request.scheduled == 0:
                     waits.append(now - request.enqueued)
                 take = min(self.max_batch_size - size, request.size - request.scheduled)
@@ -365,7 +489,7 @@ class DynamicBatcher:
                 request.scheduled += take
                 size += take
                 if request.scheduled == request.size:
-                    self._queue.popleft()
+                    self._queue.pop_first()
             self._queued -= size
             if size:
                 self._freed()

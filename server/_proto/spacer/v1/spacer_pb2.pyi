@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BULK: _ClassVar[Priority]
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BULK: Priority
 
 class DataLocation(_message.Message):
     __slots__ = ("storage_type", "key", "bucket_name")
@@ -89,7 +99,7 @@ class PointScores(_message.Message):
     def __init__(self, row: _Optional[int] = ..., col: _Optional[int] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ExtractFeaturesRequest(_message.Message):
-    __slots__ = ("job_token", "extractor", "rowcols", "image_loc", "image_bytes", "feature_loc", "return_features")
+    __slots__ = ("job_token", "extractor", "rowcols", "image_loc", "image_bytes", "feature_loc", "return_features", "priority")
     JOB_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
     ROWCOLS_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +107,7 @@ class ExtractFeaturesRequest(_message.Message):
     IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_LOC_FIELD_NUMBER: _ClassVar[int]
     RETURN_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     job_token: str
     extractor: Extractor
     rowcols: _containers.RepeatedCompositeFieldContainer[RowCol]
@@ -104,7 +115,8 @@ class ExtractFeaturesRequest(_message.Message):
     image_bytes: bytes
     feature_loc: DataLocation
     return_features: bool
-    def __init__(self, job_token: _Optional[str] = ..., extractor: _Optional[_Union[Extractor, _Mapping]] = ..., rowcols: _Optional[_Iterable[_Union[RowCol, _Mapping]]] = ..., image_loc: _Optional[_Union[DataLocation, _Mapping]] = ..., image_bytes: _Optional[bytes] = ..., feature_loc: _Optional[_Union[DataLocation, _Mapping]] = ..., return_features: _Optional[bool] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, job_token: _Optional[str] = ..., extractor: _Optional[_Union[Extractor, _Mapping]] = ..., rowcols: _Optional[_Iterable[_Union[RowCol, _Mapping]]] = ..., image_loc: _Optional[_Union[DataLocation, _Mapping]] = ..., image_bytes: _Optional[bytes] = ..., feature_loc: _Optional[_Union[DataLocation, _Mapping]] = ..., return_features: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class ExtractFeaturesResponse(_message.Message):
     __slots__ = ("job_token", "extractor_loaded_remotely", "runtime", "features")
@@ -129,20 +141,22 @@ class ClassifyFeaturesRequest(_message.Message):
     def __init__(self, job_token: _Optional[str] = ..., feature_loc: _Optional[_Union[DataLocation, _Mapping]] = ..., classifier_loc: _Optional[_Union[DataLocation, _Mapping]] = ...) -> None: ...
 
 class ClassifyImageRequest(_message.Message):
-    __slots__ = ("job_token", "extractor", "rowcols", "image_loc", "image_bytes", "classifier_loc")
+    __slots__ = ("job_token", "extractor", "rowcols", "image_loc", "image_bytes", "classifier_loc", "priority")
     JOB_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
     ROWCOLS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_LOC_FIELD_NUMBER: _ClassVar[int]
     IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CLASSIFIER_LOC_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     job_token: str
     extractor: Extractor
     rowcols: _containers.RepeatedCompositeFieldContainer[RowCol]
     image_loc: DataLocation
     image_bytes: bytes
     classifier_loc: DataLocation
-    def __init__(self, job_token: _Optional[str] = ..., extractor: _Optional[_Union[Extractor, _Mapping]] = ..., rowcols: _Optional[_Iterable[_Union[RowCol, _Mapping]]] = ..., image_loc: _Optional[_Union[DataLocation, _Mapping]] = ..., image_bytes: _Optional[bytes] = ..., classifier_loc: _Optional[_Union[DataLocation, _Mapping]] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, job_token: _Optional[str] = ..., extractor: _Optional[_Union[Extractor, _Mapping]] = ..., rowcols: _Optional[_Iterable[_Union[RowCol, _Mapping]]] = ..., image_loc: _Optional[_Union[DataLocation, _Mapping]] = ..., image_bytes: _Optional[bytes] = ..., classifier_loc: _Optional[_Union[DataLocation, _Mapping]] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("job_token", "runtime", "scores", "classes", "valid_rowcol")
