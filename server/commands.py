@@ -102,13 +102,16 @@ def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--classifier", required=True, help="classifier pickle: a path or s3://bucket/key")
             p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                            help=f"accept labels scored at least this (default {DEFAULT_THRESHOLD})")
+        else:
+            p.set_defaults(classifier=None, threshold=0.0)
         p.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="local: this process (default); ray: a Ray Data job (pip install '.[ray]')")
         p.add_argument("--ray-address", metavar="ADDR",
                        help="Ray cluster to join (auto, ray://host:10001); default: start a local one")
         p.add_argument("--actors", type=int, help="network actors on Ray (default: one per GPU, or per 4 CPUs)")
         p.add_argument("--shard", default="0/1", metavar="I/N",
-                       help="do only image i of every n, in manifest order (default 0/1: all)")
+                       help="do only image I of every N, in manifest order (default 0/1: all);"
+                            " the summary and results CSV name the shard")
         p.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
         p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
         p.add_argument("--log-level", default=os.environ.get("SPACER_LOG_LEVEL") or "WARNING")
@@ -344,14 +347,9 @@ def run_bulk(args: argparse.Namespace) -> int:
     if args.actors is not None and args.actors < 1:
         raise SurveyError(f"--actors {args.actors}: expected a whole number >= 1")
     shard, shards = parse_shard(args.shard)
-    extractor = survey.weights_extractor(args.weights)
     items = bulk.plan(args.manifest, shard, shards)
-    task: bulk.BulkTask
-    if args.bulk_command == "extract":
-        task = bulk.BulkTask.extract(extractor, args.out, overwrite=args.overwrite)
-    else:
-        task = bulk.BulkTask.classify(extractor, bulk.location_for(args.classifier), args.out,
-                                      args.threshold, overwrite=args.overwrite)
+    task = bulk.build_task(args.bulk_command, args.weights, args.out, classifier=args.classifier,
+                           threshold=args.threshold, shard=shard, shards=shards, overwrite=args.overwrite)
     bar = Bar(f"bulk {args.bulk_command}")
 
     def progress(done: int, total: int, points: int) -> None:

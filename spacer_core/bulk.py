@@ -47,6 +47,7 @@ from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.storage import ALLOW_ALL, StoragePolicy, data_exists, load_bytes, store_bytes
+from spacer_core.survey import weights_extractor
 
 RowCol = tuple[int, int]
 Kind = Literal["extract", "classify"]
@@ -122,6 +123,11 @@ def plan(manifest: str | Path, shard: int = 0, shards: int = 1) -> list[BulkImag
     return items[shard::shards]
 
 
+def shard_label(shard: int, shards: int) -> str:
+    """'' for a whole manifest, else `.shard-I-of-N` (added to per-shard file names)."""
+    return "" if shards == 1 else f".shard-{shard}-of-{shards}"
+
+
 # ---------------------------------------------------------------- task
 
 
@@ -137,6 +143,7 @@ class BulkTask:
     overwrite: bool = False
     settings: RuntimeSettings = field(default_factory=RuntimeSettings)
     policy: StoragePolicy = ALLOW_ALL
+    shard_label: str = ""  # names this shard's summary, so shards sharing a folder keep theirs
 
     @classmethod
     def extract(cls, extractor: FeatureExtractor, out: str | Path, **options: Any) -> BulkTask:
@@ -163,7 +170,25 @@ class BulkTask:
 
     @property
     def summary_location(self) -> DataLocation:
-        return DataLocation("filesystem", os.path.join(self.work_dir, SUMMARY_NAME))
+        stem, ext = os.path.splitext(SUMMARY_NAME)
+        return DataLocation("filesystem", os.path.join(self.work_dir, stem + self.shard_label + ext))
+
+
+def build_task(kind: str, weights: str | Path, out: str | Path, *, classifier: str | None = None,
+               threshold: float = 0.0, shard: int = 0, shards: int = 1, overwrite: bool = False) -> BulkTask:
+    """The task of the shell and the batch entry point: a local weights file, a classifier path
+    or s3:// name; a shard's summary (and results CSV) carry the shard in their names."""
+    label = shard_label(shard, shards)
+    extractor = weights_extractor(weights)
+    if kind == "extract":
+        return BulkTask.extract(extractor, out, overwrite=overwrite, shard_label=label)
+    if kind != "classify":
+        raise InvalidInputError(f"bulk task {kind!r}: expected extract or classify")
+    if classifier is None:
+        raise InvalidInputError("bulk classify needs a classifier")
+    path = Path(out)
+    return BulkTask.classify(extractor, location_for(classifier), path.with_name(path.stem + label + path.suffix),
+                             threshold, overwrite=overwrite, shard_label=label)
 
 
 def _out(out: str | Path) -> str:

@@ -7,6 +7,9 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import boto3
 import numpy as np
@@ -24,6 +27,7 @@ from tests.support.http_server import http_server  # noqa: F401  (fixture)
 from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
 
 spacer = pytest.importorskip("spacer")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +206,34 @@ def test_bad_shell_arguments_give_one_line(survey, tmp_path, capsys):
     code = main(["bulk", "extract", "--weights", str(survey.weights), "--manifest", str(survey.manifest),
                  "--out", str(tmp_path / "o"), "--shard", "4/4"])
     assert code == 1 and "--shard '4/4': expected I/N" in capsys.readouterr().err
+
+
+def _bulk_job(env_extra, cwd):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BULK_", "AWS_BATCH_"))}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "spacer_core.mailman", "bulk_job"], env={**env, **env_extra},
+                          cwd=cwd, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_aws_batch_array_children_each_take_their_shard_of_the_manifest(survey, tmp_path):
+    common = {"BULK_TASK": "classify", "BULK_WEIGHTS": str(survey.weights), "BULK_MANIFEST": str(survey.manifest),
+              "BULK_OUT": str(tmp_path / "results.csv"), "BULK_CLASSIFIER": str(survey.classifier),
+              "AWS_BATCH_JOB_ARRAY_SIZE": "2"}
+    for index in range(2):
+        proc = _bulk_job({**common, "AWS_BATCH_JOB_ARRAY_INDEX": str(index)}, tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads((tmp_path / f"results.shard-{index}-of-2.csv.parts" / f"_summary.shard-{index}-of-2.json").read_text())
+        assert list(summary["outputs"]) == [f"images/{p.name}" for p in survey.images[index::2]]
+        with open(tmp_path / f"results.shard-{index}-of-2.csv", newline="") as f:
+            names = {row["Name"] for row in csv.DictReader(f)}
+        assert names == {f"images/{p.name}" for p in survey.images[index::2]}
+    # Extraction shards share one folder; each keeps its own summary.
+    common.update(BULK_TASK="extract", BULK_OUT=str(tmp_path / "features"), BULK_SHARDS="3")
+    for index in range(3):
+        assert _bulk_job({**common, "AWS_BATCH_JOB_ARRAY_INDEX": str(index)}, tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == sorted(
+        [f"_summary.shard-{i}-of-3.json" for i in range(3)]
+        + [f"{p.name}.featurevector" for p in survey.images])
+    proc = _bulk_job({**common, "AWS_BATCH_JOB_ARRAY_INDEX": "3"}, tmp_path)
+    assert proc.returncode == 1 and "array index 3 with 3 shards" in proc.stderr
