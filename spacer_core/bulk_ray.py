@@ -49,7 +49,8 @@ class RayOptions:
         joins the instance already initialised in this process, else starts a
         local one. actors: network actors; default one per GPU of the cluster,
         else one per `cores_per_actor` CPUs. actor_cpus / actor_gpus: what each
-        actor reserves (GPUs default to 1 when the cluster has any).
+        actor reserves (GPUs default to 1 when the cluster has any). stage_cpus:
+        what each read/decode/crop task and each store/score task reserves.
     fault_marker: a file path; the first network call that finds the file
         renames it away and ends its process, a drill for actor recovery.
     """
@@ -59,6 +60,7 @@ class RayOptions:
     cores_per_actor: int = 4
     actor_cpus: float = 1.0
     actor_gpus: float | None = None
+    stage_cpus: float = 0.5
     fault_marker: str | None = None
 
 
@@ -105,12 +107,14 @@ def outcomes(task: BulkTask, items: Sequence[BulkImage], options: RayOptions) ->
     actors, gpus = _pool_size(options)
     rows = [_row(i, item) for i, item in enumerate(items)]
     ds: ray.data.Dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 10_000)))
-    ds = ds.map(_Prepare(task))
+    # Half a CPU each for the light stages: resource needs unlike the actor's also keep Ray Data
+    # from fusing them into the actor, so decoding runs beside the network, not in its process.
+    ds = ds.map(_Prepare(task), num_cpus=options.stage_cpus)
     ds = ds.map_batches(
         _Network, fn_constructor_args=(task, options.fault_marker), batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=options.actor_cpus, num_gpus=gpus,
     )
-    ds = ds.map(_Finish(task))
+    ds = ds.map(_Finish(task), num_cpus=options.stage_cpus)
     for row in ds.iter_rows():
         yield Outcome(str(row["name"]), bool(row["ok"]), int(row["points"]), float(row["seconds"]),
                       str(row["error"]))
@@ -128,6 +132,11 @@ def _pool_size(options: RayOptions) -> tuple[int, float]:
             actors = max(1, int(resources.get("GPU", 0) // gpus))
         else:
             actors = max(1, int(resources.get("CPU", 1)) // max(1, options.cores_per_actor))
+    needed = actors * options.actor_cpus + 2 * options.stage_cpus
+    if needed > resources.get("CPU", 0):
+        # Without room for the CPU stages the actors wait for input forever (unless autoscaling adds nodes).
+        logger.warning("%d actors x %g CPUs and the CPU stages need %g CPUs; the cluster has %g now",
+                       actors, options.actor_cpus, needed, resources.get("CPU", 0))
     return actors, gpus
 
 
