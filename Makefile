@@ -11,7 +11,7 @@ help: ## List the targets
 
 deps: ## Install the package (builds the Rust extension) with test tools and the pyspacer oracle
 	bash scripts/install-system-deps.sh --test
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,ray]'
 	# pyspacer pins old torch/scikit-learn; its runtime needs are ours, so skip its pins.
 	$(PIP) install -q --no-deps 'pyspacer==0.14.0'
 

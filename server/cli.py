@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.commands import add_shell_arguments, is_shell_form
+from server.commands import add_bulk_arguments, add_shell_arguments, is_shell_form
 from server.config import ServerConfig, add_arguments, config_from_args
 
 
@@ -54,6 +54,11 @@ def _build_parser() -> argparse.ArgumentParser:
         )
         add_shell_arguments(name, task)
         task.add_argument("--log-level", default=os.environ.get("SPACER_LOG_LEVEL") or "WARNING")
+
+    bulk = sub.add_parser(
+        "bulk", help="extract or classify every image of a points manifest (in process, or on Ray)"
+    )
+    add_bulk_arguments(bulk)
 
     demo = sub.add_parser("demo", help="build a small synthetic survey and run the whole workflow on it")
     demo.add_argument("folder", nargs="?", type=Path, default=Path("spacer-demo"),
@@ -172,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "health":
         return _health(args)
-    if args.command == "demo" or (args.command in _TASKS and is_shell_form(args)):
+    if args.command in ("demo", "bulk") or (args.command in _TASKS and is_shell_form(args)):
         from server.commands import run
 
         _setup_logging(args.log_level)
