@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,25 +35,8 @@ from bench_server import fs, make_jpeg, points  # noqa: E402
 
 from server.client import SpacerClient  # noqa: E402
 from tests.support.grpc_server import extractor_json, make_classifier  # noqa: E402
+from tests.support.serve_process import ServeProcess  # noqa: E402
 from tests.support.weights import cached_weights  # noqa: E402
-
-
-def start_server(workdir: Path, device: str, priority: bool, max_queue: int | None
-                 ) -> tuple[subprocess.Popen, str]:
-    port_file = workdir / f"port-{priority}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", "0", "--port-file", str(port_file),
-         "--device", device, "--priority", str(priority).lower(), "--log-level", "WARNING",
-         *(["--max-queue", str(max_queue)] if max_queue else [])],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    deadline = time.monotonic() + 120
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.1)
-    return proc, f"127.0.0.1:{int(port_file.read_text())}"
 
 
 def run(address: str, seconds: float, streams: int, bulk, interactive, window: int = 4
@@ -150,14 +132,17 @@ def main() -> None:
             "interactive")
         results = {}
         for priority in (False, True):
-            proc, address = start_server(workdir, args.device, priority, args.max_queue)
+            server = ServeProcess(
+                workdir, "--data-root", str(weights.path.parent), "--device", args.device,
+                "--priority", str(priority).lower(), "--log-level", "WARNING",
+                *(["--max-queue", str(args.max_queue)] if args.max_queue else [])).start()
+            address = server.address
             try:
                 with SpacerClient(address) as client:
                     client.classify_image(extractor, [(10, 10)], fs(files[0]), fs(clf))  # warm
                 results[priority] = run(address, args.seconds, args.streams, bulk, interactive)
             finally:
-                proc.terminate()
-                proc.wait(60)
+                server.stop()
             r = results[priority]
             print(f"--priority {str(priority).lower():5}: interactive calls {r['calls']:3d}"
                   f" (failed {r['failed']} {r['failures'] or ''}); latency p50 {r['p50']:.3f} s,"

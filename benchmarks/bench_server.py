@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from server.client import SpacerClient  # noqa: E402
 from tests.support.grpc_server import extractor_json, make_classifier  # noqa: E402
+from tests.support.serve_process import ServeProcess  # noqa: E402
 from tests.support.weights import cached_weights  # noqa: E402
 
 
@@ -77,24 +77,6 @@ def pyspacer_points_per_s(images, extractor: dict, clf: Path) -> float:
     return total / (time.perf_counter() - start)
 
 
-def start_server(workdir: Path, device: str, precision: str = "exact",
-                 roots: tuple[Path, ...] = ()) -> tuple[subprocess.Popen, str]:
-    port_file = workdir / "port"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", "0", "--port-file", str(port_file),
-         "--device", device, "--precision", precision, "--log-level", "WARNING",
-         *(arg for root in (workdir, *roots) for arg in ("--data-root", str(root)))],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    deadline = time.monotonic() + 120
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.1)
-    return proc, f"127.0.0.1:{int(port_file.read_text())}"
-
-
 def stream_points(address: str, requests) -> int:
     with SpacerClient(address, timeout=3600) as client:
         n = 0
@@ -118,13 +100,6 @@ def concurrent_points_per_s(address: str, per_client: list[list], clients: int) 
     for t in threads:
         t.join()
     return sum(counts) / (time.perf_counter() - start)
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:
@@ -160,7 +135,9 @@ def main() -> None:
         print(f"pyspacer classify_image loop: {baseline:8.1f} points/s")
         rates: list[tuple[int, float]] = []
 
-        proc, address = start_server(workdir, args.device, args.precision, (weights.path.parent,))
+        server = ServeProcess(workdir, "--data-root", str(weights.path.parent), "--device", args.device,
+                              "--precision", args.precision, "--log-level", "WARNING").start()
+        address = server.address
         try:
             with SpacerClient(address) as client:
                 # Build (or load the cached) compiled network before timing.
@@ -178,12 +155,11 @@ def main() -> None:
                 rate = concurrent_points_per_s(address, per_client, clients)
                 rates.append((clients, rate))
                 print(f"ClassifyImages, {clients} client(s):  {rate:8.1f} points/s")
-            rss = peak_rss_mib(proc.pid)
+            rss = server.status().peak_rss_mib
             print(f"server peak RSS (VmHWM) after {max(client_counts)} concurrent streams of {mp:.1f} MP images:"
                   f" {rss:.0f} MiB (target <= 2048 MiB)")
         finally:
-            proc.terminate()
-            proc.wait(60)
+            server.stop()
         again = pyspacer_points_per_s(images[: args.pyspacer_images], extractor, clf)
         print(f"pyspacer classify_image loop (again): {again:8.1f} points/s")
         baseline = max(baseline, again)
