@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +57,8 @@ def _ok_calls(log_text: str) -> int:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if entry.get("method") == "ClassifyImage" and entry.get("status") == "OK":
+        if (entry.get("method") == "ClassifyImage" and entry.get("status") == "OK"
+                and str(entry.get("token", "")).startswith("t")):
             count += 1
     return count
 
@@ -76,6 +78,11 @@ def test_three_replicas_share_the_work_and_a_killed_one_loses_nothing(tmp_path, 
             proc, port = start_serve(folder, "--workers", "2", "--log-format", "json", "--grace", "0")
             replicas.append((proc, port, folder))
         addresses = [f"127.0.0.1:{port}" for _, port, _ in replicas]
+        # Each replica builds its network before the measured calls, so none is
+        # still compiling (and has served nothing) when the victim is killed.
+        for address in addresses:
+            with SpacerClient(address, timeout=180) as warm:
+                warm.classify_image(extractor, points, fs(image), fs(clf), job_token="warm")
         total, kill_after = 60, 15
         done = threading.Event()
         finished: list[str] = []
@@ -93,6 +100,10 @@ def test_three_replicas_share_the_work_and_a_killed_one_loses_nothing(tmp_path, 
             with ThreadPoolExecutor(6) as pool:
                 futures = [pool.submit(one, i) for i in range(total)]
                 assert done.wait(180), "the first calls did not finish"
+                # The victim has answered some calls before it dies.
+                deadline = time.monotonic() + 60
+                while not _ok_calls((replicas[1][2] / "serve.log").read_text()) and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 victim = replicas[1][0]
                 victim.send_signal(signal.SIGKILL)  # no drain: in-flight calls are cut
                 victim.wait(30)

@@ -49,7 +49,8 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 # Sizes large enough that each write takes a visible while: ~6 MB of
 # features, a ~1.4 MB classifier pickle, ~8 MB of validation results.
 FEATURE_POINTS, FEATURE_DIM = 1000, 1280
-CLF_FEATURES = 30_000
+# Large enough that a classifier's write lasts long enough to be caught by a kill.
+CLF_FEATURES = 300_000
 VAL_ITEMS = 300_000
 
 WRITER = textwrap.dedent(
@@ -348,7 +349,8 @@ def overload_round(process: ServeProcess, client: SpacerClient, data: dict, imag
     peak_threads, peak_rss = 0, 0.0
     while any(t.is_alive() for t in threads):
         try:
-            client.stub.ClassifyImage(single, timeout=60)
+            # As bulk work: interactive calls have admission slots of their own.
+            client.stub.ClassifyImage(single, timeout=60, metadata=(("x-priority", "bulk"),))
             unary["ok"] += 1
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
