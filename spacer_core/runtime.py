@@ -152,6 +152,7 @@ class Runtime:
         self.device = resolve_device(self.settings.device)
         self.precision = Precision.parse(self.settings.precision)
         self.file_hashes = FileHashes(self.settings.max_file_hashes)
+        self._closed = False
         self._networks: ModelCache[str, _Network] = ModelCache(max_items=self.settings.max_networks)
         self._batchers: ModelCache[str, DynamicBatcher] = ModelCache(
             max_items=self.settings.max_networks, on_evict=_close_batcher)
@@ -336,7 +337,7 @@ class Runtime:
 
     @property
     def closed(self) -> bool:
-        return getattr(self, "_closed", False)
+        return self._closed
 
     def close(self) -> None:
         """Stop the batchers (queued work finishes) and drop every cache."""

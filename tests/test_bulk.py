@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -17,12 +16,17 @@ import pytest
 
 from server.cli import main
 from spacer_core import bulk
-from spacer_core.data_classes import DataLocation, ImageFeatures
+from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.storage import DataRootsPolicy, load_classifier
 from spacer_core.survey import weights_extractor
-from tests.support.bulk_survey import make_survey, write_image, write_manifest
-from tests.support.grpc_server import extractor_json
+from tests.support.bulk_survey import (
+    assert_matches_pyspacer,
+    make_survey,
+    read_features,
+    write_image,
+    write_manifest,
+)
 from tests.support.http_server import http_server  # noqa: F401  (fixture)
 from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
 
@@ -34,10 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def survey(tmp_path_factory):
     return make_survey(tmp_path_factory.mktemp("bulk"), images=6, points=8)
 
-
-def features_of(path):
-    f = ImageFeatures.load(DataLocation("filesystem", str(path)))
-    return [(p.row, p.col) for p in f.point_features], np.array([p.data for p in f.point_features])
 
 
 def test_plan_keeps_manifest_order_resolves_names_and_shards(tmp_path):
@@ -77,21 +77,9 @@ def test_extract_matches_pyspacer_and_records_every_image(survey, tmp_path, caps
     summary = json.loads((out / "_summary.json").read_text())
     assert set(summary["outputs"]) == {f"images/{p.name}" for p in survey.images}
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
-    # Oracle: pyspacer's extract_features on the first image.
-    from spacer.data_classes import DataLocation as SpLoc
-    from spacer.extractors import FeatureExtractor as SpExtractor
-    from spacer.messages import ExtractFeaturesMsg
-    from spacer.tasks import extract_features
-
+    # Oracle: pyspacer on one image.
     image = survey.images[0]
-    rowcols, ours = features_of(out / f"{image.name}.featurevector")
-    sha = hashlib.sha256(survey.weights.read_bytes()).hexdigest()
-    extract_features(ExtractFeaturesMsg("o", SpExtractor.deserialize(extractor_json(survey.weights, sha)),
-                                         rowcols, SpLoc("filesystem", str(image)),
-                                         SpLoc("filesystem", str(tmp_path / "o.fv"))))
-    theirs = features_of(tmp_path / "o.fv")
-    assert theirs[0] == rowcols
-    np.testing.assert_allclose(ours, theirs[1], atol=1e-4, rtol=0)
+    assert_matches_pyspacer(survey.weights, image, out / f"{image.name}.featurevector", tmp_path)
 
 
 def test_corrupt_missing_and_refused_images_are_recorded_and_the_rest_complete(tmp_path, capsys):
@@ -146,8 +134,8 @@ def test_names_on_s3_and_http_are_read_through_storage(tmp_path, s3_bucket, http
     local = bulk.BulkTask.extract(task.extractor, tmp_path / "local")
     bulk.run(local, bulk.plan(write_manifest(tmp_path / "l.csv", {"b.jpg": points, "c.jpg": points})))
     for name in ("b.jpg", "c.jpg"):
-        np.testing.assert_array_equal(features_of(tmp_path / "out" / f"{name}.featurevector")[1],
-                                      features_of(tmp_path / "local" / f"{name}.featurevector")[1])
+        np.testing.assert_array_equal(read_features(tmp_path / "out" / f"{name}.featurevector")[1],
+                                      read_features(tmp_path / "local" / f"{name}.featurevector")[1])
 
 
 def test_rerun_skips_done_images_and_overwrite_redoes_them(survey, tmp_path):
@@ -180,7 +168,7 @@ def test_classify_writes_the_results_csv_from_the_pipeline_scores(survey, tmp_pa
     assert [t["Name"] for t in table[:8]] == [f"images/{survey.images[0].name}"] * 8
     # The scores are the classifier's on the image's features (extracted here by the local engine).
     bulk.run(bulk.BulkTask.extract(weights_extractor(survey.weights), tmp_path / "f"), bulk.plan(survey.manifest))
-    rowcols, feats = features_of(tmp_path / "f" / f"{survey.images[0].name}.featurevector")
+    rowcols, feats = read_features(tmp_path / "f" / f"{survey.images[0].name}.featurevector")
     probs = load_classifier(DataLocation("filesystem", str(survey.classifier))).predict_proba(feats)
     for t, (r, c), p in zip(table, rowcols, probs):
         assert (int(t["Row"]), int(t["Column"])) == (r, c)

@@ -4,7 +4,6 @@ failures recorded, an actor killed mid-run, a driver killed mid-run and resumed.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import signal
@@ -17,11 +16,13 @@ import numpy as np
 import pytest
 
 from spacer_core import bulk
-from spacer_core.data_classes import DataLocation
-from spacer_core.data_classes import ImageFeatures
 from spacer_core.survey import local, weights_extractor
-from tests.support.bulk_survey import make_survey, write_image, write_manifest
-from tests.support.grpc_server import extractor_json
+from tests.support.bulk_survey import (
+    assert_matches_pyspacer,
+    make_survey,
+    read_features,
+    write_manifest,
+)
 
 ray = pytest.importorskip("ray")
 spacer = pytest.importorskip("spacer")
@@ -63,14 +64,10 @@ def local_features(survey, tmp_path_factory):
     return out
 
 
-def load(path):
-    f = ImageFeatures.load(DataLocation("filesystem", str(path)))
-    return [(p.row, p.col) for p in f.point_features], np.array([p.data for p in f.point_features])
-
 
 def assert_same_features(a_dir, b_dir, names):
     for name in names:
-        a, b = load(Path(a_dir) / f"{name}.featurevector"), load(Path(b_dir) / f"{name}.featurevector")
+        a, b = read_features(Path(a_dir) / f"{name}.featurevector"), read_features(Path(b_dir) / f"{name}.featurevector")
         assert a[0] == b[0]
         np.testing.assert_allclose(a[1], b[1], atol=1e-6, rtol=0)
 
@@ -86,20 +83,8 @@ def test_features_match_the_local_engine_and_pyspacer(ray_instance, survey, loca
     written = json.loads((out / "_summary.json").read_text())
     assert written["engine"] == "ray" and len(written["outputs"]) == 20
     # Oracle: pyspacer on one image.
-    from spacer.data_classes import DataLocation as SpLoc
-    from spacer.extractors import FeatureExtractor as SpExtractor
-    from spacer.messages import ExtractFeaturesMsg
-    from spacer.tasks import extract_features
-
     image = survey.images[7]
-    rowcols, ours = load(out / f"{image.name}.featurevector")
-    sha = hashlib.sha256(survey.weights.read_bytes()).hexdigest()
-    extract_features(ExtractFeaturesMsg("o", SpExtractor.deserialize(extractor_json(survey.weights, sha)),
-                                        rowcols, SpLoc("filesystem", str(image)),
-                                        SpLoc("filesystem", str(tmp_path / "o.fv"))))
-    theirs = load(tmp_path / "o.fv")
-    assert theirs[0] == rowcols
-    np.testing.assert_allclose(ours, theirs[1], atol=1e-4, rtol=0)
+    assert_matches_pyspacer(survey.weights, image, out / f"{image.name}.featurevector", tmp_path)
 
 
 def test_results_csv_is_identical_to_the_local_engine(ray_instance, survey, tmp_path):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
+from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.synthetic_weights import cached_weights
 
 CLASSES = ("CCA", "Porit", "Sand")
@@ -71,3 +73,28 @@ def make_survey(folder: Path, images: int = 20, points: int = 10, size: tuple[in
         folder / "points.csv", {f"images/{p.name}": points_for(i, points, size) for i, p in enumerate(paths)}
     )
     return Survey(folder, paths, manifest, cached_weights().path, write_classifier(folder / "clf.pkl"))
+
+
+def read_features(path: Path) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The (row, col) points and the feature rows of a feature file."""
+    f = ImageFeatures.load(DataLocation("filesystem", str(path)))
+    return [(p.row, p.col) for p in f.point_features], np.array([p.data for p in f.point_features])
+
+
+def assert_matches_pyspacer(weights: Path, image: Path, feature_file: Path, scratch: Path) -> None:
+    """Our feature file for `image` agrees with pyspacer's extract_features (<= 1e-4), point for point."""
+    from spacer.data_classes import DataLocation as SpLoc
+    from spacer.extractors import FeatureExtractor as SpExtractor
+    from spacer.messages import ExtractFeaturesMsg
+    from spacer.tasks import extract_features
+
+    from tests.support.grpc_server import extractor_json
+
+    rowcols, ours = read_features(feature_file)
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    extract_features(ExtractFeaturesMsg("o", SpExtractor.deserialize(extractor_json(weights, sha)),
+                                        rowcols, SpLoc("filesystem", str(image)),
+                                        SpLoc("filesystem", str(scratch / "o.fv"))))
+    theirs = read_features(scratch / "o.fv")
+    assert theirs[0] == rowcols
+    np.testing.assert_allclose(ours, theirs[1], atol=1e-4, rtol=0)
