@@ -9,8 +9,6 @@ layers (tests/support/caffe_files.py).
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,12 +268,3 @@ def test_prototxt_of_both_generations_is_what_caffe_reads():
     assert 'type: "Convolution"' in prototxt(layers, "layer")
     text = prototxt(layers, "layers")
     assert "type: CONVOLUTION" in text and 'input: "data"' in text
-
-
-def test_caffe_schema_module_is_fresh():
-    pytest.importorskip("grpc_tools")
-    spec = importlib.util.spec_from_file_location("gen_proto", ROOT / "scripts" / "gen_proto.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gen_proto"] = module
-    spec.loader.exec_module(module)
-    assert module.stale_caffe_files() == []
