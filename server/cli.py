@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -171,6 +172,19 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def demo_command(config: ServerConfig) -> str:
+    """The shell command that tries this server with `spacer demo`, working from any folder.
+
+    The demo names its files by path, and the server reads and writes only
+    under its data roots, so the command first changes into the first one.
+    """
+    command = f"spacer demo --server {config.address}"
+    roots = config.effective_data_roots()
+    if roots is None:  # allow_any_path
+        return command
+    return f"cd {shlex.quote(str(roots[0]))} && {command}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spacer` console script and `python -m server`."""
     parser = _build_parser()
@@ -196,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.app import serve
 
     if config.port:
-        print(f"spacer serve: to try it, run `spacer demo --server {config.address}` in another shell",
+        print(f"spacer serve: to try it, run `{demo_command(config)}` in another shell",
               file=sys.stderr, flush=True)
     try:
         asyncio.run(serve(config))

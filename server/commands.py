@@ -321,6 +321,15 @@ def run_demo(args: argparse.Namespace) -> int:
             args.folder, runner, step=say, progress=Bar("  images"),
             epoch_progress=Bar("  epochs").epochs(demo.EPOCHS),
         )
+    except Exception as exc:
+        if args.server and _is_permission_denied(exc):
+            raise SurveyError(
+                f"{args.server} refused the demo's files in {Path(args.folder).resolve()}: a server reads and"
+                f" writes only under its data roots (spacer serve --data-root, default its working"
+                f" directory). Run the demo from inside one, as `spacer serve` prints:"
+                f" cd <data root> && spacer demo --server {args.server}. ({_describe(exc)})"
+            ) from exc
+        raise
     finally:
         if args.server:
             client.close()
@@ -398,6 +407,12 @@ def run(args: argparse.Namespace) -> int:
         message = _describe(exc)
     print(f"spacer {args.command}: {message}", file=sys.stderr)
     return 1
+
+
+def _is_permission_denied(exc: Exception) -> bool:
+    import grpc
+
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def _describe(exc: Exception) -> str:
