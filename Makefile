@@ -1,19 +1,33 @@
 # Targets document themselves: `make help`.
 PYTHON ?= python3
+# A failing `scripts/lock.py requirements | pip ...` fails the recipe.
+SHELL := bash
+.SHELLFLAGS := -o pipefail -c
 PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
+# Exact versions of every package the tests install (`make lock` rewrites it).
+CONSTRAINTS := constraints.txt
+# The tests' oracle. pyspacer pins old torch/scikit-learn; its runtime needs are ours, so skip its pins.
+PYSPACER := pyspacer==0.14.0
+# `make test-latest` keeps the newest versions pyproject's ranges allow here.
+VENV_LATEST ?= .venv-latest
+# pyproject's requirements (and the named extras) plus maturin, on stdin of pip's `-r /dev/stdin`.
+REQUIREMENTS := $(PYTHON) scripts/lock.py requirements --build
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build-dev proto test test-rust test-py fuzz bench soak serve lint gpu-check
+.PHONY: help deps build-dev proto test test-rust test-py fuzz bench soak serve lint gpu-check lock test-latest
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
 
-deps: ## Install the package (builds the Rust extension) with test tools and the pyspacer oracle
+deps: ## Install the package (builds the Rust extension) with test tools and the pyspacer oracle, at the versions in constraints.txt
+	@echo "==> 1/3 system packages: cmake, nasm, a C compiler (build); chromium (report tests). apt-get, with sudo when not root, only if missing"
 	bash scripts/install-system-deps.sh --test
-	$(PIP) install -q -e '.[test,ray]'
-	# pyspacer pins old torch/scikit-learn; its runtime needs are ours, so skip its pins.
-	$(PIP) install -q --no-deps 'pyspacer==0.14.0'
+	@echo "==> 2/3 Python packages at the versions in $(CONSTRAINTS) (first time: about 4 GB to download, torch and its CUDA libraries most of it)"
+	$(REQUIREMENTS) test ray | $(PIP) install -c $(CONSTRAINTS) -r /dev/stdin
+	$(PIP) install -c $(CONSTRAINTS) --no-deps '$(PYSPACER)'
+	@echo "==> 3/3 building the Rust extension crop_rs (release build, ~2-3 min the first time) and installing spacer-server in place (editable)"
+	$(PIP) install -v --no-build-isolation --no-deps -e .
 
 build-dev: ## Rebuild the Rust extension in place after editing crop_rs/
 	$(PIP) install -q --no-build-isolation --no-deps -e .
@@ -22,6 +36,17 @@ proto: ## Regenerate the committed gRPC stubs from proto/
 	$(PYTHON) scripts/gen_proto.py
 
 test: deps lint test-rust fuzz test-py ## Install everything, then type-check, run the Rust tests, a 60 s decoder fuzz and pytest
+
+lock: ## Rewrite constraints.txt: resolve pyproject's ranges in a throwaway fresh venv and freeze it (after changing dependencies)
+	$(PYTHON) scripts/lock.py lock --no-deps '$(PYSPACER)'
+
+test-latest: ## In .venv-latest: the newest versions the ranges allow (no constraints); print what moved from constraints.txt, then mypy and pytest
+	test -x $(VENV_LATEST)/bin/python || $(PYTHON) -m venv $(VENV_LATEST)
+	$(REQUIREMENTS) test ray | $(VENV_LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -r /dev/stdin
+	$(VENV_LATEST)/bin/python -m pip install --upgrade --no-deps '$(PYSPACER)'
+	$(VENV_LATEST)/bin/python -m pip install --no-build-isolation --no-deps -e .
+	$(VENV_LATEST)/bin/python scripts/lock.py moved
+	$(MAKE) lint test-py PYTHON=$(VENV_LATEST)/bin/python
 
 test-rust: ## Rust unit and property tests of crop_rs
 	cargo test --no-default-features -p crop_rs
@@ -49,7 +74,12 @@ soak: ## 8 concurrent ClassifyImages streams against `spacer serve` for SOAK_SEC
 gpu-check: ## On a CUDA machine: GPU tests and a ClassifyImages benchmark (exact and fast)
 	bash scripts/gpu-check.sh
 
-serve: ## Install (system build tools too, when missing) and start the server on 127.0.0.1:50051
+serve: ## Install (system build tools too, when missing) at the versions in constraints.txt and start the server on 127.0.0.1:50051
+	@echo "==> 1/4 system build tools: cmake, nasm, a C compiler. apt-get, with sudo when not root, only if missing"
 	bash scripts/install-system-deps.sh
-	$(PIP) install -q .
-	spacer serve
+	@echo "==> 2/4 Python packages at the versions in $(CONSTRAINTS) (first time: about 4 GB to download, torch and its CUDA libraries most of it)"
+	$(REQUIREMENTS) | $(PIP) install -c $(CONSTRAINTS) -r /dev/stdin
+	@echo "==> 3/4 building the Rust extension crop_rs (release build, ~2-3 min the first time) and installing spacer-server"
+	$(PIP) install -v --no-build-isolation --no-deps .
+	@echo "==> 4/4 starting the server (Ctrl-C stops it)"
+	$(PYTHON) -m server serve
