@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from server.commands import add_bulk_arguments, add_shell_arguments, is_shell_form
+from server.commands import WEIGHTS_NOTE, add_bulk_arguments, add_shell_arguments, is_shell_form
 from server.config import ServerConfig, add_arguments, config_from_args
 
 
@@ -24,7 +24,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the gRPC server (default 127.0.0.1:50051)")
+    serve = sub.add_parser("serve", help="run the gRPC server (default 127.0.0.1:50051)", epilog=WEIGHTS_NOTE)
     add_arguments(serve)
 
     check = sub.add_parser("check-config", help="print the effective settings and exit")

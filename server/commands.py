@@ -55,12 +55,24 @@ class Bar:
 
 # ---------------------------------------------------------------- arguments
 
+WEIGHTS_HELP = (
+    "EfficientNet-b0 weights file in CoralNet's format ({'net': state_dict}). CoralNet's trained"
+    " weights (efficientnet_b0_ver1.pt) are not public: CoralNet shares them on request. The"
+    " weights `spacer demo` makes are synthetic and useless on real photos."
+)
+# Said once more where no --weights flag exists (spacer serve: each request names its weights).
+WEIGHTS_NOTE = (
+    "Extractor weights are named by each request (a file, s3 or URL location with its sha256). "
+    "CoralNet's EfficientNet weights (efficientnet_b0_ver1.pt) are not public: CoralNet shares them "
+    "on request; `spacer demo` makes synthetic weights, useless on real photos."
+)
+
 
 def add_shell_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     """Options of the CSV forms of `name` (message-file forms keep their positional argument)."""
     output = "--json", {"action": "store_true", "help": "print one JSON object on stdout (for scripts)"}
     if name in ("extract", "classify"):
-        parser.add_argument("--weights", type=Path, help="EfficientNet-b0 weights file (CoralNet format)")
+        parser.add_argument("--weights", type=Path, help=WEIGHTS_HELP)
         parser.add_argument(
             "--points",
             help="points CSV (Name, Row, Column) or random:N, stratified:ROWSxCOLSxN, grid:ROWSxCOLS",
@@ -93,7 +105,7 @@ def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
         ("classify", "a results CSV at --out (scores kept in --out.parts/ for resuming)"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--weights", type=Path, required=True, help="EfficientNet-b0 weights file (CoralNet format)")
+        p.add_argument("--weights", type=Path, required=True, help=WEIGHTS_HELP)
         p.add_argument("--manifest", type=Path, required=True,
                        help="points CSV (Name, Row, Column); Name is a path, s3://bucket/key or an http(s) URL")
         p.add_argument("-o", "--out", type=Path, required=True,
