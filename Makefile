@@ -13,6 +13,10 @@ PYSPACER := pyspacer==0.14.0
 VENV_LATEST ?= .venv-latest
 # pyproject's requirements (and the named extras) plus maturin, on stdin of pip's `-r /dev/stdin`.
 REQUIREMENTS := $(PYTHON) scripts/lock.py requirements --build
+PIP_PINNED := $(PIP) install -c $(CONSTRAINTS)
+# What the long steps of `make serve` and `make deps` say before they start.
+SAY_PACKAGES := Python packages at the versions in $(CONSTRAINTS) (first time: about 3 GB to download, torch and its CUDA libraries most of it)
+SAY_RUST := building the Rust extension crop_rs (release build, ~2-3 min the first time) and installing spacer-server
 
 .DEFAULT_GOAL := help
 .PHONY: help deps build-dev proto test test-rust test-py fuzz bench soak serve lint gpu-check lock test-latest
@@ -23,10 +27,10 @@ help: ## List the targets
 deps: ## Install the package (builds the Rust extension) with test tools and the pyspacer oracle, at the versions in constraints.txt
 	@echo "==> 1/3 system packages: cmake, nasm, a C compiler (build); chromium (report tests). apt-get, with sudo when not root, only if missing"
 	bash scripts/install-system-deps.sh --test
-	@echo "==> 2/3 Python packages at the versions in $(CONSTRAINTS) (first time: about 3 GB to download, torch and its CUDA libraries most of it)"
-	$(REQUIREMENTS) test ray | $(PIP) install -c $(CONSTRAINTS) -r /dev/stdin
-	$(PIP) install -c $(CONSTRAINTS) --no-deps '$(PYSPACER)'
-	@echo "==> 3/3 building the Rust extension crop_rs (release build, ~2-3 min the first time) and installing spacer-server in place (editable)"
+	@echo "==> 2/3 $(SAY_PACKAGES)"
+	$(REQUIREMENTS) test ray | $(PIP_PINNED) -r /dev/stdin
+	$(PIP_PINNED) --no-deps '$(PYSPACER)'
+	@echo "==> 3/3 $(SAY_RUST) in place (editable)"
 	$(PIP) install -v --no-build-isolation --no-deps -e .
 
 build-dev: ## Rebuild the Rust extension in place after editing crop_rs/
@@ -77,9 +81,9 @@ gpu-check: ## On a CUDA machine: GPU tests and a ClassifyImages benchmark (exact
 serve: ## Install (system build tools too, when missing) at the versions in constraints.txt and start the server on 127.0.0.1:50051
 	@echo "==> 1/4 system build tools: cmake, nasm, a C compiler. apt-get, with sudo when not root, only if missing"
 	bash scripts/install-system-deps.sh
-	@echo "==> 2/4 Python packages at the versions in $(CONSTRAINTS) (first time: about 3 GB to download, torch and its CUDA libraries most of it)"
-	$(REQUIREMENTS) | $(PIP) install -c $(CONSTRAINTS) -r /dev/stdin
-	@echo "==> 3/4 building the Rust extension crop_rs (release build, ~2-3 min the first time) and installing spacer-server"
+	@echo "==> 2/4 $(SAY_PACKAGES)"
+	$(REQUIREMENTS) | $(PIP_PINNED) -r /dev/stdin
+	@echo "==> 3/4 $(SAY_RUST)"
 	$(PIP) install -v --no-build-isolation --no-deps .
 	@echo "==> 4/4 starting the server (Ctrl-C stops it)"
 	spacer serve
