@@ -122,7 +122,8 @@ def test_descriptor_check_detects_a_changed_message(fresh, tmp_path):
     path = committed / rel
     old = gen.serialized_descriptor(path)
     proto = descriptor_pb2.FileDescriptorProto.FromString(old)
-    proto.message_type[0].field.add(name="added", number=999, type=9, label=1)
+    field = descriptor_pb2.FieldDescriptorProto
+    proto.message_type[0].field.add(name="added", number=999, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
     lines = path.read_text().splitlines(keepends=True)
     call = next(n for n in ast.walk(ast.parse("".join(lines)))
                 if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "AddSerializedFile")
