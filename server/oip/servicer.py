@@ -403,8 +403,10 @@ def register_for_reflection() -> bool:
     """Add the service's descriptors to the default pool, for server reflection.
 
     The stubs keep them in a pool of their own (a client library may define
-    the same names in this process); when the default pool already holds
-    another file defining them, reflection does not list the service.
+    the same names in this process). When the default pool already holds
+    the protocol from another file (a client library's full copy, imported
+    in the same process), reflection describes the service from that one:
+    the same messages on the wire. False when neither can be had.
     """
     from google.protobuf import descriptor_pb2, descriptor_pool
 
@@ -418,7 +420,7 @@ def register_for_reflection() -> bool:
         pass
     try:
         pool.FindServiceByName(SERVICE_NAME)
-        return False
+        return True
     except KeyError:
         pass
     try:
