@@ -82,7 +82,7 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflected = (SERVICE_NAME, health.SERVICE_NAME)
+    reflected: tuple[str, ...] = (SERVICE_NAME, health.SERVICE_NAME)
     if oip.register_for_reflection():
         reflected += (oip.SERVICE_NAME,)
     enable_reflection(reflected, server)

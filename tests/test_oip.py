@@ -378,3 +378,21 @@ def test_statistics_and_triton_metrics(loaded, server, data):
     success = float(re.search(rf"^nv_inference_request_success{re.escape(label)} (\S+)$", text, re.M).group(1))
     assert success == s.success.count
     assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="ModelInfer"}' in text
+
+
+def test_typed_contents_as_grpcurl_sends_them(loaded, server, data):
+    """Inputs in InferTensorContents (not raw), built with tritonclient's own protocol messages."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name=EXTRACTOR, id="typed")
+    image = request.inputs.add(name="IMAGE_PATH", datatype="BYTES", shape=[1])
+    image.contents.bytes_contents.append(str(data["image"]).encode())
+    pts = request.inputs.add(name="POINTS", datatype="INT32", shape=[len(POINTS), 2])
+    pts.contents.int_contents.extend(v for p in POINTS for v in p)
+    with grpc.insecure_channel(server.address) as channel:
+        reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=120)
+    assert reply.id == "typed" and reply.outputs[0].name == "FEATURES"
+    features = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(list(reply.outputs[0].shape))
+    expected = loaded.infer(EXTRACTOR, image_inputs(path=str(data["image"]))).as_numpy("FEATURES")
+    np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)

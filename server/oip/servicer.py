@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 from typing import Any, TypeAlias
@@ -67,8 +68,6 @@ def request_priority(request: Any, fallback: Priority) -> Priority:
 
 def request_deadline(request: Any, call_deadline: float | None) -> float | None:
     """The earlier of the call's deadline and Triton's "timeout" parameter (microseconds)."""
-    import time
-
     value = _parameter(request.parameters, "timeout")
     if value is None or value == 0:
         return call_deadline
@@ -284,7 +283,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(running):
                 task.cancel()
 
-    async def _infer(self, request: pb.ModelInferRequest, priority: Priority,
+    async def _infer(self, request: pb.ModelInferRequest, priority: int,
                      call_deadline: float | None, *, stream: bool) -> pb.ModelInferResponse:
         model = self.registry.ready(request.model_name, request.model_version)
         timer = Timer()
@@ -347,7 +346,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                           f"{what} '{value}' is a {model.kind} model, not a {kind}")
         return model
 
-    async def _image(self, model: Model, request: Any, inputs: dict[str, Any], priority: Priority,
+    async def _image(self, model: Model, request: Any, inputs: dict[str, Any], priority: int,
                      deadline: float | None) -> tuple[dict[str, Any], int]:
         points = inputs["POINTS"]
         rowcols = [(int(r), int(c)) for r, c in points.tolist()]
@@ -380,7 +379,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return out
 
     async def _classify(self, model: Model, inputs: dict[str, Any],
-                        priority: Priority) -> tuple[dict[str, Any], int]:
+                        priority: int) -> tuple[dict[str, Any], int]:
         features = np.asarray(inputs["FEATURES"], dtype=np.float32)
         if len(features) == 0:
             raise invalid("input 'FEATURES' is empty; give at least one row")
