@@ -7,5 +7,6 @@ the dynamic batcher, the storage policy and the limits. See docs/oip.md.
 - tensors: the protocol's tensors <-> numpy arrays
 - models: the models a client can list and call, and the model repository
 - stats: per-model statistics (ModelStatistics) and Triton's nv_* metrics
-- servicer: the service itself
+- dataplane: running, loading and unloading models through the Engine
+- servicer: the service's methods, converting messages and calling the dataplane
 """
