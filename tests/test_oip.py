@@ -398,3 +398,15 @@ def test_typed_contents_as_grpcurl_sends_them(loaded, server, data):
     features = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(list(reply.outputs[0].shape))
     expected = loaded.infer(EXTRACTOR, image_inputs(path=str(data["image"]))).as_numpy("FEATURES")
     np.testing.assert_allclose(features, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_bearer_token_gates_oip_calls_too(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-tests\n")
+    token.chmod(0o600)
+    with ServeProcess(tmp_path, "--auth-token-file", str(token)) as proc, \
+            grpcclient.InferenceServerClient(proc.address) as c:
+        with pytest.raises(InferenceServerException) as err:
+            c.is_server_live()
+        assert status_of(err.value) == "StatusCode.UNAUTHENTICATED"
+        assert c.is_server_live(headers={"authorization": "Bearer s3cret-token-for-tests"})
