@@ -18,6 +18,8 @@ from server import metrics
 from server._proto.spacer.v1 import spacer_pb2
 from server.config import Preload, ServerConfig, read_preload
 from server.engine import Engine
+from server.oip import servicer as oip
+from server.oip.models import Registry
 from server.reflection import enable_reflection
 from server.security import BearerTokenInterceptor, read_token_file, server_credentials
 from server.servicer import SpacerServicer, add_to_server
@@ -73,10 +75,17 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
     log_storage_policy(config, engine.runtime.policy)
     servicer = SpacerServicer(engine)
     add_to_server(servicer, server)
+    # The Open Inference Protocol on the same port, through the same engine.
+    oip.add_to_server(
+        oip.InferenceServicer(engine, Registry(config.model_repository), lambda: _is_ready(server)),
+        server)
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+    reflected: tuple[str, ...] = (SERVICE_NAME, health.SERVICE_NAME)
+    if oip.register_for_reflection():
+        reflected += (oip.SERVICE_NAME,)
+    enable_reflection(reflected, server)
     metrics.observe_batchers(engine.runtime)
     metrics.watch_models(engine, engine.runtime.loaded_models)
 
@@ -138,6 +147,15 @@ async def start(server: grpc.aio.Server) -> None:
     runtime.preloading = asyncio.create_task(_preload(runtime, runtime.preload))
     # The failure is logged and reported by `ready`; nobody else need fetch it.
     runtime.preloading.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+
+def _is_ready(server: grpc.aio.Server) -> bool:
+    """Started, and the preload file's models (if any) are loaded and warm."""
+    runtime = _RUNTIMES.get(server)
+    if runtime is None or runtime.engine.runtime.closed:
+        return False
+    task = runtime.preloading
+    return task is None or (task.done() and not task.cancelled() and task.exception() is None)
 
 
 async def _set_health(runtime: _Runtime, status: int) -> None:

@@ -52,6 +52,9 @@ class ServerConfig:
     # A JSON file of extractors and classifiers to load and warm up before
     # health reports SERVING (see read_preload).
     preload: Path | None = None
+    # A folder of weights files and classifiers the Open Inference Protocol's
+    # RepositoryIndex lists and RepositoryModelLoad loads (docs/oip.md).
+    model_repository: Path | None = None
     # Threads running blocking library work (decode, extract, train).
     workers: int = max(2, os.cpu_count() or 2)
     # Images one ClassifyImages stream may have in flight at once.
@@ -126,6 +129,8 @@ class ServerConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: no such file {str(path)!r}")
+        if self.model_repository is not None and not Path(self.model_repository).is_dir():
+            raise ValueError(f"model_repository: no such directory {str(self.model_repository)!r}")
         for root in self.data_roots:
             if not root.is_absolute():
                 raise ValueError(f"data root must be an absolute path, got {str(root)!r}")
@@ -143,7 +148,7 @@ class ServerConfig:
         out["data_roots"] = [str(p) for p in roots] if roots is not None else "any path (allow_any_path)"
         out["s3_buckets"] = list(self.s3_buckets) or "any"
         for name in ("port_file", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
-                     "preload"):
+                     "preload", "model_repository"):
             out[name] = str(getattr(self, name)) if getattr(self, name) else None
         out["batch_size"] = self.batch_size or "auto (the backend's preferred size)"
         return out
@@ -253,6 +258,8 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
      "true: interactive calls are served ahead of bulk streams; false: first come first served"),
     ("--preload", "preload", Path, "SPACER_PRELOAD",
      "JSON file of extractors and classifiers to load and warm before health is SERVING"),
+    ("--model-repository", "model_repository", Path, "SPACER_MODEL_REPOSITORY",
+     "folder of weights files and classifiers offered as Open Inference Protocol models"),
     ("--workers", "workers", int, "SPACER_WORKERS", "threads for blocking work"),
     ("--stream-window", "stream_window", int, "SPACER_STREAM_WINDOW",
      "images in flight per ClassifyImages stream"),

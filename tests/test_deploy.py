@@ -36,6 +36,8 @@ def test_every_manifest_is_valid_for_kubernetes(objs, version):
     for name, doc in objs.items():
         if doc["apiVersion"].startswith("ray.io/"):
             continue  # a KubeRay custom resource: checked in tests/test_bulk_deploy.py
+        if doc["apiVersion"].startswith("serving.kserve.io/"):
+            continue  # KServe custom resources: checked in tests/test_kserve_deploy.py
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:

@@ -87,7 +87,7 @@ def rc():
 
 
 SERVICES = sorted([
-    "spacer.v1.Spacer", "grpc.health.v1.Health",
+    "spacer.v1.Spacer", "grpc.health.v1.Health", "inference.GRPCInferenceService",
     "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
 ])
 
@@ -111,6 +111,8 @@ def test_reflection_lists_spacer_health_and_reflection(rc):
     assert streams["ClassifyImages"] == (True, True)
     assert streams["TrainClassifier"] == (False, True)
     assert streams["ClassifyImage"] == (False, False)
+    oip = rc.pool.FindServiceByName("inference.GRPCInferenceService")
+    assert {m.name: m.client_streaming for m in oip.methods}["ModelStreamInfer"]
 
 
 def test_health_check_by_json(rc):

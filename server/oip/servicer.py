@@ -1,0 +1,258 @@
+"""inference.GRPCInferenceService: convert the protocol's messages, call the DataPlane.
+
+Inference, loading and statistics live in server/oip/dataplane.py; this
+module reads requests and builds replies. See docs/oip.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from importlib import metadata
+from typing import Any, TypeAlias
+
+import grpc
+
+from server._proto.inference import grpc_service_pb2 as pb
+from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from server.engine import Engine
+from server.errors import describe, invalid, rpc_method
+from server.oip.dataplane import DataPlane, parameter, request_priority
+from server.oip.models import VERSION, Model, Registry, not_found
+from server.servicer import call_deadline, call_priority
+from spacer_core.inference import Priority
+
+logger = logging.getLogger(__name__)
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVER_NAME = "spacer-server"
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
+_DATA_TYPE = {"BYTES": pb.TYPE_STRING, "INT32": pb.TYPE_INT32, "FP32": pb.TYPE_FP32}
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("spacer-server")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The protocol's methods; `ready()` says whether the server is SERVING (preload done)."""
+
+    def __init__(self, engine: Engine, registry: Registry, ready: Callable[[], bool]):
+        self.engine = engine
+        self.registry = registry
+        self.data = DataPlane(engine, registry)
+        self._ready = ready
+        self._loading: dict[str, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------ health and metadata
+
+    @rpc_method
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:  # type: ignore[override]
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc_method
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:  # type: ignore[override]
+        return pb.ServerReadyResponse(ready=self._ready())
+
+    @rpc_method
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:  # type: ignore[override]
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(),
+                                         extensions=list(EXTENSIONS))
+
+    @rpc_method
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:  # type: ignore[override]
+        model = self.registry.find(request.name)
+        if model is None or (request.version and request.version != VERSION):
+            raise not_found(request.name, request.version)
+        return pb.ModelReadyResponse(ready=model.ready)
+
+    def _known(self, name: str, version: str) -> Model:
+        model = self.registry.find(name)
+        if model is None or model.kind == "invalid" or (version and version != VERSION):
+            raise not_found(name, version)
+        return model
+
+    @rpc_method
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:  # type: ignore[override]
+        model = self.registry.ready(request.name, request.version)
+        meta = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name, versions=[VERSION], platform=model.platform,
+            inputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs()],
+            outputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs()],
+        )
+
+    @rpc_method
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:  # type: ignore[override]
+        model = self.registry.ready(request.name, request.version)
+        config = pb.ModelConfig(
+            name=model.name, platform=model.platform, backend="spacer", max_batch_size=0,
+            input=[pb.ModelInput(name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape,
+                                 optional=t.optional) for t in model.inputs()],
+            output=[pb.ModelOutput(name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape)
+                    for t in model.outputs()],
+        )
+        for key, value in model.files.items():
+            config.parameters[key].string_value = value
+        if model.classes:
+            config.parameters["classes"].string_value = ",".join(str(c) for c in model.classes)
+        return pb.ModelConfigResponse(config=config)
+
+    @rpc_method
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:  # type: ignore[override]
+        if request.name:
+            names = [self._known(request.name, request.version).name]
+        else:
+            names = [m.name for m in self.registry if m.ready]
+        response = pb.ModelStatisticsResponse()
+        for name in names:
+            entry = self.data.stats.get(name, VERSION)
+            stats = response.model_stats.add(
+                name=name, version=VERSION, last_inference=entry.last_inference_ms,
+                inference_count=entry.inference_count, execution_count=entry.execution_count)
+            for stage in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+                value = getattr(entry, stage)
+                getattr(stats.inference_stats, stage).CopyFrom(
+                    pb.StatisticDuration(count=value.count, ns=value.ns))
+        return response
+
+    # ------------------------------------------------------------ repository
+
+    @rpc_method
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:  # type: ignore[override]
+        self.registry.rescan()
+        index = pb.RepositoryIndexResponse.ModelIndex
+        models = [m for m in self.registry if m.ready or not request.ready]
+        return pb.RepositoryIndexResponse(models=[
+            index(name=m.name, version=VERSION if m.kind != "invalid" else "",
+                  state="READY" if m.ready else "UNAVAILABLE", reason=m.reason)
+            for m in models])
+
+    @rpc_method
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context) -> pb.RepositoryModelLoadResponse:  # type: ignore[override]
+        name = request.model_name
+        if not name:
+            raise invalid("model_name is required")
+        config = parameter(request.parameters, "config")
+        if config is not None and not isinstance(config, str):
+            config = config.decode() if isinstance(config, bytes) else None
+        for key in request.parameters:
+            if key.startswith("file:"):
+                raise invalid("file: parameters (model files sent inline) are not supported;"
+                              " name files inside the data roots in the config instead")
+        lock = self._loading.setdefault(name, asyncio.Lock())
+        async with lock:
+            model = self.registry.candidate(name, config)
+            await self.data.load(model)
+            self.registry.put(model)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc_method
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context) -> pb.RepositoryModelUnloadResponse:  # type: ignore[override]
+        self.data.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # ------------------------------------------------------------ inference
+
+    @rpc_method
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # type: ignore[override]
+        priority = request_priority(request, call_priority(context, Priority.INTERACTIVE))
+        return await self.data.infer(request, priority, call_deadline(context), stream=False)
+
+    @rpc_method
+    async def ModelStreamInfer(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Responses in completion order, each with its request's id; a failed request
+        yields an error_message and the stream goes on."""
+        window = asyncio.Semaphore(self.engine.config.stream_window)
+        results: asyncio.Queue[Any] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        end = object()
+        stream_priority = call_priority(context, Priority.BULK)
+        deadline = call_deadline(context)
+
+        async def one(req: pb.ModelInferRequest) -> None:
+            try:
+                priority = request_priority(req, stream_priority)
+                response = pb.ModelStreamInferResponse(
+                    infer_response=await self.data.infer(req, priority, deadline, stream=True))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code, message = describe(exc)
+                prefix = f"[request id: {req.id}] " if req.id else ""
+                response = pb.ModelStreamInferResponse(
+                    error_message=f"{prefix}{message}",
+                    infer_response=pb.ModelInferResponse(
+                        model_name=req.model_name, model_version=req.model_version, id=req.id))
+            finally:
+                window.release()
+            await results.put(response)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(one(req))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*list(running))
+                await results.put(end)
+            except Exception as exc:
+                await results.put(exc)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                item = await results.get()
+                if item is end:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+
+def register_for_reflection() -> bool:
+    """Add the service's descriptors to the default pool, for server reflection.
+
+    The stubs keep them in a pool of their own (a client library may define
+    the same names in this process). When the default pool already holds
+    the protocol from another file (a client library's full copy, imported
+    in the same process), reflection describes the service from that one:
+    the same messages on the wire. False when neither can be had.
+    """
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
+    proto = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(proto)
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(proto.name)
+        return True
+    except KeyError:
+        pass
+    try:
+        pool.FindServiceByName(SERVICE_NAME)
+        return True
+    except KeyError:
+        pass
+    try:
+        pool.Add(proto)
+    except (TypeError, ValueError) as exc:
+        logger.info("inference service not offered by reflection: %s", exc)
+        return False
+    return True
