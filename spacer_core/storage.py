@@ -532,8 +532,14 @@ def store_image(loc: Location, img: Image.Image) -> None:
 
 
 def load_image(loc: Location) -> Image.Image:
-    """Open the image at ``loc`` with Pillow (lazily decoded; truncated files allowed)."""
-    return Image.open(load_bytes(loc))
+    """Open the image at ``loc`` with Pillow (lazily decoded; truncated files allowed).
+
+    Only survey photo formats are opened (`spacer_core.images.SURVEY_FORMATS`).
+    """
+    from spacer_core.images import open_image
+
+    return open_image(load_bytes(loc), name=loc.key)
+
 
 
 def store_classifier(loc: Location, clf: CalibratedClassifierCV) -> None:
