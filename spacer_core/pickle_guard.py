@@ -172,6 +172,11 @@ class _PendingArray(np.ndarray):
     def __new__(cls, *args: Any, **kwargs: Any) -> _PendingArray:
         raise refused("a NumPy array from a direct call of numpy.ndarray")
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # One that check_graph cannot replace (a RandomState's seed pool) is
+        # pickled again as the plain array it is.
+        return self.view(np.ndarray).__reduce_ex__(protocol)
+
     def __setstate__(self, state: Any) -> None:
         if not isinstance(state, tuple) or len(state) not in (4, 5):
             raise refused("a NumPy array with an unreadable state")

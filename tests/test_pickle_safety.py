@@ -130,6 +130,10 @@ def test_classifiers_we_and_pyspacer_write_still_load(kind, protocol):
     probe = np.random.default_rng(1).normal(size=(4, 6))
     loaded = load_classifier_bytes(pickle.dumps(clf, protocol=protocol))
     np.testing.assert_array_equal(loaded.predict_proba(probe), clf.predict_proba(probe))
+    # What we loaded is stored again (training from a previous model) and loads again.
+    again = pickle.dumps(loaded, protocol=protocol)
+    assert b"pickle_guard" not in again
+    np.testing.assert_array_equal(load_classifier_bytes(again).predict_proba(probe), clf.predict_proba(probe))
     # pyspacer's own writer, read back through the restricted unpickler.
     spacer.storage.store_classifier(spacer.data_classes.DataLocation("memory", f"{kind}.pkl"), clf)
     raw = spacer.storage.storage_factory("memory").load(f"{kind}.pkl").getvalue()
