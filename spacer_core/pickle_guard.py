@@ -262,6 +262,13 @@ def _object_types(allowed: frozenset[tuple[str, str]]) -> frozenset[type]:
     return frozenset(found)
 
 
+def _check_plain(dtype: np.dtype) -> None:
+    # The wrappers built every array and scalar from checked dtypes; this
+    # cheaper check (no canonical copy) makes sure nothing else slipped in.
+    if dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in SAFE_KINDS or dtype.hasobject:
+        raise refused(_describe(dtype))
+
+
 class _Walk:
     def __init__(self, allowed: frozenset[tuple[str, str]]):
         self.types = _object_types(allowed)
@@ -277,10 +284,10 @@ class _Walk:
         if depth > MAX_DEPTH:
             raise refused(f"objects nested more than {MAX_DEPTH} levels deep (at {where})")
         if kind is _PendingArray or kind is np.ndarray:
-            check_dtype(obj.dtype)
+            _check_plain(obj.dtype)
             out = obj.view(np.ndarray) if kind is _PendingArray else obj
         elif isinstance(obj, np.generic) and kind.__module__ == "numpy":
-            check_dtype(obj.dtype)
+            _check_plain(obj.dtype)
             out = obj
         elif kind is list:
             obj[:] = self._items(obj, where, depth)
