@@ -36,7 +36,7 @@ from PIL import Image
 
 from server.client import SpacerClient
 from spacer_core.data_classes import DataLocation, ImageFeatures
-from tests.support.grpc_server import extractor_json, make_classifier, make_image
+from tests.support.grpc_server import extractor_json, make_classifier, make_image, png_header
 from tests.support.hostile_pickles import variants
 from tests.support.serve_process import ServeProcess
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
@@ -96,16 +96,6 @@ def _webp_bomb() -> bytes:
     return bytes(data)
 
 
-def _png_bomb(width: int, height: int) -> bytes:
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 NOT_SURVEY_FORMATS: dict[str, Callable[[], bytes]] = {
     "eps": lambda: EPS,
     "eps-binary-header": lambda: EPS_BINARY,
@@ -129,7 +119,7 @@ BOMBS: dict[str, tuple[Callable[[], bytes], tuple[Code, ...]]] = {
     "gif-65000x65000": (lambda: _gif_bomb(65000, 65000), (Code.RESOURCE_EXHAUSTED,)),
     "bmp-60000x60000": (lambda: _bmp_bomb(60000, 60000), (Code.RESOURCE_EXHAUSTED,)),
     "tiff-60000x60000": (lambda: _tiff_bomb(60000, 60000), (Code.RESOURCE_EXHAUSTED,)),
-    "png-100000x100000": (lambda: _png_bomb(100_000, 100_000), (Code.RESOURCE_EXHAUSTED,)),
+    "png-100000x100000": (lambda: png_header(100_000, 100_000), (Code.RESOURCE_EXHAUSTED,)),
     # Between the limit and twice it: Pillow only warns; the library refuses.
     "gif-12000x12000": (lambda: _gif_bomb(12000, 12000), (Code.RESOURCE_EXHAUSTED,)),
     "bmp-11000x11000": (lambda: _bmp_bomb(11000, 11000), (Code.RESOURCE_EXHAUSTED,)),
