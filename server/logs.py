@@ -156,6 +156,45 @@ class CallLog:
         metrics.record_call(self.method, status, seconds, self.received, self.sent, self.points)
 
 
+# Control characters (C0, DEL, C1) and Unicode line breaks: a client's text
+# holding one could end a log line and forge the next.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character and line break written as an escape (``\\n``, ``\\x1b``)."""
+    return _CONTROL.sub(_escape_one, text)
+
+
+class TextFormatter(logging.Formatter):
+    """Text lines where nothing a client sent can start a line of its own.
+
+    The message is escaped (`escape_controls`); a traceback, which may quote
+    a client's text, follows with every line indented, so no line of it can
+    pass for a log record.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging API)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 (logging API)
+        return _indent(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 (logging API)
+        return _indent(super().formatStack(stack_info))
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + escape_controls(line) for line in text.splitlines())
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and an RPC's fields."""
 
@@ -182,7 +221,7 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -117,6 +117,8 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             data = json.loads(request.job_msg_json)
         except json.JSONDecodeError as exc:
             raise invalid(f"job_msg_json is not JSON: {exc}") from None
+        except RecursionError:
+            raise invalid("job_msg_json is nested too deeply to be a JobMsg") from None
         if not isinstance(data, dict):
             raise invalid("job_msg_json must be a JSON object (a pyspacer JobMsg)")
         convert.check_json_trainers(data)

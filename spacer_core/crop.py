@@ -12,13 +12,12 @@ The header's size is checked against `max_pixels` (default
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from spacer_core import _crop_rs
 from spacer_core._crop_rs import (
@@ -31,7 +30,8 @@ from spacer_core._crop_rs import (
     crop_rgb,
     crop_rgb_into_chw,
 )
-from spacer_core.exceptions import DataLimitError
+from spacer_core.exceptions import DataLimitError, ImageError
+from spacer_core.images import open_image
 
 CROP_SIZE = 224
 
@@ -199,13 +199,11 @@ def _limit(max_pixels: int | None) -> int:
 
 
 def _open_with_pillow(image_bytes: bytes) -> Image.Image:
+    # Only survey photo formats (spacer_core.images); never a plugin that runs a program.
     try:
-        return Image.open(io.BytesIO(image_bytes))
-    except UnidentifiedImageError as e:
-        # Pillow's message is the repr of our buffer: nothing a caller can use.
-        raise ImageDecodeError("cannot identify image: not a known image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"cannot identify image: {e}") from e
+        return open_image(image_bytes)
+    except ImageError as e:
+        raise ImageDecodeError(str(e)) from None
 
 
 def _pillow_decode(image_bytes: bytes, limit: int) -> tuple[np.ndarray, Image.Image]:
@@ -238,6 +236,10 @@ def _named_errors(image_key: str | None) -> Iterator[None]:
         _, width, height, limit, *index = e.args
         key = image_key or (f"{index[0]}" if index else "")
         raise DataLimitError.too_many_pixels(key, width, height, limit) from e
+    except DataLimitError as e:  # Pillow's decompression-bomb refusal
+        if not image_key or image_key in str(e):
+            raise
+        raise DataLimitError(f"{image_key}: {e}") from e
     except (ImageDecodeError, PatchError) as e:
         if image_key is None:
             raise

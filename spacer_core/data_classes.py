@@ -43,6 +43,8 @@ class DataClass(ABC):
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InvalidDataError(f"{loc.key}: not a JSON {cls.__name__} ({err}).") from err
+        except RecursionError:
+            raise InvalidDataError(f"{loc.key}: JSON nested too deeply for a {cls.__name__}.") from None
         return cls.deserialize(data)
 
     def store(self, loc: DataLocation) -> None:
@@ -558,7 +560,7 @@ class ImageFeatures(DataClass):
                 raise InvalidDataError(f"{source}: not a valid feature file ({err}).") from err
         try:
             data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise InvalidDataError(f"{source}: not a feature file (neither npz nor JSON).") from err
         try:
             return cls.deserialize(data)

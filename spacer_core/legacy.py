@@ -16,6 +16,9 @@ unpickler resolves only the globals on an allowlist: the scikit-learn,
 NumPy and codec names that trained CoralNet classifiers (every scikit-learn
 release CoralNet used, and what pyspacer and this library write) contain.
 Anything else is refused with UnsafePickleError before it is imported.
+What the allowed callables build is checked too (`spacer_core.pickle_guard`):
+NumPy never sees a dtype, array or scalar state it did not pass, and the
+loaded object may hold only what a trained classifier holds.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
 from spacer_core.exceptions import InvalidInputError, UnsafePickleError
+from spacer_core.pickle_guard import REPLACEMENTS, check_classifier, check_graph
 
 # Modules of scikit-learn < 0.22 that no longer exist, and where their classes
 # live now (0.22 made the submodules private).
@@ -40,6 +44,9 @@ _MODULE_RENAMES = {
     "sklearn.neural_network.multilayer_perceptron": "sklearn.neural_network",
     "sklearn.neural_network.stochastic_optimizers": "sklearn.neural_network._stochastic_optimizers",
     "sklearn.preprocessing.label": "sklearn.preprocessing",
+    # Python 2 names (fix_imports maps them too, but the allowlist sees the raw name).
+    "copy_reg": "copyreg",
+    "__builtin__": "builtins",
 }
 
 # NumPy 2 moved numpy.core to numpy._core; pickles written under NumPy 1
@@ -89,6 +96,9 @@ ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"),
         # Protocol 2 writes bytes (numpy buffers) as latin-1 text to encode.
         ("_codecs", "encode"),
+        # Python 2 pickles (scikit-learn 0.17) build objects through copy_reg.
+        ("copyreg", "_reconstructor"),
+        ("builtins", "object"),
     }
 )
 
@@ -114,11 +124,15 @@ class ClassifierUnpickler(pickle.Unpickler):
                 f"refused to load classifier: the pickle refers to '{module}.{name}',"
                 " which is not part of a trained classifier."
             )
+        replacement = REPLACEMENTS.get((target, name))
+        if replacement is not None:
+            return replacement
         return super().find_class(target, name)
 
     def load(self) -> CalibratedClassifierCV:
-        clf = super().load()
-        return upgrade_classifier(clf)
+        clf = upgrade_classifier(check_graph(super().load(), ALLOWED_GLOBALS))
+        check_classifier(clf)
+        return clf
 
 
 def _rename_base_estimator(obj: Any) -> None:

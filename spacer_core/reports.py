@@ -184,9 +184,9 @@ def _confidence_figure(scores: Sequence[float], threshold: float) -> str:
 def _thumbnail_figure(
     name: str, image_bytes: bytes, rows: Sequence[ResultRow], colours: Mapping[str, str]
 ) -> str:
-    from PIL import Image
+    from spacer_core.images import open_image
 
-    with Image.open(io.BytesIO(image_bytes)) as image:
+    with open_image(image_bytes, name=name) as image:
         width, height = image.size
         thumb = image.convert("RGB")
         thumb.thumbnail((_THUMB_PX, _THUMB_PX))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import os
 import pickle
 import sys
@@ -424,12 +425,27 @@ def check_access(loc: Location, access: Access) -> None:
     For code that must open a local file itself (a path handed to another
     library); everything else goes through the functions below, which check.
     """
+    _check_key(loc)
     active_policy().check(loc, access)
+
+
+def _check_key(loc: Location) -> None:
+    # No file system, bucket or URL takes a NUL; Python refuses it with a
+    # ValueError deep inside os or http.client.
+    if "\0" in loc.key or "\0" in (loc.bucket_name or ""):
+        raise InvalidInputError(f"{loc.key!r}: a location may not contain a NUL character")
+
+
+# OS errors that a location itself causes (not the machine's state).
+_BAD_PATH_ERRNOS = {errno.ENAMETOOLONG: "name too long", errno.ELOOP: "too many symbolic links",
+                    errno.ENOTDIR: "a part of the path is not a directory", errno.EINVAL: "not a valid path",
+                    errno.EEXIST: "a part of the path is a file, not a directory"}
 
 
 @contextlib.contextmanager
 def _access(loc: Location, access: Access) -> Iterator[Storage]:
     """The one gate to storage: checks the policy, then maps store errors to library ones."""
+    _check_key(loc)
     policy = active_policy()
     policy.check(loc, access)
     storage = storage_factory(loc.storage_type, loc.bucket_name)
@@ -447,6 +463,11 @@ def _access(loc: Location, access: Access) -> Iterator[Storage]:
         if isinstance(err, AccessDeniedError):
             raise
         raise AccessDeniedError(f"{loc.describe()}: permission denied") from err
+    except OSError as err:
+        if err.errno in _BAD_PATH_ERRNOS:
+            raise InvalidInputError(f"{loc.describe()}: {_BAD_PATH_ERRNOS[err.errno]}") from None
+        _raise_boto_error(loc, err)
+        raise
     except Exception as err:
         _raise_boto_error(loc, err)
         raise
@@ -532,8 +553,13 @@ def store_image(loc: Location, img: Image.Image) -> None:
 
 
 def load_image(loc: Location) -> Image.Image:
-    """Open the image at ``loc`` with Pillow (lazily decoded; truncated files allowed)."""
-    return Image.open(load_bytes(loc))
+    """Open the image at ``loc`` with Pillow (lazily decoded; truncated files allowed).
+
+    Only survey photo formats are opened (`spacer_core.images.SURVEY_FORMATS`).
+    """
+    from spacer_core.images import open_image
+
+    return open_image(load_bytes(loc), name=loc.key)
 
 
 def store_classifier(loc: Location, clf: CalibratedClassifierCV) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
+import logging
 import socket
 import time
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from urllib.error import HTTPError
 from urllib.parse import urljoin, urlsplit
 
 from spacer_core.exceptions import URLDownloadError, URLRefusedError
+
+logger = logging.getLogger(__name__)
 
 # Cloud instance-metadata endpoints (AWS, GCP, Azure use the IPv4 one).
 METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
@@ -101,11 +104,30 @@ def _resolve(host: str, port: int, rules: UrlRules, url: str) -> str:
         else:
             why = None if rules.allow_private else address_refusal(address)
         if why is not None:
-            raise URLRefusedError(
-                f"Refused to download from the URL '{url}': its host resolves to {why}.",
-                PermissionError(f"{host} resolves to {why}"),
-            )
+            raise _refusal(url, host, text, why)
     return addresses[0]
+
+
+def _refusal(url: str, host: str, address: str, why: str) -> URLRefusedError:
+    """The refusal of ``url``; for a host name it says neither the address nor its kind.
+
+    What an internal name resolves to is the server's network layout, so a
+    client learns only that the name leads somewhere not allowed; the log
+    has the details. A literal address was the client's own input.
+    """
+    try:
+        ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        logger.warning("refused url %r: host %r resolves to %s, %s", url, host, address, why)
+        return URLRefusedError(
+            f"Refused to download from the URL '{url}': its host name resolves to an address this server does"
+            " not fetch from.",
+            PermissionError(f"{host} resolves to an address that is not allowed"),
+        )
+    return URLRefusedError(
+        f"Refused to download from the URL '{url}': its host resolves to {why}.",
+        PermissionError(f"{host} is {why}"),
+    )
 
 
 def _connection(scheme: str, host: str, port: int, address: str, timeout: float) -> http.client.HTTPConnection:

@@ -13,10 +13,8 @@ import json
 import os
 import pickle
 import re
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,7 +33,7 @@ from spacer_core import config as core_config
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import URLRefusedError
 from spacer_core.storage import URLStorage
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
+from tests.support.grpc_server import extractor_json, make_classifier, make_image, png_header, running_server
 from tests.support.http_server import LoopbackHTTPServer
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, moto_server, s3_env  # noqa: F401  (fixture)
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
@@ -57,16 +55,6 @@ class _Payload:
 
     def __reduce__(self) -> Any:
         return (os.system, (f"touch {self.marker}",))
-
-
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height; the pixel data is a stub."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 class _StreamingHandler(BaseHTTPRequestHandler):
@@ -110,7 +98,7 @@ def env(tmp_path_factory, efficientnet_weights, moto_server):  # noqa: F811
         "truncated.png": png[:30],
         "empty.jpg": b"",
         "text.png": b"this is a text file, not an image\n",
-        "huge.png": _png_header(100_000, 100_000),
+        "huge.png": png_header(100_000, 100_000),
         "garbage.featurevector": os.urandom(300),
         "garbage.pkl": b"this is not a pickle",
         "hostile.pkl": pickle.dumps(_Payload(marker), protocol=2),
@@ -291,7 +279,7 @@ CASES = [
          Code.INVALID_ARGUMENT, ("inline-7",)),
     Case("inline-empty", classify_image(b"", token="inline-8"), Code.INVALID_ARGUMENT, ("image",)),
     Case("huge-header-file", classify_image("huge.png"), Code.RESOURCE_EXHAUSTED, ("huge.png", "100000")),
-    Case("huge-header-inline", classify_image(_png_header(100_000, 100_000), token="huge-9"),
+    Case("huge-header-inline", classify_image(png_header(100_000, 100_000), token="huge-9"),
          Code.RESOURCE_EXHAUSTED, ("huge-9", "100000")),
     # -- points
     Case("zero-points", classify_image("good.png", rowcols=()), Code.INVALID_ARGUMENT, ("rowcols",)),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import builtins
 import io
+import json
 import os
 import pickle
 import struct
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,6 +130,10 @@ def test_classifiers_we_and_pyspacer_write_still_load(kind, protocol):
     probe = np.random.default_rng(1).normal(size=(4, 6))
     loaded = load_classifier_bytes(pickle.dumps(clf, protocol=protocol))
     np.testing.assert_array_equal(loaded.predict_proba(probe), clf.predict_proba(probe))
+    # What we loaded is stored again (training from a previous model) and loads again.
+    again = pickle.dumps(loaded, protocol=protocol)
+    assert b"pickle_guard" not in again
+    np.testing.assert_array_equal(load_classifier_bytes(again).predict_proba(probe), clf.predict_proba(probe))
     # pyspacer's own writer, read back through the restricted unpickler.
     spacer.storage.store_classifier(spacer.data_classes.DataLocation("memory", f"{kind}.pkl"), clf)
     raw = spacer.storage.storage_factory("memory").load(f"{kind}.pkl").getvalue()
@@ -139,3 +145,102 @@ def test_every_allowed_global_resolves():
     # library upgrade silently breaks loading.
     for module, name in sorted(ALLOWED_GLOBALS):
         assert callable(ClassifierUnpickler(io.BytesIO(b"")).find_class(module, name)), (module, name)
+
+
+# ---------------------------------------------------------------- what allowed globals build
+
+CNBETA = Path(__file__).parent / "fixtures" / "pyspacer_cnbeta"
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess[str]:
+    # A crash (SIGSEGV) kills only the child, never the test runner.
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_the_probe_file_crashes_plain_pickle():
+    # Proof the variants are real: NumPy trusts the dtype state and reads raw bytes as objects.
+    out = _run_python(
+        "import pickle\n"
+        "from tests.support.hostile_pickles import variants\n"
+        "clf = pickle.loads(variants()['dtype-setstate-object-field'])\n"
+        "print(repr(clf.classes_))\n"
+    )
+    assert out.returncode < 0, (out.returncode, out.stderr[-500:])
+
+
+def test_numpy_state_and_attribute_variants_are_refused():
+    out = _run_python(
+        "import json\n"
+        "from spacer_core.exceptions import InvalidInputError\n"
+        "from spacer_core.legacy import load_classifier_bytes\n"
+        "from tests.support.hostile_pickles import variants\n"
+        "result = {}\n"
+        "for name, data in variants().items():\n"
+        "    try:\n"
+        "        load_classifier_bytes(data, source=name + '.pkl')\n"
+        "        result[name] = 'loaded'\n"
+        "    except InvalidInputError as err:\n"
+        "        result[name] = [type(err).__name__, str(err)]\n"
+        "print(json.dumps(result))\n"
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    result = json.loads(out.stdout)
+    assert len(result) >= 20
+    for name, outcome in result.items():
+        assert outcome != "loaded", name
+        kind, message = outcome
+        assert message.startswith(f"{name}.pkl: "), message
+        assert "0x" not in message and "Traceback" not in message, message
+        if name != "estimator-where-list-belongs":  # fails on a missing attribute while upgrading
+            assert kind == "UnsafePickleError" and "refused to load classifier" in message, (name, message)
+
+
+def test_state_checks_see_what_numpy_would_build():
+    from spacer_core.pickle_guard import PendingDtype, check_dtype, checked_reconstruct, checked_scalar
+
+    with pytest.raises(UnsafePickleError, match="fields"):
+        PendingDtype("f8").__setstate__((3, "|", None, ("f",), {"f": (np.dtype("f8"), 0)}, 8, 1, 0))
+    with pytest.raises(UnsafePickleError, match="kind 'O'"):
+        check_dtype(np.dtype("O"))
+    with pytest.raises(UnsafePickleError, match="with fields"):
+        check_dtype(np.dtype([("a", "f8"), ("b", "O")]))
+    big = PendingDtype("i4")
+    big.__setstate__((3, ">", None, None, None, -1, -1, 0))
+    assert big.dtype == np.dtype(">i4")
+    text = PendingDtype("U")
+    text.__setstate__((3, "<", None, None, None, 12, 4, 8))
+    assert text.dtype == np.dtype("<U3")
+    assert checked_scalar(PendingDtype("f8"), np.float64(2.5).tobytes()) == 2.5
+    with pytest.raises(UnsafePickleError, match="unexpected arguments"):
+        checked_reconstruct(np.ndarray, (0,), b"b")
+
+
+@pytest.mark.parametrize("labels", [[3, 7, 11], ["Acr", "Por", "Sand"]])
+def test_loaded_arrays_are_plain_ndarrays(labels):
+    rng = np.random.default_rng(2)
+    y = np.array([labels[i % 3] for i in range(60)])
+    x = rng.normal(size=(60, 5)) + np.arange(60)[:, None] % 3
+    clf = CalibratedClassifierCV(SGDClassifier(loss="log_loss", random_state=0).fit(x, y), cv="prefit").fit(x, y)
+    loaded = load_classifier_bytes(pickle.dumps(clf, protocol=2))
+    assert type(loaded.classes_) is np.ndarray and type(loaded.estimator.coef_) is np.ndarray
+    assert list(loaded.classes_) == sorted(labels)
+    np.testing.assert_array_equal(loaded.predict_proba(x[:5]), clf.predict_proba(x[:5]))
+    # What we load can be stored and loaded again, by us and by plain pickle.
+    again = pickle.loads(pickle.dumps(loaded, protocol=2))
+    np.testing.assert_array_equal(again.predict_proba(x[:5]), clf.predict_proba(x[:5]))
+
+
+def test_coralnet_beta_classifier_loads_like_pyspacer():
+    """pyspacer's own oldest fixture: a Python 2 pickle built through copy_reg._reconstructor."""
+    model = CNBETA / "cnbeta.model"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = spacer.storage.load_classifier(spacer.data_classes.DataLocation("filesystem", str(model)))
+        features = spacer.data_classes.ImageFeatures.load(
+            spacer.data_classes.DataLocation("filesystem", str(CNBETA / "cnbeta.jpg.feats")))
+    ours = load_classifier(DataLocation("filesystem", str(model)))
+    x = np.array([point.data for point in features.point_features])
+    assert x.shape == (2, 4096) and len(ours.classes_) == 16
+    np.testing.assert_array_equal(ours.classes_, theirs.classes_)
+    np.testing.assert_array_equal(ours.predict_proba(x), theirs.predict_proba(x))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import inspect
 import os
 import random
 import re
@@ -383,16 +384,17 @@ def resolve_class_path(class_path: object) -> type[FeatureExtractor]:
     """
     if not isinstance(class_path, str) or "." not in class_path:
         raise InvalidDataError(f"Extractor class_path must be a dotted path string, got {class_path!r}")
-    if class_path in _REGISTERED:
-        return _REGISTERED[class_path]
+    found: object = _REGISTERED.get(class_path)
     module_path, class_name = canonical_class_path(class_path).rsplit(".", 1)
-    found = None
-    if module_path == "spacer_core" or module_path.startswith("spacer_core."):
+    if found is None and (module_path == "spacer_core" or module_path.startswith("spacer_core.")):
         try:
             found = getattr(import_module(module_path), class_name, None)
         except ImportError:
             found = None
     if isinstance(found, type) and issubclass(found, FeatureExtractor):
+        if inspect.isabstract(found):
+            # A base class: it names no network and cannot be built.
+            raise InvalidDataError(f"Extractor class_path {class_path!r} names an abstract class, not an extractor")
         return found
     raise InvalidDataError(
         f"Unknown extractor class_path {class_path!r}; expected one of {sorted(KNOWN_CLASS_PATHS)},"

@@ -1,0 +1,341 @@
+"""A real `spacer serve` (default flags: its working directory is its only data root) given hostile input.
+
+Pickles that name only allowed NumPy and scikit-learn globals but build
+object dtypes or odd attributes; images in formats that run programs
+(EPS, PostScript) or that no survey photo comes in; decompression bombs;
+control characters in what gets logged; NUL bytes, over-long names, deeply
+nested JSON and abstract extractor class paths.
+
+The server is a process of its own, so a crash shows as a dead process,
+and its PATH starts with a folder of fake `gs` (Ghostscript) and friends
+that leave a marker file when run. After every case: the status code is
+the expected one and the message names the input without tracebacks,
+server paths or reprs; the process is alive, no marker exists, nothing new
+appeared outside the data root, health is SERVING and a normal ClassifyImage
+still answers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import stat
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+from PIL import Image
+
+from server.client import SpacerClient
+from spacer_core.data_classes import DataLocation, ImageFeatures
+from tests.support.grpc_server import extractor_json, make_classifier, make_image, png_header
+from tests.support.hostile_pickles import variants
+from tests.support.serve_process import ServeProcess
+from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
+
+Code = grpc.StatusCode
+# Programs Pillow plugins (and image tools) could hand data to.
+FAKE_PROGRAMS = ("gs", "gsc", "gswin64c", "convert", "magick", "djpeg", "cjpeg", "xdg-open", "display")
+LEAKS = re.compile(r"Traceback|site-packages|dist-packages|File \"|\b0x[0-9a-fA-F]{6,}|/tmp/")
+
+
+# ---------------------------------------------------------------- hostile images
+
+
+def _saved(fmt: str, mode: str = "RGB", size: tuple[int, int] = (16, 16), **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 128 if mode in ("L", "1") else (10, 120, 200)).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+# A PostScript program that would write a file if Ghostscript ran it.
+_PS_BODY = b"/f (pwned-by-ps) (w) file def f (x) writestring f closefile\n0 0 moveto 10 10 lineto stroke showpage\n"
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n" + _PS_BODY + b"%%EOF\n"
+PS = b"%!PS-Adobe-3.0\n%%BoundingBox: 0 0 16 16\n" + _PS_BODY
+# DOS EPS: a binary header pointing at the PostScript section.
+EPS_BINARY = b"\xc5\xd0\xd3\xc6" + struct.pack("<IIIIIIH", 30, len(EPS), 0, 0, 0, 0, 0xFFFF) + EPS
+
+
+def _gif_bomb(width: int, height: int) -> bytes:
+    data = bytearray(_saved("GIF", "L", (8, 8)))
+    data[6:10] = struct.pack("<HH", width, height)  # logical screen size
+    return bytes(data)
+
+
+def _bmp_bomb(width: int, height: int) -> bytes:
+    data = bytearray(_saved("BMP", "L", (8, 8)))
+    data[18:26] = struct.pack("<ii", width, height)
+    return bytes(data)
+
+
+def _tiff_bomb(width: int, height: int) -> bytes:
+    """A little-endian TIFF whose first IFD claims width x height, 8-bit gray, one strip."""
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 1), (262, 3, 1),
+            (273, 4, 8 + 2 + 12 * 9 + 4), (277, 3, 1), (278, 4, height), (279, 4, 64)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1) + (struct.pack("<I", value) if kind == 4 else struct.pack("<HH", value, 0))
+        for tag, kind, value in tags
+    ) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0" * 64
+
+
+def _webp_bomb() -> bytes:
+    """A lossless WebP whose header claims 16384 x 16384 pixels (the format's largest)."""
+    data = bytearray(_saved("WEBP", "RGB", (8, 8), lossless=True))
+    at = data.index(b"VP8L") + 8 + 1  # chunk header, then the 0x2f signature
+    bits = (16383) | (16383 << 14) | (int.from_bytes(data[at:at + 4], "little") & ~((1 << 28) - 1))
+    data[at:at + 4] = bits.to_bytes(4, "little")
+    return bytes(data)
+
+
+NOT_SURVEY_FORMATS: dict[str, Callable[[], bytes]] = {
+    "eps": lambda: EPS,
+    "eps-binary-header": lambda: EPS_BINARY,
+    "postscript": lambda: PS,
+    "pillow-eps": lambda: _saved("EPS"),
+    "pdf": lambda: _saved("PDF"),
+    "xbm": lambda: _saved("XBM", "1"),
+    "ppm": lambda: _saved("PPM"),
+    "pcx": lambda: _saved("PCX"),
+    "tga": lambda: _saved("TGA"),
+    "sgi": lambda: _saved("SGI"),
+    "msp": lambda: _saved("MSP", "1"),
+    "dds": lambda: _saved("DDS"),
+    "icns": lambda: _saved("ICNS", "RGB", (16, 16)),
+    "ico": lambda: _saved("ICO", "RGB", (16, 16)),
+    "jpeg2000": lambda: _saved("JPEG2000"),
+}
+
+BOMBS: dict[str, tuple[Callable[[], bytes], tuple[Code, ...]]] = {
+    # Over twice the pixel limit: Pillow's own DecompressionBombError.
+    "gif-65000x65000": (lambda: _gif_bomb(65000, 65000), (Code.RESOURCE_EXHAUSTED,)),
+    "bmp-60000x60000": (lambda: _bmp_bomb(60000, 60000), (Code.RESOURCE_EXHAUSTED,)),
+    "tiff-60000x60000": (lambda: _tiff_bomb(60000, 60000), (Code.RESOURCE_EXHAUSTED,)),
+    "png-100000x100000": (lambda: png_header(100_000, 100_000), (Code.RESOURCE_EXHAUSTED,)),
+    # Between the limit and twice it: Pillow only warns; the library refuses.
+    "gif-12000x12000": (lambda: _gif_bomb(12000, 12000), (Code.RESOURCE_EXHAUSTED,)),
+    "bmp-11000x11000": (lambda: _bmp_bomb(11000, 11000), (Code.RESOURCE_EXHAUSTED,)),
+    "webp-16384x16384": (_webp_bomb, (Code.RESOURCE_EXHAUSTED,)),
+}
+
+
+# ---------------------------------------------------------------- the server
+
+
+def _fake_programs(folder: Path, marker: Path) -> None:
+    folder.mkdir()
+    for name in FAKE_PROGRAMS:
+        program = folder / name
+        program.write_text(f'#!/bin/sh\necho "$0 $*" >> "{marker}"\nexit 1\n')
+        program.chmod(program.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, efficientnet_weights) -> Iterator[SimpleNamespace]:  # noqa: F811
+    base = tmp_path_factory.mktemp("hostile")
+    root, outside = base / "root", base / "outside"
+    root.mkdir()
+    outside.mkdir()
+    marker = outside / "program-ran"
+    _fake_programs(base / "bin", marker)
+    weights = root / "efficientnet_b0.pt"
+    shutil.copyfile(efficientnet_weights.path, weights)
+    make_image(root / "good.png", 64, 48, seed=4)
+    make_classifier(root / "clf.pkl")
+    for name, data in variants().items():
+        (root / f"{name}.pkl").write_bytes(data)
+    ImageFeatures.make_random([1, 2], feature_dim=1280).store(DataLocation("filesystem", str(root / "features.json")))
+    path = f"{base / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    # Default flags: ServeProcess runs `spacer serve` in `root` with it as the data root, the default.
+    process = ServeProcess(root, env={"PATH": path, "SPACER_LOG_LEVEL": "INFO"})
+    with process, SpacerClient(process.address, timeout=120, max_attempts=2) as client:
+        yield SimpleNamespace(root=root, outside=outside, marker=marker, client=client, process=process,
+                              extractor=extractor_json(weights, efficientnet_weights.sha256))
+
+
+def fs(path: Any) -> dict[str, Any]:
+    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
+
+
+def _classify_ok(e: SimpleNamespace) -> None:
+    reply = e.client.classify_image(e.extractor, [(1, 1), (40, 60)], fs(e.root / "good.png"), fs(e.root / "clf.pkl"))
+    assert len(reply.scores) == 2
+
+
+# ---------------------------------------------------------------- the cases
+
+
+@dataclass
+class Case:
+    id: str
+    call: Callable[[SimpleNamespace], Any]
+    codes: tuple[Code, ...]
+    names: tuple[str, ...]  # what the reply's details must hold
+
+
+def _load(name: str) -> Callable[[SimpleNamespace], Any]:
+    return lambda e: e.client.load_model(classifier_loc=fs(e.root / name))
+
+
+def _classify_features(clf: str) -> Callable[[SimpleNamespace], Any]:
+    return lambda e: e.client.classify_features(fs(e.root / "features.json"), fs(e.root / clf))
+
+
+def _inline(data: Callable[[], bytes], rpc: str, token: str) -> Callable[[SimpleNamespace], Any]:
+    def call(e: SimpleNamespace) -> Any:
+        if rpc == "extract":
+            return e.client.extract_features(e.extractor, [(1, 1)], data(), return_features=True, job_token=token)
+        return e.client.classify_image(e.extractor, [(1, 1)], data(), fs(e.root / "clf.pkl"), job_token=token)
+
+    return call
+
+
+def _image_file(name: str, data: Callable[[], bytes]) -> Callable[[SimpleNamespace], Any]:
+    def call(e: SimpleNamespace) -> Any:
+        (e.root / name).write_bytes(data())
+        return e.client.classify_image(e.extractor, [(1, 1)], fs(e.root / name), fs(e.root / "clf.pkl"))
+
+    return call
+
+
+def _run_job(text: Callable[[SimpleNamespace], str]) -> Callable[[SimpleNamespace], Any]:
+    return lambda e: e.client.run_job(text(e))
+
+
+def _extract_job(class_path: str) -> Callable[[SimpleNamespace], str]:
+    def text(e: SimpleNamespace) -> str:
+        task = {"job_token": "abstract", "extractor": dict(e.extractor, class_path=class_path), "rowcols": [[1, 1]],
+                "image_loc": fs(e.root / "good.png"), "feature_loc": fs(e.root / "abstract.featurevector")}
+        return json.dumps({"task_name": "extract_features", "tasks": [task]})
+
+    return text
+
+
+PICKLE_CASES = [Case(f"pickle-{name}", _load(f"{name}.pkl"), (Code.INVALID_ARGUMENT,), (f"{name}.pkl",))
+                for name in variants()]
+PICKLE_CASES += [
+    Case(f"classify-features-{name}", _classify_features(f"{name}.pkl"), (Code.INVALID_ARGUMENT,), (f"{name}.pkl",))
+    for name in ("dtype-setstate-object-field", "scalar-object-field", "structured-dtype-object-field")
+]
+
+FORMAT_CASES = [
+    Case(f"format-{name}-{rpc}", _inline(data, rpc, f"fmt-{name}"), (Code.INVALID_ARGUMENT,),
+         (f"fmt-{name}", "not a JPEG, PNG, TIFF, BMP, GIF or WebP image"))
+    for name, data in NOT_SURVEY_FORMATS.items() for rpc in ("extract", "classify")
+]
+FORMAT_CASES += [
+    Case("format-eps-file", _image_file("drawing.eps", lambda: EPS), (Code.INVALID_ARGUMENT,), ("drawing.eps",)),
+    Case("format-eps-named-jpg", _image_file("photo.jpg", lambda: EPS), (Code.INVALID_ARGUMENT,), ("photo.jpg",)),
+]
+FORMAT_CASES += [
+    Case(f"bomb-{name}", _inline(data, "classify", f"bomb-{name}"), codes, (f"bomb-{name}",))
+    for name, (data, codes) in BOMBS.items()
+]
+
+ABSTRACT = ("spacer_core.extractors.base.FeatureExtractor", "spacer.extractors.base.FeatureExtractor",
+            "spacer_core.extractors.torch_extractors.TorchExtractor")
+DEEP = "[" * 100_000 + "]" * 100_000
+
+CATEGORY_CASES = [
+    Case("nul-in-image-path", lambda e: e.client.classify_image(
+        e.extractor, [(1, 1)], fs(f"{e.root}/good.png\0.jpg"), fs(e.root / "clf.pkl")),
+        (Code.INVALID_ARGUMENT,), ("NUL",)),
+    Case("nul-in-classifier-path", lambda e: e.client.load_model(classifier_loc=fs(f"{e.root}/clf\0.pkl")),
+         (Code.INVALID_ARGUMENT,), ("NUL",)),
+    Case("nul-in-feature-path", lambda e: e.client.extract_features(
+        e.extractor, [(1, 1)], fs(e.root / "good.png"), fs(f"{e.root}/out\0.featurevector")),
+        (Code.INVALID_ARGUMENT,), ("NUL",)),
+    Case("name-too-long-read", _load("x" * 300 + ".pkl"), (Code.INVALID_ARGUMENT,), ("name too long",)),
+    Case("name-too-long-write", lambda e: e.client.extract_features(
+        e.extractor, [(1, 1)], fs(e.root / "good.png"), fs(e.root / ("f" * 300 + ".featurevector"))),
+        (Code.INVALID_ARGUMENT,), ("name too long",)),
+    Case("path-too-long", _load("d/" * 3000 + "clf.pkl"), (Code.INVALID_ARGUMENT,), ("name too long",)),
+    Case("path-through-a-file", _load("clf.pkl/inner.pkl"), (Code.INVALID_ARGUMENT,), ("inner.pkl",)),
+    Case("deep-json-array", _run_job(lambda e: DEEP), (Code.INVALID_ARGUMENT,), ("job_msg_json", "nested")),
+    Case("deep-json-in-task", _run_job(lambda e: '{"task_name": "extract_features", "tasks": ' + DEEP + "}"),
+         (Code.INVALID_ARGUMENT,), ("job_msg_json", "nested")),
+    *(Case(f"abstract-extractor-{i}", lambda e, p=path: e.client.classify_image(
+        dict(e.extractor, class_path=p), [(1, 1)], fs(e.root / "good.png"), fs(e.root / "clf.pkl")),
+        (Code.INVALID_ARGUMENT,), (path,)) for i, path in enumerate(ABSTRACT)),
+    Case("abstract-extractor-runjob", _run_job(_extract_job(ABSTRACT[0])), (Code.INVALID_ARGUMENT,), (ABSTRACT[0],)),
+    Case("url-internal-name", lambda e: e.client.load_model(
+        classifier_loc={"storage_type": "url", "key": "http://localhost:9/clf.pkl", "bucket_name": None}),
+        (Code.PERMISSION_DENIED,), ("http://localhost:9/clf.pkl",)),
+]
+
+CASES = PICKLE_CASES + FORMAT_CASES + CATEGORY_CASES
+
+
+def _listing(folder: Path) -> set[Path]:
+    return set(folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input_is_refused_cleanly(env, case: Case):
+    outside_before = _listing(env.outside)
+    with pytest.raises(grpc.RpcError) as raised:
+        case.call(env)
+    code, details = raised.value.code(), raised.value.details() or ""
+    assert code in case.codes, (code, details)
+    for name in case.names:
+        assert name in details, (name, details)
+    assert not LEAKS.search(details.replace(str(env.root), "<root>")), details
+    assert env.process.proc.poll() is None, "the server died"
+    assert not env.marker.exists(), env.marker.read_text()
+    assert _listing(env.outside) == outside_before
+    assert not [p for p in env.root.rglob("*") if p.name.endswith(".tmp")]
+    assert not list(env.root.glob("pwned*"))
+    assert env.client.health() == "SERVING"
+    _classify_ok(env)
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+
+
+def test_internal_host_names_are_not_resolved_for_the_client(env):
+    with pytest.raises(grpc.RpcError) as raised:
+        env.client.load_model(classifier_loc={"storage_type": "url", "key": "http://localhost/x", "bucket_name": None})
+    details = raised.value.details()
+    assert raised.value.code() == Code.PERMISSION_DENIED
+    assert "127.0.0.1" not in details and "::1" not in details and "loopback" not in details, details
+    assert "localhost" in env.process.log()  # the log keeps what the client is not told
+
+
+CONTROL_TEXT = {
+    "newline": "t1\n2026-01-01 00:00:00,000 INFO server.rpc: rpc method=Forged status=OK",
+    "carriage-return": "t2\r2026-01-01 00:00:00,000 INFO server.rpc: rpc method=Forged status=OK",
+    "escape-sequence": "t3\x1b[2K\x1b[1Arpc method=Forged status=OK",
+    "line-separator": "t4\u2028rpc method=Forged status=OK",
+    "nul-and-bell": "t5\x00\x07rpc method=Forged status=OK",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONTROL_TEXT))
+def test_client_text_cannot_forge_log_lines(env, kind):
+    text = CONTROL_TEXT[kind]
+    env.client.classify_image(env.extractor, [(1, 1)], fs(env.root / "good.png"), fs(env.root / "clf.pkl"),
+                              job_token=text)
+    with pytest.raises(grpc.RpcError):  # a path with the text in it: NOT_FOUND, logged with the path
+        env.client.classify_image(env.extractor, [(1, 1)], fs(env.root / f"{text}.png"), fs(env.root / "clf.pkl"),
+                                  job_token="path-" + kind)
+    job = {"task_name": "classify_image", "tasks": [{
+        "job_token": text, "extractor": env.extractor, "rowcols": [[1, 1]],
+        "image_loc": fs(env.root / "good.png"), "classifier_loc": fs(env.root / "clf.pkl")}]}
+    assert env.client.run_job(json.dumps(job))["ok"]
+    log = env.process.log()
+    # splitlines() also splits at \r and U+2028: a forged record would start a line.
+    forged = [line for line in log.splitlines() if line.startswith(("2026-01-01", "rpc method=Forged", "\x1b"))]
+    assert not forged, forged
+    assert not any(ch in log for ch in "\x1b\x00\x07\u2028"), "a control character reached the log"
+    assert "\r" not in log
+    escaped = text.split("rpc method=Forged")[0][2:].encode("unicode_escape").decode()[:4]
+    assert escaped in log, (escaped, kind)
