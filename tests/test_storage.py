@@ -108,7 +108,7 @@ def test_filesystem_write_is_atomic(tmp_path, monkeypatch):
     key = tmp_path / "out.bin"
     fs.store(str(key), b"old content")
 
-    def failing_replace(src, dst):
+    def failing_replace(src, dst, **dir_fds):
         raise OSError("disk went away")
 
     monkeypatch.setattr(os, "replace", failing_replace)
