@@ -40,6 +40,7 @@ from spacer_core.inference.model_cache import ModelCache
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.inference.precision import Precision
 from spacer_core.locations import Location
+from spacer_core.limits import LIBRARY_DEFAULTS, Limits, limits_scope
 from spacer_core.storage import (
     ALLOW_ALL,
     StoragePolicy,
@@ -73,6 +74,7 @@ class RuntimeSettings:
     max_classifiers: int = 8
     max_file_hashes: int = 1024
     compile_cache_dir: str | None = None
+    limits: Limits = LIBRARY_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ class Runtime:
         """Make this runtime (and its storage policy) current in this context."""
         token = _current.set(self)
         try:
-            with policy_scope(self.policy):
+            with policy_scope(self.policy), limits_scope(self.settings.limits):
                 yield self
         finally:
             _current.reset(token)

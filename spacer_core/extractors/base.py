@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from spacer_core import config, runtime
+from spacer_core import config, limits, runtime
 from spacer_core.crop import CROP_SIZE, crop_array_into_chw, to_rgb_array
 from spacer_core.data_classes import DataLocation, ImageFeatures, PointFeatures
 from spacer_core.exceptions import (
@@ -363,6 +363,7 @@ class DummyExtractor(FeatureExtractor):
         return self.extract_rgb(np.empty((0, 0, 3), np.uint8), rowcols)
 
     def extract_rgb(self, rgb: np.ndarray, rowcols: Sequence[RowCol]) -> tuple[np.ndarray, bool]:
+        limits.current().check_feature_dim(self._feature_dim, "DummyExtractor feature_dim")
         rng = np.random.default_rng(random.getrandbits(64))
         return rng.random((len(rowcols), self._feature_dim)), False
 
