@@ -133,8 +133,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             raise invalid(f"job_msg_json is not a valid JobMsg: {exc}") from None
         limits = self.engine.runtime.settings.limits
         for i, task in enumerate(job.tasks):
-            with convert.field(f"job_msg_json.tasks[{i}]"):
-                limits.check_task(task)
+            limits.check_task(task, f"job_msg_json.tasks[{i}]")
         result = await self.engine.call_long(tasks.process_job, job, deadline=call_deadline(context))
         if not result.ok and result.error_message:
             # The library reply carries a traceback; clients get its last line, redacted.
@@ -251,8 +250,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             )
             loop.call_soon_threadsafe(events.put_nowait, update)
 
-        with convert.field("train request"):
-            self.engine.runtime.settings.limits.check_task(msg)
+        self.engine.runtime.settings.limits.check_task(msg)
         work = asyncio.ensure_future(
             self.engine.call_long(tasks.train_classifier, msg, progress, deadline=call_deadline(context)))
         getter: asyncio.Future[pb.TrainProgress] | None = None

@@ -198,9 +198,16 @@ class Runtime:
         return self._network(net).backend
 
     def _network(self, net: NetworkSpec) -> _Network:
+        def build() -> Any:
+            # Whichever thread builds (a worker, a batcher), the files are read
+            # under this runtime's storage policy and the network checked
+            # against its limits.
+            with self.activate():
+                return net.build()
+
         def load() -> _Network:
             start = time.perf_counter()
-            backend = load_backend(net.key, net.build, device=self.device, precision=self.precision,
+            backend = load_backend(net.key, build, device=self.device, precision=self.precision,
                                    cache_dir=self.settings.compile_cache_dir)
             info = LoadedModel("extractor", net.label or net.key, net.feature_dim,
                                time.perf_counter() - start)
