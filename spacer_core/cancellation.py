@@ -9,12 +9,13 @@ deadline (a `time.monotonic()` instant) has passed. Outside a scope,
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
+from typing import Any
 
+from spacer_core import config
 from spacer_core.exceptions import DeadlineExceededError
 
 
@@ -25,14 +26,9 @@ class WorkCancelledError(DeadlineExceededError):
 _scope: ContextVar[tuple[threading.Event, float | None] | None] = ContextVar("spacer_cancel", default=None)
 
 
-@contextlib.contextmanager
-def cancel_scope(event: threading.Event, deadline: float | None = None) -> Iterator[None]:
+def cancel_scope(event: threading.Event, deadline: float | None = None) -> AbstractContextManager[Any]:
     """Make `check()` in this context raise once `event` is set or `deadline` has passed."""
-    token = _scope.set((event, deadline))
-    try:
-        yield
-    finally:
-        _scope.reset(token)
+    return config.scoped(_scope, (event, deadline))
 
 
 def check() -> None:

@@ -14,17 +14,18 @@ RESOURCE_EXHAUSTED) naming the field and the bound.
 from __future__ import annotations
 
 import ast
-import contextlib
 import io
 import struct
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from spacer_core import config
 from spacer_core.exceptions import ResourceLimitError
 
 MIB = 1 << 20
@@ -168,11 +169,6 @@ def current() -> Limits:
     return _active.get() or LIBRARY_DEFAULTS
 
 
-@contextlib.contextmanager
-def limits_scope(limits: Limits) -> Iterator[Limits]:
+def limits_scope(limits: Limits) -> AbstractContextManager[Limits]:
     """Apply `limits` to the library work done in this context."""
-    token = _active.set(limits)
-    try:
-        yield limits
-    finally:
-        _active.reset(token)
+    return config.scoped(_active, limits)

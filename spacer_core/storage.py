@@ -520,14 +520,9 @@ def active_policy() -> StoragePolicy:
     return _policy.get() or ALLOW_ALL
 
 
-@contextlib.contextmanager
-def policy_scope(policy: StoragePolicy) -> Iterator[StoragePolicy]:
+def policy_scope(policy: StoragePolicy) -> contextlib.AbstractContextManager[StoragePolicy]:
     """Apply `policy` to every storage access made in this context (and copies of it)."""
-    token = _policy.set(policy)
-    try:
-        yield policy
-    finally:
-        _policy.reset(token)
+    return config.scoped(_policy, policy)
 
 
 def check_access(loc: Location, access: Access) -> None:

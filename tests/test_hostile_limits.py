@@ -20,12 +20,10 @@ SERVING and a normal ClassifyImage answering.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +41,7 @@ from spacer_core.synthetic_weights import make_weights
 from spacer_core.train_classifier import MiniBatchTrainer
 from tests.support.caffe_files import conv, write_net
 from tests.support.grpc_server import make_classifier, make_image
+from tests.support.hostile_files import lying_header, zip_bomb
 from tests.support.serve_process import ServeProcess
 
 Code = grpc.StatusCode
@@ -397,43 +396,11 @@ def test_caffe_definition_padded_to_gigabytes(case: Server, channels: int, code:
     assert not (folder / "f.featurevector").exists()
 
 
-def _zip_bomb(path: Path, mib: int) -> None:
-    """A feature file whose 'feat' member inflates to `mib` MiB of zeros (valid npy header)."""
-    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float32))
-    header["shape"] = (mib * (1 << 20) // (4 * 1024), 1024)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, header)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        archive.writestr("meta.npy", _npy(np.array([0, 1, 1024], np.int64)))
-        with archive.open("feat.npy", "w", force_zip64=True) as member:
-            member.write(head.getvalue())
-            zeros = bytes(1 << 20)
-            for _ in range(mib):
-                member.write(zeros)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    np.save(out, array)
-    return out.getvalue()
-
-
-def _lying_header(path: Path) -> None:
-    """A tiny feature file whose array header claims 2**40 float32 values."""
-    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 1), np.float32))
-    header["shape"] = (1 << 30, 1024)
-    head = io.BytesIO()
-    np.lib.format.write_array_header_1_0(head, header)
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("meta.npy", _npy(np.array([0, 1, 1024], np.int64)))
-        archive.writestr("feat.npy", head.getvalue() + bytes(64))
-
-
 @pytest.mark.parametrize("kind", ["bomb", "lying header"])
 def test_feature_file_that_inflates(case: Server, kind: str) -> None:
     path = case.root / f"bomb-{kind.replace(' ', '-')}.featurevector"
     if not path.exists():
-        _zip_bomb(path, 500) if kind == "bomb" else _lying_header(path)
+        zip_bomb(path, 500) if kind == "bomb" else lying_header(path)
     assert path.stat().st_size < 1 << 20
     code = Code.RESOURCE_EXHAUSTED
     expect(code, lambda: case.client.classify_features(fs(path), fs(case.root / "clf.pkl")), path.name)
@@ -442,7 +409,7 @@ def test_feature_file_that_inflates(case: Server, kind: str) -> None:
 def test_feature_file_bomb_in_training(case: Server) -> None:
     path = case.root / "bomb-bomb.featurevector"
     if not path.exists():
-        _zip_bomb(path, 500)
+        zip_bomb(path, 500)
     msg = train_msg(case.root)
     request = train_request(msg)
     request.labels.train.images[0].feature_loc.key = str(path)
