@@ -191,10 +191,13 @@ def job_json(task_name: str, *tasks: Any) -> str:
 
 
 class Flipper:
-    """A thread that points `link` at `inside` and `outside` in turn (atomic rename) until stopped."""
+    """A thread that points `link` at `inside` and `outside` in turn (atomic rename) until stopped.
 
-    def __init__(self, link: Path, inside: Path, outside: Path):
-        self.link, self.targets, self.flips = link, (inside, outside), 0
+    `outside_share` flips of every `outside_share + 1` point outside.
+    """
+
+    def __init__(self, link: Path, inside: Path, outside: Path, outside_share: int = 1):
+        self.link, self.targets, self.flips = link, (inside,) + (outside,) * outside_share, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._set(inside)
@@ -207,7 +210,7 @@ class Flipper:
 
     def _run(self) -> None:
         while not self._stop.is_set() and self.flips < 1_000_000:
-            self._set(self.targets[self.flips % 2])
+            self._set(self.targets[self.flips % len(self.targets)])
             self.flips += 1
 
     def __enter__(self) -> Flipper:
@@ -225,10 +228,10 @@ class Flipper:
 RACE_CALLS = 40
 
 
-def _race_scores(server: Server, call: Callable[[], pb.ClassifyResponse]) -> list[Any]:
-    """Outcomes of RACE_CALLS calls: the classes of a result, or the status code of a refusal."""
+def _race_scores(server: Server, call: Callable[[], pb.ClassifyResponse], calls: int = RACE_CALLS) -> list[Any]:
+    """Outcomes of `calls` calls: the classes of a result, or the status code of a refusal."""
     outcomes: list[Any] = []
-    for _ in range(RACE_CALLS):
+    for _ in range(calls):
         try:
             reply = call()
             outcomes.append((tuple(label.id for label in reply.classes), reply.scores[0].scores[0]))
@@ -269,7 +272,7 @@ def test_race_classifier_never_loads_outside_model(case: Server) -> None:
     link = root / "clf_link.pkl"
     with Flipper(link, root / "clf_in.pkl", outside / "clf_out.pkl"):
         outcomes = _race_scores(case, lambda: case.client.classify_image(
-            DUMMY, [(5, 5)], fs(root / "img.png"), fs(link)))
+            DUMMY, [(5, 5)], fs(root / "img.png"), fs(link)), calls=4 * RACE_CALLS)
     for outcome in outcomes:
         assert outcome in (Code.PERMISSION_DENIED, Code.NOT_FOUND) or outcome[0] == (1, 2, 3), outcomes
 
@@ -306,11 +309,24 @@ def test_race_feature_write_never_lands_outside(case: Server, what: str) -> None
 
 
 def test_race_weights_swap_never_yields_other_weights(case: Server) -> None:
-    """A verified hash names weights A; the path flips between A and B (both inside the root)."""
+    """A verified hash names weights A; the path flips between A and B (both inside the root).
+
+    The link points at B two flips in three, so a network built after A's
+    hash was checked would mostly be read from B; two A files, two chances.
+    """
     root = case.root
-    case.rss_allowance = 900  # two EfficientNet networks stay loaded (the runtime keeps up to 4)
-    sha_a = make_weights(root / "wa.pt", seed=1)
+    case.rss_allowance = 1000  # three EfficientNet networks stay loaded (the runtime keeps up to 4)
     sha_b = make_weights(root / "wb.pt", seed=2)
+    b = None
+    for seed in (1, 3):
+        sha_a = make_weights(root / f"wa{seed}.pt", seed=seed)
+        b = _weights_race(case, root / f"wa{seed}.pt", sha_a, root / "wb.pt", sha_b, b)
+
+
+def _weights_race(case: Server, path_a: Path, sha_a: str, path_b: Path, sha_b: str,
+                  b: np.ndarray | None) -> np.ndarray:
+    """Features through a link flipping A/B under A's hash; returns B's features."""
+    root = case.root
     link = root / "wlink.pt"
 
     def extractor(path: Path, sha: str) -> dict[str, Any]:
@@ -324,18 +340,22 @@ def test_race_weights_swap_never_yields_other_weights(case: Server) -> None:
         return np.array(reply.features.point_features[0].data)
 
     results = []
-    with Flipper(link, root / "wa.pt", root / "wb.pt"):
-        for _ in range(12):  # the first successful call builds A's network during the race
+    with Flipper(link, path_a, path_b, outside_share=2):
+        for _ in range(80):  # the first successful call builds A's network during the race
             try:
                 results.append(features(link, sha_a))
             except grpc.RpcError as err:
                 assert err.code() == Code.FAILED_PRECONDITION, err.details()
                 assert "weights" in (err.details() or "")
-    a, b = features(root / "wa.pt", sha_a), features(root / "wb.pt", sha_b)
+            if len(results) >= 3:
+                break
+    a = features(path_a, sha_a)
+    b = features(path_b, sha_b) if b is None else b
     assert not np.allclose(a, b), "the two weights files give different features"
     assert results, "no call succeeded during the race"
     for got in results:
         np.testing.assert_array_equal(got, a)
+    return b
 
 
 # ---------------------------------------------------------------- 4. sizes
