@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -214,12 +215,16 @@ class Flipper:
             self.flips += 1
 
     def __enter__(self) -> Flipper:
+        # Switch threads often, so the flips interleave with the client's calls.
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0002)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(10)
+        sys.setswitchinterval(self._interval)
         self._set(self.targets[0])
 
 
@@ -259,9 +264,9 @@ def test_race_feature_read_never_returns_outside_bytes(case: Server, what: str) 
         key = link / "f.featurevector"
     with Flipper(link, a, b) as flipper:
         outcomes = _race_scores(case, lambda: case.client.classify_features(fs(key), fs(root / "clf.pkl")))
-    assert flipper.flips > RACE_CALLS
+    assert flipper.flips >= 10
     assert all(o == inside or o in (Code.PERMISSION_DENIED, Code.NOT_FOUND) for o in outcomes), outcomes
-    assert inside in outcomes or Code.PERMISSION_DENIED in outcomes
+    assert inside in outcomes and Code.PERMISSION_DENIED in outcomes, "the link changed during the calls"
 
 
 def test_race_classifier_never_loads_outside_model(case: Server) -> None:
