@@ -17,6 +17,7 @@ from typing import Any
 
 from spacer_core.data_classes import DataLocation
 from spacer_core.extractors import FeatureExtractor
+from spacer_core.limits import Limits
 from spacer_core.runtime import RuntimeSettings
 from spacer_core.storage import ClientPolicy, StoragePolicy
 from spacer_core.urlfetch import DEFAULT_MAX_BYTES, DEFAULT_TOTAL_TIMEOUT, UrlRules
@@ -92,6 +93,18 @@ class ServerConfig:
     tls_client_ca: Path | None = None
     # A file holding the bearer token every call but health must carry.
     auth_token_file: Path | None = None
+    # Bounds on what one request may ask for (spacer_core.limits.Limits):
+    # checked before anything is allocated or run.
+    max_epochs: int = 200
+    max_hidden_units: int = 1024
+    max_hidden_layers: int = 3
+    max_feature_dim: int = 8192
+    max_feature_file_bytes: int = 256 * MIB
+    max_token_chars: int = 1024
+    max_key_chars: int = 4096
+    # Worker threads RunJob and TrainClassifier may occupy at once (None:
+    # half of `workers`, at least one), so interactive calls always find one.
+    long_work_workers: int | None = None
 
     @property
     def address(self) -> str:
@@ -113,7 +126,9 @@ class ServerConfig:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
         for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes",
-                     "url_max_bytes"):
+                     "url_max_bytes", "max_epochs", "max_hidden_units", "max_hidden_layers",
+                     "max_feature_dim", "max_feature_file_bytes", "max_token_chars", "max_key_chars",
+                     "long_work_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("queue_delay_ms", "grace_seconds"):
@@ -160,7 +175,27 @@ class ServerConfig:
             precision=self.precision,
             batch_size=self.batch_size,
             queue_delay_s=self.queue_delay_ms / 1000.0,
+            limits=self.limits(),
         )
+
+    def limits(self) -> Limits:
+        """What one request may ask for: epochs, MLP layers, feature widths, file and name sizes."""
+        return Limits(
+            max_epochs=self.max_epochs,
+            max_hidden_units=self.max_hidden_units,
+            max_hidden_layers=self.max_hidden_layers,
+            max_feature_dim=self.max_feature_dim,
+            max_feature_file_bytes=self.max_feature_file_bytes,
+            max_token_chars=self.max_token_chars,
+            max_key_chars=self.max_key_chars,
+        )
+
+    @property
+    def long_work_slots(self) -> int:
+        """Worker threads long work (RunJob, TrainClassifier) may hold at once."""
+        if self.long_work_workers is not None:
+            return min(self.long_work_workers, self.workers)
+        return max(1, self.workers // 2)
 
     def effective_data_roots(self) -> tuple[Path, ...] | None:
         """The folders clients may use: the data roots, else the working directory; None: any path."""
@@ -277,6 +312,19 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
      "override spacer_core's MAX_IMAGE_PIXELS"),
     ("--max-points-per-image", "max_points_per_image", int, "SPACER_MAX_POINTS_PER_IMAGE",
      "override spacer_core's MAX_POINTS_PER_IMAGE"),
+    ("--max-epochs", "max_epochs", int, "SPACER_MAX_EPOCHS", "largest nbr_epochs a training may ask for"),
+    ("--max-hidden-units", "max_hidden_units", int, "SPACER_MAX_HIDDEN_UNITS",
+     "largest MLP hidden layer a trainer may ask for"),
+    ("--max-hidden-layers", "max_hidden_layers", int, "SPACER_MAX_HIDDEN_LAYERS",
+     "most MLP hidden layers a trainer may ask for"),
+    ("--max-feature-dim", "max_feature_dim", int, "SPACER_MAX_FEATURE_DIM",
+     "widest feature vector an extractor may produce"),
+    ("--max-feature-file-mb", "max_feature_file_mb", float, "SPACER_MAX_FEATURE_FILE_MB",
+     "largest size a feature file may inflate to"),
+    ("--max-token-chars", "max_token_chars", int, "SPACER_MAX_TOKEN_CHARS", "longest job token"),
+    ("--max-key-chars", "max_key_chars", int, "SPACER_MAX_KEY_CHARS", "longest location key (path, URL, S3 key)"),
+    ("--long-work-workers", "long_work_workers", int, "SPACER_LONG_WORK_WORKERS",
+     "worker threads RunJob and TrainClassifier may hold at once; default: half of --workers"),
     ("--log-level", "log_level", str, "SPACER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
     ("--log-format", "log_format", str, "SPACER_LOG_FORMAT", "text or json (one object per line)"),
     ("--metrics-port", "metrics_port", int, "SPACER_METRICS_PORT",
@@ -367,6 +415,8 @@ def config_from_args(
         values["max_message_bytes"] = int(float(values.pop("max_message_mb")) * MIB)  # type: ignore[arg-type]
     if "url_max_mb" in values:
         values["url_max_bytes"] = int(float(values.pop("url_max_mb")) * MIB)  # type: ignore[arg-type]
+    if "max_feature_file_mb" in values:
+        values["max_feature_file_bytes"] = int(float(values.pop("max_feature_file_mb")) * MIB)  # type: ignore[arg-type]
     if "log_level" in values:
         values["log_level"] = str(values["log_level"]).upper()
 

@@ -19,6 +19,7 @@ from server.errors import invalid
 from spacer_core.data_classes import DataLocation, ImageLabels, LabelId
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import FeatureExtractor, resolve_class_path
+from spacer_core.limits import Limits
 from spacer_core.messages import ClassifyReturnMsg, TrainClassifierMsg, TrainingTaskLabels
 from spacer_core.pipeline import ImageJob, ImageResult
 from spacer_core.runtime import LoadedModel
@@ -32,6 +33,27 @@ def field(what: str) -> Iterator[None]:
         yield
     except InvalidInputError as exc:
         raise invalid(f"{what}: {exc}") from None
+
+
+def check_sizes(msg: Message, limits: Limits, where: str = "") -> None:
+    """Check every `job_token` and location `key` in a request against `limits`, before any work."""
+    stack: list[tuple[str, Message]] = [(where, msg)]
+    while stack:
+        path, item = stack.pop()
+        for desc, value in item.ListFields():
+            name = f"{path}.{desc.name}" if path else desc.name
+            if desc.name == "job_token" and isinstance(value, str):
+                limits.check_token(value, name)
+            elif desc.name == "key" and isinstance(value, str):
+                limits.check_key(value, name)
+            elif desc.type == desc.TYPE_MESSAGE:
+                if desc.message_type.GetOptions().map_entry:
+                    stack.extend((f"{name}[{k!r}]", child) for k, child in value.items()
+                                 if isinstance(child, Message))
+                elif desc.is_repeated:
+                    stack.extend((f"{name}[{i}]", child) for i, child in enumerate(value))
+                else:
+                    stack.append((name, value))
 
 
 def location(loc: pb.DataLocation, what: str) -> DataLocation:

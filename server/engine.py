@@ -22,7 +22,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from server.config import Preload, ServerConfig
-from spacer_core import pipeline
+from spacer_core import cancellation, pipeline
 from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import QueueFullError
 from spacer_core.extractors import FeatureExtractor
@@ -145,6 +145,11 @@ class PriorityPool(concurrent.futures.Executor):
                 thread.join()
 
 
+def _cancellable(stop: threading.Event, deadline: float | None, func: Callable[..., T], args: tuple[Any, ...]) -> T:
+    with cancellation.cancel_scope(stop, deadline):
+        return func(*args)
+
+
 class Engine:
     """Runs library work for the servicer: a thread pool, admission, the server's runtime.
 
@@ -159,6 +164,8 @@ class Engine:
         self.admission = Admission(config.max_queue, config.max_queue // 4 if config.priority else 0)
         self.runtime = Runtime(config.runtime_settings(), policy=config.storage_policy())
         self._pool = PriorityPool(config.workers)
+        # Long work (RunJob, TrainClassifier) holds at most this many workers.
+        self._long_slots = asyncio.Semaphore(config.long_work_slots)
 
     async def call(self, func: Callable[..., T], *args: Any, priority: int = DEFAULT_PRIORITY) -> T:
         """func(*args) in the worker pool, with this server's runtime active."""
@@ -168,6 +175,35 @@ class Engine:
     def _in_runtime(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
         with self.runtime.activate():
             return func(*args)
+
+    async def call_long(self, func: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
+        """func(*args) as long work: in a bounded share of the workers, stopped when the call ends.
+
+        At most `config.long_work_slots` run at once (later ones wait), so
+        the rest of the pool stays free for image work. The library checks
+        between epochs and tasks (`spacer_core.cancellation`) whether the
+        awaiting call was cancelled or `deadline` (time.monotonic()) passed,
+        and stops there; the slot is freed once the thread is done.
+        """
+        stop = threading.Event()
+        await self._long_slots.acquire()
+        loop = asyncio.get_running_loop()
+
+        def free(_: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed (server stopped)
+                loop.call_soon_threadsafe(self._long_slots.release)
+
+        try:
+            future = self._pool.submit_at(
+                DEFAULT_PRIORITY, partial(self._in_runtime, _cancellable, (stop, deadline, func, args)))
+        except BaseException:
+            self._long_slots.release()
+            raise
+        future.add_done_callback(free)
+        try:
+            return await asyncio.wrap_future(future)
+        finally:
+            stop.set()
 
     def priority(self, requested: int) -> int:
         """The priority work runs at: as requested, or all equal when priorities are off."""

@@ -110,16 +110,21 @@ def describe(
     if status == grpc.StatusCode.PERMISSION_DENIED:
         message = _name_the_field(message, locations)
     if context and context not in message:
-        message = f"{context}: {message}"
+        message = f"{_clip(context)}: {message}"
     if status in _NAME_THE_FILES and locations:
         keys = [loc.rsplit("/", 1)[-1] or loc for loc in locations]
         if not any(key in message for key in keys):
-            shown = ", ".join(locations[:_MAX_LISTED])
+            shown = ", ".join(_clip(loc) for loc in locations[:_MAX_LISTED])
             more = len(locations) - _MAX_LISTED
             if more > 0:
                 shown += f" and {more} more"
             message = f"{message} (request locations: {shown})"
     return status, message
+
+
+def _clip(text: str, limit: int = 256) -> str:
+    """`text`, cut to `limit` characters: a reply never echoes a huge client string whole."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _name_the_field(message: str, locations: Sequence[str]) -> str:

@@ -64,9 +64,13 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     def __init__(self, engine: Engine):
         self.engine = engine
 
+    def _check_sizes(self, request: Any) -> None:
+        convert.check_sizes(request, self.engine.runtime.settings.limits)
+
     async def _classify_one(
         self, req: pb.ClassifyImageRequest, priority: int, deadline: float | None
     ) -> pb.ClassifyResponse:
+        self._check_sizes(req)
         job = convert.image_job(req, classify=True)
         result = await self.engine.run_image(job, priority=priority, deadline=deadline)
         return convert.classify_response(result, req.job_token)
@@ -75,6 +79,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
     @rpc_method
     async def ExtractFeatures(self, request: pb.ExtractFeaturesRequest, context: Context) -> pb.ExtractFeaturesResponse:  # type: ignore[override]
+        self._check_sizes(request)
         feature_loc = convert.optional_location(request, "feature_loc")
         if feature_loc is None and not request.return_features:
             raise invalid("feature_loc is required unless return_features is set")
@@ -96,6 +101,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
     @rpc_method
     async def ClassifyFeatures(self, request: pb.ClassifyFeaturesRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
+        self._check_sizes(request)
         msg = ClassifyFeaturesMsg(
             job_token=request.job_token,
             feature_loc=convert.location(request.feature_loc, "feature_loc"),
@@ -122,11 +128,15 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         if not isinstance(data, dict):
             raise invalid("job_msg_json must be a JSON object (a pyspacer JobMsg)")
         convert.check_json_trainers(data)
+        self.engine.runtime.settings.limits.check_json(data)
         try:
             job = JobMsg.deserialize(data)
         except (KeyError, TypeError, AssertionError, InvalidInputError) as exc:
             raise invalid(f"job_msg_json is not a valid JobMsg: {exc}") from None
-        result = await self.engine.call(tasks.process_job, job)
+        limits = self.engine.runtime.settings.limits
+        for i, task in enumerate(job.tasks):
+            limits.check_task(task, f"job_msg_json.tasks[{i}]")
+        result = await self.engine.call_long(tasks.process_job, job, deadline=call_deadline(context))
         if not result.ok and result.error_message:
             # The library reply carries a traceback; clients get its last line, redacted.
             tokens = ",".join(task.job_token for task in job.tasks)
@@ -139,6 +149,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
     @rpc_method
     async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> pb.LoadedModel:  # type: ignore[override]
+        self._check_sizes(request)
         which = request.WhichOneof("model")
         if which == "extractor":
             model = await self.engine.load_extractor(convert.extractor(request.extractor))
@@ -161,7 +172,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyImageRequest], context: Context
     ) -> AsyncIterator[pb.ClassifyImagesResponse]:
         """Results are yielded as images finish; a failed image yields an error item."""
-        window = asyncio.Semaphore(self.engine.config.stream_window)
+        window = asyncio.Semaphore(self.engine.config.stream_window)  # replies in flight or unsent
         results: asyncio.Queue[Any] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
         end = object()
@@ -184,8 +195,9 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                     job_token=req.job_token,
                     error=pb.Error(code=code.value[0], code_name=code.name, message=message),
                 )
-            finally:
-                window.release()
+            # The slot stays taken until the reply is handed to gRPC, so a
+            # client that reads no replies holds at most stream_window of them
+            # and its requests stop being read (backpressure).
             await results.put(response)
 
         async def read() -> None:
@@ -210,6 +222,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                 if isinstance(item, Exception):
                     raise item
                 yield item
+                window.release()
         finally:
             # Client gone, deadline passed or server stopping: drop the rest.
             reader.cancel()
@@ -221,6 +234,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         self, request: pb.TrainClassifierRequest, context: Context
     ) -> AsyncIterator[pb.TrainClassifierResponse]:
         """Streams one TrainProgress per epoch, then the TrainResult."""
+        self._check_sizes(request)
         msg = convert.train_msg(request, request.trainer or "minibatch")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[pb.TrainProgress] = asyncio.Queue()
@@ -238,7 +252,9 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             )
             loop.call_soon_threadsafe(events.put_nowait, update)
 
-        work = asyncio.ensure_future(self.engine.call(tasks.train_classifier, msg, progress))
+        self.engine.runtime.settings.limits.check_task(msg)
+        work = asyncio.ensure_future(
+            self.engine.call_long(tasks.train_classifier, msg, progress, deadline=call_deadline(context)))
         getter: asyncio.Future[pb.TrainProgress] | None = None
         try:
             while not work.done() or not events.empty():

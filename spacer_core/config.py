@@ -23,10 +23,11 @@ import os
 import sys
 import time
 import warnings
-from contextlib import ContextDecorator
+from contextlib import AbstractContextManager, ContextDecorator
+from contextvars import ContextVar, Token
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from PIL import Image, ImageFile
 
@@ -262,3 +263,24 @@ class log_entry_and_exit(ContextDecorator):
 
 
 reload()
+
+
+T = TypeVar("T")
+
+
+def scoped(var: ContextVar[T | None], value: T) -> AbstractContextManager[T]:
+    """Set the context variable `var` to `value` for the duration of a with block."""
+    return _Scoped(var, value)
+
+
+class _Scoped(AbstractContextManager[T]):
+    def __init__(self, var: ContextVar[T | None], value: T):
+        self.var, self.value = var, value
+        self._tokens: list[Token[T | None]] = []
+
+    def __enter__(self) -> T:
+        self._tokens.append(self.var.set(self.value))
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        self.var.reset(self._tokens.pop())

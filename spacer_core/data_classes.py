@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from spacer_core import config
+from spacer_core import config, limits
 from spacer_core.exceptions import InvalidDataError, InvalidInputError, RowColumnMismatchError, RowColumnMissingError
 from spacer_core.locations import Location
 from spacer_core.locations import require as _require
@@ -551,6 +551,7 @@ class ImageFeatures(DataClass):
         """Parse a ``.featurevector`` (npz, or the legacy JSON list)."""
         if raw[:4] == _ZIP_MAGIC:
             try:
+                limits.current().check_npz(raw, source)  # sizes, before anything is inflated
                 with np.load(BytesIO(raw), allow_pickle=False) as npz:
                     meta, feat = npz["meta"], npz["feat"]
                     if int(meta[0]):

@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -41,7 +40,16 @@ from spacer_core.inference.model_cache import ModelCache
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.inference.precision import Precision
 from spacer_core.locations import Location
-from spacer_core.storage import ALLOW_ALL, StoragePolicy, file_version, load_classifier, policy_scope
+from spacer_core.limits import LIBRARY_DEFAULTS, Limits, limits_scope
+from spacer_core.storage import (
+    ALLOW_ALL,
+    StoragePolicy,
+    fd_version,
+    file_version,
+    load_classifier,
+    open_local,
+    policy_scope,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +74,7 @@ class RuntimeSettings:
     max_classifiers: int = 8
     max_file_hashes: int = 1024
     compile_cache_dir: str | None = None
+    limits: Limits = LIBRARY_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,12 @@ class _Classifier:
 
 
 class FileHashes:
-    """sha256 of local files, remembered per (path, device, inode, size, mtime); bounded LRU."""
+    """sha256 of local files, remembered per (name, device, inode, size, mtime); bounded LRU.
+
+    The version comes from the open file that is hashed (`digest`), so a
+    path swapped between the stat and the read cannot pair one file's
+    version with another's digest.
+    """
 
     def __init__(self, max_entries: int = 1024):
         self.max_entries = max_entries
@@ -106,21 +120,25 @@ class FileHashes:
         self._lock = threading.Lock()
 
     def sha256(self, path: str) -> str:
-        st = os.stat(path)
-        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        """Digest of the file at `path` (a path this process trusts, such as its own cache)."""
+        with open(path, "rb") as f:
+            return self.digest(path, f)
+
+    def digest(self, name: str, f: IO[bytes]) -> str:
+        """Digest of the open file `f`, remembered under `name` and the file's version."""
+        version = fd_version(f)
         with self._lock:
-            known = self._known.get(path)
+            known = self._known.get(name)
             if known is not None and known[0] == version:
-                self._known.move_to_end(path)
+                self._known.move_to_end(name)
                 return known[1]
         digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
         sha = digest.hexdigest()
         with self._lock:
-            self._known[path] = (version, sha)
-            self._known.move_to_end(path)
+            self._known[name] = (version, sha)
+            self._known.move_to_end(name)
             while len(self._known) > self.max_entries:
                 self._known.popitem(last=False)
         return sha
@@ -168,7 +186,7 @@ class Runtime:
         """Make this runtime (and its storage policy) current in this context."""
         token = _current.set(self)
         try:
-            with policy_scope(self.policy):
+            with policy_scope(self.policy), limits_scope(self.settings.limits):
                 yield self
         finally:
             _current.reset(token)
@@ -180,9 +198,16 @@ class Runtime:
         return self._network(net).backend
 
     def _network(self, net: NetworkSpec) -> _Network:
+        def build() -> Any:
+            # Whichever thread builds (a worker, a batcher), the files are read
+            # under this runtime's storage policy and the network checked
+            # against its limits.
+            with self.activate():
+                return net.build()
+
         def load() -> _Network:
             start = time.perf_counter()
-            backend = load_backend(net.key, net.build, device=self.device, precision=self.precision,
+            backend = load_backend(net.key, build, device=self.device, precision=self.precision,
                                    cache_dir=self.settings.compile_cache_dir)
             info = LoadedModel("extractor", net.label or net.key, net.feature_dim,
                                time.perf_counter() - start)
@@ -295,6 +320,16 @@ class Runtime:
         file is overwritten; local files and memory blobs are keyed on their
         current version too. Remote ones are cached by location.
         """
+        if loc.storage_type == "filesystem":
+            # The version and the pickle come from one open file, so a path
+            # swapped in between cannot cache one file's model as another's.
+            with open_local(loc) as f:
+                version: Any = fd_version(f)
+                entry = self._classifiers.get(loc, lambda: self._load_classifier(loc, version, f.read()))
+                if entry.version != version:
+                    entry = self._load_classifier(loc, version, f.read())
+                    self._classifiers.put(loc, entry)
+            return entry.clf
         version = file_version(loc)
         entry = self._classifiers.get(loc, lambda: self._load_classifier(loc, version))
         if entry.version != version:
@@ -303,9 +338,11 @@ class Runtime:
         return entry.clf
 
     @staticmethod
-    def _load_classifier(loc: Location, version: Any) -> _Classifier:
+    def _load_classifier(loc: Location, version: Any, data: bytes | None = None) -> _Classifier:
+        from spacer_core.legacy import load_classifier_bytes
+
         start = time.perf_counter()
-        clf = load_classifier(loc)
+        clf = load_classifier(loc) if data is None else load_classifier_bytes(data, source=loc.key)
         info = LoadedModel("classifier", loc.describe(), classifier_feature_dim(clf) or 0,
                            time.perf_counter() - start, tuple(clf.classes_.tolist()))
         return _Classifier(version, clf, info)

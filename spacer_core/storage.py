@@ -11,8 +11,9 @@ import contextlib
 import errno
 import os
 import pickle
+import secrets
+import stat
 import sys
-import tempfile
 import threading
 from collections.abc import Hashable, Iterator, Sequence
 from contextvars import ContextVar
@@ -77,11 +78,15 @@ class Storage(abc.ABC):
 class FileSystemStorage(Storage):
     """Files on local disk; the key is the path."""
 
+    def open(self, key: str) -> IO[bytes]:
+        """The file at ``key``, open for reading (a regular file; a FIFO never blocks)."""
+        return _regular_file(os.open(key, os.O_RDONLY | _O_CLOEXEC | os.O_NONBLOCK), key)
+
     def store(self, key: str, stream: Payload) -> None:
         write_file_atomic(key, _payload_bytes(stream))
 
     def load(self, key: str) -> BytesIO:
-        with open(key, "rb") as f:
+        with self.open(key) as f:
             return BytesIO(f.read())
 
     def delete(self, key: str) -> None:
@@ -91,37 +96,133 @@ class FileSystemStorage(Storage):
         return os.path.exists(key)
 
 
-def _current_umask() -> int:
-    # os.umask can only be read by setting it; done once, at import, before
-    # any threads of ours exist.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC
 
 
-_UMASK = _current_umask()
+def _regular_file(fd: int, key: str) -> IO[bytes]:
+    """``fd`` as a binary file object, refused (and closed) unless it is a regular file."""
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", key)
+        if not stat.S_ISREG(mode):
+            raise InvalidInputError(f"{key!r} is not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+class ConfinedFileSystemStorage(FileSystemStorage):
+    """Files under fixed root directories, each opened once and without a race.
+
+    The key is resolved (``realpath``) and must lie under a root; the file is
+    then reached from the root's directory descriptor one component at a
+    time with ``O_NOFOLLOW`` (``openat``), along the resolved path. A symlink
+    swapped in after the check is never followed: the open fails instead.
+    Writes go to a temporary file in the directory reached that way and are
+    renamed within it, so they land there or nowhere.
+    """
+
+    def __init__(self, roots: Sequence[Path]):
+        self.roots = tuple(roots)
+
+    def _outside(self, key: str) -> AccessDeniedError:
+        return AccessDeniedError(f"{key!r} is outside the allowed data roots")
+
+    @contextlib.contextmanager
+    def _parent(self, key: str, create: bool = False) -> Iterator[tuple[int, str]]:
+        """(descriptor of the key's resolved parent directory, file name), the walk race-free."""
+        real = Path(os.path.realpath(key))
+        root = next((r for r in self.roots if real.is_relative_to(r)), None)
+        if root is None:
+            raise self._outside(key)
+        parts = real.relative_to(root).parts
+        if not parts:
+            raise IsADirectoryError(errno.EISDIR, "is a directory", key)
+        fd = os.open(root, _O_DIR)
+        try:
+            for part in parts[:-1]:
+                try:
+                    child = self._open_dir(fd, part, key)
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o777, dir_fd=fd)
+                    child = self._open_dir(fd, part, key)
+                os.close(fd)
+                fd = child
+            yield fd, parts[-1]
+        finally:
+            os.close(fd)
+
+    def _open_dir(self, dir_fd: int, name: str, key: str) -> int:
+        try:
+            return os.open(name, _O_DIR | os.O_NOFOLLOW, dir_fd=dir_fd)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                # A symlink (or a file) where the checked path had a folder.
+                raise self._outside(key) from None
+            raise
+
+    def open(self, key: str) -> IO[bytes]:
+        with self._parent(key) as (dir_fd, name):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise self._outside(key) from None
+                raise
+        return _regular_file(fd, key)
+
+    def store(self, key: str, stream: Payload) -> None:
+        with self._parent(key, create=True) as (dir_fd, name):
+            _write_atomic_at(dir_fd, name, _payload_bytes(stream))
+
+    def delete(self, key: str) -> None:
+        with self._parent(key) as (dir_fd, name):
+            os.unlink(name, dir_fd=dir_fd)
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self._parent(key) as (dir_fd, name):
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
 
 def write_file_atomic(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a part.
 
     Parent directories are created as needed. The file gets the permissions
-    a plain ``open(path, 'wb')`` would give it (mkstemp's are owner-only).
+    a plain ``open(path, 'wb')`` would give it.
     """
     target = Path(path)
     parent = target.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{target.name}.", suffix=".tmp")
+    dir_fd = os.open(parent, _O_DIR)
+    try:
+        _write_atomic_at(dir_fd, target.name, data)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_atomic_at(dir_fd: int, name: str, data: bytes | bytearray | memoryview) -> None:
+    """Write ``name`` in the directory ``dir_fd`` through a temporary file renamed within it."""
+    tmp_name = f".{name}.{secrets.token_hex(6)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC
+    fd = os.open(tmp_name, flags, 0o666, dir_fd=dir_fd)  # the umask applies, as for open()
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
             f.write(data)
-        os.replace(tmp_name, target)
+        os.replace(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name, dir_fd=dir_fd)
         raise
 
 
@@ -326,6 +427,10 @@ class StoragePolicy:
     def describe(self) -> str:
         return "any location"
 
+    def filesystem_roots(self) -> tuple[Path, ...] | None:
+        """The directories filesystem locations are confined to (None: not confined)."""
+        return None
+
 
 ALLOW_ALL = StoragePolicy()
 
@@ -354,6 +459,9 @@ class DataRootsPolicy(StoragePolicy):
 
     def describe(self) -> str:
         return "filesystem under " + ", ".join(map(str, self.roots))
+
+    def filesystem_roots(self) -> tuple[Path, ...] | None:
+        return self.roots
 
 
 class ClientPolicy(StoragePolicy):
@@ -400,6 +508,9 @@ class ClientPolicy(StoragePolicy):
         parts.append("memory " + ("allowed" if self.allow_memory else "refused"))
         return "; ".join(parts)
 
+    def filesystem_roots(self) -> tuple[Path, ...] | None:
+        return self.filesystem.roots if self.filesystem is not None else None
+
 
 _policy: ContextVar[StoragePolicy | None] = ContextVar("spacer_storage_policy", default=None)
 
@@ -409,14 +520,9 @@ def active_policy() -> StoragePolicy:
     return _policy.get() or ALLOW_ALL
 
 
-@contextlib.contextmanager
-def policy_scope(policy: StoragePolicy) -> Iterator[StoragePolicy]:
+def policy_scope(policy: StoragePolicy) -> contextlib.AbstractContextManager[StoragePolicy]:
     """Apply `policy` to every storage access made in this context (and copies of it)."""
-    token = _policy.set(policy)
-    try:
-        yield policy
-    finally:
-        _policy.reset(token)
+    return config.scoped(_policy, policy)
 
 
 def check_access(loc: Location, access: Access) -> None:
@@ -449,6 +555,10 @@ def _access(loc: Location, access: Access) -> Iterator[Storage]:
     policy = active_policy()
     policy.check(loc, access)
     storage = storage_factory(loc.storage_type, loc.bucket_name)
+    roots = policy.filesystem_roots() if loc.storage_type == "filesystem" else None
+    if roots is not None:
+        # Opened from the roots without following a symlink after the check.
+        storage = ConfinedFileSystemStorage(roots)
     if isinstance(storage, URLStorage) and policy.url_rules is not None:
         storage = URLStorage(policy.url_rules)
     try:
@@ -505,6 +615,27 @@ def load_bytes(loc: Location, filesystem_cache: str | None = None) -> BytesIO:
         return storage.load(loc.key)
 
 
+@contextlib.contextmanager
+def open_local(loc: Location) -> Iterator[IO[bytes]]:
+    """The local file at ``loc`` (filesystem storage), opened once under the active policy.
+
+    What is read from it, and its ``os.fstat``, belong to the one file that
+    passed the check, whatever happens to the path meanwhile.
+    """
+    if loc.storage_type != "filesystem":
+        raise InvalidInputError(f"{loc.describe()}: not a local file")
+    with _access(loc, "read") as storage:
+        assert isinstance(storage, FileSystemStorage)
+        with storage.open(loc.key) as f:
+            yield f
+
+
+def fd_version(f: IO[bytes]) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime) of an open file: changes whenever the file is replaced."""
+    st = os.fstat(f.fileno())
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def require_writable(loc: Location) -> None:
     """Raise InvalidInputError for a location of a read-only storage type."""
     if not loc.is_writable:
@@ -538,8 +669,8 @@ def file_version(loc: Location) -> Hashable:
     """
     with _access(loc, "read") as storage:
         if loc.storage_type == "filesystem":
-            st = os.stat(loc.key)
-            return (st.st_mtime_ns, st.st_size, st.st_ino)
+            with storage.open(loc.key) as f:  # type: ignore[attr-defined]
+                return fd_version(f)
         if isinstance(storage, MemoryStorage):
             return id(storage.get_bytes(loc.key))
     return None

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from spacer_core.exceptions import JobMsgTypeError, UnknownTaskError
-from spacer_core import config, pipeline, runtime
+from spacer_core import cancellation, config, limits, pipeline, runtime
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.messages import (
     ClassifyFeaturesMsg,
@@ -58,6 +58,7 @@ def train_classifier(
     `progress`, when given, is called by the trainer after each epoch (the
     gRPC server streams these); it does not change the results.
     """
+    limits.current().check_task(msg)  # epochs and layers, before any feature is read
     labels = preprocess_labels(msg.labels)
     logger.debug(
         "Label counts: train=%d ref=%d val=%d; classes in ref: %d",
@@ -151,6 +152,7 @@ def process_job(job_msg: JobMsg) -> JobReturnMsg:
         )
     results = []
     for task in job_msg.tasks:
+        cancellation.check()  # a call that ended runs no further task
         try:
             with config.log_entry_and_exit(f"{job_msg.task_name} [{task.job_token}]"):
                 results.append(run(task))

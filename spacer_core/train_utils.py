@@ -31,6 +31,7 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
+from spacer_core import cancellation
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels, LabelId
 from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
 
@@ -304,6 +305,7 @@ def train(
                 clf.set_params(random_state=state)
             with blas.epoch(epoch):
                 for x, y in train_data.iter_batches(order, batch_size):
+                    cancellation.check()  # a call that ended stops its training here
                     clf.partial_fit(x, y, classes=classes)
             ref_accs.append(float(np.mean(clf.predict(ref_x) == ref_y)))
             if progress is not None:

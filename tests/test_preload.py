@@ -15,6 +15,7 @@ import pytest
 from server.app import _RUNTIMES
 from server.client import SpacerClient
 from server.config import ServerConfig, read_preload
+from spacer_core.runtime import Runtime
 from tests.support.grpc_server import extractor_json, make_classifier, running_server
 from tests.support.locations import fs_loc as fs
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
@@ -35,12 +36,21 @@ def write_json(path: Path, data: object) -> Path:
     return path
 
 
-def test_health_is_not_serving_until_the_preloaded_models_are_loaded_and_warm(tmp_path, efficientnet_weights):  # noqa: F811
-    # The classifier is read from a named pipe, so preloading cannot finish
-    # before the test writes it: the NOT_SERVING phase is observed for sure.
-    pipe = tmp_path / "clf.pkl"
-    os.mkfifo(pipe)
-    pickled = make_classifier(tmp_path / "real-clf.pkl").read_bytes()
+def test_health_is_not_serving_until_the_preloaded_models_are_loaded_and_warm(
+    tmp_path, efficientnet_weights, monkeypatch  # noqa: F811
+):
+    # Loading the classifier waits for the test's signal, so preloading cannot
+    # finish before it: the NOT_SERVING phase is observed for sure. (A named
+    # pipe cannot stand in: data files must be regular files.)
+    pipe = make_classifier(tmp_path / "clf.pkl")
+    release = threading.Event()
+    load = Runtime._load_classifier
+
+    def gated(*args, **kwargs):
+        release.wait(60)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(Runtime, "_load_classifier", staticmethod(gated))
     preload = write_json(tmp_path / "preload.json", {
         "extractors": [extractor_json(efficientnet_weights.path, efficientnet_weights.sha256)],
         "classifiers": [fs(pipe)],
@@ -55,10 +65,8 @@ def test_health_is_not_serving_until_the_preloaded_models_are_loaded_and_warm(tm
         time.sleep(0.2)
         assert client.health() == "NOT_SERVING"
 
-        writer = threading.Thread(target=lambda: pipe.write_bytes(pickled), daemon=True)
-        writer.start()
+        release.set()
         wait_until(lambda: client.health() == "SERVING", what="SERVING")
-        writer.join(10)
         assert client.health("") == "SERVING"
         models = {m.kind: m for m in client.list_models()}
         assert set(models) == {"extractor", "classifier"}

@@ -152,7 +152,8 @@ def test_serve_rejects_bad_settings_with_a_clear_message():
 
 @pytest.fixture
 def served():
-    with running_server(workers=1, stream_window=1) as server, SpacerClient(server.address) as client:
+    # A training long enough to be cancelled mid-way: more epochs than the default limit.
+    with running_server(workers=1, stream_window=1, max_epochs=5000) as server, SpacerClient(server.address) as client:
         yield server, client
 
 

@@ -108,7 +108,7 @@ def test_filesystem_write_is_atomic(tmp_path, monkeypatch):
     key = tmp_path / "out.bin"
     fs.store(str(key), b"old content")
 
-    def failing_replace(src, dst):
+    def failing_replace(src, dst, **dir_fds):
         raise OSError("disk went away")
 
     monkeypatch.setattr(os, "replace", failing_replace)
@@ -615,3 +615,80 @@ def test_url_rules_apply_per_policy_not_per_process(tmp_path):
         assert not isinstance(err.value, URLRefusedError)
     with pytest.raises(URLRefusedError, match="loopback"):
         storage.load_bytes(loc)
+
+
+# --- race-free opening under data roots ----------------------------------------------
+
+
+def _swap_after_check(monkeypatch, folder: Path, outside: Path) -> None:
+    """Make the next path resolution return, then turn `folder` into a symlink to `outside`."""
+    real = os.path.realpath
+
+    def resolve_then_swap(path, *args, **kwargs):
+        resolved = real(path, *args, **kwargs)
+        if folder.is_dir() and not folder.is_symlink():
+            folder.rename(folder.with_name(folder.name + ".moved"))
+            folder.symlink_to(outside)
+        return resolved
+
+    monkeypatch.setattr(storage.os.path, "realpath", resolve_then_swap)
+
+
+@pytest.mark.parametrize("access", ["read", "write"])
+def test_confined_storage_never_follows_a_symlink_swapped_in_after_the_check(tmp_path, monkeypatch, access):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "d").mkdir(parents=True)
+    outside.mkdir()
+    (root / "d" / "f.bin").write_bytes(b"inside")
+    (outside / "f.bin").write_bytes(b"outside")
+    confined = storage.ConfinedFileSystemStorage([root.resolve()])
+    _swap_after_check(monkeypatch, root / "d", outside)
+    with pytest.raises(storage.AccessDeniedError, match="outside the allowed data roots"):
+        if access == "read":
+            confined.load(str(root / "d" / "f.bin"))
+        else:
+            confined.store(str(root / "d" / "f.bin"), b"written")
+    assert (outside / "f.bin").read_bytes() == b"outside"
+    assert sorted(p.name for p in outside.iterdir()) == ["f.bin"]
+
+
+def test_confined_storage_reads_writes_and_creates_folders_inside(tmp_path):
+    root = tmp_path.resolve()
+    (root / "real").mkdir()
+    (root / "link").symlink_to(root / "real")  # a symlink inside the root that stays inside
+    confined = storage.ConfinedFileSystemStorage([root])
+    confined.store(str(root / "link" / "new" / "deeper" / "f.bin"), b"data")
+    assert (root / "real" / "new" / "deeper" / "f.bin").read_bytes() == b"data"
+    assert confined.load(str(root / "link" / "new" / "deeper" / "f.bin")).getvalue() == b"data"
+    assert confined.exists(str(root / "real" / "new" / "deeper" / "f.bin"))
+    confined.delete(str(root / "real" / "new" / "deeper" / "f.bin"))
+    assert not confined.exists(str(root / "real" / "new" / "deeper" / "f.bin"))
+    assert not [p for p in (root / "real" / "new" / "deeper").iterdir()]  # no temporary left
+
+
+def test_confined_storage_refuses_a_fifo_without_blocking(tmp_path):
+    root = tmp_path.resolve()
+    os.mkfifo(root / "pipe")
+    with pytest.raises(storage.InvalidInputError, match="not a regular file"):
+        storage.ConfinedFileSystemStorage([root]).load(str(root / "pipe"))
+
+
+def test_classifier_cache_takes_version_and_pickle_from_one_open_file(tmp_path):
+    from spacer_core.runtime import Runtime
+
+    root = tmp_path.resolve()
+    first, second = root / "a.pkl", root / "b.pkl"
+    for path, classes in ((first, [1, 2]), (second, [3, 4])):
+        x = np.random.default_rng(0).normal(size=(20, 4))
+        y = np.array(classes * 10)
+        clf = CalibratedClassifierCV(SGDClassifier(loss="log_loss").fit(x, y), cv="prefit").fit(x, y)
+        path.write_bytes(pickle.dumps(clf, protocol=2))
+    link = root / "clf.pkl"
+    link.symlink_to(first)
+    runtime = Runtime(policy=storage.ClientPolicy([root]))
+    loc = DataLocation("filesystem", str(link))
+    with runtime.activate():
+        assert runtime.classifier(loc).classes_.tolist() == [1, 2]
+        link.unlink()
+        link.symlink_to(second)
+        assert runtime.classifier(loc).classes_.tolist() == [3, 4]

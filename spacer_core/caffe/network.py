@@ -26,9 +26,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from spacer_core.caffe import caffe_pb2 as pb
+from spacer_core import limits
 from spacer_core.exceptions import PreconditionError
 
 INPUT_SIZE = 224
+# Values one layer may output per patch: 8 Mi (32 MiB of float32), over twice
+# VGG16's largest (conv1: 64 x 224 x 224).
+MAX_LAYER_VALUES = 1 << 23
 # CoralNet's VGG16 input: 0..255 BGR pixels minus this mean per channel, unscaled.
 PIXEL_MEAN = 128.0
 
@@ -354,10 +358,16 @@ def build_caffe_network(
         except CaffeModelError as err:
             raise CaffeModelError(f"{where}: {err}") from None
         key = f"l{index}"  # Caffe names may hold characters ModuleDict refuses
+        if math.prod(out_shape[1:]) > MAX_LAYER_VALUES:
+            # Checked before anything runs: padding or strides can blow one patch up to gigabytes.
+            raise CaffeModelError(
+                f"{where}: its output holds {math.prod(out_shape[1:])} values per patch;"
+                f" at most {MAX_LAYER_VALUES} are supported")
         modules[key] = module
         steps.append((key, [layer.bottom[0]], layer.top[0]))
         shapes[layer.top[0]] = out_shape
     out_shape = shapes[output_blob]
+    limits.current().check_feature_dim(math.prod(out_shape[1:]), f"{label}: blob '{output_blob}' width")
     network = CaffeNet(steps, modules, input_blob, output_blob, (math.prod(out_shape[1:]),))
     network.eval()
     return network

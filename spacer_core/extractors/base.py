@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from spacer_core import config, runtime
+from spacer_core import config, limits, runtime
 from spacer_core.crop import CROP_SIZE, crop_array_into_chw, to_rgb_array
 from spacer_core.data_classes import DataLocation, ImageFeatures, PointFeatures
 from spacer_core.exceptions import (
@@ -43,12 +43,11 @@ from spacer_core.exceptions import (
     HashMismatchError,
     InvalidDataError,
     InvalidInputError,
-    StorageFileNotFoundError,
 )
 from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS, canonical_class_path
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.extractors.utils import crop_patches
-from spacer_core.storage import check_access, load_bytes, storage_factory, write_file_atomic
+from spacer_core.storage import load_bytes, open_local, storage_factory, write_file_atomic
 from spacer_core.task_io import ExtractFeaturesReturnMsg
 
 RowCol = tuple[int, int]
@@ -56,20 +55,32 @@ RowCol = tuple[int, int]
 
 @dataclass(frozen=True)
 class ExtractorData:
-    """One extractor file, located and hash-checked; `read()` gives its bytes."""
+    """One extractor file, located and hash-checked; `read()` gives its bytes.
+
+    A file read again later (to build a network) is checked against
+    `sha256` once more: the bytes a network is built from are the bytes
+    that were verified, or nothing is built.
+    """
 
     key: str
     sha256: str
     remote_loaded: bool
     path: str | None = None
     blob: bytes | None = None
+    loc: DataLocation | None = None
 
     def read(self) -> bytes:
         if self.blob is not None:
             return self.blob
-        assert self.path is not None
-        with open(self.path, "rb") as f:
-            return f.read()
+        if self.loc is not None:
+            data = load_bytes(self.loc).getvalue()  # under the storage policy
+        else:
+            assert self.path is not None
+            with open(self.path, "rb") as f:
+                data = f.read()
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise HashMismatchError(f"The extractor's '{self.key}' file changed while it was being loaded.")
+        return data
 
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -276,13 +287,10 @@ class FeatureExtractor(abc.ABC):
         """Locate and hash-check the file of `key`, downloading remote files into the cache."""
         loc = self.data_locations[key]
         if loc.storage_type == "filesystem":
-            check_access(loc, "read")
-            try:
-                sha = runtime.current().file_hashes.sha256(loc.key)
-            except FileNotFoundError:
-                raise StorageFileNotFoundError(f"{loc.describe()}: file not found") from None
+            with open_local(loc) as f:  # policy-checked, opened once
+                sha = runtime.current().file_hashes.digest(loc.key, f)
             self._check_data_hash(sha, key)
-            return ExtractorData(key, sha, False, path=loc.key)
+            return ExtractorData(key, sha, False, path=loc.key, loc=loc)
         if not loc.is_remote:
             blob = load_bytes(loc).getvalue()
             sha = hashlib.sha256(blob).hexdigest()
@@ -356,6 +364,7 @@ class DummyExtractor(FeatureExtractor):
         return self.extract_rgb(np.empty((0, 0, 3), np.uint8), rowcols)
 
     def extract_rgb(self, rgb: np.ndarray, rowcols: Sequence[RowCol]) -> tuple[np.ndarray, bool]:
+        limits.current().check_feature_dim(self._feature_dim, "DummyExtractor feature_dim")
         rng = np.random.default_rng(random.getrandbits(64))
         return rng.random((len(rowcols), self._feature_dim)), False
 

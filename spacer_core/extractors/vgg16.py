@@ -15,6 +15,7 @@ from typing import ClassVar
 import numpy as np
 from torch import nn
 
+from spacer_core import limits
 from spacer_core.caffe import build_caffe_network, output_size
 from spacer_core.exceptions import ConfigError  # noqa: F401  (pyspacer exposes it here)
 from spacer_core.extractors.base import FeatureExtractor
@@ -64,6 +65,7 @@ class VGG16CaffeExtractor(FeatureExtractor):
         label = f"{self.data_locations['definition'].describe()} + {self.data_locations['weights'].describe()}"
         # fc7's size as the definition gives it (4096 for CoralNet's VGG16).
         dim = output_size(definition.read(), f"{label} (definition)", SCORE_LAYER) or FEATURE_DIM
+        limits.current().check_feature_dim(dim, f"{label}: blob '{SCORE_LAYER}' width")
         spec = NetworkSpec(
             combined_sha256(definition.sha256, weights.sha256),
             dim,

@@ -1,0 +1,174 @@
+"""Bounds on the sizes a message may ask for, checked before anything is allocated or run.
+
+A message names epochs, network layers, feature widths and files whose
+content decides how much memory and time a task takes. `Limits` holds the
+bounds; the active ones (`current()`) are those of the runtime in use
+(`Runtime.activate()`), so a server applies its own to every call while a
+library caller keeps the library's defaults, which allow everything
+pyspacer allows except feature files that inflate past 1 GiB.
+
+Each check raises `LimitExceededError` (a `ResourceLimitError`; over gRPC
+RESOURCE_EXHAUSTED) naming the field and the bound.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import struct
+import zipfile
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from spacer_core import config
+from spacer_core.exceptions import ResourceLimitError
+
+MIB = 1 << 20
+
+
+class LimitExceededError(ResourceLimitError):
+    """A message asks for more than a configured limit allows."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on client-chosen sizes; None means unbounded.
+
+    max_epochs: a training's `nbr_epochs`.
+    max_hidden_units: units in one MLP hidden layer.
+    max_hidden_layers: MLP hidden layers.
+    max_feature_dim: features per point an extractor may produce
+        (DummyExtractor's `feature_dim`, a Caffe definition's output blob).
+    max_feature_file_bytes: what a feature file may inflate to (the sizes
+        in its zip directory and array headers, checked before reading).
+    max_token_chars: a job token.
+    max_key_chars: a location key (path, URL, S3 key).
+    """
+
+    max_epochs: int | None = None
+    max_hidden_units: int | None = None
+    max_hidden_layers: int | None = None
+    max_feature_dim: int | None = None
+    max_feature_file_bytes: int | None = 1024 * MIB
+    max_token_chars: int | None = None
+    max_key_chars: int | None = None
+
+    def check_epochs(self, nbr_epochs: int, field: str = "nbr_epochs") -> None:
+        _at_most(field, nbr_epochs, self.max_epochs)
+
+    def check_hidden_layers(self, sizes: Sequence[int] | None, field: str = "mlp_hidden_layer_sizes") -> None:
+        if sizes is None:
+            return
+        _at_most(f"{field} (layers)", len(sizes), self.max_hidden_layers)
+        for i, size in enumerate(sizes):
+            _at_most(f"{field}[{i}]", int(size), self.max_hidden_units)
+
+    def check_feature_dim(self, dim: int, field: str = "feature_dim") -> None:
+        _at_most(field, dim, self.max_feature_dim)
+
+    def check_token(self, token: str, field: str = "job_token") -> None:
+        _at_most(f"{field} (characters)", len(token), self.max_token_chars)
+
+    def check_key(self, key: str, field: str = "key") -> None:
+        _at_most(f"{field} (characters)", len(key), self.max_key_chars)
+
+    def check_task(self, task: Any, where: str = "") -> None:
+        """Check what a task message asks for: its token, epochs, MLP layers and feature width."""
+        prefix = f"{where}." if where else ""
+        token = getattr(task, "job_token", None)
+        if isinstance(token, str):
+            self.check_token(token, prefix + "job_token")
+        epochs = getattr(task, "nbr_epochs", None)
+        if isinstance(epochs, int):
+            self.check_epochs(epochs, prefix + "nbr_epochs")
+        trainer = getattr(task, "trainer", None)
+        self.check_hidden_layers(getattr(trainer, "mlp_hidden_layer_sizes", None),
+                                 prefix + "trainer.mlp_hidden_layer_sizes")
+        extractor = getattr(task, "extractor", None)
+        if extractor is not None:
+            self.check_feature_dim(int(extractor.feature_dim), prefix + "extractor.feature_dim")
+
+    def check_json(self, data: Any, where: str = "job_msg_json") -> None:
+        """Check every `job_token` and `key` string in a JSON document (a pyspacer job)."""
+        stack: list[tuple[str, Any]] = [(where, data)]
+        while stack:
+            path, value = stack.pop()
+            if isinstance(value, dict):
+                for name, item in value.items():
+                    if isinstance(item, str) and name == "job_token":
+                        self.check_token(item, f"{path}.{name}")
+                    elif isinstance(item, str) and name == "key":
+                        self.check_key(item, f"{path}.{name}")
+                    elif isinstance(item, (dict, list)):
+                        stack.append((f"{path}.{name}", item))
+            elif isinstance(value, list):
+                stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value)
+                             if isinstance(item, (dict, list)))
+
+    def check_npz(self, raw: bytes, source: str) -> None:
+        """Refuse a feature file (npz) whose members would inflate past `max_feature_file_bytes`.
+
+        Reads only the zip directory and each array's header, not the data.
+        """
+        bound = self.max_feature_file_bytes
+        if bound is None:
+            return
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            total = 0
+            for info in archive.infolist():
+                total += info.file_size
+                if total > bound:
+                    raise LimitExceededError(
+                        f"{source}: the feature file inflates to more than {bound} bytes"
+                        f" (max_feature_file_bytes)")
+                with archive.open(info) as member:
+                    declared = _npy_data_bytes(member.read(min(info.file_size, 4096)))
+                if declared is not None and declared > info.file_size:
+                    raise LimitExceededError(f"{source}: array '{info.filename}' declares more data than it holds")
+
+
+def _at_most(field: str, value: int, bound: int | None) -> None:
+    if bound is not None and value > bound:
+        raise LimitExceededError(f"{field} is {value}; this server allows at most {bound}")
+
+
+def _npy_data_bytes(head: bytes) -> int | None:
+    """Bytes of array data an .npy header declares (None: not an .npy header we understand)."""
+    if not head.startswith(b"\x93NUMPY") or len(head) < 10:
+        return None
+    major = head[6]
+    if major == 1:
+        (length,), start = struct.unpack("<H", head[8:10]), 10
+    elif len(head) >= 12:
+        (length,), start = struct.unpack("<I", head[8:12]), 12
+    else:
+        return None
+    try:
+        header: Any = ast.literal_eval(head[start : start + length].decode("latin1"))
+        shape = tuple(int(n) for n in header["shape"])
+        itemsize = np.dtype(header["descr"]).itemsize
+    except (ValueError, SyntaxError, KeyError, TypeError):
+        return None
+    count = 1
+    for n in shape:
+        count *= n
+    return count * itemsize
+
+
+_active: ContextVar[Limits | None] = ContextVar("spacer_limits", default=None)
+LIBRARY_DEFAULTS = Limits()
+
+
+def current() -> Limits:
+    """The limits that apply in this context (the active runtime's, else the library's)."""
+    return _active.get() or LIBRARY_DEFAULTS
+
+
+def limits_scope(limits: Limits) -> AbstractContextManager[Limits]:
+    """Apply `limits` to the library work done in this context."""
+    return config.scoped(_active, limits)

@@ -1,0 +1,113 @@
+"""spacer_core.limits and spacer_core.cancellation, and the engine's long-work share."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server.config import ServerConfig
+from server.engine import Engine
+from spacer_core import cancellation, limits
+from spacer_core.data_classes import ImageFeatures
+from spacer_core.limits import LimitExceededError, Limits
+from spacer_core.train_classifier import MiniBatchTrainer
+from tests.support.hostile_files import lying_header, zip_bomb
+
+
+def test_feature_file_inflation_is_checked_before_reading(tmp_path):
+    zip_bomb(tmp_path / "bomb", 20)
+    lying_header(tmp_path / "liar")
+    small = ImageFeatures.from_arrays(np.ones((3, 8), np.float32), [0, 1, 2], [0, 1, 2]).to_bytes()
+    bounded = Limits(max_feature_file_bytes=10 << 20)
+    for name in ("bomb", "liar"):
+        with pytest.raises(LimitExceededError):
+            bounded.check_npz((tmp_path / name).read_bytes(), name)
+    bounded.check_npz(small, "small")
+    with limits.limits_scope(bounded), pytest.raises(LimitExceededError, match="bomb"):
+        ImageFeatures.from_bytes((tmp_path / "bomb").read_bytes(), "bomb")
+    assert ImageFeatures.from_bytes(small).feature_dim == 8
+
+
+def test_task_and_json_checks_name_the_field():
+    bounded = Limits(max_epochs=10, max_hidden_units=100, max_hidden_layers=2, max_token_chars=4, max_key_chars=8)
+
+    class Task:
+        job_token = "ok"
+        nbr_epochs = 11
+        trainer = MiniBatchTrainer()
+
+    with pytest.raises(LimitExceededError, match=r"tasks\[0\]\.nbr_epochs is 11; this server allows at most 10"):
+        bounded.check_task(Task(), "tasks[0]")
+    Task.nbr_epochs = 10
+    Task.trainer = MiniBatchTrainer(mlp_hidden_layer_sizes=(100, 101))
+    with pytest.raises(LimitExceededError, match=r"mlp_hidden_layer_sizes\[1\] is 101"):
+        bounded.check_task(Task())
+    Task.trainer = MiniBatchTrainer(mlp_hidden_layer_sizes=(1, 1, 1))
+    with pytest.raises(LimitExceededError, match=r"\(layers\) is 3"):
+        bounded.check_task(Task())
+    with pytest.raises(LimitExceededError, match=r"job\.tasks\[1\]\.job_token"):
+        bounded.check_json({"tasks": [{"job_token": "a"}, {"job_token": "abcde"}]}, "job")
+    with pytest.raises(LimitExceededError, match=r"job\.tasks\[0\]\.image_loc\.key"):
+        bounded.check_json({"tasks": [{"image_loc": {"key": "123456789"}}]}, "job")
+    Limits().check_task(Task())  # the library's defaults: unbounded, as pyspacer
+
+
+def test_cancellation_checks_flag_and_deadline():
+    cancellation.check()  # outside a scope: never raises
+    stop = threading.Event()
+    with cancellation.cancel_scope(stop):
+        cancellation.check()
+        stop.set()
+        with pytest.raises(cancellation.WorkCancelledError, match="cancelled"):
+            cancellation.check()
+    with cancellation.cancel_scope(threading.Event(), time.monotonic() - 1):
+        with pytest.raises(cancellation.WorkCancelledError, match="deadline"):
+            cancellation.check()
+
+
+def test_long_work_holds_a_bounded_share_and_stops_when_its_call_ends():
+    engine = Engine(ServerConfig(workers=4, log_level="WARNING", allow_any_path=True))
+    assert engine.config.long_work_slots == 2
+    running, peak, stopped = [0], [0], []
+    lock = threading.Lock()
+
+    def work(name: str) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            for _ in range(400):
+                cancellation.check()
+                time.sleep(0.01)
+        except cancellation.WorkCancelledError:
+            stopped.append(name)
+            raise
+        finally:
+            with lock:
+                running[0] -= 1
+
+    async def scenario() -> None:
+        calls = [asyncio.ensure_future(engine.call_long(work, f"w{i}")) for i in range(4)]
+        await asyncio.sleep(0.3)
+        assert running[0] == 2  # two wait for a slot
+        quick = await asyncio.wait_for(engine.call(lambda: "free worker"), 2)
+        assert quick == "free worker"
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        for _ in range(100):
+            if running[0] == 0:
+                break
+            await asyncio.sleep(0.02)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert peak[0] == 2
+    assert running[0] == 0
+    assert sorted(stopped) == ["w0", "w1"]  # the two running ones stopped at a check; the others never started
