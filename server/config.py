@@ -59,6 +59,11 @@ class ServerConfig:
     # Image tasks admitted across the server (running + waiting); beyond it
     # unary calls get RESOURCE_EXHAUSTED and streams wait.
     max_queue: int = 32
+    # Bytes admitted image work may hold across the server (decoded images,
+    # uint8 patches, float32 batch input; see pipeline.Footprint); beyond it
+    # unary calls get RESOURCE_EXHAUSTED and streams wait. An image larger
+    # than the budget runs alone.
+    memory_budget_bytes: int = 512 * MIB
     # Filesystem DataLocations must lie under one of these; empty: the
     # working directory when the server is built (unless allow_any_path).
     data_roots: tuple[Path, ...] = ()
@@ -110,7 +115,7 @@ class ServerConfig:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
         for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes",
-                     "url_max_bytes"):
+                     "url_max_bytes", "memory_budget_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("queue_delay_ms", "grace_seconds"):
@@ -258,6 +263,8 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
      "images in flight per ClassifyImages stream"),
     ("--max-queue", "max_queue", int, "SPACER_MAX_QUEUE",
      "image tasks admitted server-wide before RESOURCE_EXHAUSTED"),
+    ("--memory-budget-mb", "memory_budget_mb", float, "SPACER_MEMORY_BUDGET_MB",
+     "MiB that admitted image work may hold (decoded images, patches, batch input)"),
     ("--max-message-mb", "max_message_mb", float, "SPACER_MAX_MESSAGE_MB",
      "largest request/response message, MiB"),
     ("--url-max-mb", "url_max_mb", float, "SPACER_URL_MAX_MB",
@@ -360,6 +367,8 @@ def config_from_args(
         values["max_message_bytes"] = int(float(values.pop("max_message_mb")) * MIB)  # type: ignore[arg-type]
     if "url_max_mb" in values:
         values["url_max_bytes"] = int(float(values.pop("url_max_mb")) * MIB)  # type: ignore[arg-type]
+    if "memory_budget_mb" in values:
+        values["memory_budget_bytes"] = int(float(values.pop("memory_budget_mb")) * MIB)  # type: ignore[arg-type]
     if "log_level" in values:
         values["log_level"] = str(values["log_level"]).upper()
 
