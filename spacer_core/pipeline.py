@@ -159,12 +159,13 @@ def load(job: ImageJob) -> Loaded:
     data = read_image(job.image, name)
     points, (width, height) = _checked(data, job.rowcols, name)
     found = job.extractor.network()
-    crop_size = job.extractor.CROP_SIZE
-    # Sizing only: reading the header must not build the network.
-    batch_size = runtime.current().batch_size(found[0], load=False) if found is not None else 0
-    footprint = Footprint.of(len(data), width, height, len(points), crop_size, batch_size)
     if found is None:  # features come straight from the decoded image
-        footprint = Footprint(footprint.cutting, 0)
+        footprint = Footprint(len(data) + width * height * 3, 0)
+    else:
+        # Sizing only: reading the header must not build the network.
+        batch_size = runtime.current().batch_size(found[0], load=False)
+        footprint = Footprint.of(len(data), width, height, len(points), job.extractor.CROP_SIZE,
+                                 batch_size)
     return Loaded(job, data, points, (width, height), start, footprint, found)
 
 
