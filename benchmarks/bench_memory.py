@@ -11,7 +11,9 @@ call, then runs `--streams` concurrent ClassifyImages streams of `--images`
 JPEGs each, `--points` points per image, images named by filesystem
 DataLocation (the server reads and decodes them) or sent inline with
 `--inline`. Reports, per run, the server's RSS after warm-up, its peak RSS
-(VmHWM from /proc) and points/s over the streams.
+(VmHWM from /proc), points/s over the streams and the server's CPU seconds
+(user + system) per 100 points, which other jobs on a shared machine
+disturb far less than points/s.
 
 `--tree NAME=PATH` (repeatable) runs the server from another checkout of
 this project (PYTHONPATH=PATH); with several trees the runs alternate, tree
@@ -87,10 +89,11 @@ def measure(tree: Path, workdir: Path, weights_dir: Path, extractor: dict, clf: 
         time.sleep(1.0)
         base = server.status()
         n, seconds = run_streams(server.address, per_stream)
-        peak = server.status().peak_rss_mib
+        end = server.status()
     finally:
         server.stop()
-    return {"base": base.rss_mib, "peak": peak, "points_s": n / seconds, "seconds": seconds}
+    return {"base": base.rss_mib, "peak": end.peak_rss_mib, "points_s": n / seconds, "seconds": seconds,
+            "cpu_per_100": (end.cpu_s - base.cpu_s) / n * 100}
 
 
 def main() -> None:
@@ -143,8 +146,9 @@ def main() -> None:
                               image(files[0]), args.serve_args)
                 results[name].append(out)
                 print(f"round {r + 1} {name:>8}: RSS after warm-up {out['base']:6.0f} MiB, peak"
-                      f" {out['peak']:6.0f} MiB, {out['points_s']:6.1f} points/s ({out['seconds']:.1f} s;"
-                      f" load average at start {load:.1f})", flush=True)
+                      f" {out['peak']:6.0f} MiB, {out['points_s']:6.1f} points/s ({out['seconds']:.1f} s),"
+                      f" {out['cpu_per_100']:.2f} CPU s per 100 points; load average at start {load:.1f}",
+                      flush=True)
 
         first = trees[0][0]
         medians = {name: {k: statistics.median(o[k] for o in runs) for k in runs[0]}
@@ -153,9 +157,11 @@ def main() -> None:
             ratio = ""
             if name != first:
                 ratio = (f"; vs {first}: peak x{m['peak'] / medians[first]['peak']:.2f},"
-                         f" points/s x{m['points_s'] / medians[first]['points_s']:.2f}")
+                         f" points/s x{m['points_s'] / medians[first]['points_s']:.2f},"
+                         f" CPU per point x{m['cpu_per_100'] / medians[first]['cpu_per_100']:.2f}")
             print(f"median {name:>8}: RSS after warm-up {m['base']:.0f} MiB, peak {m['peak']:.0f} MiB"
-                  f" (target <= 2048), {m['points_s']:.1f} points/s{ratio}")
+                  f" (target <= 2048), {m['points_s']:.1f} points/s,"
+                  f" {m['cpu_per_100']:.2f} CPU s per 100 points{ratio}")
 
 
 if __name__ == "__main__":
