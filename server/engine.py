@@ -219,12 +219,15 @@ class PriorityPool(concurrent.futures.Executor):
                 _, _, future, fn = heapq.heappop(self._heap)
             if not future.set_running_or_notify_cancel():
                 continue  # cancelled while waiting
+            result: Any = None
             try:
                 result = fn()
             except BaseException as exc:
                 future.set_exception(exc)
             else:
                 future.set_result(result)
+            # An idle worker keeps no image alive (its patches, its bytes).
+            del future, fn, result
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
