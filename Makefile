@@ -70,6 +70,7 @@ bench: ## Side-by-side benchmarks against pyspacer (slow; see docs/benchmarks.md
 	$(PYTHON) benchmarks/bench_extract.py
 	$(PYTHON) benchmarks/eval_precision.py
 	$(PYTHON) benchmarks/bench_server.py
+	$(PYTHON) benchmarks/bench_memory.py
 
 SOAK_SECONDS ?= 600
 soak: ## 8 concurrent ClassifyImages streams against `spacer serve` for SOAK_SECONDS (default 600): nothing lost, RSS flat, p50/p99

@@ -63,6 +63,11 @@ class ServerConfig:
     # Image tasks admitted across the server (running + waiting); beyond it
     # unary calls get RESOURCE_EXHAUSTED and streams wait.
     max_queue: int = 32
+    # Bytes admitted image work may hold across the server (decoded images,
+    # uint8 patches, float32 batch input; see pipeline.Footprint); beyond it
+    # unary calls get RESOURCE_EXHAUSTED and streams wait. An image larger
+    # than the budget runs alone.
+    memory_budget_bytes: int = 512 * MIB
     # Filesystem DataLocations must lie under one of these; empty: the
     # working directory when the server is built (unless allow_any_path).
     data_roots: tuple[Path, ...] = ()
@@ -128,7 +133,7 @@ class ServerConfig:
         for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes",
                      "url_max_bytes", "max_epochs", "max_hidden_units", "max_hidden_layers",
                      "max_feature_dim", "max_feature_file_bytes", "max_token_chars", "max_key_chars",
-                     "long_work_workers"):
+                     "long_work_workers", "memory_budget_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("queue_delay_ms", "grace_seconds"):
@@ -300,6 +305,8 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
      "images in flight per ClassifyImages stream"),
     ("--max-queue", "max_queue", int, "SPACER_MAX_QUEUE",
      "image tasks admitted server-wide before RESOURCE_EXHAUSTED"),
+    ("--memory-budget-mb", "memory_budget_mb", float, "SPACER_MEMORY_BUDGET_MB",
+     "MiB that admitted image work may hold (decoded images, patches, batch input)"),
     ("--max-message-mb", "max_message_mb", float, "SPACER_MAX_MESSAGE_MB",
      "largest request/response message, MiB"),
     ("--url-max-mb", "url_max_mb", float, "SPACER_URL_MAX_MB",
@@ -417,6 +424,8 @@ def config_from_args(
         values["url_max_bytes"] = int(float(values.pop("url_max_mb")) * MIB)  # type: ignore[arg-type]
     if "max_feature_file_mb" in values:
         values["max_feature_file_bytes"] = int(float(values.pop("max_feature_file_mb")) * MIB)  # type: ignore[arg-type]
+    if "memory_budget_mb" in values:
+        values["memory_budget_bytes"] = int(float(values.pop("memory_budget_mb")) * MIB)  # type: ignore[arg-type]
     if "log_level" in values:
         values["log_level"] = str(values["log_level"]).upper()
 

@@ -3,9 +3,15 @@
 Image work goes through `spacer_core.pipeline`: blocking steps in the pool,
 the network through the runtime's dynamic batcher shared by every call
 using the same network, so concurrent requests fill each other's batches.
-Interactive work goes ahead of bulk work at each of the three places it can
-wait: admission (a share of the slots is kept for it), the pool (a priority
-queue) and the batcher (batches filled in priority order).
+
+Admission is in two steps: a count of image tasks (`Admission`, before the
+image is read) and, once its header is read, the bytes the image will hold
+(`MemoryBudget`, before anything is decoded). Memory under load follows the
+byte budget, whatever the image sizes and point counts.
+
+Interactive work goes ahead of bulk work at each of the places it can wait:
+admission (a share of the slots and of the bytes is kept for it), the pool
+(a priority queue) and the batcher (batches filled in priority order).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from server.config import Preload, ServerConfig
+from server.config import MIB, Preload, ServerConfig
 from spacer_core import cancellation, pipeline
 from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import QueueFullError
@@ -83,6 +89,95 @@ class Admission:
             self._freed.notify_all()
 
 
+class MemoryHold:
+    """Bytes held by one admitted image; shrinks as the image moves on (`pipeline.Hold`)."""
+
+    def __init__(self, budget: MemoryBudget, nbytes: int):
+        self._budget = budget
+        self.nbytes = nbytes
+
+    def resize(self, nbytes: int) -> None:
+        nbytes = max(0, min(nbytes, self.nbytes))  # never more than admitted
+        freed, self.nbytes = self.nbytes - nbytes, nbytes
+        if freed:
+            self._budget._give_back(freed)
+
+    def release(self) -> None:
+        self.resize(0)
+
+
+class MemoryBudget:
+    """Bytes of image work admitted server-wide: decoded images, patches, batch input.
+
+    Each image asks, once its header is read and before any pixel is
+    decoded, for the bytes it will hold (`pipeline.Footprint`). Bulk work
+    may hold `budget - reserved` bytes, interactive work the whole budget.
+    Waiting images are admitted in order (priority, then arrival): one that
+    does not fit keeps those behind it waiting, so small images cannot
+    overtake a large one forever. An image larger than its bound is
+    admitted once nothing else is held: it runs alone rather than never.
+    Used from the event loop only.
+    """
+
+    def __init__(self, budget: int, reserved: int = 0):
+        if budget < 1:
+            raise ValueError(f"memory budget must be >= 1 byte, got {budget}")
+        self.budget = budget
+        self.reserved = max(0, min(reserved, budget - 1))
+        self.held = 0
+        self.peak = 0  # most bytes ever held at once
+        self.waited = 0  # images that had to wait for room
+        self._order = itertools.count()
+        self._waiting: list[tuple[int, int, int, asyncio.Future[MemoryHold]]] = []
+
+    def _bound(self, priority: int) -> int:
+        return self.budget if priority <= Priority.INTERACTIVE else self.budget - self.reserved
+
+    def _fits(self, nbytes: int, priority: int) -> bool:
+        return self.held == 0 or self.held + nbytes <= self._bound(priority)
+
+    def _grant(self, nbytes: int) -> MemoryHold:
+        self.held += nbytes
+        self.peak = max(self.peak, self.held)
+        return MemoryHold(self, nbytes)
+
+    async def acquire(self, nbytes: int, priority: int = DEFAULT_PRIORITY, *, wait: bool = True) -> MemoryHold:
+        """Hold `nbytes` once they fit; with `wait` False raise QueueFullError instead of waiting."""
+        nbytes = max(0, int(nbytes))
+        ahead = any(p <= priority for p, _, _, f in self._waiting if not f.done())
+        if not ahead and self._fits(nbytes, priority):
+            return self._grant(nbytes)
+        if not wait:
+            raise QueueFullError(
+                f"server queue is full ({self.held / MIB:.0f} of {self.budget / MIB:.0f} MiB of image"
+                f" memory held; this image needs {nbytes / MIB:.0f} MiB); retry later")
+        self.waited += 1
+        granted: asyncio.Future[MemoryHold] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (int(priority), next(self._order), nbytes, granted))
+        try:
+            return await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                granted.result().release()  # granted just as the waiter was cancelled
+            self._admit_waiting()
+            raise
+
+    def _give_back(self, nbytes: int) -> None:
+        self.held -= nbytes
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        while self._waiting:
+            priority, _, nbytes, granted = self._waiting[0]
+            if granted.done():  # cancelled while waiting
+                heapq.heappop(self._waiting)
+                continue
+            if not self._fits(nbytes, priority):
+                return
+            heapq.heappop(self._waiting)
+            granted.set_result(self._grant(nbytes))
+
+
 class PriorityPool(concurrent.futures.Executor):
     """Threads running blocking work: higher priority first, FIFO within a priority.
 
@@ -124,12 +219,15 @@ class PriorityPool(concurrent.futures.Executor):
                 _, _, future, fn = heapq.heappop(self._heap)
             if not future.set_running_or_notify_cancel():
                 continue  # cancelled while waiting
+            result: Any = None
             try:
                 result = fn()
             except BaseException as exc:
                 future.set_exception(exc)
             else:
                 future.set_result(result)
+            # An idle worker keeps no image alive (its patches, its bytes).
+            del future, fn, result
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
@@ -160,8 +258,10 @@ class Engine:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        # With priorities on, a quarter of the slots is kept for interactive calls.
+        # With priorities on, a quarter of the slots and bytes is kept for interactive calls.
         self.admission = Admission(config.max_queue, config.max_queue // 4 if config.priority else 0)
+        budget = config.memory_budget_bytes
+        self.memory = MemoryBudget(budget, budget // 4 if config.priority else 0)
         self.runtime = Runtime(config.runtime_settings(), policy=config.storage_policy())
         self._pool = PriorityPool(config.workers)
         # Long work (RunJob, TrainClassifier) holds at most this many workers.
@@ -210,18 +310,28 @@ class Engine:
         return requested if self.config.priority else DEFAULT_PRIORITY
 
     async def run_image(
-        self, job: ImageJob, *, priority: int = DEFAULT_PRIORITY, deadline: float | None = None
+        self,
+        job: ImageJob,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        deadline: float | None = None,
+        wait: bool = True,
     ) -> ImageResult:
         """One image through the library pipeline; batched with concurrent calls unless disabled.
 
         `priority` orders its pool and network work (`Priority`); work still
         waiting for the network at `deadline` (time.monotonic()) is dropped.
+        Its bytes are admitted against the memory budget once its header is
+        read: waiting for room, or with `wait` False raising QueueFullError.
         """
         priority = self.priority(priority)
         call = partial(self.call, priority=priority)
         if not self.config.batching:
+            # One library call per image: at most `workers` images in memory at once.
             return await call(pipeline.run, job)
-        return await pipeline.run_async(job, self.runtime, call, priority=priority, deadline=deadline)
+        admit = partial(self.memory.acquire, priority=priority, wait=wait)
+        return await pipeline.run_async(job, self.runtime, call, priority=priority, deadline=deadline,
+                                        admit=admit)
 
     async def load_extractor(self, extractor: FeatureExtractor) -> LoadedModel:
         """Fetch and verify the extractor's files; build its network (and batcher) now."""

@@ -68,11 +68,11 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         convert.check_sizes(request, self.engine.runtime.settings.limits)
 
     async def _classify_one(
-        self, req: pb.ClassifyImageRequest, priority: int, deadline: float | None
+        self, req: pb.ClassifyImageRequest, priority: int, deadline: float | None, *, wait: bool
     ) -> pb.ClassifyResponse:
         self._check_sizes(req)
         job = convert.image_job(req, classify=True)
-        result = await self.engine.run_image(job, priority=priority, deadline=deadline)
+        result = await self.engine.run_image(job, priority=priority, deadline=deadline, wait=wait)
         return convert.classify_response(result, req.job_token)
 
     # ------------------------------------------------------------ unary
@@ -91,7 +91,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             request_priority(request, call_priority(context, Priority.INTERACTIVE)))
         async with self.engine.admission.try_enter(priority):
             result = await self.engine.run_image(job, priority=priority,
-                                                 deadline=call_deadline(context))
+                                                 deadline=call_deadline(context), wait=False)
         return pb.ExtractFeaturesResponse(
             job_token=request.job_token,
             extractor_loaded_remotely=result.loaded_remotely,
@@ -115,7 +115,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         priority = self.engine.priority(
             request_priority(request, call_priority(context, Priority.INTERACTIVE)))
         async with self.engine.admission.try_enter(priority):
-            return await self._classify_one(request, priority, call_deadline(context))
+            return await self._classify_one(request, priority, call_deadline(context), wait=False)
 
     @rpc_method
     async def RunJob(self, request: pb.RunJobRequest, context: Context) -> pb.RunJobResponse:  # type: ignore[override]
@@ -185,7 +185,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                 async with self.engine.admission.enter(priority):
                     response = pb.ClassifyImagesResponse(
                         job_token=req.job_token,
-                        result=await self._classify_one(req, priority, deadline),
+                        result=await self._classify_one(req, priority, deadline, wait=True),
                     )
             except asyncio.CancelledError:
                 raise

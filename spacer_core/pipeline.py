@@ -6,11 +6,17 @@
     result = await pipeline.run_async(job, runtime, call)  # server: shared dynamic batcher
 
 Each image goes: load bytes -> check limits and points from the header (no
-pixel decoded yet) -> decode + crop in Rust straight into the network's
-float32 input -> features (`Runtime.features`, or the runtime's dynamic
-batcher across concurrent calls) -> store the features and/or score them.
+pixel decoded yet; `load`) -> decode + crop in Rust to uint8 patches (`cut`)
+-> features (`Runtime.features`, or the runtime's dynamic batcher across
+concurrent calls; either converts the patches to the network's float32
+input a batch at a time) -> store the features and/or score them.
 Extractors without a network (`batchable` False) compute their features
-from decoded RGB pixels in the preparing step instead.
+from decoded RGB pixels in the cutting step instead.
+
+Patches wait for the network as uint8 crops (150 KB a point), a quarter of
+the float32 input's bytes. `Loaded.footprint` says, from the header alone,
+how many bytes an image will hold, so a server can admit work by memory
+(`run_async`'s `admit`).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -73,9 +79,45 @@ class ImageResult:
     classes: list[Any] | None = None
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes one image holds on its way through the pipeline.
+
+    `cutting`: while it is decoded and cut (encoded bytes, decoded RGB,
+    uint8 patches, its share of float32 batch input); `waiting`: once cut,
+    until its features are back (patches and batch share).
+    """
+
+    cutting: int
+    waiting: int
+
+    @classmethod
+    def of(cls, encoded: int, width: int, height: int, points: int, crop_size: int,
+           batch_size: int) -> Footprint:
+        patches = points * crop_size * crop_size * 3
+        batch_share = min(points, batch_size) * 3 * crop_size * crop_size * 4
+        return cls(encoded + width * height * 3 + patches + batch_share, patches + batch_share)
+
+
+@dataclass
+class Loaded:
+    """A job whose image bytes were read and checked against the limits; nothing decoded yet."""
+
+    job: ImageJob
+    data: bytes
+    rowcols: list[RowCol]
+    size: tuple[int, int]  # (width, height) from the header
+    start: float
+    footprint: Footprint
+    network: tuple[NetworkSpec, bool] | None  # the extractor's network and loaded-remotely flag
+
+
 @dataclass
 class Prepared:
-    """A job after its image was checked and cut: patches for `net`, or features already."""
+    """A job after its image was checked and cut: patches for `net`, or features already.
+
+    `patches` are uint8 (N, s, s, 3) crops, as pyspacer cuts them.
+    """
 
     job: ImageJob
     rowcols: list[RowCol]
@@ -97,31 +139,52 @@ def read_image(image: DataLocation | bytes, name: str) -> bytes:
 
 def check_points(data: bytes, rowcols: Sequence[RowCol], name: str) -> list[RowCol]:
     """pyspacer's limit and point checks, with the size read from the header only."""
+    return _checked(data, rowcols, name)[0]
+
+
+def _checked(data: bytes, rowcols: Sequence[RowCol], name: str) -> tuple[list[RowCol], tuple[int, int]]:
     points = list(rowcols)
     if not points:
         raise InvalidInputError(f"{name}: no points given; need at least one (row, col)")
     size = crop.image_size(data, image_key=name)
     check_extract_inputs(SimpleNamespace(size=size), points, name)
-    return [(int(r), int(c)) for r, c in points]
+    return [(int(r), int(c)) for r, c in points], size
+
+
+def load(job: ImageJob) -> Loaded:
+    """Read the image's bytes and check them and the points (header only), with the
+    extractor's network (weights hash-checked): all admission needs to know."""
+    start = time.time()
+    name = job.label
+    data = read_image(job.image, name)
+    points, (width, height) = _checked(data, job.rowcols, name)
+    found = job.extractor.network()
+    if found is None:  # features come straight from the decoded image
+        footprint = Footprint(len(data) + width * height * 3, 0)
+    else:
+        # Sizing only: reading the header must not build the network.
+        batch_size = runtime.current().batch_size(found[0], load=False)
+        footprint = Footprint.of(len(data), width, height, len(points), job.extractor.CROP_SIZE,
+                                 batch_size)
+    return Loaded(job, data, points, (width, height), start, footprint, found)
+
+
+def cut(loaded: Loaded) -> Prepared:
+    """Decode and cut uint8 patches (or, without a network, extract the features)."""
+    job, points, name = loaded.job, loaded.rowcols, loaded.job.label
+    if loaded.network is None:
+        rgb = crop.decode_image(loaded.data, image_key=name).rgb
+        with config.log_entry_and_exit("feature extraction"):
+            features, remote = job.extractor.extract_rgb(rgb, points)
+        return Prepared(job, points, loaded.start, remote, features=np.asarray(features))
+    net, remote = loaded.network
+    patches = crop.crop_patches(loaded.data, points, job.extractor.CROP_SIZE, image_key=name)
+    return Prepared(job, points, loaded.start, remote, net=net, patches=patches)
 
 
 def prepare(job: ImageJob) -> Prepared:
     """Load and check the image, then cut its patches (or, without a network, extract)."""
-    start = time.time()
-    name = job.label
-    data = read_image(job.image, name)
-    points = check_points(data, job.rowcols, name)
-    found = job.extractor.network()
-    if found is None:
-        rgb = crop.decode_image(data, image_key=name).rgb
-        with config.log_entry_and_exit("feature extraction"):
-            features, remote = job.extractor.extract_rgb(rgb, points)
-        return Prepared(job, points, start, remote, features=np.asarray(features))
-    net, remote = found
-    size = job.extractor.CROP_SIZE
-    patches = np.empty((len(points), 3, size, size), dtype=np.float32)
-    crop.crop_patches_into_chw(data, points, patches, size, image_key=name)
-    return Prepared(job, points, start, remote, net=net, patches=patches)
+    return cut(load(job))
 
 
 def finish(prepared: Prepared, features: np.ndarray) -> ImageResult:
@@ -154,6 +217,19 @@ def run(job: ImageJob) -> ImageResult:
 Call = Callable[..., Awaitable[Any]]
 
 
+class Hold(Protocol):
+    """Bytes admitted for one image (see `run_async`'s `admit`)."""
+
+    def resize(self, nbytes: int) -> None:
+        """Hold `nbytes` from now on (never more than admitted)."""
+
+    def release(self) -> None:
+        """Give everything back; calling it again does nothing."""
+
+
+Admit = Callable[[int], Awaitable[Hold]]
+
+
 async def run_async(
     job: ImageJob,
     active: Runtime,
@@ -161,6 +237,7 @@ async def run_async(
     *,
     priority: int = DEFAULT_PRIORITY,
     deadline: float | None = None,
+    admit: Admit | None = None,
 ) -> ImageResult:
     """The pipeline for asyncio callers: blocking steps through `call`, the network
     through `active`'s dynamic batcher, so concurrent jobs fill each other's batches.
@@ -169,15 +246,30 @@ async def run_async(
     context where `active` is current). `priority` (`Priority`, lower first)
     orders the job's patches among those waiting for the network; a job still
     waiting at `deadline` (`time.monotonic()`) is dropped before the network
-    with DeadlineExceededError.
+    with DeadlineExceededError. `admit(nbytes)`, when given, is awaited once
+    the header is read, before anything is decoded, with the bytes the image
+    will hold while it is cut (`Footprint.cutting`); the hold it returns is
+    shrunk to `Footprint.waiting` once the image is cut and released when its
+    features are back.
     """
-    prepared: Prepared = await call(prepare, job)
-    features = prepared.features
-    if features is None:
-        assert prepared.net is not None and prepared.patches is not None
-        features = await active.features_async(prepared.net, prepared.patches,
-                                               priority=priority, deadline=deadline)
-        prepared.patches = None  # free the float32 input before scoring
+    loaded: Loaded | None = await call(load, job)
+    assert loaded is not None
+    footprint = loaded.footprint
+    hold = await admit(footprint.cutting) if admit is not None else None
+    try:
+        prepared: Prepared = await call(cut, loaded)
+        loaded = None  # the encoded bytes are no longer needed
+        if hold is not None:
+            hold.resize(footprint.waiting)
+        features = prepared.features
+        if features is None:
+            assert prepared.net is not None and prepared.patches is not None
+            features = await active.features_async(prepared.net, prepared.patches,
+                                                   priority=priority, deadline=deadline)
+            prepared.patches = None  # free the patches before scoring
+    finally:
+        if hold is not None:
+            hold.release()
     return await call(finish, prepared, features)
 
 

@@ -27,14 +27,16 @@ from typing import IO, Any
 import numpy as np
 
 from spacer_core.inference.backends import PATCH_SHAPE as _PATCH_SHAPE
-from spacer_core.inference.backends import Backend, resolve_device, run_in_batches
+from spacer_core.inference.backends import Backend, resolve_device
 from spacer_core.inference.compile import load_backend
 from spacer_core.inference.batcher import (
     DEFAULT_PRIORITY,
+    BatchBuffers,
     BatchObservation,
     BatcherClosedError,
     BatchObserver,
     DynamicBatcher,
+    run_batches,
 )
 from spacer_core.inference.model_cache import ModelCache
 from spacer_core.inference.network import NetworkSpec
@@ -92,10 +94,14 @@ class LoadedModel:
 class _Network:
     backend: Backend
     info: LoadedModel
+    batch_size: int
     nbytes: int = field(init=False)
+    # Input buffers of `features()` (the batcher has its own), reused call after call.
+    buffers: BatchBuffers = field(init=False)
 
     def __post_init__(self) -> None:
         self.nbytes = self.backend.nbytes
+        self.buffers = BatchBuffers(self.backend.allocate_batch, self.batch_size)
 
 
 @dataclass
@@ -211,7 +217,7 @@ class Runtime:
                                    cache_dir=self.settings.compile_cache_dir)
             info = LoadedModel("extractor", net.label or net.key, net.feature_dim,
                                time.perf_counter() - start)
-            return _Network(backend, info)
+            return _Network(backend, info, self.settings.batch_size or backend.preferred_batch_size)
 
         return self._networks.get(net.key, load)
 
@@ -221,15 +227,26 @@ class Runtime:
         self._requested[("extractor", net.key)] = None
         return info
 
+    def batch_size(self, net: NetworkSpec, *, load: bool = True) -> int:
+        """Patches per network call for `net`: the setting, else the backend's preferred size.
+
+        With `load` False a network not built yet is not built for this: the
+        answer is then the generic default (`Backend.preferred_batch_size`).
+        """
+        if self.settings.batch_size:
+            return self.settings.batch_size
+        network = self._network(net) if load else self._networks.peek(net.key)
+        return network.batch_size if network is not None else Backend.preferred_batch_size
+
     def batcher(self, net: NetworkSpec) -> DynamicBatcher:
         """The dynamic batcher shared by every caller of `net` in this runtime."""
 
         def create() -> DynamicBatcher:
-            backend = self.backend(net)
+            network = self._network(net)
             settings = self.settings
             return DynamicBatcher(
-                backend,
-                max_batch_size=settings.batch_size or backend.preferred_batch_size,
+                network.backend,
+                max_batch_size=network.batch_size,
                 max_queue_delay_s=settings.queue_delay_s,
                 max_queued_patches=settings.max_queued_patches,
                 name=f"batcher-{net.key[:8]}-{self.device}",
@@ -268,9 +285,13 @@ class Runtime:
                 logger.exception("batch observer %r failed", observer)
 
     def features(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
-        """Features of float32 (N, 3, 224, 224) patches, computed in this thread."""
-        backend = self.backend(net)
-        return run_in_batches(backend, patches, self.settings.batch_size or backend.preferred_batch_size)
+        """Features of patches, computed in this thread, a batch at a time.
+
+        `patches`: uint8 (N, 224, 224, 3) crops, converted batch by batch into
+        a reused float32 input buffer, or float32 (N, 3, 224, 224) in [0, 1].
+        """
+        network = self._network(net)
+        return run_batches(network.backend.launch, patches, network.batch_size, network.buffers)
 
     async def features_async(
         self,
@@ -302,9 +323,7 @@ class Runtime:
         call. `batched` goes through the shared batcher (starting it too).
         """
         start = time.perf_counter()
-        backend = self.backend(net)
-        size = self.settings.batch_size or backend.preferred_batch_size
-        blank = np.zeros((size, *_PATCH_SHAPE), np.float32)
+        blank = np.zeros((self.batch_size(net), *_PATCH_SHAPE), np.float32)
         if batched:
             self.batcher(net).extract_sync(blank)
         else:

@@ -350,3 +350,102 @@ def test_finished_request_releases_its_patches_without_the_cycle_collector():
             assert alive() is None
     finally:
         gc.enable()
+
+
+# -- batch assembly: uint8 crops become float32 input only when a batch is formed ------
+
+
+def _real_jpeg(width: int = 900, height: int = 700, seed: int = 5) -> bytes:
+    """A photo-like JPEG: smooth colour fields, gradients and pixel noise, quality 90."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
+    ramp = np.linspace(-30, 30, width, dtype=np.float32).astype(np.int16)[None, :, None]
+    noisy = smooth + ramp + rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_batches_assembled_from_uint8_crops_equal_the_float_crop_bit_for_bit():
+    """The float32 batch formed from queued uint8 patches is, bit for bit, what
+    cropping straight to float32 (the earlier path, ToTensor) gives."""
+    from spacer_core import crop
+    from spacer_core.inference.batcher import BatchBuffers, assemble
+
+    data = _real_jpeg()
+    rng = np.random.default_rng(2)
+    # Border points too, where the crop reflects.
+    points = [(0, 0), (699, 899), (350, 0)] + [(int(r), int(c)) for r, c in
+                                               zip(rng.integers(0, 700, 9), rng.integers(0, 900, 9))]
+    old = crop.crop_patches_into_chw(data, points, np.empty((len(points), 3, 224, 224), np.float32))
+    queued = crop.crop_patches(data, points)
+    assert queued.dtype == np.uint8 and queued.nbytes == len(points) * 224 * 224 * 3
+
+    buffers = BatchBuffers(lambda n: np.full((n, 3, 224, 224), np.nan, np.float32), size=5)
+    # Batches of up to 5 patches, made of pieces of two "requests" (the two halves).
+    first, second = queued[:7], queued[7:]
+    batches = [[(first, 0, 5)], [(first, 5, 7), (second, 0, 3)], [(second, 3, 5)]]
+    got = []
+    for parts in batches:
+        inputs, buffer = assemble(parts, buffers)
+        assert inputs.dtype == np.float32 and inputs.flags.c_contiguous
+        got.append(inputs.copy())
+        buffers.give_back(buffer)
+    batch = np.concatenate(got)
+    assert batch.shape == old.shape
+    assert np.array_equal(batch.view(np.uint32), old.view(np.uint32))
+
+
+def test_contiguous_float_batches_are_not_copied_and_buffers_are_reused():
+    from spacer_core.inference.batcher import BatchBuffers, assemble
+
+    made: list[np.ndarray] = []
+
+    def allocate(n: int) -> np.ndarray:
+        made.append(np.empty((n, 3, 224, 224), np.float32))
+        return made[-1]
+
+    buffers = BatchBuffers(allocate, size=4)
+    floats = np.random.default_rng(0).random((6, 3, 224, 224), dtype=np.float32)
+    inputs, buffer = assemble([(floats, 2, 6)], buffers)
+    assert buffer is None and np.shares_memory(inputs, floats) and not made
+    # Two runs of float patches are one batch: copied into a buffer, which is reused.
+    inputs, buffer = assemble([(floats, 0, 1), (floats, 5, 6)], buffers)
+    np.testing.assert_array_equal(inputs, floats[[0, 5]])
+    buffers.give_back(buffer)
+    for _ in range(3):
+        inputs, buffer = assemble([(patches_of([1, 2, 3]), 0, 3)], buffers)
+        np.testing.assert_array_equal(inputs[:, :, 0, 0], expected([1, 2, 3]))
+        buffers.give_back(buffer)
+    assert len(made) == 1
+
+
+def test_the_batcher_reuses_its_input_buffers():
+    """Many batches, few input arrays: each worker's buffers are handed out again."""
+    import torch
+
+    from spacer_core.inference.backends import Backend, ready
+    from spacer_core.inference.precision import Precision
+
+    class Counting(Backend):
+        allocated = 0
+
+        def launch(self, batch: np.ndarray):
+            return ready(batch[:, :, 0, 0].copy())
+
+        def allocate_batch(self, n: int) -> np.ndarray:
+            Counting.allocated += 1
+            return super().allocate_batch(n)
+
+    backend = Counting(torch.device("cpu"), Precision.EXACT)
+    with DynamicBatcher(backend, max_batch_size=4, max_queue_delay_s=0, workers=2) as batcher:
+        futures = [batcher.submit(patches_of([v % 250 + 1] * 3)) for v in range(40)]
+        for v, future in enumerate(futures):
+            np.testing.assert_array_equal(future.result(TIMEOUT), expected([v % 250 + 1] * 3))
+    assert batcher.stats.batches >= 30
+    assert Counting.allocated <= 4  # at most two per worker

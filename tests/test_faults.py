@@ -33,7 +33,8 @@ from tests.support.serve_process import ROOT, ServeProcess
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 # 224 x 224 x 3 float32: one point's patch as the network takes it.
-PATCH_BYTES = 224 * 224 * 3 * 4
+PATCH_BYTES = 224 * 224 * 3  # a queued patch: uint8 crop
+BATCH_PATCH_BYTES = 224 * 224 * 3 * 4  # a patch of float32 batch input
 
 
 def wait_until(predicate, timeout: float, what: str) -> None:
@@ -381,9 +382,11 @@ def test_overload_refuses_unary_calls_and_streams_wait_with_bounded_memory(serve
     print(f"overload: base RSS {base.rss_mib:.0f} MiB, threads {base.threads}; 8 streams: {first};"
           f" 16 streams: {second}; lifetime VmHWM {lifetime_peak:.0f} MiB")
     # Work in memory is bounded by admission, not by the number of streams:
-    # at most MAX_QUEUE images hold float32 patches, WORKERS decode an RGB
-    # image each. 128 MiB covers what the allocator keeps from freed buffers.
-    work_mib = (MAX_QUEUE * POINTS * PATCH_BYTES + WORKERS * WIDTH * HEIGHT * 3) / 2**20
+    # at most MAX_QUEUE images hold uint8 patches and a share of float32
+    # batch input (4 patches, the CPU batch), WORKERS decode an RGB image
+    # each. 128 MiB covers what the allocator keeps from freed buffers.
+    per_image = POINTS * PATCH_BYTES + min(POINTS, 4) * BATCH_PATCH_BYTES
+    work_mib = (MAX_QUEUE * per_image + WORKERS * WIDTH * HEIGHT * 3) / 2**20
     bound_mib = base.rss_mib + work_mib + 128
     assert max(first["peak_rss"], second["peak_rss"]) <= bound_mib, (first, second, bound_mib)
     # Threads do not follow the number of streams either (pools start their

@@ -125,3 +125,87 @@ def test_extractors_without_a_network_take_the_rgb_path(images, runtime):
     with runtime.activate():
         result = pipeline.run(pipeline.ImageJob(extractor, rowcols, path.read_bytes()))
     assert result.features.shape == (len(rowcols), 7)
+
+
+def test_patches_wait_for_the_network_as_uint8(images, runtime, efficientnet_weights,  # noqa: F811
+                                               monkeypatch):
+    """Queued patches take 150 KB a point (uint8 crops), not the 600 KB of float32 input."""
+    extractor = _extractor(efficientnet_weights)
+    path, rowcols = images[0]
+    job = pipeline.ImageJob(extractor, rowcols, path.read_bytes())
+    with runtime.activate():
+        prepared = pipeline.prepare(job)
+    assert prepared.patches is not None
+    assert prepared.patches.dtype == np.uint8 and prepared.patches.shape == (len(rowcols), 224, 224, 3)
+    assert prepared.patches.nbytes == len(rowcols) * 150_528
+
+    submitted: list[np.ndarray] = []
+    original = Runtime.features_async
+
+    async def spy(self, net, patches, **kwargs):
+        submitted.append(patches)
+        return await original(self, net, patches, **kwargs)
+
+    async def call(func, *args):
+        def in_runtime():
+            with runtime.activate():
+                return func(*args)
+        return await asyncio.to_thread(in_runtime)
+
+    monkeypatch.setattr(Runtime, "features_async", spy)
+    result = asyncio.run(pipeline.run_async(job, runtime, call))
+    [queued] = submitted
+    assert queued.dtype == np.uint8 and queued.nbytes == len(rowcols) * 224 * 224 * 3
+    with runtime.activate():
+        np.testing.assert_allclose(result.features, pipeline.run(job).features, atol=1e-5)
+
+
+def test_footprint_is_read_from_the_header(images, runtime, efficientnet_weights):  # noqa: F811
+    extractor = _extractor(efficientnet_weights)
+    path, rowcols = images[0]
+    data = path.read_bytes()
+    with runtime.activate():
+        loaded = pipeline.load(pipeline.ImageJob(extractor, rowcols, data))
+    width, height = loaded.size
+    assert (width, height) == Image.open(path).size
+    n, batch = len(rowcols), runtime.settings.batch_size
+    patches, share = n * 224 * 224 * 3, min(n, batch) * 3 * 224 * 224 * 4
+    assert loaded.footprint == pipeline.Footprint(len(data) + width * height * 3 + patches + share,
+                                                  patches + share)
+
+
+def test_admission_is_asked_before_decoding_and_released_after_the_network(
+        images, runtime, efficientnet_weights, monkeypatch):  # noqa: F811
+    extractor = _extractor(efficientnet_weights)
+    path, rowcols = images[2]
+    job = pipeline.ImageJob(extractor, rowcols, path.read_bytes())
+    events: list[tuple[str, int]] = []
+    cut = pipeline.cut
+
+    def cut_spy(loaded):
+        events.append(("cut", 0))
+        return cut(loaded)
+
+    class Hold:
+        def resize(self, nbytes: int) -> None:
+            events.append(("resize", nbytes))
+
+        def release(self) -> None:
+            events.append(("release", 0))
+
+    async def admit(nbytes: int) -> Hold:
+        events.append(("admit", nbytes))
+        return Hold()
+
+    async def call(func, *args):
+        def in_runtime():
+            with runtime.activate():
+                return func(*args)
+        return await asyncio.to_thread(in_runtime)
+
+    monkeypatch.setattr(pipeline, "cut", cut_spy)
+    with runtime.activate():
+        footprint = pipeline.load(job).footprint
+    asyncio.run(pipeline.run_async(job, runtime, call, admit=admit))
+    assert events == [("admit", footprint.cutting), ("cut", 0), ("resize", footprint.waiting),
+                      ("release", 0)]

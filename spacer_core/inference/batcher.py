@@ -28,6 +28,11 @@ features, in the order its patches were given.
   next batch is assembled and its transfer started while the current one runs.
 - `workers` > 1 runs that many batches at once (each worker forms its own);
   on CPU this keeps cores busy while another batch is being assembled.
+- Memory: patches wait as the caller gave them, ideally uint8 crops (a
+  quarter of the float32 bytes); a batch is converted into a float32 input
+  buffer only when it is formed. Input buffers are reused from batch to
+  batch (`BatchBuffers`), and a batch that is already one contiguous float32
+  run of one request's patches goes to the network as it is, uncopied.
 
     batcher = DynamicBatcher(backend, max_batch_size=64, max_queue_delay_s=0.002)
     feats = batcher.extract_sync(patches)          # from a thread
@@ -44,7 +49,7 @@ import threading
 import enum
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,12 +147,110 @@ class _Queue:
         return any(self._fifos.values())
 
 
+class BatchBuffers:
+    """float32 network-input buffers of `size` patches, handed out and taken back.
+
+    A fresh 2.4 MB (CPU) to 77 MB (GPU, page-locked) array per batch costs
+    page faults every time; buffers given back are handed out again. At most
+    `keep` idle buffers are kept; more callers at once get new ones.
+    """
+
+    def __init__(self, allocate: Callable[[int], np.ndarray], size: int, keep: int = 2):
+        self.size = size
+        self.keep = keep
+        self._allocate = allocate
+        self._idle: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> np.ndarray:
+        """A buffer of at least `n` patches (a new one, not kept later, when n > size)."""
+        if n > self.size:
+            return self._allocate(n)
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return self._allocate(self.size)
+
+    def give_back(self, buffer: np.ndarray | None) -> None:
+        if buffer is None or len(buffer) != self.size:
+            return
+        with self._lock:
+            if len(self._idle) < self.keep:
+                self._idle.append(buffer)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the idle buffers kept."""
+        return sum(b.nbytes for b in self._idle)
+
+
+Part = tuple[np.ndarray, int, int]  # patches[start:stop] of one caller
+
+
+def assemble(parts: Sequence[Part], buffers: BatchBuffers) -> tuple[np.ndarray, np.ndarray | None]:
+    """The float32 (n, 3, 224, 224) network input of `parts`, and the buffer it lives in.
+
+    uint8 HWC crops are converted (x / 255, bit for bit ToTensor) into a buffer
+    from `buffers`, which the caller gives back once the network is done with
+    it. A single run of contiguous float32 CHW patches is the input itself:
+    no copy, and no buffer (None).
+    """
+    if len(parts) == 1:
+        patches, start, stop = parts[0]
+        run = patches[start:stop]
+        if run.dtype == np.float32 and run.shape[1:] == PATCH_SHAPE and run.flags.c_contiguous:
+            return run, None
+    size = sum(stop - start for _, start, stop in parts)
+    buffer = buffers.take(size)
+    inputs = buffer[:size]
+    offset = 0
+    for patches, start, stop in parts:
+        to_network_input(patches[start:stop], inputs[offset:offset + stop - start])
+        offset += stop - start
+    return inputs, buffer
+
+
+def run_batches(launch: Callable[[np.ndarray], PendingFeatures], patches: np.ndarray,
+                batch_size: int, buffers: BatchBuffers) -> np.ndarray:
+    """Features (N, D) float32 of one caller's patches, `batch_size` at a time, in this thread.
+
+    Batches are assembled as the batcher does (`assemble`, buffers reused).
+    The next batch is launched before the previous one's result is read, so
+    on a GPU its transfer overlaps the running batch.
+    """
+    patches = check_patches(patches)
+    features: np.ndarray | None = None
+    previous: tuple[PendingFeatures, int, int, np.ndarray | None] | None = None
+
+    def collect(pending: PendingFeatures, start: int, stop: int, buffer: np.ndarray | None) -> None:
+        nonlocal features
+        out = np.asarray(pending.result())
+        buffers.give_back(buffer)
+        if features is None:
+            features = np.empty((len(patches), out.shape[1]), np.float32)
+        features[start:stop] = out
+
+    for start in range(0, len(patches), batch_size):
+        stop = min(start + batch_size, len(patches))
+        inputs, buffer = assemble([(patches, start, stop)], buffers)
+        pending = launch(inputs)
+        if previous is not None:
+            collect(*previous)
+        previous = (pending, start, stop, buffer)
+    assert previous is not None
+    collect(*previous)
+    assert features is not None
+    return features
+
+
 @dataclass
 class _Batch:
     # (request, start, stop) ranges of the requests' patches, in batch order
     parts: list[tuple[_Request, int, int]]
     size: int
     pending: PendingFeatures | None = None
+    # The reused input buffer the batch was assembled in (None: the input is a caller's array).
+    buffer: np.ndarray | None = None
     started: float = field(default_factory=time.monotonic)
     # Seconds each request whose first patches ride in this batch waited in the queue.
     queue_waits: list[float] = field(default_factory=list)
@@ -212,9 +315,11 @@ class DynamicBatcher:
         self._launch: Callable[[np.ndarray], PendingFeatures]
         # Memory held by the network, for ModelCache's byte limit.
         self.nbytes = backend.nbytes if isinstance(backend, Backend) else 0
-        self._allocate: Callable[[int], np.ndarray] = (
+        allocate: Callable[[int], np.ndarray] = (
             backend.allocate_batch if isinstance(backend, Backend)
             else lambda n: np.empty((n, *PATCH_SHAPE), dtype=np.float32))
+        # One batch being assembled and one in flight per worker.
+        self.buffers = BatchBuffers(allocate, max_batch_size, keep=2 * workers)
         if isinstance(backend, Backend):
             self._launch = backend.launch
         else:
@@ -265,8 +370,10 @@ class DynamicBatcher:
     ) -> concurrent.futures.Future[np.ndarray]:
         """Queue one caller's patches; the future gives their features (N, D) float32.
 
-        `patches`: float32 (N, 3, 224, 224) in [0, 1], or uint8 (N, 224, 224, 3)
-        crops (converted exactly as ToTensor does). When the queue is full:
+        `patches`: uint8 (N, 224, 224, 3) crops, which wait in a quarter of
+        the memory and are converted exactly as ToTensor does when their
+        batch is formed, or float32 (N, 3, 224, 224) in [0, 1]. The batcher
+        reads them until the future is done. When the queue is full:
         `block=False` raises QueueFullError; `block=True` waits for room, up
         to `timeout` seconds (None: no limit), then raises QueueFullError.
         `priority` orders batching (see `Priority`); past `deadline` (a
@@ -498,11 +605,8 @@ class DynamicBatcher:
     def _start(self, batch: _Batch) -> None:
         batch.launched = time.monotonic()
         try:
-            inputs = self._allocate(batch.size)
-            offset = 0
-            for request, start, stop in batch.parts:
-                to_network_input(request.patches[start:stop], inputs[offset:offset + stop - start])
-                offset += stop - start
+            inputs, batch.buffer = assemble(
+                [(request.patches, start, stop) for request, start, stop in batch.parts], self.buffers)
             batch.pending = self._launch(inputs)
         except Exception as exc:
             self._fail_batch(batch, exc)
@@ -517,6 +621,10 @@ class DynamicBatcher:
         except Exception as exc:
             self._fail_batch(batch, exc)
             return
+        finally:
+            # The network is done with its input: the next batch may reuse it.
+            self.buffers.give_back(batch.buffer)
+            batch.buffer = None
         completed: list[_Request] = []
         network_seconds = time.monotonic() - batch.launched
         with self._lock:
