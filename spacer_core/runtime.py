@@ -52,7 +52,7 @@ class RuntimeSettings:
 
     `device` None picks CUDA when available. `batch_size` None uses each
     backend's preferred size (small on CPU, large on GPU). `batcher_workers`
-    None runs two batches at once on CPU (measured ~10% faster on 2 cores)
+    None runs one batch at once per backend session on CPU (at least two)
     and one on CUDA.
     """
 
@@ -208,7 +208,9 @@ class Runtime:
                 max_queue_delay_s=settings.queue_delay_s,
                 max_queued_patches=settings.max_queued_patches,
                 name=f"batcher-{net.key[:8]}-{self.device}",
-                workers=settings.batcher_workers or (1 if self.device.type == "cuda" else 2),
+                # On CPU one batch in flight per session of the backend (at least two).
+                workers=settings.batcher_workers or (
+                    1 if self.device.type == "cuda" else max(2, backend.parallelism)),
                 observers=(self._observe_batch,),
             )
 
@@ -245,7 +247,9 @@ class Runtime:
     def features(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
         """Features of float32 (N, 3, 224, 224) patches, computed in this thread."""
         backend = self.backend(net)
-        return run_in_batches(backend, patches, self.settings.batch_size or backend.preferred_batch_size)
+        # A caller alone hands the backend enough for all its sessions at once.
+        size = (self.settings.batch_size or backend.preferred_batch_size) * backend.parallelism
+        return run_in_batches(backend, patches, size)
 
     async def features_async(
         self,
