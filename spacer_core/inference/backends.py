@@ -270,6 +270,51 @@ def session_layout(threads: int | None = None, sessions: int | None = None) -> t
     return count, max(1, cores // count)
 
 
+class _SlotPool:
+    """Independent network instances (sessions, infer requests), each used by one thread at a time.
+
+    `run(batch, size, call)` cuts the batch into pieces of `size` and runs
+    them on every instance free at that moment, in parallel threads (the
+    runtimes release the GIL), waiting for at least one; features come
+    back in the batch's order.
+    """
+
+    def __init__(self, slots: list[Any], name: str):
+        self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for slot in slots:
+            self._free.put(slot)
+        self._pool = (concurrent.futures.ThreadPoolExecutor(
+            max_workers=len(slots) - 1, thread_name_prefix=name) if len(slots) > 1 else None)
+
+    def run(self, batch: np.ndarray, size: int, call: Any) -> np.ndarray:
+        pieces = [batch[i:i + size] for i in range(0, len(batch), size)]
+        slots = [self._free.get()]
+        try:
+            while len(slots) < len(pieces):
+                try:
+                    slots.append(self._free.get_nowait())
+                except queue.Empty:
+                    break
+            if len(slots) == 1:
+                outputs = [call(slots[0], piece) for piece in pieces]
+            else:
+                def work(k: int) -> list[np.ndarray]:
+                    return [call(slots[k], piece) for piece in pieces[k::len(slots)]]
+
+                assert self._pool is not None
+                others = [self._pool.submit(work, k) for k in range(1, len(slots))]
+                try:
+                    mine = work(0)
+                finally:  # no instance goes back to the pool while a thread still runs on it
+                    concurrent.futures.wait(others)
+                parts = [mine, *(f.result() for f in others)]
+                outputs = [parts[i % len(slots)][i // len(slots)] for i in range(len(pieces))]
+        finally:
+            for slot in slots:
+                self._free.put(slot)
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+
+
 class _Slot:
     """One ONNX Runtime session (and its static-batch twin), used by one thread at a time."""
 
@@ -363,12 +408,7 @@ class OnnxBackend(Backend):
             if i == 0:
                 slot.dynamic = first
             self._slots.append(slot)
-        self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
-        for slot in self._slots:
-            self._free.put(slot)
-        self._pool = (concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.sessions - 1, thread_name_prefix="onnx-session")
-            if self.sessions > 1 else None)
+        self._pool = _SlotPool(self._slots, "onnx-session")
         self._fixed_size = self.preferred_batch_size if dynamic else -1
         self.parallelism = self.sessions
         # ORT keeps the initializers plus its optimised (prepacked) copies, per session.
@@ -380,34 +420,61 @@ class OnnxBackend(Backend):
 
     def launch(self, batch: np.ndarray) -> PendingFeatures:
         batch = check_batch(batch)
-        size = self.preferred_batch_size
-        pieces = [batch[i:i + size] for i in range(0, len(batch), size)]
-        slots = [self._free.get()]
-        try:
-            while len(slots) < len(pieces):
-                try:
-                    slots.append(self._free.get_nowait())
-                except queue.Empty:
-                    break
-            name = self._input.name
-            if len(slots) == 1:
-                outputs = [slots[0].run(name, piece, self._fixed_size) for piece in pieces]
-            else:
-                def work(k: int) -> list[np.ndarray]:
-                    return [slots[k].run(name, piece, self._fixed_size) for piece in pieces[k::len(slots)]]
+        name, fixed = self._input.name, self._fixed_size
+        return _Ready(self._pool.run(batch, self.preferred_batch_size,
+                                     lambda slot, piece: slot.run(name, piece, fixed)))
 
-                assert self._pool is not None
-                others = [self._pool.submit(work, k) for k in range(1, len(slots))]
-                try:
-                    mine = work(0)
-                finally:  # no session goes back to the pool while a thread still runs on it
-                    concurrent.futures.wait(others)
-                parts = [mine, *(f.result() for f in others)]
-                outputs = [parts[i % len(slots)][i // len(slots)] for i in range(len(pieces))]
-        finally:
-            for slot in slots:
-                self._free.put(slot)
-        return _Ready(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))
+
+class OpenVinoBackend(Backend):
+    """OpenVINO on CPU in bf16: FAST precision on CPUs with native bf16 (AVX512-BF16 or AMX).
+
+    Compiled from the exact ONNX export with a static batch of
+    `preferred_batch_size` (a shorter last piece is padded) and one
+    single-thread stream per core, each with its own infer request; batches
+    are split over free requests as OnnxBackend splits them over sessions.
+    On the 2-core Zen 4 development machine: 181 patches/s against ONNX
+    Runtime fp32's 124-131 (1.4x); features within ~2e-2 of fp32.
+    """
+
+    name = "openvino"
+    preferred_batch_size = 4
+
+    def __init__(self, model: bytes, *, threads: int | None = None, sessions: int | None = None,
+                 hint: str = "bf16"):
+        import openvino as ov  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        super().__init__(torch.device("cpu"), Precision.FAST if hint != "f32" else Precision.EXACT)
+        self.sessions, self.threads = session_layout(threads, sessions)
+        core = ov.Core()
+        network = core.read_model(model=model)
+        network.reshape({network.inputs[0]: [self.preferred_batch_size, *PATCH_SHAPE]})
+        compiled = core.compile_model(network, "CPU", {
+            "INFERENCE_PRECISION_HINT": hint,
+            "PERFORMANCE_HINT": "THROUGHPUT",
+            "NUM_STREAMS": str(self.sessions),
+            "INFERENCE_NUM_THREADS": str(self.sessions * self.threads),
+        })
+        self.hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self._compiled = compiled
+        self._pool = _SlotPool([compiled.create_infer_request() for _ in range(self.sessions)],
+                               "openvino-stream")
+        self.parallelism = self.sessions
+        self.nbytes = 2 * len(model)
+
+    def describe(self) -> str:
+        return f"{super().describe()}/{self.hint}/{self.sessions}x{self.threads}t"
+
+    def _infer(self, request: Any, piece: np.ndarray) -> np.ndarray:
+        n = len(piece)
+        if n < self.preferred_batch_size:
+            padded = np.zeros((self.preferred_batch_size, *PATCH_SHAPE), np.float32)
+            padded[:n] = piece
+            piece = padded
+        # infer() releases the GIL; its output buffer belongs to the request, so copy.
+        return np.array(request.infer({0: piece})[0][:n], dtype=np.float32)
+
+    def launch(self, batch: np.ndarray) -> PendingFeatures:
+        return _Ready(self._pool.run(check_batch(batch), self.preferred_batch_size, self._infer))
 
 
 class _CudaPending:
