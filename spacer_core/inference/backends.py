@@ -1,16 +1,16 @@
-"""Backends that run the feature network: ONNX Runtime (CPU), TorchScript (GPU), eager PyTorch.
+"""Backends that run the feature network: ONNX Runtime (CPU), OpenVINO bf16 (CPU), TorchScript (GPU), eager.
 
 Every backend takes a float32 batch (N, 3, 224, 224) in [0, 1] (ToTensor
 layout, as `spacer_core.crop.crop_array_into_chw` writes it) and returns
 float32 features (N, D). `spacer_core.inference.compile.load_backend`
 builds them, once per weights file.
 
-Measured on the 2-core AMD EPYC development machine, EfficientNet-b0, fp32:
-eager 28 patches/s, eager channels_last 31/s, TorchScript frozen 38/s,
-ONNX Runtime (all graph optimisations, 2 threads) 123-145/s with a max abs
-difference of 1.3e-6; bf16 eager channels_last 65/s. So exact CPU work goes
-to ONNX Runtime, and FAST mode on a CPU picks whichever of bf16 and ONNX
-Runtime fp32 measures faster on the machine it runs on.
+Measured on the 2-core AMD EPYC (Zen 4) development machine,
+EfficientNet-b0, fp32: eager 28 patches/s, TorchScript frozen 38/s, ONNX
+Runtime 123-145/s (max abs difference 1.3e-6); bf16: eager 65/s, OpenVINO
+181/s. So exact CPU work goes to ONNX Runtime, laid out as one
+single-thread session per core (see OnnxBackend), and FAST on a CPU with
+native bf16 goes to OpenVINO when it is installed.
 """
 
 from __future__ import annotations
@@ -454,10 +454,17 @@ class OpenVinoBackend(Backend):
             "NUM_STREAMS": str(self.sessions),
             "INFERENCE_NUM_THREADS": str(self.sessions * self.threads),
         })
-        self.hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        got = compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.hint = got.to_string() if hasattr(got, "to_string") else str(got)
         self._compiled = compiled
-        self._pool = _SlotPool([compiled.create_infer_request() for _ in range(self.sessions)],
-                               "openvino-stream")
+        requests = [compiled.create_infer_request() for _ in range(self.sessions)]
+        # One call per request, one thread at a time, before any concurrent use:
+        # OpenVINO's Python binding initialises its numpy bridge lazily under a
+        # static guard, and two threads doing so at once deadlock on it and the GIL.
+        blank = np.zeros((self.preferred_batch_size, *PATCH_SHAPE), np.float32)
+        for request in requests:
+            self._infer(request, blank)
+        self._pool = _SlotPool(requests, "openvino-stream")
         self.parallelism = self.sessions
         self.nbytes = 2 * len(model)
 
