@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--callers", default="1,8", help="batcher callers to measure (default 1,8)")
-    parser.add_argument("--only", default="", help="comma list of rows: backend, layout, tasks, "
-                        "bulk, extract, batcher, fast")
+    parser.add_argument("--only", default="", help="comma list of rows: backend, layout, previous, "
+                        "tasks, bulk, extract, batcher, fast")
     parser.add_argument("--fast", action="store_true", help="also time `fast` precision")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -105,6 +105,7 @@ def main() -> None:
 
     from spacer_core import bulk, crop, survey, tasks
     from spacer_core.data_classes import DataLocation
+    from spacer_core.inference import run_in_batches
     from spacer_core.extractors import EfficientNetExtractor
     from spacer_core.messages import ExtractFeaturesMsg
     from spacer_core.runtime import Runtime, RuntimeSettings, default_runtime
@@ -213,6 +214,21 @@ def main() -> None:
             rows["backend (identical patches)"] = lambda: (runtime.features(net, patches), len(patches))[1]
         if wanted("layout"):
             rows["plain network, 2x1-thread sessions"] = lambda: plain_2x1(patches)
+        if wanted("previous"):
+            # The layout before: one session with every core, no spinning (same folded export).
+            from spacer_core.inference import OnnxBackend, compile_cache
+
+            artifact = compile_cache.artifact_path(compile_cache.cache_dir(), sha256, "onnx", "exact-cpu",
+                                                   ".onnx")
+            previous = OnnxBackend(artifact, sessions=1)
+            rows["backend, one 2-thread session (previous)"] = \
+                lambda: (run_in_batches(previous, patches, 4), len(patches))[1]
+
+            def folder_one_worker() -> int:
+                task = bulk.BulkTask.extract(extractor, folder / "bulk-out-1", overwrite=True)
+                bulk.run(task, items, workers=1)
+                return total
+            rows["folder, 1 worker (previous)"] = folder_one_worker
         if wanted("tasks"):
             rows["tasks.extract_features, 1 image at a time"] = library_images
         if wanted("bulk"):
