@@ -45,7 +45,7 @@ from spacer_core import coralnet, pipeline
 from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import InvalidInputError, SpacerError
 from spacer_core.extractors import FeatureExtractor
-from spacer_core.inference.backends import available_cpus
+from spacer_core.inference.backends import available_cpus, one_session
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.storage import ALLOW_ALL, StoragePolicy, data_exists, load_bytes, store_bytes
@@ -432,9 +432,12 @@ def run(task: BulkTask, items: Sequence[BulkImage], progress: Progress | None = 
         for item in todo:
             tally.add(process_image(task, item))
     else:
+        def one(item: BulkImage) -> Outcome:
+            with one_session():  # each worker keeps to one core's session
+                return process_image(task, item)
+
         with concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="bulk-image") as pool:
             # process_image turns every error into a failed Outcome, so one image never stops the rest.
-            for future in concurrent.futures.as_completed([pool.submit(process_image, task, item)
-                                                           for item in todo]):
+            for future in concurrent.futures.as_completed([pool.submit(one, item) for item in todo]):
                 tally.add(future.result())
     return conclude(task, "local", items, tally.outcomes, start)

@@ -23,7 +23,7 @@ from spacer_core import crop, tasks
 from spacer_core.coralnet import PointSpec, ResultRow, generate_points, result_rows
 from spacer_core.data_classes import Annotation, DataLocation, ImageFeatures, ImageLabels, ValResults
 from spacer_core.extractors import EfficientNetExtractor
-from spacer_core.inference.backends import available_cpus
+from spacer_core.inference.backends import available_cpus, one_session
 from spacer_core.messages import (
     ClassifyImageMsg,
     ExtractFeaturesMsg,
@@ -185,7 +185,11 @@ def _in_order(work: Callable[[Path], T], images: Sequence[Path], workers: int) -
         return
     with concurrent.futures.ThreadPoolExecutor(min(workers, len(images)),
                                                thread_name_prefix="survey-image") as pool:
-        futures = [pool.submit(work, image) for image in images]
+        def one(image: Path) -> T:
+            with one_session():  # each worker keeps to one core's session
+                return work(image)
+
+        futures = [pool.submit(one, image) for image in images]
         try:
             for future in futures:
                 yield future.result()

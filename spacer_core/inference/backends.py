@@ -270,6 +270,25 @@ def session_layout(threads: int | None = None, sessions: int | None = None) -> t
     return count, max(1, cores // count)
 
 
+_caller = threading.local()
+
+
+@contextlib.contextmanager
+def one_session() -> Iterator[None]:
+    """Within this block, this thread's batches run on one session (one core) each.
+
+    For workers that each take whole images (bulk, survey): with one worker
+    per core, each keeps one single-thread session busy and no worker's
+    batch is split over a core another worker's decoding needs.
+    """
+    previous = getattr(_caller, "single", False)
+    _caller.single = True
+    try:
+        yield
+    finally:
+        _caller.single = previous
+
+
 class _SlotPool:
     """Independent network instances (sessions, infer requests), each used by one thread at a time.
 
@@ -289,8 +308,9 @@ class _SlotPool:
     def run(self, batch: np.ndarray, size: int, call: Any) -> np.ndarray:
         pieces = [batch[i:i + size] for i in range(0, len(batch), size)]
         slots = [self._free.get()]
+        wanted = 1 if getattr(_caller, "single", False) else len(pieces)
         try:
-            while len(slots) < len(pieces):
+            while len(slots) < wanted:
                 try:
                     slots.append(self._free.get_nowait())
                 except queue.Empty:
