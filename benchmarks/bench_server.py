@@ -9,7 +9,9 @@ a classifier, then measures points/s of:
 - `ClassifyImages` streams from 1 client and from N concurrent clients, with
   images named by filesystem DataLocation (the server decodes them);
 and the server's peak RSS (VmHWM) after the concurrent streams. Ratios are
-points/s ours / pyspacer (above 1 means the server is faster).
+points/s ours / pyspacer (above 1 means the server is faster), and, per
+cycle, ours / a plain ONNX Runtime session of pyspacer's network timed in
+this process just before (median over `--cycles`).
 """
 
 from __future__ import annotations
@@ -102,6 +104,31 @@ def concurrent_points_per_s(address: str, per_client: list[list], clients: int) 
     return sum(counts) / (time.perf_counter() - start)
 
 
+def plain_network(weights: Path, images: list) -> object:
+    """A timer of the yardstick: pyspacer's network in a plain ONNX Runtime session (default
+    settings, best static batch of 4/8/16; see bench_network.py) on these images' patches."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_network import plain_sessions, run_plain
+
+    from spacer_core import crop
+
+    patches = np.concatenate([
+        crop.crop_patches_into_chw(path.read_bytes(), rowcols, np.empty((len(rowcols), 3, 224, 224), np.float32))
+        for path, rowcols in images])
+    sessions = plain_sessions(weights, (4, 8, 16))
+
+    def rate(size: int) -> float:
+        start = time.perf_counter()
+        done = run_plain(sessions[size][1], size, patches)
+        return done / (time.perf_counter() - start)
+
+    for size in sessions:
+        rate(size)  # warm
+    best = max(sessions, key=rate)
+    print(f"plain session: static batch {best}", flush=True)
+    return lambda: rate(best)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=16, help="images per server run")
@@ -112,6 +139,8 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=8, help="distinct image files made")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="exact", choices=["exact", "fast"])
+    parser.add_argument("--cycles", type=int, default=3,
+                        help="cycles of (plain session, each client count), alternating; 0: no plain session")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     client_counts = [int(c) for c in args.clients.split(",")]
@@ -149,12 +178,25 @@ def main() -> None:
                     for i, (path, rowcols) in enumerate(subset)
                 ]
 
-            for clients in client_counts:
-                # The same images split round-robin over the clients' streams.
-                per_client = [requests_for(images[i::clients], f"c{i}") for i in range(clients)]
-                rate = concurrent_points_per_s(address, per_client, clients)
-                rates.append((clients, rate))
-                print(f"ClassifyImages, {clients} client(s):  {rate:8.1f} points/s")
+            plain = plain_network(weights.path, images[:2]) if args.cycles else None
+            ratios: dict[int, list[float]] = {c: [] for c in client_counts}
+            for cycle in range(max(1, args.cycles)):
+                reference = plain() if plain is not None else None
+                for clients in (client_counts if cycle % 2 == 0 else client_counts[::-1]):
+                    # The same images split round-robin over the clients' streams.
+                    per_client = [requests_for(images[i::clients], f"c{i}") for i in range(clients)]
+                    rate = concurrent_points_per_s(address, per_client, clients)
+                    rates.append((clients, rate))
+                    note = ""
+                    if reference is not None:
+                        ratios[clients].append(rate / reference)
+                        note = f"  ({rate / reference:.3f} of the plain session's {reference:.1f}/s)"
+                    print(f"ClassifyImages, {clients} client(s):  {rate:8.1f} points/s{note}", flush=True)
+            for clients, values in ratios.items():
+                if values:
+                    print(f"ratio ClassifyImages ({clients} client(s)) / plain ONNX Runtime session of "
+                          f"pyspacer's network: median {np.median(values):.3f} "
+                          f"({min(values):.3f}-{max(values):.3f}, {len(values)} cycles)")
             rss = server.status().peak_rss_mib
             print(f"server peak RSS (VmHWM) after {max(client_counts)} concurrent streams of {mp:.1f} MP images:"
                   f" {rss:.0f} MiB (target <= 2048 MiB)")
@@ -163,7 +205,8 @@ def main() -> None:
         again = pyspacer_points_per_s(images[: args.pyspacer_images], extractor, clf)
         print(f"pyspacer classify_image loop (again): {again:8.1f} points/s")
         baseline = max(baseline, again)
-        for clients, rate in rates:
+        for clients in client_counts:
+            rate = float(np.median([r for c, r in rates if c == clients]))
             print(f"ratio ClassifyImages ({clients} client(s)) / pyspacer: {rate / baseline:6.2f}x")
 
 

@@ -63,9 +63,10 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=60)
     parser.add_argument("--test-per-class", type=int, default=60)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--fast-backend", default="eager",
-                        help="backend kind for FAST (default eager: bf16 on CPU, fp16 on CUDA; "
-                             "'auto' may pick fp32 ONNX Runtime on CPUs where bf16 is slower)")
+    parser.add_argument("--fast-backend", default="auto",
+                        help="backend kind for FAST (default auto: OpenVINO bf16 on CPUs with native "
+                             "bf16 when the `fast` extra is installed, fp16 TorchScript on CUDA; "
+                             "eager: PyTorch bf16/fp16)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -110,6 +111,16 @@ def main() -> None:
     pred_exact = clf.predict_proba(test_exact.astype(np.float64)).argmax(1)
     pred_fast = clf.predict_proba(test_fast.astype(np.float64)).argmax(1)
     agreement = float(np.mean(pred_exact == pred_fast))
+    # pyspacer's MLP recipe as well (scaled features, one hidden layer, early stopping).
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    mlp = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(200, 100), max_iter=300,
+                                                        early_stopping=True, random_state=0))
+    mlp.fit(train_f, train_y)
+    mlp_exact = mlp.predict_proba(test_exact.astype(np.float64)).argmax(1)
+    mlp_fast = mlp.predict_proba(test_fast.astype(np.float64)).argmax(1)
     abs_err = np.abs(test_fast - test_exact)
     print(f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs")
     print(f"exact: {exact.describe()} ({exact_rate:.0f} patches/s); "
@@ -118,8 +129,13 @@ def main() -> None:
           f"accuracy exact {np.mean(pred_exact == test_y):.3f}, fast {np.mean(pred_fast == test_y):.3f}")
     print(f"feature error fast vs exact: max abs {abs_err.max():.3g}, "
           f"mean abs {abs_err.mean():.3g} (mean |feature| {np.abs(test_exact).mean():.3g})")
-    print(f"top-1 agreement fast vs exact: {agreement * 100:.2f}% "
+    print(f"top-1 agreement fast vs exact, LR (pyspacer's SGD + calibration): {agreement * 100:.2f}% "
           f"({int(np.sum(pred_exact != pred_fast))} of {len(test_y)} differ; target >= 99.5%)")
+    print(f"top-1 agreement fast vs exact, MLP: {np.mean(mlp_exact == mlp_fast) * 100:.2f}% "
+          f"({int(np.sum(mlp_exact != mlp_fast))} of {len(test_y)} differ; accuracy exact "
+          f"{np.mean(mlp_exact == test_y):.3f}, fast {np.mean(mlp_fast == test_y):.3f})")
+    print(f"fast / exact speed: {fast_rate / exact_rate:.2f}x (same batches, one run; "
+          "benchmarks/bench_network.py --fast pairs them)")
 
 
 

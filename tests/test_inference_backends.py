@@ -18,9 +18,9 @@ from spacer_core.inference import (
     Precision,
     TorchScriptBackend,
     load_backend,
-    run_in_batches,
     to_network_input,
 )
+from spacer_core.inference.batcher import run_in_batches
 from spacer_core.inference import backends as backends_module
 from spacer_core.inference import compile_cache
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
@@ -184,15 +184,38 @@ def test_bad_inputs_are_named(tmp_path, make_net, efficientnet_weights):  # noqa
 
 
 def test_fast_precision_on_cpu(efficientnet_weights, make_net, patches, pyspacer_features, tmp_path):  # noqa: F811
+    from spacer_core.inference.precision import cpu_has_bf16, openvino_available
+
     backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu",
                            precision=Precision.FAST, cache_dir=tmp_path)
     features = run_in_batches(backend, patches, 4)
     assert np.isfinite(features).all()
-    # Half precision drifts (bf16 has 8 bits of mantissa) but stays close in aggregate.
-    rel = np.abs(features - pyspacer_features).mean() / np.abs(pyspacer_features).mean()
-    assert rel < 0.05
-    # The measured choice is remembered for the next load.
-    assert list(tmp_path.glob("*.fast-cpu-choice-*.json"))
+    if cpu_has_bf16() and openvino_available():
+        assert backend.name == "openvino" and backend.precision is Precision.FAST
+        # bf16 drifts (8 bits of mantissa) but stays close in aggregate.
+        rel = np.abs(features - pyspacer_features).mean() / np.abs(pyspacer_features).mean()
+        assert rel < 0.05
+    else:  # no bf16 or no OpenVINO: exact, and it says so
+        assert backend.name == "onnxruntime" and backend.precision is Precision.EXACT
+        assert np.max(np.abs(features - pyspacer_features)) <= PARITY
+
+
+def test_fast_cpu_status_names_what_runs(monkeypatch, tmp_path):
+    from spacer_core.inference import precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu avx512f avx512_bf16 avx512_vnni\n")
+    assert precision.cpu_bf16_flags(str(cpuinfo)) == ["avx512_bf16"]
+    cpuinfo.write_text("flags : fpu sse2 avx2\n")
+    assert precision.cpu_bf16_flags(str(cpuinfo)) == []
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    assert "no native bf16" in precision.fast_cpu_status() and "exact" in precision.fast_cpu_status()
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16"])
+    monkeypatch.setattr(precision, "openvino_available", lambda: False)
+    assert "OpenVINO is not installed" in precision.fast_cpu_status()
+    monkeypatch.setattr(precision, "openvino_available", lambda: True)
+    assert "OpenVINO bf16" in precision.fast_cpu_status()
 
 
 def test_eager_fast_uses_bf16_when_the_cpu_has_it(make_net):
@@ -248,3 +271,72 @@ def test_fold_batchnorm_keeps_features_and_removes_every_batchnorm(make_net, pat
         assert torch.max(torch.abs(folded(x) - net(x))) <= 1e-4
     # The original network is left untouched.
     assert count_batchnorms(net) == 49
+
+
+def test_exported_network_leaves_no_pad_before_a_conv(make_net, tmp_path):
+    """Stride-2 SAME pads carry an explicit zero, so ONNX Runtime folds them into their convs."""
+    import onnx
+    import onnxruntime as ort
+
+    from spacer_core.inference.compile import export_onnx
+
+    model = export_onnx(make_net())
+    exported = onnx.load_from_string(model)
+    assert all(len(n.input) >= 3 and n.input[2] for n in exported.graph.node if n.op_type == "Pad")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(str(tmp_path / "optimised.onnx")).graph
+    producers = {out: node for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(convs) == 81
+    for conv in convs:
+        source = producers.get(conv.input[0])
+        while source is not None and source.op_type in ("ReorderInput", "ReorderOutput"):
+            source = producers.get(source.input[0])
+        assert source is None or source.op_type != "Pad", conv.name
+    assert not [n for n in graph.node if n.op_type in ("Pad", "Cast")]
+
+
+def test_artifacts_of_older_formats_are_not_reused(efficientnet_weights, tmp_path):  # noqa: F811
+    path = compile_cache.artifact_path(tmp_path, efficientnet_weights.sha256, "onnx", "exact-cpu", ".onnx")
+    assert f".f{compile_cache.ARTIFACT_FORMAT}." in path.name and compile_cache.ARTIFACT_FORMAT >= 2
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 8, 13])
+def test_onnx_sessions_split_a_batch_and_keep_its_order(
+    n, efficientnet_weights, make_net, patches, shared_cache  # noqa: F811
+):
+    backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu", kind="onnxruntime",
+                           cache_dir=shared_cache)
+    assert isinstance(backend, OnnxBackend)
+    one = OnnxBackend(_artifact(shared_cache, efficientnet_weights.sha256), sessions=1, threads=1)
+    two = OnnxBackend(_artifact(shared_cache, efficientnet_weights.sha256), sessions=2, threads=2)
+    assert (two.sessions, two.threads, two.parallelism) == (2, 1, 2)
+    assert (one.sessions, one.parallelism) == (1, 1)
+    batch = to_network_input(np.concatenate([patches] * 3)[:n])
+    expected = one.run(batch)
+    assert np.array_equal(two.run(batch), expected)
+
+
+def test_onnx_sessions_serve_concurrent_callers(efficientnet_weights, make_net, patches, shared_cache):  # noqa: F811
+    import concurrent.futures
+
+    load_backend(efficientnet_weights.sha256, make_net, device="cpu", kind="onnxruntime",
+                 cache_dir=shared_cache)
+    backend = OnnxBackend(_artifact(shared_cache, efficientnet_weights.sha256), sessions=2, threads=2)
+    batches = [to_network_input(np.roll(patches, k, axis=0)[: 2 + k]) for k in range(4)]
+    expected = [backend.run(b) for b in batches]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for _ in range(2):
+            got = list(pool.map(backend.run, batches))
+            for g, e in zip(got, expected):
+                assert np.array_equal(g, e)
+
+
+def _artifact(folder, sha256):
+    path = compile_cache.artifact_path(folder, sha256, "onnx", "exact-cpu", ".onnx")
+    assert path.exists()
+    return path

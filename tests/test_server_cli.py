@@ -108,6 +108,8 @@ def test_check_config_prints_effective_settings():
     # No --data-root: confined to the working directory it started in.
     assert (server["port"], server["precision"], server["data_roots"]) == (6123, "fast", [str(ROOT)])
     assert "MAX_POINTS_PER_IMAGE" in result.stdout
+    # Whether `fast` can run bf16 on this CPU, or runs exact and why.
+    assert "fast precision on CPU:" in result.stdout
 
 
 @pytest.mark.skipif(shutil.which("spacer") is None, reason="console script not installed")

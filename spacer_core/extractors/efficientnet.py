@@ -108,7 +108,7 @@ class SameConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.pre_pad) > 0:
-            x = F.pad(x, self.pre_pad)
+            x = F.pad(x, self.pre_pad, mode="constant", value=0.0)
         return self._conv_forward(x, self.weight, self.bias)
 
 

@@ -17,7 +17,6 @@ from spacer_core.inference.backends import (
     EagerBackend,
     OnnxBackend,
     TorchScriptBackend,
-    run_in_batches,
     to_network_input,
 )
 from spacer_core.inference.compile import load_backend
@@ -26,6 +25,7 @@ from spacer_core.inference.batcher import (
     DynamicBatcher,
     Priority,
     QueueFullError,
+    run_in_batches,
 )
 from spacer_core.inference.model_cache import ModelCache, estimate_nbytes
 from spacer_core.inference.network import NetworkSpec

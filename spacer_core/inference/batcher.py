@@ -243,6 +243,12 @@ def run_batches(launch: Callable[[np.ndarray], PendingFeatures], patches: np.nda
     return features
 
 
+
+def run_in_batches(backend: Backend, patches: np.ndarray, batch_size: int) -> np.ndarray:
+    """Features for any number of patches, `batch_size` at a time (`run_batches` with buffers of its own)."""
+    return run_batches(backend.launch, patches, batch_size, BatchBuffers(backend.allocate_batch, batch_size))
+
+
 @dataclass
 class _Batch:
     # (request, start, stop) ranges of the requests' patches, in batch order

@@ -4,18 +4,16 @@
 TorchScript (CUDA) or ONNX Runtime (CPU), then eager PyTorch; a compiled
 artifact is keyed by the weights' sha256, cached on disk
 (`compile_cache`), and checked against eager PyTorch before it is used.
-In FAST precision on a CPU, bf16 and ONNX Runtime fp32 are timed once and
-the faster is remembered.
+In FAST precision on a CPU with native bf16 and OpenVINO installed (the
+`fast` extra), OpenVINO runs the ONNX export in bf16; elsewhere FAST on a
+CPU runs exact ONNX Runtime and says so in the log.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
-import platform
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,13 +32,14 @@ from spacer_core.inference.backends import (
     BackendError,
     EagerBackend,
     OnnxBackend,
+    OpenVinoBackend,
     TorchScriptBackend,
     _prepared_module,
     available_cpus,
     probe_batch,
     resolve_device,
 )
-from spacer_core.inference.precision import Precision, half_dtype
+from spacer_core.inference.precision import Precision, cpu_has_bf16, fast_cpu_status, openvino_available
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +194,11 @@ def _candidates(kind: str, device: torch.device, precision: Precision) -> list[s
         return [kind] if kind == "eager" else [kind, "eager"]
     if device.type == "cuda":
         return ["torchscript", "eager"]
-    if precision is Precision.FAST and half_dtype(device) is not None:
-        return ["fast-cpu", "onnxruntime", "eager"]
+    if precision is Precision.FAST:
+        status = fast_cpu_status()
+        logger.info("%s", status)
+        if cpu_has_bf16() and openvino_available():
+            return ["openvino", "onnxruntime", "eager"]
     return ["onnxruntime", "eager"]
 
 
@@ -231,8 +233,8 @@ def load_backend(
                 backend = _build_onnx(sha256, net, folder, threads)
             elif name == "torchscript":
                 backend = _build_torchscript(sha256, net, folder, device, precision)
-            elif name == "fast-cpu":
-                backend = _pick_fast_cpu(sha256, net, folder, threads)
+            elif name == "openvino":
+                backend = _build_openvino(sha256, net, folder, threads)
             else:
                 backend = EagerBackend(net.get(), device, precision)
         except Exception as exc:
@@ -251,50 +253,11 @@ def load_backend(
                        + "; ".join(failures))
 
 
-def _pick_fast_cpu(sha256: str, net: _LazyNet, folder: Path, threads: int | None) -> Backend:
-    """bf16 eager or ONNX Runtime fp32, whichever is faster on this CPU (measured once, cached).
-
-    On CPUs with AMX, bf16 wins by far; on AVX512-BF16-only CPUs (as on the
-    development machine) ONNX Runtime fp32 is about twice as fast as bf16.
-    """
-    choice_path = compile_cache.artifact_path(
-        folder, sha256, "fast-cpu-choice", _cpu_tag(), ".json")
-    try:
-        choice = json.loads(choice_path.read_text())["backend"]
-    except (OSError, ValueError, KeyError):
-        choice = None
-    if choice == "onnxruntime":
-        return _build_onnx(sha256, net, folder, threads)
-    if choice == "eager":
-        return EagerBackend(net.get(), torch.device("cpu"), Precision.FAST)
-    candidates: list[Backend] = [
-        EagerBackend(net.get(), torch.device("cpu"), Precision.FAST),
-        _build_onnx(sha256, net, folder, threads),
-    ]
-    timings = [_time_backend(b) for b in candidates]
-    best = candidates[int(np.argmin(timings))]
-    logger.info("FAST CPU backend: %s (s/batch: %s)", best.describe(), timings)
-    compile_cache.write_atomic(
-        choice_path, json.dumps({"backend": best.name, "seconds_per_batch": timings}).encode())
-    return best
-
-
-def _cpu_tag() -> str:
-    import hashlib
-
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line for line in f if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return "cpu" + hashlib.sha256(f"{model}-{available_cpus()}".encode()).hexdigest()[:8]
-
-
-def _time_backend(backend: Backend, n: int = 8, repeats: int = 2) -> float:
-    batch = probe_batch(n)
-    backend.run(batch)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        backend.run(batch)
-    return (time.perf_counter() - start) / repeats
+def _build_openvino(sha256: str, net: _LazyNet, folder: Path, threads: int | None) -> Backend:
+    """OpenVINO bf16 from the exact ONNX export (the same cached artifact as ONNX Runtime's)."""
+    return _cached_artifact(
+        folder, sha256, "onnx", "exact-cpu", ".onnx",
+        build=lambda: export_onnx(net.get()),
+        load=lambda data: OpenVinoBackend(data, threads=threads),
+        net=net,
+    )

@@ -31,12 +31,48 @@ class Precision(str, enum.Enum):
             raise ValueError(f"Unknown precision {value!r}; expected one of: {names}.") from None
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The native-bf16 instruction sets this CPU reports (AVX512-BF16, AMX-BF16); [] if none or unknown."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [flag for flag in BF16_CPU_FLAGS if flag in flags]
+    except OSError:
+        pass
+    return []
+
+
 def cpu_has_bf16() -> bool:
-    """True when oneDNN can run bf16 natively on this CPU (AVX512-BF16 or AMX)."""
+    """True when this CPU computes bf16 natively (AVX512-BF16 or AMX), by /proc/cpuinfo or oneDNN."""
+    if cpu_bf16_flags():
+        return True
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def openvino_available() -> bool:
+    """True when OpenVINO (the `fast` extra) is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def fast_cpu_status() -> str:
+    """What `fast` precision does on this machine's CPU, in one line (logged, and shown by check-config)."""
+    flags = cpu_bf16_flags()
+    if not flags and not cpu_has_bf16():
+        return "fast precision on CPU: this CPU has no native bf16 (avx512_bf16/amx_bf16); runs exact (fp32)"
+    if not openvino_available():
+        return (f"fast precision on CPU: CPU has {', '.join(flags) or 'bf16'} but OpenVINO is not "
+                "installed (pip install 'spacer-core[fast]'); runs exact (fp32)")
+    return f"fast precision on CPU: OpenVINO bf16 ({', '.join(flags) or 'bf16'})"
 
 
 def half_dtype(device: torch.device) -> torch.dtype | None:
