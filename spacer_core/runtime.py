@@ -120,7 +120,7 @@ class _Classifier:
 
 
 class FileHashes:
-    """sha256 of local files, remembered per (name, device, inode, size, mtime); bounded LRU.
+    """sha256 of local files, remembered per name and `fd_version`; bounded LRU.
 
     The version comes from the open file that is hashed (`digest`), so a
     path swapped between the stat and the read cannot pair one file's
@@ -129,7 +129,7 @@ class FileHashes:
 
     def __init__(self, max_entries: int = 1024):
         self.max_entries = max_entries
-        self._known: OrderedDict[str, tuple[tuple[int, int, int, int], str]] = OrderedDict()
+        self._known: OrderedDict[str, tuple[tuple[int, ...], str]] = OrderedDict()
         self._lock = threading.Lock()
 
     def sha256(self, path: str) -> str:

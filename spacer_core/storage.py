@@ -630,10 +630,14 @@ def open_local(loc: Location) -> Iterator[IO[bytes]]:
             yield f
 
 
-def fd_version(f: IO[bytes]) -> tuple[int, int, int, int]:
-    """(device, inode, size, mtime) of an open file: changes whenever the file is replaced."""
+def fd_version(f: IO[bytes]) -> tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime, ctime) of an open file: changes whenever the file is replaced or rewritten.
+
+    ctime is there because a writer can put mtime back (utime) but not ctime:
+    a file rewritten in place with its size and mtime kept still gets a new version.
+    """
     st = os.fstat(f.fileno())
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def require_writable(loc: Location) -> None:
@@ -664,7 +668,7 @@ def data_exists(loc: Location) -> bool:
 def file_version(loc: Location) -> Hashable:
     """A token that changes whenever the data at ``loc`` is replaced (None: unknown).
 
-    Local files give (mtime, size, inode); memory blobs their identity; remote
+    Local files give `fd_version`; memory blobs their identity; remote
     data has no cheap version and gives None.
     """
     with _access(loc, "read") as storage:

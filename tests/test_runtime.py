@@ -110,6 +110,32 @@ def test_classifier_reloaded_when_its_file_changes(tmp_path):
     assert [m.name for m in active.loaded_models()] == [other.key]  # bounded to one
 
 
+
+def test_classifier_rewritten_in_place_with_size_and_mtime_kept_is_reloaded(tmp_path):
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import SGDClassifier
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 5))
+    # Two classifiers whose pickles have the same length: the labels differ, not the layout.
+    blobs = []
+    for labels in ((0, 1), (7, 8)):
+        y = np.array(labels)[np.arange(40) % 2]
+        sgd = SGDClassifier(loss="log_loss", random_state=0).fit(x, y)
+        blobs.append(pickle.dumps(CalibratedClassifierCV(sgd, cv="prefit").fit(x, y), protocol=2))
+    assert len(blobs[0]) == len(blobs[1])
+    path = tmp_path / "clf.pkl"
+    path.write_bytes(blobs[0])
+    stamp = path.stat()
+    active = Runtime()
+    loc = DataLocation("filesystem", str(path))
+    assert active.classifier(loc).classes_.tolist() == [0, 1]
+    with open(path, "r+b") as f:  # same inode, same size
+        f.write(blobs[1])
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # mtime put back
+    assert path.stat().st_mtime_ns == stamp.st_mtime_ns and path.stat().st_ino == stamp.st_ino
+    assert active.classifier(loc).classes_.tolist() == [7, 8]
+
 def test_file_hashes_are_bounded(tmp_path):
     hashes = FileHashes(max_entries=2)
     for i in range(4):
