@@ -28,7 +28,9 @@ FROM ${PYTHON_IMAGE} AS runtime
 # cpu: small CPU-only PyTorch wheels; a CUDA index (or https://pypi.org/simple) for GPUs.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" /wheels/*.whl \
+# The versions the tests passed with (constraints.txt); a CPU wheel's "+cpu" matches its pin.
+COPY constraints.txt /wheels/
+RUN pip install --no-cache-dir --extra-index-url "${TORCH_INDEX}" -c /wheels/constraints.txt /wheels/*.whl \
     && rm -rf /wheels \
     && useradd --system --uid 10001 --user-group --home-dir /data --no-create-home spacer \
     && mkdir -p /data /cache \
