@@ -213,7 +213,10 @@ async def serve(config: ServerConfig) -> None:
     await start(server)
     if config.port_file is not None:
         _write_atomic(config.port_file, f"{port}\n")
-    logger.info("spacer.v1.Spacer listening on %s:%d", config.host, port)
+    logger.info("spacer.v1.Spacer and %s (Open Inference Protocol) listening on %s:%d",
+                oip.SERVICE_NAME, config.host, port)
+    if config.model_repository is not None:
+        logger.info("model repository: %s", config.model_repository)
     print(f"listening on {config.host}:{port}", flush=True)
     if metrics_port(server) is not None:
         logger.info("metrics on http://%s:%d/metrics", config.host, metrics_port(server))

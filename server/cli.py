@@ -178,7 +178,7 @@ def demo_command(config: ServerConfig) -> str:
     The demo names its files by path, and the server reads and writes only
     under its data roots, so the command first changes into the first one.
     """
-    command = f"spacer demo --server {config.address}"
+    command = f"spacer demo --server {config.client_address}"
     roots = config.effective_data_roots()
     if roots is None:  # allow_any_path
         return command

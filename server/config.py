@@ -116,6 +116,12 @@ class ServerConfig:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def client_address(self) -> str:
+        """Where a client on this machine reaches the server (a wildcard host means loopback)."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "[::]": "[::1]"}.get(self.host)
+        return f"{host}:{self.port}" if host else self.address
+
     def validate(self) -> ServerConfig:
         """Raise ValueError naming the first setting that is out of range."""
         if self.device not in DEVICES:
@@ -151,6 +157,14 @@ class ServerConfig:
                 raise ValueError(f"{name}: no such file {str(path)!r}")
         if self.model_repository is not None and not Path(self.model_repository).is_dir():
             raise ValueError(f"model_repository: no such directory {str(self.model_repository)!r}")
+        roots = self.effective_data_roots()
+        if self.model_repository is not None and roots is not None:
+            repository = os.path.realpath(self.model_repository)
+            if not any(repository == r or repository.startswith(r.rstrip(os.sep) + os.sep)
+                       for r in map(os.path.realpath, map(str, roots))):
+                raise ValueError(f"model_repository {str(self.model_repository)!r} is outside the data roots "
+                                 f"({', '.join(map(str, roots))}): its models could never load; "
+                                 "put it under a --data-root or add its folder as one")
         for root in self.data_roots:
             if not root.is_absolute():
                 raise ValueError(f"data root must be an absolute path, got {str(root)!r}")

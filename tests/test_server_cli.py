@@ -195,3 +195,26 @@ def test_task_subcommand_errors_name_the_file_and_the_status(tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     result = run_cli("train", str(tmp_path / "bad.json"))
     assert result.returncode == 1 and "INVALID_ARGUMENT" in result.stderr and "bad.json" in result.stderr
+
+
+def test_a_model_repository_outside_the_data_roots_is_refused_at_start(tmp_path):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "models").mkdir(parents=True)
+    elsewhere.mkdir()
+    config = parse(["--data-root", str(root), "--model-repository", str(root / "models")])
+    assert config.model_repository == root / "models"
+    with pytest.raises(ValueError, match="outside the data roots"):
+        parse(["--data-root", str(root), "--model-repository", str(elsewhere)])
+    # A symlink inside the root that leads out is outside too.
+    (root / "link").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="outside the data roots"):
+        parse(["--data-root", str(root), "--model-repository", str(root / "link")])
+    assert parse(["--allow-any-path", "--model-repository", str(elsewhere)]).model_repository == elsewhere
+
+
+@pytest.mark.parametrize("host, expected", [("0.0.0.0", "127.0.0.1:50051"), ("::", "[::1]:50051"),
+                                            ("127.0.0.1", "127.0.0.1:50051"), ("10.1.2.3", "10.1.2.3:50051")])
+def test_the_demo_hint_names_an_address_a_local_client_can_dial(host, expected):
+    from server.cli import demo_command
+
+    assert demo_command(parse(["--host", host, "--allow-any-path"])) == f"spacer demo --server {expected}"

@@ -460,7 +460,7 @@ class DynamicBatcher:
             self._room.notify_all()
             self._wake_async_waiters()
         for request in dropped:
-            _fail(request, BatcherClosedError(f"{self.name} closed before the request ran"))
+            _fail(request, BatcherClosedError("the network's queue closed before the request ran"))
         for worker in self._workers:
             if worker is not threading.current_thread():
                 worker.join(timeout)
@@ -476,7 +476,7 @@ class DynamicBatcher:
     def _new_request(self, patches: np.ndarray, priority: int, deadline: float | None) -> _Request:
         patches = check_patches(patches)
         if deadline is not None and time.monotonic() >= deadline:
-            raise DeadlineExceededError(f"{self.name}: the deadline passed before the request was queued")
+            raise DeadlineExceededError("the deadline passed before the request reached the network's queue")
         future: concurrent.futures.Future[np.ndarray] = concurrent.futures.Future()
         request = _Request(patches, future, int(priority), deadline)
         # A weak reference: request -> future -> callback -> request would be a
@@ -487,14 +487,14 @@ class DynamicBatcher:
 
     def _admissible(self, request: _Request) -> bool:
         if self._closed:
-            raise BatcherClosedError(f"{self.name} is closed")
+            raise BatcherClosedError("the network's queue is closed")
         # Only work that would run before this request counts against the
         # bound, so a bulk backlog never keeps interactive work out.
         ahead = self._queue.waiting_patches(request.priority)
         return ahead == 0 or ahead + request.size <= self.max_queued_patches
 
     def _full_message(self, request: _Request) -> str:
-        return (f"{self.name}: queue full ({self._queued} patches waiting, bound "
+        return (f"the network's queue full ({self._queued} patches waiting, bound "
                 f"{self.max_queued_patches}); cannot take {request.size} more")
 
     def _enqueue(self, request: _Request) -> None:
@@ -564,7 +564,7 @@ class DynamicBatcher:
             for request in expired:
                 waited = time.monotonic() - request.enqueued
                 _fail(request, DeadlineExceededError(
-                    f"{self.name}: the deadline passed after {waited:.3f}s in the queue;"
+                    f"the deadline passed after {waited:.3f}s in the network's queue;"
                     " dropped before reaching the network"))
 
     def _drop_expired(self, now: float, expired: list[_Request]) -> None:

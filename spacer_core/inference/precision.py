@@ -71,7 +71,7 @@ def fast_cpu_status() -> str:
         return "fast precision on CPU: this CPU has no native bf16 (avx512_bf16/amx_bf16); runs exact (fp32)"
     if not openvino_available():
         return (f"fast precision on CPU: CPU has {', '.join(flags) or 'bf16'} but OpenVINO is not "
-                "installed (pip install 'spacer-core[fast]'); runs exact (fp32)")
+                "installed (pip install 'spacer-server[fast]'); runs exact (fp32)")
     return f"fast precision on CPU: OpenVINO bf16 ({', '.join(flags) or 'bf16'})"
 
 
