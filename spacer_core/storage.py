@@ -163,8 +163,11 @@ class ConfinedFileSystemStorage(FileSystemStorage):
         try:
             return os.open(name, _O_DIR | os.O_NOFOLLOW, dir_fd=dir_fd)
         except OSError as err:
+            if err.errno == errno.ENOTDIR and not stat.S_ISLNK(
+                    os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                raise  # a file where the path names a folder: a bad path, not an escape
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                # A symlink (or a file) where the checked path had a folder.
+                # A symlink where the checked path had a folder: swapped in after the check.
                 raise self._outside(key) from None
             raise
 

@@ -257,7 +257,9 @@ CATEGORY_CASES = [
     Case("name-too-long-write", lambda e: e.client.extract_features(
         e.extractor, [(1, 1)], fs(e.root / "good.png"), fs(e.root / ("f" * 300 + ".featurevector"))),
         (Code.INVALID_ARGUMENT,), ("name too long",)),
-    Case("path-too-long", _load("d/" * 3000 + "clf.pkl"), (Code.INVALID_ARGUMENT,), ("name too long",)),
+    # Longer than the key limit: refused before the filesystem sees it.
+    Case("path-too-long", _load("d/" * 3000 + "clf.pkl"), (Code.RESOURCE_EXHAUSTED,), ("classifier_loc.key",)),
+    Case("path-near-the-key-limit", _load("d/" * 1900 + "clf.pkl"), (Code.NOT_FOUND,), ("clf.pkl",)),
     Case("path-through-a-file", _load("clf.pkl/inner.pkl"), (Code.INVALID_ARGUMENT,), ("inner.pkl",)),
     Case("deep-json-array", _run_job(lambda e: DEEP), (Code.INVALID_ARGUMENT,), ("job_msg_json", "nested")),
     Case("deep-json-in-task", _run_job(lambda e: '{"task_name": "extract_features", "tasks": ' + DEEP + "}"),
