@@ -314,7 +314,49 @@ NONFINITE_CASES = [
     for name in ("nan", "inf", "neg-inf")
 ]
 
-CASES = PICKLE_CASES + FORMAT_CASES + CATEGORY_CASES + COSTLY_CASES + MISMATCH_CASES + NONFINITE_CASES
+def _oip_stub(e: SimpleNamespace) -> Any:
+    from server._proto.inference import grpc_service_pb2_grpc as ipbg
+
+    if not hasattr(e, "oip"):
+        e.oip = ipbg.GRPCInferenceServiceStub(grpc.insecure_channel(e.process.address))
+    return e.oip
+
+
+def _oip_load(name: str, clf: str) -> Callable[[SimpleNamespace], Any]:
+    def call(e: SimpleNamespace) -> Any:
+        from server._proto.inference import grpc_service_pb2 as ipb
+
+        config = ipb.ModelRepositoryParameter(string_param=json.dumps({"classifier": clf}))
+        return _oip_stub(e).RepositoryModelLoad(
+            ipb.RepositoryModelLoadRequest(model_name=name, parameters={"config": config}), timeout=30)
+
+    return call
+
+
+def _oip_features(value: float) -> Callable[[SimpleNamespace], Any]:
+    def call(e: SimpleNamespace) -> Any:
+        from server._proto.inference import grpc_service_pb2 as ipb
+
+        _oip_load("hostile_clf", "clf.pkl")(e)
+        features = np.zeros((2, 1280), np.float32)
+        features[1, 3] = value
+        tensor = ipb.ModelInferRequest.InferInputTensor(name="FEATURES", datatype="FP32", shape=[2, 1280])
+        return _oip_stub(e).ModelInfer(ipb.ModelInferRequest(
+            model_name="hostile_clf", inputs=[tensor], raw_input_contents=[features.tobytes()]), timeout=30)
+
+    return call
+
+
+OIP_CASES = [
+    Case(f"oip-load-{name}", _oip_load(f"oip_{i}", f"{name}.pkl"), (Code.INVALID_ARGUMENT,), (f"{name}.pkl",),
+         within=5.0)
+    for i, name in enumerate(["codec-punycode", "seed-in-classifier", "classes-vs-score-columns", "mlp-first-layer-width"])
+] + [
+    Case(f"oip-features-{name}", _oip_features(value), (Code.INVALID_ARGUMENT,), ("hostile_clf", "NaN or infinite"), within=5.0)
+    for name, value in (("nan", float("nan")), ("inf", float("inf")))
+]
+
+CASES = PICKLE_CASES + FORMAT_CASES + CATEGORY_CASES + OIP_CASES + COSTLY_CASES + MISMATCH_CASES + NONFINITE_CASES
 
 
 def _listing(folder: Path) -> set[Path]:
