@@ -449,11 +449,12 @@ def _check_random(obj: Any, where: str) -> None:
         generator = obj._bit_generator
         if type(generator) is not MT19937:
             raise refused(f"a RandomState over {_a(type(generator).__name__)} (at {where})")
-        state = obj.get_state(legacy=False)
-        if state.get("has_gauss") not in (0, 1) or not isinstance(state.get("gauss"), float):
+        full = obj.get_state(legacy=False)
+        if full.get("has_gauss") not in (0, 1) or not isinstance(full.get("gauss"), float):
             raise refused(f"a RandomState with an invalid state (at {where})")
-        obj = generator
-    state = obj.state["state"]
+        obj, state = generator, full["state"]
+    else:
+        state = obj.state["state"]
     key, pos = state["key"], state["pos"]
     if np.shape(key) != (_MT_WORDS,) or not isinstance(pos, int) or not 0 <= pos <= _MT_WORDS:
         raise refused(f"a random generator at position {pos} of its {_MT_WORDS}-word state (at {where})")
@@ -538,15 +539,18 @@ def _declared_width(holder: Any, width: int, name: str) -> None:
           f"'{name}n_features_in_' is {declared!r} but the weights read {width} features")
 
 
-def _check_agreement(clf: Any, one: Any, est: Any, i: int) -> int:
-    """Classes, calibrators, score columns and input width of one calibrated estimator agree; its width."""
+def _check_agreement(clf: Any, one: Any, est: Any, i: int, known: set[Any]) -> int:
+    """Classes, calibrators, score columns and input width of one calibrated estimator agree; its width.
+
+    `known`: the labels of ``clf.classes_``.
+    """
     n = len(clf.classes_)
     where = f"calibrated_classifiers_[{i}]"
     _need(n >= 2, f"'classes_' has {n} class(es); a classifier needs at least 2")
     _labels(getattr(one, "classes", None), f"{where}.classes")
     for name, labels in ((f"{where}.classes", one.classes), (f"{where}.estimator.classes_", est.classes_)):
         _need(len(labels) == n, f"'{name}' has {len(labels)} classes but 'classes_' has {n}")
-        _need(bool(np.isin(labels, clf.classes_).all()), f"'{name}' holds labels that 'classes_' does not")
+        _need(known.issuperset(labels.tolist()), f"'{name}' holds labels that 'classes_' does not")
     columns = 1 if n == 2 else n  # a binary classifier scores one column
     outputs = _outputs(est)
     _need(outputs == columns, f"'{where}.estimator' computes {outputs} score columns for {n} classes")
@@ -571,6 +575,7 @@ def check_classifier(clf: Any) -> None:
     if not (isinstance(calibrated, list) and calibrated):
         raise _bad("'calibrated_classifiers_' is not a list of classifiers")
     widths = set()
+    known = set(clf.classes_.tolist())
     for i, one in enumerate(calibrated):
         _need(isinstance(one, _CalibratedClassifier), "'calibrated_classifiers_' holds something else than classifiers")
         est = getattr(one, "estimator", None)
@@ -589,6 +594,6 @@ def check_classifier(clf: Any) -> None:
                 value = getattr(calibrator, name, None)
                 _need(isinstance(value, (float, int, np.floating, np.integer)) and not isinstance(value, bool),
                       f"calibration '{name}' is not a number")  # fmt: skip
-        widths.add(_check_agreement(clf, one, est, i))
+        widths.add(_check_agreement(clf, one, est, i, known))
     _need(len(widths) == 1, f"its calibrated classifiers read different numbers of features ({sorted(widths)})")
     _declared_width(clf, widths.pop(), "")
