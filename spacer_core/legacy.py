@@ -34,7 +34,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
 from spacer_core.exceptions import InvalidInputError, UnsafePickleError
-from spacer_core.pickle_guard import REPLACEMENTS, check_classifier, check_graph
+from spacer_core.pickle_guard import REPLACEMENTS, bare_class, check_classifier, check_graph
 
 # Modules of scikit-learn < 0.22 that no longer exist, and where their classes
 # live now (0.22 made the submodules private).
@@ -127,7 +127,10 @@ class ClassifierUnpickler(pickle.Unpickler):
         replacement = REPLACEMENTS.get((target, name))
         if replacement is not None:
             return replacement
-        return super().find_class(target, name)
+        found = super().find_class(target, name)
+        if isinstance(found, type) and found.__module__.startswith("sklearn.") and found.__new__ is object.__new__:
+            return bare_class(found)
+        return found
 
     def load(self) -> CalibratedClassifierCV:
         clf = upgrade_classifier(check_graph(super().load(), ALLOWED_GLOBALS))

@@ -15,13 +15,25 @@ are touched. So no state from the file reaches NumPy unchecked:
   before NumPy reads the bytes), scalars by `checked_scalar` and protocol 5
   buffers by `checked_frombuffer`; only bool, integer, float, complex and
   text dtypes are built, never one that holds objects;
-- Python 2's ``copy_reg._reconstructor`` only makes scikit-learn objects;
+- Python 2's ``copy_reg._reconstructor`` only makes scikit-learn objects,
+  and a scikit-learn class the pickle calls makes a bare object (`bare_class`):
+  no ``__init__`` runs on the file's arguments (AdamOptimizer's would
+  allocate a copy of every array it is given, however often one repeats);
+- no allowed callable does work that grows faster than its arguments: the
+  codec call is only what protocol 2 writes for bytes (`checked_encode`:
+  text to latin-1, which is linear; punycode is quadratic), and random
+  generators are seeded only with small seeds (`checked_mt19937`,
+  `checked_seed_sequence`: a huge integer seed takes quadratic time to
+  convert) or built as a pickle rebuilds them (`checked_bit_generator_ctor`,
+  `checked_randomstate_ctor`, `checked_unpickle_seed_sequence`);
 - `check_graph` then walks everything the pickle built: only the types a
   trained classifier holds may appear (estimators, lists, tuples, dicts with
   string keys, numbers, strings, plain arrays), at most `MAX_DEPTH` levels
-  deep, and `_PendingArray` instances become plain ndarrays;
+  deep, `_PendingArray` instances become plain ndarrays, and random
+  generators hold a valid MT19937 state (624 words, position 0 to 624);
 - `check_classifier` checks the arrays ``predict_proba`` reads have the
-  dimensions and numeric types it expects.
+  dimensions and numeric types it expects, and agree with each other
+  (classes, calibrators, weights, layers and input width).
 
 Every refusal is an UnsafePickleError ("refused to load classifier: ...").
 """
@@ -51,6 +63,18 @@ _numeric_module = importlib.import_module(f"{_NUMPY_CORE}.numeric")
 _np_reconstruct = _multiarray._reconstruct
 _np_scalar = _multiarray.scalar
 _np_frombuffer = _numeric_module._frombuffer
+_np_unpickle_seed_sequence = getattr(importlib.import_module("numpy.random.bit_generator"),
+                                     "__pyx_unpickle_SeedSequence")
+MT19937 = np.random.MT19937
+SeedSequence = np.random.SeedSequence
+RandomState = np.random.RandomState
+
+# Random generator seeds: what numpy draws itself (128 bits) or a user's
+# small integers; a pickle of a trained classifier holds no other.
+_MAX_SEED_BITS = 128
+_MAX_SEED_WORDS = 32
+_MAX_POOL_SIZE = 64
+_MT_WORDS = 624
 
 
 def _a(noun: str) -> str:
@@ -224,6 +248,7 @@ def checked_frombuffer(buffer: Any, dtype_value: Any, shape: Any, order: Any) ->
 
 def checked_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """Python 2's ``copy_reg._reconstructor``, limited to making scikit-learn objects."""
+    cls = getattr(cls, "_bare_of", cls)
     if not (
         isinstance(cls, type)
         and cls.__module__.startswith("sklearn.")
@@ -235,6 +260,83 @@ def checked_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     return object.__new__(cls)
 
 
+@cache
+def bare_class(cls: type) -> type:
+    """What a scikit-learn class resolves to: calling it makes an object without running ``__init__``.
+
+    A pickle makes its objects with ``cls.__new__(cls)`` and sets their
+    state; calling the class instead (REDUCE) would run ``__init__`` on the
+    file's arguments. Called either way, this subclass returns a bare
+    instance of ``cls`` itself, whose state the pickle then sets.
+    """
+
+    def __new__(klass: type, *args: Any, **kwargs: Any) -> Any:
+        return object.__new__(cls)
+
+    return type(cls.__name__, (cls,), {"__new__": __new__, "__module__": __name__, "_bare_of": cls})
+
+
+def checked_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """``_codecs.encode`` as pickle protocol 2 writes bytes: ``encode(text, 'latin1')``, nothing else."""
+    if type(obj) is not str or type(encoding) is not str or encoding.lower() not in ("latin1", "latin-1") \
+            or errors != "strict":
+        raise refused(f"{_a(type(obj).__name__)} encoded other than as protocol 2 writes bytes (text to latin-1)")
+    return obj.encode("latin-1")
+
+
+def _small_int(value: Any) -> bool:
+    # bit_length is constant time, however large the integer.
+    return bool(isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+            and 0 <= value and int(value).bit_length() <= _MAX_SEED_BITS)
+
+
+def _check_seed(seed: Any, what: str) -> None:
+    if seed is None or _small_int(seed):
+        return
+    if isinstance(seed, (list, tuple, np.ndarray)) and len(seed) <= _MAX_SEED_WORDS \
+            and all(_small_int(word) for word in seed):
+        return
+    if isinstance(seed, int):
+        raise refused(f"{what} seeded with an integer of {seed.bit_length()} bits")
+    raise refused(f"{what} seeded with {_a(type(seed).__name__)}")
+
+
+def checked_mt19937(seed: Any = None) -> Any:
+    """``numpy.random.MT19937``: only small seeds."""
+    _check_seed(seed, "a random generator")
+    return MT19937(seed)
+
+
+def checked_seed_sequence(entropy: Any = None) -> Any:
+    """``numpy.random.SeedSequence``: only small seeds."""
+    _check_seed(entropy, "a seed sequence")
+    return SeedSequence(entropy)
+
+
+def checked_bit_generator_ctor(bit_generator: Any = "MT19937") -> Any:
+    """numpy's ``__bit_generator_ctor``: an MT19937 (its state comes next), named or by class."""
+    if not (bit_generator is checked_mt19937 or (type(bit_generator) is str and bit_generator == "MT19937")):
+        raise refused(f"a random generator from {_a(type(bit_generator).__name__)}")
+    return MT19937()
+
+
+def checked_randomstate_ctor(bit_generator_name: Any = "MT19937",
+                             bit_generator_ctor: Any = checked_bit_generator_ctor) -> Any:
+    """numpy's ``__randomstate_ctor``: a RandomState over an MT19937 (its state comes next)."""
+    if type(bit_generator_name) is MT19937:
+        return RandomState(bit_generator_name)
+    if bit_generator_ctor is not checked_bit_generator_ctor:
+        raise refused(f"a RandomState from {_a(type(bit_generator_ctor).__name__)}")
+    return RandomState(checked_bit_generator_ctor(bit_generator_name))
+
+
+def checked_unpickle_seed_sequence(cls: Any, checksum: Any, state: Any = None) -> Any:
+    """numpy's ``__pyx_unpickle_SeedSequence``: an empty SeedSequence (checked with the rest after loading)."""
+    if cls is not checked_seed_sequence or not isinstance(checksum, int) or not (state is None or type(state) is tuple):
+        raise refused("a seed sequence from unexpected arguments")
+    return _np_unpickle_seed_sequence(SeedSequence, checksum, state)
+
+
 # (module, name) of the callables above, as a pickle names what they replace.
 REPLACEMENTS: dict[tuple[str, str], Any] = {
     ("numpy", "dtype"): PendingDtype,
@@ -243,6 +345,12 @@ REPLACEMENTS: dict[tuple[str, str], Any] = {
     (f"{_NUMPY_CORE}.multiarray", "scalar"): checked_scalar,
     (f"{_NUMPY_CORE}.numeric", "_frombuffer"): checked_frombuffer,
     ("copyreg", "_reconstructor"): checked_reconstructor,
+    ("_codecs", "encode"): checked_encode,
+    ("numpy.random._mt19937", "MT19937"): checked_mt19937,
+    ("numpy.random.bit_generator", "SeedSequence"): checked_seed_sequence,
+    ("numpy.random.bit_generator", "__pyx_unpickle_SeedSequence"): checked_unpickle_seed_sequence,
+    ("numpy.random._pickle", "__bit_generator_ctor"): checked_bit_generator_ctor,
+    ("numpy.random._pickle", "__randomstate_ctor"): checked_randomstate_ctor,
 }
 
 
@@ -289,6 +397,9 @@ class _Walk:
         elif isinstance(obj, np.generic) and kind.__module__ == "numpy":
             _check_plain(obj.dtype)
             out = obj
+        elif kind is RandomState or kind is MT19937 or kind is SeedSequence:
+            _check_random(obj, where)
+            out = obj
         elif kind is list:
             obj[:] = self._items(obj, where, depth)
             out = obj
@@ -315,6 +426,43 @@ class _Walk:
             if type(name) is not str:
                 raise refused(f"{_a(type(name).__name__)} attribute name (at {where})")
             members[name] = self.check(members[name], f"{where}.{name}", depth + 1)
+
+
+def _check_seed_sequence(seq: Any, where: str) -> None:
+    try:
+        pool, pool_size, entropy = seq.pool, seq.pool_size, seq.entropy
+        spawn_key, children = seq.spawn_key, seq.n_children_spawned
+    except (AttributeError, ValueError, TypeError):
+        raise refused(f"a seed sequence without a state (at {where})") from None
+    _check_seed(entropy, f"a seed sequence (at {where})")
+    if not (0 < pool_size <= _MAX_POOL_SIZE and np.shape(pool) == (pool_size,) and type(spawn_key) is tuple
+            and len(spawn_key) <= _MAX_SEED_WORDS and all(_small_int(k) for k in spawn_key) and _small_int(children)):
+        raise refused(f"a seed sequence with an invalid state (at {where})")
+
+
+def _check_random(obj: Any, where: str) -> None:
+    """A RandomState, MT19937 or SeedSequence holds a state NumPy can use without reading out of bounds."""
+    if type(obj) is SeedSequence:
+        _check_seed_sequence(obj, where)
+        return
+    if type(obj) is RandomState:
+        generator = obj._bit_generator
+        if type(generator) is not MT19937:
+            raise refused(f"a RandomState over {_a(type(generator).__name__)} (at {where})")
+        full = obj.get_state(legacy=False)
+        if full.get("has_gauss") not in (0, 1) or not isinstance(full.get("gauss"), float):
+            raise refused(f"a RandomState with an invalid state (at {where})")
+        obj, state = generator, full["state"]
+    else:
+        state = obj.state["state"]
+    key, pos = state["key"], state["pos"]
+    if np.shape(key) != (_MT_WORDS,) or not isinstance(pos, int) or not 0 <= pos <= _MT_WORDS:
+        raise refused(f"a random generator at position {pos} of its {_MT_WORDS}-word state (at {where})")
+    seq = obj._seed_seq
+    if seq is not None:
+        if type(seq) is not SeedSequence:
+            raise refused(f"a random generator seeded from {_a(type(seq).__name__)} (at {where})")
+        _check_seed_sequence(seq, where)
 
 
 def check_graph(obj: Any, allowed: frozenset[tuple[str, str]]) -> Any:
@@ -371,8 +519,53 @@ def _check_mlp(est: Any) -> None:
         _need(getattr(est, name, None) in ACTIVATIONS, f"'{name}' is not a known activation")
 
 
+def _width(est: Any) -> int:
+    """The number of features ``est`` reads (its weights checked already)."""
+    coef = getattr(est, "coef_", None)
+    return int(coef.shape[1]) if isinstance(coef, np.ndarray) else int(est.coefs_[0].shape[0])
+
+
+def _outputs(est: Any) -> int:
+    """The number of score columns ``est`` computes."""
+    coef = getattr(est, "coef_", None)
+    return int(coef.shape[0]) if isinstance(coef, np.ndarray) else int(est.coefs_[-1].shape[1])
+
+
+def _declared_width(holder: Any, width: int, name: str) -> None:
+    declared = getattr(holder, "n_features_in_", None)
+    if declared is None:
+        return
+    _need(isinstance(declared, (int, np.integer)) and not isinstance(declared, bool) and declared == width,
+          f"'{name}n_features_in_' is {declared!r} but the weights read {width} features")
+
+
+def _check_agreement(clf: Any, one: Any, est: Any, i: int, known: set[Any]) -> int:
+    """Classes, calibrators, score columns and input width of one calibrated estimator agree; its width.
+
+    `known`: the labels of ``clf.classes_``.
+    """
+    n = len(clf.classes_)
+    where = f"calibrated_classifiers_[{i}]"
+    _need(n >= 2, f"'classes_' has {n} class(es); a classifier needs at least 2")
+    _labels(getattr(one, "classes", None), f"{where}.classes")
+    for name, labels in ((f"{where}.classes", one.classes), (f"{where}.estimator.classes_", est.classes_)):
+        _need(len(labels) == n, f"'{name}' has {len(labels)} classes but 'classes_' has {n}")
+        _need(known.issuperset(labels.tolist()), f"'{name}' holds labels that 'classes_' does not")
+    columns = 1 if n == 2 else n  # a binary classifier scores one column
+    outputs = _outputs(est)
+    _need(outputs == columns, f"'{where}.estimator' computes {outputs} score columns for {n} classes")
+    if isinstance(getattr(est, "coefs_", None), list):
+        _need(getattr(est, "n_outputs_", None) == outputs, f"'{where}.estimator.n_outputs_' does not match its last layer")
+    calibrators = len(one.calibrators)
+    _need(calibrators == columns, f"'{where}' has {calibrators} calibrators for {columns} score columns")
+    width = _width(est)
+    _need(width > 0, f"'{where}.estimator' reads no features")
+    _declared_width(est, width, f"{where}.estimator.")
+    return width
+
+
 def check_classifier(clf: Any) -> None:
-    """The arrays and numbers ``predict_proba`` reads have the shapes and types it expects."""
+    """The arrays and numbers ``predict_proba`` reads have the shapes and types it expects, and agree."""
     from sklearn.calibration import _CalibratedClassifier, _SigmoidCalibration
     from sklearn.linear_model import SGDClassifier
     from sklearn.neural_network import MLPClassifier
@@ -381,7 +574,9 @@ def check_classifier(clf: Any) -> None:
     calibrated = getattr(clf, "calibrated_classifiers_", None)
     if not (isinstance(calibrated, list) and calibrated):
         raise _bad("'calibrated_classifiers_' is not a list of classifiers")
-    for one in calibrated:
+    widths = set()
+    known = set(clf.classes_.tolist())
+    for i, one in enumerate(calibrated):
         _need(isinstance(one, _CalibratedClassifier), "'calibrated_classifiers_' holds something else than classifiers")
         est = getattr(one, "estimator", None)
         if isinstance(est, SGDClassifier):
@@ -399,3 +594,6 @@ def check_classifier(clf: Any) -> None:
                 value = getattr(calibrator, name, None)
                 _need(isinstance(value, (float, int, np.floating, np.integer)) and not isinstance(value, bool),
                       f"calibration '{name}' is not a number")  # fmt: skip
+        widths.add(_check_agreement(clf, one, est, i, known))
+    _need(len(widths) == 1, f"its calibrated classifiers read different numbers of features ({sorted(widths)})")
+    _declared_width(clf, widths.pop(), "")

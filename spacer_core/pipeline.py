@@ -37,7 +37,7 @@ from spacer_core.inference.batcher import DEFAULT_PRIORITY
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, classifier_feature_dim
 from spacer_core.storage import load_bytes
-from spacer_core.task_utils import check_extract_inputs
+from spacer_core.task_utils import check_extract_inputs, check_features
 
 T = TypeVar("T")
 RowCol = tuple[int, int]
@@ -277,12 +277,18 @@ def score(clf: Any, features: np.ndarray, source: str) -> np.ndarray:
     """predict_proba for all points of one image in one call.
 
     `source` names the feature file or image, for the error raised when the
-    feature dimension differs from what the classifier was trained on.
+    feature dimension differs from what the classifier was trained on, when
+    the features are not finite numbers, or when scikit-learn cannot score
+    them with this classifier (InvalidInputError: both come from the client).
     """
+    x = check_features(features, source)
     expected = classifier_feature_dim(clf)
-    if expected is not None and features.shape[1] != expected:
+    if expected is not None and x.shape[1] != expected:
         raise FeatureDimensionError(
-            f"{source}: features have dimension {features.shape[1]}, but the"
+            f"{source}: features have dimension {x.shape[1]}, but the"
             f" classifier was trained on dimension {expected}."
         )
-    return np.asarray(clf.predict_proba(np.asarray(features, dtype=np.float64)))
+    try:
+        return np.asarray(clf.predict_proba(x))
+    except (ValueError, IndexError) as err:
+        raise InvalidInputError(f"{source}: the classifier cannot score these features ({err}).") from None

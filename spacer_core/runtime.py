@@ -413,14 +413,19 @@ class Runtime:
 
 
 def classifier_feature_dim(clf: Any) -> int | None:
-    """The feature dimension a classifier was trained on, when it says."""
-    for candidate in (clf, getattr(clf, "estimator", None), getattr(clf, "base_estimator", None)):
+    """The feature dimension a classifier was trained on, when it says (or its weights do)."""
+    calibrated = getattr(clf, "calibrated_classifiers_", None) or [None]
+    fitted = getattr(calibrated[0], "estimator", None)
+    for candidate in (clf, fitted, getattr(clf, "estimator", None), getattr(clf, "base_estimator", None)):
         dim = getattr(candidate, "n_features_in_", None)
         if dim is not None:
             return int(dim)
         coef = getattr(candidate, "coef_", None)
         if coef is not None:
             return int(np.shape(coef)[-1])
+        coefs = getattr(candidate, "coefs_", None)
+        if isinstance(coefs, list) and coefs:
+            return int(np.shape(coefs[0])[0])
     return None
 
 

@@ -18,7 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from spacer_core import config
 from spacer_core.data_classes import ImageLabels, LabelId
-from spacer_core.exceptions import DataLimitError, RowColumnInvalidError, TrainingLabelsError
+from spacer_core.exceptions import DataLimitError, InvalidInputError, RowColumnInvalidError, TrainingLabelsError
 from spacer_core.task_io import TrainingTaskLabels
 
 _SET_NAMES = ("train", "ref", "val")
@@ -220,3 +220,20 @@ def preprocess_labels(
                 f"After preprocessing training data, '{name}' set is empty."
             )
     return TrainingTaskLabels(train=sets["train"], ref=sets["ref"], val=sets["val"])
+
+
+def check_features(features: Any, source: str) -> np.ndarray:
+    """`features` as a (points, dimension) float64 array of finite numbers, else InvalidInputError naming `source`.
+
+    Where client features enter scoring and training: NaN or infinity would
+    otherwise fail (or be scored as garbage) inside scikit-learn.
+    """
+    try:
+        x = np.asarray(features, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{source}: the features are not numbers.") from None
+    if x.ndim != 2:
+        raise InvalidInputError(f"{source}: the features are a {x.ndim}-D array; expected (points, dimension).")
+    if not np.isfinite(x).all():
+        raise InvalidInputError(f"{source}: the features contain NaN or infinite values.")
+    return x

@@ -13,7 +13,9 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 
 from spacer_core.exceptions import (
+    FeatureDimensionError,
     InvalidInputError,
+    SpacerError,
     InvalidInputTypeError,
     TrainerModuleNotFoundError,
     UnknownTrainerError,
@@ -240,7 +242,7 @@ class MiniBatchTrainer(ClassifierTrainer):
         with config.log_entry_and_exit("loading validation features"):
             val_data = load_labelled_features(labels["val"])
         val_results, acc = _validation_results(calibrated, val_data)
-        pc_accs = [calc_acc(val_data.y.tolist(), _predict(model, val_data).tolist()) for model in pc_models]
+        pc_accs = [_previous_accuracy(model, i, val_data) for i, model in enumerate(pc_models)]
         return_msg = TrainClassifierReturnMsg(
             acc=acc, pc_accs=pc_accs, ref_accs=ref_accs, runtime=time.time() - start
         )
@@ -261,6 +263,24 @@ def _validation_results(clf: CalibratedClassifierCV, val_data: LabelledFeatures)
         classes=classes,
     )
     return results, calc_acc(truths, estimates.tolist())
+
+
+def _previous_accuracy(clf: Any, i: int, data: LabelledFeatures) -> float:
+    """Accuracy of previous model `i` on the validation set; a model that cannot score it is the client's error."""
+    from spacer_core.runtime import classifier_feature_dim
+
+    source = f"previous_model_locs[{i}]"
+    expected, width = classifier_feature_dim(clf), data.x.shape[1]
+    if expected is not None and len(data) and width != expected:
+        raise FeatureDimensionError(
+            f"{source}: the classifier was trained on dimension {expected}, but the features have dimension {width}."
+        )
+    try:
+        return calc_acc(data.y.tolist(), _predict(clf, data).tolist())
+    except (ValueError, IndexError) as err:
+        if isinstance(err, SpacerError):
+            raise
+        raise InvalidInputError(f"{source}: the classifier cannot score the validation features ({err}).") from None
 
 
 def _predict(clf: Any, data: LabelledFeatures) -> np.ndarray:

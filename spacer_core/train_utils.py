@@ -34,6 +34,7 @@ from threadpoolctl import threadpool_limits
 from spacer_core import cancellation
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels, LabelId
 from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
+from spacer_core.task_utils import check_features
 
 # Called after each epoch with (epoch index, ref-set accuracy, seconds since
 # training started).
@@ -244,7 +245,7 @@ def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray
 def _annotated_rows(labels: ImageLabels, loc: DataLocation, annotations: Sequence[Any]) -> np.ndarray:
     """The float64 feature rows of one file, one per annotation, in annotation order."""
     x, _labels = labels.load_features(loc).match_arrays(annotations, source=loc.key)
-    return x
+    return check_features(x, loc.key)
 
 
 def make_classifier(

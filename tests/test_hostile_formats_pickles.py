@@ -24,6 +24,7 @@ import re
 import shutil
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from PIL import Image
 
 from server.client import SpacerClient
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, png_header
-from tests.support.hostile_pickles import variants
+from tests.support.hostile_pickles import costly_variants, mismatched_variants, variants
 from tests.support.serve_process import ServeProcess
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
@@ -150,9 +152,15 @@ def env(tmp_path_factory, efficientnet_weights) -> Iterator[SimpleNamespace]:  #
     shutil.copyfile(efficientnet_weights.path, weights)
     make_image(root / "good.png", 64, 48, seed=4)
     make_classifier(root / "clf.pkl")
-    for name, data in variants().items():
+    for name, data in {**variants(), **costly_variants(), **mismatched_variants()}.items():
         (root / f"{name}.pkl").write_bytes(data)
     ImageFeatures.make_random([1, 2], feature_dim=1280).store(DataLocation("filesystem", str(root / "features.json")))
+    for name, value in (("nan", np.nan), ("inf", np.inf), ("neg-inf", -np.inf)):
+        features = ImageFeatures.make_random([1, 2], feature_dim=1280)
+        feat = features.feat.copy()
+        feat[1, 7] = value
+        ImageFeatures.from_arrays(feat, rows=[0, 1], cols=[0, 1]).store(
+            DataLocation("filesystem", str(root / f"features-{name}.featurevector")))
     path = f"{base / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
     # Default flags: ServeProcess runs `spacer serve` in `root` with it as the data root, the default.
     process = ServeProcess(root, env={"PATH": path, "SPACER_LOG_LEVEL": "INFO"})
@@ -179,6 +187,7 @@ class Case:
     call: Callable[[SimpleNamespace], Any]
     codes: tuple[Code, ...]
     names: tuple[str, ...]  # what the reply's details must hold
+    within: float = 0.0  # when set: seconds the server may take to answer
 
 
 def _load(name: str) -> Callable[[SimpleNamespace], Any]:
@@ -273,7 +282,83 @@ CATEGORY_CASES = [
         (Code.PERMISSION_DENIED,), ("http://localhost:9/clf.pkl",)),
 ]
 
-CASES = PICKLE_CASES + FORMAT_CASES + CATEGORY_CASES
+def _classify_image(clf: str) -> Callable[[SimpleNamespace], Any]:
+    return lambda e: e.client.classify_image(e.extractor, [(1, 1), (40, 60)], fs(e.root / "good.png"), fs(e.root / clf))
+
+
+# Allowed callables given arguments that would take minutes of CPU (punycode,
+# a 512 KiB seed) or a state NumPy would read out of bounds: refused at once.
+COSTLY_CASES = [Case(f"costly-{name}", _load(f"{name}.pkl"), (Code.INVALID_ARGUMENT,), (f"{name}.pkl",), within=2.0)
+                for name in costly_variants()]
+COSTLY_CASES += [
+    Case("costly-classify-features-codec-punycode", _classify_features("codec-punycode.pkl"), (Code.INVALID_ARGUMENT,),
+         ("codec-punycode.pkl", "latin-1"), within=2.0),
+    Case("costly-classify-image-seed", _classify_image("seed-in-classifier.pkl"), (Code.INVALID_ARGUMENT,),
+         ("seed-in-classifier.pkl", "4194304 bits"), within=2.0),
+]
+# Classifiers whose arrays disagree: refused when loaded, not INTERNAL when scoring.
+MISMATCH_CASES = [
+    Case(f"mismatch-{rpc}-{name}", call(f"{name}.pkl"), (Code.INVALID_ARGUMENT,), (f"{name}.pkl",), within=5.0)
+    for name in mismatched_variants() if name != "mlp-width-undeclared"
+    for rpc, call in (("load", _load), ("classify-features", _classify_features), ("classify-image", _classify_image))
+]
+MISMATCH_CASES += [
+    # No declared width: the weights' own width is checked before scikit-learn runs.
+    Case("mismatch-classify-features-mlp-width-undeclared", _classify_features("mlp-width-undeclared.pkl"),
+         (Code.FAILED_PRECONDITION,), ("features.json", "dimension 1280", "dimension 5"), within=5.0),
+    Case("mismatch-classify-image-mlp-width-undeclared", _classify_image("mlp-width-undeclared.pkl"),
+         (Code.FAILED_PRECONDITION,), ("dimension 1280", "dimension 5"), within=10.0),
+]
+NONFINITE_CASES = [
+    Case(f"features-{name}", lambda e, n=name: e.client.classify_features(
+        fs(e.root / f"features-{n}.featurevector"), fs(e.root / "clf.pkl")),
+        (Code.INVALID_ARGUMENT,), (f"features-{name}.featurevector", "NaN or infinite"), within=5.0)
+    for name in ("nan", "inf", "neg-inf")
+]
+
+def _oip_stub(e: SimpleNamespace) -> Any:
+    from server._proto.inference import grpc_service_pb2_grpc as ipbg
+
+    if not hasattr(e, "oip"):
+        e.oip = ipbg.GRPCInferenceServiceStub(grpc.insecure_channel(e.process.address))
+    return e.oip
+
+
+def _oip_load(name: str, clf: str) -> Callable[[SimpleNamespace], Any]:
+    def call(e: SimpleNamespace) -> Any:
+        from server._proto.inference import grpc_service_pb2 as ipb
+
+        config = ipb.ModelRepositoryParameter(string_param=json.dumps({"classifier": clf}))
+        return _oip_stub(e).RepositoryModelLoad(
+            ipb.RepositoryModelLoadRequest(model_name=name, parameters={"config": config}), timeout=30)
+
+    return call
+
+
+def _oip_features(value: float) -> Callable[[SimpleNamespace], Any]:
+    def call(e: SimpleNamespace) -> Any:
+        from server._proto.inference import grpc_service_pb2 as ipb
+
+        _oip_load("hostile_clf", "clf.pkl")(e)
+        features = np.zeros((2, 1280), np.float32)
+        features[1, 3] = value
+        tensor = ipb.ModelInferRequest.InferInputTensor(name="FEATURES", datatype="FP32", shape=[2, 1280])
+        return _oip_stub(e).ModelInfer(ipb.ModelInferRequest(
+            model_name="hostile_clf", inputs=[tensor], raw_input_contents=[features.tobytes()]), timeout=30)
+
+    return call
+
+
+OIP_CASES = [
+    Case(f"oip-load-{name}", _oip_load(f"oip_{i}", f"{name}.pkl"), (Code.INVALID_ARGUMENT,), (f"{name}.pkl",),
+         within=5.0)
+    for i, name in enumerate(["codec-punycode", "seed-in-classifier", "classes-vs-score-columns", "mlp-first-layer-width"])
+] + [
+    Case(f"oip-features-{name}", _oip_features(value), (Code.INVALID_ARGUMENT,), ("hostile_clf", "NaN or infinite"), within=5.0)
+    for name, value in (("nan", float("nan")), ("inf", float("inf")))
+]
+
+CASES = PICKLE_CASES + FORMAT_CASES + CATEGORY_CASES + OIP_CASES + COSTLY_CASES + MISMATCH_CASES + NONFINITE_CASES
 
 
 def _listing(folder: Path) -> set[Path]:
@@ -283,8 +368,11 @@ def _listing(folder: Path) -> set[Path]:
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_is_refused_cleanly(env, case: Case):
     outside_before = _listing(env.outside)
+    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as raised:
         case.call(env)
+    took = time.monotonic() - started
+    assert not case.within or took < case.within, f"answered after {took:.1f} s"
     code, details = raised.value.code(), raised.value.details() or ""
     assert code in case.codes, (code, details)
     for name in case.names:

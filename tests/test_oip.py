@@ -254,6 +254,19 @@ def test_wrong_dtype_shape_and_missing_inputs(loaded, data):
     assert status_of(err.value) == "StatusCode.INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_features_that_are_not_finite_are_invalid_argument(loaded, bad):
+    features = np.zeros((2, 1280), dtype=np.float32)
+    features[1, 3] = bad
+    f = grpcclient.InferInput("FEATURES", list(features.shape), "FP32")
+    f.set_data_from_numpy(features)
+    with pytest.raises(InferenceServerException) as err:
+        loaded.infer(CLASSIFIER, [f])
+    assert status_of(err.value) == "StatusCode.INVALID_ARGUMENT"
+    assert f"{CLASSIFIER}: the features contain NaN or infinite values" in err.value.message()
+    assert loaded.is_server_live()
+
+
 def test_image_outside_the_data_roots_is_permission_denied(loaded, data):
     with pytest.raises(InferenceServerException) as err:
         loaded.infer(EXTRACTOR, image_inputs(path=str(data["outside_image"])))

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -244,3 +245,128 @@ def test_coralnet_beta_classifier_loads_like_pyspacer():
     assert x.shape == (2, 4096) and len(ours.classes_) == 16
     np.testing.assert_array_equal(ours.classes_, theirs.classes_)
     np.testing.assert_array_equal(ours.predict_proba(x), theirs.predict_proba(x))
+
+
+# ---------------------------------------------------------------- work the allowed callables do
+
+
+def test_costly_calls_are_refused_before_they_run():
+    import time
+
+    from tests.support.hostile_pickles import costly_variants
+
+    for name, data in costly_variants().items():
+        started = time.perf_counter()
+        with pytest.raises(UnsafePickleError, match=rf"^{name}\.pkl: refused to load classifier"):
+            load_classifier_bytes(data, source=f"{name}.pkl")
+        assert time.perf_counter() - started < 1.0, name
+
+
+def test_the_codec_call_is_only_protocol_2_bytes():
+    import _codecs
+
+    from spacer_core.pickle_guard import checked_encode
+
+    assert checked_encode("\xff\x00a", "latin1") == b"\xff\x00a"
+    assert checked_encode("ab", "latin-1") == b"ab"
+    for args in (("x" * 10, "punycode"), ("abc", "rot13"), (b"x", "zlib"), ("a", "utf-8"), ("a", "latin1", "ignore"),
+                 ("a",), (1, "latin1")):
+        with pytest.raises(UnsafePickleError, match="latin-1"):
+            checked_encode(*args)
+    # What CPython's pickler writes for bytes under protocol 2 names exactly this.
+    assert b"c_codecs\nencode\n" in pickle.dumps(b"\x01\x02", protocol=2)
+    assert pickle.loads(pickle.dumps(b"\x01\x02", protocol=2)) == _codecs.encode("\x01\x02", "latin1")
+
+
+def test_random_generators_take_only_small_seeds_and_valid_states():
+    from spacer_core.pickle_guard import checked_mt19937, checked_seed_sequence
+
+    for seed in (None, 0, 2**128 - 1, [1, 2, 3], np.arange(4, dtype=np.uint32)):
+        checked_mt19937(seed)
+        checked_seed_sequence(seed)
+    for seed in (2**128, -1, 1 << (1 << 20), list(range(33)), 1.5, "seed", True):
+        with pytest.raises(UnsafePickleError, match="seeded with"):
+            checked_mt19937(seed)
+        with pytest.raises(UnsafePickleError, match="seeded with"):
+            checked_seed_sequence(seed)
+
+
+@pytest.mark.parametrize("pos", [-1, 625, 10**6])
+def test_a_random_state_position_out_of_range_is_refused(pos):
+    clf = _classifier("MLP")
+    state = np.random.RandomState(0).get_state(legacy=False)
+    state["state"]["pos"] = pos
+    rs = np.random.RandomState()
+    try:
+        rs.set_state(state)
+    except (ValueError, OverflowError):
+        pytest.skip("NumPy itself refuses this position")
+    clf.estimator._random_state = rs
+    with pytest.raises(UnsafePickleError, match=f"position {pos} of its 624-word state"):
+        load_classifier_bytes(pickle.dumps(clf, protocol=2))
+
+
+def test_a_called_scikit_learn_class_runs_no_init():
+    import time
+
+    from sklearn.neural_network._stochastic_optimizers import AdamOptimizer
+
+    from tests.support.hostile_pickles import Reduce
+
+    # AdamOptimizer.__init__ would allocate a copy of each of a million references to one array.
+    clf = _classifier()
+    big = np.zeros(1 << 17)
+    clf.note = Reduce(AdamOptimizer, ([big] * 1_000_000,))
+    started = time.perf_counter()
+    loaded = load_classifier_bytes(pickle.dumps(clf, protocol=2))
+    assert time.perf_counter() - started < 5
+    assert type(loaded.note) is AdamOptimizer and not hasattr(loaded.note, "ms")
+
+
+# ---------------------------------------------------------------- arrays that must agree
+
+
+def test_classifiers_whose_arrays_disagree_are_refused():
+    from tests.support.hostile_pickles import mismatched_variants
+
+    expected = {
+        "classes-vs-score-columns": "has 3 classes but 'classes_' has 2",
+        "mlp-first-layer-width": "'calibrated_classifiers_[0].estimator.n_features_in_' is 1280 but the weights read 5",
+        "too-few-calibrators": "has 1 calibrators for 3 score columns",
+    }
+    variants = mismatched_variants()
+    for name, message in expected.items():
+        with pytest.raises(UnsafePickleError, match=re.escape(message)):
+            load_classifier_bytes(variants[name], source=f"{name}.pkl")
+    # Without a declared width the weights' width is checked before scikit-learn runs.
+    from spacer_core.exceptions import FeatureDimensionError
+    from spacer_core.pipeline import score
+
+    clf = load_classifier_bytes(variants["mlp-width-undeclared"])
+    with pytest.raises(FeatureDimensionError, match="f.npz: features have dimension 1280.*dimension 5"):
+        score(clf, np.zeros((2, 1280)), "f.npz")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_scoring_refuses_features_that_are_not_finite(bad):
+    from spacer_core.exceptions import InvalidInputError
+    from spacer_core.pipeline import score
+
+    clf = _classifier()
+    x = np.zeros((3, 6))
+    x[1, 2] = bad
+    with pytest.raises(InvalidInputError, match="img.fv: the features contain NaN or infinite values"):
+        score(clf, x, "img.fv")
+    with pytest.raises(InvalidInputError, match="img.fv: the features are a 1-D array"):
+        score(clf, np.zeros(6), "img.fv")
+
+
+def test_a_scikit_learn_value_error_while_scoring_is_invalid_input():
+    from spacer_core.exceptions import InvalidInputError
+    from spacer_core.pipeline import score
+
+    clf = _classifier()
+    # Built in memory (the load-time check would refuse it): intercepts that do not match the weights.
+    clf.calibrated_classifiers_[0].estimator.intercept_ = np.zeros(2)
+    with pytest.raises(InvalidInputError, match="img.fv: the classifier cannot score these features"):
+        score(clf, np.zeros((2, 6)), "img.fv")

@@ -231,6 +231,32 @@ def test_train_classifier_matches_pyspacer(workdir, clf_type):
     assert val.classes == theirs_val.classes and val.gt == theirs_val.gt
 
 
+def _train_msg(workdir, labels, previous):
+    import spacer.task_utils
+
+    split = spacer.task_utils.preprocess_labels(spacer.data_classes.ImageLabels.deserialize(labels))
+    return messages.TrainClassifierMsg.deserialize({
+        "job_token": "train-previous", "trainer": {"class_path": "spacer.train_classifier.MiniBatchTrainer"},
+        "nbr_epochs": 1, "clf_type": "LR", "labels": split.serialize(),
+        "previous_model_locs": [loc(p) for p in previous],
+        "model_loc": loc(workdir / "new.pkl"), "valresult_loc": loc(workdir / "new.json"), "feature_cache_dir": "auto",
+    })
+
+
+def test_training_refuses_a_previous_model_of_another_width_and_features_that_are_not_finite(workdir, classifier_path):
+    from spacer_core.exceptions import InvalidInputError
+
+    labels = _labelled_features(workdir)  # 24 features; the previous model reads 1280
+    with pytest.raises(FeatureDimensionError, match=r"previous_model_locs\[0\].*dimension 1280.*dimension 24"):
+        tasks.train_classifier(_train_msg(workdir, labels, [classifier_path]))
+    first = json.loads(next(iter(labels)))["key"]
+    features = spacer.data_classes.ImageFeatures.load(spacer.data_classes.DataLocation("filesystem", first))
+    features.point_features[0].data[3] = float("nan")
+    features.store(spacer.data_classes.DataLocation("filesystem", first))
+    with pytest.raises(InvalidInputError, match="train_0.featurevector: the features contain NaN or infinite values"):
+        tasks.train_classifier(_train_msg(workdir, labels, []))
+
+
 def _bad_extract(workdir, extractor_json, image_path, rowcols):
     return {
         "job_token": "bad",

@@ -109,3 +109,87 @@ def variants() -> dict[str, bytes]:
         protocol=5,
     )
     return out
+
+
+# ---------------------------------------------------------------- work and shapes
+
+# A 512 KiB integer: converting it to a seed takes quadratic time.
+HUGE_SEED = (1 << (1 << 22)) - 12345
+# Punycode is quadratic in the length of the text it encodes.
+CJK_TEXT = "".join(chr(0x4E00 + i) for i in range(60000))
+
+
+def calibrated_classifier(kind: str = "LR", feature_dim: int = 1280, classes: tuple = (1, 2, 3)) -> Any:
+    """A fitted CalibratedClassifierCV (SGD or a small MLP) over `feature_dim` features."""
+    import warnings
+
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    y = np.array([classes[i % len(classes)] for i in range(20 * len(classes))])
+    x = rng.normal(size=(len(y), feature_dim)) + np.eye(len(classes), feature_dim)[[classes.index(c) for c in y]] * 3
+    base = SGDClassifier(loss="log_loss", random_state=0) if kind == "LR" else MLPClassifier((4,), max_iter=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base.partial_fit(x, y, classes=list(classes))
+        return CalibratedClassifierCV(base, cv="prefit").fit(x, y)
+
+
+def _with_extra(value: Any) -> bytes:
+    clf = calibrated_classifier()
+    clf.extra = value
+    return pickle.dumps(clf, protocol=2)
+
+
+def _mlp_bad_random_state() -> bytes:
+    clf = calibrated_classifier("MLP")
+    state = np.random.RandomState(0).get_state(legacy=False)
+    state["state"]["pos"] = 10**6
+    rs = np.random.RandomState()
+    rs.set_state(state)  # NumPy does not check the position
+    clf.calibrated_classifiers_[0].estimator._random_state = rs
+    return pickle.dumps(clf, protocol=2)
+
+
+def costly_variants() -> dict[str, bytes]:
+    """name -> a classifier pickle whose allowed callables would take minutes of CPU, or an invalid RNG state."""
+    import _codecs
+
+    from numpy.random import MT19937, SeedSequence
+    from numpy.random._pickle import __bit_generator_ctor, __randomstate_ctor  # type: ignore[attr-defined]
+
+    return {
+        "codec-punycode": _with_extra(Reduce(_codecs.encode, (CJK_TEXT, "punycode"))),
+        "codec-rot13": _with_extra(Reduce(_codecs.encode, ("abc", "rot13"))),
+        "codec-zlib": _with_extra(Reduce(_codecs.encode, (b"x" * 1000, "zlib"))),
+        "seed-mt19937": pickle.dumps(Reduce(MT19937, (HUGE_SEED,)), protocol=2),
+        "seed-seedsequence": pickle.dumps(Reduce(SeedSequence, (HUGE_SEED,)), protocol=2),
+        "seed-in-classifier": _with_extra(Reduce(MT19937, (HUGE_SEED,))),
+        "seed-randomstate-ctor": _with_extra(Reduce(__randomstate_ctor, (HUGE_SEED, MT19937))),
+        "seed-bit-generator-ctor": _with_extra(Reduce(__bit_generator_ctor, (SeedSequence,))),
+        "randomstate-position-out-of-range": _mlp_bad_random_state(),
+    }
+
+
+def mismatched_variants() -> dict[str, bytes]:
+    """name -> a classifier pickle whose arrays disagree in shape (scikit-learn would fail while scoring)."""
+    out = {}
+    clf = calibrated_classifier()
+    clf.classes_ = np.array([1, 2])  # 2 classes, 3 score columns
+    clf.calibrated_classifiers_[0].classes = clf.classes_
+    out["classes-vs-score-columns"] = pickle.dumps(clf, protocol=2)
+    clf = calibrated_classifier("MLP")
+    est = clf.calibrated_classifiers_[0].estimator
+    est.coefs_[0] = np.zeros((5, est.coefs_[0].shape[1]))  # reads 5 features; n_features_in_ says 1280
+    out["mlp-first-layer-width"] = pickle.dumps(clf, protocol=2)
+    clf = calibrated_classifier("MLP")
+    est = clf.calibrated_classifiers_[0].estimator
+    est.coefs_[0] = np.zeros((5, est.coefs_[0].shape[1]))
+    for holder in (clf, est):
+        del holder.n_features_in_  # as scikit-learn 0.22 wrote them: only the weights tell the width
+    out["mlp-width-undeclared"] = pickle.dumps(clf, protocol=2)
+    clf = calibrated_classifier()
+    clf.calibrated_classifiers_[0].calibrators = clf.calibrated_classifiers_[0].calibrators[:1]
+    out["too-few-calibrators"] = pickle.dumps(clf, protocol=2)
+    return out
