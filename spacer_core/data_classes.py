@@ -624,7 +624,7 @@ class ImageFeatures(DataClass):
                     return cls.from_arrays(feat)
             except (KeyError, ValueError, OSError, zipfile.BadZipFile, InvalidDataError) as err:
                 raise InvalidDataError(f"{source}: not a valid feature file ({err}).") from err
-        data = parse_json(raw, f"{source}: not a feature file (neither npz nor JSON)")
+        data = parse_json(raw, f"{source}: not a feature file, neither npz nor JSON")
         try:
             return cls.deserialize(data)
         except (InvalidDataError, ValueError, TypeError) as err:

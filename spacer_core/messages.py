@@ -458,7 +458,7 @@ class JobMsg(DataClass):
         _check_task_name(task_name)
         _require(isinstance(data.get("tasks"), list), "A JobMsg's 'tasks' must be a list.")
         msg_type = _TASK_MSG_TYPES[task_name]
-        return cls(task_name, [deserialize_input(msg_type, item, f"tasks[{i}] (a {msg_type.__name__})")
+        return cls(task_name, [deserialize_input(msg_type, item, f"tasks[{i}] ({msg_type.__name__})")
                                for i, item in enumerate(data["tasks"])])
 
     def serialize(self) -> dict[str, Any]:
