@@ -679,3 +679,5 @@ def test_pillow_decoded_image_is_charged_what_it_holds(memory_server: Any, name:
         sampler.join()
     growth = peak[0] - base
     assert growth <= 1.2 * charged / 2**20 + 40, (name, growth, charged / 2**20)
+    kept = proc.status().rss_mib - base  # freed image buffers go back to the system
+    assert kept <= 64, (name, kept, growth)
