@@ -76,13 +76,10 @@ def _setup_logging(level: str) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    from spacer_core.exceptions import InvalidDataError
+    from spacer_core.data_classes import parse_json
 
     text = sys.stdin.read() if str(path) == "-" else path.read_text()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidDataError(f"{path}: not JSON ({exc})") from None
+    return parse_json(text, f"{path}: not JSON")
 
 
 def _write_output(data: Any, output: Path | None) -> None:

@@ -342,6 +342,10 @@ class Engine:
             extractor.resolve_data(key)  # fetches remote files, checks hashes
         found = extractor.network()
         if found is None:
+            # No network to build (DummyExtractor): its width is the client's number; check it
+            # now, at load, not first at inference.
+            self.runtime.settings.limits.check_feature_dim(
+                int(extractor.feature_dim), f"{type(extractor).__name__} feature_dim")
             return LoadedModel("extractor", type(extractor).__name__, extractor.feature_dim, 0.0)
         model = self.runtime.load_network(found[0])
         if warm:

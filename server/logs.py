@@ -147,7 +147,7 @@ class CallLog:
             fields["error"] = error
         text = (
             f"rpc method={self.method} status={status} duration_ms={seconds * 1000:.1f}"
-            f" token={fields['token']} id={self.id} received={self.received}"
+            f" token={quote(fields['token'])} id={self.id} received={self.received}"
             f" sent={self.sent} points={self.points}"
         )
         if error:
@@ -165,6 +165,12 @@ _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 def _escape_one(match: re.Match[str]) -> str:
     char = match.group()
     return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def quote(text: str) -> str:
+    """A client's text as one quoted value: ``"..."`` with ``\\`` and ``"`` escaped, so no text can
+    close the value and add key=value fields of its own to the line."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def escape_controls(text: str) -> str:

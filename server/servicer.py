@@ -19,6 +19,7 @@ from server.engine import Engine
 from server.errors import describe, invalid, request_locations, rpc_method
 from server.security import redact_job_error
 from spacer_core import tasks
+from spacer_core.data_classes import parse_json
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.inference import Priority
 from spacer_core.messages import ClassifyFeaturesMsg, JobMsg
@@ -119,19 +120,14 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
     @rpc_method
     async def RunJob(self, request: pb.RunJobRequest, context: Context) -> pb.RunJobResponse:  # type: ignore[override]
-        try:
-            data = json.loads(request.job_msg_json)
-        except json.JSONDecodeError as exc:
-            raise invalid(f"job_msg_json is not JSON: {exc}") from None
-        except RecursionError:
-            raise invalid("job_msg_json is nested too deeply to be a JobMsg") from None
+        data = parse_json(request.job_msg_json, "job_msg_json is not JSON")
         if not isinstance(data, dict):
             raise invalid("job_msg_json must be a JSON object (a pyspacer JobMsg)")
         convert.check_json_trainers(data)
         self.engine.runtime.settings.limits.check_json(data)
         try:
             job = JobMsg.deserialize(data)
-        except (KeyError, TypeError, AssertionError, InvalidInputError) as exc:
+        except (AssertionError, InvalidInputError) as exc:
             raise invalid(f"job_msg_json is not a valid JobMsg: {exc}") from None
         limits = self.engine.runtime.settings.limits
         for i, task in enumerate(job.tasks):

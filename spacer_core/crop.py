@@ -34,6 +34,7 @@ from spacer_core.exceptions import DataLimitError, ImageError
 from spacer_core.images import open_image
 
 CROP_SIZE = 224
+_STRIP_PIXELS = 1 << 20  # pixels converted to RGB at a time by the Pillow path
 
 __all__ = [
     "CROP_SIZE",
@@ -48,6 +49,7 @@ __all__ = [
     "crop_patches_batch",
     "crop_patches_into_chw",
     "decode_image",
+    "decoded_bytes",
     "read_header",
     "to_rgb_array",
 ]
@@ -103,6 +105,45 @@ def image_size(image_bytes: bytes, *, image_key: str | None = None) -> tuple[int
         return _open_with_pillow(image_bytes).size
 
 
+# What Pillow holds a decoded pixel in: 1 byte for 1/L/P, 2 for I;16 modes, 4 for the rest
+# (multi-band modes are stored 4 bytes a pixel, as are I and F).
+_WEBP_BYTES_PER_PIXEL = 16  # Pillow's WebP decoder keeps its RGBA canvases next to the image
+_STRIP_BYTES = _STRIP_PIXELS * 7  # one strip's RGB conversion (Pillow's and numpy's copies)
+
+
+def _pillow_bytes_per_pixel(mode: str) -> int:
+    if mode in ("1", "L", "P"):
+        return 1
+    if mode.startswith("I;16"):
+        return 2
+    return 4
+
+
+def decoded_bytes(image_bytes: bytes, width: int, height: int, *, rgb: bool = False) -> int:
+    """Bytes decoding this image holds at its peak, from the header alone.
+
+    JPEG and PNG decode in Rust to RGB (3 bytes a pixel). Other formats
+    decode in Pillow, which holds the image in its own mode; cutting patches
+    adds only one patch window, a full RGB array (`rgb`, as `decode_image`
+    returns) adds 3 bytes a pixel and one strip's conversion.
+    """
+    pixels = width * height
+    if read_header(image_bytes) is not None:
+        return pixels * 3
+    try:
+        image = _open_with_pillow(image_bytes)
+    except ImageDecodeError:
+        return pixels * 3  # the decode itself refuses it
+    mode, fmt = image.mode, image.format
+    image.close()
+    held = pixels * _pillow_bytes_per_pixel(mode)
+    if rgb:
+        held += pixels * 3 + _STRIP_BYTES
+    if fmt == "WEBP":
+        held = max(held, pixels * _WEBP_BYTES_PER_PIXEL)
+    return held
+
+
 def decode_image(
     image_bytes: bytes, *, max_pixels: int | None = None, image_key: str | None = None
 ) -> DecodedImage:
@@ -135,7 +176,7 @@ def crop_patches(
         try:
             return _crop_rs.crop_patches(image_bytes, points, crop_size, limit)
         except UnsupportedFormatError:
-            return crop_array(_pillow_rgb(image_bytes, limit), points, crop_size)
+            return _pillow_patches(image_bytes, points, crop_size, limit)
 
 
 def crop_patches_into_chw(
@@ -158,7 +199,8 @@ def crop_patches_into_chw(
         try:
             _crop_rs.crop_patches_into_chw(image_bytes, points, out, crop_size, limit)
         except UnsupportedFormatError:
-            crop_array_into_chw(_pillow_rgb(image_bytes, limit), points, out, crop_size)
+            patches = _pillow_patches(image_bytes, points, crop_size, limit)
+            _patches_into_chw(patches, out)
     return out
 
 
@@ -181,7 +223,7 @@ def crop_patches_batch(
     for index, patches in enumerate(results):
         if patches is None:  # not JPEG/PNG: Pillow decodes, Rust crops
             with _named_errors(f"image {index}"):
-                patches = crop_array(_pillow_rgb(images[index], limit), points[index], crop_size)
+                patches = _pillow_patches(images[index], points[index], crop_size, limit)
         out.append(patches)
     return out
 
@@ -210,14 +252,74 @@ def _pillow_decode(image_bytes: bytes, limit: int) -> tuple[np.ndarray, Image.Im
     """Pillow fallback for formats the Rust decoder does not handle: (RGB, opened image)."""
     image = _open_with_pillow(image_bytes)
     _check_pixels(image.size, limit)
+    width, height = image.size
     try:
-        return to_rgb_array(image), image
+        image.load()
+        # Converted a strip of rows at a time into the one RGB array: no full-size RGB
+        # image and no full-size byte string next to the decoded image.
+        rgb = np.empty((height, width, 3), np.uint8)
+        step = max(1, _STRIP_PIXELS // max(width, 1))
+        for top in range(0, height, step):
+            bottom = min(height, top + step)
+            rgb[top:bottom] = to_rgb_array(image.crop((0, top, width, bottom)))
+        return rgb, image
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"cannot decode {image.format} image: {e}") from e
 
 
-def _pillow_rgb(image_bytes: bytes, limit: int) -> np.ndarray:
-    return _pillow_decode(image_bytes, limit)[0]
+def _reflect(index: np.ndarray, length: int) -> np.ndarray:
+    """`reflect` padding's source index for each (possibly outside) index, as the Rust cropper maps it."""
+    if length == 1:
+        return np.zeros_like(index)
+    period = 2 * (length - 1)
+    m = np.mod(index, period)
+    return np.where(m >= length, period - m, m)
+
+
+def _pillow_patches(image_bytes: bytes, points: list[tuple[int, int]], crop_size: int, limit: int) -> np.ndarray:
+    """Patches of a Pillow-decoded image without a full-size RGB copy of it.
+
+    Pillow holds the decoded image in its own mode; each patch converts only
+    the window its pixels come from (at most crop_size square) to RGB and
+    picks them with the Rust cropper's `reflect` indexing, so the pixels equal
+    `crop_array(to_rgb_array(image), ...)` (a conversion to RGB is per pixel).
+    """
+    if crop_size <= 0:
+        raise PatchError("crop_size must be positive")
+    image = _open_with_pillow(image_bytes)
+    _check_pixels(image.size, limit)
+    width, height = image.size
+    for index, (row, col) in enumerate(points):
+        if not (0 <= row < height and 0 <= col < width):
+            raise PatchError(f"point {index} (row={row}, col={col}) is outside the {height}x{width} image")
+    out = np.empty((len(points), crop_size, crop_size, 3), np.uint8)
+    steps = np.arange(crop_size)
+    try:
+        image.load()
+        for index, (row, col) in enumerate(points):
+            # The patch's origin as the Rust cropper computes it (pyspacer's rounding).
+            rows = _reflect((2 * row + crop_size) // 2 - crop_size + steps, height)
+            cols = _reflect((2 * col + crop_size) // 2 - crop_size + steps, width)
+            top, left = int(rows.min()), int(cols.min())
+            window = image.crop((left, top, int(cols.max()) + 1, int(rows.max()) + 1))
+            rgb = to_rgb_array(window)
+            out[index] = rgb[np.ix_(rows - top, cols - left)]
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"cannot decode {image.format} image: {e}") from e
+    finally:
+        image.close()
+    return out
+
+
+def _patches_into_chw(patches: np.ndarray, out: np.ndarray) -> None:
+    """uint8 (N, s, s, 3) patches -> float32 (N, 3, s, s) in `out`, by the Rust cropper (ToTensor's values)."""
+    count, size = patches.shape[0], patches.shape[1]
+    if out.shape[:1] != (count,):
+        raise PatchError(f"output buffer holds {out.size} elements, expected {count * 3 * size * size}")
+    # The point whose patch is the whole patch image (a 1x1 image reflects onto itself).
+    center = (size + 1) // 2 if size > 1 else 0
+    for index in range(count):
+        crop_rgb_into_chw(patches[index], [(center, center)], out[index:index + 1], size)
 
 
 def _check_pixels(size: tuple[int, int], limit: int) -> None:

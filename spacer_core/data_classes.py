@@ -7,6 +7,7 @@ the other way round.
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter
@@ -20,7 +21,13 @@ from urllib.parse import urlparse
 import numpy as np
 
 from spacer_core import config, limits
-from spacer_core.exceptions import InvalidDataError, InvalidInputError, RowColumnMismatchError, RowColumnMissingError
+from spacer_core.exceptions import (
+    InvalidDataError,
+    InvalidInputError,
+    RowColumnMismatchError,
+    RowColumnMissingError,
+    SpacerError,
+)
 from spacer_core.locations import Location
 from spacer_core.locations import require as _require
 from spacer_core.storage import RemoteStorage, load_bytes, storage_factory, store_bytes  # noqa: F401  (pyspacer names)
@@ -32,6 +39,73 @@ FeatureLabelPair: TypeAlias = tuple[np.ndarray, LabelId]
 FeatureLabelBatch: TypeAlias = tuple[list[np.ndarray], list[LabelId]]
 
 
+def parse_json(raw: str | bytes, failure: str) -> Any:
+    """Client JSON as Python data; every parse failure is an `InvalidDataError`
+    "``failure`` (why)", where ``failure`` names the input ("job_msg_json is not JSON").
+
+    The one parser for JSON a client sends or names (RunJob, feature files,
+    model configs, pyspacer message files): malformed text, bad UTF-8, nesting
+    too deep for the parser (RecursionError) and integers past Python's digit
+    limit (ValueError) all become the client's input error.
+    """
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, (bytes, bytearray)) else raw
+        return json.loads(text)
+    except RecursionError:
+        why = "nested too deeply"
+    except UnicodeDecodeError:
+        why = "not UTF-8 text"
+    except json.JSONDecodeError as err:
+        why = str(err)
+    except ValueError:  # an integer longer than Python's limit on digits
+        why = f"an integer has more than {sys.get_int_max_str_digits()} digits"
+    raise InvalidDataError(f"{failure} ({why}).")
+
+
+def deserialize_input(cls: Any, data: Any, what: str) -> Any:
+    """``cls.deserialize(data)`` for client data: a missing field or a value of the wrong type
+    is an `InvalidDataError` naming ``what`` (never a bare KeyError/TypeError/AttributeError)."""
+    try:
+        return cls.deserialize(data)
+    except (InvalidDataError, InvalidInputError) as err:
+        if type(err) in (InvalidDataError, InvalidInputError):  # plain: say where; specific kinds stay as they are
+            raise type(err)(f"{what}: {err}") from None
+        raise
+    except SpacerError:
+        raise
+    except KeyError as err:
+        raise InvalidDataError(f"{what}: missing field {err}.") from None
+    except RecursionError:
+        raise InvalidDataError(f"{what} is nested too deeply.") from None
+    except (TypeError, AttributeError, ValueError, IndexError) as err:
+        raise InvalidDataError(f"{what}: a field has the wrong type or value ({err}).") from None
+
+
+# Rows and columns travel as int32 (gRPC) and index images: 0..2**31-1.
+MAX_POINT_INDEX = 2**31 - 1
+
+
+def _point_indices(values: Any, name: str) -> np.ndarray:
+    """Point rows or columns as int64, each a whole number in 0..MAX_POINT_INDEX."""
+    try:
+        raw = np.asarray(values).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise InvalidDataError(f"Point {name} must be whole numbers ({err}).") from None
+    if raw.size == 0:
+        return raw.astype(np.int64)
+    if raw.dtype.kind == "O":  # Python ints too large for int64, or mixed values
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in raw):
+            raise InvalidDataError(f"Point {name} must be whole numbers.")
+        if min(raw) < 0 or max(raw) > MAX_POINT_INDEX:
+            raise InvalidDataError(f"A point's {name[:-1]} is outside 0..{MAX_POINT_INDEX}.")
+        return raw.astype(np.int64)
+    if raw.dtype.kind not in "iu":
+        raise InvalidDataError(f"Point {name} must be whole numbers, got {raw.dtype} values.")
+    if int(raw.min()) < 0 or int(raw.max()) > MAX_POINT_INDEX:
+        raise InvalidDataError(f"A point's {name[:-1]} is outside 0..{MAX_POINT_INDEX}.")
+    return raw.astype(np.int64)
+
+
 class DataClass(ABC):
     """Base: JSON (de)serialization and load/store through DataLocations."""
 
@@ -39,13 +113,8 @@ class DataClass(ABC):
     def load(cls, loc: DataLocation) -> Any:
         """Read a JSON document at ``loc`` and deserialize it."""
         raw = load_bytes(loc).getvalue()
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InvalidDataError(f"{loc.key}: not a JSON {cls.__name__} ({err}).") from err
-        except RecursionError:
-            raise InvalidDataError(f"{loc.key}: JSON nested too deeply for a {cls.__name__}.") from None
-        return cls.deserialize(data)
+        data = parse_json(raw, f"{loc.key}: not a JSON {cls.__name__}")
+        return deserialize_input(cls, data, f"{loc.key} (a {cls.__name__})")
 
     def store(self, loc: DataLocation) -> None:
         """Write this object's JSON to ``loc``."""
@@ -173,12 +242,8 @@ class ImageLabels(DataClass):
             )
         labels = cls()
         for serialized_loc, annotations in data.items():
-            try:
-                loc = DataLocation.deserialize(json.loads(serialized_loc))
-            except (json.JSONDecodeError, TypeError) as err:
-                raise InvalidDataError(
-                    f"ImageLabels key {serialized_loc!r} is not a serialized DataLocation."
-                ) from err
+            failure = f"ImageLabels key {serialized_loc[:200]!r} is not a serialized DataLocation"
+            loc = deserialize_input(DataLocation, parse_json(serialized_loc, failure), failure)
             labels.add_image(loc, _annotations(serialized_loc, annotations))
         return labels
 
@@ -378,8 +443,8 @@ class ImageFeatures(DataClass):
         self._cols: np.ndarray | None
         self.valid_rowcol = rows is not None
         if self.valid_rowcol:
-            self._rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-            self._cols = np.asarray(cols, dtype=np.int64).reshape(-1)
+            self._rows = _point_indices(rows, "rows")
+            self._cols = _point_indices(cols, "cols")
             _require(
                 self._rows.size == feat.shape[0] and self._cols.size == feat.shape[0],
                 "rows, cols and features must have the same number of points.",
@@ -559,13 +624,10 @@ class ImageFeatures(DataClass):
                     return cls.from_arrays(feat)
             except (KeyError, ValueError, OSError, zipfile.BadZipFile, InvalidDataError) as err:
                 raise InvalidDataError(f"{source}: not a valid feature file ({err}).") from err
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise InvalidDataError(f"{source}: not a feature file (neither npz nor JSON).") from err
+        data = parse_json(raw, f"{source}: not a feature file, neither npz nor JSON")
         try:
             return cls.deserialize(data)
-        except (InvalidDataError, ValueError) as err:
+        except (InvalidDataError, ValueError, TypeError) as err:
             raise InvalidDataError(f"{source}: not a valid legacy feature file ({err}).") from err
 
     @classmethod

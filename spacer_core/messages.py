@@ -23,6 +23,7 @@ from spacer_core.data_classes import (
     InvalidDataError,
     LabelId,
     _require,
+    deserialize_input,
     is_legacy_image_labels,
 )
 
@@ -448,10 +449,17 @@ class JobMsg(DataClass):
 
     @classmethod
     def deserialize(cls, data: Mapping[str, Any]) -> JobMsg:
+        """A job from JSON data; for client data, every malformed field is an InvalidDataError
+        naming the task (see `data_classes.deserialize_input`)."""
+        _require(isinstance(data, Mapping), "A JobMsg must be a JSON object.")
+        _require("task_name" in data, "A JobMsg needs a 'task_name'.")
         task_name = data["task_name"]
+        _require(isinstance(task_name, str), "A JobMsg's 'task_name' must be a string.")
         _check_task_name(task_name)
+        _require(isinstance(data.get("tasks"), list), "A JobMsg's 'tasks' must be a list.")
         msg_type = _TASK_MSG_TYPES[task_name]
-        return cls(task_name, [msg_type.deserialize(item) for item in data["tasks"]])
+        return cls(task_name, [deserialize_input(msg_type, item, f"tasks[{i}] ({msg_type.__name__})")
+                               for i, item in enumerate(data["tasks"])])
 
     def serialize(self) -> dict[str, Any]:
         return {"task_name": self.task_name, "tasks": [task.serialize() for task in self.tasks]}

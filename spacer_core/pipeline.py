@@ -92,11 +92,12 @@ class Footprint:
     waiting: int
 
     @classmethod
-    def of(cls, encoded: int, width: int, height: int, points: int, crop_size: int,
+    def of(cls, encoded: int, decoded: int, points: int, crop_size: int,
            batch_size: int) -> Footprint:
+        """`decoded`: what decoding holds at its peak (`crop.decoded_bytes`)."""
         patches = points * crop_size * crop_size * 3
         batch_share = min(points, batch_size) * 3 * crop_size * crop_size * 4
-        return cls(encoded + width * height * 3 + patches + batch_share, patches + batch_share)
+        return cls(encoded + decoded + patches + batch_share, patches + batch_share)
 
 
 @dataclass
@@ -160,12 +161,12 @@ def load(job: ImageJob) -> Loaded:
     points, (width, height) = _checked(data, job.rowcols, name)
     found = job.extractor.network()
     if found is None:  # features come straight from the decoded image
-        footprint = Footprint(len(data) + width * height * 3, 0)
+        footprint = Footprint(len(data) + crop.decoded_bytes(data, width, height, rgb=True), 0)
     else:
         # Sizing only: reading the header must not build the network.
         batch_size = runtime.current().batch_size(found[0], load=False)
-        footprint = Footprint.of(len(data), width, height, len(points), job.extractor.CROP_SIZE,
-                                 batch_size)
+        footprint = Footprint.of(len(data), crop.decoded_bytes(data, width, height), len(points),
+                                 job.extractor.CROP_SIZE, batch_size)
     return Loaded(job, data, points, (width, height), start, footprint, found)
 
 

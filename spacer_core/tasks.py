@@ -14,7 +14,7 @@ import numpy as np
 
 from spacer_core.exceptions import JobMsgTypeError, UnknownTaskError
 from spacer_core import cancellation, config, limits, pipeline, runtime
-from spacer_core.data_classes import DataLocation, ImageFeatures
+from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.messages import (
     ClassifyFeaturesMsg,
     ClassifyImageMsg,
@@ -26,7 +26,7 @@ from spacer_core.messages import (
     TrainClassifierMsg,
     TrainClassifierReturnMsg,
 )
-from spacer_core.storage import check_access, load_bytes, load_classifier, load_image, store_classifier  # noqa: F401  (pyspacer names)
+from spacer_core.storage import check_access, require_writable, load_bytes, load_classifier, load_image, store_classifier  # noqa: F401  (pyspacer names)
 from spacer_core.task_utils import check_extract_inputs, preprocess_labels  # noqa: F401  (check_extract_inputs: pyspacer name)
 from spacer_core.train_classifier import ClassifierTrainer  # noqa: F401  (pyspacer name)
 
@@ -59,6 +59,7 @@ def train_classifier(
     gRPC server streams these); it does not change the results.
     """
     limits.current().check_task(msg)  # epochs and layers, before any feature is read
+    _check_training_access(msg)  # every location, before any work
     labels = preprocess_labels(msg.labels)
     logger.debug(
         "Label counts: train=%d ref=%d val=%d; classes in ref: %d",
@@ -78,6 +79,22 @@ def train_classifier(
         runtime.current().forget_classifier(msg.model_loc)
         val_results.store(msg.valresult_loc)
     return return_msg
+
+
+def _check_training_access(msg: TrainClassifierMsg) -> None:
+    """Refuse a training whose outputs cannot be written, or whose inputs cannot be read,
+    under the storage policy: before any feature is read or epoch run, not after."""
+    for loc in (msg.model_loc, msg.valresult_loc):
+        require_writable(loc)
+        check_access(loc, "write")
+    for loc in msg.previous_model_locs:
+        check_access(loc, "read")
+    labels = msg.labels
+    parts = [labels] if isinstance(labels, ImageLabels) else [labels.train, labels.ref, labels.val]
+    for part in parts:
+        for key in part.keys():
+            if isinstance(key, DataLocation):
+                check_access(key, "read")
 
 
 @contextlib.contextmanager

@@ -335,6 +335,36 @@ def _oip_load(name: str, clf: str) -> Callable[[SimpleNamespace], Any]:
     return call
 
 
+BIG = "9" * 5000  # past Python's 4300-digit limit for int()
+
+
+def _with_big_int(e: SimpleNamespace) -> str:
+    task = {"job_token": "big", "extractor": e.extractor, "rowcols": [[5, 5]],
+            "image_loc": fs(e.root / "good.png"), "feature_loc": fs(e.root / "big.featurevector")}
+    return json.dumps({"task_name": "extract_features", "tasks": [task]}).replace("[[5, 5]]", f"[[{BIG}, 5]]")
+
+
+def _wrong_type_job(field: str, value: Any) -> Callable[[SimpleNamespace], str]:
+    def text(e: SimpleNamespace) -> str:
+        task = {"job_token": "typed", "extractor": dict(e.extractor), "rowcols": [[1, 1]],
+                "image_loc": fs(e.root / "good.png"), "feature_loc": fs(e.root / "typed.featurevector")}
+        if field.startswith("extractor."):
+            task["extractor"][field.split(".", 1)[1]] = value
+        else:
+            task[field] = value
+        return json.dumps({"task_name": "extract_features", "tasks": [task]})
+
+    return text
+
+
+def _feature_file(name: str, data: Callable[[], bytes]) -> Callable[[SimpleNamespace], Any]:
+    def call(e: SimpleNamespace) -> Any:
+        (e.root / name).write_bytes(data())
+        return e.client.classify_features(fs(e.root / name), fs(e.root / "clf.pkl"))
+
+    return call
+
+
 def _oip_features(value: float) -> Callable[[SimpleNamespace], Any]:
     def call(e: SimpleNamespace) -> Any:
         from server._proto.inference import grpc_service_pb2 as ipb
@@ -349,6 +379,31 @@ def _oip_features(value: float) -> Callable[[SimpleNamespace], Any]:
     return call
 
 
+def _npz_features(rows: Any, cols: Any) -> Callable[[], bytes]:
+    def data() -> bytes:
+        import numpy as np
+
+        buffer = io.BytesIO()
+        np.savez(buffer, meta=np.array([1, 2, 1280], np.int64), rows=np.asarray(rows), cols=np.asarray(cols),
+                 feat=np.zeros((2, 1280), np.float32))
+        return buffer.getvalue()
+
+    return data
+
+
+def _weights_file(name: str, data: Callable[[SimpleNamespace], bytes]) -> Callable[[SimpleNamespace], Any]:
+    def call(e: SimpleNamespace) -> Any:
+        import hashlib
+
+        raw = data(e)
+        (e.root / name).write_bytes(raw)
+        extractor = dict(e.extractor, data_locations={"weights": fs(e.root / name)},
+                         data_hashes={"weights": hashlib.sha256(raw).hexdigest()})
+        return e.client.extract_features(extractor, [(1, 1)], fs(e.root / "good.png"), return_features=True)
+
+    return call
+
+
 OIP_CASES = [
     Case(f"oip-load-{name}", _oip_load(f"oip_{i}", f"{name}.pkl"), (Code.INVALID_ARGUMENT,), (f"{name}.pkl",),
          within=5.0)
@@ -358,7 +413,65 @@ OIP_CASES = [
     for name, value in (("nan", float("nan")), ("inf", float("inf")))
 ]
 
-CASES = PICKLE_CASES + FORMAT_CASES + CATEGORY_CASES + OIP_CASES + COSTLY_CASES + MISMATCH_CASES + NONFINITE_CASES
+
+def _oip_load_config(name: str, config: str) -> Callable[[SimpleNamespace], Any]:
+    def call(e: SimpleNamespace) -> Any:
+        from server._proto.inference import grpc_service_pb2 as ipb
+
+        return _oip_stub(e).RepositoryModelLoad(ipb.RepositoryModelLoadRequest(
+            model_name=name, parameters={"config": ipb.ModelRepositoryParameter(string_param=config)}), timeout=60)
+
+    return call
+
+
+FEATURE_JSON = {"point_features": [], "valid_rowcol": True, "feature_dim": 3, "npoints": 1}
+INPUT_CASES = [
+    # JSON a client sends or names: one parser, every failure the client's (never INTERNAL).
+    Case("runjob-int-past-digit-limit", _run_job(_with_big_int), (Code.INVALID_ARGUMENT,),
+         ("job_msg_json", "digits")),
+    Case("feature-json-int-past-digit-limit", _feature_file("bigint.featurevector", lambda: f"[[{BIG}]]".encode()),
+         (Code.INVALID_ARGUMENT,), ("bigint.featurevector",)),
+    Case("feature-json-deep", _feature_file("deep.featurevector", lambda: DEEP.encode()),
+         (Code.INVALID_ARGUMENT,), ("deep.featurevector",)),
+    Case("feature-json-objects", _feature_file("objs.featurevector", lambda: b'[[{"a": 1}]]'),
+         (Code.INVALID_ARGUMENT,), ("objs.featurevector",)),
+    Case("oip-load-config-deep", _oip_load_config("deep", DEEP), (Code.INVALID_ARGUMENT,), ("deep", "nested")),
+    Case("oip-load-config-int-past-digit-limit", _oip_load_config("bigint", '{"extractor": ' + BIG + "}"),
+         (Code.INVALID_ARGUMENT,), ("bigint", "digits")),
+    # Wrong types inside a message: the field's task is named, never an AttributeError.
+    Case("runjob-data-locations-list", _run_job(_wrong_type_job("extractor.data_locations", [1])),
+         (Code.INVALID_ARGUMENT,), ("job_msg_json", "tasks[0]")),
+    Case("runjob-data-hashes-list", _run_job(_wrong_type_job("extractor.data_hashes", [1])),
+         (Code.INVALID_ARGUMENT,), ("job_msg_json", "tasks[0]")),
+    Case("runjob-image-loc-number", _run_job(_wrong_type_job("image_loc", 5)),
+         (Code.INVALID_ARGUMENT,), ("job_msg_json", "tasks[0]")),
+    Case("runjob-image-loc-no-key", _run_job(_wrong_type_job("image_loc", {"storage_type": "filesystem"})),
+         (Code.INVALID_ARGUMENT,), ("job_msg_json", "tasks[0]", "key")),
+    Case("runjob-extractor-list", _run_job(_wrong_type_job("extractor", [1])),
+         (Code.INVALID_ARGUMENT,), ("job_msg_json", "tasks[0]")),
+    Case("runjob-task-null", _run_job(lambda e: '{"task_name": "extract_features", "tasks": [null]}'),
+         (Code.INVALID_ARGUMENT,), ("job_msg_json", "tasks[0]")),
+    Case("runjob-task-name-list", _run_job(lambda e: '{"task_name": [], "tasks": []}'),
+         (Code.INVALID_ARGUMENT,), ("job_msg_json", "task_name")),
+    Case("runjob-tasks-object", _run_job(lambda e: '{"task_name": "extract_features", "tasks": {"a": 1}}'),
+         (Code.INVALID_ARGUMENT,), ("job_msg_json", "tasks")),
+    # Point rows and columns read from a feature file: whole numbers in 0..2**31-1.
+    Case("feature-rows-past-int32", _feature_file("rows_huge.featurevector", _npz_features([2**31, 2**40], [1, 2])),
+         (Code.INVALID_ARGUMENT,), ("rows_huge.featurevector", "row")),
+    Case("feature-rows-negative", _feature_file("rows_neg.featurevector", _npz_features([-1, 3], [1, 2])),
+         (Code.INVALID_ARGUMENT,), ("rows_neg.featurevector", "row")),
+    Case("feature-cols-float", _feature_file("cols_float.featurevector", _npz_features([1, 2], [0.5, 1.5])),
+         (Code.INVALID_ARGUMENT,), ("cols_float.featurevector", "cols")),
+    # A weights file torch cannot load: one clean line naming it.
+    Case("weights-a-pickle", _weights_file("pickled.pt", lambda e: (e.root / "clf.pkl").read_bytes()),
+         (Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT), ("pickled.pt",)),
+    Case("weights-junk", _weights_file("junk.pt", lambda e: bytes(range(256)) * 20),
+         (Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT), ("junk.pt",)),
+]
+
+
+CASES = (PICKLE_CASES + FORMAT_CASES + CATEGORY_CASES + OIP_CASES + COSTLY_CASES + MISMATCH_CASES
+         + NONFINITE_CASES + INPUT_CASES)
 
 
 def _listing(folder: Path) -> set[Path]:
@@ -378,6 +491,8 @@ def test_hostile_input_is_refused_cleanly(env, case: Case):
     for name in case.names:
         assert name in details, (name, details)
     assert not LEAKS.search(details.replace(str(env.root), "<root>")), details
+    assert "\n" not in details and "\x1b" not in details, details  # one clean line
+    assert "internal error" not in details.lower(), details
     assert env.process.proc.poll() is None, "the server died"
     assert not env.marker.exists(), env.marker.read_text()
     assert _listing(env.outside) == outside_before
@@ -429,3 +544,41 @@ def test_client_text_cannot_forge_log_lines(env, kind):
     assert "\r" not in log
     escaped = text.split("rpc method=Forged")[0][2:].encode("unicode_escape").decode()[:4]
     assert escaped in log, (escaped, kind)
+
+
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+@pytest.mark.parametrize("token", ['q1" status=OK id=forged received=99', 'q2\\" status=OK id=forged', "q3 status=OK id=forged"])
+def test_client_text_cannot_forge_log_fields(env, token):
+    """A token is one quoted value in the call line: it cannot add a status=, id= or any field."""
+    env.client.classify_image(env.extractor, [(1, 1)], fs(env.root / "good.png"), fs(env.root / "clf.pkl"),
+                              job_token=token)
+    lines = [line for line in env.process.log().splitlines() if "rpc method=ClassifyImage" in line and "forged" in line]
+    assert lines
+    for line in lines:
+        fields = _FIELD.findall(line.split("rpc ", 1)[1])
+        keys = [key for key, _ in fields]
+        assert keys.count("status") == 1 and keys.count("id") == 1 and "received" in keys, line
+        assert dict(fields)["id"] != "forged" and dict(fields)["status"] == "OK", line
+        assert dict(fields)["token"].startswith('"'), line
+
+
+def test_a_module_written_into_the_data_root_is_never_imported(tmp_path, efficientnet_weights):  # noqa: F811
+    """`python -m server serve` started in its data root: a client-written grpc_health.py
+    (a module the server imports as it starts) or json.py is not imported in place of the real one."""
+    root = tmp_path / "root"
+    root.mkdir()
+    marker = tmp_path / "shadow-ran"
+    for module in ("grpc_health.py", "grpc_reflection.py", "sklearn.py", "torch.py"):
+        (root / module).write_text(f"open({str(marker)!r}, 'w').write({module!r})\nraise SystemExit('shadowed')\n")
+    make_image(root / "good.png", 64, 48)
+    make_classifier(root / "clf.pkl")
+    weights = root / "efficientnet_b0.pt"
+    shutil.copyfile(efficientnet_weights.path, weights)
+    with ServeProcess(root) as process, SpacerClient(process.address, timeout=120) as client:
+        assert client.health() == "SERVING"
+        reply = client.classify_image(extractor_json(weights, efficientnet_weights.sha256), [(1, 1)],
+                                      fs(root / "good.png"), fs(root / "clf.pkl"))
+        assert len(reply.scores) == 1
+    assert not marker.exists(), marker.read_text()

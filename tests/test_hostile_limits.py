@@ -573,3 +573,111 @@ def test_runjob_past_its_deadline_stops(case: Server) -> None:
     time.sleep(2)
     assert _cpu_quiet(case) < 1.0
     assert not (case.root / "out" / "model.pkl").exists()
+
+
+# ---------------------------------------------------------------- checks before work
+
+
+@pytest.mark.parametrize("which", ["valresult_loc", "model_loc"])
+def test_training_with_an_outside_output_is_refused_before_training(case: Server, which: str) -> None:
+    """Every output location is checked before any feature is read or epoch run: nothing
+    streams back and no other output is written."""
+    msg = train_msg(case.root, epochs=3, token=f"out-{which}")
+    outside = fs(case.outside / f"{which}.out")
+    setattr(msg, which, outside)
+    request = train_request(msg)
+    getattr(request, which).key = outside.key
+    (case.root / "out" / "model.pkl").unlink(missing_ok=True)
+    (case.root / "out" / "valres.json").unlink(missing_ok=True)
+    progress: list[Any] = []
+
+    def train() -> None:
+        for reply in case.client.train_classifier(request):
+            progress.append(reply)
+
+    expect(Code.PERMISSION_DENIED, train, f"{which}.out")
+    assert not progress, progress
+    reply = case.client.run_job(job_json("train_classifier", msg))  # a job's error is in its reply
+    assert not reply["ok"] and f"{which}.out" in reply["error_message"], reply["error_message"]
+    assert not (case.root / "out" / "model.pkl").exists() and not (case.root / "out" / "valres.json").exists()
+
+
+def test_oip_load_checks_the_extractor_limits(case: Server) -> None:
+    """A DummyExtractor wider than the limit is refused when loaded, not first when called."""
+    from server._proto.inference import grpc_service_pb2 as ipb
+    from server._proto.inference import grpc_service_pb2_grpc as ipbg
+
+    stub = ipbg.GRPCInferenceServiceStub(case.client.channel)
+    config = json.dumps({"extractor": dict(DUMMY, feature_dim=10**9)})
+    expect(Code.RESOURCE_EXHAUSTED, lambda: stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(
+        model_name="wide", parameters={"config": ipb.ModelRepositoryParameter(string_param=config)}), timeout=60),
+        "feature_dim")
+    index = stub.RepositoryIndex(ipb.RepositoryIndexRequest(), timeout=30)
+    assert not [m for m in index.models if m.name == "wide" and m.state == "READY"]
+
+
+# ---------------------------------------------------------------- memory of Pillow-decoded images
+
+
+def _solid(fmt: str, size: tuple[int, int], mode: str, **options: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, size, (30, 90, 150, 255)[:len(mode)] if mode != "L" else 90).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+PILLOW_IMAGES = {
+    "webp-lossless-rgba": lambda: _solid("WEBP", (4000, 3000), "RGBA", lossless=True),
+    "webp-lossy": lambda: _solid("WEBP", (4000, 3000), "RGB"),
+    "tiff-deflate-rgb": lambda: _solid("TIFF", (6000, 4000), "RGB", compression="tiff_deflate"),
+}
+
+
+@pytest.fixture(scope="module")
+def memory_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, SpacerClient, dict[str, Any]]]:
+    root = tmp_path_factory.mktemp("memory")
+    sha = make_weights(root / "w.pt", seed=3)
+    extractor = {"class_path": "spacer.extractors.efficientnet.EfficientNetExtractor",
+                 "data_locations": {"weights": {"storage_type": "filesystem", "key": str(root / "w.pt")}},
+                 "data_hashes": {"weights": sha}}
+    env = {"XDG_CACHE_HOME": str(root / "cache")}
+    with ServeProcess(root, env=env) as proc, SpacerClient(proc.address, timeout=120) as client:
+        for small in (_solid("WEBP", (300, 200), "RGBA", lossless=True), _solid("WEBP", (300, 200), "RGB"),
+                      _solid("TIFF", (300, 200), "RGB", compression="tiff_deflate")):  # warm: network, plugins
+            client.extract_features(extractor, [(5, 5)], small, return_features=True)
+        yield proc, client, extractor
+
+
+@pytest.mark.parametrize("name", sorted(PILLOW_IMAGES))
+def test_pillow_decoded_image_is_charged_what_it_holds(memory_server: Any, name: str) -> None:
+    """The memory budget's charge for a WebP or TIFF (decoded by Pillow) covers what decoding
+    it really adds to the server's memory (sampled while the call runs)."""
+    from spacer_core import crop, pipeline
+
+    proc, client, extractor = memory_server
+    data = PILLOW_IMAGES[name]()
+    width, height = crop.image_size(data)
+    charged = pipeline.Footprint.of(len(data), crop.decoded_bytes(data, width, height), 1, 224, 1).cutting
+    base = proc.status().rss_mib
+    peak = [base]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.status().rss_mib)
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        client.extract_features(extractor, [(5, 5)], data, return_features=True)
+    finally:
+        done.set()
+        sampler.join()
+    growth = peak[0] - base
+    assert growth <= 1.2 * charged / 2**20 + 40, (name, growth, charged / 2**20)
+    kept = proc.status().rss_mib - base  # freed image buffers go back to the system
+    assert kept <= 64, (name, kept, growth)

@@ -337,5 +337,5 @@ def test_one_log_line_per_rpc_with_method_status_duration_and_token(client, data
     lines = [r.getMessage() for r in caplog.records if r.name == "server.rpc"]
     assert len(lines) == 2
     assert lines[0].startswith("rpc method=ClassifyImage status=INVALID_ARGUMENT duration_ms=")
-    assert "token=log-1" in lines[0] and "small.png" in lines[0]
+    assert 'token="log-1"' in lines[0] and "small.png" in lines[0]
     assert lines[1].startswith("rpc method=ListModels status=OK duration_ms=")

@@ -114,7 +114,7 @@ def test_request_id_in_trailers_and_log_line(served, data, caplog):
     assert len(generated) == 16 and kept == "trace-42"
     assert f"id={generated}" in lines[0] and "id=trace-42" in lines[1]
     assert lines[2].startswith("rpc method=ClassifyFeatures status=NOT_FOUND")
-    assert f"id={failed_id}" in lines[2] and "token=tok-9" in lines[2]
+    assert f"id={failed_id}" in lines[2] and 'token="tok-9"' in lines[2]
 
 
 def test_stream_logs_item_counts_and_tokens(served, data, caplog):
@@ -129,7 +129,7 @@ def test_stream_logs_item_counts_and_tokens(served, data, caplog):
     assert sorted(r.job_token for r in replies) == ["s0", "s1", "s2"]
     line = record.getMessage()
     assert line.startswith("rpc method=ClassifyImages status=OK")
-    assert "token=s0,s1,s2" in line and "received=3 sent=3 points=3" in line
+    assert 'token="s0,s1,s2"' in line and "received=3 sent=3 points=3" in line
     # JSON lines carry the same fields.
     fields = json.loads(logs.JsonFormatter().format(record))
     assert fields["method"] == "ClassifyImages" and fields["status"] == "OK"
@@ -155,7 +155,7 @@ def test_a_passed_deadline_is_logged_and_counted_as_deadline_exceeded(served, da
         record = rpc_lines(caplog, 1)[0]
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert record.getMessage().startswith("rpc method=ClassifyImages status=DEADLINE_EXCEEDED")
-    assert "token=late" in record.getMessage()
+    assert 'token="late"' in record.getMessage()
     after = scrape(server)
     assert delta(before, after, "grpc_server_handled_total",
                  grpc_method="ClassifyImages", grpc_code="DEADLINE_EXCEEDED") == 1

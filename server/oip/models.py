@@ -20,7 +20,6 @@ Engine, so the storage policy applies to every file a model names.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ import grpc
 
 from server.errors import RequestError, invalid
 from server.oip.tensors import TensorSpec
-from spacer_core.data_classes import DataLocation
+from spacer_core.data_classes import DataLocation, parse_json
+from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import FeatureExtractor, resolve_class_path
 
 VERSION = "1"
@@ -135,9 +135,9 @@ def model_from_config(name: str, text: str, source: str = "config") -> Model:
     """A model from a config: {"extractor": {...pyspacer extractor JSON...}} or
     {"classifier": {DataLocation} | "path"}."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise invalid(f"model '{name}': config is not JSON: {exc}") from None
+        data = parse_json(text, f"model '{name}': config is not JSON")
+    except InvalidInputError as exc:
+        raise invalid(str(exc)) from None
     if not isinstance(data, dict) or len({"extractor", "classifier"} & set(data)) != 1:
         raise invalid(f"model '{name}': config must be a JSON object with one of"
                       " 'extractor' or 'classifier'")

@@ -69,9 +69,11 @@ def read_state_dict(source: WeightsSource, name: str | None = None) -> OrderedDi
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             content = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as exc:
+        # torch's own text runs over many lines, with terminal escapes and advice about its
+        # internals: the message is one line naming the file (the cause stays chained).
         raise WeightsFileError(
             f"Cannot read weights file {label}: not a PyTorch weights file loadable"
-            f" with weights_only=True ({type(exc).__name__}: {exc})"
+            f" with weights_only=True ({type(exc).__name__})"
         ) from exc
     if not isinstance(content, Mapping) or "net" not in content:
         found = sorted(map(str, content)) if isinstance(content, Mapping) else type(content).__name__
