@@ -18,6 +18,7 @@ from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
 from server.engine import Engine
 from server.errors import describe, invalid, request_locations, rpc_method
 from server.security import redact_job_error
+from server.streams import windowed
 from spacer_core import tasks
 from spacer_core.data_classes import parse_json
 from spacer_core.exceptions import InvalidInputError
@@ -168,18 +169,14 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         self, request_iterator: AsyncIterator[pb.ClassifyImageRequest], context: Context
     ) -> AsyncIterator[pb.ClassifyImagesResponse]:
         """Results are yielded as images finish; a failed image yields an error item."""
-        window = asyncio.Semaphore(self.engine.config.stream_window)  # replies in flight or unsent
-        results: asyncio.Queue[Any] = asyncio.Queue()
-        running: set[asyncio.Task[None]] = set()
-        end = object()
         stream_priority = call_priority(context, Priority.BULK)
         deadline = call_deadline(context)
 
-        async def one(req: pb.ClassifyImageRequest) -> None:
+        async def one(req: pb.ClassifyImageRequest) -> pb.ClassifyImagesResponse:
             try:
                 priority = self.engine.priority(request_priority(req, stream_priority))
                 async with self.engine.admission.enter(priority):
-                    response = pb.ClassifyImagesResponse(
+                    return pb.ClassifyImagesResponse(
                         job_token=req.job_token,
                         result=await self._classify_one(req, priority, deadline, wait=True),
                     )
@@ -187,43 +184,13 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                 raise
             except Exception as exc:
                 code, message = describe(exc, req.job_token, request_locations(req))
-                response = pb.ClassifyImagesResponse(
+                return pb.ClassifyImagesResponse(
                     job_token=req.job_token,
                     error=pb.Error(code=code.value[0], code_name=code.name, message=message),
                 )
-            # The slot stays taken until the reply is handed to gRPC, so a
-            # client that reads no replies holds at most stream_window of them
-            # and its requests stop being read (backpressure).
-            await results.put(response)
 
-        async def read() -> None:
-            try:
-                async for req in request_iterator:
-                    await window.acquire()
-                    task = asyncio.create_task(one(req))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                if running:
-                    await asyncio.gather(*list(running))
-                await results.put(end)
-            except Exception as exc:  # the request stream itself broke
-                await results.put(exc)
-
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                item = await results.get()
-                if item is end:
-                    break
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                window.release()
-        finally:
-            # Client gone, deadline passed or server stopping: drop the rest.
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
+        async for response in windowed(request_iterator, one, self.engine.config.stream_window):
+            yield response
 
     @rpc_method
     async def TrainClassifier(  # type: ignore[override]

@@ -522,6 +522,36 @@ def test_stream_client_that_never_reads_replies(case: Server) -> None:
     assert len(payload) > 200_000
 
 
+
+def test_oip_stream_client_that_never_reads_replies(case: Server) -> None:
+    """The Open Inference Protocol's stream has the same bound: replies of ~160 KiB nobody reads."""
+    from server._proto.inference import grpc_service_pb2 as ipb
+    from server._proto.inference import grpc_service_pb2_grpc as ipbg
+
+    wide_classifier(case.root / "wide_oip.pkl", classes=200, dim=64)
+    stub = ipbg.GRPCInferenceServiceStub(case.client.channel)
+    config = json.dumps({"classifier": {"storage_type": "filesystem", "key": str(case.root / "wide_oip.pkl")}})
+    stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(
+        model_name="wide_oip", parameters={"config": ipb.ModelRepositoryParameter(string_param=config)}), timeout=60)
+    features = np.random.default_rng(1).normal(size=(200, 64)).astype(np.float32).tobytes()
+    pulled = 0
+    total = 400
+
+    def requests() -> Iterator[ipb.ModelInferRequest]:
+        nonlocal pulled
+        for i in range(total):
+            pulled += 1
+            yield ipb.ModelInferRequest(
+                model_name="wide_oip", id=f"s{i}", raw_input_contents=[features],
+                inputs=[ipb.ModelInferRequest.InferInputTensor(name="FEATURES", datatype="FP32", shape=[200, 64])])
+
+    stream = stub.ModelStreamInfer(requests(), timeout=120)
+    time.sleep(8)
+    held = pulled
+    stream.cancel()
+    assert held < total // 2, f"the server read {held} of {total} requests with no reply read"
+
+
 # ---------------------------------------------------------------- 5. long work
 
 

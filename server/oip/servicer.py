@@ -21,6 +21,7 @@ from server.errors import describe, invalid, rpc_method
 from server.oip.dataplane import DataPlane, parameter, request_priority
 from server.oip.models import VERSION, Model, Registry, not_found
 from server.servicer import call_deadline, call_priority
+from server.streams import windowed
 from spacer_core.inference import Priority
 
 logger = logging.getLogger(__name__)
@@ -170,57 +171,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Responses in completion order, each with its request's id; a failed request
         yields an error_message and the stream goes on."""
-        window = asyncio.Semaphore(self.engine.config.stream_window)
-        results: asyncio.Queue[Any] = asyncio.Queue()
-        running: set[asyncio.Task[None]] = set()
-        end = object()
         stream_priority = call_priority(context, Priority.BULK)
         deadline = call_deadline(context)
 
-        async def one(req: pb.ModelInferRequest) -> None:
+        async def one(req: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
                 priority = request_priority(req, stream_priority)
-                response = pb.ModelStreamInferResponse(
+                return pb.ModelStreamInferResponse(
                     infer_response=await self.data.infer(req, priority, deadline, stream=True))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 code, message = describe(exc)
                 prefix = f"[request id: {req.id}] " if req.id else ""
-                response = pb.ModelStreamInferResponse(
+                return pb.ModelStreamInferResponse(
                     error_message=f"{prefix}{message}",
                     infer_response=pb.ModelInferResponse(
                         model_name=req.model_name, model_version=req.model_version, id=req.id))
-            finally:
-                window.release()
-            await results.put(response)
 
-        async def read() -> None:
-            try:
-                async for req in request_iterator:
-                    await window.acquire()
-                    task = asyncio.create_task(one(req))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                if running:
-                    await asyncio.gather(*list(running))
-                await results.put(end)
-            except Exception as exc:
-                await results.put(exc)
+        async for response in windowed(request_iterator, one, self.engine.config.stream_window):
+            yield response
 
-        reader = asyncio.create_task(read())
-        try:
-            while True:
-                item = await results.get()
-                if item is end:
-                    break
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
