@@ -34,7 +34,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
 from spacer_core.exceptions import InvalidInputError, UnsafePickleError
-from spacer_core.pickle_guard import REPLACEMENTS, bare_class, check_classifier, check_graph
+from spacer_core.pickle_guard import REPLACEMENTS, bare_class, byte_budget, check_classifier, check_graph
 
 # Modules of scikit-learn < 0.22 that no longer exist, and where their classes
 # live now (0.22 made the submodules private).
@@ -182,7 +182,9 @@ def load_classifier_bytes(data: bytes, source: str = "<bytes>") -> CalibratedCla
         warnings.filterwarnings("ignore", category=UserWarning, message=_KNOWN_OLD_VERSIONS.pattern)
         try:
             # latin1 reads Python 2 pickles' 8-bit strings (numpy buffers) unchanged.
-            return ClassifierUnpickler(io.BytesIO(data), fix_imports=True, encoding="latin1").load()
+            # What a genuine pickle builds is its own data, once (plus slack for small scalars).
+            with byte_budget(len(data) + (1 << 20)):
+                return ClassifierUnpickler(io.BytesIO(data), fix_imports=True, encoding="latin1").load()
         except UnsafePickleError as err:
             raise UnsafePickleError(f"{source}: {err}") from None
         except ValueError as err:

@@ -26,6 +26,10 @@ are touched. So no state from the file reaches NumPy unchecked:
   `checked_seed_sequence`: a huge integer seed takes quadratic time to
   convert) or built as a pickle rebuilds them (`checked_bit_generator_ctor`,
   `checked_randomstate_ctor`, `checked_unpickle_seed_sequence`);
+- what the checked constructors make (arrays, scalars, encoded bytes) is
+  charged against a byte budget of the pickle's own size (`byte_budget`):
+  a genuine pickle stores each array's data once, while a crafted one can
+  name one string a thousand times and have each use copied;
 - `check_graph` then walks everything the pickle built: only the types a
   trained classifier holds may appear (estimators, lists, tuples, dicts with
   string keys, numbers, strings, plain arrays), at most `MAX_DEPTH` levels
@@ -40,9 +44,11 @@ Every refusal is an UnsafePickleError ("refused to load classifier: ...").
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from functools import cache
 from typing import Any
 
@@ -75,6 +81,29 @@ _MAX_SEED_BITS = 128
 _MAX_SEED_WORDS = 32
 _MAX_POOL_SIZE = 64
 _MT_WORDS = 624
+
+
+# Bytes the pickle being loaded may still have built for it (None: no budget).
+_budget: ContextVar[list[int] | None] = ContextVar("pickle_guard_budget", default=None)
+
+
+@contextlib.contextmanager
+def byte_budget(nbytes: int) -> Iterator[None]:
+    """Within this block, the checked constructors may make at most `nbytes` bytes in all."""
+    token = _budget.set([nbytes])
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+def _charge(nbytes: int, what: str) -> None:
+    left = _budget.get()
+    if left is None:
+        return
+    left[0] -= nbytes
+    if left[0] < 0:
+        raise refused(f"{what}: the pickle builds more bytes than it holds (its data reused to make copies)")
 
 
 def _a(noun: str) -> str:
@@ -213,6 +242,7 @@ class _PendingArray(np.ndarray):
             # A list is how NumPy pickles object arrays.
             raise refused(f"a NumPy array whose data is {_a(type(data).__name__)}")
         _check_size(shape, dtype, len(data))
+        _charge(len(data), "a NumPy array")
         checked: Any = (1, shape, dtype, bool(fortran), data)
         np.ndarray.__setstate__(self, checked)
 
@@ -229,6 +259,7 @@ def checked_scalar(dtype_value: Any, data: Any = None) -> Any:
     dtype = resolve_dtype(dtype_value)
     if not isinstance(data, (bytes, str)) or len(data) != dtype.itemsize:
         raise refused(f"a NumPy scalar from {_a(type(data).__name__)} of the wrong size")
+    _charge(len(data), "a NumPy scalar")
     return _np_scalar(dtype, data)
 
 
@@ -281,6 +312,7 @@ def checked_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") ->
     if type(obj) is not str or type(encoding) is not str or encoding.lower() not in ("latin1", "latin-1") \
             or errors != "strict":
         raise refused(f"{_a(type(obj).__name__)} encoded other than as protocol 2 writes bytes (text to latin-1)")
+    _charge(len(obj), "encoded bytes")
     return obj.encode("latin-1")
 
 

@@ -502,6 +502,18 @@ def test_hostile_input_is_refused_cleanly(env, case: Case):
     _classify_ok(env)
 
 
+
+@pytest.mark.parametrize("name", ["amplified-encode", "amplified-arrays"])
+def test_pickles_that_copy_their_data_are_refused_before_the_copies_pile_up(env, name):
+    """A 1 MiB string named 600 times would be 600 MiB of copies; the loader stops at the file's own size."""
+    before = env.process.status()
+    with pytest.raises(grpc.RpcError) as raised:
+        env.client.load_model(classifier_loc=fs(env.root / f"{name}.pkl"))
+    assert raised.value.code() == Code.INVALID_ARGUMENT and "more bytes than it holds" in raised.value.details()
+    after = env.process.status()
+    assert after.peak_rss_mib - before.peak_rss_mib < 150, (before, after)
+    assert after.rss_mib - before.rss_mib < 150, (before, after)
+
 def test_there_are_enough_cases():
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
 

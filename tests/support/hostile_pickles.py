@@ -152,6 +152,13 @@ def _mlp_bad_random_state() -> bytes:
     return pickle.dumps(clf, protocol=2)
 
 
+MIB_TEXT = "a" * (1 << 20)
+
+
+def _np_reconstruct() -> Any:
+    return np.ndarray.__reduce__(np.zeros(1))[0]  # what pickles of arrays call (_reconstruct)
+
+
 def costly_variants() -> dict[str, bytes]:
     """name -> a classifier pickle whose allowed callables would take minutes of CPU, or an invalid RNG state."""
     import _codecs
@@ -169,6 +176,12 @@ def costly_variants() -> dict[str, bytes]:
         "seed-randomstate-ctor": _with_extra(Reduce(__randomstate_ctor, (HUGE_SEED, MT19937))),
         "seed-bit-generator-ctor": _with_extra(Reduce(__bit_generator_ctor, (SeedSequence,))),
         "randomstate-position-out-of-range": _mlp_bad_random_state(),
+        # One 1 MiB string stored once, encoded 600 times: 600 MiB of copies from a 1 MiB file.
+        "amplified-encode": _with_extra([Reduce(_codecs.encode, (MIB_TEXT, "latin1")) for _ in range(600)]),
+        # One 1 MiB data string under 600 arrays (NumPy copies a str's data for each).
+        "amplified-arrays": _with_extra([Reduce(_np_reconstruct(), (np.ndarray, (0,), b"b"),
+                                                (1, (1 << 20,), np.dtype("u1"), False, MIB_TEXT))
+                                         for _ in range(600)]),
     }
 
 
