@@ -119,7 +119,15 @@ def describe(
             if more > 0:
                 shown += f" and {more} more"
             message = f"{message} (request locations: {shown})"
-    return status, message
+    return status, _sendable(message)
+
+
+def _sendable(message: str, limit: int = 2048) -> str:
+    """`message` as a status detail gRPC can send: valid UTF-8 (a client's lone
+    surrogate escaped, not an encoding error that leaves the call unanswered)
+    and short enough for any client's metadata limit."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return _clip(message, limit)
 
 
 def _clip(text: str, limit: int = 256) -> str:

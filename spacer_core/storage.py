@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import pickle
+import re
 import secrets
 import stat
 import sys
@@ -467,6 +468,14 @@ class DataRootsPolicy(StoragePolicy):
         return self.roots
 
 
+# Names Python may import or run: a client never needs to write one.
+_CODE_SUFFIXES = frozenset({".py", ".pyc", ".pyo", ".pyw", ".pth", ".so", ".pyd"})
+
+
+def _importable(key: str) -> bool:
+    return os.path.splitext(key)[1].lower() in _CODE_SUFFIXES
+
+
 class ClientPolicy(StoragePolicy):
     """What the clients of a server may reach, for every storage type.
 
@@ -494,6 +503,10 @@ class ClientPolicy(StoragePolicy):
 
     def check(self, loc: Location, access: Access) -> None:
         if loc.storage_type == "filesystem":
+            if access == "write" and _importable(loc.key):
+                # A data root may be a working directory Python imports from.
+                raise AccessDeniedError(f"{loc.key!r}: clients may not write Python code files "
+                                        f"({', '.join(sorted(_CODE_SUFFIXES))})")
             if self.filesystem is not None:
                 self.filesystem.check(loc, access)
         elif loc.storage_type == "memory":
@@ -538,11 +551,27 @@ def check_access(loc: Location, access: Access) -> None:
     active_policy().check(loc, access)
 
 
+# The bucket names boto accepts (legacy names included); it refuses others
+# with its own exception types, deep inside a call.
+_S3_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
+
+
 def _check_key(loc: Location) -> None:
-    # No file system, bucket or URL takes a NUL; Python refuses it with a
-    # ValueError deep inside os or http.client.
-    if "\0" in loc.key or "\0" in (loc.bucket_name or ""):
-        raise InvalidInputError(f"{loc.key!r}: a location may not contain a NUL character")
+    """Refuse a location no store could take, before any store sees it."""
+    if not isinstance(loc.key, str) or not isinstance(loc.bucket_name, (str, type(None))):
+        raise InvalidInputError(f"{loc.storage_type} location: the key must be text and the bucket text or null, "
+                                f"not {type(loc.key).__name__} and {type(loc.bucket_name).__name__}")
+    for text in (loc.key, loc.bucket_name or ""):
+        # No file system, bucket or URL takes a NUL (Python refuses it with a
+        # ValueError deep inside os or http.client), nor a lone surrogate.
+        if "\0" in text:
+            raise InvalidInputError(f"{loc.key!r}: a location may not contain a NUL character")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(f"{text!r}: a location must be valid Unicode text") from None
+    if loc.storage_type == "s3" and not _S3_BUCKET.fullmatch(loc.bucket_name or ""):
+        raise InvalidInputError(f"{loc.bucket_name!r}: not a valid S3 bucket name")
 
 
 # OS errors that a location itself causes (not the machine's state).

@@ -268,7 +268,7 @@ CATEGORY_CASES = [
         (Code.INVALID_ARGUMENT,), ("name too long",)),
     # Longer than the key limit: refused before the filesystem sees it.
     Case("path-too-long", _load("d/" * 3000 + "clf.pkl"), (Code.RESOURCE_EXHAUSTED,), ("classifier_loc.key",)),
-    Case("path-near-the-key-limit", _load("d/" * 1900 + "clf.pkl"), (Code.NOT_FOUND,), ("clf.pkl",)),
+    Case("path-near-the-key-limit", _load("d/" * 1900 + "clf.pkl"), (Code.NOT_FOUND,), ("/d/d/", "characters)")),
     Case("path-through-a-file", _load("clf.pkl/inner.pkl"), (Code.INVALID_ARGUMENT,), ("inner.pkl",)),
     Case("deep-json-array", _run_job(lambda e: DEEP), (Code.INVALID_ARGUMENT,), ("job_msg_json", "nested")),
     Case("deep-json-in-task", _run_job(lambda e: '{"task_name": "extract_features", "tasks": ' + DEEP + "}"),
@@ -470,8 +470,30 @@ INPUT_CASES = [
 ]
 
 
+# Locations no store could take, refused at the one gate; and code files a
+# client might plant where Python imports from.
+LOCATION_CASES = [
+    *(Case(f"s3-bucket-{i}", lambda e, b=bucket: e.client.load_model(
+        classifier_loc={"storage_type": "s3", "key": "clf.pkl", "bucket_name": b}),
+        (Code.INVALID_ARGUMENT,), ("bucket",)) for i, bucket in enumerate(["b c", "b/c", "arn:aws:s3:::x", "", "b\nc"])),
+    Case("oip-config-lone-surrogate-url", _oip_load_config("surrogate", json.dumps(
+        {"classifier": {"storage_type": "url", "key": "http://\udc80/x"}})), (Code.INVALID_ARGUMENT,), ("Unicode",),
+        within=5.0),
+    Case("oip-config-lone-surrogate-bucket", _oip_load_config("surrogate2", json.dumps(
+        {"classifier": {"storage_type": "s3", "key": "k", "bucket_name": "\ud800"}})), (Code.INVALID_ARGUMENT,),
+        ("Unicode",), within=5.0),
+    Case("oip-config-key-a-number", _oip_load_config("numkey", json.dumps(
+        {"classifier": {"storage_type": "filesystem", "key": 5}})), (Code.INVALID_ARGUMENT, Code.NOT_FOUND), ("5",)),
+    Case("oip-config-bucket-a-list", _oip_load_config("listbucket", json.dumps(
+        {"classifier": {"storage_type": "s3", "key": "k", "bucket_name": ["x"]}})), (Code.INVALID_ARGUMENT,), ("text",)),
+    *(Case(f"write-code-file-{i}", lambda e, n=name: e.client.extract_features(
+        e.extractor, [(1, 1)], fs(e.root / "good.png"), fs(e.root / n)),
+        (Code.PERMISSION_DENIED,), ("Python code",)) for i, name in enumerate(
+        ["server.py", "server/__init__.py", "grpc_health.py", "sitecustomize.pth", "x.pyc", "mod.so"])),
+]
+
 CASES = (PICKLE_CASES + FORMAT_CASES + CATEGORY_CASES + OIP_CASES + COSTLY_CASES + MISMATCH_CASES
-         + NONFINITE_CASES + INPUT_CASES)
+         + NONFINITE_CASES + INPUT_CASES + LOCATION_CASES)
 
 
 def _listing(folder: Path) -> set[Path]:
@@ -498,6 +520,7 @@ def test_hostile_input_is_refused_cleanly(env, case: Case):
     assert _listing(env.outside) == outside_before
     assert not [p for p in env.root.rglob("*") if p.name.endswith(".tmp")]
     assert not list(env.root.glob("pwned*"))
+    assert not [p for p in env.root.rglob("*") if p.suffix in (".py", ".pyc", ".pth", ".so")]
     assert env.client.health() == "SERVING"
     _classify_ok(env)
 
