@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from server.logs import CallLog
+from server.logs import CallLog, quote
 from spacer_core import crop
 from spacer_core import exceptions as spacer_exc
 
@@ -104,7 +104,7 @@ def describe(
     known = status_for(exc)
     if known is None:
         ref = uuid.uuid4().hex[:12]
-        logger.error("internal error ref=%s context=%s", ref, context, exc_info=exc)
+        logger.error("internal error ref=%s context=%s", ref, quote(context), exc_info=exc)
         return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see server log"
     status, message = known
     if status == grpc.StatusCode.PERMISSION_DENIED:

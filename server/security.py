@@ -23,6 +23,8 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
+from server.logs import quote
+
 logger = logging.getLogger("server.security")
 
 HEALTH_SERVICE = "/grpc.health.v1.Health/"
@@ -135,5 +137,5 @@ def _final_message(traceback_text: str) -> str:
 def redact_job_error(error_text: str, context: str = "") -> str:
     """A client-safe version of a failed job's error text; the full text is logged under a reference."""
     ref = uuid.uuid4().hex[:12]
-    logger.error("job failed ref=%s context=%s\n%s", ref, context or "-", error_text)
+    logger.error("job failed ref=%s context=%s\n%s", ref, quote(context or "-"), error_text)
     return f"{redact(_final_message(error_text))} (ref {ref}; details in the server log)"

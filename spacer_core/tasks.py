@@ -175,6 +175,6 @@ def process_job(job_msg: JobMsg) -> JobReturnMsg:
                 results.append(run(task))
         except Exception:
             error = traceback.format_exc()
-            logger.error("Job %s failed: %s", task.job_token, error)
+            logger.error("Job %r failed: %s", task.job_token, error)
             return JobReturnMsg(original_job=job_msg, ok=False, results=None, error_message=error)
     return JobReturnMsg(original_job=job_msg, ok=True, results=results, error_message=None)

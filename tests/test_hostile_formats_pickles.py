@@ -599,6 +599,19 @@ def test_client_text_cannot_forge_log_fields(env, token):
         assert dict(fields)["token"].startswith('"'), line
 
 
+
+def test_a_failed_jobs_token_cannot_forge_fields_in_the_error_lines(env):
+    """A RunJob that fails logs its token as one quoted value in every line that names it."""
+    token = "z1 ref=000000000000 context=FORGEDCTX"
+    task = {"job_token": token, "extractor": env.extractor, "rowcols": [[1, 1]],
+            "image_loc": fs(env.root / "missing.png"), "feature_loc": fs(env.root / "z1.featurevector")}
+    reply = env.client.run_job(json.dumps({"task_name": "extract_features", "tasks": [task]}))
+    assert not reply["ok"]
+    lines = [line for line in env.process.log().splitlines() if "FORGEDCTX" in line]
+    assert lines
+    for line in lines:
+        assert " ref=000000000000" not in line.replace(f'"{token}"', "").replace(repr(token), ""), line
+
 def test_a_module_written_into_the_data_root_is_never_imported(tmp_path, efficientnet_weights):  # noqa: F811
     """`python -m server serve` started in its data root: a client-written grpc_health.py
     (a module the server imports as it starts) or json.py is not imported in place of the real one."""
