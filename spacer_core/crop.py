@@ -111,6 +111,54 @@ _WEBP_BYTES_PER_PIXEL = 16  # Pillow's WebP decoder keeps its RGBA canvases next
 _STRIP_BYTES = _STRIP_PIXELS * 7  # one strip's RGB conversion (Pillow's and numpy's copies)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_JPEG_HEADER_SCAN = 1 << 20  # markers before the frame header (EXIF, ICC) fit in this
+
+
+def _rust_bytes_per_pixel(data: bytes) -> int:
+    """Bytes a pixel the Rust decoders hold at their peak, from the header.
+
+    Baseline JPEG and non-interlaced PNG decode row by row into the RGB
+    output (3). An interlaced PNG is first decoded whole at its own depth
+    (up to 8 bytes a pixel for 16-bit RGBA); a progressive JPEG keeps two
+    bytes a coefficient for each component of the whole image; a CMYK JPEG
+    is decoded to 4 bytes a pixel before its conversion.
+    """
+    held = 3
+    if data.startswith(_PNG_SIGNATURE) and len(data) >= 29:
+        depth, colour, interlace = data[24], data[25], data[28]
+        if interlace:
+            held += max(1, _PNG_CHANNELS.get(colour, 4) * depth // 8)
+        return held
+    components, progressive = _jpeg_frame(data)
+    if components >= 4:
+        held += components
+    if progressive:
+        held += 2 * components
+    return held
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, bool]:
+    """(components, progressive) from a JPEG's frame header; (3, False) when none is found."""
+    pos = 2
+    end = min(len(data), _JPEG_HEADER_SCAN)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame
+            if pos + 10 <= len(data):
+                return data[pos + 9], marker in (0xC2, 0xC6, 0xCA, 0xCE)
+            break
+        if marker == 0xDA or length < 2:  # scan data: no frame header came first
+            break
+        pos += 2 + length
+    return 3, False
+
+
 def _pillow_bytes_per_pixel(mode: str) -> int:
     if mode in ("1", "L", "P"):
         return 1
@@ -122,14 +170,15 @@ def _pillow_bytes_per_pixel(mode: str) -> int:
 def decoded_bytes(image_bytes: bytes, width: int, height: int, *, rgb: bool = False) -> int:
     """Bytes decoding this image holds at its peak, from the header alone.
 
-    JPEG and PNG decode in Rust to RGB (3 bytes a pixel). Other formats
+    JPEG and PNG decode in Rust to RGB (3 bytes a pixel), plus what the
+    decoder keeps for the whole image (`_rust_bytes_per_pixel`). Other formats
     decode in Pillow, which holds the image in its own mode; cutting patches
     adds only one patch window, a full RGB array (`rgb`, as `decode_image`
     returns) adds 3 bytes a pixel and one strip's conversion.
     """
     pixels = width * height
     if read_header(image_bytes) is not None:
-        return pixels * 3
+        return pixels * _rust_bytes_per_pixel(image_bytes)
     try:
         image = _open_with_pillow(image_bytes)
     except ImageDecodeError:

@@ -659,10 +659,49 @@ def _solid(fmt: str, size: tuple[int, int], mode: str, **options: Any) -> bytes:
     return buffer.getvalue()
 
 
-PILLOW_IMAGES = {
+def _interlaced_png(width: int, height: int, colour: int = 6, depth: int = 16) -> bytes:
+    """An Adam7-interlaced PNG of zeros (Pillow writes no interlaced PNGs)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour]
+    packer = zlib.compressobj(9)
+    rows = []
+    for xs, ys, x0, y0 in ((8, 8, 0, 0), (8, 8, 4, 0), (4, 8, 0, 4), (4, 4, 2, 0), (2, 4, 0, 2), (2, 2, 1, 0),
+                           (1, 2, 0, 1)):
+        pass_width, pass_height = (width - x0 + xs - 1) // xs, (height - y0 + ys - 1) // ys
+        row = bytes(1 + (pass_width * channels * depth + 7) // 8)
+        rows += [packer.compress(row) for _ in range(pass_height if pass_width else 0)]
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 1)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(rows) + packer.flush())
+            + chunk(b"IEND", b""))
+
+
+def _jpeg(mode: str, **options: Any) -> bytes:
+    import io
+
+    from PIL import Image
+
+    # Smooth content keeps the file small: what is measured is the decoder, not the request's bytes.
+    ramp = np.linspace(0, 255, 4000, dtype=np.uint8)
+    pixels = np.stack([np.broadcast_to(ramp, (3000, 4000))] * 3, axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+# Images whose decoding holds more than their RGB output: Pillow's formats, and
+# the Rust decoders' interlaced PNG, progressive and CMYK JPEG.
+DECODED_IMAGES = {
     "webp-lossless-rgba": lambda: _solid("WEBP", (4000, 3000), "RGBA", lossless=True),
     "webp-lossy": lambda: _solid("WEBP", (4000, 3000), "RGB"),
     "tiff-deflate-rgb": lambda: _solid("TIFF", (6000, 4000), "RGB", compression="tiff_deflate"),
+    "png-interlaced-16bit-rgba": lambda: _interlaced_png(4000, 3000),
+    "jpeg-progressive-444": lambda: _jpeg("RGB", progressive=True, subsampling=0, quality=95),
+    "jpeg-cmyk": lambda: _jpeg("CMYK", quality=90),
 }
 
 
@@ -681,14 +720,14 @@ def memory_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Se
         yield proc, client, extractor
 
 
-@pytest.mark.parametrize("name", sorted(PILLOW_IMAGES))
-def test_pillow_decoded_image_is_charged_what_it_holds(memory_server: Any, name: str) -> None:
-    """The memory budget's charge for a WebP or TIFF (decoded by Pillow) covers what decoding
-    it really adds to the server's memory (sampled while the call runs)."""
+@pytest.mark.parametrize("name", sorted(DECODED_IMAGES))
+def test_decoded_image_is_charged_what_it_holds(memory_server: Any, name: str) -> None:
+    """The memory budget's charge for an image covers what decoding it really adds to the
+    server's memory (sampled while the call runs), whichever decoder holds it."""
     from spacer_core import crop, pipeline
 
     proc, client, extractor = memory_server
-    data = PILLOW_IMAGES[name]()
+    data = DECODED_IMAGES[name]()
     width, height = crop.image_size(data)
     charged = pipeline.Footprint.of(len(data), crop.decoded_bytes(data, width, height), 1, 224, 1).cutting
     base = proc.status().rss_mib
