@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from spacer_core import config
-from spacer_core.exceptions import ResourceLimitError
+from spacer_core.exceptions import InvalidInputError, ResourceLimitError
 
 MIB = 1 << 20
 
@@ -78,20 +78,29 @@ class Limits:
         _at_most(f"{field} (characters)", len(key), self.max_key_chars)
 
     def check_task(self, task: Any, where: str = "") -> None:
-        """Check what a task message asks for: its token, epochs, MLP layers and feature width."""
+        """Check what a task message asks for: its token, epochs, MLP layers and feature width.
+
+        Each must also be of its type (a client's JSON can hold anything),
+        or the task is refused here rather than failing halfway through.
+        """
         prefix = f"{where}." if where else ""
         token = getattr(task, "job_token", None)
-        if isinstance(token, str):
-            self.check_token(token, prefix + "job_token")
+        if token is not None:
+            self.check_token(_text(token, prefix + "job_token"), prefix + "job_token")
         epochs = getattr(task, "nbr_epochs", None)
-        if isinstance(epochs, int):
-            self.check_epochs(epochs, prefix + "nbr_epochs")
+        if epochs is not None:
+            self.check_epochs(_whole(epochs, prefix + "nbr_epochs"), prefix + "nbr_epochs")
         trainer = getattr(task, "trainer", None)
-        self.check_hidden_layers(getattr(trainer, "mlp_hidden_layer_sizes", None),
-                                 prefix + "trainer.mlp_hidden_layer_sizes")
+        sizes = getattr(trainer, "mlp_hidden_layer_sizes", None)
+        field = prefix + "trainer.mlp_hidden_layer_sizes"
+        if sizes is not None:
+            if not isinstance(sizes, (list, tuple)):
+                raise InvalidInputError(f"{field} must be a list of whole numbers, not {type(sizes).__name__}")
+            self.check_hidden_layers([_whole(n, f"{field}[{i}]") for i, n in enumerate(sizes)], field)
         extractor = getattr(task, "extractor", None)
         if extractor is not None:
-            self.check_feature_dim(int(extractor.feature_dim), prefix + "extractor.feature_dim")
+            field = prefix + "extractor.feature_dim"
+            self.check_feature_dim(_whole(extractor.feature_dim, field), field)
 
     def check_json(self, data: Any, where: str = "job_msg_json") -> None:
         """Check every `job_token` and `key` string in a JSON document (a pyspacer job)."""
@@ -100,10 +109,10 @@ class Limits:
             path, value = stack.pop()
             if isinstance(value, dict):
                 for name, item in value.items():
-                    if isinstance(item, str) and name == "job_token":
-                        self.check_token(item, f"{path}.{name}")
-                    elif isinstance(item, str) and name == "key":
-                        self.check_key(item, f"{path}.{name}")
+                    if name == "job_token":
+                        self.check_token(_text(item, f"{path}.{name}"), f"{path}.{name}")
+                    elif name == "key" and not isinstance(item, (dict, list)):
+                        self.check_key(_text(item, f"{path}.{name}"), f"{path}.{name}")
                     elif isinstance(item, (dict, list)):
                         stack.append((f"{path}.{name}", item))
             elif isinstance(value, list):
@@ -130,6 +139,19 @@ class Limits:
                     declared = _npy_data_bytes(member.read(min(info.file_size, 4096)))
                 if declared is not None and declared > info.file_size:
                     raise LimitExceededError(f"{source}: array '{info.filename}' declares more data than it holds")
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{field} must be text, not {type(value).__name__}")
+    return value
+
+
+def _whole(value: Any, field: str) -> int:
+    # bool is an int to Python, not to a client asking for epochs.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(f"{field} must be a whole number, not {type(value).__name__} {str(value)[:40]!r}")
+    return int(value)
 
 
 def _at_most(field: str, value: int, bound: int | None) -> None:

@@ -242,7 +242,10 @@ class _PendingArray(np.ndarray):
             # A list is how NumPy pickles object arrays.
             raise refused(f"a NumPy array whose data is {_a(type(data).__name__)}")
         _check_size(shape, dtype, len(data))
-        _charge(len(data), "a NumPy array")
+        if isinstance(data, str):
+            # NumPy copies a str's data (bytes it keeps as they are; protocol 2's
+            # bytes were charged when `checked_encode` made them).
+            _charge(len(data), "a NumPy array")
         checked: Any = (1, shape, dtype, bool(fortran), data)
         np.ndarray.__setstate__(self, checked)
 

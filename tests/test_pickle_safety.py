@@ -141,6 +141,23 @@ def test_classifiers_we_and_pyspacer_write_still_load(kind, protocol):
     np.testing.assert_array_equal(load_classifier_bytes(raw).predict_proba(probe), clf.predict_proba(probe))
 
 
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_large_classifiers_load_within_the_byte_budget(protocol):
+    """A genuine classifier's arrays are several MiB (CoralNet's MLPs about 10): the loader's
+    byte budget counts each array's data once, whichever protocol stored it."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 1280)), np.arange(60) % 3
+    mlp = MLPClassifier(hidden_layer_sizes=(1000, 200), max_iter=2).fit(x, y)
+    clf = CalibratedClassifierCV(mlp, cv="prefit").fit(x, y)
+    raw = pickle.dumps(clf, protocol=protocol)
+    assert len(raw) > 10 * 2**20
+    np.testing.assert_array_equal(load_classifier_bytes(raw).predict_proba(x[:4]), clf.predict_proba(x[:4]))
+
 def test_every_allowed_global_resolves():
     # The allowlist must name real objects of the installed releases, or a
     # library upgrade silently breaks loading.
