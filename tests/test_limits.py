@@ -56,6 +56,37 @@ def test_task_and_json_checks_name_the_field():
     Limits().check_task(Task())  # the library's defaults: unbounded, as pyspacer
 
 
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("job_token", 5, "job_token must be text"),
+    ("job_token", ["a"] * 3, "job_token must be text"),
+    ("nbr_epochs", True, "nbr_epochs must be a whole number"),
+    ("nbr_epochs", "2", "nbr_epochs must be a whole number"),
+    ("nbr_epochs", 2.5, "nbr_epochs must be a whole number"),
+    ("mlp_hidden_layer_sizes", "abc", "must be a list of whole numbers"),
+    ("mlp_hidden_layer_sizes", [100.5], r"mlp_hidden_layer_sizes\[0\] must be a whole number"),
+])
+def test_task_values_of_the_wrong_type_are_refused_by_name(field, value, fragment):
+    """A client's JSON can put anything anywhere: a wrong type is refused before work, never
+    slipping past a limit (a token that is a list) or failing halfway (epochs as text)."""
+    from spacer_core.exceptions import InvalidInputError
+
+    class Task:
+        job_token = "ok"
+        nbr_epochs = 3
+        trainer = MiniBatchTrainer()
+
+    if field == "mlp_hidden_layer_sizes":
+        Task.trainer = MiniBatchTrainer()
+        Task.trainer.mlp_hidden_layer_sizes = value
+    else:
+        setattr(Task, field, value)
+    with pytest.raises(InvalidInputError, match=fragment):
+        Limits(max_token_chars=4).check_task(Task(), "tasks[0]")
+    if field == "job_token":
+        with pytest.raises(InvalidInputError, match=fragment):
+            Limits().check_json({"tasks": [{"job_token": value}]}, "job")
+
 def test_cancellation_checks_flag_and_deadline():
     cancellation.check()  # outside a scope: never raises
     stop = threading.Event()
