@@ -522,6 +522,8 @@ def _numeric_array(value: Any, ndim: int, name: str) -> np.ndarray:
         isinstance(value, np.ndarray) and value.ndim == ndim and value.dtype.kind in "biuf",
         f"'{name}' is not a {ndim}-D numeric array",
     )
+    # NaN or infinite weights would score every point NaN, not fail: refuse them here.
+    _need(value.dtype.kind != "f" or bool(np.isfinite(value).all()), f"'{name}' holds NaN or infinite values")
     return value
 
 
@@ -627,8 +629,8 @@ def check_classifier(clf: Any) -> None:
         for calibrator in calibrators:
             for name in ("a_", "b_"):
                 value = getattr(calibrator, name, None)
-                _need(isinstance(value, (float, int, np.floating, np.integer)) and not isinstance(value, bool),
-                      f"calibration '{name}' is not a number")  # fmt: skip
+                _need(isinstance(value, (float, int, np.floating, np.integer)) and not isinstance(value, bool)
+                      and math.isfinite(value), f"calibration '{name}' is not a finite number")  # fmt: skip
         widths.add(_check_agreement(clf, one, est, i, known))
     _need(len(widths) == 1, f"its calibrated classifiers read different numbers of features ({sorted(widths)})")
     _declared_width(clf, widths.pop(), "")

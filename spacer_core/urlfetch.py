@@ -67,9 +67,13 @@ class UrlRules:
 
 
 def _unmapped(address: Address) -> Address:
-    # ::ffff:127.0.0.1 reaches 127.0.0.1.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    """The IPv4 address an IPv6 one carries and reaches, if any: ::ffff:127.0.0.1 (mapped),
+    2002:7f00:1:: (6to4) and Teredo's client all lead to 127.0.0.1."""
+    if isinstance(address, ipaddress.IPv6Address):
+        teredo = address.teredo
+        for inner in (address.ipv4_mapped, address.sixtofour, teredo[1] if teredo else None):
+            if inner is not None:
+                return inner
     return address
 
 

@@ -21,6 +21,9 @@ OPEN = UrlRules(allow_private=True)
         ("127.0.0.1", "loopback"),
         ("::1", "loopback"),
         ("::ffff:127.0.0.1", "loopback"),
+        ("2002:7f00:1::", "loopback"),  # 6to4 around 127.0.0.1
+        ("2002:a01:203::", "private"),  # 6to4 around 10.1.2.3
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo, client 127.0.0.1
         ("10.1.2.3", "private"),
         ("172.16.0.1", "private"),
         ("192.168.1.1", "private"),
@@ -40,7 +43,7 @@ def test_non_public_addresses_are_refused(address, why):
     assert why in address_refusal(ipaddress.ip_address(address))
 
 
-@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"])
+@pytest.mark.parametrize("address", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "2002:808:808::"])
 def test_public_addresses_pass(address):
     assert address_refusal(ipaddress.ip_address(address)) is None
 

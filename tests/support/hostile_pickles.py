@@ -205,4 +205,10 @@ def mismatched_variants() -> dict[str, bytes]:
     clf = calibrated_classifier()
     clf.calibrated_classifiers_[0].calibrators = clf.calibrated_classifiers_[0].calibrators[:1]
     out["too-few-calibrators"] = pickle.dumps(clf, protocol=2)
+    clf = calibrated_classifier("MLP")
+    clf.calibrated_classifiers_[0].estimator.coefs_[1][:] = np.inf  # every score would be NaN
+    out["mlp-weights-infinite"] = pickle.dumps(clf, protocol=2)
+    clf = calibrated_classifier()
+    clf.calibrated_classifiers_[0].calibrators[0].a_ = float("nan")
+    out["calibration-nan"] = pickle.dumps(clf, protocol=2)
     return out
