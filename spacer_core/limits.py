@@ -87,9 +87,11 @@ class Limits:
         token = getattr(task, "job_token", None)
         if token is not None:
             self.check_token(_text(token, prefix + "job_token"), prefix + "job_token")
-        epochs = getattr(task, "nbr_epochs", None)
-        if epochs is not None:
-            self.check_epochs(_whole(epochs, prefix + "nbr_epochs"), prefix + "nbr_epochs")
+        if hasattr(task, "nbr_epochs"):
+            self.check_epochs(_whole(task.nbr_epochs, prefix + "nbr_epochs"), prefix + "nbr_epochs")
+        cache_dir = getattr(task, "feature_cache_dir", None)
+        if cache_dir is not None:
+            _text(cache_dir, prefix + "feature_cache_dir")
         trainer = getattr(task, "trainer", None)
         sizes = getattr(trainer, "mlp_hidden_layer_sizes", None)
         field = prefix + "trainer.mlp_hidden_layer_sizes"

@@ -83,14 +83,21 @@ _MAX_POOL_SIZE = 64
 _MT_WORDS = 624
 
 
+class _Budget:
+    def __init__(self, nbytes: int):
+        self.left = nbytes
+        # Data objects arrays were built over, kept alive so their ids stay theirs.
+        self.used: dict[int, Any] = {}
+
+
 # Bytes the pickle being loaded may still have built for it (None: no budget).
-_budget: ContextVar[list[int] | None] = ContextVar("pickle_guard_budget", default=None)
+_budget: ContextVar[_Budget | None] = ContextVar("pickle_guard_budget", default=None)
 
 
 @contextlib.contextmanager
 def byte_budget(nbytes: int) -> Iterator[None]:
     """Within this block, the checked constructors may make at most `nbytes` bytes in all."""
-    token = _budget.set([nbytes])
+    token = _budget.set(_Budget(nbytes))
     try:
         yield
     finally:
@@ -98,12 +105,24 @@ def byte_budget(nbytes: int) -> Iterator[None]:
 
 
 def _charge(nbytes: int, what: str) -> None:
-    left = _budget.get()
-    if left is None:
+    budget = _budget.get()
+    if budget is None:
         return
-    left[0] -= nbytes
-    if left[0] < 0:
+    budget.left -= nbytes
+    if budget.left < 0:
         raise refused(f"{what}: the pickle builds more bytes than it holds (its data reused to make copies)")
+
+
+def _charge_data(data: bytes | str) -> None:
+    """Charge an array's data when it may cost new memory: a str (NumPy copies it) or data
+    an earlier array was built over (reused, so a copy: byte-swapped, or made writable).
+    The first use of bytes is free: they are the file's own, or `checked_encode` charged them."""
+    budget = _budget.get()
+    if budget is None:
+        return
+    if isinstance(data, str) or id(data) in budget.used:
+        _charge(len(data), "a NumPy array")
+    budget.used[id(data)] = data
 
 
 def _a(noun: str) -> str:
@@ -242,10 +261,7 @@ class _PendingArray(np.ndarray):
             # A list is how NumPy pickles object arrays.
             raise refused(f"a NumPy array whose data is {_a(type(data).__name__)}")
         _check_size(shape, dtype, len(data))
-        if isinstance(data, str):
-            # NumPy copies a str's data (bytes it keeps as they are; protocol 2's
-            # bytes were charged when `checked_encode` made them).
-            _charge(len(data), "a NumPy array")
+        _charge_data(data)
         checked: Any = (1, shape, dtype, bool(fortran), data)
         np.ndarray.__setstate__(self, checked)
 

@@ -290,6 +290,11 @@ def score(clf: Any, features: np.ndarray, source: str) -> np.ndarray:
             f" classifier was trained on dimension {expected}."
         )
     try:
-        return np.asarray(clf.predict_proba(x))
+        with np.errstate(all="ignore"):
+            scores = np.asarray(clf.predict_proba(x))
     except (ValueError, IndexError) as err:
         raise InvalidInputError(f"{source}: the classifier cannot score these features ({err}).") from None
+    if not np.isfinite(scores).all():
+        # Finite but extreme weights (1e308) overflow into NaN: no reply carries such scores.
+        raise InvalidInputError(f"{source}: the classifier's scores for these features are not finite numbers.")
+    return scores

@@ -473,7 +473,8 @@ _CODE_SUFFIXES = frozenset({".py", ".pyc", ".pyo", ".pyw", ".pth", ".so", ".pyd"
 
 
 def _importable(key: str) -> bool:
-    return os.path.splitext(key)[1].lower() in _CODE_SUFFIXES
+    # normpath first: "server.py/" and "server.py/." name the file server.py.
+    return os.path.splitext(os.path.normpath(key))[1].lower() in _CODE_SUFFIXES
 
 
 class ClientPolicy(StoragePolicy):

@@ -39,7 +39,7 @@ from PIL import Image
 from server.client import SpacerClient
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, png_header
-from tests.support.hostile_pickles import costly_variants, mismatched_variants, variants
+from tests.support.hostile_pickles import costly_variants, mismatched_variants, overflowing_classifier, variants
 from tests.support.serve_process import ServeProcess
 from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
@@ -154,6 +154,7 @@ def env(tmp_path_factory, efficientnet_weights) -> Iterator[SimpleNamespace]:  #
     make_classifier(root / "clf.pkl")
     for name, data in {**variants(), **costly_variants(), **mismatched_variants()}.items():
         (root / f"{name}.pkl").write_bytes(data)
+    (root / "overflowing.pkl").write_bytes(overflowing_classifier())
     ImageFeatures.make_random([1, 2], feature_dim=1280).store(DataLocation("filesystem", str(root / "features.json")))
     for name, value in (("nan", np.nan), ("inf", np.inf), ("neg-inf", -np.inf)):
         features = ImageFeatures.make_random([1, 2], feature_dim=1280)
@@ -314,6 +315,11 @@ NONFINITE_CASES = [
         fs(e.root / f"features-{n}.featurevector"), fs(e.root / "clf.pkl")),
         (Code.INVALID_ARGUMENT,), (f"features-{name}.featurevector", "NaN or infinite"), within=5.0)
     for name in ("nan", "inf", "neg-inf")
+] + [
+    # Finite weights whose scores overflow to NaN: no reply carries them.
+    Case("scores-overflow", lambda e: e.client.classify_features(fs(e.root / "features.json"),
+                                                                 fs(e.root / "overflowing.pkl")),
+         (Code.INVALID_ARGUMENT,), ("not finite",), within=5.0),
 ]
 
 def _oip_stub(e: SimpleNamespace) -> Any:
@@ -483,13 +489,16 @@ LOCATION_CASES = [
         {"classifier": {"storage_type": "s3", "key": "k", "bucket_name": "\ud800"}})), (Code.INVALID_ARGUMENT,),
         ("Unicode",), within=5.0),
     Case("oip-config-key-a-number", _oip_load_config("numkey", json.dumps(
-        {"classifier": {"storage_type": "filesystem", "key": 5}})), (Code.INVALID_ARGUMENT, Code.NOT_FOUND), ("5",)),
+        {"classifier": {"storage_type": "filesystem", "key": 5}})), (Code.INVALID_ARGUMENT,), ("must be text",)),
+    Case("oip-config-url-key-an-object", _oip_load_config("objkey", json.dumps(
+        {"classifier": {"storage_type": "url", "key": {"a": 1}}})), (Code.INVALID_ARGUMENT,), ("must be text",)),
     Case("oip-config-bucket-a-list", _oip_load_config("listbucket", json.dumps(
         {"classifier": {"storage_type": "s3", "key": "k", "bucket_name": ["x"]}})), (Code.INVALID_ARGUMENT,), ("text",)),
     *(Case(f"write-code-file-{i}", lambda e, n=name: e.client.extract_features(
         e.extractor, [(1, 1)], fs(e.root / "good.png"), fs(e.root / n)),
         (Code.PERMISSION_DENIED,), ("Python code",)) for i, name in enumerate(
-        ["server.py", "server/__init__.py", "grpc_health.py", "sitecustomize.pth", "x.pyc", "mod.so"])),
+        ["server.py", "server/__init__.py", "grpc_health.py", "sitecustomize.pth", "x.pyc", "mod.so",
+         "server.py/", "numpy.py/.", "out/x.pth/"])),
 ]
 
 CASES = (PICKLE_CASES + FORMAT_CASES + CATEGORY_CASES + OIP_CASES + COSTLY_CASES + MISMATCH_CASES
@@ -526,7 +535,7 @@ def test_hostile_input_is_refused_cleanly(env, case: Case):
 
 
 
-@pytest.mark.parametrize("name", ["amplified-encode", "amplified-arrays"])
+@pytest.mark.parametrize("name", ["amplified-encode", "amplified-arrays", "amplified-swapped-arrays"])
 def test_pickles_that_copy_their_data_are_refused_before_the_copies_pile_up(env, name):
     """A 1 MiB string named 600 times would be 600 MiB of copies; the loader stops at the file's own size."""
     before = env.process.status()

@@ -262,8 +262,12 @@ def test_race_feature_read_never_returns_outside_bytes(case: Server, what: str) 
     else:
         link, a, b = root / "rflink", root / "rf", outside / "rf"
         key = link / "f.featurevector"
+    outcomes: list[Any] = []
     with Flipper(link, a, b) as flipper:
-        outcomes = _race_scores(case, lambda: case.client.classify_features(fs(key), fs(root / "clf.pkl")))
+        for _ in range(3):  # a loaded machine may see one side of the race in a round; at most 3 rounds
+            outcomes += _race_scores(case, lambda: case.client.classify_features(fs(key), fs(root / "clf.pkl")))
+            if inside in outcomes and Code.PERMISSION_DENIED in outcomes:
+                break
     assert flipper.flips >= 10
     assert all(o == inside or o in (Code.PERMISSION_DENIED, Code.NOT_FOUND) for o in outcomes), outcomes
     assert inside in outcomes and Code.PERMISSION_DENIED in outcomes, "the link changed during the calls"

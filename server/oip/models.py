@@ -110,8 +110,8 @@ def _location(data: Any, what: str) -> DataLocation:
         if isinstance(data, str):
             return location_from_text(data)
         if isinstance(data, Mapping):
-            return DataLocation(str(data.get("storage_type", "filesystem")), str(data["key"]),
-                                data.get("bucket_name") or None)
+            # Values go as they came: the storage gate refuses a key or bucket that is not text.
+            return DataLocation(data.get("storage_type", "filesystem"), data["key"], data.get("bucket_name") or None)
     except RequestError:
         raise
     except Exception as exc:

@@ -153,6 +153,7 @@ def _mlp_bad_random_state() -> bytes:
 
 
 MIB_TEXT = "a" * (1 << 20)
+MIB_BYTES = bytes(1 << 20)
 
 
 def _np_reconstruct() -> Any:
@@ -182,6 +183,10 @@ def costly_variants() -> dict[str, bytes]:
         "amplified-arrays": _with_extra([Reduce(_np_reconstruct(), (np.ndarray, (0,), b"b"),
                                                 (1, (1 << 20,), np.dtype("u1"), False, MIB_TEXT))
                                          for _ in range(600)]),
+        # One 1 MiB bytes under 600 byte-swapped arrays (NumPy makes each its own copy).
+        "amplified-swapped-arrays": _with_extra([Reduce(_np_reconstruct(), (np.ndarray, (0,), b"b"),
+                                                        (1, (1 << 17,), np.dtype(">f8"), False, MIB_BYTES))
+                                                 for _ in range(600)]),
     }
 
 
@@ -212,3 +217,10 @@ def mismatched_variants() -> dict[str, bytes]:
     clf.calibrated_classifiers_[0].calibrators[0].a_ = float("nan")
     out["calibration-nan"] = pickle.dumps(clf, protocol=2)
     return out
+
+
+def overflowing_classifier() -> bytes:
+    """Finite weights so large (1e308) that every score overflows to NaN."""
+    clf = calibrated_classifier("MLP")
+    clf.calibrated_classifiers_[0].estimator.coefs_[0][:] = 1e308
+    return pickle.dumps(clf, protocol=2)
