@@ -63,6 +63,9 @@ def test_task_and_json_checks_name_the_field():
     ("nbr_epochs", True, "nbr_epochs must be a whole number"),
     ("nbr_epochs", "2", "nbr_epochs must be a whole number"),
     ("nbr_epochs", 2.5, "nbr_epochs must be a whole number"),
+    ("nbr_epochs", None, "nbr_epochs must be a whole number"),
+    ("feature_cache_dir", 5, "feature_cache_dir must be text"),
+    ("feature_cache_dir", ["x"], "feature_cache_dir must be text"),
     ("mlp_hidden_layer_sizes", "abc", "must be a list of whole numbers"),
     ("mlp_hidden_layer_sizes", [100.5], r"mlp_hidden_layer_sizes\[0\] must be a whole number"),
 ])
