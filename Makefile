@@ -5,6 +5,9 @@ SHELL := bash
 .SHELLFLAGS := -o pipefail -c
 PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
+# The Python packages mypy checks, and every folder ruff reads.
+PY_PACKAGES := spacer_core server
+PY_DIRS := $(PY_PACKAGES) tests benchmarks scripts
 # Exact versions of every package the tests install (`make lock` rewrites it).
 CONSTRAINTS := constraints.txt
 # The tests' oracle. pyspacer pins old torch/scikit-learn; its runtime needs are ours, so skip its pins.
@@ -58,11 +61,24 @@ test-rust: ## Rust unit and property tests of crop_rs
 test-py: ## pytest (GPU tests skip without CUDA)
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
+test-fast: ## pytest without the tests marked slow (a few minutes; `make test` runs them all)
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
 fuzz: ## Bounded fuzz run of the image decoder
 	bash scripts/fuzz.sh
 
-lint: ## Type-check spacer_core and server (mypy)
-	$(PYTHON) -m mypy spacer_core server
+lint: ## ruff (lint and format), mypy, cargo fmt and clippy with warnings as errors
+	$(PYTHON) -m ruff check $(PY_DIRS)
+	$(PYTHON) -m ruff format --check $(PY_DIRS)
+	$(PYTHON) -m mypy $(PY_PACKAGES)
+	cargo fmt --check -p crop_rs
+	cargo clippy -p crop_rs --all-targets -- -D warnings
+	cargo clippy -p crop_rs --all-targets --no-default-features -- -D warnings
+
+format: ## Rewrite Python and Rust sources in the project's format
+	$(PYTHON) -m ruff check --fix $(PY_DIRS)
+	$(PYTHON) -m ruff format $(PY_DIRS)
+	cargo fmt -p crop_rs
 
 bench: ## Side-by-side benchmarks against pyspacer (slow; see docs/benchmarks.md)
 	$(PYTHON) benchmarks/bench_crop.py

@@ -49,7 +49,9 @@ def timed_run(label: str, run, points: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--width", type=int, default=1024)
@@ -65,11 +67,15 @@ def main() -> None:
         s = make_survey(folder, args.images, args.points, (args.width, args.height))
         items = bulk.plan(s.manifest)
         points = sum(len(i.rowcols) for i in items)
-        print(f"{args.images} images {args.width}x{args.height} x {args.points} points = {points} points;"
-              f" {os.cpu_count()} CPUs ({cpu_name()})")
+        print(
+            f"{args.images} images {args.width}x{args.height} x {args.points} points = {points} points;"
+            f" {os.cpu_count()} CPUs ({cpu_name()})"
+        )
         weights = cached_weights().path
         task = bulk.build_task("extract", weights, folder / "local")
-        bulk.run(bulk.build_task("extract", weights, folder / "warm"), items[:1])  # compile once, as Ray's actor does
+        bulk.run(
+            bulk.build_task("extract", weights, folder / "warm"), items[:1]
+        )  # compile once, as Ray's actor does
         local = timed_run("local engine", lambda: bulk.run(task, items), points)
 
         import ray
@@ -87,8 +93,11 @@ def main() -> None:
             ray_seconds[actors] = timed_run(
                 f"ray engine, {actors} actor(s)",
                 # Actors and the two CPU stages share the CPUs given to Ray.
-                lambda: bulk_ray.run(ray_task, items, bulk_ray.RayOptions(
-                    actors=actors, actor_cpus=(args.cpus - 1) / actors)), points)
+                lambda: bulk_ray.run(
+                    ray_task, items, bulk_ray.RayOptions(actors=actors, actor_cpus=(args.cpus - 1) / actors)
+                ),
+                points,
+            )
         ray.shutdown()
         print(f"ray overhead vs local: {(ray_seconds[1] / local - 1) * 100:+.1f}% (1 actor)")
         if 2 in ray_seconds:
@@ -106,12 +115,20 @@ def main() -> None:
         start = time.perf_counter()
         for item in subset:
             extractor = SpExtractor.deserialize(extractor_json(weights, sha))
-            extract_features(ExtractFeaturesMsg(item.name, extractor, list(item.rowcols),
-                                                SpLoc("filesystem", item.location.key),
-                                                SpLoc("filesystem", str(folder / f"{item.file_name}.sp"))))
+            extract_features(
+                ExtractFeaturesMsg(
+                    item.name,
+                    extractor,
+                    list(item.rowcols),
+                    SpLoc("filesystem", item.location.key),
+                    SpLoc("filesystem", str(folder / f"{item.file_name}.sp")),
+                )
+            )
         sp = (time.perf_counter() - start) * len(items) / len(subset)
-        print(f"{'pyspacer loop (scaled)':<28} {sp:8.1f} s {points / sp:8.1f} points/s"
-              f"  ({len(subset)} images timed)")
+        print(
+            f"{'pyspacer loop (scaled)':<28} {sp:8.1f} s {points / sp:8.1f} points/s"
+            f"  ({len(subset)} images timed)"
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

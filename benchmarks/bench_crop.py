@@ -24,9 +24,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-
-from _machine import cpu_name
 import torch
+from _machine import cpu_name
 from PIL import Image
 from spacer.extractors.torch_extractors import transformation
 from spacer.extractors.utils import crop_patches as spacer_crop_patches
@@ -71,7 +70,9 @@ def our_path(data: bytes, rowcols: list[tuple[int, int]]) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def paired_medians(theirs: Callable[[], object], ours: Callable[[], object], repeat: int) -> tuple[float, float]:
+def paired_medians(
+    theirs: Callable[[], object], ours: Callable[[], object], repeat: int
+) -> tuple[float, float]:
     """Median times of the two paths, run alternately so load changes hit both alike."""
     theirs()  # warm-up (allocator, thread pools)
     ours()
@@ -91,9 +92,10 @@ def report(name: str, theirs: float, ours: float) -> None:
     print(f"{name:34s} {theirs:11.3f} {ours:9.3f} {theirs / ours:8.2f}x")
 
 
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
 
@@ -112,7 +114,10 @@ def main() -> None:
     for name, data, rowcols in cases:
         assert torch.equal(pyspacer_path(data, rowcols), our_path(data, rowcols)), name
         repeat = max(2, args.repeat // 2) if len(rowcols) >= 1000 else args.repeat
-        report(name, *paired_medians(lambda: pyspacer_path(data, rowcols), lambda: our_path(data, rowcols), repeat))
+        report(
+            name,
+            *paired_medians(lambda: pyspacer_path(data, rowcols), lambda: our_path(data, rowcols), repeat),
+        )
 
     # Decode + crop to uint8 patches only (the design target: >= 2x).
     rowcols = points(3000, 4000, 100)

@@ -38,9 +38,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from _machine import cpu_name
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,12 +53,14 @@ def make_images(folder: Path, count: int, points: int, width: int, height: int) 
     for i in range(count):
         coarse = rng.integers(0, 256, size=(height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
         pixels = np.asarray(
-            Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR), dtype=np.int16)
+            Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR), dtype=np.int16
+        )
         pixels = np.clip(pixels + rng.integers(-12, 13, size=pixels.shape, dtype=np.int16), 0, 255)
         path = folder / f"survey_{i:02d}.jpg"
         Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
-        rowcols = [(int(r), int(c)) for r, c in zip(rng.integers(0, height, points),
-                                                    rng.integers(0, width, points))]
+        rowcols = [
+            (int(r), int(c)) for r, c in zip(rng.integers(0, height, points), rng.integers(0, width, points))
+        ]
         jobs.append((path, rowcols))
     return jobs
 
@@ -99,12 +100,14 @@ class Pyspacer:
     package = "spacer"
 
     def __init__(self, weights: Path, sha256: str, classifier: Path, out: Path):
-        self.lib = {part: importlib.import_module(f"{self.package}.{part}")
-                    for part in ("data_classes", "extractors", "messages", "tasks")}
+        self.lib = {
+            part: importlib.import_module(f"{self.package}.{part}")
+            for part in ("data_classes", "extractors", "messages", "tasks")
+        }
         self.loc = self.lib["data_classes"].DataLocation
         self.extractor = self.lib["extractors"].EfficientNetExtractor(
-            data_locations={"weights": self.loc("filesystem", str(weights))},
-            data_hashes={"weights": sha256})
+            data_locations={"weights": self.loc("filesystem", str(weights))}, data_hashes={"weights": sha256}
+        )
         self.classifier = self.loc("filesystem", str(classifier))
         self.out = out
 
@@ -114,15 +117,24 @@ class Pyspacer:
     def extract(self, jobs: list[Job]) -> None:
         messages, tasks = self.lib["messages"], self.lib["tasks"]
         for image, rowcols in jobs:
-            tasks.extract_features(messages.ExtractFeaturesMsg(
-                "bench", self.extractor, rowcols, self.loc("filesystem", str(image)),
-                self.loc("filesystem", str(self.feature_path(image)))))
+            tasks.extract_features(
+                messages.ExtractFeaturesMsg(
+                    "bench",
+                    self.extractor,
+                    rowcols,
+                    self.loc("filesystem", str(image)),
+                    self.loc("filesystem", str(self.feature_path(image))),
+                )
+            )
 
     def classify(self, jobs: list[Job]) -> None:
         messages, tasks = self.lib["messages"], self.lib["tasks"]
         for image, rowcols in jobs:
-            tasks.classify_image(messages.ClassifyImageMsg(
-                "bench", self.extractor, rowcols, self.loc("filesystem", str(image)), self.classifier))
+            tasks.classify_image(
+                messages.ClassifyImageMsg(
+                    "bench", self.extractor, rowcols, self.loc("filesystem", str(image)), self.classifier
+                )
+            )
 
     def features(self, image: Path) -> np.ndarray:
         data_classes = self.lib["data_classes"]
@@ -136,6 +148,7 @@ class OursTasks(Pyspacer):
     name = "ours/tasks"
     package = "spacer_core"
 
+
 class OursBatched:
     """The server's path without gRPC: `spacer_core.pipeline` steps, the network through the
     runtime's shared dynamic batcher, so concurrent callers fill each other's batches."""
@@ -147,12 +160,18 @@ class OursBatched:
         from spacer_core.extractors import EfficientNetExtractor
         from spacer_core.runtime import Runtime, RuntimeSettings
 
-        self.runtime = Runtime(RuntimeSettings(
-            precision=args.precision, batch_size=args.batch_size, queue_delay_s=args.queue_delay,
-            batcher_workers=args.workers))
+        self.runtime = Runtime(
+            RuntimeSettings(
+                precision=args.precision,
+                batch_size=args.batch_size,
+                queue_delay_s=args.queue_delay,
+                batcher_workers=args.workers,
+            )
+        )
         self.extractor = EfficientNetExtractor(
             data_locations={"weights": DataLocation("filesystem", str(weights))},
-            data_hashes={"weights": sha256})
+            data_hashes={"weights": sha256},
+        )
         start = time.perf_counter()
         with self.runtime.activate():
             self.net = self.extractor.network()[0]
@@ -172,9 +191,14 @@ class OursBatched:
         with self.runtime.activate():
             for image, rowcols in jobs:
                 job = pipeline.ImageJob(
-                    self.extractor, rowcols, DataLocation("filesystem", str(image)),
-                    feature_loc=None if classify else DataLocation("filesystem", str(self.feature_path(image))),
-                    classifier_loc=self.classifier if classify else None)
+                    self.extractor,
+                    rowcols,
+                    DataLocation("filesystem", str(image)),
+                    feature_loc=None
+                    if classify
+                    else DataLocation("filesystem", str(self.feature_path(image))),
+                    classifier_loc=self.classifier if classify else None,
+                )
                 prepared = pipeline.prepare(job)
                 pipeline.finish(prepared, self.batcher.extract_sync(prepared.patches))
 
@@ -207,13 +231,14 @@ def network_alone(batched: OursBatched, patches: int, repeats: int = 3) -> tuple
     batch = probe_batch(patches, seed=3)
     net = build_network(batched.extractor.resolve_data("weights").read())
     buffer = io.BytesIO()
-    torch.onnx.export(net, torch.from_numpy(batch[:4]), buffer, input_names=["x"], opset_version=17,
-                      dynamo=False)
+    torch.onnx.export(
+        net, torch.from_numpy(batch[:4]), buffer, input_names=["x"], opset_version=17, dynamo=False
+    )
     session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
 
     def plain() -> None:
         for start in range(0, patches - patches % 4, 4):
-            session.run(None, {"x": batch[start:start + 4]})
+            session.run(None, {"x": batch[start : start + 4]})
 
     def ours() -> None:
         batched.runtime.features(batched.net, batch)
@@ -230,8 +255,9 @@ def network_alone(batched: OursBatched, patches: int, repeats: int = 3) -> tuple
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply the image count and points per image (default 1)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="multiply the image count and points per image (default 1)"
+    )
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--points", type=int, default=100)
     parser.add_argument("--width", type=int, default=4000)
@@ -239,11 +265,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--callers", type=int, default=8)
     parser.add_argument("--precision", default="exact", choices=["exact", "fast"])
     parser.add_argument("--backend", default="auto", help="auto, onnxruntime, torchscript or eager")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="batcher's max batch (default: the backend's preferred size)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batcher's max batch (default: the backend's preferred size)",
+    )
     parser.add_argument("--queue-delay", type=float, default=0.002, help="seconds (default 0.002)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="batches in flight at once in the batcher (default 2)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="batches in flight at once in the batcher (default 2)"
+    )
     parser.add_argument("--skip", default="", help="comma list of: pyspacer, tasks, batched")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -261,10 +292,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         make_classifier(classifier)
         jobs = make_images(folder, images, points, args.width, args.height)
         total = images * points
-        print(f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs; "
-              f"{images} images {args.width}x{args.height}, {points} points each "
-              f"({total} points); callers: 1 and {args.callers}; "
-              f"load average before: {os.getloadavg()[0]:.1f}")
+        print(
+            f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs; "
+            f"{images} images {args.width}x{args.height}, {points} points each "
+            f"({total} points); callers: 1 and {args.callers}; "
+            f"load average before: {os.getloadavg()[0]:.1f}"
+        )
 
         skip = set(filter(None, args.skip.split(",")))
         systems: list = []
@@ -274,8 +307,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             systems.append(OursTasks(weights, sha256, classifier, folder))
         if "batched" not in skip:
             batched = OursBatched(weights, sha256, classifier, folder, args)
-            print(f"ours/batched backend: {batched.backend.describe()}, max batch "
-                  f"{batched.batcher.max_batch_size}, {args.workers} workers, compiled/loaded in {batched.load_seconds:.1f} s")
+            print(
+                f"ours/batched backend: {batched.backend.describe()}, max batch "
+                f"{batched.batcher.max_batch_size}, {args.workers} workers, compiled/loaded in {batched.load_seconds:.1f} s"
+            )
             systems.append(batched)
 
         # One untimed image per system loads and compiles what each keeps between calls
@@ -285,8 +320,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         alone = None
         if "batched" not in skip:
             alone, plain = network_alone(batched, min(total, 200))
-            print(f"network alone: ours {alone:.1f} patches/s, plain ONNX Runtime session {plain:.1f} "
-                  f"patches/s (ours/plain {alone / plain:.2f})", flush=True)
+            print(
+                f"network alone: ours {alone:.1f} patches/s, plain ONNX Runtime session {plain:.1f} "
+                f"patches/s (ours/plain {alone / plain:.2f})",
+                flush=True,
+            )
 
         rates: dict[tuple[str, str, int], float] = {}
         for task in ("extract", "classify"):
@@ -298,23 +336,28 @@ def main(argv: Sequence[str] | None = None) -> None:
                     ratio = f"  {total / seconds / base:5.2f}x pyspacer" if base else ""
                     if alone and system.name != "pyspacer":
                         ratio += f"  {total / seconds / alone:4.2f} of network alone"
-                    print(f"{task:8s} callers={callers:<2d} {system.name:13s} "
-                          f"{total / seconds:8.1f} points/s  ({seconds:6.1f} s){ratio}", flush=True)
+                    print(
+                        f"{task:8s} callers={callers:<2d} {system.name:13s} "
+                        f"{total / seconds:8.1f} points/s  ({seconds:6.1f} s){ratio}",
+                        flush=True,
+                    )
 
         if systems and systems[0].name == "pyspacer":
             reference = systems[0]
             for system in systems[1:]:
-                diff = max(float(np.max(np.abs(system.features(img) - reference.features(img))))
-                           for img, _ in jobs)
+                diff = max(
+                    float(np.max(np.abs(system.features(img) - reference.features(img)))) for img, _ in jobs
+                )
                 print(f"max abs feature difference {system.name} vs pyspacer: {diff:.2e}")
         print(f"load average after: {os.getloadavg()[0]:.1f} (other work on the machine skews figures)")
         for system in systems:
             if isinstance(system, OursBatched):
                 system.runtime.close()
                 stats = system.batcher.stats
-                print(f"ours/batched: {stats.batches} batches, "
-                      f"{stats.patches / max(stats.batches, 1):.1f} patches per batch")
-
+                print(
+                    f"ours/batched: {stats.batches} batches, "
+                    f"{stats.patches / max(stats.batches, 1):.1f} patches per batch"
+                )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
     return min(times)
 
 
-def make_features(rng: np.random.Generator, points: int, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_features(
+    rng: np.random.Generator, points: int, dim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = rng.choice(3000, points, replace=False)
     cols = rng.choice(4000, points, replace=False)
     # Network features are float32 activations after swish, stored as float64.
@@ -81,7 +83,10 @@ def main() -> None:
                 best_of(lambda: [ImageFeatures.load(loc) for loc in ours_locs]),
             )
         )
-        labels = {i: [(int(r), int(c), int(k % 5)) for k, (r, c) in enumerate(zip(d[0], d[1]))] for i, d in enumerate(data)}
+        labels = {
+            i: [(int(r), int(c), int(k % 5)) for k, (r, c) in enumerate(zip(d[0], d[1]))]
+            for i, d in enumerate(data)
+        }
         their_labels = ps.ImageLabels({their_locs[i]: v for i, v in labels.items()})
         our_labels = ImageLabels({ours_locs[i]: v for i, v in labels.items()})
         results.append(
@@ -98,7 +103,9 @@ def main() -> None:
     print(f"{'operation':<18}{'pyspacer s':>12}{'ours s':>10}{'ratio':>8}")
     for name, theirs, ours in results:
         print(f"{name:<18}{theirs:>12.3f}{ours:>10.3f}{theirs / ours:>7.1f}x")
-    print(f"bytes on disk: pyspacer {size_theirs / 1e6:.1f} MB, ours {size_ours / 1e6:.1f} MB ({size_ours / size_theirs:.2f}x)")
+    print(
+        f"bytes on disk: pyspacer {size_theirs / 1e6:.1f} MB, ours {size_ours / 1e6:.1f} MB ({size_ours / size_theirs:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

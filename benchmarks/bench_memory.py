@@ -77,8 +77,16 @@ def run_streams(address: str, per_stream: list[list]) -> tuple[int, float]:
     return sum(counts), seconds
 
 
-def measure(tree: Path, workdir: Path, weights_dir: Path, extractor: dict, clf: Path,
-            per_stream: list[list], warm_image, serve_args: list[str]) -> dict[str, float]:
+def measure(
+    tree: Path,
+    workdir: Path,
+    weights_dir: Path,
+    extractor: dict,
+    clf: Path,
+    per_stream: list[list],
+    warm_image,
+    serve_args: list[str],
+) -> dict[str, float]:
     server = ServeProcess(workdir, "--data-root", str(weights_dir), "--log-level", "WARNING", *serve_args)
     server.env["PYTHONPATH"] = str(tree)
     server.start()
@@ -92,8 +100,13 @@ def measure(tree: Path, workdir: Path, weights_dir: Path, extractor: dict, clf: 
         end = server.status()
     finally:
         server.stop()
-    return {"base": base.rss_mib, "peak": end.peak_rss_mib, "points_s": n / seconds, "seconds": seconds,
-            "cpu_per_100": (end.cpu_s - base.cpu_s) / n * 100}
+    return {
+        "base": base.rss_mib,
+        "peak": end.peak_rss_mib,
+        "points_s": n / seconds,
+        "seconds": seconds,
+        "cpu_per_100": (end.cpu_s - base.cpu_s) / n * 100,
+    }
 
 
 def main() -> None:
@@ -105,8 +118,12 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=8, help="distinct JPEG files made")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--inline", action="store_true", help="send image bytes in the requests")
-    parser.add_argument("--tree", action="append", default=[],
-                        help="NAME=PATH: run the server from this checkout (repeatable); default this one")
+    parser.add_argument(
+        "--tree",
+        action="append",
+        default=[],
+        help="NAME=PATH: run the server from this checkout (repeatable); default this one",
+    )
     parser.add_argument("serve_args", nargs="*", help="extra `spacer serve` flags (after --)")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -129,39 +146,63 @@ def main() -> None:
             requests = []
             for i in range(args.images):
                 k = s * args.images + i
-                requests.append(SpacerClient.image_request(
-                    extractor, points(args.points, width, height, k), image(files[k % len(files)]),
-                    fs_loc(clf), f"s{s}-{i}"))
+                requests.append(
+                    SpacerClient.image_request(
+                        extractor,
+                        points(args.points, width, height, k),
+                        image(files[k % len(files)]),
+                        fs_loc(clf),
+                        f"s{s}-{i}",
+                    )
+                )
             per_stream.append(requests)
-        print(f"{cpu_name()}, cpus={os.cpu_count()}; {args.streams} streams x {args.images} images of"
-              f" {width}x{height} ({width * height / 1e6:.1f} MP, JPEG {encoded:.1f} MiB each),"
-              f" {args.points} points; {'inline bytes' if args.inline else 'filesystem locations'};"
-              f" serve flags: {' '.join(args.serve_args) or 'defaults'}")
+        print(
+            f"{cpu_name()}, cpus={os.cpu_count()}; {args.streams} streams x {args.images} images of"
+            f" {width}x{height} ({width * height / 1e6:.1f} MP, JPEG {encoded:.1f} MiB each),"
+            f" {args.points} points; {'inline bytes' if args.inline else 'filesystem locations'};"
+            f" serve flags: {' '.join(args.serve_args) or 'defaults'}"
+        )
 
         results: dict[str, list[dict[str, float]]] = {name: [] for name, _ in trees}
         for r in range(args.rounds):
             for name, tree in trees:
                 load = os.getloadavg()[0]
-                out = measure(tree, workdir, weights.path.parent, extractor, clf, per_stream,
-                              image(files[0]), args.serve_args)
+                out = measure(
+                    tree,
+                    workdir,
+                    weights.path.parent,
+                    extractor,
+                    clf,
+                    per_stream,
+                    image(files[0]),
+                    args.serve_args,
+                )
                 results[name].append(out)
-                print(f"round {r + 1} {name:>8}: RSS after warm-up {out['base']:6.0f} MiB, peak"
-                      f" {out['peak']:6.0f} MiB, {out['points_s']:6.1f} points/s ({out['seconds']:.1f} s),"
-                      f" {out['cpu_per_100']:.2f} CPU s per 100 points; load average at start {load:.1f}",
-                      flush=True)
+                print(
+                    f"round {r + 1} {name:>8}: RSS after warm-up {out['base']:6.0f} MiB, peak"
+                    f" {out['peak']:6.0f} MiB, {out['points_s']:6.1f} points/s ({out['seconds']:.1f} s),"
+                    f" {out['cpu_per_100']:.2f} CPU s per 100 points; load average at start {load:.1f}",
+                    flush=True,
+                )
 
         first = trees[0][0]
-        medians = {name: {k: statistics.median(o[k] for o in runs) for k in runs[0]}
-                   for name, runs in results.items()}
+        medians = {
+            name: {k: statistics.median(o[k] for o in runs) for k in runs[0]}
+            for name, runs in results.items()
+        }
         for name, m in medians.items():
             ratio = ""
             if name != first:
-                ratio = (f"; vs {first}: peak x{m['peak'] / medians[first]['peak']:.2f},"
-                         f" points/s x{m['points_s'] / medians[first]['points_s']:.2f},"
-                         f" CPU per point x{m['cpu_per_100'] / medians[first]['cpu_per_100']:.2f}")
-            print(f"median {name:>8}: RSS after warm-up {m['base']:.0f} MiB, peak {m['peak']:.0f} MiB"
-                  f" (target <= 2048), {m['points_s']:.1f} points/s,"
-                  f" {m['cpu_per_100']:.2f} CPU s per 100 points{ratio}")
+                ratio = (
+                    f"; vs {first}: peak x{m['peak'] / medians[first]['peak']:.2f},"
+                    f" points/s x{m['points_s'] / medians[first]['points_s']:.2f},"
+                    f" CPU per point x{m['cpu_per_100'] / medians[first]['cpu_per_100']:.2f}"
+                )
+            print(
+                f"median {name:>8}: RSS after warm-up {m['base']:.0f} MiB, peak {m['peak']:.0f} MiB"
+                f" (target <= 2048), {m['points_s']:.1f} points/s,"
+                f" {m['cpu_per_100']:.2f} CPU s per 100 points{ratio}"
+            )
 
 
 if __name__ == "__main__":

@@ -69,17 +69,25 @@ def plain_sessions(weights: Path, batches: tuple[int, ...]) -> dict[int, object]
         buffer = io.BytesIO()
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(Features(), torch.zeros(size, 3, 224, 224), buffer, input_names=["x"],
-                              opset_version=17, dynamo=False)
-        out[size] = (buffer.getvalue(), ort.InferenceSession(buffer.getvalue(),
-                                                             providers=["CPUExecutionProvider"]))
+            torch.onnx.export(
+                Features(),
+                torch.zeros(size, 3, 224, 224),
+                buffer,
+                input_names=["x"],
+                opset_version=17,
+                dynamo=False,
+            )
+        out[size] = (
+            buffer.getvalue(),
+            ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"]),
+        )
     return out
 
 
 def run_plain(session: object, size: int, patches: np.ndarray) -> int:
     done = len(patches) - len(patches) % size
     for start in range(0, done, size):
-        session.run(None, {"x": patches[start:start + size]})  # type: ignore[attr-defined]
+        session.run(None, {"x": patches[start : start + size]})  # type: ignore[attr-defined]
     return done
 
 
@@ -91,8 +99,11 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=3000)
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--callers", default="1,8", help="batcher callers to measure (default 1,8)")
-    parser.add_argument("--only", default="", help="comma list of rows: backend, layout, previous, "
-                        "tasks, bulk, extract, batcher, fast")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma list of rows: backend, layout, previous, tasks, bulk, extract, batcher, fast",
+    )
     parser.add_argument("--fast", action="store_true", help="also time `fast` precision")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -105,8 +116,8 @@ def main() -> None:
 
     from spacer_core import bulk, crop, survey, tasks
     from spacer_core.data_classes import DataLocation
-    from spacer_core.inference import run_in_batches
     from spacer_core.extractors import EfficientNetExtractor
+    from spacer_core.inference import run_in_batches
     from spacer_core.messages import ExtractFeaturesMsg
     from spacer_core.runtime import Runtime, RuntimeSettings, default_runtime
     from tests.support.weights import make_weights
@@ -120,22 +131,30 @@ def main() -> None:
         images_dir.mkdir()
         jobs = make_images(images_dir, args.images, args.points, args.width, args.height)
         total = args.images * args.points
-        print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, ONNX Runtime {ort.__version__}; "
-              f"{args.images} JPEGs {args.width}x{args.height} x {args.points} points; "
-              f"{args.cycles} cycles; load average before: {os.getloadavg()[0]:.1f}", flush=True)
+        print(
+            f"machine: {cpu_name()}, {os.cpu_count()} CPUs, ONNX Runtime {ort.__version__}; "
+            f"{args.images} JPEGs {args.width}x{args.height} x {args.points} points; "
+            f"{args.cycles} cycles; load average before: {os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
 
         extractor = EfficientNetExtractor(
             data_locations={"weights": DataLocation("filesystem", str(weights))},
-            data_hashes={"weights": sha256})
+            data_hashes={"weights": sha256},
+        )
         runtime = default_runtime()  # what tasks.extract_features uses
         with runtime.activate():
             net = extractor.network()[0]
         backend = runtime.backend(net)
         print(f"our backend: {backend.describe()}", flush=True)
-        patches = np.concatenate([
-            crop.crop_patches_into_chw(Path(image).read_bytes(), rowcols,
-                                       np.empty((len(rowcols), 3, 224, 224), np.float32))
-            for image, rowcols in jobs[:2]])
+        patches = np.concatenate(
+            [
+                crop.crop_patches_into_chw(
+                    Path(image).read_bytes(), rowcols, np.empty((len(rowcols), 3, 224, 224), np.float32)
+                )
+                for image, rowcols in jobs[:2]
+            ]
+        )
 
         plain = plain_sessions(weights, (4, 8, 16))
         rates = {}
@@ -146,8 +165,12 @@ def main() -> None:
             rates[size] = done / (time.perf_counter() - start)
         best = max(rates, key=rates.__getitem__)
         plain_session = plain[best][1]
-        print("plain session (default settings, 2 threads, spinning) patches/s by static batch: "
-              + ", ".join(f"{k}: {v:.1f}" for k, v in rates.items()) + f" -> batch {best}", flush=True)
+        print(
+            "plain session (default settings, 2 threads, spinning) patches/s by static batch: "
+            + ", ".join(f"{k}: {v:.1f}" for k, v in rates.items())
+            + f" -> batch {best}",
+            flush=True,
+        )
         # The network in our layout: two single-thread sessions side by side.
         single = []
         for _ in range(2):
@@ -159,8 +182,9 @@ def main() -> None:
 
         def plain_2x1(batch: np.ndarray) -> int:
             half = len(batch) // 2
-            futures = [pool.submit(run_plain, s, 4, part)
-                       for s, part in zip(single, (batch[:half], batch[half:]))]
+            futures = [
+                pool.submit(run_plain, s, 4, part) for s, part in zip(single, (batch[:half], batch[half:]))
+            ]
             return sum(f.result() for f in futures)
 
         feature_dir = folder / "features"
@@ -168,9 +192,15 @@ def main() -> None:
 
         def library_images() -> int:
             for image, rowcols in jobs:
-                tasks.extract_features(ExtractFeaturesMsg(
-                    "bench", extractor, rowcols, DataLocation("filesystem", str(image)),
-                    DataLocation("filesystem", str(feature_dir / f"{image.name}.featurevector"))))
+                tasks.extract_features(
+                    ExtractFeaturesMsg(
+                        "bench",
+                        extractor,
+                        rowcols,
+                        DataLocation("filesystem", str(image)),
+                        DataLocation("filesystem", str(feature_dir / f"{image.name}.featurevector")),
+                    )
+                )
             return total
 
         manifest = folder / "points.csv"
@@ -189,8 +219,9 @@ def main() -> None:
         point_map = {image.name: list(rowcols) for image, rowcols in jobs}
 
         def spacer_extract() -> int:
-            survey.extract_images(survey.LocalRunner(), extractor, [image for image, _ in jobs],
-                                  point_map, folder / "cli-out")
+            survey.extract_images(
+                survey.LocalRunner(), extractor, [image for image, _ in jobs], point_map, folder / "cli-out"
+            )
             return total
 
         def batcher_callers(callers: int) -> Callable[[], int]:
@@ -198,15 +229,21 @@ def main() -> None:
 
             def one(image: Path, rowcols: list[tuple[int, int]]) -> None:
                 with runtime.activate():
-                    prepared = pipeline.prepare(pipeline.ImageJob(
-                        extractor, rowcols, DataLocation("filesystem", str(image)),
-                        feature_loc=DataLocation("filesystem", str(feature_dir / f"{image.name}.b.fv"))))
+                    prepared = pipeline.prepare(
+                        pipeline.ImageJob(
+                            extractor,
+                            rowcols,
+                            DataLocation("filesystem", str(image)),
+                            feature_loc=DataLocation("filesystem", str(feature_dir / f"{image.name}.b.fv")),
+                        )
+                    )
                     pipeline.finish(prepared, runtime.batcher(net).extract_sync(prepared.patches))
 
             def go() -> int:
                 with concurrent.futures.ThreadPoolExecutor(callers) as callers_pool:
                     list(callers_pool.map(lambda job: one(*job), jobs))
                 return total
+
             return go
 
         rows: dict[str, Callable[[], int]] = {}
@@ -218,16 +255,20 @@ def main() -> None:
             # The layout before: one session with every core, no spinning (same folded export).
             from spacer_core.inference import OnnxBackend, compile_cache
 
-            artifact = compile_cache.artifact_path(compile_cache.cache_dir(), sha256, "onnx", "exact-cpu",
-                                                   ".onnx")
+            artifact = compile_cache.artifact_path(
+                compile_cache.cache_dir(), sha256, "onnx", "exact-cpu", ".onnx"
+            )
             previous = OnnxBackend(artifact, sessions=1)
-            rows["backend, one 2-thread session (previous)"] = \
-                lambda: (run_in_batches(previous, patches, 4), len(patches))[1]
+            rows["backend, one 2-thread session (previous)"] = lambda: (
+                run_in_batches(previous, patches, 4),
+                len(patches),
+            )[1]
 
             def folder_one_worker() -> int:
                 task = bulk.BulkTask.extract(extractor, folder / "bulk-out-1", overwrite=True)
                 bulk.run(task, items, workers=1)
                 return total
+
             rows["folder, 1 worker (previous)"] = folder_one_worker
         if wanted("tasks"):
             rows["tasks.extract_features, 1 image at a time"] = library_images
@@ -244,10 +285,15 @@ def main() -> None:
             print(f"fast backend: {fast_backend.describe()}", flush=True)
             exact_f = runtime.features(net, patches)
             fast_f = fast_runtime.features(net, patches)
-            print(f"fast vs exact features: max abs diff {np.max(np.abs(fast_f - exact_f)):.2e}, "
-                  f"mean abs diff {np.mean(np.abs(fast_f - exact_f)):.2e}", flush=True)
-            rows["fast precision backend (identical patches)"] = \
-                lambda: (fast_runtime.features(net, patches), len(patches))[1]
+            print(
+                f"fast vs exact features: max abs diff {np.max(np.abs(fast_f - exact_f)):.2e}, "
+                f"mean abs diff {np.mean(np.abs(fast_f - exact_f)):.2e}",
+                flush=True,
+            )
+            rows["fast precision backend (identical patches)"] = lambda: (
+                fast_runtime.features(net, patches),
+                len(patches),
+            )[1]
 
         for run in rows.values():  # warm: compile, load, first-call allocations
             run()
@@ -268,16 +314,23 @@ def main() -> None:
                 rate = count / (time.perf_counter() - start)
                 absolute[name].append(rate)
                 ratios[name].append(rate / reference)
-            print(f"cycle {cycle + 1}: plain {reference:.1f} patches/s; "
-                  + "; ".join(f"{name.split(' (')[0]} {ratios[name][-1]:.3f}" for name in rows), flush=True)
+            print(
+                f"cycle {cycle + 1}: plain {reference:.1f} patches/s; "
+                + "; ".join(f"{name.split(' (')[0]} {ratios[name][-1]:.3f}" for name in rows),
+                flush=True,
+            )
 
-        print(f"\nplain session of pyspacer's network (batch {best}): median "
-              f"{np.median(plain_rates):.1f} patches/s")
+        print(
+            f"\nplain session of pyspacer's network (batch {best}): median "
+            f"{np.median(plain_rates):.1f} patches/s"
+        )
         print(f"{'path':48s} {'median rate':>12s} {'ratio to plain (median, min-max)':>34s}")
         for name in rows:
             r = ratios[name]
-            print(f"{name:48s} {np.median(absolute[name]):9.1f}/s   "
-                  f"{np.median(r):6.3f}  ({min(r):.3f}-{max(r):.3f})")
+            print(
+                f"{name:48s} {np.median(absolute[name]):9.1f}/s   "
+                f"{np.median(r):6.3f}  ({min(r):.3f}-{max(r):.3f})"
+            )
         print(f"load average after: {os.getloadavg()[0]:.1f} (other work on the machine skews figures)")
         runtime.close()
 

@@ -83,34 +83,49 @@ def main() -> None:
     rowcols = [points(args.points, width, height, 100 + i) for i in range(args.images)]
     tiny = make_jpeg(work / "tiny.jpg", 256, 256, 99).read_bytes()
     total_points = args.images * args.points
-    print(f"machine: {cpu_name()}; {args.images} images {width}x{height}, {args.points} points each,"
-          f" {args.rounds} rounds, ModelInfer concurrency {args.concurrency}")
+    print(
+        f"machine: {cpu_name()}; {args.images} images {width}x{height}, {args.points} points each,"
+        f" {args.rounds} rounds, ModelInfer concurrency {args.concurrency}"
+    )
 
-    with ServeProcess(work, "--model-repository", str(repo), "--log-level", "WARNING") as proc, \
-            SpacerClient(proc.address, timeout=600) as spacer, \
-            grpcclient.InferenceServerClient(proc.address) as triton:
+    with (
+        ServeProcess(work, "--model-repository", str(repo), "--log-level", "WARNING") as proc,
+        SpacerClient(proc.address, timeout=600) as spacer,
+        grpcclient.InferenceServerClient(proc.address) as triton,
+    ):
         triton.load_model("efficientnet")
         triton.load_model("clf")
 
         def classify_images() -> list:
-            reqs = [SpacerClient.image_request(extractor, rc, img, clf_loc, job_token=str(i))
-                    for i, (img, rc) in enumerate(zip(images, rowcols))]
+            reqs = [
+                SpacerClient.image_request(extractor, rc, img, clf_loc, job_token=str(i))
+                for i, (img, rc) in enumerate(zip(images, rowcols))
+            ]
             out = {r.job_token: r.result for r in spacer.classify_images(reqs)}
             return [out[str(i)] for i in range(len(images))]
 
         def model_infer() -> list:
             with ThreadPoolExecutor(args.concurrency) as pool:
-                return list(pool.map(
-                    lambda i: triton.infer("spacer_pipeline", oip_inputs(images[i], rowcols[i]),
-                                           parameters=PARAMS), range(len(images))))
+                return list(
+                    pool.map(
+                        lambda i: triton.infer(
+                            "spacer_pipeline", oip_inputs(images[i], rowcols[i]), parameters=PARAMS
+                        ),
+                        range(len(images)),
+                    )
+                )
 
         def stream_infer() -> list:
             got: queue.Queue = queue.Queue()
             triton.start_stream(callback=lambda result, error: got.put((result, error)))
             try:
                 for i in range(len(images)):
-                    triton.async_stream_infer("spacer_pipeline", oip_inputs(images[i], rowcols[i]),
-                                              request_id=str(i), parameters=PARAMS)
+                    triton.async_stream_infer(
+                        "spacer_pipeline",
+                        oip_inputs(images[i], rowcols[i]),
+                        request_id=str(i),
+                        parameters=PARAMS,
+                    )
                 results = [got.get(timeout=600) for _ in images]
             finally:
                 triton.stop_stream()
@@ -126,7 +141,11 @@ def main() -> None:
         stream_infer()
 
         timings: dict[str, list[float]] = {"ClassifyImages": [], "ModelInfer": [], "ModelStreamInfer": []}
-        sides = {"ClassifyImages": classify_images, "ModelInfer": model_infer, "ModelStreamInfer": stream_infer}
+        sides = {
+            "ClassifyImages": classify_images,
+            "ModelInfer": model_infer,
+            "ModelStreamInfer": stream_infer,
+        }
         for r in range(args.rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for name in order:
@@ -140,9 +159,11 @@ def main() -> None:
             # Each round ran both sides back to back: the median of the per-round
             # ratios cancels most of the drift of a shared machine.
             paired = statistics.median(v1 / t for v1, t in zip(timings["ClassifyImages"], times))
-            print(f"  {name:17s} {rate:7.1f} points/s  ({rate / base:.3f}x ClassifyImages;"
-                  f" median per-round ratio {paired:.3f};"
-                  f" rounds {', '.join(f'{total_points / t:.0f}' for t in times)})")
+            print(
+                f"  {name:17s} {rate:7.1f} points/s  ({rate / base:.3f}x ClassifyImages;"
+                f" median per-round ratio {paired:.3f};"
+                f" rounds {', '.join(f'{total_points / t:.0f}' for t in times)})"
+            )
 
         # Per-call overhead: one point on a small image, one call at a time.
         one = [(128, 128)]
@@ -154,7 +175,7 @@ def main() -> None:
         for fn in calls.values():
             fn()
         for r in range(args.rounds):
-            for name in (list(calls) if r % 2 == 0 else list(reversed(calls))):
+            for name in list(calls) if r % 2 == 0 else list(reversed(calls)):
                 for _ in range(args.calls // 2):
                     start = time.perf_counter()
                     calls[name]()
@@ -191,9 +212,11 @@ def main() -> None:
         tensors.add_output(response, "LABELS", [b"1", b"2", b"3"])
         response.SerializeToString()
         samples.append(time.perf_counter() - start)
-    print(f"\nOIP conversion alone ({len(images[0]) / 1e3:.0f} kB image, {args.points} points:"
-          f" parse, read tensors, build and serialize the response):"
-          f" {statistics.median(samples) * 1e6:.0f} us median")
+    print(
+        f"\nOIP conversion alone ({len(images[0]) / 1e3:.0f} kB image, {args.points} points:"
+        f" parse, read tensors, build and serialize the response):"
+        f" {statistics.median(samples) * 1e6:.0f} us median"
+    )
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -55,7 +55,9 @@ def open_cost(path: Path, roots: tuple[Path, ...], methods: tuple, repeat: int =
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--points", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=5)
@@ -73,9 +75,12 @@ def main() -> None:
         rowcols = [points(args.points, width, height, i) for i in range(args.images)]
         config = ServerConfig(workers=2, log_level="WARNING", data_roots=(root,))
         with running_server(config) as server, SpacerClient(server.address, timeout=600) as client:
+
             def run() -> float:
-                requests = [SpacerClient.image_request(extractor, rc, fs(path), fs(clf), f"r{i}")
-                            for i, (path, rc) in enumerate(zip(images, rowcols))]
+                requests = [
+                    SpacerClient.image_request(extractor, rc, fs(path), fs(clf), f"r{i}")
+                    for i, (path, rc) in enumerate(zip(images, rowcols))
+                ]
                 start = time.perf_counter()
                 replies = list(client.classify_images(requests))
                 assert all(r.WhichOneof("outcome") == "result" for r in replies), replies[0]
@@ -90,17 +95,23 @@ def main() -> None:
                     rates[name].append(run())
             use(CONFINED)
         deep = images[0]
-        costs = {name: open_cost(deep, (root,), methods) for name, methods in
-                 (("confined", CONFINED), ("baseline", PLAIN))}
+        costs = {
+            name: open_cost(deep, (root,), methods)
+            for name, methods in (("confined", CONFINED), ("baseline", PLAIN))
+        }
         use(CONFINED)
 
     med = {name: statistics.median(values) for name, values in rates.items()}
-    print(f"ClassifyImages, {args.images} images x {args.points} points, {width}x{height}, {args.pairs} pairs")
+    print(
+        f"ClassifyImages, {args.images} images x {args.points} points, {width}x{height}, {args.pairs} pairs"
+    )
     for name in ("baseline", "confined"):
         print(f"  {name:9s} median {med[name]:7.1f} points/s  runs {[round(v, 1) for v in rates[name]]}")
     print(f"  ratio confined / baseline: {med['confined'] / med['baseline']:.3f}")
-    print(f"  one open (root/a/b/file): baseline {costs['baseline'] * 1e6:.1f} us,"
-          f" confined {costs['confined'] * 1e6:.1f} us")
+    print(
+        f"  one open (root/a/b/file): baseline {costs['baseline'] * 1e6:.1f} us,"
+        f" confined {costs['confined'] * 1e6:.1f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -39,8 +39,7 @@ from tests.support.serve_process import ServeProcess  # noqa: E402
 from tests.support.weights import cached_weights  # noqa: E402
 
 
-def run(address: str, seconds: float, streams: int, bulk, interactive, window: int = 4
-        ) -> dict[str, Any]:
+def run(address: str, seconds: float, streams: int, bulk, interactive, window: int = 4) -> dict[str, Any]:
     """Bulk streams and interactive calls for `seconds`; latency figures and bulk points/s."""
     stop = threading.Event()
     bulk_points = [0] * streams
@@ -109,14 +108,20 @@ def main() -> None:
     parser.add_argument("--interactive-points", type=int, default=20)
     parser.add_argument("--size", default="1000x750", help="WIDTHxHEIGHT of every image")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-queue", type=int, default=None,
-                        help="the server's --max-queue (default: its own, 32 = 8 streams x window 4)")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=None,
+        help="the server's --max-queue (default: its own, 32 = 8 streams x window 4)",
+    )
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
-    print(f"{cpu_name()}, cpus={os.cpu_count()}, max queue {args.max_queue or 'default'};"
-          f" {args.streams} bulk streams of {width}x{height}"
-          f" images x {args.bulk_points} points; interactive ClassifyImage of"
-          f" {args.interactive_points} points; {args.seconds:.0f} s per setting")
+    print(
+        f"{cpu_name()}, cpus={os.cpu_count()}, max queue {args.max_queue or 'default'};"
+        f" {args.streams} bulk streams of {width}x{height}"
+        f" images x {args.bulk_points} points; interactive ClassifyImage of"
+        f" {args.interactive_points} points; {args.seconds:.0f} s per setting"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -124,18 +129,33 @@ def main() -> None:
         extractor = extractor_json(weights.path, weights.sha256)
         clf = make_classifier(workdir / "clf.pkl")
         files = [make_jpeg(workdir / f"img{i}.jpg", width, height, i) for i in range(8)]
-        bulk = [SpacerClient.image_request(extractor, points(args.bulk_points, width, height, i),
-                                           fs(path), fs(clf), f"bulk-{i}")
-                for i, path in enumerate(files)]
+        bulk = [
+            SpacerClient.image_request(
+                extractor, points(args.bulk_points, width, height, i), fs(path), fs(clf), f"bulk-{i}"
+            )
+            for i, path in enumerate(files)
+        ]
         interactive = SpacerClient.image_request(
-            extractor, points(args.interactive_points, width, height, 99), fs(files[0]), fs(clf),
-            "interactive")
+            extractor,
+            points(args.interactive_points, width, height, 99),
+            fs(files[0]),
+            fs(clf),
+            "interactive",
+        )
         results = {}
         for priority in (False, True):
             server = ServeProcess(
-                workdir, "--data-root", str(weights.path.parent), "--device", args.device,
-                "--priority", str(priority).lower(), "--log-level", "WARNING",
-                *(["--max-queue", str(args.max_queue)] if args.max_queue else [])).start()
+                workdir,
+                "--data-root",
+                str(weights.path.parent),
+                "--device",
+                args.device,
+                "--priority",
+                str(priority).lower(),
+                "--log-level",
+                "WARNING",
+                *(["--max-queue", str(args.max_queue)] if args.max_queue else []),
+            ).start()
             address = server.address
             try:
                 with SpacerClient(address) as client:
@@ -144,13 +164,18 @@ def main() -> None:
             finally:
                 server.stop()
             r = results[priority]
-            print(f"--priority {str(priority).lower():5}: interactive calls {r['calls']:3d}"
-                  f" (failed {r['failed']} {r['failures'] or ''}); latency p50 {r['p50']:.3f} s,"
-                  f" p99 {r['p99']:.3f} s, max {r['max']:.3f} s; bulk {r['bulk_points_per_s']:.1f}"
-                  f" points/s ({r['bulk_errors']} bulk errors)", flush=True)
+            print(
+                f"--priority {str(priority).lower():5}: interactive calls {r['calls']:3d}"
+                f" (failed {r['failed']} {r['failures'] or ''}); latency p50 {r['p50']:.3f} s,"
+                f" p99 {r['p99']:.3f} s, max {r['max']:.3f} s; bulk {r['bulk_points_per_s']:.1f}"
+                f" points/s ({r['bulk_errors']} bulk errors)",
+                flush=True,
+            )
         before, after = results[False], results[True]
-        print(f"interactive p99: {before['p99']:.3f} s -> {after['p99']:.3f} s; bulk throughput"
-              f" {after['bulk_points_per_s'] / before['bulk_points_per_s']:.2f}x of before")
+        print(
+            f"interactive p99: {before['p99']:.3f} s -> {after['p99']:.3f} s; bulk throughput"
+            f" {after['bulk_points_per_s'] / before['bulk_points_per_s']:.2f}x of before"
+        )
 
 
 if __name__ == "__main__":

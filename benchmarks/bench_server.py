@@ -112,9 +112,14 @@ def plain_network(weights: Path, images: list) -> object:
 
     from spacer_core import crop
 
-    patches = np.concatenate([
-        crop.crop_patches_into_chw(path.read_bytes(), rowcols, np.empty((len(rowcols), 3, 224, 224), np.float32))
-        for path, rowcols in images])
+    patches = np.concatenate(
+        [
+            crop.crop_patches_into_chw(
+                path.read_bytes(), rowcols, np.empty((len(rowcols), 3, 224, 224), np.float32)
+            )
+            for path, rowcols in images
+        ]
+    )
     sessions = plain_sessions(weights, (4, 8, 16))
 
     def rate(size: int) -> float:
@@ -139,8 +144,12 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=8, help="distinct image files made")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="exact", choices=["exact", "fast"])
-    parser.add_argument("--cycles", type=int, default=3,
-                        help="cycles of (plain session, each client count), alternating; 0: no plain session")
+    parser.add_argument(
+        "--cycles",
+        type=int,
+        default=3,
+        help="cycles of (plain session, each client count), alternating; 0: no plain session",
+    )
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     client_counts = [int(c) for c in args.clients.split(",")]
@@ -151,12 +160,12 @@ def main() -> None:
         extractor = extractor_json(weights.path, weights.sha256)
         clf = make_classifier(workdir / "clf.pkl")
         files = [make_jpeg(workdir / f"img{i}.jpg", width, height, i) for i in range(args.distinct)]
-        images = [
-            (files[i % len(files)], points(args.points, width, height, i)) for i in range(args.images)
-        ]
+        images = [(files[i % len(files)], points(args.points, width, height, i)) for i in range(args.images)]
         mp = width * height / 1e6
-        print(f"scale: {args.images} images of {width}x{height} ({mp:.1f} MP), {args.points} points each;"
-              f" pyspacer loop over {args.pyspacer_images} images; cpus={os.cpu_count()}")
+        print(
+            f"scale: {args.images} images of {width}x{height} ({mp:.1f} MP), {args.points} points each;"
+            f" pyspacer loop over {args.pyspacer_images} images; cpus={os.cpu_count()}"
+        )
 
         # Measured before and after the server runs; the faster of the two is
         # the baseline, so load from other processes does not flatter the ratio.
@@ -164,8 +173,17 @@ def main() -> None:
         print(f"pyspacer classify_image loop: {baseline:8.1f} points/s")
         rates: list[tuple[int, float]] = []
 
-        server = ServeProcess(workdir, "--data-root", str(weights.path.parent), "--device", args.device,
-                              "--precision", args.precision, "--log-level", "WARNING").start()
+        server = ServeProcess(
+            workdir,
+            "--data-root",
+            str(weights.path.parent),
+            "--device",
+            args.device,
+            "--precision",
+            args.precision,
+            "--log-level",
+            "WARNING",
+        ).start()
         address = server.address
         try:
             with SpacerClient(address) as client:
@@ -182,7 +200,7 @@ def main() -> None:
             ratios: dict[int, list[float]] = {c: [] for c in client_counts}
             for cycle in range(max(1, args.cycles)):
                 reference = plain() if plain is not None else None
-                for clients in (client_counts if cycle % 2 == 0 else client_counts[::-1]):
+                for clients in client_counts if cycle % 2 == 0 else client_counts[::-1]:
                     # The same images split round-robin over the clients' streams.
                     per_client = [requests_for(images[i::clients], f"c{i}") for i in range(clients)]
                     rate = concurrent_points_per_s(address, per_client, clients)
@@ -194,12 +212,16 @@ def main() -> None:
                     print(f"ClassifyImages, {clients} client(s):  {rate:8.1f} points/s{note}", flush=True)
             for clients, values in ratios.items():
                 if values:
-                    print(f"ratio ClassifyImages ({clients} client(s)) / plain ONNX Runtime session of "
-                          f"pyspacer's network: median {np.median(values):.3f} "
-                          f"({min(values):.3f}-{max(values):.3f}, {len(values)} cycles)")
+                    print(
+                        f"ratio ClassifyImages ({clients} client(s)) / plain ONNX Runtime session of "
+                        f"pyspacer's network: median {np.median(values):.3f} "
+                        f"({min(values):.3f}-{max(values):.3f}, {len(values)} cycles)"
+                    )
             rss = server.status().peak_rss_mib
-            print(f"server peak RSS (VmHWM) after {max(client_counts)} concurrent streams of {mp:.1f} MP images:"
-                  f" {rss:.0f} MiB (target <= 2048 MiB)")
+            print(
+                f"server peak RSS (VmHWM) after {max(client_counts)} concurrent streams of {mp:.1f} MP images:"
+                f" {rss:.0f} MiB (target <= 2048 MiB)"
+            )
         finally:
             server.stop()
         again = pyspacer_points_per_s(images[: args.pyspacer_images], extractor, clf)

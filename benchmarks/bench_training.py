@@ -103,7 +103,9 @@ def run_one(files, clf_type: str, epochs: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the 600 images to use")
     parser.add_argument("--points", type=int, default=100, help="annotated points per image")
     parser.add_argument("--dim", type=int, default=1280, help="feature dimension")

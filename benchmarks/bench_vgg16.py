@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from _machine import cpu_name
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -29,9 +28,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from spacer_core import config
+    from spacer_core import runtime as runtime_module
     from spacer_core.data_classes import DataLocation
     from spacer_core.extractors import VGG16CaffeExtractor
-    from spacer_core import runtime as runtime_module
     from spacer_core.runtime import Runtime, RuntimeSettings
     from tests.support.caffe_files import vgg16_layers, write_net
 
@@ -41,11 +40,16 @@ def main() -> None:
         definition, weights = write_net(folder, "vgg16", vgg16_layers())
         rng = np.random.default_rng(0)
         image = Image.fromarray(rng.integers(0, 256, (1500, 2000, 3), dtype=np.uint8))
-        points = [(int(r), int(c)) for r, c in zip(rng.integers(0, 1500, args.points),
-                                                   rng.integers(0, 2000, args.points))]
-        extractor = VGG16CaffeExtractor(data_locations={
-            "definition": DataLocation("filesystem", str(definition)),
-            "weights": DataLocation("filesystem", str(weights))})
+        points = [
+            (int(r), int(c))
+            for r, c in zip(rng.integers(0, 1500, args.points), rng.integers(0, 2000, args.points))
+        ]
+        extractor = VGG16CaffeExtractor(
+            data_locations={
+                "definition": DataLocation("filesystem", str(definition)),
+                "weights": DataLocation("filesystem", str(weights)),
+            }
+        )
         print(f"CPU: {cpu_name()}; {args.points} points per run")
         default_load = runtime_module.load_backend
         for label, kind in (("eager PyTorch", "eager"), ("default (compiled)", "auto")):

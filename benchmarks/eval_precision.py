@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _machine import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,8 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def make_classes(rng: np.random.Generator, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each class: a mean colour, a stripe frequency and an orientation."""
-    return (rng.uniform(40, 215, size=(classes, 3)), rng.uniform(2, 14, size=classes),
-            rng.uniform(0, np.pi, size=classes))
+    return (
+        rng.uniform(40, 215, size=(classes, 3)),
+        rng.uniform(2, 14, size=classes),
+        rng.uniform(0, np.pi, size=classes),
+    )
 
 
 def make_patches(
@@ -63,10 +65,13 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=60)
     parser.add_argument("--test-per-class", type=int, default=60)
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--fast-backend", default="auto",
-                        help="backend kind for FAST (default auto: OpenVINO bf16 on CPUs with native "
-                             "bf16 when the `fast` extra is installed, fp16 TorchScript on CUDA; "
-                             "eager: PyTorch bf16/fp16)")
+    parser.add_argument(
+        "--fast-backend",
+        default="auto",
+        help="backend kind for FAST (default auto: OpenVINO bf16 on CPUs with native "
+        "bf16 when the `fast` extra is installed, fp16 TorchScript on CUDA; "
+        "eager: PyTorch bf16/fp16)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -90,8 +95,9 @@ def main() -> None:
             return build_network(weights)
 
         exact = load_backend(sha256, make_net, device=args.device, precision="exact", cache_dir=tmp)
-        fast = load_backend(sha256, make_net, device=args.device, precision="fast",
-                            kind=args.fast_backend, cache_dir=tmp)
+        fast = load_backend(
+            sha256, make_net, device=args.device, precision="fast", kind=args.fast_backend, cache_dir=tmp
+        )
         batch = 16
         start = time.perf_counter()
         train_f = run_in_batches(exact, train_x, batch).astype(np.float64)
@@ -116,27 +122,40 @@ def main() -> None:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    mlp = make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(200, 100), max_iter=300,
-                                                        early_stopping=True, random_state=0))
+    mlp = make_pipeline(
+        StandardScaler(),
+        MLPClassifier(hidden_layer_sizes=(200, 100), max_iter=300, early_stopping=True, random_state=0),
+    )
     mlp.fit(train_f, train_y)
     mlp_exact = mlp.predict_proba(test_exact.astype(np.float64)).argmax(1)
     mlp_fast = mlp.predict_proba(test_fast.astype(np.float64)).argmax(1)
     abs_err = np.abs(test_fast - test_exact)
     print(f"machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPUs")
-    print(f"exact: {exact.describe()} ({exact_rate:.0f} patches/s); "
-          f"fast: {fast.describe()} ({fast_rate:.0f} patches/s)")
-    print(f"test set: {len(test_y)} patches, {args.classes} classes; "
-          f"accuracy exact {np.mean(pred_exact == test_y):.3f}, fast {np.mean(pred_fast == test_y):.3f}")
-    print(f"feature error fast vs exact: max abs {abs_err.max():.3g}, "
-          f"mean abs {abs_err.mean():.3g} (mean |feature| {np.abs(test_exact).mean():.3g})")
-    print(f"top-1 agreement fast vs exact, LR (pyspacer's SGD + calibration): {agreement * 100:.2f}% "
-          f"({int(np.sum(pred_exact != pred_fast))} of {len(test_y)} differ; target >= 99.5%)")
-    print(f"top-1 agreement fast vs exact, MLP: {np.mean(mlp_exact == mlp_fast) * 100:.2f}% "
-          f"({int(np.sum(mlp_exact != mlp_fast))} of {len(test_y)} differ; accuracy exact "
-          f"{np.mean(mlp_exact == test_y):.3f}, fast {np.mean(mlp_fast == test_y):.3f})")
-    print(f"fast / exact speed: {fast_rate / exact_rate:.2f}x (same batches, one run; "
-          "benchmarks/bench_network.py --fast pairs them)")
-
+    print(
+        f"exact: {exact.describe()} ({exact_rate:.0f} patches/s); "
+        f"fast: {fast.describe()} ({fast_rate:.0f} patches/s)"
+    )
+    print(
+        f"test set: {len(test_y)} patches, {args.classes} classes; "
+        f"accuracy exact {np.mean(pred_exact == test_y):.3f}, fast {np.mean(pred_fast == test_y):.3f}"
+    )
+    print(
+        f"feature error fast vs exact: max abs {abs_err.max():.3g}, "
+        f"mean abs {abs_err.mean():.3g} (mean |feature| {np.abs(test_exact).mean():.3g})"
+    )
+    print(
+        f"top-1 agreement fast vs exact, LR (pyspacer's SGD + calibration): {agreement * 100:.2f}% "
+        f"({int(np.sum(pred_exact != pred_fast))} of {len(test_y)} differ; target >= 99.5%)"
+    )
+    print(
+        f"top-1 agreement fast vs exact, MLP: {np.mean(mlp_exact == mlp_fast) * 100:.2f}% "
+        f"({int(np.sum(mlp_exact != mlp_fast))} of {len(test_y)} differ; accuracy exact "
+        f"{np.mean(mlp_exact == test_y):.3f}, fast {np.mean(mlp_fast == test_y):.3f})"
+    )
+    print(
+        f"fast / exact speed: {fast_rate / exact_rate:.2f}x (same batches, one run; "
+        "benchmarks/bench_network.py --fast pairs them)"
+    )
 
 
 if __name__ == "__main__":

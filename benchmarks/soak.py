@@ -58,7 +58,9 @@ class Ledger:
                 self.failed.append(f"{token}: {detail}")
 
 
-def run_stream(client: SpacerClient, index: int, requests_for, ledger: Ledger, deadline: float, window: int) -> None:
+def run_stream(
+    client: SpacerClient, index: int, requests_for, ledger: Ledger, deadline: float, window: int
+) -> None:
     """One stream: at most `window` images outstanding, new ones sent until `deadline`."""
     room = threading.Semaphore(window)
 
@@ -89,8 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=4, help="images in flight per stream")
     parser.add_argument("--size", default="1000x750", help="WIDTHxHEIGHT of the JPEGs")
     parser.add_argument("--points", type=int, default=20)
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds before the RSS baseline (default: a quarter of --seconds, at most 60)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds before the RSS baseline (default: a quarter of --seconds, at most 60)",
+    )
     parser.add_argument("--max-growth", type=float, default=0.05, help="allowed RSS growth after warm-up")
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = parser.parse_args(argv)
@@ -105,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         images = [fs_loc(make_image(workdir / f"img{i}.jpg", width, height, seed=i)) for i in range(8)]
         rng = np.random.default_rng(0)
         point_sets = [
-            [(int(r), int(c)) for r, c in zip(rng.integers(0, height, args.points), rng.integers(0, width, args.points))]
+            [
+                (int(r), int(c))
+                for r, c in zip(rng.integers(0, height, args.points), rng.integers(0, width, args.points))
+            ]
             for _ in range(16)
         ]
 
         def requests_for(token: str, n: int):
             return SpacerClient.image_request(extractor, point_sets[n % 16], images[n % 8], clf, token)
 
-        server = ServeProcess(workdir, "--data-root", str(weights.path.parent), "--log-level", "WARNING",
-                              "--grace", "5")
+        server = ServeProcess(
+            workdir, "--data-root", str(weights.path.parent), "--log-level", "WARNING", "--grace", "5"
+        )
         with server, SpacerClient(server.address, timeout=args.seconds + 300) as client:
             # Build (or load the cached) network before the clock starts.
             client.classify_image(extractor, point_sets[0], images[0], clf)
@@ -122,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
             deadline = start + args.seconds
             samples: list[tuple[float, float]] = []
             streams = [
-                threading.Thread(target=run_stream, args=(client, i, requests_for, ledger, deadline, args.window))
+                threading.Thread(
+                    target=run_stream, args=(client, i, requests_for, ledger, deadline, args.window)
+                )
                 for i in range(args.streams)
             ]
             for t in streams:

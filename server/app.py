@@ -77,8 +77,8 @@ def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
     add_to_server(servicer, server)
     # The Open Inference Protocol on the same port, through the same engine.
     oip.add_to_server(
-        oip.InferenceServicer(engine, Registry(config.model_repository), lambda: _is_ready(server)),
-        server)
+        oip.InferenceServicer(engine, Registry(config.model_repository), lambda: _is_ready(server)), server
+    )
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -108,7 +108,8 @@ def log_storage_policy(config: ServerConfig, policy: StoragePolicy) -> None:
     if config.allow_any_path:
         logger.warning(
             "allow_any_path is set: clients may read and write ANY file this process can reach"
-            " (use --data-root to confine them)")
+            " (use --data-root to confine them)"
+        )
     logger.info("storage policy: %s", policy.describe())
 
 
@@ -170,8 +171,12 @@ async def _preload(runtime: _Runtime, models: Preload) -> None:
     except Exception as exc:
         logger.error("preloading %s failed; health stays NOT_SERVING: %s", runtime.config.preload, exc)
         raise
-    logger.info("preloaded %d models in %.1fs: %s", len(loaded),
-                asyncio.get_running_loop().time() - start, ", ".join(m.name for m in loaded))
+    logger.info(
+        "preloaded %d models in %.1fs: %s",
+        len(loaded),
+        asyncio.get_running_loop().time() - start,
+        ", ".join(m.name for m in loaded),
+    )
     await _set_health(runtime, health_pb2.HealthCheckResponse.SERVING)
 
 
@@ -241,8 +246,12 @@ async def serve(config: ServerConfig) -> None:
     await start(server)
     if config.port_file is not None:
         _write_atomic(config.port_file, f"{port}\n")
-    logger.info("spacer.v1.Spacer and %s (Open Inference Protocol) listening on %s:%d",
-                oip.SERVICE_NAME, config.host, port)
+    logger.info(
+        "spacer.v1.Spacer and %s (Open Inference Protocol) listening on %s:%d",
+        oip.SERVICE_NAME,
+        config.host,
+        port,
+    )
     if config.model_repository is not None:
         logger.info("model repository: %s", config.model_repository)
     print(f"listening on {config.host}:{port}", flush=True)

@@ -18,9 +18,7 @@ from server.config import ServerConfig, add_arguments, config_from_args
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spacer", description="pyspacer-compatible point classification."
-    )
+    parser = argparse.ArgumentParser(prog="spacer", description="pyspacer-compatible point classification.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gRPC server (default 127.0.0.1:50051)", epilog=WEIGHTS_NOTE)
@@ -45,11 +43,17 @@ def _build_parser() -> argparse.ArgumentParser:
         task = sub.add_parser(name, help=help_text)
         if name != "evaluate":
             task.add_argument(
-                "inputs", nargs="*", metavar="IMAGE_OR_MESSAGE",
+                "inputs",
+                nargs="*",
+                metavar="IMAGE_OR_MESSAGE",
                 help="images (CSV forms), or one pyspacer message JSON file ('-' = stdin)",
             )
         task.add_argument(
-            "-o", "--out", "--output", dest="out", type=Path,
+            "-o",
+            "--out",
+            "--output",
+            dest="out",
+            type=Path,
             help="where the result goes: features folder, classifier, results CSV or return message JSON",
         )
         add_shell_arguments(name, task)
@@ -61,8 +65,13 @@ def _build_parser() -> argparse.ArgumentParser:
     add_bulk_arguments(bulk)
 
     demo = sub.add_parser("demo", help="build a small synthetic survey and run the whole workflow on it")
-    demo.add_argument("folder", nargs="?", type=Path, default=Path("spacer-demo"),
-                      help="where to put the survey (default ./spacer-demo)")
+    demo.add_argument(
+        "folder",
+        nargs="?",
+        type=Path,
+        default=Path("spacer-demo"),
+        help="where to put the survey (default ./spacer-demo)",
+    )
     demo.add_argument("--server", metavar="ADDR", help="run through a running `spacer serve` at host:port")
     demo.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     demo.add_argument("--log-level", default=os.environ.get("SPACER_LOG_LEVEL") or "WARNING")
@@ -138,7 +147,6 @@ def _check_config(config: ServerConfig) -> int:
     print(json.dumps({"server": config.describe()}, indent=2))
     try:
         from spacer_core import config as core_config
-
         from spacer_core.inference.precision import fast_cpu_status
 
         print("spacer_core settings:")
@@ -207,8 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.app import serve
 
     if config.port:
-        print(f"spacer serve: to try it, run `{demo_command(config)}` in another shell",
-              file=sys.stderr, flush=True)
+        print(
+            f"spacer serve: to try it, run `{demo_command(config)}` in another shell",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         asyncio.run(serve(config))
     except (ValueError, OSError) as exc:

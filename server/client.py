@@ -28,7 +28,7 @@ import os
 import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -37,12 +37,18 @@ from server._proto.spacer.v1 import spacer_pb2 as pb
 from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
 
 MIB = 1024 * 1024
-LocationLike = Union[pb.DataLocation, Mapping[str, Any], Any]
-ExtractorLike = Union[pb.Extractor, Mapping[str, Any], Any]
-ImageLike = Union[bytes, str, os.PathLike, LocationLike]
+LocationLike = pb.DataLocation | Mapping[str, Any] | Any
+ExtractorLike = pb.Extractor | Mapping[str, Any] | Any
+ImageLike = bytes | str | os.PathLike | LocationLike
 
 __all__ = [
-    "SpacerClient", "pb", "to_location", "to_extractor", "service_config", "channel_target", "tls_credentials",
+    "SpacerClient",
+    "pb",
+    "to_location",
+    "to_extractor",
+    "service_config",
+    "channel_target",
+    "tls_credentials",
 ]
 
 SERVICE = "spacer.v1.Spacer"
@@ -348,9 +354,7 @@ class SpacerClient:
     def run_job(self, job_msg: Any, *, timeout: float | None = None) -> dict[str, Any]:
         """Run a pyspacer JobMsg (object, dict or JSON text); returns the JobReturnMsg JSON dict."""
         text = job_msg if isinstance(job_msg, str) else json.dumps(_as_dict(job_msg))
-        response = self.stub.RunJob(
-            pb.RunJobRequest(job_msg_json=text), timeout=self._timeout(timeout)
-        )
+        response = self.stub.RunJob(pb.RunJobRequest(job_msg_json=text), timeout=self._timeout(timeout))
         return json.loads(response.job_return_msg_json)
 
     def load_model(

@@ -80,17 +80,23 @@ def add_shell_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--images", type=Path, help="classify/extract every image in this folder")
         parser.add_argument("--seed", type=int, default=0, help="seed of generated points (default 0)")
     if name in ("train", "evaluate"):
-        parser.add_argument("--annotations", type=Path, help="CoralNet annotation CSV (Name, Row, Column, Label)")
+        parser.add_argument(
+            "--annotations", type=Path, help="CoralNet annotation CSV (Name, Row, Column, Label)"
+        )
         parser.add_argument("--features", type=Path, help="folder of <Name>.featurevector files")
     if name in ("classify", "evaluate"):
         parser.add_argument("--classifier", type=Path, help="classifier pickle (from train)")
     if name == "classify":
         parser.add_argument(
-            "--threshold", type=float, default=DEFAULT_THRESHOLD,
+            "--threshold",
+            type=float,
+            default=DEFAULT_THRESHOLD,
             help=f"accept labels scored at least this without review (default {DEFAULT_THRESHOLD})",
         )
     if name == "train":
-        parser.add_argument("--clf", choices=("MLP", "LR"), default="MLP", help="classifier type (default MLP)")
+        parser.add_argument(
+            "--clf", choices=("MLP", "LR"), default="MLP", help="classifier type (default MLP)"
+        )
         parser.add_argument("--epochs", type=int, default=10, help="training epochs (default 10)")
     if name in ("train", "classify", "evaluate"):
         parser.add_argument("--report", type=Path, help="write an HTML report into this folder")
@@ -106,24 +112,50 @@ def add_bulk_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--weights", type=Path, required=True, help=WEIGHTS_HELP)
-        p.add_argument("--manifest", type=Path, required=True,
-                       help="points CSV (Name, Row, Column); Name is a path, s3://bucket/key or an http(s) URL")
-        p.add_argument("-o", "--out", type=Path, required=True,
-                       help="features folder (extract) or results CSV (classify)")
+        p.add_argument(
+            "--manifest",
+            type=Path,
+            required=True,
+            help="points CSV (Name, Row, Column); Name is a path, s3://bucket/key or an http(s) URL",
+        )
+        p.add_argument(
+            "-o",
+            "--out",
+            type=Path,
+            required=True,
+            help="features folder (extract) or results CSV (classify)",
+        )
         if name == "classify":
             p.add_argument("--classifier", required=True, help="classifier pickle: a path or s3://bucket/key")
-            p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                           help=f"accept labels scored at least this (default {DEFAULT_THRESHOLD})")
+            p.add_argument(
+                "--threshold",
+                type=float,
+                default=DEFAULT_THRESHOLD,
+                help=f"accept labels scored at least this (default {DEFAULT_THRESHOLD})",
+            )
         else:
             p.set_defaults(classifier=None, threshold=0.0)
-        p.add_argument("--engine", choices=("local", "ray"), default="local",
-                       help="local: this process (default); ray: a Ray Data job (pip install '.[ray]')")
-        p.add_argument("--ray-address", metavar="ADDR",
-                       help="Ray cluster to join (auto, ray://host:10001); default: start a local one")
-        p.add_argument("--actors", type=int, help="network actors on Ray (default: one per GPU, or per 4 CPUs)")
-        p.add_argument("--shard", default="0/1", metavar="I/N",
-                       help="do only image I of every N, in manifest order (default 0/1: all);"
-                            " the summary and results CSV name the shard")
+        p.add_argument(
+            "--engine",
+            choices=("local", "ray"),
+            default="local",
+            help="local: this process (default); ray: a Ray Data job (pip install '.[ray]')",
+        )
+        p.add_argument(
+            "--ray-address",
+            metavar="ADDR",
+            help="Ray cluster to join (auto, ray://host:10001); default: start a local one",
+        )
+        p.add_argument(
+            "--actors", type=int, help="network actors on Ray (default: one per GPU, or per 4 CPUs)"
+        )
+        p.add_argument(
+            "--shard",
+            default="0/1",
+            metavar="I/N",
+            help="do only image I of every N, in manifest order (default 0/1: all);"
+            " the summary and results CSV name the shard",
+        )
         p.add_argument("--overwrite", action="store_true", help="redo images whose output exists")
         p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
         p.add_argument("--log-level", default=os.environ.get("SPACER_LOG_LEVEL") or "WARNING")
@@ -200,8 +232,15 @@ def results_table(rows: Sequence[ResultRow]) -> list[str]:
 
 def _rows_json(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
     return [
-        {"name": r.name, "row": r.row, "column": r.col, "label": r.label, "score": r.score,
-         "accepted": r.accepted, "suggestions": [[label, score] for label, score in r.suggestions]}
+        {
+            "name": r.name,
+            "row": r.row,
+            "column": r.col,
+            "label": r.label,
+            "score": r.score,
+            "accepted": r.accepted,
+            "suggestions": [[label, score] for label, score in r.suggestions],
+        }
         for r in rows
     ]
 
@@ -214,14 +253,25 @@ def run_extract(args: argparse.Namespace) -> int:
     images = _images(args)
     extractor = survey.weights_extractor(args.weights)
     done = survey.extract_images(
-        survey.LocalRunner(), extractor, images, _point_source(args), args.out,
-        seed=args.seed, progress=Bar("extract"),
+        survey.LocalRunner(),
+        extractor,
+        images,
+        _point_source(args),
+        args.out,
+        seed=args.seed,
+        progress=Bar("extract"),
     )
     points = sum(d.points for d in done)
     _emit(
         args,
-        {"images": len(done), "points": points, "features": str(args.out),
-         "files": [{"image": d.image, "points": d.points, "feature_file": str(d.feature_file)} for d in done]},
+        {
+            "images": len(done),
+            "points": points,
+            "features": str(args.out),
+            "files": [
+                {"image": d.image, "points": d.points, "feature_file": str(d.feature_file)} for d in done
+            ],
+        },
         [f"extracted {points} points of {len(done)} images into {args.out}"],
     )
     return 0
@@ -233,8 +283,13 @@ def run_train(args: argparse.Namespace) -> int:
         raise SurveyError(f"--epochs {args.epochs}: expected a whole number >= 1")
     annotations = coralnet.read_annotations(args.annotations)
     outcome = survey.train(
-        survey.LocalRunner(), annotations, args.features, args.out,
-        clf_type=args.clf, epochs=args.epochs, progress=Bar("train").epochs(args.epochs),
+        survey.LocalRunner(),
+        annotations,
+        args.features,
+        args.out,
+        clf_type=args.clf,
+        epochs=args.epochs,
+        progress=Bar("train").epochs(args.epochs),
     )
     summary: dict[str, Any] = {
         "classifier": str(Path(args.out).resolve()),
@@ -253,9 +308,15 @@ def run_train(args: argparse.Namespace) -> int:
     ]
     if args.report is not None:
         page = reports.training_report(
-            args.report, outcome.result.ref_accs, outcome.metrics,
-            {"annotations": str(args.annotations), "classifier type": args.clf, "epochs": args.epochs,
-             **{f"{k} points": v for k, v in outcome.counts.items()}},
+            args.report,
+            outcome.result.ref_accs,
+            outcome.metrics,
+            {
+                "annotations": str(args.annotations),
+                "classifier type": args.clf,
+                "epochs": args.epochs,
+                **{f"{k} points": v for k, v in outcome.counts.items()},
+            },
         )
         summary["report"] = str(page)
         lines.append(f"report: {page}")
@@ -270,14 +331,25 @@ def run_classify(args: argparse.Namespace) -> int:
     images = _images(args)
     extractor = survey.weights_extractor(args.weights)
     rows, classes = survey.classify_images(
-        survey.LocalRunner(), extractor, args.classifier, images, _point_source(args),
-        threshold=args.threshold, seed=args.seed, progress=Bar("classify"),
+        survey.LocalRunner(),
+        extractor,
+        args.classifier,
+        images,
+        _point_source(args),
+        threshold=args.threshold,
+        seed=args.seed,
+        progress=Bar("classify"),
     )
     coralnet.write_results(args.out, rows)
     accepted = sum(r.accepted for r in rows)
     summary: dict[str, Any] = {
-        "results": str(args.out), "images": len(images), "points": len(rows), "accepted": accepted,
-        "threshold": args.threshold, "classes": classes, "rows": _rows_json(rows),
+        "results": str(args.out),
+        "images": len(images),
+        "points": len(rows),
+        "accepted": accepted,
+        "threshold": args.threshold,
+        "classes": classes,
+        "rows": _rows_json(rows),
     }
     share = accepted / len(rows) * 100 if rows else 0.0
     lines = [
@@ -288,7 +360,11 @@ def run_classify(args: argparse.Namespace) -> int:
     ]
     if args.report is not None:
         page = reports.classification_report(
-            args.report, {p.name: p.read_bytes() for p in images}, rows, args.threshold, classes,
+            args.report,
+            {p.name: p.read_bytes() for p in images},
+            rows,
+            args.threshold,
+            classes,
             {"classifier": str(args.classifier), "threshold": args.threshold, "images": len(images)},
         )
         summary["report"] = str(page)
@@ -330,7 +406,10 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         summary = demo.run_demo(
-            args.folder, runner, step=say, progress=Bar("  images"),
+            args.folder,
+            runner,
+            step=say,
+            progress=Bar("  images"),
             epoch_progress=Bar("  epochs").epochs(demo.EPOCHS),
         )
     except Exception as exc:
@@ -348,16 +427,20 @@ def run_demo(args: argparse.Namespace) -> int:
     rows = summary.pop("rows")
     summary["seconds"] = round(time.monotonic() - start, 1)
     summary["via"] = args.server or "in process"
-    _emit(args, summary, [
-        f"validation accuracy {summary['validation_accuracy'] * 100:.1f}%;"
-        f" on the held-out images {summary['held_out_accuracy'] * 100:.1f}%",
-        *results_table(rows),
-        f"{summary['accepted']} of {summary['points']} points scored >= {summary['threshold']:g}",
-        f"results:         {summary['results_csv']}",
-        f"training report: {summary['reports']['train']}",
-        f"classify report: {summary['reports']['classify']}",
-        f"done in {summary['seconds']} s ({summary['via']})",
-    ])
+    _emit(
+        args,
+        summary,
+        [
+            f"validation accuracy {summary['validation_accuracy'] * 100:.1f}%;"
+            f" on the held-out images {summary['held_out_accuracy'] * 100:.1f}%",
+            *results_table(rows),
+            f"{summary['accepted']} of {summary['points']} points scored >= {summary['threshold']:g}",
+            f"results:         {summary['results_csv']}",
+            f"training report: {summary['reports']['train']}",
+            f"classify report: {summary['reports']['classify']}",
+            f"done in {summary['seconds']} s ({summary['via']})",
+        ],
+    )
     return 0
 
 
@@ -369,8 +452,16 @@ def run_bulk(args: argparse.Namespace) -> int:
         raise SurveyError(f"--actors {args.actors}: expected a whole number >= 1")
     shard, shards = parse_shard(args.shard)
     items = bulk.plan(args.manifest, shard, shards)
-    task = bulk.build_task(args.bulk_command, args.weights, args.out, classifier=args.classifier,
-                           threshold=args.threshold, shard=shard, shards=shards, overwrite=args.overwrite)
+    task = bulk.build_task(
+        args.bulk_command,
+        args.weights,
+        args.out,
+        classifier=args.classifier,
+        threshold=args.threshold,
+        shard=shard,
+        shards=shards,
+        overwrite=args.overwrite,
+    )
     bar = Bar(f"bulk {args.bulk_command}")
 
     def progress(done: int, total: int, points: int) -> None:
@@ -380,7 +471,9 @@ def run_bulk(args: argparse.Namespace) -> int:
         try:
             from spacer_core import bulk_ray
         except ImportError as exc:
-            raise SurveyError(f"--engine ray needs Ray ({exc}); install it with pip install 'spacer-server[ray]'")
+            raise SurveyError(
+                f"--engine ray needs Ray ({exc}); install it with pip install 'spacer-server[ray]'"
+            ) from exc
         options = bulk_ray.RayOptions(address=args.ray_address, actors=args.actors)
         summary = bulk_ray.run(task, items, options, progress)
     else:
@@ -389,13 +482,17 @@ def run_bulk(args: argparse.Namespace) -> int:
     report = summary.as_dict()
     report["summary"] = task.summary_location.key
     failures = [f"  {name}: {entry['error']}" for name, entry in report["outputs"].items() if not entry["ok"]]
-    _emit(args, report, [
-        f"{args.bulk_command}: {counts['ok']} of {counts['images']} images ok ({counts['skipped']} done before),"
-        f" {counts['points_computed']} points computed in {summary.seconds:.1f} s on the {summary.engine} engine",
-        *([f"{counts['failed']} images failed:"] + failures if failures else []),
-        *([f"results: {summary.results}"] if summary.results else []),
-        f"summary: {task.summary_location.key}",
-    ])
+    _emit(
+        args,
+        report,
+        [
+            f"{args.bulk_command}: {counts['ok']} of {counts['images']} images ok ({counts['skipped']} done before),"
+            f" {counts['points_computed']} points computed in {summary.seconds:.1f} s on the {summary.engine} engine",
+            *([f"{counts['failed']} images failed:"] + failures if failures else []),
+            *([f"results: {summary.results}"] if summary.results else []),
+            f"summary: {task.summary_location.key}",
+        ],
+    )
     return 1 if counts["failed"] else 0
 
 
@@ -447,26 +544,33 @@ class GrpcRunner:
     def __init__(self, client: Any):
         self.client = client
 
-    def extract(self, extractor: Any, image: Path, rowcols: Sequence[tuple[int, int]],
-                feature_file: Path) -> None:
+    def extract(
+        self, extractor: Any, image: Path, rowcols: Sequence[tuple[int, int]], feature_file: Path
+    ) -> None:
         self.client.extract_features(extractor, rowcols, image, survey.local(feature_file))
 
-    def train(self, labels: Any, model_file: Path, valresult_file: Path, clf_type: str, epochs: int,
-              progress: Any) -> Any:
+    def train(
+        self, labels: Any, model_file: Path, valresult_file: Path, clf_type: str, epochs: int, progress: Any
+    ) -> Any:
         from server.client import pb, to_location
         from spacer_core.messages import TrainClassifierReturnMsg
 
         def image_labels(which: Any) -> Any:
-            return pb.ImageLabels(images=[
-                pb.ImageAnnotations(
-                    feature_loc=to_location(loc),
-                    annotations=[pb.Annotation(row=r, col=c, label=_label(v)) for r, c, v in points],
-                )
-                for loc, points in which.items()
-            ])
+            return pb.ImageLabels(
+                images=[
+                    pb.ImageAnnotations(
+                        feature_loc=to_location(loc),
+                        annotations=[pb.Annotation(row=r, col=c, label=_label(v)) for r, c, v in points],
+                    )
+                    for loc, points in which.items()
+                ]
+            )
 
         request = pb.TrainClassifierRequest(
-            job_token=model_file.name, trainer="minibatch", nbr_epochs=epochs, clf_type=clf_type,
+            job_token=model_file.name,
+            trainer="minibatch",
+            nbr_epochs=epochs,
+            clf_type=clf_type,
             labels=pb.TrainingTaskLabels(
                 train=image_labels(labels.train), ref=image_labels(labels.ref), val=image_labels(labels.val)
             ),
@@ -482,8 +586,9 @@ class GrpcRunner:
                 return TrainClassifierReturnMsg(r.acc, list(r.pc_accs), list(r.ref_accs), r.runtime)
         raise SurveyError(f"{self.client.address}: training ended without a result")
 
-    def classify(self, extractor: Any, image: Path, rowcols: Sequence[tuple[int, int]],
-                 classifier_file: Path) -> tuple[list[Any], list[list[float]]]:
+    def classify(
+        self, extractor: Any, image: Path, rowcols: Sequence[tuple[int, int]], classifier_file: Path
+    ) -> tuple[list[Any], list[list[float]]]:
         response = self.client.classify_image(extractor, rowcols, image, survey.local(classifier_file))
         classes = [c.id if c.WhichOneof("value") == "id" else c.name for c in response.classes]
         return classes, [list(p.scores) for p in response.scores]

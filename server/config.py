@@ -136,10 +136,23 @@ class ServerConfig:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
-        for name in ("batch_size", "workers", "stream_window", "max_queue", "max_message_bytes",
-                     "url_max_bytes", "max_epochs", "max_hidden_units", "max_hidden_layers",
-                     "max_feature_dim", "max_feature_file_bytes", "max_token_chars", "max_key_chars",
-                     "long_work_workers", "memory_budget_bytes"):
+        for name in (
+            "batch_size",
+            "workers",
+            "stream_window",
+            "max_queue",
+            "max_message_bytes",
+            "url_max_bytes",
+            "max_epochs",
+            "max_hidden_units",
+            "max_hidden_layers",
+            "max_feature_dim",
+            "max_feature_file_bytes",
+            "max_token_chars",
+            "max_key_chars",
+            "long_work_workers",
+            "memory_budget_bytes",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("queue_delay_ms", "grace_seconds"):
@@ -160,11 +173,15 @@ class ServerConfig:
         roots = self.effective_data_roots()
         if self.model_repository is not None and roots is not None:
             repository = os.path.realpath(self.model_repository)
-            if not any(repository == r or repository.startswith(r.rstrip(os.sep) + os.sep)
-                       for r in map(os.path.realpath, map(str, roots))):
-                raise ValueError(f"model_repository {str(self.model_repository)!r} is outside the data roots "
-                                 f"({', '.join(map(str, roots))}): its models could never load; "
-                                 "put it under a --data-root or add its folder as one")
+            if not any(
+                repository == r or repository.startswith(r.rstrip(os.sep) + os.sep)
+                for r in map(os.path.realpath, map(str, roots))
+            ):
+                raise ValueError(
+                    f"model_repository {str(self.model_repository)!r} is outside the data roots "
+                    f"({', '.join(map(str, roots))}): its models could never load; "
+                    "put it under a --data-root or add its folder as one"
+                )
         for root in self.data_roots:
             if not root.is_absolute():
                 raise ValueError(f"data root must be an absolute path, got {str(root)!r}")
@@ -181,8 +198,15 @@ class ServerConfig:
         roots = self.effective_data_roots()
         out["data_roots"] = [str(p) for p in roots] if roots is not None else "any path (allow_any_path)"
         out["s3_buckets"] = list(self.s3_buckets) or "any"
-        for name in ("port_file", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file",
-                     "preload", "model_repository"):
+        for name in (
+            "port_file",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "auth_token_file",
+            "preload",
+            "model_repository",
+        ):
             out[name] = str(getattr(self, name)) if getattr(self, name) else None
         out["batch_size"] = self.batch_size or "auto (the backend's preferred size)"
         return out
@@ -259,12 +283,14 @@ def read_preload(path: Path) -> Preload:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"preload file {str(path)!r}: cannot read it as JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"preload file {str(path)!r}: expected a JSON object with"
-                         " 'extractors' and/or 'classifiers'")
+        raise ValueError(
+            f"preload file {str(path)!r}: expected a JSON object with 'extractors' and/or 'classifiers'"
+        )
     unknown = sorted(set(data) - {"extractors", "classifiers"})
     if unknown:
-        raise ValueError(f"preload file {str(path)!r}: unknown keys {unknown}; expected"
-                         " 'extractors' and/or 'classifiers'")
+        raise ValueError(
+            f"preload file {str(path)!r}: unknown keys {unknown}; expected 'extractors' and/or 'classifiers'"
+        )
 
     def entries(name: str, build: Callable[[Any], Any]) -> tuple[Any, ...]:
         items = data.get(name, [])
@@ -283,8 +309,7 @@ def read_preload(path: Path) -> Preload:
             raise ValueError("expected a DataLocation object (storage_type, key, bucket_name)")
         return DataLocation.deserialize(item)
 
-    return Preload(entries("extractors", FeatureExtractor.deserialize),
-                   entries("classifiers", classifier))
+    return Preload(entries("extractors", FeatureExtractor.deserialize), entries("classifiers", classifier))
 
 
 def _bool(text: str) -> bool:
@@ -303,59 +328,169 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
     ("--port-file", "port_file", Path, "SPACER_PORT_FILE", "write the bound port here"),
     ("--device", "device", str, "SPACER_DEVICE", "auto, cpu or cuda"),
     ("--precision", "precision", str, "SPACER_PRECISION", "exact or fast (reduced precision)"),
-    ("--batch-size", "batch_size", int, "SPACER_BATCH_SIZE", "patches per network call; default: the backend's preferred size"),
-    ("--queue-delay-ms", "queue_delay_ms", float, "SPACER_QUEUE_DELAY_MS",
-     "longest wait to fill a batch"),
-    ("--batching", "batching", _bool, "SPACER_BATCHING",
-     "true: batch patches across requests; false: one library call per image"),
-    ("--priority", "priority", _bool, "SPACER_PRIORITY",
-     "true: interactive calls are served ahead of bulk streams; false: first come first served"),
-    ("--preload", "preload", Path, "SPACER_PRELOAD",
-     "JSON file of extractors and classifiers to load and warm before health is SERVING"),
-    ("--model-repository", "model_repository", Path, "SPACER_MODEL_REPOSITORY",
-     "folder of weights files and classifiers offered as Open Inference Protocol models"),
+    (
+        "--batch-size",
+        "batch_size",
+        int,
+        "SPACER_BATCH_SIZE",
+        "patches per network call; default: the backend's preferred size",
+    ),
+    ("--queue-delay-ms", "queue_delay_ms", float, "SPACER_QUEUE_DELAY_MS", "longest wait to fill a batch"),
+    (
+        "--batching",
+        "batching",
+        _bool,
+        "SPACER_BATCHING",
+        "true: batch patches across requests; false: one library call per image",
+    ),
+    (
+        "--priority",
+        "priority",
+        _bool,
+        "SPACER_PRIORITY",
+        "true: interactive calls are served ahead of bulk streams; false: first come first served",
+    ),
+    (
+        "--preload",
+        "preload",
+        Path,
+        "SPACER_PRELOAD",
+        "JSON file of extractors and classifiers to load and warm before health is SERVING",
+    ),
+    (
+        "--model-repository",
+        "model_repository",
+        Path,
+        "SPACER_MODEL_REPOSITORY",
+        "folder of weights files and classifiers offered as Open Inference Protocol models",
+    ),
     ("--workers", "workers", int, "SPACER_WORKERS", "threads for blocking work"),
-    ("--stream-window", "stream_window", int, "SPACER_STREAM_WINDOW",
-     "images in flight per ClassifyImages stream"),
-    ("--max-queue", "max_queue", int, "SPACER_MAX_QUEUE",
-     "image tasks admitted server-wide before RESOURCE_EXHAUSTED"),
-    ("--memory-budget-mb", "memory_budget_mb", float, "SPACER_MEMORY_BUDGET_MB",
-     "MiB that admitted image work may hold (decoded images, patches, batch input)"),
-    ("--max-message-mb", "max_message_mb", float, "SPACER_MAX_MESSAGE_MB",
-     "largest request/response message, MiB"),
-    ("--url-max-mb", "url_max_mb", float, "SPACER_URL_MAX_MB",
-     "largest body a url location may download, MiB"),
-    ("--url-timeout", "url_timeout_seconds", float, "SPACER_URL_TIMEOUT",
-     "seconds a whole url download may take"),
-    ("--grace", "grace_seconds", float, "SPACER_GRACE_SECONDS",
-     "seconds in-flight calls get after SIGTERM"),
-    ("--max-image-pixels", "max_image_pixels", int, "SPACER_MAX_IMAGE_PIXELS",
-     "override spacer_core's MAX_IMAGE_PIXELS"),
-    ("--max-points-per-image", "max_points_per_image", int, "SPACER_MAX_POINTS_PER_IMAGE",
-     "override spacer_core's MAX_POINTS_PER_IMAGE"),
+    (
+        "--stream-window",
+        "stream_window",
+        int,
+        "SPACER_STREAM_WINDOW",
+        "images in flight per ClassifyImages stream",
+    ),
+    (
+        "--max-queue",
+        "max_queue",
+        int,
+        "SPACER_MAX_QUEUE",
+        "image tasks admitted server-wide before RESOURCE_EXHAUSTED",
+    ),
+    (
+        "--memory-budget-mb",
+        "memory_budget_mb",
+        float,
+        "SPACER_MEMORY_BUDGET_MB",
+        "MiB that admitted image work may hold (decoded images, patches, batch input)",
+    ),
+    (
+        "--max-message-mb",
+        "max_message_mb",
+        float,
+        "SPACER_MAX_MESSAGE_MB",
+        "largest request/response message, MiB",
+    ),
+    (
+        "--url-max-mb",
+        "url_max_mb",
+        float,
+        "SPACER_URL_MAX_MB",
+        "largest body a url location may download, MiB",
+    ),
+    (
+        "--url-timeout",
+        "url_timeout_seconds",
+        float,
+        "SPACER_URL_TIMEOUT",
+        "seconds a whole url download may take",
+    ),
+    ("--grace", "grace_seconds", float, "SPACER_GRACE_SECONDS", "seconds in-flight calls get after SIGTERM"),
+    (
+        "--max-image-pixels",
+        "max_image_pixels",
+        int,
+        "SPACER_MAX_IMAGE_PIXELS",
+        "override spacer_core's MAX_IMAGE_PIXELS",
+    ),
+    (
+        "--max-points-per-image",
+        "max_points_per_image",
+        int,
+        "SPACER_MAX_POINTS_PER_IMAGE",
+        "override spacer_core's MAX_POINTS_PER_IMAGE",
+    ),
     ("--max-epochs", "max_epochs", int, "SPACER_MAX_EPOCHS", "largest nbr_epochs a training may ask for"),
-    ("--max-hidden-units", "max_hidden_units", int, "SPACER_MAX_HIDDEN_UNITS",
-     "largest MLP hidden layer a trainer may ask for"),
-    ("--max-hidden-layers", "max_hidden_layers", int, "SPACER_MAX_HIDDEN_LAYERS",
-     "most MLP hidden layers a trainer may ask for"),
-    ("--max-feature-dim", "max_feature_dim", int, "SPACER_MAX_FEATURE_DIM",
-     "widest feature vector an extractor may produce"),
-    ("--max-feature-file-mb", "max_feature_file_mb", float, "SPACER_MAX_FEATURE_FILE_MB",
-     "largest size a feature file may inflate to"),
+    (
+        "--max-hidden-units",
+        "max_hidden_units",
+        int,
+        "SPACER_MAX_HIDDEN_UNITS",
+        "largest MLP hidden layer a trainer may ask for",
+    ),
+    (
+        "--max-hidden-layers",
+        "max_hidden_layers",
+        int,
+        "SPACER_MAX_HIDDEN_LAYERS",
+        "most MLP hidden layers a trainer may ask for",
+    ),
+    (
+        "--max-feature-dim",
+        "max_feature_dim",
+        int,
+        "SPACER_MAX_FEATURE_DIM",
+        "widest feature vector an extractor may produce",
+    ),
+    (
+        "--max-feature-file-mb",
+        "max_feature_file_mb",
+        float,
+        "SPACER_MAX_FEATURE_FILE_MB",
+        "largest size a feature file may inflate to",
+    ),
     ("--max-token-chars", "max_token_chars", int, "SPACER_MAX_TOKEN_CHARS", "longest job token"),
-    ("--max-key-chars", "max_key_chars", int, "SPACER_MAX_KEY_CHARS", "longest location key (path, URL, S3 key)"),
-    ("--long-work-workers", "long_work_workers", int, "SPACER_LONG_WORK_WORKERS",
-     "worker threads RunJob and TrainClassifier may hold at once; default: half of --workers"),
+    (
+        "--max-key-chars",
+        "max_key_chars",
+        int,
+        "SPACER_MAX_KEY_CHARS",
+        "longest location key (path, URL, S3 key)",
+    ),
+    (
+        "--long-work-workers",
+        "long_work_workers",
+        int,
+        "SPACER_LONG_WORK_WORKERS",
+        "worker threads RunJob and TrainClassifier may hold at once; default: half of --workers",
+    ),
     ("--log-level", "log_level", str, "SPACER_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
     ("--log-format", "log_format", str, "SPACER_LOG_FORMAT", "text or json (one object per line)"),
-    ("--metrics-port", "metrics_port", int, "SPACER_METRICS_PORT",
-     "serve Prometheus /metrics on this port; default: off"),
+    (
+        "--metrics-port",
+        "metrics_port",
+        int,
+        "SPACER_METRICS_PORT",
+        "serve Prometheus /metrics on this port; default: off",
+    ),
     ("--tls-cert", "tls_cert", Path, "SPACER_TLS_CERT", "serve TLS with this PEM certificate chain"),
     ("--tls-key", "tls_key", Path, "SPACER_TLS_KEY", "PEM private key of --tls-cert"),
-    ("--tls-client-ca", "tls_client_ca", Path, "SPACER_TLS_CLIENT_CA",
-     "require client certificates signed by this PEM CA (mutual TLS)"),
-    ("--auth-token-file", "auth_token_file", Path, "SPACER_AUTH_TOKEN_FILE",
-     "require 'authorization: Bearer <token>' with the token in this file (health stays open)"),
+    (
+        "--tls-client-ca",
+        "tls_client_ca",
+        Path,
+        "SPACER_TLS_CLIENT_CA",
+        "require client certificates signed by this PEM CA (mutual TLS)",
+    ),
+    (
+        "--auth-token-file",
+        "auth_token_file",
+        Path,
+        "SPACER_AUTH_TOKEN_FILE",
+        "require 'authorization: Bearer <token>' with the token in this file (health stays open)",
+    ),
 ]
 
 
@@ -381,8 +516,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_const",
         const=True,
         default=None,
-        help="let clients read and write any file this process can reach (unsafe)"
-        " [SPACER_ALLOW_ANY_PATH]",
+        help="let clients read and write any file this process can reach (unsafe) [SPACER_ALLOW_ANY_PATH]",
     )
     parser.add_argument(
         "--allow-private-urls",
@@ -409,9 +543,7 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def config_from_args(
-    args: argparse.Namespace, environ: Mapping[str, str] | None = None
-) -> ServerConfig:
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
     """Combine flags, SPACER_* variables and defaults into a validated config."""
     env = os.environ if environ is None else environ
     values: dict[str, object] = {}
@@ -449,8 +581,10 @@ def config_from_args(
     if roots:
         values["data_roots"] = tuple(Path(r).expanduser().resolve() for r in roots)
 
-    for dest, var in (("allow_any_path", "SPACER_ALLOW_ANY_PATH"),
-                      ("allow_private_urls", "SPACER_ALLOW_PRIVATE_URLS")):
+    for dest, var in (
+        ("allow_any_path", "SPACER_ALLOW_ANY_PATH"),
+        ("allow_private_urls", "SPACER_ALLOW_PRIVATE_URLS"),
+    ):
         flag = getattr(args, dest, None)
         if flag is None and env.get(var):
             try:

@@ -48,8 +48,9 @@ def check_sizes(msg: Message, limits: Limits, where: str = "") -> None:
                 limits.check_key(value, name)
             elif desc.type == desc.TYPE_MESSAGE:
                 if desc.message_type.GetOptions().map_entry:
-                    stack.extend((f"{name}[{k!r}]", child) for k, child in value.items()
-                                 if isinstance(child, Message))
+                    stack.extend(
+                        (f"{name}[{k!r}]", child) for k, child in value.items() if isinstance(child, Message)
+                    )
                 elif desc.is_repeated:
                     stack.extend((f"{name}[{i}]", child) for i, child in enumerate(value))
                 else:
@@ -78,8 +79,7 @@ def extractor(ext: pb.Extractor) -> FeatureExtractor:
     with field("extractor.class_path"):
         cls = resolve_class_path(ext.class_path)
     locations = {
-        name: location(loc, f"extractor.data_locations[{name}]")
-        for name, loc in ext.data_locations.items()
+        name: location(loc, f"extractor.data_locations[{name}]") for name, loc in ext.data_locations.items()
     }
     with field("extractor"):
         return cls(data_locations=locations, data_hashes=dict(ext.data_hashes))
@@ -112,8 +112,9 @@ def image_job(
     if not req.HasField("extractor"):
         raise invalid("extractor is required")
     classifier_loc = location(req.classifier_loc, "classifier_loc") if classify else None
-    return ImageJob(extractor(req.extractor), rowcols, image, name,
-                    feature_loc=feature_loc, classifier_loc=classifier_loc)
+    return ImageJob(
+        extractor(req.extractor), rowcols, image, name, feature_loc=feature_loc, classifier_loc=classifier_loc
+    )
 
 
 def labels(images: pb.ImageLabels, what: str) -> ImageLabels:
@@ -124,8 +125,7 @@ def labels(images: pb.ImageLabels, what: str) -> ImageLabels:
         for j, ann in enumerate(image.annotations):
             if not ann.HasField("label") or ann.label.WhichOneof("value") is None:
                 raise invalid(
-                    f"labels.{what}: point ({ann.row}, {ann.col}) of {loc.key} has no label"
-                    f" (annotation {j})"
+                    f"labels.{what}: point ({ann.row}, {ann.col}) of {loc.key} has no label (annotation {j})"
                 )
             annotations.append((ann.row, ann.col, label_value(ann.label)))
     return ImageLabels(data)
@@ -184,8 +184,7 @@ def train_msg(req: pb.TrainClassifierRequest, trainer: str) -> TrainClassifierMs
             clf_type=req.clf_type,
             labels=task_labels,
             previous_model_locs=[
-                location(loc, f"previous_model_locs[{i}]")
-                for i, loc in enumerate(req.previous_model_locs)
+                location(loc, f"previous_model_locs[{i}]") for i, loc in enumerate(req.previous_model_locs)
             ],
             model_loc=location(req.model_loc, "model_loc"),
             valresult_loc=location(req.valresult_loc, "valresult_loc"),
@@ -260,4 +259,3 @@ def loaded_proto(model: LoadedModel) -> pb.LoadedModel:
         feature_dim=model.feature_dim,
         load_seconds=model.load_seconds,
     )
-

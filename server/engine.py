@@ -63,9 +63,7 @@ class Admission:
     @contextlib.asynccontextmanager
     async def try_enter(self, priority: int = DEFAULT_PRIORITY) -> AsyncIterator[None]:
         if not self._has_room(priority):
-            raise QueueFullError(
-                f"server queue is full ({self.active} image tasks admitted); retry later"
-            )
+            raise QueueFullError(f"server queue is full ({self.active} image tasks admitted); retry later")
         self.active += 1
         try:
             yield
@@ -141,7 +139,9 @@ class MemoryBudget:
         self.peak = max(self.peak, self.held)
         return MemoryHold(self, nbytes)
 
-    async def acquire(self, nbytes: int, priority: int = DEFAULT_PRIORITY, *, wait: bool = True) -> MemoryHold:
+    async def acquire(
+        self, nbytes: int, priority: int = DEFAULT_PRIORITY, *, wait: bool = True
+    ) -> MemoryHold:
         """Hold `nbytes` once they fit; with `wait` False raise QueueFullError instead of waiting."""
         nbytes = max(0, int(nbytes))
         ahead = any(p <= priority for p, _, _, f in self._waiting if not f.done())
@@ -150,7 +150,8 @@ class MemoryBudget:
         if not wait:
             raise QueueFullError(
                 f"server queue is full ({self.held / MIB:.0f} of {self.budget / MIB:.0f} MiB of image"
-                f" memory held; this image needs {nbytes / MIB:.0f} MiB); retry later")
+                f" memory held; this image needs {nbytes / MIB:.0f} MiB); retry later"
+            )
         self.waited += 1
         granted: asyncio.Future[MemoryHold] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (int(priority), next(self._order), nbytes, granted))
@@ -190,8 +191,9 @@ class PriorityPool(concurrent.futures.Executor):
         self._order = itertools.count()
         self._lock = threading.Condition()
         self._closed = False
-        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
-                         for i in range(workers)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(workers)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -243,7 +245,9 @@ class PriorityPool(concurrent.futures.Executor):
                 thread.join()
 
 
-def _cancellable(stop: threading.Event, deadline: float | None, func: Callable[..., T], args: tuple[Any, ...]) -> T:
+def _cancellable(
+    stop: threading.Event, deadline: float | None, func: Callable[..., T], args: tuple[Any, ...]
+) -> T:
     with cancellation.cancel_scope(stop, deadline):
         return func(*args)
 
@@ -295,7 +299,8 @@ class Engine:
 
         try:
             future = self._pool.submit_at(
-                DEFAULT_PRIORITY, partial(self._in_runtime, _cancellable, (stop, deadline, func, args)))
+                DEFAULT_PRIORITY, partial(self._in_runtime, _cancellable, (stop, deadline, func, args))
+            )
         except BaseException:
             self._long_slots.release()
             raise
@@ -330,8 +335,9 @@ class Engine:
             # One library call per image: at most `workers` images in memory at once.
             return await call(pipeline.run, job)
         admit = partial(self.memory.acquire, priority=priority, wait=wait)
-        return await pipeline.run_async(job, self.runtime, call, priority=priority, deadline=deadline,
-                                        admit=admit)
+        return await pipeline.run_async(
+            job, self.runtime, call, priority=priority, deadline=deadline, admit=admit
+        )
 
     async def load_extractor(self, extractor: FeatureExtractor) -> LoadedModel:
         """Fetch and verify the extractor's files; build its network (and batcher) now."""
@@ -345,7 +351,8 @@ class Engine:
             # No network to build (DummyExtractor): its width is the client's number; check it
             # now, at load, not first at inference.
             self.runtime.settings.limits.check_feature_dim(
-                int(extractor.feature_dim), f"{type(extractor).__name__} feature_dim")
+                int(extractor.feature_dim), f"{type(extractor).__name__} feature_dim"
+            )
             return LoadedModel("extractor", type(extractor).__name__, extractor.feature_dim, 0.0)
         model = self.runtime.load_network(found[0])
         if warm:

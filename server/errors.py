@@ -191,9 +191,7 @@ def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
     """
     name = func.__name__
 
-    async def _fail(
-        context: grpc.aio.ServicerContext, exc: Exception, call: CallLog, request: Any
-    ) -> None:
+    async def _fail(context: grpc.aio.ServicerContext, exc: Exception, call: CallLog, request: Any) -> None:
         status, message = describe(exc, _token_of(request), request_locations(request))
         call.finish(status.name, message)
         await context.abort(status, message, trailing_metadata=call.trailing)

@@ -40,9 +40,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
-STARTED = Counter(
-    "grpc_server_started", "RPCs started.", ["grpc_method", "grpc_type"], registry=REGISTRY
-)
+STARTED = Counter("grpc_server_started", "RPCs started.", ["grpc_method", "grpc_type"], registry=REGISTRY)
 HANDLED = Counter(
     "grpc_server_handled",
     "RPCs finished, by the status code the client received.",
@@ -50,34 +48,48 @@ HANDLED = Counter(
     registry=REGISTRY,
 )
 ERRORS = Counter(
-    "spacer_rpc_errors", "RPCs that ended with a status other than OK.",
-    ["grpc_method", "grpc_code"], registry=REGISTRY,
+    "spacer_rpc_errors",
+    "RPCs that ended with a status other than OK.",
+    ["grpc_method", "grpc_code"],
+    registry=REGISTRY,
 )
 LATENCY = Histogram(
-    "grpc_server_handling_seconds", "Time from an RPC's start to its status.",
-    ["grpc_method"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    "grpc_server_handling_seconds",
+    "Time from an RPC's start to its status.",
+    ["grpc_method"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 RECEIVED = Counter(
     "grpc_server_msg_received", "Request messages received.", ["grpc_method"], registry=REGISTRY
 )
-SENT = Counter(
-    "grpc_server_msg_sent", "Response messages sent.", ["grpc_method"], registry=REGISTRY
-)
+SENT = Counter("grpc_server_msg_sent", "Response messages sent.", ["grpc_method"], registry=REGISTRY)
 POINTS = Counter(
-    "spacer_points_processed", "Points whose features or scores were returned.",
-    ["grpc_method"], registry=REGISTRY,
+    "spacer_points_processed",
+    "Points whose features or scores were returned.",
+    ["grpc_method"],
+    registry=REGISTRY,
 )
 BATCH_SIZE = Histogram(
-    "spacer_batch_size", "Patches per network call.", ["batcher"],
-    buckets=_BATCH_BUCKETS, registry=REGISTRY,
+    "spacer_batch_size",
+    "Patches per network call.",
+    ["batcher"],
+    buckets=_BATCH_BUCKETS,
+    registry=REGISTRY,
 )
 QUEUE_SECONDS = Histogram(
-    "spacer_queue_seconds", "Time a request waited in a batcher's queue before its first batch.",
-    ["batcher"], buckets=_STAGE_BUCKETS, registry=REGISTRY,
+    "spacer_queue_seconds",
+    "Time a request waited in a batcher's queue before its first batch.",
+    ["batcher"],
+    buckets=_STAGE_BUCKETS,
+    registry=REGISTRY,
 )
 NETWORK_SECONDS = Histogram(
-    "spacer_network_seconds", "Time one batch spent in the network (input conversion to features).",
-    ["batcher"], buckets=_STAGE_BUCKETS, registry=REGISTRY,
+    "spacer_network_seconds",
+    "Time one batch spent in the network (input conversion to features).",
+    ["batcher"],
+    buckets=_STAGE_BUCKETS,
+    registry=REGISTRY,
 )
 
 _GRPC_TYPES = {
@@ -107,9 +119,7 @@ def points_in(response: Any) -> int:
     return 0
 
 
-def record_call(
-    method: str, code: str, seconds: float, received: int, sent: int, points: int
-) -> None:
+def record_call(method: str, code: str, seconds: float, received: int, sent: int, points: int) -> None:
     """Count one finished RPC (called once per call by server.errors.rpc_method)."""
     HANDLED.labels(method, code).inc()
     if code != "OK":
@@ -173,7 +183,8 @@ def _gpu_memory() -> Iterator[GaugeMetricFamily]:
         "spacer_gpu_memory_allocated_bytes", "GPU memory held by tensors.", labels=["device"]
     )
     reserved = GaugeMetricFamily(
-        "spacer_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator.",
+        "spacer_gpu_memory_reserved_bytes",
+        "GPU memory reserved by the caching allocator.",
         labels=["device"],
     )
     for index in range(torch.cuda.device_count()):

@@ -38,13 +38,13 @@ def _register_v1_descriptors() -> None:
     for message in proto.message_type:
         for field in message.field:
             if field.type_name.startswith(old_prefix):
-                field.type_name = f".{V1_PACKAGE}." + field.type_name[len(old_prefix):]
+                field.type_name = f".{V1_PACKAGE}." + field.type_name[len(old_prefix) :]
     for service in proto.service:
         for method in service.method:
             for attr in ("input_type", "output_type"):
                 name = getattr(method, attr)
                 if name.startswith(old_prefix):
-                    setattr(method, attr, f".{V1_PACKAGE}." + name[len(old_prefix):])
+                    setattr(method, attr, f".{V1_PACKAGE}." + name[len(old_prefix) :])
     pool.Add(proto)
 
 

@@ -18,8 +18,9 @@ import re
 import site
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -76,7 +77,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method or ""
-        if method.startswith(self._open_prefixes) or self._authorized(handler_call_details.invocation_metadata):
+        if method.startswith(self._open_prefixes) or self._authorized(
+            handler_call_details.invocation_metadata
+        ):
             return await continuation(handler_call_details)
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
@@ -87,7 +90,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 # ---------------------------------------------------------------- TLS
 
 
-def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None) -> grpc.ServerCredentials:
+def server_credentials(
+    cert: str | Path, key: str | Path, client_ca: str | Path | None = None
+) -> grpc.ServerCredentials:
     """TLS credentials from PEM files; with ``client_ca``, clients must present a certificate it signed."""
     chain = Path(cert).read_bytes()
     private_key = Path(key).read_bytes()

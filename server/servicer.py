@@ -80,7 +80,9 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     # ------------------------------------------------------------ unary
 
     @rpc_method
-    async def ExtractFeatures(self, request: pb.ExtractFeaturesRequest, context: Context) -> pb.ExtractFeaturesResponse:  # type: ignore[override]
+    async def ExtractFeatures(
+        self, request: pb.ExtractFeaturesRequest, context: Context
+    ) -> pb.ExtractFeaturesResponse:  # type: ignore[override]
         self._check_sizes(request)
         feature_loc = convert.optional_location(request, "feature_loc")
         if feature_loc is None and not request.return_features:
@@ -90,10 +92,12 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                 require_writable(feature_loc)
         job = convert.image_job(request, feature_loc=feature_loc)
         priority = self.engine.priority(
-            request_priority(request, call_priority(context, Priority.INTERACTIVE)))
+            request_priority(request, call_priority(context, Priority.INTERACTIVE))
+        )
         async with self.engine.admission.try_enter(priority):
-            result = await self.engine.run_image(job, priority=priority,
-                                                 deadline=call_deadline(context), wait=False)
+            result = await self.engine.run_image(
+                job, priority=priority, deadline=call_deadline(context), wait=False
+            )
         return pb.ExtractFeaturesResponse(
             job_token=request.job_token,
             extractor_loaded_remotely=result.loaded_remotely,
@@ -102,7 +106,9 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         )
 
     @rpc_method
-    async def ClassifyFeatures(self, request: pb.ClassifyFeaturesRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
+    async def ClassifyFeatures(
+        self, request: pb.ClassifyFeaturesRequest, context: Context
+    ) -> pb.ClassifyResponse:  # type: ignore[override]
         self._check_sizes(request)
         msg = ClassifyFeaturesMsg(
             job_token=request.job_token,
@@ -115,7 +121,8 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     @rpc_method
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
         priority = self.engine.priority(
-            request_priority(request, call_priority(context, Priority.INTERACTIVE)))
+            request_priority(request, call_priority(context, Priority.INTERACTIVE))
+        )
         async with self.engine.admission.try_enter(priority):
             return await self._classify_one(request, priority, call_deadline(context), wait=False)
 
@@ -202,6 +209,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[pb.TrainProgress] = asyncio.Queue()
         stop = threading.Event()
+
         def progress(epoch: int, ref_accuracy: float, elapsed: float) -> None:
             # The trainer's callback, run in the training thread after each
             # epoch (0-based); a cancelled call stops training here.
@@ -217,16 +225,15 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
         self.engine.runtime.settings.limits.check_task(msg)
         work = asyncio.ensure_future(
-            self.engine.call_long(tasks.train_classifier, msg, progress, deadline=call_deadline(context)))
+            self.engine.call_long(tasks.train_classifier, msg, progress, deadline=call_deadline(context))
+        )
         getter: asyncio.Future[pb.TrainProgress] | None = None
         try:
             while not work.done() or not events.empty():
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    yield pb.TrainClassifierResponse(
-                        job_token=request.job_token, progress=getter.result()
-                    )
+                    yield pb.TrainClassifierResponse(job_token=request.job_token, progress=getter.result())
                 getter.cancel()
             result = work.result()
         finally:

@@ -153,8 +153,14 @@ class BulkTask:
         return cls("extract", extractor, _out(out), **options)
 
     @classmethod
-    def classify(cls, extractor: FeatureExtractor, classifier: DataLocation, out: str | Path,
-                 threshold: float, **options: Any) -> BulkTask:
+    def classify(
+        cls,
+        extractor: FeatureExtractor,
+        classifier: DataLocation,
+        out: str | Path,
+        threshold: float,
+        **options: Any,
+    ) -> BulkTask:
         """A results CSV at `out`, each point scored by the classifier."""
         if not 0.0 <= threshold <= 1.0:
             raise InvalidInputError(f"threshold {threshold}: expected a score between 0 and 1")
@@ -176,8 +182,17 @@ class BulkTask:
         return DataLocation("filesystem", os.path.join(self.work_dir, stem + self.shard_label + ext))
 
 
-def build_task(kind: str, weights: str | Path, out: str | Path, *, classifier: str | None = None,
-               threshold: float = 0.0, shard: int = 0, shards: int = 1, overwrite: bool = False) -> BulkTask:
+def build_task(
+    kind: str,
+    weights: str | Path,
+    out: str | Path,
+    *,
+    classifier: str | None = None,
+    threshold: float = 0.0,
+    shard: int = 0,
+    shards: int = 1,
+    overwrite: bool = False,
+) -> BulkTask:
     """The task of the shell and the batch entry point: a local weights file, a classifier path
     or s3:// name; a shard's summary (and results CSV) carry the shard in their names."""
     label = shard_label(shard, shards)
@@ -189,8 +204,14 @@ def build_task(kind: str, weights: str | Path, out: str | Path, *, classifier: s
     if classifier is None:
         raise InvalidInputError("bulk classify needs a classifier")
     path = Path(out)
-    return BulkTask.classify(extractor, location_for(classifier), path.with_name(path.stem + label + path.suffix),
-                             threshold, overwrite=overwrite, shard_label=label)
+    return BulkTask.classify(
+        extractor,
+        location_for(classifier),
+        path.with_name(path.stem + label + path.suffix),
+        threshold,
+        overwrite=overwrite,
+        shard_label=label,
+    )
 
 
 def _out(out: str | Path) -> str:
@@ -247,7 +268,10 @@ def describe_error(exc: BaseException) -> str:
 def image_job(task: BulkTask, item: BulkImage) -> pipeline.ImageJob:
     """The pipeline job of one image: features stored (extract) or scored (classify)."""
     return pipeline.ImageJob(
-        task.extractor, item.rowcols, item.location, name=item.name,
+        task.extractor,
+        item.rowcols,
+        item.location,
+        name=item.name,
         feature_loc=task.output(item) if task.kind == "extract" else None,
         classifier_loc=task.classifier if task.kind == "classify" else None,
     )
@@ -271,15 +295,20 @@ def image_features(task: BulkTask, net: NetworkSpec, patches: np.ndarray) -> np.
     return worker_runtime(task).features(net, patches)
 
 
-def finish_image(task: BulkTask, item: BulkImage, prepared: pipeline.Prepared,
-                 features: np.ndarray) -> Outcome:
+def finish_image(
+    task: BulkTask, item: BulkImage, prepared: pipeline.Prepared, features: np.ndarray
+) -> Outcome:
     """Store or score the features (`pipeline.finish`); classify also writes the image's part."""
     with worker_runtime(task).activate():
         result = pipeline.finish(prepared, features)
         if task.kind == "classify":
             assert result.scores is not None and result.classes is not None
-            part = {"name": item.name, "rowcols": [list(rc) for rc in result.rowcols],
-                    "classes": result.classes, "scores": result.scores.tolist()}
+            part = {
+                "name": item.name,
+                "rowcols": [list(rc) for rc in result.rowcols],
+                "classes": result.classes,
+                "scores": result.scores.tolist(),
+            }
             store_bytes(task.output(item), json.dumps(part).encode("utf-8"))
     return Outcome(item.name, True, len(result.rowcols), result.runtime)
 
@@ -342,13 +371,18 @@ class Summary:
         }
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"task": self.task.kind, "engine": self.engine, **self.counts(),
-                               "seconds": round(self.seconds, 3)}
+        out: dict[str, Any] = {
+            "task": self.task.kind,
+            "engine": self.engine,
+            **self.counts(),
+            "seconds": round(self.seconds, 3),
+        }
         if self.results is not None:
             out["results"] = self.results
         out["outputs"] = {
             item.name: self.outcomes[item.name].as_dict(self.task.output(item).key)
-            for item in self.items if item.name in self.outcomes
+            for item in self.items
+            if item.name in self.outcomes
         }
         return out
 
@@ -369,14 +403,16 @@ def write_results(task: BulkTask, items: Sequence[BulkImage], outcomes: dict[str
                 continue
             part = json.loads(load_bytes(task.output(item)).getvalue())
             rowcols = [(int(r), int(c)) for r, c in part["rowcols"]]
-            rows += coralnet.result_rows(item.name, rowcols, [str(c) for c in part["classes"]],
-                                         part["scores"], task.threshold)
+            rows += coralnet.result_rows(
+                item.name, rowcols, [str(c) for c in part["classes"]], part["scores"], task.threshold
+            )
     coralnet.write_results(task.out, rows)
     return task.out
 
 
-def conclude(task: BulkTask, engine: str, items: Sequence[BulkImage], outcomes: Iterable[Outcome],
-             start: float) -> Summary:
+def conclude(
+    task: BulkTask, engine: str, items: Sequence[BulkImage], outcomes: Iterable[Outcome], start: float
+) -> Summary:
     """Write the results CSV (classify) and the summary of a finished run."""
     by_name = {o.name: o for o in outcomes}
     summary = Summary(task, engine, list(items), by_name, 0.0)
@@ -418,8 +454,9 @@ def default_workers() -> int:
     return available_cpus()
 
 
-def run(task: BulkTask, items: Sequence[BulkImage], progress: Progress | None = None,
-        workers: int | None = None) -> Summary:
+def run(
+    task: BulkTask, items: Sequence[BulkImage], progress: Progress | None = None, workers: int | None = None
+) -> Summary:
     """The local engine: every image through the pipeline in this process, `workers` at a time.
 
     Images are started in manifest order; progress is reported as they finish.
@@ -432,6 +469,7 @@ def run(task: BulkTask, items: Sequence[BulkImage], progress: Progress | None = 
         for item in todo:
             tally.add(process_image(task, item))
     else:
+
         def one(item: BulkImage) -> Outcome:
             with one_session():  # each worker keeps to one core's session
                 return process_image(task, item)

@@ -64,8 +64,12 @@ class RayOptions:
     fault_marker: str | None = None
 
 
-def run(task: BulkTask, items: Sequence[BulkImage], options: RayOptions | None = None,
-        progress: Progress | None = None) -> Summary:
+def run(
+    task: BulkTask,
+    items: Sequence[BulkImage],
+    options: RayOptions | None = None,
+    progress: Progress | None = None,
+) -> Summary:
     """Run the task on every image not done yet, on Ray; summary and results as `bulk.run`."""
     options = options or RayOptions()
     start = time.monotonic()
@@ -91,8 +95,12 @@ def _connect(address: str | None) -> bool:
 
 
 def _row(index: int, item: BulkImage) -> dict[str, Any]:
-    return {"index": index, "name": item.name, "location": json.dumps(item.location.serialize()),
-            "rowcols": json.dumps(item.rowcols)}
+    return {
+        "index": index,
+        "name": item.name,
+        "location": json.dumps(item.location.serialize()),
+        "rowcols": json.dumps(item.rowcols),
+    }
 
 
 def _item(row: dict[str, Any]) -> BulkImage:
@@ -111,13 +119,19 @@ def outcomes(task: BulkTask, items: Sequence[BulkImage], options: RayOptions) ->
     # from fusing them into the actor, so decoding runs beside the network, not in its process.
     ds = ds.map(_Prepare(task), num_cpus=options.stage_cpus)
     ds = ds.map_batches(
-        _Network, fn_constructor_args=(task, options.fault_marker), batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=options.actor_cpus, num_gpus=gpus,
+        _Network,
+        fn_constructor_args=(task, options.fault_marker),
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=options.actor_cpus,
+        num_gpus=gpus,
     )
     ds = ds.map(_Finish(task), num_cpus=options.stage_cpus)
     for row in ds.iter_rows():
-        yield Outcome(str(row["name"]), bool(row["ok"]), int(row["points"]), float(row["seconds"]),
-                      str(row["error"]))
+        yield Outcome(
+            str(row["name"]), bool(row["ok"]), int(row["points"]), float(row["seconds"]), str(row["error"])
+        )
 
 
 def _pool_size(options: RayOptions) -> tuple[int, float]:
@@ -135,8 +149,13 @@ def _pool_size(options: RayOptions) -> tuple[int, float]:
     needed = actors * options.actor_cpus + 2 * options.stage_cpus
     if needed > resources.get("CPU", 0):
         # Without room for the CPU stages the actors wait for input forever (unless autoscaling adds nodes).
-        logger.warning("%d actors x %g CPUs and the CPU stages need %g CPUs; the cluster has %g now",
-                       actors, options.actor_cpus, needed, resources.get("CPU", 0))
+        logger.warning(
+            "%d actors x %g CPUs and the CPU stages need %g CPUs; the cluster has %g now",
+            actors,
+            options.actor_cpus,
+            needed,
+            resources.get("CPU", 0),
+        )
     return actors, gpus
 
 
@@ -148,16 +167,25 @@ class _Prepare:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         item = _item(row)
-        out: dict[str, Any] = {**row, "error": "", "patches": _NONE, "features": _NONE,
-                               "points": np.zeros((0, 2), dtype=np.int64), "start": time.time(),
-                               "remote": False}
+        out: dict[str, Any] = {
+            **row,
+            "error": "",
+            "patches": _NONE,
+            "features": _NONE,
+            "points": np.zeros((0, 2), dtype=np.int64),
+            "start": time.time(),
+            "remote": False,
+        }
         try:
             prepared = bulk.prepare_image(self.task, item)
         except Exception as exc:  # recorded for this image; the job goes on
             out["error"] = bulk.describe_error(exc)
             return out
-        out.update(points=np.asarray(prepared.rowcols, dtype=np.int64), start=prepared.start,
-                   remote=prepared.loaded_remotely)
+        out.update(
+            points=np.asarray(prepared.rowcols, dtype=np.int64),
+            start=prepared.start,
+            remote=prepared.loaded_remotely,
+        )
         if prepared.features is not None:  # an extractor without a network computed them already
             out["features"] = np.asarray(prepared.features, dtype=np.float32)
         else:
@@ -220,10 +248,13 @@ class _Finish:
         if out["error"]:
             return out
         rowcols = [(int(r), int(c)) for r, c in np.asarray(row["points"])]
-        prepared = pipeline.Prepared(bulk.image_job(self.task, item), rowcols, float(row["start"]),
-                                     bool(row["remote"]))
+        prepared = pipeline.Prepared(
+            bulk.image_job(self.task, item), rowcols, float(row["start"]), bool(row["remote"])
+        )
         try:
-            outcome = bulk.finish_image(self.task, item, prepared, np.asarray(row["features"], dtype=np.float32))
+            outcome = bulk.finish_image(
+                self.task, item, prepared, np.asarray(row["features"], dtype=np.float32)
+            )
         except Exception as exc:  # recorded for this image; the job goes on
             outcome = bulk.failed(item, exc)
         out.update(ok=outcome.ok, points=outcome.points, seconds=outcome.seconds, error=outcome.error)

@@ -38,7 +38,7 @@ def target_name(fullname: str) -> str | None:
     """The spacer_core module that `fullname` (spacer or spacer.*) stands for; None if not aliased."""
     if fullname != ALIAS and not fullname.startswith(ALIAS + "."):
         return None
-    return RENAMED.get(fullname, TARGET + fullname[len(ALIAS):])
+    return RENAMED.get(fullname, TARGET + fullname[len(ALIAS) :])
 
 
 class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -55,7 +55,8 @@ class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if real is None:
             return None  # the import fails as usual, naming `fullname`
         return importlib.machinery.ModuleSpec(
-            fullname, self, is_package=real.submodule_search_locations is not None)
+            fullname, self, is_package=real.submodule_search_locations is not None
+        )
 
     def create_module(self, spec):  # type: ignore[no-untyped-def]
         module = importlib.import_module(target_name(spec.name))  # type: ignore[arg-type]
@@ -90,7 +91,8 @@ def install() -> None:
     loaded = sorted(name for name in sys.modules if target_name(name) is not None)
     if loaded:
         raise RuntimeError(
-            f"pyspacer modules {loaded} are already imported; install the spacer alias before importing them")
+            f"pyspacer modules {loaded} are already imported; install the spacer alias before importing them"
+        )
     sys.meta_path.insert(0, _FINDER)
 
 

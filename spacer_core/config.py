@@ -23,11 +23,12 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, ContextDecorator
 from contextvars import ContextVar, Token
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from PIL import Image, ImageFile
 
@@ -133,9 +134,7 @@ def _read_django_settings() -> Mapping[str, Any] | None:
 def get_config_detection_result() -> str:
     """Say which configuration sources were found (for error messages)."""
     secrets = "Secrets file found." if SECRETS else "Secrets file not found."
-    django = (
-        " SPACER Django setting found." if SETTINGS_FROM_DJANGO else " SPACER Django setting not found."
-    )
+    django = " SPACER Django setting found." if SETTINGS_FROM_DJANGO else " SPACER Django setting not found."
     return secrets + django
 
 
@@ -248,7 +247,7 @@ class log_entry_and_exit(ContextDecorator):
         self.name = name
         self.start_time = 0.0
 
-    def __enter__(self) -> "log_entry_and_exit":
+    def __enter__(self) -> log_entry_and_exit:
         self.start_time = time.time()
         logger.debug("Entering: %s", self.name)
         return self

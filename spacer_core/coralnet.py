@@ -69,8 +69,10 @@ def _header_map(path: Path, header: Sequence[str] | None, wanted: Sequence[str])
         index = next((normalised[a.lower()] for a in aliases if a.lower() in normalised), None)
         if index is None:
             raise CsvFormatError(
-                path, f"missing from the header ({', '.join(h.strip() for h in header)})",
-                row=1, column=name,
+                path,
+                f"missing from the header ({', '.join(h.strip() for h in header)})",
+                row=1,
+                column=name,
             )
         found[name] = index
     return found
@@ -287,9 +289,7 @@ def generate_points(spec: PointSpec, width: int, height: int, seed: int | str = 
     for i in range(spec.cell_rows):
         for j in range(spec.cell_cols):
             if spec.kind == "grid":
-                out.append(
-                    (clamp(row_step * (i + 0.5), height - 1), clamp(col_step * (j + 0.5), width - 1))
-                )
+                out.append((clamp(row_step * (i + 0.5), height - 1), clamp(col_step * (j + 0.5), width - 1)))
                 continue
             # A cell spans [start, start + step - 1] in pixel positions.
             r0, c0 = row_step * i, col_step * j

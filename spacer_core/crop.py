@@ -148,7 +148,7 @@ def _jpeg_frame(data: bytes) -> tuple[int, bool]:
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame
             if pos + 10 <= len(data):
                 return data[pos + 9], marker in (0xC2, 0xC6, 0xCA, 0xCE)
@@ -325,7 +325,9 @@ def _reflect(index: np.ndarray, length: int) -> np.ndarray:
     return np.where(m >= length, period - m, m)
 
 
-def _pillow_patches(image_bytes: bytes, points: list[tuple[int, int]], crop_size: int, limit: int) -> np.ndarray:
+def _pillow_patches(
+    image_bytes: bytes, points: list[tuple[int, int]], crop_size: int, limit: int
+) -> np.ndarray:
     """Patches of a Pillow-decoded image without a full-size RGB copy of it.
 
     Pillow holds the decoded image in its own mode; each patch converts only
@@ -368,7 +370,7 @@ def _patches_into_chw(patches: np.ndarray, out: np.ndarray) -> None:
     # The point whose patch is the whole patch image (a 1x1 image reflects onto itself).
     center = (size + 1) // 2 if size > 1 else 0
     for index in range(count):
-        crop_rgb_into_chw(patches[index], [(center, center)], out[index:index + 1], size)
+        crop_rgb_into_chw(patches[index], [(center, center)], out[index : index + 1], size)
 
 
 def _check_pixels(size: tuple[int, int], limit: int) -> None:

@@ -13,14 +13,12 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from io import BytesIO
-from pathlib import Path
 from pprint import pformat
 from typing import Any, TypeAlias
-from urllib.parse import urlparse
 
 import numpy as np
 
-from spacer_core import config, limits
+from spacer_core import limits
 from spacer_core.exceptions import (
     InvalidDataError,
     InvalidInputError,
@@ -68,7 +66,10 @@ def deserialize_input(cls: Any, data: Any, what: str) -> Any:
     try:
         return cls.deserialize(data)
     except (InvalidDataError, InvalidInputError) as err:
-        if type(err) in (InvalidDataError, InvalidInputError):  # plain: say where; specific kinds stay as they are
+        if type(err) in (
+            InvalidDataError,
+            InvalidInputError,
+        ):  # plain: say where; specific kinds stay as they are
             raise type(err)(f"{what}: {err}") from None
         raise
     except SpacerError:
@@ -224,9 +225,7 @@ class ImageLabels(DataClass):
         return {json.dumps(loc.serialize()): annotations for loc, annotations in self._data.items()}
 
     @classmethod
-    def deserialize(
-        cls, data: Mapping[str, Any], features_loc: DataLocation | None = None
-    ) -> ImageLabels:
+    def deserialize(cls, data: Mapping[str, Any], features_loc: DataLocation | None = None) -> ImageLabels:
         """Read pyspacer 0.14's form, or 0.5.0's ``{"data": {feature_key: [[r, c, label]]}}``.
 
         0.5.0 keys are bare feature keys; ``features_loc`` gives their
@@ -384,7 +383,6 @@ class PointFeatures(DataClass):
         )
 
 
-
 # Leading bytes of a zip archive (what savez_compressed writes).
 _ZIP_MAGIC = b"PK\x03\x04"
 # zlib level for feature files we write (see ImageFeatures.to_bytes); any level reads back the same.
@@ -433,7 +431,10 @@ class ImageFeatures(DataClass):
 
     def _init_arrays(self, feat: np.ndarray, rows: Any, cols: Any, feature_dim: int | None = None) -> None:
         feat = np.asarray(feat, dtype=np.float64)
-        _require(feat.ndim == 2 and feat.shape[0] > 0, f"Features must be a non-empty 2-d array, got shape {feat.shape}.")
+        _require(
+            feat.ndim == 2 and feat.shape[0] > 0,
+            f"Features must be a non-empty 2-d array, got shape {feat.shape}.",
+        )
         _require(
             feature_dim is None or feat.shape[1] == feature_dim,
             f"feature_dim is {feature_dim} but the vectors have {feat.shape[1]} values.",
@@ -458,7 +459,10 @@ class ImageFeatures(DataClass):
 
     @classmethod
     def from_arrays(
-        cls, feat: np.ndarray, rows: Sequence[int] | np.ndarray | None = None, cols: Sequence[int] | np.ndarray | None = None
+        cls,
+        feat: np.ndarray,
+        rows: Sequence[int] | np.ndarray | None = None,
+        cols: Sequence[int] | np.ndarray | None = None,
     ) -> ImageFeatures:
         """Build from a (npoints, dim) array and row/col arrays (None for legacy order-only features)."""
         if (rows is None) != (cols is None):
@@ -519,7 +523,9 @@ class ImageFeatures(DataClass):
         where = f"{source}: " if source else ""
         if not self.valid_rowcol:
             if source:
-                raise RowColumnMissingError(f"{source}: Features without rowcols are no longer supported for training.")
+                raise RowColumnMissingError(
+                    f"{source}: Features without rowcols are no longer supported for training."
+                )
             raise RowColumnMissingError
         index = []
         for row, col, _ in labels_data:
@@ -532,14 +538,18 @@ class ImageFeatures(DataClass):
             index.append(i)
         return self._feat[np.asarray(index, dtype=np.intp)], [label for _, _, label in labels_data]
 
-    def match_with_annotations(self, labels_data: Sequence[Annotation]) -> Generator[FeatureLabelPair, None, None]:
+    def match_with_annotations(
+        self, labels_data: Sequence[Annotation]
+    ) -> Generator[FeatureLabelPair, None, None]:
         """Yield (feature vector, label) for each annotation; errors if a position is missing."""
         x, y = self.match_arrays(labels_data)
         yield from zip(x, y)
 
     @classmethod
     def example(cls) -> ImageFeatures:
-        return cls.from_arrays(np.array([[1.1, 1.3, 1.12], [1.9, 1.3, 1.12]]), rows=[100, 120], cols=[100, 110])
+        return cls.from_arrays(
+            np.array([[1.1, 1.3, 1.12], [1.9, 1.3, 1.12]]), rows=[100, 120], cols=[100, 110]
+        )
 
     @classmethod
     def deserialize(cls, data: Any) -> ImageFeatures:
@@ -643,7 +653,9 @@ class ImageFeatures(DataClass):
 class ValResults(DataClass):
     """Validation results; ``gt`` and ``est`` are indices into ``classes``."""
 
-    def __init__(self, scores: Sequence[float], gt: Sequence[int], est: Sequence[int], classes: Sequence[LabelId]):
+    def __init__(
+        self, scores: Sequence[float], gt: Sequence[int], est: Sequence[int], classes: Sequence[LabelId]
+    ):
         _require(len(gt) == len(est) == len(scores), "scores, gt and est must have the same length.")
         if gt:
             _require(0 <= min(gt) and max(gt) < len(classes), "gt holds an index outside classes.")

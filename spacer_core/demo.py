@@ -117,8 +117,14 @@ def build_survey(folder: str | Path) -> Survey:
         labels[group][name] = [(r, c, CLASSES[region_map[r, c]]) for r, c in points]
     coralnet.write_annotations(folder / "annotations.csv", labels["train"])
     coralnet.write_annotations(folder / "new_annotations.csv", labels["new"])
-    return Survey(folder, weights, groups["train"], groups["new"],
-                  folder / "annotations.csv", folder / "new_annotations.csv")
+    return Survey(
+        folder,
+        weights,
+        groups["train"],
+        groups["new"],
+        folder / "annotations.csv",
+        folder / "new_annotations.csv",
+    )
 
 
 def run_demo(
@@ -142,27 +148,42 @@ def run_demo(
     step(f"extracting features of {len(s.train_images)} training images")
     survey.extract_images(runner, extractor, s.train_images, point_map, s.features, progress=progress)
     step(f"training an MLP classifier for {EPOCHS} epochs")
-    trained = survey.train(runner, train_points, s.features, s.classifier, clf_type="MLP",
-                           epochs=EPOCHS, progress=epoch_progress)
+    trained = survey.train(
+        runner, train_points, s.features, s.classifier, clf_type="MLP", epochs=EPOCHS, progress=epoch_progress
+    )
     train_report = reports.training_report(
-        s.folder / "report" / "train", trained.result.ref_accs, trained.metrics,
-        {"annotations": str(s.annotations), "classifier": "MLP", "epochs": EPOCHS,
-         **{f"{k} points": v for k, v in trained.counts.items()}},
+        s.folder / "report" / "train",
+        trained.result.ref_accs,
+        trained.metrics,
+        {
+            "annotations": str(s.annotations),
+            "classifier": "MLP",
+            "epochs": EPOCHS,
+            **{f"{k} points": v for k, v in trained.counts.items()},
+        },
     )
     step(f"classifying {len(s.new_images)} held-out images")
     truth = coralnet.read_annotations(s.new_annotations)
     new_points = {n: [(r, c) for r, c, _ in a] for n, a in truth.items()}
-    rows, classes = survey.classify_images(runner, extractor, s.classifier, s.new_images, new_points,
-                                           threshold=THRESHOLD, progress=progress)
+    rows, classes = survey.classify_images(
+        runner, extractor, s.classifier, s.new_images, new_points, threshold=THRESHOLD, progress=progress
+    )
     coralnet.write_results(s.results, rows)
     expected = {(n, r, c): label for n, a in truth.items() for r, c, label in a}
-    held_out = reports.class_metrics([expected[(r.name, r.row, r.col)] for r in rows],
-                                     [r.label for r in rows], classes)
+    held_out = reports.class_metrics(
+        [expected[(r.name, r.row, r.col)] for r in rows], [r.label for r in rows], classes
+    )
     classify_report = reports.classification_report(
-        s.folder / "report" / "classify", {p.name: p.read_bytes() for p in s.new_images}, rows,
-        THRESHOLD, classes,
-        {"classifier": str(s.classifier), "threshold": THRESHOLD,
-         "accuracy against the held-out labels": f"{held_out.accuracy * 100:.1f}%"},
+        s.folder / "report" / "classify",
+        {p.name: p.read_bytes() for p in s.new_images},
+        rows,
+        THRESHOLD,
+        classes,
+        {
+            "classifier": str(s.classifier),
+            "threshold": THRESHOLD,
+            "accuracy against the held-out labels": f"{held_out.accuracy * 100:.1f}%",
+        },
     )
     return {
         "folder": str(s.folder),

@@ -109,11 +109,7 @@ class URLDownloadError(UnavailableError):
         self.http_status: int | None = status if isinstance(status, int) else None
 
     def __str__(self) -> str:
-        return (
-            f"{self.message} /"
-            f" Details - {type(self.original_error).__name__}:"
-            f" {self.original_error}"
-        )
+        return f"{self.message} / Details - {type(self.original_error).__name__}: {self.original_error}"
 
 
 class URLRefusedError(URLDownloadError, AccessDeniedError):

@@ -128,7 +128,11 @@ class ClassifierUnpickler(pickle.Unpickler):
         if replacement is not None:
             return replacement
         found = super().find_class(target, name)
-        if isinstance(found, type) and found.__module__.startswith("sklearn.") and found.__new__ is object.__new__:
+        if (
+            isinstance(found, type)
+            and found.__module__.startswith("sklearn.")
+            and found.__new__ is object.__new__
+        ):
             return bare_class(found)
         return found
 
@@ -190,4 +194,6 @@ def load_classifier_bytes(data: bytes, source: str = "<bytes>") -> CalibratedCla
         except ValueError as err:
             raise InvalidInputError(f"{source}: {err}") from err
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as err:
-            raise InvalidInputError(f"{source}: cannot load classifier ({type(err).__name__}: {err}).") from err
+            raise InvalidInputError(
+                f"{source}: cannot load classifier ({type(err).__name__}: {err})."
+            ) from err

@@ -97,7 +97,9 @@ class Limits:
         field = prefix + "trainer.mlp_hidden_layer_sizes"
         if sizes is not None:
             if not isinstance(sizes, (list, tuple)):
-                raise InvalidInputError(f"{field} must be a list of whole numbers, not {type(sizes).__name__}")
+                raise InvalidInputError(
+                    f"{field} must be a list of whole numbers, not {type(sizes).__name__}"
+                )
             self.check_hidden_layers([_whole(n, f"{field}[{i}]") for i, n in enumerate(sizes)], field)
         extractor = getattr(task, "extractor", None)
         if extractor is not None:
@@ -118,8 +120,9 @@ class Limits:
                     elif isinstance(item, (dict, list)):
                         stack.append((f"{path}.{name}", item))
             elif isinstance(value, list):
-                stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value)
-                             if isinstance(item, (dict, list)))
+                stack.extend(
+                    (f"{path}[{i}]", item) for i, item in enumerate(value) if isinstance(item, (dict, list))
+                )
 
     def check_npz(self, raw: bytes, source: str) -> None:
         """Refuse a feature file (npz) whose members would inflate past `max_feature_file_bytes`.
@@ -136,11 +139,14 @@ class Limits:
                 if total > bound:
                     raise LimitExceededError(
                         f"{source}: the feature file inflates to more than {bound} bytes"
-                        f" (max_feature_file_bytes)")
+                        f" (max_feature_file_bytes)"
+                    )
                 with archive.open(info) as member:
                     declared = _npy_data_bytes(member.read(min(info.file_size, 4096)))
                 if declared is not None and declared > info.file_size:
-                    raise LimitExceededError(f"{source}: array '{info.filename}' declares more data than it holds")
+                    raise LimitExceededError(
+                        f"{source}: array '{info.filename}' declares more data than it holds"
+                    )
 
 
 def _text(value: Any, field: str) -> str:
@@ -152,7 +158,9 @@ def _text(value: Any, field: str) -> str:
 def _whole(value: Any, field: str) -> int:
     # bool is an int to Python, not to a client asking for epochs.
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise InvalidInputError(f"{field} must be a whole number, not {type(value).__name__} {str(value)[:40]!r}")
+        raise InvalidInputError(
+            f"{field} must be a whole number, not {type(value).__name__} {str(value)[:40]!r}"
+        )
     return int(value)
 
 

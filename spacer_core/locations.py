@@ -16,7 +16,6 @@ from urllib.parse import urlparse
 from spacer_core import config
 from spacer_core.exceptions import InvalidDataError
 
-
 L = TypeVar("L", bound="Location")
 
 
@@ -72,7 +71,10 @@ class Location:
             raise InvalidDataError(f"A DataLocation must be a JSON object, got {data!r}.")
         unknown = set(data) - {"storage_type", "key", "bucket_name"}
         require(not unknown, f"Unknown DataLocation fields {sorted(unknown)} in {dict(data)!r}.")
-        require("storage_type" in data and "key" in data, f"DataLocation needs storage_type and key: {dict(data)!r}.")
+        require(
+            "storage_type" in data and "key" in data,
+            f"DataLocation needs storage_type and key: {dict(data)!r}.",
+        )
         return cls(data["storage_type"], data["key"], data.get("bucket_name"))
 
     def serialize(self) -> dict[str, Any]:

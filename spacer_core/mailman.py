@@ -23,9 +23,9 @@ import os
 import sys
 from io import BytesIO
 
-from spacer_core.exceptions import ConfigError, InvalidInputError
 from spacer_core import config
 from spacer_core.data_classes import DataLocation
+from spacer_core.exceptions import ConfigError, InvalidInputError
 from spacer_core.messages import JobMsg
 from spacer_core.storage import storage_factory
 from spacer_core.tasks import process_job
@@ -104,9 +104,13 @@ def bulk_job() -> int:
     shard, shards = array_shard()
     kind = _env("BULK_TASK")
     task = bulk.build_task(
-        kind, _env("BULK_WEIGHTS"), _env("BULK_OUT"),
+        kind,
+        _env("BULK_WEIGHTS"),
+        _env("BULK_OUT"),
         classifier=os.getenv("BULK_CLASSIFIER") if kind == "classify" else None,
-        threshold=float(_env("BULK_THRESHOLD", "0.85")), shard=shard, shards=shards,
+        threshold=float(_env("BULK_THRESHOLD", "0.85")),
+        shard=shard,
+        shards=shards,
     )
     items = bulk.plan(_env("BULK_MANIFEST"), shard, shards)
     logger.info("Shard %d of %d: %d images", shard, shards, len(items))

@@ -9,12 +9,10 @@ and ``spacer_core.train_classifier``, which sit below this module.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from spacer_core.exceptions import InvalidInputError, UnknownTaskError
 from spacer_core import config
 from spacer_core.data_classes import (
     DataClass,
@@ -26,7 +24,7 @@ from spacer_core.data_classes import (
     deserialize_input,
     is_legacy_image_labels,
 )
-
+from spacer_core.exceptions import InvalidInputError, UnknownTaskError
 from spacer_core.extractors import EfficientNetExtractor, FeatureExtractor
 from spacer_core.task_io import ExtractFeaturesReturnMsg, TrainClassifierReturnMsg, TrainingTaskLabels
 from spacer_core.train_classifier import ClassifierTrainer, trainer_factory
@@ -80,7 +78,9 @@ class ExtractFeaturesMsg(DataClass):
         feature_loc: DataLocation,
     ):
         _check_rowcols(rowcols)
-        _require(feature_loc.is_writable, f"Write not supported for '{feature_loc.storage_type}' storage type.")
+        _require(
+            feature_loc.is_writable, f"Write not supported for '{feature_loc.storage_type}' storage type."
+        )
         self.job_token = job_token
         self.extractor = extractor
         self.rowcols = rowcols
@@ -120,7 +120,9 @@ class ExtractFeaturesMsg(DataClass):
         )
 
 
-def split_legacy_train_labels(train_labels: ImageLabels, batch_label_count: int = 5000) -> tuple[ImageLabels, ImageLabels]:
+def split_legacy_train_labels(
+    train_labels: ImageLabels, batch_label_count: int = 5000
+) -> tuple[ImageLabels, ImageLabels]:
     """Split 0.5.0-style ``train_labels`` into (train, ref) the way pyspacer 0.5.0 did.
 
     0.5.0 held out every 10th image as the reference set, capped at the
@@ -156,7 +158,7 @@ class TrainClassifierMsg(DataClass):
     def __init__(
         self,
         job_token: str,
-        trainer: Union[ClassifierTrainer, str, None] = None,
+        trainer: ClassifierTrainer | str | None = None,
         nbr_epochs: int = 1,
         clf_type: str = "MLP",
         labels: TrainingTaskLabels | None = None,
@@ -181,12 +183,16 @@ class TrainClassifierMsg(DataClass):
             trainer = trainer_name
         _require(trainer is not None, f"Training job {job_token!r} names no trainer.")
         if labels is None:
-            _require(train_labels is not None and val_labels is not None,
-                     f"Training job {job_token!r} needs labels (or 0.5.0's train_labels and val_labels).")
+            _require(
+                train_labels is not None and val_labels is not None,
+                f"Training job {job_token!r} needs labels (or 0.5.0's train_labels and val_labels).",
+            )
             assert train_labels is not None and val_labels is not None
             labels = legacy_training_labels(train_labels, val_labels, features_loc)
-        _require(model_loc is not None and valresult_loc is not None,
-                 f"Training job {job_token!r} needs model_loc and valresult_loc.")
+        _require(
+            model_loc is not None and valresult_loc is not None,
+            f"Training job {job_token!r} needs model_loc and valresult_loc.",
+        )
         assert model_loc is not None and valresult_loc is not None
         previous_model_locs = list(previous_model_locs or [])
         if isinstance(trainer, str):
@@ -236,7 +242,6 @@ class TrainClassifierMsg(DataClass):
         """Read 0.14.0 JSON, or 0.5.0's (``trainer_name``, ``train_labels``,
         ``val_labels``, ``features_loc``; train/ref split as 0.5.0 made it)."""
         if "trainer_name" in data:
-
             trainer = trainer_factory(data["trainer_name"])
         elif "trainer" in data:
             trainer = _trainer_from_json(data["trainer"])
@@ -286,7 +291,9 @@ def legacy_training_labels(
     train_labels: ImageLabels, val_labels: ImageLabels, features_loc: DataLocation | None
 ) -> TrainingTaskLabels:
     """0.5.0's train_labels / val_labels as train, ref and val sets (bare keys resolved against features_loc)."""
-    train, ref = split_legacy_train_labels(train_labels.resolve_keys(features_loc), config.TRAINING_BATCH_LABEL_COUNT)
+    train, ref = split_legacy_train_labels(
+        train_labels.resolve_keys(features_loc), config.TRAINING_BATCH_LABEL_COUNT
+    )
     return TrainingTaskLabels(train=train, ref=ref, val=val_labels.resolve_keys(features_loc))
 
 
@@ -302,8 +309,12 @@ class ClassifyFeaturesMsg(DataClass):
     def example(cls) -> ClassifyFeaturesMsg:
         return cls(
             job_token="my_job",
-            feature_loc=DataLocation("url", "https://my-bucket.s3-my-region.amazonaws.com/01234aeiou.png.featurevector"),
-            classifier_loc=DataLocation("url", "https://my-bucket.s3-my-region.amazonaws.com/my_model_id.model"),
+            feature_loc=DataLocation(
+                "url", "https://my-bucket.s3-my-region.amazonaws.com/01234aeiou.png.featurevector"
+            ),
+            classifier_loc=DataLocation(
+                "url", "https://my-bucket.s3-my-region.amazonaws.com/my_model_id.model"
+            ),
         )
 
     def serialize(self) -> dict[str, Any]:
@@ -349,7 +360,9 @@ class ClassifyImageMsg(DataClass):
             ),
             rowcols=[(1, 1), (2, 2)],
             image_loc=DataLocation("url", "https://my-bucket.s3-my-region.amazonaws.com/01234aeiou.png"),
-            classifier_loc=DataLocation("url", "https://my-bucket.s3-my-region.amazonaws.com/my_model_id.model"),
+            classifier_loc=DataLocation(
+                "url", "https://my-bucket.s3-my-region.amazonaws.com/my_model_id.model"
+            ),
         )
 
     def serialize(self) -> dict[str, Any]:
@@ -417,8 +430,8 @@ class ClassifyReturnMsg(DataClass):
         )
 
 
-TaskMsg = Union[ExtractFeaturesMsg, TrainClassifierMsg, ClassifyFeaturesMsg, ClassifyImageMsg]
-TaskReturnMsg = Union[ExtractFeaturesReturnMsg, TrainClassifierReturnMsg, ClassifyReturnMsg]
+TaskMsg = ExtractFeaturesMsg | TrainClassifierMsg | ClassifyFeaturesMsg | ClassifyImageMsg
+TaskReturnMsg = ExtractFeaturesReturnMsg | TrainClassifierReturnMsg | ClassifyReturnMsg
 
 _TASK_MSG_TYPES: dict[str, Any] = {
     "extract_features": ExtractFeaturesMsg,
@@ -458,8 +471,13 @@ class JobMsg(DataClass):
         _check_task_name(task_name)
         _require(isinstance(data.get("tasks"), list), "A JobMsg's 'tasks' must be a list.")
         msg_type = _TASK_MSG_TYPES[task_name]
-        return cls(task_name, [deserialize_input(msg_type, item, f"tasks[{i}] ({msg_type.__name__})")
-                               for i, item in enumerate(data["tasks"])])
+        return cls(
+            task_name,
+            [
+                deserialize_input(msg_type, item, f"tasks[{i}] ({msg_type.__name__})")
+                for i, item in enumerate(data["tasks"])
+            ],
+        )
 
     def serialize(self) -> dict[str, Any]:
         return {"task_name": self.task_name, "tasks": [task.serialize() for task in self.tasks]}
@@ -486,7 +504,9 @@ class JobReturnMsg(DataClass):
 
     @classmethod
     def example(cls) -> JobReturnMsg:
-        return cls(original_job=JobMsg.example(), ok=True, results=[ClassifyReturnMsg.example()], error_message=None)
+        return cls(
+            original_job=JobMsg.example(), ok=True, results=[ClassifyReturnMsg.example()], error_message=None
+        )
 
     @classmethod
     def deserialize(cls, data: Mapping[str, Any]) -> JobReturnMsg:
@@ -495,7 +515,9 @@ class JobReturnMsg(DataClass):
         if data["ok"]:
             return_type = _TASK_RETURN_TYPES[original_job.task_name]
             results = [return_type.deserialize(item) for item in results]
-        return cls(original_job=original_job, ok=data["ok"], results=results, error_message=data["error_message"])
+        return cls(
+            original_job=original_job, ok=data["ok"], results=results, error_message=data["error_message"]
+        )
 
     def serialize(self) -> dict[str, Any]:
         results: Any = self.results

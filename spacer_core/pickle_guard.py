@@ -69,8 +69,9 @@ _numeric_module = importlib.import_module(f"{_NUMPY_CORE}.numeric")
 _np_reconstruct = _multiarray._reconstruct
 _np_scalar = _multiarray.scalar
 _np_frombuffer = _numeric_module._frombuffer
-_np_unpickle_seed_sequence = getattr(importlib.import_module("numpy.random.bit_generator"),
-                                     "__pyx_unpickle_SeedSequence")
+_np_unpickle_seed_sequence = getattr(
+    importlib.import_module("numpy.random.bit_generator"), "__pyx_unpickle_SeedSequence"
+)
 MT19937 = np.random.MT19937
 SeedSequence = np.random.SeedSequence
 RandomState = np.random.RandomState
@@ -131,7 +132,9 @@ def _a(noun: str) -> str:
 
 def refused(what: str) -> UnsafePickleError:
     """The error for a pickle that builds ``what``."""
-    return UnsafePickleError(f"refused to load classifier: the pickle builds {what}, which a trained classifier never holds.")
+    return UnsafePickleError(
+        f"refused to load classifier: the pickle builds {what}, which a trained classifier never holds."
+    )
 
 
 def _describe(dtype: np.dtype) -> str:
@@ -147,7 +150,12 @@ def check_dtype(dtype: Any) -> np.dtype:
     """A canonical copy of ``dtype`` if it is a plain dtype of a safe kind, else UnsafePickleError."""
     if not isinstance(dtype, np.dtype):
         raise refused(f"{_a(type(dtype).__name__)} where a NumPy dtype belongs")
-    if dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in SAFE_KINDS or dtype.hasobject:
+    if (
+        dtype.fields is not None
+        or dtype.subdtype is not None
+        or dtype.kind not in SAFE_KINDS
+        or dtype.hasobject
+    ):
         raise refused(_describe(dtype))
     canonical = np.dtype(dtype.str)
     if canonical.itemsize != dtype.itemsize:
@@ -328,24 +336,37 @@ def bare_class(cls: type) -> type:
 
 def checked_encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
     """``_codecs.encode`` as pickle protocol 2 writes bytes: ``encode(text, 'latin1')``, nothing else."""
-    if type(obj) is not str or type(encoding) is not str or encoding.lower() not in ("latin1", "latin-1") \
-            or errors != "strict":
-        raise refused(f"{_a(type(obj).__name__)} encoded other than as protocol 2 writes bytes (text to latin-1)")
+    if (
+        type(obj) is not str
+        or type(encoding) is not str
+        or encoding.lower() not in ("latin1", "latin-1")
+        or errors != "strict"
+    ):
+        raise refused(
+            f"{_a(type(obj).__name__)} encoded other than as protocol 2 writes bytes (text to latin-1)"
+        )
     _charge(len(obj), "encoded bytes")
     return obj.encode("latin-1")
 
 
 def _small_int(value: Any) -> bool:
     # bit_length is constant time, however large the integer.
-    return bool(isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-            and 0 <= value and int(value).bit_length() <= _MAX_SEED_BITS)
+    return bool(
+        isinstance(value, (int, np.integer))
+        and not isinstance(value, (bool, np.bool_))
+        and 0 <= value
+        and int(value).bit_length() <= _MAX_SEED_BITS
+    )
 
 
 def _check_seed(seed: Any, what: str) -> None:
     if seed is None or _small_int(seed):
         return
-    if isinstance(seed, (list, tuple, np.ndarray)) and len(seed) <= _MAX_SEED_WORDS \
-            and all(_small_int(word) for word in seed):
+    if (
+        isinstance(seed, (list, tuple, np.ndarray))
+        and len(seed) <= _MAX_SEED_WORDS
+        and all(_small_int(word) for word in seed)
+    ):
         return
     if isinstance(seed, int):
         raise refused(f"{what} seeded with an integer of {seed.bit_length()} bits")
@@ -371,8 +392,9 @@ def checked_bit_generator_ctor(bit_generator: Any = "MT19937") -> Any:
     return MT19937()
 
 
-def checked_randomstate_ctor(bit_generator_name: Any = "MT19937",
-                             bit_generator_ctor: Any = checked_bit_generator_ctor) -> Any:
+def checked_randomstate_ctor(
+    bit_generator_name: Any = "MT19937", bit_generator_ctor: Any = checked_bit_generator_ctor
+) -> Any:
     """numpy's ``__randomstate_ctor``: a RandomState over an MT19937 (its state comes next)."""
     if type(bit_generator_name) is MT19937:
         return RandomState(bit_generator_name)
@@ -383,7 +405,11 @@ def checked_randomstate_ctor(bit_generator_name: Any = "MT19937",
 
 def checked_unpickle_seed_sequence(cls: Any, checksum: Any, state: Any = None) -> Any:
     """numpy's ``__pyx_unpickle_SeedSequence``: an empty SeedSequence (checked with the rest after loading)."""
-    if cls is not checked_seed_sequence or not isinstance(checksum, int) or not (state is None or type(state) is tuple):
+    if (
+        cls is not checked_seed_sequence
+        or not isinstance(checksum, int)
+        or not (state is None or type(state) is tuple)
+    ):
         raise refused("a seed sequence from unexpected arguments")
     return _np_unpickle_seed_sequence(SeedSequence, checksum, state)
 
@@ -424,7 +450,12 @@ def _object_types(allowed: frozenset[tuple[str, str]]) -> frozenset[type]:
 def _check_plain(dtype: np.dtype) -> None:
     # The wrappers built every array and scalar from checked dtypes; this
     # cheaper check (no canonical copy) makes sure nothing else slipped in.
-    if dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in SAFE_KINDS or dtype.hasobject:
+    if (
+        dtype.fields is not None
+        or dtype.subdtype is not None
+        or dtype.kind not in SAFE_KINDS
+        or dtype.hasobject
+    ):
         raise refused(_describe(dtype))
 
 
@@ -486,8 +517,14 @@ def _check_seed_sequence(seq: Any, where: str) -> None:
     except (AttributeError, ValueError, TypeError):
         raise refused(f"a seed sequence without a state (at {where})") from None
     _check_seed(entropy, f"a seed sequence (at {where})")
-    if not (0 < pool_size <= _MAX_POOL_SIZE and np.shape(pool) == (pool_size,) and type(spawn_key) is tuple
-            and len(spawn_key) <= _MAX_SEED_WORDS and all(_small_int(k) for k in spawn_key) and _small_int(children)):
+    if not (
+        0 < pool_size <= _MAX_POOL_SIZE
+        and np.shape(pool) == (pool_size,)
+        and type(spawn_key) is tuple
+        and len(spawn_key) <= _MAX_SEED_WORDS
+        and all(_small_int(k) for k in spawn_key)
+        and _small_int(children)
+    ):
         raise refused(f"a seed sequence with an invalid state (at {where})")
 
 
@@ -588,8 +625,10 @@ def _declared_width(holder: Any, width: int, name: str) -> None:
     declared = getattr(holder, "n_features_in_", None)
     if declared is None:
         return
-    _need(isinstance(declared, (int, np.integer)) and not isinstance(declared, bool) and declared == width,
-          f"'{name}n_features_in_' is {declared!r} but the weights read {width} features")
+    _need(
+        isinstance(declared, (int, np.integer)) and not isinstance(declared, bool) and declared == width,
+        f"'{name}n_features_in_' is {declared!r} but the weights read {width} features",
+    )
 
 
 def _check_agreement(clf: Any, one: Any, est: Any, i: int, known: set[Any]) -> int:
@@ -608,7 +647,10 @@ def _check_agreement(clf: Any, one: Any, est: Any, i: int, known: set[Any]) -> i
     outputs = _outputs(est)
     _need(outputs == columns, f"'{where}.estimator' computes {outputs} score columns for {n} classes")
     if isinstance(getattr(est, "coefs_", None), list):
-        _need(getattr(est, "n_outputs_", None) == outputs, f"'{where}.estimator.n_outputs_' does not match its last layer")
+        _need(
+            getattr(est, "n_outputs_", None) == outputs,
+            f"'{where}.estimator.n_outputs_' does not match its last layer",
+        )
     calibrators = len(one.calibrators)
     _need(calibrators == columns, f"'{where}' has {calibrators} calibrators for {columns} score columns")
     width = _width(est)
@@ -630,7 +672,10 @@ def check_classifier(clf: Any) -> None:
     widths = set()
     known = set(clf.classes_.tolist())
     for i, one in enumerate(calibrated):
-        _need(isinstance(one, _CalibratedClassifier), "'calibrated_classifiers_' holds something else than classifiers")
+        _need(
+            isinstance(one, _CalibratedClassifier),
+            "'calibrated_classifiers_' holds something else than classifiers",
+        )
         est = getattr(one, "estimator", None)
         if isinstance(est, SGDClassifier):
             _check_linear(est)
@@ -640,7 +685,9 @@ def check_classifier(clf: Any) -> None:
             raise _bad(f"its estimator is a {type(est).__name__}")
         _labels(getattr(est, "classes_", None), "estimator.classes_")
         calibrators = getattr(one, "calibrators", None)
-        if not (isinstance(calibrators, list) and all(isinstance(c, _SigmoidCalibration) for c in calibrators)):
+        if not (
+            isinstance(calibrators, list) and all(isinstance(c, _SigmoidCalibration) for c in calibrators)
+        ):
             raise _bad("'calibrators' is not a list of sigmoid calibrations")
         for calibrator in calibrators:
             for name in ("a_", "b_"):
@@ -648,5 +695,7 @@ def check_classifier(clf: Any) -> None:
                 _need(isinstance(value, (float, int, np.floating, np.integer)) and not isinstance(value, bool)
                       and math.isfinite(value), f"calibration '{name}' is not a finite number")  # fmt: skip
         widths.add(_check_agreement(clf, one, est, i, known))
-    _need(len(widths) == 1, f"its calibrated classifiers read different numbers of features ({sorted(widths)})")
+    _need(
+        len(widths) == 1, f"its calibrated classifiers read different numbers of features ({sorted(widths)})"
+    )
     _declared_width(clf, widths.pop(), "")

@@ -92,8 +92,7 @@ class Footprint:
     waiting: int
 
     @classmethod
-    def of(cls, encoded: int, decoded: int, points: int, crop_size: int,
-           batch_size: int) -> Footprint:
+    def of(cls, encoded: int, decoded: int, points: int, crop_size: int, batch_size: int) -> Footprint:
         """`decoded`: what decoding holds at its peak (`crop.decoded_bytes`)."""
         patches = points * crop_size * crop_size * 3
         batch_share = min(points, batch_size) * 3 * crop_size * crop_size * 4
@@ -165,8 +164,13 @@ def load(job: ImageJob) -> Loaded:
     else:
         # Sizing only: reading the header must not build the network.
         batch_size = runtime.current().batch_size(found[0], load=False)
-        footprint = Footprint.of(len(data), crop.decoded_bytes(data, width, height), len(points),
-                                 job.extractor.CROP_SIZE, batch_size)
+        footprint = Footprint.of(
+            len(data),
+            crop.decoded_bytes(data, width, height),
+            len(points),
+            job.extractor.CROP_SIZE,
+            batch_size,
+        )
     return Loaded(job, data, points, (width, height), start, footprint, found)
 
 
@@ -265,8 +269,9 @@ async def run_async(
         features = prepared.features
         if features is None:
             assert prepared.net is not None and prepared.patches is not None
-            features = await active.features_async(prepared.net, prepared.patches,
-                                                   priority=priority, deadline=deadline)
+            features = await active.features_async(
+                prepared.net, prepared.patches, priority=priority, deadline=deadline
+            )
             prepared.patches = None  # free the patches before scoring
     finally:
         if hold is not None:
@@ -296,5 +301,7 @@ def score(clf: Any, features: np.ndarray, source: str) -> np.ndarray:
         raise InvalidInputError(f"{source}: the classifier cannot score these features ({err}).") from None
     if not np.isfinite(scores).all():
         # Finite but extreme weights (1e308) overflow into NaN: no reply carries such scores.
-        raise InvalidInputError(f"{source}: the classifier's scores for these features are not finite numbers.")
+        raise InvalidInputError(
+            f"{source}: the classifier's scores for these features are not finite numbers."
+        )
     return scores

@@ -162,8 +162,15 @@ def _confusion_figure(metrics: ClassMetrics) -> str:
             for j in range(n):
                 value = values[i, j]
                 text = fmt.format(int(value) if fmt == "{:d}" else float(value))
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="white" if value > scale / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    text,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if value > scale / 2 else "black",
+                )
     fig.tight_layout()
     return _png(fig)
 
@@ -214,12 +221,30 @@ def _thumbnail_figure(
 def _legend_figure(colours: Mapping[str, str]) -> str:
     fig = Figure(figsize=(5.5, 0.3 + 0.25 * ((len(colours) + 3) // 4)))
     handles = [
-        Line2D([], [], marker="o", linestyle="", markerfacecolor=c, markeredgecolor="white", markersize=9, label=l)
-        for l, c in colours.items()
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            markerfacecolor=c,
+            markeredgecolor="white",
+            markersize=9,
+            label=name,
+        )
+        for name, c in colours.items()
     ]
     handles.append(
-        Line2D([], [], marker="o", linestyle="", markerfacecolor="#cccccc", markeredgecolor="#ff0000",
-               markeredgewidth=2, markersize=10, label="below threshold")
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="",
+            markerfacecolor="#cccccc",
+            markeredgecolor="#ff0000",
+            markeredgewidth=2,
+            markersize=10,
+            label="below threshold",
+        )
     )
     fig.legend(handles=handles, loc="center", ncol=4, frameon=False)
     return _png(fig)

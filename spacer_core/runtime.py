@@ -28,21 +28,21 @@ import numpy as np
 
 from spacer_core.inference.backends import PATCH_SHAPE as _PATCH_SHAPE
 from spacer_core.inference.backends import Backend, resolve_device
-from spacer_core.inference.compile import load_backend
 from spacer_core.inference.batcher import (
     DEFAULT_PRIORITY,
     BatchBuffers,
-    BatchObservation,
     BatcherClosedError,
+    BatchObservation,
     BatchObserver,
     DynamicBatcher,
     run_batches,
 )
+from spacer_core.inference.compile import load_backend
 from spacer_core.inference.model_cache import ModelCache
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.inference.precision import Precision
-from spacer_core.locations import Location
 from spacer_core.limits import LIBRARY_DEFAULTS, Limits, limits_scope
+from spacer_core.locations import Location
 from spacer_core.storage import (
     ALLOW_ALL,
     StoragePolicy,
@@ -186,9 +186,11 @@ class Runtime:
         self._closed = False
         self._networks: ModelCache[str, _Network] = ModelCache(max_items=self.settings.max_networks)
         self._batchers: ModelCache[str, DynamicBatcher] = ModelCache(
-            max_items=self.settings.max_networks, on_evict=_close_batcher)
+            max_items=self.settings.max_networks, on_evict=_close_batcher
+        )
         self._classifiers: ModelCache[Location, _Classifier] = ModelCache(
-            max_items=self.settings.max_classifiers)
+            max_items=self.settings.max_classifiers
+        )
         # Loaded on request (LoadModel): what loaded_models() lists while cached.
         self._requested: dict[tuple[str, Any], None] = {}
 
@@ -220,10 +222,16 @@ class Runtime:
 
         def load() -> _Network:
             start = time.perf_counter()
-            backend = load_backend(net.key, build, device=self.device, precision=self.precision,
-                                   cache_dir=self.settings.compile_cache_dir)
-            info = LoadedModel("extractor", net.label or net.key, net.feature_dim,
-                               time.perf_counter() - start)
+            backend = load_backend(
+                net.key,
+                build,
+                device=self.device,
+                precision=self.precision,
+                cache_dir=self.settings.compile_cache_dir,
+            )
+            info = LoadedModel(
+                "extractor", net.label or net.key, net.feature_dim, time.perf_counter() - start
+            )
             return _Network(backend, info, self.settings.batch_size or backend.preferred_batch_size)
 
         return self._networks.get(net.key, load)
@@ -258,8 +266,8 @@ class Runtime:
                 max_queued_patches=settings.max_queued_patches,
                 name=f"batcher-{net.key[:8]}-{self.device}",
                 # On CPU one batch in flight per session of the backend (at least two).
-                workers=settings.batcher_workers or (
-                    1 if self.device.type == "cuda" else max(2, network.backend.parallelism)),
+                workers=settings.batcher_workers
+                or (1 if self.device.type == "cuda" else max(2, network.backend.parallelism)),
                 observers=(self._observe_batch,),
             )
 
@@ -371,8 +379,13 @@ class Runtime:
 
         start = time.perf_counter()
         clf = load_classifier(loc) if data is None else load_classifier_bytes(data, source=loc.key)
-        info = LoadedModel("classifier", loc.describe(), classifier_feature_dim(clf) or 0,
-                           time.perf_counter() - start, tuple(clf.classes_.tolist()))
+        info = LoadedModel(
+            "classifier",
+            loc.describe(),
+            classifier_feature_dim(clf) or 0,
+            time.perf_counter() - start,
+            tuple(clf.classes_.tolist()),
+        )
         return _Classifier(version, clf, info)
 
     def load_classifier(self, loc: Location) -> LoadedModel:

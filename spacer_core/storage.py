@@ -20,7 +20,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from contextvars import ContextVar
 from io import BytesIO
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal, Union
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 # Anything store() accepts: a BytesIO (pyspacer's type), any binary file
 # object, or plain bytes.
-Payload = Union[BytesIO, IO[bytes], bytes, bytearray, memoryview]
+Payload = BytesIO | IO[bytes] | bytes | bytearray | memoryview
 
 
 def _payload_bytes(stream: Payload) -> bytes | bytearray | memoryview:
@@ -165,7 +165,8 @@ class ConfinedFileSystemStorage(FileSystemStorage):
             return os.open(name, _O_DIR | os.O_NOFOLLOW, dir_fd=dir_fd)
         except OSError as err:
             if err.errno == errno.ENOTDIR and not stat.S_ISLNK(
-                    os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+            ):
                 raise  # a file where the path names a folder: a bad path, not an escape
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
                 # A symlink where the checked path had a folder: swapped in after the check.
@@ -404,7 +405,8 @@ def storage_factory(storage_type: str, bucket_name: str | None = None) -> Storag
             raise InvalidInputError("bucket_name must be a string for s3 storage")
         return S3Storage(bucket_name=bucket_name)
     raise UnknownStorageTypeError(
-        f"Unknown storage type {storage_type!r}; expected one of {config.STORAGE_TYPES}.")
+        f"Unknown storage type {storage_type!r}; expected one of {config.STORAGE_TYPES}."
+    )
 
 
 # --- the policy seam ----------------------------------------------------------
@@ -495,7 +497,7 @@ class ClientPolicy(StoragePolicy):
         *,
         s3_buckets: Sequence[str] | None = None,
         allow_memory: bool = False,
-        url_rules: UrlRules = UrlRules(),
+        url_rules: UrlRules = UrlRules(),  # noqa: B008 (frozen, shared safely)
     ):
         self.filesystem = DataRootsPolicy(roots) if roots is not None else None
         self.s3_buckets = frozenset(s3_buckets) if s3_buckets is not None else None
@@ -506,8 +508,10 @@ class ClientPolicy(StoragePolicy):
         if loc.storage_type == "filesystem":
             if access == "write" and _importable(loc.key):
                 # A data root may be a working directory Python imports from.
-                raise AccessDeniedError(f"{loc.key!r}: clients may not write Python code files "
-                                        f"({', '.join(sorted(_CODE_SUFFIXES))})")
+                raise AccessDeniedError(
+                    f"{loc.key!r}: clients may not write Python code files "
+                    f"({', '.join(sorted(_CODE_SUFFIXES))})"
+                )
             if self.filesystem is not None:
                 self.filesystem.check(loc, access)
         elif loc.storage_type == "memory":
@@ -519,8 +523,11 @@ class ClientPolicy(StoragePolicy):
 
     def describe(self) -> str:
         parts = [self.filesystem.describe() if self.filesystem else "filesystem anywhere"]
-        parts.append("s3 buckets " + ", ".join(sorted(self.s3_buckets)) if self.s3_buckets is not None
-                     else "any s3 bucket")
+        parts.append(
+            "s3 buckets " + ", ".join(sorted(self.s3_buckets))
+            if self.s3_buckets is not None
+            else "any s3 bucket"
+        )
         parts.append("private urls " + ("allowed" if self.url_rules.allow_private else "refused"))
         parts.append("memory " + ("allowed" if self.allow_memory else "refused"))
         return "; ".join(parts)
@@ -560,8 +567,10 @@ _S3_BUCKET = re.compile(r"[A-Za-z0-9._-]{1,255}")
 def _check_key(loc: Location) -> None:
     """Refuse a location no store could take, before any store sees it."""
     if not isinstance(loc.key, str) or not isinstance(loc.bucket_name, (str, type(None))):
-        raise InvalidInputError(f"{loc.storage_type} location: the key must be text and the bucket text or null, "
-                                f"not {type(loc.key).__name__} and {type(loc.bucket_name).__name__}")
+        raise InvalidInputError(
+            f"{loc.storage_type} location: the key must be text and the bucket text or null, "
+            f"not {type(loc.key).__name__} and {type(loc.bucket_name).__name__}"
+        )
     for text in (loc.key, loc.bucket_name or ""):
         # No file system, bucket or URL takes a NUL (Python refuses it with a
         # ValueError deep inside os or http.client), nor a lone surrogate.
@@ -576,9 +585,13 @@ def _check_key(loc: Location) -> None:
 
 
 # OS errors that a location itself causes (not the machine's state).
-_BAD_PATH_ERRNOS = {errno.ENAMETOOLONG: "name too long", errno.ELOOP: "too many symbolic links",
-                    errno.ENOTDIR: "a part of the path is not a directory", errno.EINVAL: "not a valid path",
-                    errno.EEXIST: "a part of the path is a file, not a directory"}
+_BAD_PATH_ERRNOS = {
+    errno.ENAMETOOLONG: "name too long",
+    errno.ELOOP: "too many symbolic links",
+    errno.ENOTDIR: "a part of the path is not a directory",
+    errno.EINVAL: "not a valid path",
+    errno.EEXIST: "a part of the path is a file, not a directory",
+}
 
 
 @contextlib.contextmanager
@@ -633,8 +646,15 @@ def _raise_boto_error(loc: Location, err: Exception) -> None:
         if http is not None and int(http) >= 500:
             raise StorageUnavailableError(f"{where}: S3 answered {http} ({code})") from err
         raise StorageRequestError(f"{where}: S3 refused the request: {code or http}") from err
-    if isinstance(err, (botocore.EndpointConnectionError, botocore.ConnectionError,
-                        botocore.ReadTimeoutError, botocore.ConnectTimeoutError)):
+    if isinstance(
+        err,
+        (
+            botocore.EndpointConnectionError,
+            botocore.ConnectionError,
+            botocore.ReadTimeoutError,
+            botocore.ConnectTimeoutError,
+        ),
+    ):
         raise StorageUnavailableError(f"{where}: S3 endpoint unreachable") from err
     if isinstance(err, botocore.NoCredentialsError):
         raise StorageRequestError(f"{where}: no AWS credentials configured") from err

@@ -75,7 +75,9 @@ def image_files(paths: Iterable[str | Path] = (), folder: str | Path | None = No
         if not p.is_file():
             raise SurveyError(f"{p}: no such image file")
         if p.name in seen and seen[p.name] != p:
-            raise SurveyError(f"{p}: another image has the same name ({seen[p.name]}); CSV rows match by name")
+            raise SurveyError(
+                f"{p}: another image has the same name ({seen[p.name]}); CSV rows match by name"
+            )
         seen[p.name] = p
     return list(seen.values())
 
@@ -102,14 +104,31 @@ def points_for(image: Path, image_bytes: bytes, points: PointSource, seed: int =
 class Runner(Protocol):
     """The calls that need the network or the trainer: in process, or on a server."""
 
-    def extract(self, extractor: EfficientNetExtractor, image: Path, rowcols: Sequence[tuple[int, int]],
-                feature_file: Path) -> None: ...
+    def extract(
+        self,
+        extractor: EfficientNetExtractor,
+        image: Path,
+        rowcols: Sequence[tuple[int, int]],
+        feature_file: Path,
+    ) -> None: ...
 
-    def train(self, labels: TrainingTaskLabels, model_file: Path, valresult_file: Path, clf_type: str,
-              epochs: int, progress: EpochProgress | None) -> TrainClassifierReturnMsg: ...
+    def train(
+        self,
+        labels: TrainingTaskLabels,
+        model_file: Path,
+        valresult_file: Path,
+        clf_type: str,
+        epochs: int,
+        progress: EpochProgress | None,
+    ) -> TrainClassifierReturnMsg: ...
 
-    def classify(self, extractor: EfficientNetExtractor, image: Path, rowcols: Sequence[tuple[int, int]],
-                 classifier_file: Path) -> tuple[list[Any], list[list[float]]]: ...
+    def classify(
+        self,
+        extractor: EfficientNetExtractor,
+        image: Path,
+        rowcols: Sequence[tuple[int, int]],
+        classifier_file: Path,
+    ) -> tuple[list[Any], list[list[float]]]: ...
 
 
 class LocalRunner:
@@ -124,22 +143,44 @@ class LocalRunner:
     def __init__(self, workers: int | None = None):
         self.workers = workers or available_cpus()
 
-    def extract(self, extractor: EfficientNetExtractor, image: Path, rowcols: Sequence[tuple[int, int]],
-                feature_file: Path) -> None:
+    def extract(
+        self,
+        extractor: EfficientNetExtractor,
+        image: Path,
+        rowcols: Sequence[tuple[int, int]],
+        feature_file: Path,
+    ) -> None:
         msg = ExtractFeaturesMsg(image.name, extractor, list(rowcols), local(image), local(feature_file))
         tasks.extract_features(msg)
 
-    def train(self, labels: TrainingTaskLabels, model_file: Path, valresult_file: Path, clf_type: str,
-              epochs: int, progress: EpochProgress | None) -> TrainClassifierReturnMsg:
+    def train(
+        self,
+        labels: TrainingTaskLabels,
+        model_file: Path,
+        valresult_file: Path,
+        clf_type: str,
+        epochs: int,
+        progress: EpochProgress | None,
+    ) -> TrainClassifierReturnMsg:
         msg = TrainClassifierMsg(
-            job_token=model_file.name, trainer="minibatch", nbr_epochs=epochs, clf_type=clf_type,
-            labels=labels, previous_model_locs=[], model_loc=local(model_file),
+            job_token=model_file.name,
+            trainer="minibatch",
+            nbr_epochs=epochs,
+            clf_type=clf_type,
+            labels=labels,
+            previous_model_locs=[],
+            model_loc=local(model_file),
             valresult_loc=local(valresult_file),
         )
         return tasks.train_classifier(msg, progress=progress)
 
-    def classify(self, extractor: EfficientNetExtractor, image: Path, rowcols: Sequence[tuple[int, int]],
-                 classifier_file: Path) -> tuple[list[Any], list[list[float]]]:
+    def classify(
+        self,
+        extractor: EfficientNetExtractor,
+        image: Path,
+        rowcols: Sequence[tuple[int, int]],
+        classifier_file: Path,
+    ) -> tuple[list[Any], list[list[float]]]:
         msg = ClassifyImageMsg(image.name, extractor, list(rowcols), local(image), local(classifier_file))
         result = tasks.classify_image(msg)
         return list(result.classes), [list(s) for _, _, s in result.scores]
@@ -152,9 +193,16 @@ class ExtractOutcome:
     feature_file: Path
 
 
-def extract_images(runner: Runner, extractor: EfficientNetExtractor, images: Sequence[Path],
-                   points: PointSource, features_dir: str | Path, *, seed: int = 0,
-                   progress: Progress | None = None) -> list[ExtractOutcome]:
+def extract_images(
+    runner: Runner,
+    extractor: EfficientNetExtractor,
+    images: Sequence[Path],
+    points: PointSource,
+    features_dir: str | Path,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[ExtractOutcome]:
     """Extract each image's features at its points into features_dir (pyspacer feature files).
 
     The runner's `workers` images run at once; outcomes and progress come in
@@ -183,8 +231,10 @@ def _in_order(work: Callable[[Path], T], images: Sequence[Path], workers: int) -
     if workers <= 1 or len(images) <= 1:
         yield from map(work, images)
         return
-    with concurrent.futures.ThreadPoolExecutor(min(workers, len(images)),
-                                               thread_name_prefix="survey-image") as pool:
+    with concurrent.futures.ThreadPoolExecutor(
+        min(workers, len(images)), thread_name_prefix="survey-image"
+    ) as pool:
+
         def one(image: Path) -> T:
             with one_session():  # each worker keeps to one core's session
                 return work(image)
@@ -198,8 +248,10 @@ def _in_order(work: Callable[[Path], T], images: Sequence[Path], workers: int) -
                 future.cancel()
 
 
-def labels_from_annotations(annotations: Mapping[str, Sequence[Annotation]], features_dir: str | Path,
-                            ) -> ImageLabels:
+def labels_from_annotations(
+    annotations: Mapping[str, Sequence[Annotation]],
+    features_dir: str | Path,
+) -> ImageLabels:
     """ImageLabels pointing at each annotated image's feature file (which must exist)."""
     missing = [n for n in annotations if not feature_path(features_dir, n).is_file()]
     if missing:
@@ -224,9 +276,16 @@ def valresult_path(model_file: str | Path) -> Path:
     return model_file.with_name(model_file.stem + ".valresult.json")
 
 
-def train(runner: Runner, annotations: Mapping[str, Sequence[Annotation]], features_dir: str | Path,
-          model_file: str | Path, *, clf_type: str = "MLP", epochs: int = 10,
-          progress: EpochProgress | None = None) -> TrainOutcome:
+def train(
+    runner: Runner,
+    annotations: Mapping[str, Sequence[Annotation]],
+    features_dir: str | Path,
+    model_file: str | Path,
+    *,
+    clf_type: str = "MLP",
+    epochs: int = 10,
+    progress: EpochProgress | None = None,
+) -> TrainOutcome:
     """Split the annotations as pyspacer does, train, store the classifier; metrics on the val set."""
     labels = preprocess_labels(labels_from_annotations(annotations, features_dir))
     model_file = Path(model_file).resolve()
@@ -239,8 +298,9 @@ def train(runner: Runner, annotations: Mapping[str, Sequence[Annotation]], featu
     return TrainOutcome(result, metrics, counts, val_file)
 
 
-def evaluate(classifier_file: str | Path, annotations: Mapping[str, Sequence[Annotation]],
-             features_dir: str | Path) -> ClassMetrics:
+def evaluate(
+    classifier_file: str | Path, annotations: Mapping[str, Sequence[Annotation]], features_dir: str | Path
+) -> ClassMetrics:
     """Score an existing classifier on annotated feature files; nothing is retrained.
 
     Annotations with labels the classifier does not know count as errors
@@ -261,9 +321,17 @@ def evaluate(classifier_file: str | Path, annotations: Mapping[str, Sequence[Ann
     return class_metrics(y_true, y_pred, known + extra)
 
 
-def classify_images(runner: Runner, extractor: EfficientNetExtractor, classifier_file: str | Path,
-                    images: Sequence[Path], points: PointSource, *, threshold: float, seed: int = 0,
-                    progress: Progress | None = None) -> tuple[list[ResultRow], list[str]]:
+def classify_images(
+    runner: Runner,
+    extractor: EfficientNetExtractor,
+    classifier_file: str | Path,
+    images: Sequence[Path],
+    points: PointSource,
+    *,
+    threshold: float,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[list[ResultRow], list[str]]:
     """Classify each image's points; rows in image order, and the classifier's classes."""
     rows: list[ResultRow] = []
     classes: list[str] = []
@@ -275,7 +343,8 @@ def classify_images(runner: Runner, extractor: EfficientNetExtractor, classifier
         return image, rowcols, found, scores
 
     for i, (image, rowcols, found, scores) in enumerate(
-            _in_order(one, images, getattr(runner, "workers", 1))):
+        _in_order(one, images, getattr(runner, "workers", 1))
+    ):
         classes = [str(c) for c in found]
         rows += result_rows(image.name, rowcols, classes, scores, threshold)
         if progress:

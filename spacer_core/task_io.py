@@ -95,4 +95,6 @@ class TrainClassifierReturnMsg(DataClass):
 
     @classmethod
     def deserialize(cls, data: Mapping[str, Any]) -> TrainClassifierReturnMsg:
-        return cls(acc=data["acc"], pc_accs=data["pc_accs"], ref_accs=data["ref_accs"], runtime=data["runtime"])
+        return cls(
+            acc=data["acc"], pc_accs=data["pc_accs"], ref_accs=data["ref_accs"], runtime=data["runtime"]
+        )

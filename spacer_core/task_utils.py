@@ -18,7 +18,12 @@ from sklearn.model_selection import train_test_split
 
 from spacer_core import config
 from spacer_core.data_classes import ImageLabels, LabelId
-from spacer_core.exceptions import DataLimitError, InvalidInputError, RowColumnInvalidError, TrainingLabelsError
+from spacer_core.exceptions import (
+    DataLimitError,
+    InvalidInputError,
+    RowColumnInvalidError,
+    TrainingLabelsError,
+)
 from spacer_core.task_io import TrainingTaskLabels
 
 _SET_NAMES = ("train", "ref", "val")
@@ -216,9 +221,7 @@ def preprocess_labels(
         if not sets[name].classes_set.issubset(shared_classes):
             sets[name] = sets[name].filter_classes(shared_classes)
         if len(sets[name]) == 0:
-            raise TrainingLabelsError(
-                f"After preprocessing training data, '{name}' set is empty."
-            )
+            raise TrainingLabelsError(f"After preprocessing training data, '{name}' set is empty.")
     return TrainingTaskLabels(train=sets["train"], ref=sets["ref"], val=sets["val"])
 
 
@@ -233,7 +236,9 @@ def check_features(features: Any, source: str) -> np.ndarray:
     except (TypeError, ValueError):
         raise InvalidInputError(f"{source}: the features are not numbers.") from None
     if x.ndim != 2:
-        raise InvalidInputError(f"{source}: the features are a {x.ndim}-D array; expected (points, dimension).")
+        raise InvalidInputError(
+            f"{source}: the features are a {x.ndim}-D array; expected (points, dimension)."
+        )
     if not np.isfinite(x).all():
         raise InvalidInputError(f"{source}: the features contain NaN or infinite values.")
     return x

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from spacer_core.exceptions import JobMsgTypeError, UnknownTaskError
 from spacer_core import cancellation, config, limits, pipeline, runtime
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
+from spacer_core.exceptions import JobMsgTypeError, UnknownTaskError
 from spacer_core.messages import (
     ClassifyFeaturesMsg,
     ClassifyImageMsg,
@@ -26,7 +26,11 @@ from spacer_core.messages import (
     TrainClassifierMsg,
     TrainClassifierReturnMsg,
 )
-from spacer_core.storage import check_access, require_writable, load_bytes, load_classifier, load_image, store_classifier  # noqa: F401  (pyspacer names)
+from spacer_core.storage import (
+    check_access,
+    require_writable,
+    store_classifier,
+)  # noqa: F401  (pyspacer names)
 from spacer_core.task_utils import check_extract_inputs, preprocess_labels  # noqa: F401  (check_extract_inputs: pyspacer name)
 from spacer_core.train_classifier import ClassifierTrainer  # noqa: F401  (pyspacer name)
 
@@ -38,15 +42,15 @@ def _job(
     feature_loc: DataLocation | None = None,
     classifier_loc: DataLocation | None = None,
 ) -> pipeline.ImageJob:
-    return pipeline.ImageJob(msg.extractor, msg.rowcols, msg.image_loc,
-                             feature_loc=feature_loc, classifier_loc=classifier_loc)
+    return pipeline.ImageJob(
+        msg.extractor, msg.rowcols, msg.image_loc, feature_loc=feature_loc, classifier_loc=classifier_loc
+    )
 
 
 def extract_features(msg: ExtractFeaturesMsg) -> ExtractFeaturesReturnMsg:
     """Load the image, check limits and points, extract features and store them."""
     result = pipeline.run(_job(msg, feature_loc=msg.feature_loc))
-    return ExtractFeaturesReturnMsg(
-        extractor_loaded_remotely=result.loaded_remotely, runtime=result.runtime)
+    return ExtractFeaturesReturnMsg(extractor_loaded_remotely=result.loaded_remotely, runtime=result.runtime)
 
 
 def train_classifier(
@@ -71,9 +75,7 @@ def train_classifier(
     previous = [runtime.current().classifier(loc) for loc in msg.previous_model_locs]
     with _feature_cache(msg, labels), config.log_entry_and_exit("training"):
         kwargs = {"progress": progress} if progress is not None else {}
-        clf, val_results, return_msg = msg.trainer(
-            labels, msg.nbr_epochs, previous, msg.clf_type, **kwargs
-        )
+        clf, val_results, return_msg = msg.trainer(labels, msg.nbr_epochs, previous, msg.clf_type, **kwargs)
     with config.log_entry_and_exit("storing classifier and validation results"):
         store_classifier(msg.model_loc, clf)
         runtime.current().forget_classifier(msg.model_loc)
@@ -100,8 +102,11 @@ def _check_training_access(msg: TrainClassifierMsg) -> None:
 @contextlib.contextmanager
 def _feature_cache(msg: TrainClassifierMsg, labels: Any) -> Iterator[None]:
     """Cache remote feature files on local disk while training, unless disabled."""
-    parent = None if msg.feature_cache_dir in (msg.FeatureCache.AUTO, msg.FeatureCache.DISABLED) \
+    parent = (
+        None
+        if msg.feature_cache_dir in (msg.FeatureCache.AUTO, msg.FeatureCache.DISABLED)
         else str(msg.feature_cache_dir)
+    )
     if parent is not None:
         # A folder named in the message is written to like any other location.
         check_access(DataLocation("filesystem", parent), "write")
@@ -120,8 +125,11 @@ def score_features(clf: Any, features: np.ndarray, source: str) -> np.ndarray:
 
 
 def classify_return(
-    start: float, rowcols: list[tuple[int | None, int | None]], probs: np.ndarray, classes: list[Any],
-    valid_rowcol: bool
+    start: float,
+    rowcols: list[tuple[int | None, int | None]],
+    probs: np.ndarray,
+    classes: list[Any],
+    valid_rowcol: bool,
 ) -> ClassifyReturnMsg:
     """The reply for scored points: one probability row per (row, col), in order."""
     return ClassifyReturnMsg(

@@ -12,16 +12,16 @@ from typing import Any
 import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 
+from spacer_core import config
+from spacer_core.data_classes import ImageLabels, ValResults
 from spacer_core.exceptions import (
     FeatureDimensionError,
     InvalidInputError,
-    SpacerError,
     InvalidInputTypeError,
+    SpacerError,
     TrainerModuleNotFoundError,
     UnknownTrainerError,
 )
-from spacer_core import config
-from spacer_core.data_classes import ImageLabels, ValResults
 from spacer_core.task_io import TrainClassifierReturnMsg, TrainingTaskLabels
 from spacer_core.train_utils import (
     EVAL_BATCH_SIZE,
@@ -88,7 +88,9 @@ def _import_trainer_module(module_path: str) -> Any:
         # fails on its own imports is a bug there, not bad input here.
         if err.name is None or not (module_path == err.name or module_path.startswith(err.name + ".")):
             raise
-        error = TrainerModuleNotFoundError(f"Unknown trainer module {module_path!r}: no module named {err.name!r}.")
+        error = TrainerModuleNotFoundError(
+            f"Unknown trainer module {module_path!r}: no module named {err.name!r}."
+        )
         error.name = err.name
         raise error from err
 
@@ -131,12 +133,16 @@ class ClassifierTrainer(abc.ABC):
         if class_path in _REGISTERED_TRAINERS:
             trainer_class = _REGISTERED_TRAINERS[class_path]
         elif not module_path:
-            raise InvalidInputError(f"Unknown trainer {class_path!r}: not a built-in name or a dotted class path.")
+            raise InvalidInputError(
+                f"Unknown trainer {class_path!r}: not a built-in name or a dotted class path."
+            )
         else:
             # pyspacer's behaviour for library callers: any importable class path.
             trainer_class = getattr(_import_trainer_module(module_path), class_name, _MISSING)
             if trainer_class is _MISSING:
-                raise UnknownTrainerError(f"Unknown trainer {class_path!r}: module {module_path!r} has no {class_name!r}.")
+                raise UnknownTrainerError(
+                    f"Unknown trainer {class_path!r}: module {module_path!r} has no {class_name!r}."
+                )
         if not (isinstance(trainer_class, type) and issubclass(trainer_class, ClassifierTrainer)):
             raise InvalidInputTypeError(f"{class_path} is not a ClassifierTrainer subclass")
         return trainer_class(**options)
@@ -205,14 +211,20 @@ class MiniBatchTrainer(ClassifierTrainer):
         classifiers with it); the classes are those of ``ref_labels``.
         """
         if clf_type not in config.CLASSIFIER_TYPES:
-            raise InvalidInputError(f"Unknown clf_type {clf_type!r}; expected one of {config.CLASSIFIER_TYPES}.")
+            raise InvalidInputError(
+                f"Unknown clf_type {clf_type!r}; expected one of {config.CLASSIFIER_TYPES}."
+            )
         batch_size = self.batch_size or config.TRAINING_BATCH_LABEL_COUNT
         with config.log_entry_and_exit("loading training and reference features"):
             train_data = load_labelled_features(train_labels)
             ref_data = load_labelled_features(ref_labels)
         logger.debug(
             "Train: %d images, %d labels; ref: %d images, %d labels; batch size %d",
-            train_data.image_count, len(train_data), ref_data.image_count, len(ref_data), batch_size,
+            train_data.image_count,
+            len(train_data),
+            ref_data.image_count,
+            len(ref_data),
+            batch_size,
         )
         clf = make_classifier(
             clf_type,
@@ -280,7 +292,9 @@ def _previous_accuracy(clf: Any, i: int, data: LabelledFeatures) -> float:
     except (ValueError, IndexError) as err:
         if isinstance(err, SpacerError):
             raise
-        raise InvalidInputError(f"{source}: the classifier cannot score the validation features ({err}).") from None
+        raise InvalidInputError(
+            f"{source}: the classifier cannot score the validation features ({err})."
+        ) from None
 
 
 def _predict(clf: Any, data: LabelledFeatures) -> np.ndarray:
@@ -301,5 +315,7 @@ def trainer_factory(trainer: str | ClassifierTrainer) -> ClassifierTrainer:
     if isinstance(trainer, ClassifierTrainer):
         return trainer
     if not isinstance(trainer, str):
-        raise InvalidInputTypeError(f"A trainer must be a name, class path or ClassifierTrainer, got {type(trainer).__name__}.")
+        raise InvalidInputTypeError(
+            f"A trainer must be a name, class path or ClassifierTrainer, got {type(trainer).__name__}."
+        )
     return ClassifierTrainer.deserialize({"class_path": trainer})

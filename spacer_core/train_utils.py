@@ -429,7 +429,11 @@ def make_random_data(
         point_labels[: len(class_list)] = class_list
         npoints = len(point_labels)
         offsets = np.array([_label_offset(label) for label in point_labels])
-        noise = np.random.randn(npoints, feature_dim) if rng is None else rng.standard_normal((npoints, feature_dim))
+        noise = (
+            np.random.randn(npoints, feature_dim)
+            if rng is None
+            else rng.standard_normal((npoints, feature_dim))
+        )
         feat = offsets[:, None] + noise
         if feature_loc_keys is not None:
             key = feature_loc_keys[i]

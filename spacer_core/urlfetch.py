@@ -35,7 +35,9 @@ from spacer_core.exceptions import URLDownloadError, URLRefusedError
 logger = logging.getLogger(__name__)
 
 # Cloud instance-metadata endpoints (AWS, GCP, Azure use the IPv4 one).
-METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
+METADATA_ADDRESSES = frozenset(
+    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+)
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_TOTAL_TIMEOUT = 300.0
@@ -134,13 +136,17 @@ def _refusal(url: str, host: str, address: str, why: str) -> URLRefusedError:
     )
 
 
-def _connection(scheme: str, host: str, port: int, address: str, timeout: float) -> http.client.HTTPConnection:
+def _connection(
+    scheme: str, host: str, port: int, address: str, timeout: float
+) -> http.client.HTTPConnection:
     cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
     conn = cls(host, port, timeout=timeout)
 
     # The Host header and TLS server name stay ``host``; only the socket is
     # pinned to the address that was checked.
-    def pinned(_addr: tuple[str, int], timeout: float, source: tuple[str, int] | None = None) -> socket.socket:
+    def pinned(
+        _addr: tuple[str, int], timeout: float, source: tuple[str, int] | None = None
+    ) -> socket.socket:
         return socket.create_connection((address, port), timeout, source)
 
     conn._create_connection = pinned  # type: ignore[attr-defined]
@@ -182,7 +188,9 @@ def _open(
         except ValueError as err:  # a port that is not a number
             raise URLDownloadError(f"Failed to download from the URL '{current}'.", err) from err
         if not host:
-            raise URLDownloadError(f"Failed to download from the URL '{current}'.", ValueError("no host in URL"))
+            raise URLDownloadError(
+                f"Failed to download from the URL '{current}'.", ValueError("no host in URL")
+            )
         port = port or (443 if parts.scheme == "https" else 80)
         address = _resolve(host, port, rules, current)
         # Each socket operation waits at most the idle timeout (or what is left of the total).
@@ -263,4 +271,3 @@ def exists(url: str, rules: UrlRules = UrlRules(), timeout: float = 20.0) -> boo
         return False
     conn.close()
     return True
-

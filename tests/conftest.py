@@ -1,6 +1,13 @@
-"""Shared pytest configuration."""
+"""Shared pytest configuration; the shared fixtures are registered here, once."""
 
 import pytest
+
+# Fixtures every test module may ask for by name.
+pytest_plugins = [
+    "tests.support.http_server",
+    "tests.support.s3",
+    "tests.support.weights",
+]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -81,8 +81,9 @@ def test_layers_import_only_downwards():
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_no_import_cycles(package):
-    graph = {m: {t for t in ts if t.startswith(package)} for m, ts in _graph().items()
-             if m.startswith(package)}
+    graph = {
+        m: {t for t in ts if t.startswith(package)} for m, ts in _graph().items() if m.startswith(package)
+    }
     # A package's __init__ re-exporting its submodules is not a cycle with them.
     for module in graph:
         graph[module] -= set(_parents(module))
@@ -95,7 +96,7 @@ def test_no_import_cycles(package):
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt)
         stack.pop()

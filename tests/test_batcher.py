@@ -173,7 +173,8 @@ def test_bounded_queue_pushes_back():
         assert batcher.queued_patches == 3
         # A blocked caller gets in once the worker makes room.
         waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
-            batcher.extract_sync, patches_of([25, 26]), TIMEOUT)
+            batcher.extract_sync, patches_of([25, 26]), TIMEOUT
+        )
         network.gate.set()
         np.testing.assert_array_equal(waiting.result(TIMEOUT), expected([25, 26]))
         np.testing.assert_array_equal(held.result(TIMEOUT), expected([20, 21, 22]))
@@ -290,12 +291,17 @@ def test_real_network_through_the_batcher(efficientnet_weights, tmp_path):  # no
     from spacer_core.extractors.efficientnet import build_network
     from spacer_core.inference import load_backend, run_in_batches
 
-    backend = load_backend(efficientnet_weights.sha256, lambda: build_network(efficientnet_weights.path),
-                           device="cpu", cache_dir=tmp_path)
+    backend = load_backend(
+        efficientnet_weights.sha256,
+        lambda: build_network(efficientnet_weights.path),
+        device="cpu",
+        cache_dir=tmp_path,
+    )
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(300, 300, 3), dtype=np.uint8)
-    requests = [crop_array(image, [(int(r), int(c)) for r, c in rng.integers(0, 300, (n, 2))])
-                for n in (1, 3, 2, 4)]
+    requests = [
+        crop_array(image, [(int(r), int(c)) for r, c in rng.integers(0, 300, (n, 2))]) for n in (1, 3, 2, 4)
+    ]
     alone = [run_in_batches(backend, p, len(p)) for p in requests]
     with DynamicBatcher(backend, max_batch_size=4, max_queue_delay_s=0.02) as batcher:
         futures = [batcher.submit(p) for p in requests]
@@ -318,8 +324,10 @@ def test_gpu_batcher_overlaps_batches_and_matches_cpu(efficientnet_weights, tmp_
     gpu = load_backend(efficientnet_weights.sha256, make, device="cuda", cache_dir=tmp_path)
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, size=(400, 400, 3), dtype=np.uint8)
-    requests = [crop_array(image, [(int(r), int(c)) for r, c in rng.integers(0, 400, (n, 2))])
-                for n in rng.integers(1, 40, 24)]
+    requests = [
+        crop_array(image, [(int(r), int(c)) for r, c in rng.integers(0, 400, (n, 2))])
+        for n in rng.integers(1, 40, 24)
+    ]
     with DynamicBatcher(gpu, max_batch_size=32, max_queue_delay_s=0.001) as batcher:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda p: batcher.extract_sync(p, 60), requests))
@@ -380,8 +388,9 @@ def test_batches_assembled_from_uint8_crops_equal_the_float_crop_bit_for_bit():
     data = _real_jpeg()
     rng = np.random.default_rng(2)
     # Border points too, where the crop reflects.
-    points = [(0, 0), (699, 899), (350, 0)] + [(int(r), int(c)) for r, c in
-                                               zip(rng.integers(0, 700, 9), rng.integers(0, 900, 9))]
+    points = [(0, 0), (699, 899), (350, 0)] + [
+        (int(r), int(c)) for r, c in zip(rng.integers(0, 700, 9), rng.integers(0, 900, 9))
+    ]
     old = crop.crop_patches_into_chw(data, points, np.empty((len(points), 3, 224, 224), np.float32))
     queued = crop.crop_patches(data, points)
     assert queued.dtype == np.uint8 and queued.nbytes == len(points) * 224 * 224 * 3

@@ -29,8 +29,9 @@ def test_observer_sees_sizes_queue_waits_and_network_time():
         return np.zeros((len(batch), 4), np.float32)
 
     seen: list[BatchObservation] = []
-    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0, name="obs",
-                        observers=[seen.append]) as batcher:
+    with DynamicBatcher(
+        network, max_batch_size=8, max_queue_delay_s=0, name="obs", observers=[seen.append]
+    ) as batcher:
         first = batcher.submit(_patches(1))
         assert entered.wait(TIMEOUT)
         # These two wait in the queue while the first batch holds the worker.
@@ -60,8 +61,9 @@ def test_a_failing_observer_does_not_fail_inference():
 
 def test_removed_observer_is_not_called():
     seen: list[BatchObservation] = []
-    with DynamicBatcher(lambda b: np.ones((len(b), 2), np.float32), name="obs3",
-                        observers=[seen.append]) as batcher:
+    with DynamicBatcher(
+        lambda b: np.ones((len(b), 2), np.float32), name="obs3", observers=[seen.append]
+    ) as batcher:
         batcher.extract_sync(_patches(1), timeout=TIMEOUT)
         batcher.remove_observer(seen.append)
         batcher.extract_sync(_patches(1), timeout=TIMEOUT)
@@ -71,15 +73,20 @@ def test_removed_observer_is_not_called():
 def _tiny_net(key: str) -> NetworkSpec:
     import torch
 
-    return NetworkSpec(key, 4, lambda: torch.nn.Sequential(
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 4)), "tiny")
+    return NetworkSpec(
+        key,
+        4,
+        lambda: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 4)),
+        "tiny",
+    )
 
 
 def test_runtime_observers_reach_existing_and_later_batchers(tmp_path):
     early: list[BatchObservation] = []
     late: list[BatchObservation] = []
-    runtime = Runtime(RuntimeSettings(device="cpu", compile_cache_dir=str(tmp_path)),
-                      batch_observers=[early.append])
+    runtime = Runtime(
+        RuntimeSettings(device="cpu", compile_cache_dir=str(tmp_path)), batch_observers=[early.append]
+    )
     try:
         patches = np.zeros((2, 3, 224, 224), np.float32)
         first = runtime.batcher(_tiny_net("a1" * 32))

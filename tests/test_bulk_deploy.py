@@ -18,17 +18,25 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parent.parent
 
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-_TEMPLATE = {"type": "object", "required": ["spec"], "properties": {"metadata": {"type": "object"},
-                                                                   "spec": {"type": "object"}}}
+_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {"metadata": {"type": "object"}, "spec": {"type": "object"}},
+}
 _GROUP = {
     "type": "object",
     "required": ["groupName", "rayStartParams", "template"],
     "additionalProperties": False,
     "properties": {
-        "groupName": {"type": "string"}, "replicas": {"type": "integer", "minimum": 0},
-        "minReplicas": {"type": "integer", "minimum": 0}, "maxReplicas": {"type": "integer", "minimum": 1},
-        "rayStartParams": _STRING_MAP, "template": _TEMPLATE, "numOfHosts": {"type": "integer"},
-        "suspend": {"type": "boolean"}, "idleTimeoutSeconds": {"type": "integer"},
+        "groupName": {"type": "string"},
+        "replicas": {"type": "integer", "minimum": 0},
+        "minReplicas": {"type": "integer", "minimum": 0},
+        "maxReplicas": {"type": "integer", "minimum": 1},
+        "rayStartParams": _STRING_MAP,
+        "template": _TEMPLATE,
+        "numOfHosts": {"type": "integer"},
+        "suspend": {"type": "boolean"},
+        "idleTimeoutSeconds": {"type": "integer"},
     },
 }
 # The RayJob fields of KubeRay's ray.io/v1 API reference that this project uses, and their types.
@@ -60,10 +68,14 @@ RAYJOB_SCHEMA = {
                         "rayVersion": {"type": "string"},
                         "enableInTreeAutoscaling": {"type": "boolean"},
                         "headGroupSpec": {
-                            "type": "object", "required": ["rayStartParams", "template"],
+                            "type": "object",
+                            "required": ["rayStartParams", "template"],
                             "additionalProperties": False,
-                            "properties": {"rayStartParams": _STRING_MAP, "template": _TEMPLATE,
-                                           "serviceType": {"type": "string"}},
+                            "properties": {
+                                "rayStartParams": _STRING_MAP,
+                                "template": _TEMPLATE,
+                                "serviceType": {"type": "string"},
+                            },
                         },
                         "workerGroupSpecs": {"type": "array", "items": _GROUP},
                     },
@@ -99,8 +111,12 @@ def test_rayjob_has_kuberays_fields_with_their_types(job):
 @pytest.mark.parametrize("version", ("1.30.0", kubernetes_validate.latest_version()))
 def test_every_pod_template_is_valid_for_kubernetes(job, version):
     for name, template in _templates(job).items():
-        doc = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"spacer-bulk-{name}"},
-               "template": template}
+        doc = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": f"spacer-bulk-{name}"},
+            "template": template,
+        }
         try:
             kubernetes_validate.validate(doc, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -111,12 +127,20 @@ def test_entrypoint_is_a_spacer_bulk_command_on_ray_over_the_shared_volume(job):
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "spacer"
     args = _build_parser().parse_args(argv[1:])
-    assert (args.command, args.bulk_command, args.engine, args.ray_address) == ("bulk", "extract", "ray", "auto")
+    assert (args.command, args.bulk_command, args.engine, args.ray_address) == (
+        "bulk",
+        "extract",
+        "ray",
+        "auto",
+    )
     templates = _templates(job)
     for name, template in templates.items():
         mounts = {m["mountPath"] for c in template["spec"]["containers"] for m in c.get("volumeMounts", [])}
-        claims = {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"]
-                  if "persistentVolumeClaim" in v}
+        claims = {
+            v["persistentVolumeClaim"]["claimName"]
+            for v in template["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
         assert "/data" in mounts and claims == {"spacer-bulk-data"}, name
     for path in (args.weights, args.manifest, args.out):
         assert str(path).startswith("/data/")

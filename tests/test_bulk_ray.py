@@ -59,15 +59,19 @@ def survey(tmp_path_factory):
 def local_features(survey, tmp_path_factory):
     """The local engine's feature files of the survey: the reference."""
     out = tmp_path_factory.mktemp("local-features")
-    summary = bulk.run(bulk.BulkTask.extract(weights_extractor(survey.weights), out), bulk.plan(survey.manifest))
+    summary = bulk.run(
+        bulk.BulkTask.extract(weights_extractor(survey.weights), out), bulk.plan(survey.manifest)
+    )
     assert summary.counts()["ok"] == 20
     return out
 
 
-
 def assert_same_features(a_dir, b_dir, names):
     for name in names:
-        a, b = read_features(Path(a_dir) / f"{name}.featurevector"), read_features(Path(b_dir) / f"{name}.featurevector")
+        a, b = (
+            read_features(Path(a_dir) / f"{name}.featurevector"),
+            read_features(Path(b_dir) / f"{name}.featurevector"),
+        )
         assert a[0] == b[0]
         np.testing.assert_allclose(a[1], b[1], atol=1e-6, rtol=0)
 
@@ -75,8 +79,11 @@ def assert_same_features(a_dir, b_dir, names):
 def test_features_match_the_local_engine_and_pyspacer(ray_instance, survey, local_features, tmp_path):
     out = tmp_path / "ray"
     seen = []
-    summary = bulk_ray.run(bulk.BulkTask.extract(weights_extractor(survey.weights), out),
-                           bulk.plan(survey.manifest), progress=lambda *a: seen.append(a))
+    summary = bulk_ray.run(
+        bulk.BulkTask.extract(weights_extractor(survey.weights), out),
+        bulk.plan(survey.manifest),
+        progress=lambda *a: seen.append(a),
+    )
     assert summary.engine == "ray" and summary.counts()["ok"] == 20 and summary.counts()["points"] == 200
     assert seen[0] == (0, 20, 0) and seen[-1] == (20, 20, 200) and len(seen) == 21
     assert_same_features(out, local_features, [p.name for p in survey.images])
@@ -105,38 +112,71 @@ def test_corrupt_and_missing_images_are_recorded_and_the_others_complete(ray_ins
     good = [survey.images[i] for i in range(3)]
     (tmp_path / "corrupt.jpg").write_bytes(good[0].read_bytes()[:500])
     points = [(20, 30), (200, 400)]
-    manifest = write_manifest(tmp_path / "m.csv", {
-        **{str(p): points for p in good}, "corrupt.jpg": points, "missing.jpg": points,
-    })
-    summary = bulk_ray.run(bulk.BulkTask.extract(weights_extractor(survey.weights), tmp_path / "out"),
-                           bulk.plan(manifest))
+    manifest = write_manifest(
+        tmp_path / "m.csv",
+        {
+            **{str(p): points for p in good},
+            "corrupt.jpg": points,
+            "missing.jpg": points,
+        },
+    )
+    summary = bulk_ray.run(
+        bulk.BulkTask.extract(weights_extractor(survey.weights), tmp_path / "out"), bulk.plan(manifest)
+    )
     entries = json.loads((tmp_path / "out" / "_summary.json").read_text())["outputs"]
     assert [entries[str(p)]["ok"] for p in good] == [True] * 3
     assert entries["missing.jpg"] == {"ok": False, "error": f"{tmp_path / 'missing.jpg'}: file not found"}
     assert not entries["corrupt.jpg"]["ok"] and "corrupt.jpg" in entries["corrupt.jpg"]["error"]
-    assert summary.counts() == {"images": 5, "ok": 3, "failed": 2, "skipped": 0, "points": 6, "points_computed": 6}
+    assert summary.counts() == {
+        "images": 5,
+        "ok": 3,
+        "failed": 2,
+        "skipped": 0,
+        "points": 6,
+        "points_computed": 6,
+    }
     assert sorted(p.name for p in (tmp_path / "out").glob("*.featurevector")) == sorted(
-        f"{p.name}.featurevector" for p in good)
+        f"{p.name}.featurevector" for p in good
+    )
 
 
 def test_a_network_actor_killed_mid_run_is_restarted_and_every_image_completes(
-        ray_instance, survey, local_features, tmp_path):
+    ray_instance, survey, local_features, tmp_path
+):
     marker = tmp_path / "kill-one-actor"
     marker.write_text("")
     out = tmp_path / "out"
-    summary = bulk_ray.run(bulk.BulkTask.extract(weights_extractor(survey.weights), out),
-                           bulk.plan(survey.manifest), RayOptions(fault_marker=str(marker)))
+    summary = bulk_ray.run(
+        bulk.BulkTask.extract(weights_extractor(survey.weights), out),
+        bulk.plan(survey.manifest),
+        RayOptions(fault_marker=str(marker)),
+    )
     assert not marker.exists() and marker.with_name("kill-one-actor.taken").exists()  # an actor did exit
     assert summary.counts()["ok"] == 20 and summary.counts()["failed"] == 0
     assert_same_features(out, local_features, [p.name for p in survey.images])
 
 
 def test_a_driver_killed_half_way_resumes_and_the_rerun_writes_only_the_rest(
-        ray_instance, survey, local_features, tmp_path):
+    ray_instance, survey, local_features, tmp_path
+):
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "server", "bulk", "extract", "--weights", str(survey.weights),
-               "--manifest", str(survey.manifest), "--out", str(out), "--engine", "ray",
-               "--ray-address", ray_instance]
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "bulk",
+        "extract",
+        "--weights",
+        str(survey.weights),
+        "--manifest",
+        str(survey.manifest),
+        "--out",
+        str(out),
+        "--engine",
+        "ray",
+        "--ray-address",
+        ray_instance,
+    ]
     driver = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
@@ -152,7 +192,9 @@ def test_a_driver_killed_half_way_resumes_and_the_rerun_writes_only_the_rest(
     time.sleep(1)  # work the driver had handed out is cancelled with it
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.featurevector")}
     assert 3 <= len(before) < 20 and not (out / "_summary.json").exists()
-    summary = bulk_ray.run(bulk.BulkTask.extract(weights_extractor(survey.weights), out), bulk.plan(survey.manifest))
+    summary = bulk_ray.run(
+        bulk.BulkTask.extract(weights_extractor(survey.weights), out), bulk.plan(survey.manifest)
+    )
     counts = summary.counts()
     assert counts["ok"] == 20 and counts["skipped"] == len(before)
     assert counts["points_computed"] == 10 * (20 - len(before))

@@ -45,16 +45,31 @@ def _small_net(seed: int = 0) -> list[Layer]:
     return [
         conv("conv1_1", "data", 3, 4, rng, kernel=5, stride=3, pad=2, gain=1 / 128),  # -> 75x75
         in_place("relu1_1", "ReLU", "conv1_1", negative_slope=0.1),
-        Layer("pool1", "Pooling", ["conv1_1"], ["pool1"],  # ceil((75-2)/2)+1 = 38 (floor gives 37)
-              {"pooling_param": {"pool": Enum("MAX"), "kernel_size": 2, "stride": 2}}),
+        Layer(
+            "pool1",
+            "Pooling",
+            ["conv1_1"],
+            ["pool1"],  # ceil((75-2)/2)+1 = 38 (floor gives 37)
+            {"pooling_param": {"pool": Enum("MAX"), "kernel_size": 2, "stride": 2}},
+        ),
         conv("conv2", "pool1", 4, 6, rng, kernel=3, stride=2, group=2, pad_h=1, pad_w=0),  # -> 19x18
         in_place("relu2", "ReLU", "conv2"),
-        Layer("pool2", "Pooling", ["conv2"], ["pool2"],  # partial windows at the edges -> 10x10
-              {"pooling_param": {"pool": Enum("AVE"), "kernel_size": 3, "stride": 2, "pad": 1}}),
+        Layer(
+            "pool2",
+            "Pooling",
+            ["conv2"],
+            ["pool2"],  # partial windows at the edges -> 10x10
+            {"pooling_param": {"pool": Enum("AVE"), "kernel_size": 3, "stride": 2, "pad": 1}},
+        ),
         # Included in TRAIN only: would scale fc6 by 0.1 if it ran at test time.
-        Layer("train_noise", "Dropout", ["pool2"], ["pool2"],
-              {"dropout_param": {"dropout_ratio": 0.9, "scale_train": False}},
-              extra={"include": {"phase": Enum("TRAIN")}}),
+        Layer(
+            "train_noise",
+            "Dropout",
+            ["pool2"],
+            ["pool2"],
+            {"dropout_param": {"dropout_ratio": 0.9, "scale_train": False}},
+            extra={"include": {"phase": Enum("TRAIN")}},
+        ),
         inner_product("fc6", "pool2", 6 * 10 * 10, 32, rng),
         in_place("relu6", "ReLU", "fc6"),
         in_place("drop6", "Dropout", "fc6", dropout_ratio=0.5),
@@ -83,8 +98,10 @@ def _pyspacer_input(im: Image.Image, points: list[tuple[int, int]]) -> np.ndarra
 
 def _extractor(definition: Path, weights: Path, hashes: dict[str, str] | None = None) -> VGG16CaffeExtractor:
     return VGG16CaffeExtractor(
-        data_locations={"definition": DataLocation("filesystem", str(definition)),
-                        "weights": DataLocation("filesystem", str(weights))},
+        data_locations={
+            "definition": DataLocation("filesystem", str(definition)),
+            "weights": DataLocation("filesystem", str(weights)),
+        },
         data_hashes=hashes or None,
     )
 
@@ -138,8 +155,11 @@ def test_default_backend_matches_eager_and_caches_per_file_pair(tmp_path, active
     extractor = _extractor(definition, weights)
     spec, loaded_remotely = extractor.network()
     sha = hashlib.sha256(f"caffe:{hashlib.sha256(d).hexdigest()}:{hashlib.sha256(w).hexdigest()}".encode())
-    assert spec.key == sha.hexdigest() == combined_sha256(hashlib.sha256(d).hexdigest(),
-                                                          hashlib.sha256(w).hexdigest())
+    assert (
+        spec.key
+        == sha.hexdigest()
+        == combined_sha256(hashlib.sha256(d).hexdigest(), hashlib.sha256(w).hexdigest())
+    )
     assert spec.feature_dim == 16 and loaded_remotely is False
     assert str(definition) in spec.label and str(weights) in spec.label
 
@@ -147,8 +167,13 @@ def test_default_backend_matches_eager_and_caches_per_file_pair(tmp_path, active
     batch = (np.random.default_rng(0).integers(0, 256, (4, 3, 224, 224)) / 255).astype(np.float32)
     compiled = active_runtime.backend(spec)
     np.testing.assert_allclose(compiled.run(batch), eager.run(batch), rtol=0, atol=1e-4)
-    onnx = load_backend(spec.key, lambda: build_caffe_network(d, w, "small"), device="cpu",
-                        kind="onnxruntime", cache_dir=tmp_path / "compiled")
+    onnx = load_backend(
+        spec.key,
+        lambda: build_caffe_network(d, w, "small"),
+        device="cpu",
+        kind="onnxruntime",
+        cache_dir=tmp_path / "compiled",
+    )
     assert onnx.name == "onnxruntime"
     np.testing.assert_allclose(onnx.run(batch), eager.run(batch), rtol=0, atol=1e-4)
 
@@ -164,8 +189,10 @@ def test_default_backend_matches_eager_and_caches_per_file_pair(tmp_path, active
 
 def test_data_hashes_are_checked(tmp_path):
     definition, weights = write_net(tmp_path, "small", _small_net())
-    good = {"definition": hashlib.sha256(definition.read_bytes()).hexdigest(),
-            "weights": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    good = {
+        "definition": hashlib.sha256(definition.read_bytes()).hexdigest(),
+        "weights": hashlib.sha256(weights.read_bytes()).hexdigest(),
+    }
     _extractor(definition, weights, good).network()
     with pytest.raises(HashMismatchError, match="'weights'"):
         _extractor(definition, weights, {**good, "weights": "0" * 64}).network()
@@ -245,8 +272,17 @@ def test_bad_files_give_clear_errors(tmp_path):
     partial = write_net(tmp_path / "partial", "p", [layer for layer in layers if layer.name != "fc7"])[1]
     with pytest.raises(CaffeModelError, match="layer 'fc7' .*0 parameter blobs"):
         build_caffe_network(d, partial.read_bytes(), "p")
-    wrong = [Layer(lay.name, lay.type, lay.bottom, lay.top, lay.params,
-                   [b[..., :1] if lay.name == "fc6" else b for b in lay.blobs]) for lay in layers]
+    wrong = [
+        Layer(
+            lay.name,
+            lay.type,
+            lay.bottom,
+            lay.top,
+            lay.params,
+            [b[..., :1] if lay.name == "fc6" else b for b in lay.blobs],
+        )
+        for lay in layers
+    ]
     with pytest.raises(CaffeModelError, match="layer 'fc6'.*weights blob has shape"):
         build_caffe_network(d, write_net(tmp_path / "w", "w", wrong)[1].read_bytes(), "w")
 

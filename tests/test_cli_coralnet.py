@@ -41,11 +41,20 @@ def test_annotations_round_trip_through_the_writer(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("Name,Row,Label\na.jpg,1,A\n", ", row 1, column 'Column': missing from the header (Name, Row, Label)"),
-        ("Name,Row,Column,Label\na.jpg,1,2,A\na.jpg,x7,2,A\n", ", row 3, column 'Row': 'x7' is not a pixel position"),
+        (
+            "Name,Row,Label\na.jpg,1,A\n",
+            ", row 1, column 'Column': missing from the header (Name, Row, Label)",
+        ),
+        (
+            "Name,Row,Column,Label\na.jpg,1,2,A\na.jpg,x7,2,A\n",
+            ", row 3, column 'Row': 'x7' is not a pixel position",
+        ),
         ("Name,Row,Column,Label\na.jpg,1,-2,A\n", ", row 2, column 'Column': '-2' is not a pixel position"),
         ("Name,Row,Column,Label\na.jpg,1,2,\n", ", row 2, column 'Label': empty value"),
-        ("Name,Row,Column,Label\na.jpg,1,2,A\na.jpg,1,2,B\n", ", row 3: point (1, 2) of a.jpg is already labelled on row 2"),
+        (
+            "Name,Row,Column,Label\na.jpg,1,2,A\na.jpg,1,2,B\n",
+            ", row 3: point (1, 2) of a.jpg is already labelled on row 2",
+        ),
         ("", ": empty file"),
         ("Name,Row,Column,Label\n", ": no annotation rows"),
     ],
@@ -59,22 +68,33 @@ def test_bad_annotation_files_name_file_row_and_column(tmp_path, text, expected)
 
 def test_cli_reports_a_bad_csv_on_one_line_with_nonzero_exit(tmp_path, capsys):
     path = write(tmp_path / "ann.csv", "Name,Row,Column,Label\nimg.jpg,4,oops,A\n")
-    code = main(["train", "--annotations", str(path), "--features", str(tmp_path), "--out", str(tmp_path / "c.pkl")])
+    code = main(
+        ["train", "--annotations", str(path), "--features", str(tmp_path), "--out", str(tmp_path / "c.pkl")]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err == f"spacer train: {path}, row 2, column 'Column': 'oops' is not a pixel position (a whole number >= 0)\n"
+    assert (
+        err
+        == f"spacer train: {path}, row 2, column 'Column': 'oops' is not a pixel position (a whole number >= 0)\n"
+    )
 
 
 def test_results_csv_has_coralnet_upload_columns_then_scores(tmp_path):
-    rows = coralnet.result_rows("a.jpg", [(1, 2), (3, 4)], ["A", "B", "C", "D"],
-                                [[0.1, 0.7, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]], threshold=0.8)
+    rows = coralnet.result_rows(
+        "a.jpg",
+        [(1, 2), (3, 4)],
+        ["A", "B", "C", "D"],
+        [[0.1, 0.7, 0.15, 0.05], [0.9, 0.05, 0.03, 0.02]],
+        threshold=0.8,
+    )
     coralnet.write_results(tmp_path / "r.csv", rows)
     with open(tmp_path / "r.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0])[:4] == ["Name", "Row", "Column", "Label"]
     assert [(t["Row"], t["Label"], t["Score"], t["Accepted"]) for t in table] == [
-        ("1", "B", "0.7000", "no"), ("3", "A", "0.9000", "yes")
+        ("1", "B", "0.7000", "no"),
+        ("3", "A", "0.9000", "yes"),
     ]
     assert [table[0][f"Suggestion {i}"] for i in (1, 2, 3)] == ["B", "C", "A"]
     assert [table[0][f"Score {i}"] for i in (1, 2, 3)] == ["0.7000", "0.1500", "0.1000"]
@@ -84,7 +104,9 @@ def test_results_csv_has_coralnet_upload_columns_then_scores(tmp_path):
 
 def test_point_specs_parse_and_reject():
     assert parse_point_spec("random:50") == PointSpec("random", count=50)
-    assert parse_point_spec("stratified:5x4x2") == PointSpec("stratified", cell_rows=5, cell_cols=4, per_cell=2)
+    assert parse_point_spec("stratified:5x4x2") == PointSpec(
+        "stratified", cell_rows=5, cell_cols=4, per_cell=2
+    )
     assert parse_point_spec("grid:10x8") == PointSpec("grid", cell_rows=10, cell_cols=8)
     for bad in ("random:0", "grid:10", "stratified:2x2", "hex:5", "random:many"):
         with pytest.raises(ValueError, match="--points"):
@@ -114,7 +136,10 @@ def test_stratified_points_fall_in_their_cells():
 
 def test_grid_points_are_cell_centres():
     assert generate_points(parse_point_spec("grid:2x2"), width=200, height=100) == [
-        (25, 50), (25, 150), (75, 50), (75, 150)
+        (25, 50),
+        (25, 150),
+        (75, 50),
+        (75, 150),
     ]
     tiny = generate_points(parse_point_spec("grid:4x4"), width=3, height=2)
     assert all(0 <= r < 2 and 0 <= c < 3 for r, c in tiny)

@@ -51,18 +51,60 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("survey")
     s = demo.build_survey(folder)
     features = s.folder / "features"
-    assert main(["extract", "--weights", str(s.weights), "--points", str(s.annotations),
-                 "--images", str(s.folder / "images" / "train"), "--out", str(features), "--json"]) == 0
-    assert main(["train", "--annotations", str(s.annotations), "--features", str(features), "--out",
-                 str(s.classifier), "--epochs", "4", "--report", str(s.folder / "train-report"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--weights",
+                str(s.weights),
+                "--points",
+                str(s.annotations),
+                "--images",
+                str(s.folder / "images" / "train"),
+                "--out",
+                str(features),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--annotations",
+                str(s.annotations),
+                "--features",
+                str(features),
+                "--out",
+                str(s.classifier),
+                "--epochs",
+                "4",
+                "--report",
+                str(s.folder / "train-report"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     return s
 
 
 def test_extract_writes_pyspacer_feature_files(trained, capsys):
     s = trained
     image = s.new_images[0]
-    code, summary, _ = cli(capsys, "extract", "--weights", s.weights, "--points", s.new_annotations,
-                           "--out", s.folder / "new-features", "--json", image)
+    code, summary, _ = cli(
+        capsys,
+        "extract",
+        "--weights",
+        s.weights,
+        "--points",
+        s.new_annotations,
+        "--out",
+        s.folder / "new-features",
+        "--json",
+        image,
+    )
     assert code == 0 and summary["points"] == len(coralnet.read_points(s.new_annotations)[image.name])
     ours = SpFeatures.load(fs(s.folder / "new-features" / f"{image.name}.featurevector"))
     sha = hashlib.sha256(s.weights.read_bytes()).hexdigest()
@@ -86,9 +128,22 @@ def test_train_reports_validation_metrics(trained):
 def test_classify_results_match_pyspacer_and_threshold(trained, capsys):
     s = trained
     out = s.folder / "results.csv"
-    code, summary, _ = cli(capsys, "classify", "--weights", s.weights, "--classifier", s.classifier,
-                           "--points", s.annotations, "--out", out, "--threshold", "0.8", "--json",
-                           *s.train_images[:2])
+    code, summary, _ = cli(
+        capsys,
+        "classify",
+        "--weights",
+        s.weights,
+        "--classifier",
+        s.classifier,
+        "--points",
+        s.annotations,
+        "--out",
+        out,
+        "--threshold",
+        "0.8",
+        "--json",
+        *s.train_images[:2],
+    )
     assert code == 0
     table = read_csv(out)
     assert list(table[0])[:4] == ["Name", "Row", "Column", "Label"]
@@ -103,49 +158,105 @@ def test_classify_results_match_pyspacer_and_threshold(trained, capsys):
         assert float(t["Score 1"]) >= float(t["Score 2"]) >= float(t["Score 3"])
     # Oracle: pyspacer scores the feature file extracted at the same points.
     image = s.train_images[0]
-    oracle = sp_tasks.classify_features(ClassifyFeaturesMsg(
-        "o", fs(s.folder / "features" / f"{image.name}.featurevector"), fs(s.classifier)))
+    oracle = sp_tasks.classify_features(
+        ClassifyFeaturesMsg("o", fs(s.folder / "features" / f"{image.name}.featurevector"), fs(s.classifier))
+    )
     classes = [str(c) for c in oracle.classes]
     for row in summary["rows"][: len(points[image.name])]:
         probs = oracle[(row["row"], row["column"])]
         assert row["label"] == classes[int(np.argmax(probs))]
         assert row["score"] == pytest.approx(max(probs), abs=1e-4)
     # Threshold 0 accepts everything; the report shows thumbnails and the histogram.
-    code, summary, _ = cli(capsys, "classify", "--weights", s.weights, "--classifier", s.classifier,
-                           "--points", s.annotations, "--out", out, "--threshold", "0", "--json",
-                           "--report", s.folder / "cls-report", s.train_images[0])
+    code, summary, _ = cli(
+        capsys,
+        "classify",
+        "--weights",
+        s.weights,
+        "--classifier",
+        s.classifier,
+        "--points",
+        s.annotations,
+        "--out",
+        out,
+        "--threshold",
+        "0",
+        "--json",
+        "--report",
+        s.folder / "cls-report",
+        s.train_images[0],
+    )
     assert summary["accepted"] == summary["points"] == len(points[image.name])
     page = (s.folder / "cls-report" / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and f"{summary['points']} of {summary['points']} points" in page
+    assert (
+        page.count("data:image/png;base64,") == 3
+        and f"{summary['points']} of {summary['points']} points" in page
+    )
 
 
 @pytest.mark.parametrize("spec, per_image", [("random:7", 7), ("stratified:2x2x2", 8), ("grid:3x3", 9)])
 def test_classify_with_generated_points(trained, capsys, spec, per_image):
     s = trained
     out = s.folder / f"gen-{per_image}.csv"
-    code, summary, _ = cli(capsys, "classify", "--weights", s.weights, "--classifier", s.classifier,
-                           "--points", spec, "--out", out, "--json", "--images", s.folder / "images" / "new")
+    code, summary, _ = cli(
+        capsys,
+        "classify",
+        "--weights",
+        s.weights,
+        "--classifier",
+        s.classifier,
+        "--points",
+        spec,
+        "--out",
+        out,
+        "--json",
+        "--images",
+        s.folder / "images" / "new",
+    )
     assert code == 0 and summary["points"] == per_image * len(s.new_images)
     table = read_csv(out)
     first = s.new_images[0].name
-    expected = coralnet.generate_points(coralnet.parse_point_spec(spec), demo.WIDTH, demo.HEIGHT, seed=f"0:{first}")
+    expected = coralnet.generate_points(
+        coralnet.parse_point_spec(spec), demo.WIDTH, demo.HEIGHT, seed=f"0:{first}"
+    )
     assert [(int(t["Row"]), int(t["Column"])) for t in table if t["Name"] == first] == expected
 
 
 def test_extract_with_generated_points_then_evaluate(trained, capsys):
     s = trained
     feats = s.folder / "eval-features"
-    code, summary, _ = cli(capsys, "extract", "--weights", s.weights, "--points", s.new_annotations,
-                           "--out", feats, "--json", *s.new_images)
+    code, summary, _ = cli(
+        capsys,
+        "extract",
+        "--weights",
+        s.weights,
+        "--points",
+        s.new_annotations,
+        "--out",
+        feats,
+        "--json",
+        *s.new_images,
+    )
     assert code == 0
-    code, summary, _ = cli(capsys, "evaluate", "--classifier", s.classifier, "--annotations", s.new_annotations,
-                           "--features", feats, "--report", s.folder / "eval-report", "--json")
+    code, summary, _ = cli(
+        capsys,
+        "evaluate",
+        "--classifier",
+        s.classifier,
+        "--annotations",
+        s.new_annotations,
+        "--features",
+        feats,
+        "--report",
+        s.folder / "eval-report",
+        "--json",
+    )
     assert code == 0
     truth = coralnet.read_annotations(s.new_annotations)
     hits = total = 0
     for name, labelled in truth.items():
-        oracle = sp_tasks.classify_features(ClassifyFeaturesMsg(
-            "o", fs(feats / f"{name}.featurevector"), fs(s.classifier)))
+        oracle = sp_tasks.classify_features(
+            ClassifyFeaturesMsg("o", fs(feats / f"{name}.featurevector"), fs(s.classifier))
+        )
         for r, c, label in labelled:
             hits += str(oracle.classes[int(np.argmax(oracle[(r, c)]))]) == label
             total += 1
@@ -156,22 +267,56 @@ def test_extract_with_generated_points_then_evaluate(trained, capsys):
 
 def test_missing_features_and_points_fail_with_one_line(trained, capsys):
     s = trained
-    code, _, err = cli(capsys, "evaluate", "--classifier", s.classifier, "--annotations", s.new_annotations,
-                       "--features", s.folder / "nowhere")
+    code, _, err = cli(
+        capsys,
+        "evaluate",
+        "--classifier",
+        s.classifier,
+        "--annotations",
+        s.new_annotations,
+        "--features",
+        s.folder / "nowhere",
+    )
     assert code == 1 and err.startswith("spacer evaluate: ") and err.count("\n") == 1
     assert "new_17.jpg" in err
-    code, _, err = cli(capsys, "classify", "--weights", s.weights, "--classifier", s.classifier,
-                       "--points", s.annotations, "--out", s.folder / "x.csv", s.new_images[0])
-    assert code == 1 and err == f"spacer classify: {s.new_images[0].name}: no rows with this Name in the points CSV\n"
+    code, _, err = cli(
+        capsys,
+        "classify",
+        "--weights",
+        s.weights,
+        "--classifier",
+        s.classifier,
+        "--points",
+        s.annotations,
+        "--out",
+        s.folder / "x.csv",
+        s.new_images[0],
+    )
+    assert (
+        code == 1
+        and err == f"spacer classify: {s.new_images[0].name}: no rows with this Name in the points CSV\n"
+    )
 
 
 def _screenshot(page, png):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (scripts/install-system-deps.sh --test)")
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    "--window-size=1100,1600", f"--screenshot={png}", page.as_uri()],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1100,1600",
+            f"--screenshot={png}",
+            page.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     from PIL import Image
 
     with Image.open(png) as image:

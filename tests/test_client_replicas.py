@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -14,8 +14,7 @@ import pytest
 from server.client import SpacerClient, channel_target, service_config
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
-from tests.test_server_lifecycle import start_serve, wait_until
+from tests.test_server_lifecycle import start_serve
 
 
 def test_several_addresses_become_one_balanced_target():
@@ -57,8 +56,11 @@ def _ok_calls(log_text: str) -> int:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if (entry.get("method") == "ClassifyImage" and entry.get("status") == "OK"
-                and str(entry.get("token", "")).startswith("t")):
+        if (
+            entry.get("method") == "ClassifyImage"
+            and entry.get("status") == "OK"
+            and str(entry.get("token", "")).startswith("t")
+        ):
             count += 1
     return count
 
@@ -89,6 +91,7 @@ def test_three_replicas_share_the_work_and_a_killed_one_loses_nothing(tmp_path, 
         lock = threading.Lock()
 
         with SpacerClient(addresses, timeout=120) as client:
+
             def one(i: int):
                 response = client.classify_image(extractor, points, fs(image), fs(clf), job_token=f"t{i}")
                 with lock:
@@ -102,7 +105,9 @@ def test_three_replicas_share_the_work_and_a_killed_one_loses_nothing(tmp_path, 
                 assert done.wait(180), "the first calls did not finish"
                 # The victim has answered some calls before it dies.
                 deadline = time.monotonic() + 60
-                while not _ok_calls((replicas[1][2] / "serve.log").read_text()) and time.monotonic() < deadline:
+                while (
+                    not _ok_calls((replicas[1][2] / "serve.log").read_text()) and time.monotonic() < deadline
+                ):
                     time.sleep(0.1)
                 victim = replicas[1][0]
                 victim.send_signal(signal.SIGKILL)  # no drain: in-flight calls are cut
@@ -113,7 +118,9 @@ def test_three_replicas_share_the_work_and_a_killed_one_loses_nothing(tmp_path, 
         assert sorted(r.job_token for r in responses) == sorted(f"t{i}" for i in range(total))
         assert all(len(r.scores) == len(points) and r.valid_rowcol for r in responses)
         reference = [x for s in responses[0].scores for x in s.scores]
-        assert all([x for s in r.scores for x in s.scores] == pytest.approx(reference, abs=1e-5) for r in responses)
+        assert all(
+            [x for s in r.scores for x in s.scores] == pytest.approx(reference, abs=1e-5) for r in responses
+        )
         # Spread: every replica served some of them (read from each one's JSON log).
         served = [_ok_calls((folder / "serve.log").read_text()) for _, _, folder in replicas]
         assert all(n >= 1 for n in served), served

@@ -24,7 +24,6 @@ from PIL import Image
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.messages import TrainClassifierMsg
 from tests.support.grpc_server import make_classifier
-from tests.support.s3 import moto_server  # noqa: F401  (fixture)
 from tests.support.weights import make_weights
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,18 +34,14 @@ spacer = pytest.importorskip("spacer")
 # pyspacer 0.14.0 public names this library deliberately lacks, and why
 # (fnmatch patterns over "module.Name.attribute"; docs/migration.md lists them too).
 DELIBERATE_GAPS = {
-    "spacer.*.patches_to_features":
-        "pyspacer's per-extractor hook from cropped patches to features; here patches are cropped"
-        " straight into the network's input batch and run by the runtime's batcher",
-    "spacer.storage.ClassifierUnpickler.IMPORT_MAPPING":
-        "internals of pyspacer's pickle loader; ours maps the same old module names with its own restricted"
-        " unpickler",
+    "spacer.*.patches_to_features": "pyspacer's per-extractor hook from cropped patches to features; here patches are cropped"
+    " straight into the network's input batch and run by the runtime's batcher",
+    "spacer.storage.ClassifierUnpickler.IMPORT_MAPPING": "internals of pyspacer's pickle loader; ours maps the same old module names with its own restricted"
+    " unpickler",
     "spacer.storage.ClassifierUnpickler.patch_estimator": "as IMPORT_MAPPING",
-    "spacer.extractors.vgg16.load_net":
-        "returns a caffe.Net that callers drive with Caffe's API; without Caffe there is no such object"
-        " (vgg16.build_vgg16_network builds the PyTorch equivalent)",
-    "spacer.mailman.get_s3_resource":
-        "mailman's own import of aws.get_s3_resource, not part of its interface; import it from spacer.aws",
+    "spacer.extractors.vgg16.load_net": "returns a caffe.Net that callers drive with Caffe's API; without Caffe there is no such object"
+    " (vgg16.build_vgg16_network builds the PyTorch equivalent)",
+    "spacer.mailman.get_s3_resource": "mailman's own import of aws.get_s3_resource, not part of its interface; import it from spacer.aws",
 }
 
 
@@ -92,7 +87,7 @@ def _public_names() -> list[tuple[str, str]]:
 
 def _ours(module_name: str, dotted: str) -> object:
     """Our counterpart of pyspacer's `module_name`.`dotted` (spacer.X -> spacer_core.X); raises if absent."""
-    ours: object = importlib.import_module("spacer_core" + module_name[len("spacer"):])
+    ours: object = importlib.import_module("spacer_core" + module_name[len("spacer") :])
     for part in filter(None, dotted.split(".")):
         ours = getattr(ours, part)
     return ours
@@ -119,8 +114,11 @@ def test_deliberate_gaps_are_real_pyspacer_names_still_missing_here():
     # pyspacer has, and none of them may exist here.
     names = _public_names()
     for pattern in DELIBERATE_GAPS:
-        matched = [(module, dotted) for module, dotted in names
-                   if fnmatch.fnmatchcase(f"{module}.{dotted}".rstrip("."), pattern)]
+        matched = [
+            (module, dotted)
+            for module, dotted in names
+            if fnmatch.fnmatchcase(f"{module}.{dotted}".rstrip("."), pattern)
+        ]
         assert matched, pattern
         for module, dotted in matched:
             with pytest.raises(AttributeError):
@@ -134,17 +132,27 @@ def test_untrained_instance_extracts_1280_features():
     assert extractor.data_locations["weights"] == DataLocation("memory", "compat-untrained")
     features, _ = extractor(Image.new("RGB", (240, 240)), [(10, 20)])
     assert len(features.point_features[0].data) == 1280
-    assert isinstance(EfficientNetExtractor.untrained_model(), type(EfficientNetExtractor.load_weights(
-        __import__("io").BytesIO(extractor.resolve_data("weights").read()))))
+    assert isinstance(
+        EfficientNetExtractor.untrained_model(),
+        type(
+            EfficientNetExtractor.load_weights(
+                __import__("io").BytesIO(extractor.resolve_data("weights").read())
+            )
+        ),
+    )
 
 
 def test_050_keywords_of_train_classifier_msg_resolve_bare_keys():
     msg = TrainClassifierMsg(
-        job_token="t", trainer_name="minibatch", nbr_epochs=1, clf_type="LR",
+        job_token="t",
+        trainer_name="minibatch",
+        nbr_epochs=1,
+        clf_type="LR",
         train_labels=ImageLabels(data={f"f{i}.fv": [(1, 2, i % 2)] for i in range(12)}),
         val_labels=ImageLabels(data={"v.fv": [(1, 2, 0)]}),
         features_loc=DataLocation("s3", "", bucket_name="b"),
-        previous_model_locs=[], model_loc=DataLocation("memory", "m"),
+        previous_model_locs=[],
+        model_loc=DataLocation("memory", "m"),
         valresult_loc=DataLocation("memory", "v"),
     )
     assert list(msg.labels.val.keys()) == [DataLocation("s3", "v.fv", bucket_name="b")]
@@ -169,8 +177,17 @@ def _job_with_task_name(job_msg_class, name: str):
     return job
 
 
-@pytest.mark.parametrize("case", ["not_a_job", "unknown_task", "unknown_storage", "missing_trainer_class",
-                                  "missing_trainer_module", "not_a_trainer"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not_a_job",
+        "unknown_task",
+        "unknown_storage",
+        "missing_trainer_class",
+        "missing_trainer_module",
+        "not_a_trainer",
+    ],
+)
 def test_errors_are_also_what_pyspacer_raised(case):
     import spacer.messages as ps_messages
     import spacer.storage as ps_storage
@@ -181,17 +198,30 @@ def test_errors_are_also_what_pyspacer_raised(case):
     from spacer_core.exceptions import InvalidInputError
 
     calls = {
-        "not_a_job": (lambda: ps_tasks.process_job({"task_name": "x"}),
-                      lambda: tasks.process_job({"task_name": "x"})),
-        "unknown_task": (lambda: ps_tasks.process_job(_job_with_task_name(ps_messages.JobMsg, "paint")),
-                         lambda: tasks.process_job(_job_with_task_name(messages.JobMsg, "paint"))),
-        "unknown_storage": (lambda: ps_storage.storage_factory("ftp"), lambda: storage.storage_factory("ftp")),
-        "missing_trainer_class": (lambda: ps_train.trainer_factory("spacer.train_classifier.NoSuchTrainer"),
-                                  lambda: train_classifier.trainer_factory("spacer_core.train_classifier.NoSuchTrainer")),
-        "missing_trainer_module": (lambda: ps_train.trainer_factory("no_such_pkg.trainers.Mine"),
-                                   lambda: train_classifier.trainer_factory("no_such_pkg.trainers.Mine")),
-        "not_a_trainer": (lambda: ps_train.trainer_factory("spacer.data_classes.DataLocation"),
-                          lambda: train_classifier.trainer_factory("spacer_core.data_classes.DataLocation")),
+        "not_a_job": (
+            lambda: ps_tasks.process_job({"task_name": "x"}),
+            lambda: tasks.process_job({"task_name": "x"}),
+        ),
+        "unknown_task": (
+            lambda: ps_tasks.process_job(_job_with_task_name(ps_messages.JobMsg, "paint")),
+            lambda: tasks.process_job(_job_with_task_name(messages.JobMsg, "paint")),
+        ),
+        "unknown_storage": (
+            lambda: ps_storage.storage_factory("ftp"),
+            lambda: storage.storage_factory("ftp"),
+        ),
+        "missing_trainer_class": (
+            lambda: ps_train.trainer_factory("spacer.train_classifier.NoSuchTrainer"),
+            lambda: train_classifier.trainer_factory("spacer_core.train_classifier.NoSuchTrainer"),
+        ),
+        "missing_trainer_module": (
+            lambda: ps_train.trainer_factory("no_such_pkg.trainers.Mine"),
+            lambda: train_classifier.trainer_factory("no_such_pkg.trainers.Mine"),
+        ),
+        "not_a_trainer": (
+            lambda: ps_train.trainer_factory("spacer.data_classes.DataLocation"),
+            lambda: train_classifier.trainer_factory("spacer_core.data_classes.DataLocation"),
+        ),
     }
     theirs, ours = (_raised(call) for call in calls[case])
     assert isinstance(ours, type(theirs)), (type(ours).__mro__, type(theirs))
@@ -223,16 +253,29 @@ def _printed_objects(dc, msg) -> list:
         dc.DataLocation("url", "https://example.org/" + "x" * 90 + ".jpg"),
         dc.PointFeatures(row=3, col=4, data=[1.5, -2.0, 0.125]),
         dc.ImageFeatures(point_features=points, valid_rowcol=True, feature_dim=5, npoints=2),
-        dc.ImageFeatures(point_features=[dc.PointFeatures(None, None, [0.25, 0.5])], valid_rowcol=False,
-                         feature_dim=2, npoints=1),
+        dc.ImageFeatures(
+            point_features=[dc.PointFeatures(None, None, [0.25, 0.5])],
+            valid_rowcol=False,
+            feature_dim=2,
+            npoints=1,
+        ),
         labels,
         dc.ValResults(scores=[0.5, 0.75], gt=[1, 0], est=[1, 1], classes=[12, 40]),
-        msg.ClassifyFeaturesMsg(job_token="j", feature_loc=dc.DataLocation("filesystem", "f.fv"),
-                                classifier_loc=dc.DataLocation("memory", "c.pkl")),
+        msg.ClassifyFeaturesMsg(
+            job_token="j",
+            feature_loc=dc.DataLocation("filesystem", "f.fv"),
+            classifier_loc=dc.DataLocation("memory", "c.pkl"),
+        ),
         msg.ClassifyReturnMsg(runtime=1.5, scores=[(1, 2, [0.25, 0.75])], classes=[3, 4], valid_rowcol=True),
         msg.TrainClassifierReturnMsg(acc=0.5, pc_accs=[0.25], ref_accs=[0.1, 0.2], runtime=3.0),
     ]
-    for name in ("ExtractFeaturesMsg", "ClassifyImageMsg", "JobMsg", "JobReturnMsg", "ExtractFeaturesReturnMsg"):
+    for name in (
+        "ExtractFeaturesMsg",
+        "ClassifyImageMsg",
+        "JobMsg",
+        "JobReturnMsg",
+        "ExtractFeaturesReturnMsg",
+    ):
         objects.append(getattr(msg, name).example())
     train_msg = msg.TrainClassifierMsg.example()
     train_msg.labels = type(train_msg.labels)(train=labels, ref=labels, val=labels)
@@ -252,12 +295,20 @@ def test_repr_and_str_of_data_classes_print_as_pyspacer_prints_them():
         assert type(mine).__name__ == type(oracle).__name__
         assert repr(mine) == repr(oracle), type(mine).__name__
         assert str(mine) == str(oracle), type(mine).__name__
-    assert repr(ours[2]) == "{'col': 4, 'data': array([ 1.5  , -2.   ,  0.125]), 'row': 3}"  # what a person reads: the values
+    assert (
+        repr(ours[2]) == "{'col': 4, 'data': array([ 1.5  , -2.   ,  0.125]), 'row': 3}"
+    )  # what a person reads: the values
 
 
 def _aws_check_output(package: str, env: dict[str, str], cwd: Path) -> str:
-    result = subprocess.run([sys.executable, "-c", f"import {package}.aws as a; a.aws_check()"], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", f"import {package}.aws as a; a.aws_check()"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -267,9 +318,15 @@ def test_aws_check_prints_pyspacers_lines(moto_server, tmp_path, anonymous):
     from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPACER_", "AWS_"))}
-    env.update(PYTHONPATH=str(ROOT), SPACER_AWS_ACCESS_KEY_ID=ACCESS_KEY, SPACER_AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-               SPACER_AWS_REGION=REGION, AWS_ENDPOINT_URL_STS=moto_server,  # boto's own variable: both libraries
-               AWS_DEFAULT_REGION=REGION, AWS_CONFIG_FILE=str(tmp_path / "absent-config"))
+    env.update(
+        PYTHONPATH=str(ROOT),
+        SPACER_AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        SPACER_AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+        SPACER_AWS_REGION=REGION,
+        AWS_ENDPOINT_URL_STS=moto_server,  # boto's own variable: both libraries
+        AWS_DEFAULT_REGION=REGION,
+        AWS_CONFIG_FILE=str(tmp_path / "absent-config"),
+    )
     if anonymous:
         env["SPACER_AWS_ANONYMOUS"] = "True"
     theirs, ours = (_aws_check_output(package, env, tmp_path) for package in ("spacer", "spacer_core"))
@@ -296,12 +353,16 @@ def test_make_random_data_matches_pyspacer_after_the_same_seeds(points_per_image
         labels = module.make_random_data(4, classes, points_per_image, 6, dc.DataLocation("memory", ""))
         made.append([(loc.key, labels[loc], dc.ImageFeatures.load(loc)) for loc in labels.keys()])
     theirs, ours = made
-    assert [(key, annotations) for key, annotations, _ in ours] == [(key, annotations) for key, annotations, _ in theirs]
+    assert [(key, annotations) for key, annotations, _ in ours] == [
+        (key, annotations) for key, annotations, _ in theirs
+    ]
     for (_, annotations, mine), (_, _, oracle) in zip(ours, theirs):
         assert len(annotations) == mine.npoints == max(points_per_image, len(classes))
         assert {label for _, _, label in annotations} == set(classes)
-        assert np.array_equal(np.stack([pf.data for pf in mine.point_features]),
-                              np.stack([pf.data for pf in oracle.point_features]))
+        assert np.array_equal(
+            np.stack([pf.data for pf in mine.point_features]),
+            np.stack([pf.data for pf in oracle.point_features]),
+        )
 
 
 def test_minibatch_trainer_train_step_matches_pyspacers(tmp_path):
@@ -311,17 +372,22 @@ def test_minibatch_trainer_train_step_matches_pyspacers(tmp_path):
     from spacer_core.train_classifier import MiniBatchTrainer
     from spacer_core.train_utils import make_random_data
 
-    labels = make_random_data(8, [1, 2, 3], 12, 16, DataLocation("filesystem", f"{tmp_path}/"),
-                              rng=np.random.default_rng(4))
+    labels = make_random_data(
+        8, [1, 2, 3], 12, 16, DataLocation("filesystem", f"{tmp_path}/"), rng=np.random.default_rng(4)
+    )
     locs = list(labels.keys())
     ours_sets = [ImageLabels({loc: labels[loc] for loc in part}) for part in (locs[:6], locs[6:])]
-    theirs_sets = [ps_dc.ImageLabels({ps_dc.DataLocation("filesystem", loc.key): labels[loc] for loc in part})
-                   for part in (locs[:6], locs[6:])]
+    theirs_sets = [
+        ps_dc.ImageLabels({ps_dc.DataLocation("filesystem", loc.key): labels[loc] for loc in part})
+        for part in (locs[:6], locs[6:])
+    ]
 
     clf, ref_accs = MiniBatchTrainer(batch_size=30)._train(*ours_sets, 3, "LR")
     oracle, oracle_accs = ps_train.MiniBatchTrainer(batch_size=30)._train(*theirs_sets, 3, "LR")
     assert len(ref_accs) == 3 and ref_accs == oracle_accs
-    ref_x = np.stack([ImageFeatures.load(loc).get_array((r, c))[0] for loc in locs[6:] for r, c, _ in labels[loc]])
+    ref_x = np.stack(
+        [ImageFeatures.load(loc).get_array((r, c))[0] for loc in locs[6:] for r, c, _ in labels[loc]]
+    )
     assert np.array_equal(clf.predict_proba(ref_x), oracle.predict_proba(ref_x))
 
 
@@ -365,9 +431,19 @@ def test_block_decoder_matches_pyspacers_and_round_trips():
     strings = list(B0_BLOCK_STRINGS) + ["r2_k5_s11_e4_i8_o8_noskip", "r1_k3_s2_e1_i4_o4_se0.5"]
     assert BlockDecoder.decode(strings) == Theirs.decode(strings)
     # pyspacer's encode reads `strides` (its test builds such tuples); ours takes that or `stride`.
-    with_strides = collections.namedtuple("BlockArgs", ["kernel_size", "num_repeat", "input_filters",
-                                                         "output_filters", "expand_ratio", "id_skip",
-                                                         "strides", "se_ratio"])
+    with_strides = collections.namedtuple(
+        "BlockArgs",
+        [
+            "kernel_size",
+            "num_repeat",
+            "input_filters",
+            "output_filters",
+            "expand_ratio",
+            "id_skip",
+            "strides",
+            "se_ratio",
+        ],
+    )
     block = with_strides(3, 1, 32, 16, 1, False, (1, 1), 0.25)
     assert BlockDecoder.encode([block]) == Theirs.encode([block]) == ["r1_k3_s11_e1_i32_o16_se0.25_noskip"]
     assert BlockDecoder.encode(BlockDecoder.decode(strings[:-1])) == strings[:-1]
@@ -393,7 +469,9 @@ def test_efficientnet_helpers_refuse_as_pyspacer_does(case):
     assert isinstance(ours, type(theirs)) and isinstance(ours, InvalidInputError)
     assert str(ours) and "Traceback" not in str(ours)
     if case in ("model_family", "model_size", "model_name"):
-        assert {"model_family": "resnet-50", "model_size": "efficientnet-b9", "model_name": "dummy"}[case] in str(ours)
+        assert {"model_family": "resnet-50", "model_size": "efficientnet-b9", "model_name": "dummy"}[
+            case
+        ] in str(ours)
 
 
 def test_drop_connect_draws_as_pyspacers():
@@ -408,22 +486,31 @@ def test_drop_connect_draws_as_pyspacers():
     mine = drop_connect(x, 0.5, training=True)
     torch.manual_seed(5)
     assert torch.equal(mine, theirs(x, p=0.5, training=True))
-    assert {float(sample.abs().sum() == 0) for sample in mine} == {0.0, 1.0}  # some samples dropped, some kept
+    assert {float(sample.abs().sum() == 0) for sample in mine} == {
+        0.0,
+        1.0,
+    }  # some samples dropped, some kept
     assert torch.sum(drop_connect(x, 0.999, training=True)).item() == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.parametrize("kernel, stride, size", [(3, 1, 9), (3, 2, 9), (5, 2, 10), (1, 1, 7), (5, 1, 8)])
 def test_same_padding_convs_compute_as_pyspacers(kernel, stride, size):
-    import torch
     import spacer.extractors.efficientnet_utils as theirs
+    import torch
 
     from spacer_core.extractors import efficientnet_utils as ours
 
     x = torch.rand(2, 3, size, size + 1)
-    pairs = [(ours.Conv2dDynamicSamePadding(3, 4, kernel, stride=stride),
-              theirs.Conv2dDynamicSamePadding(3, 4, kernel, stride=stride)),
-             (ours.get_same_padding_conv2d([size, size + 1])(3, 4, kernel, stride=stride),
-              theirs.get_same_padding_conv2d([size, size + 1])(3, 4, kernel, stride=stride))]
+    pairs = [
+        (
+            ours.Conv2dDynamicSamePadding(3, 4, kernel, stride=stride),
+            theirs.Conv2dDynamicSamePadding(3, 4, kernel, stride=stride),
+        ),
+        (
+            ours.get_same_padding_conv2d([size, size + 1])(3, 4, kernel, stride=stride),
+            theirs.get_same_padding_conv2d([size, size + 1])(3, 4, kernel, stride=stride),
+        ),
+    ]
     for mine, oracle in pairs:
         mine.load_state_dict(oracle.state_dict())
         with torch.no_grad():
@@ -450,7 +537,10 @@ def test_efficientnet_class_loads_pyspacers_parameters_and_computes_the_same():
         assert torch.allclose(mine.extract_features(x), oracle.extract_features(x), atol=1e-5)
         assert torch.allclose(mine(x), oracle(x), atol=1e-4)
         assert mine(x).shape == (2, 1275)
-    assert EfficientNet.from_name("efficientnet-b0")._fc.out_features == Theirs.from_name("efficientnet-b0")._fc.out_features
+    assert (
+        EfficientNet.from_name("efficientnet-b0")._fc.out_features
+        == Theirs.from_name("efficientnet-b0")._fc.out_features
+    )
     for name in _MODEL_NAMES:
         assert EfficientNet.get_image_size(name) == Theirs.get_image_size(name)
     with pytest.raises(InvalidInputError, match="Only EfficientNet-b0"):
@@ -475,14 +565,20 @@ def test_transformation_converts_as_pyspacers():
 
     rng = np.random.default_rng(2)
     pixels = rng.integers(0, 256, (4, 5, 3), dtype=np.uint8)
-    inputs = [pixels, Image.fromarray(pixels), Image.fromarray(pixels[:, :, 0]), rng.random((4, 5, 3)).astype(np.float32)]
+    inputs = [
+        pixels,
+        Image.fromarray(pixels),
+        Image.fromarray(pixels[:, :, 0]),
+        rng.random((4, 5, 3)).astype(np.float32),
+    ]
     for item in inputs:
         mine, oracle = transformation()(item), theirs()(item)
         assert mine.dtype == oracle.dtype and torch.equal(mine, oracle)
 
 
 def test_crop_helpers_cut_the_same_pixels_as_pyspacers():
-    from spacer.extractors.utils import crop_patches as theirs, crop_simple as theirs_simple
+    from spacer.extractors.utils import crop_patches as theirs
+    from spacer.extractors.utils import crop_simple as theirs_simple
 
     from spacer_core.extractors.base import crop_patches
     from spacer_core.extractors.utils import crop_simple
@@ -509,7 +605,9 @@ def test_vgg16_transformer_matches_pyspacers():
         mine, oracle = Transformer(mean).preprocess(patch), Theirs(mean).preprocess(patch)
         assert mine.dtype == oracle.dtype == np.float32 and np.array_equal(mine, oracle)
         assert np.array_equal(Transformer(mean).deprocess(mine), Theirs(mean).deprocess(oracle.copy()))
-    assert np.array_equal(Transformer((128, 128, 128)).deprocess(Transformer((128, 128, 128)).preprocess(patch)), patch)
+    assert np.array_equal(
+        Transformer((128, 128, 128)).deprocess(Transformer((128, 128, 128)).preprocess(patch)), patch
+    )
 
 
 def test_dummy_extractor_lives_in_base_and_keeps_its_other_paths():
@@ -524,14 +622,21 @@ def test_dummy_extractor_lives_in_base_and_keeps_its_other_paths():
 
 def _run(script: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), SPACER_EXTRACTORS_CACHE_DIR=str(cwd / "cache"))
-    return subprocess.run([sys.executable, "-m", "spacer_core.compat", str(script), *args], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "spacer_core.compat", str(script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 @pytest.mark.slow
 def test_alias_runs_a_pyspacer_program_although_pyspacer_is_installed(tmp_path):
     script = tmp_path / "program.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys
         from PIL import Image
         import spacer.tasks, spacer_core.tasks
@@ -549,7 +654,8 @@ def test_alias_runs_a_pyspacer_program_although_pyspacer_is_installed(tmp_path):
         spacer.tasks.extract_features(msg)
         features = ImageFeatures.load(msg.feature_loc)
         print("points", len(features.point_features), features.feature_dim)
-    """))
+    """)
+    )
     result = _run(script, tmp_path, str(tmp_path / "img.png"))
     assert result.returncode == 0, result.stderr
     assert "points 2 1280" in result.stdout
@@ -559,7 +665,9 @@ def test_alias_refuses_after_real_pyspacer_was_imported(tmp_path):
     script = tmp_path / "late.py"
     script.write_text("import spacer.messages\nimport spacer_core.compat as c\nc.install()\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0 and "already imported" in result.stderr
 
 
@@ -591,13 +699,16 @@ def _store_training_features(folder: Path, points: dict[str, list[tuple[int, int
     for image, annotations in points.items():
         feats = np.stack([rng.normal(size=1280) + label for _, _, label in annotations])
         ImageFeatures.from_arrays(feats, [a[0] for a in annotations], [a[1] for a in annotations]).store(
-            DataLocation("filesystem", str(folder / f"{image}.featurevector")))
+            DataLocation("filesystem", str(folder / f"{image}.featurevector"))
+        )
 
 
 # The points the train_classifier example labels (train: image1-3, val: image4-5).
 _EXAMPLE_POINTS = {
-    "image1": [(1000, 2000, 1), (3000, 2000, 2)], "image2": [(1000, 2000, 3), (3000, 2000, 1)],
-    "image3": [(1234, 2857, 11), (3094, 2262, 25)], "image4": [(500, 2500, 1), (2500, 1500, 3)],
+    "image1": [(1000, 2000, 1), (3000, 2000, 2)],
+    "image2": [(1000, 2000, 3), (3000, 2000, 1)],
+    "image3": [(1234, 2857, 11), (3094, 2262, 25)],
+    "image4": [(500, 2500, 1), (2500, 1500, 3)],
     "image5": [(4321, 5582, 25), (4903, 2622, 19)],
 }
 
@@ -624,8 +735,14 @@ def test_050_core_api_example_runs_unchanged(example_files, name):
     }[name]
     assert expected in result.stdout
     if name == "extract_features":
-        assert len(ImageFeatures.load(DataLocation("filesystem", str(example_files / "image1.featurevector")))
-                   .point_features) == 3
+        assert (
+            len(
+                ImageFeatures.load(
+                    DataLocation("filesystem", str(example_files / "image1.featurevector"))
+                ).point_features
+            )
+            == 3
+        )
 
 
 @pytest.mark.slow
@@ -641,7 +758,8 @@ def test_050_train_classifier_example_as_written_is_refused_for_its_labels(examp
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "spacer_core.exceptions.TrainingLabelsError: Need multiple classes to do training."
-        " After preprocessing training data, there are 1 class(es) left.")
+        " After preprocessing training data, there are 1 class(es) left."
+    )
     assert not (folder / "classifier1.pkl").exists()
 
 
@@ -650,16 +768,21 @@ def test_050_train_classifier_example_trains_with_enough_images(example_files):
     """The example's code, its train_labels grown to 20 images; everything else as written."""
     folder = _training_folder(example_files, "training")
     classes = (1, 2, 3, 11, 25)
-    train_points = {f"train{i:02d}": [(100 * p + 7, 50 * p + i, label) for p, label in enumerate(classes)]
-                    for i in range(20)}
-    _store_training_features(folder, {**train_points, "image4": _EXAMPLE_POINTS["image4"],
-                                      "image5": _EXAMPLE_POINTS["image5"]})
+    train_points = {
+        f"train{i:02d}": [(100 * p + 7, 50 * p + i, label) for p, label in enumerate(classes)]
+        for i in range(20)
+    }
+    _store_training_features(
+        folder, {**train_points, "image4": _EXAMPLE_POINTS["image4"], "image5": _EXAMPLE_POINTS["image5"]}
+    )
     script = _example("train_classifier", folder)
     text = script.read_text()
     first = text.index("    train_labels=ImageLabels(data={\n") + len("    train_labels=ImageLabels(data={\n")
     last = text.index("    }),\n", first)
     assert text[first:last].count(".featurevector") == 3  # the example's three images, replaced here
-    grown = "".join(f"        '{folder}/{image}.featurevector': {points!r},\n" for image, points in train_points.items())
+    grown = "".join(
+        f"        '{folder}/{image}.featurevector': {points!r},\n" for image, points in train_points.items()
+    )
     script.write_text(text[:first] + grown + text[last:])
 
     result = _run(script, folder)

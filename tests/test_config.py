@@ -21,7 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def fresh_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """Isolate config from the developer's environment; restore it afterwards."""
-    saved = {name: getattr(config, name) for name in [*config.SETTINGS, "SECRETS", "SECRETS_PATH", "SETTINGS_FROM_DJANGO"]}
+    saved = {
+        name: getattr(config, name)
+        for name in [*config.SETTINGS, "SECRETS", "SECRETS_PATH", "SETTINGS_FROM_DJANGO"]
+    }
     saved_pixels = Image.MAX_IMAGE_PIXELS
     for name in list(os.environ):
         if name.startswith("SPACER_"):
@@ -65,7 +68,9 @@ def test_empty_env_value_counts_as_unset(fresh_config, monkeypatch):
 
 
 def test_secrets_file_values_are_cast(fresh_config):
-    fresh_config.write_text(json.dumps({"MAX_IMAGE_PIXELS": 400, "AWS_ANONYMOUS": "True", "TRAINING_BATCH_LABEL_COUNT": "77"}))
+    fresh_config.write_text(
+        json.dumps({"MAX_IMAGE_PIXELS": 400, "AWS_ANONYMOUS": "True", "TRAINING_BATCH_LABEL_COUNT": "77"})
+    )
     config.reload()
     assert config.MAX_IMAGE_PIXELS == 400
     assert config.AWS_ANONYMOUS is True
@@ -93,7 +98,9 @@ def test_bad_int_is_an_error_naming_the_key(fresh_config, monkeypatch):
 
 def test_required_setting_missing(fresh_config):
     config.reload()
-    with pytest.raises(ConfigError, match=r"SOME_REQUIRED_THING setting is required\. \(Debug info: Secrets file not found"):
+    with pytest.raises(
+        ConfigError, match=r"SOME_REQUIRED_THING setting is required\. \(Debug info: Secrets file not found"
+    ):
         config.get_config_value("SOME_REQUIRED_THING")
 
 

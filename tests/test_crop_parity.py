@@ -90,7 +90,21 @@ def _image_in_mode(mode: str, height: int, width: int, rng: np.random.Generator)
     raise AssertionError(mode)
 
 
-MODES = ["RGB", "RGB-JPEG", "RGBA", "L", "LA", "1", "P", "P-transparent", "CMYK", "CMYK-TIFF", "I;16", "I", "YCbCr"]
+MODES = [
+    "RGB",
+    "RGB-JPEG",
+    "RGBA",
+    "L",
+    "LA",
+    "1",
+    "P",
+    "P-transparent",
+    "CMYK",
+    "CMYK-TIFF",
+    "I;16",
+    "I",
+    "YCbCr",
+]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -98,7 +112,9 @@ def test_modes_match_pyspacer(mode: str) -> None:
     rng = np.random.default_rng(sum(map(ord, mode)))
     image = _image_in_mode(mode, 61, 83, rng)
     points = _edge_points(61, 83, rng)
-    np.testing.assert_array_equal(_ours(image, points), _reference(image, points), err_msg=f"mode {image.mode}")
+    np.testing.assert_array_equal(
+        _ours(image, points), _reference(image, points), err_msg=f"mode {image.mode}"
+    )
 
 
 def test_sixteen_bit_png_keeps_its_mode() -> None:

@@ -190,9 +190,13 @@ def test_gil_is_released_while_decoding() -> None:
     seed=st.integers(0, 2**32 - 1),
     data=st.data(),
 )
-def test_random_images_and_points_match_pyspacer(h: int, w: int, fmt: str, seed: int, data: st.DataObject) -> None:
+def test_random_images_and_points_match_pyspacer(
+    h: int, w: int, fmt: str, seed: int, data: st.DataObject
+) -> None:
     encoded = _encode(_noise(h, w, seed), fmt)
-    points = data.draw(st.lists(st.tuples(st.integers(0, h - 1), st.integers(0, w - 1)), min_size=1, max_size=5))
+    points = data.draw(
+        st.lists(st.tuples(st.integers(0, h - 1), st.integers(0, w - 1)), min_size=1, max_size=5)
+    )
     size = data.draw(st.sampled_from([224, 31, 2]))
     expected = np.stack(spacer_crop_patches(Image.open(io.BytesIO(encoded)), points, size))
     assert np.array_equal(crop.crop_patches(encoded, points, size), expected)

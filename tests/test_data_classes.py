@@ -24,7 +24,6 @@ from spacer_core.data_classes import (
 )
 from spacer_core.exceptions import RowColumnMismatchError, RowColumnMissingError
 from spacer_core.storage import clear_memory_storage, storage_factory
-from tests.support.http_server import http_server  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +129,10 @@ def test_image_labels_counts():
 
 def test_image_labels_filter_classes():
     filtered = ImageLabels(_labels_data()).filter_classes([1])
-    assert list(filtered.keys()) == [DataLocation("filesystem", "/f/img1.fv"), DataLocation("s3", "img2.fv", "bkt")]
+    assert list(filtered.keys()) == [
+        DataLocation("filesystem", "/f/img1.fv"),
+        DataLocation("s3", "img2.fv", "bkt"),
+    ]
     assert filtered[DataLocation("filesystem", "/f/img1.fv")] == [(10, 20, 1), (12, 22, 1)]
     assert filtered.label_count == 3
 
@@ -181,8 +183,12 @@ def test_load_data_in_batches_matches_pyspacer(tmp_path, batch_size, seed):
     data = _training_set(tmp_path)
     ours = ImageLabels(data)
     theirs = ps.ImageLabels({_ps_loc(k): v for k, v in data.items()})
-    ours_batches = [tuple(map(list, b)) for b in ours.load_data_in_batches(batch_size=batch_size, random_seed=seed)]
-    their_batches = [tuple(map(list, b)) for b in theirs.load_data_in_batches(batch_size=batch_size, random_seed=seed)]
+    ours_batches = [
+        tuple(map(list, b)) for b in ours.load_data_in_batches(batch_size=batch_size, random_seed=seed)
+    ]
+    their_batches = [
+        tuple(map(list, b)) for b in theirs.load_data_in_batches(batch_size=batch_size, random_seed=seed)
+    ]
     assert len(ours_batches) == len(their_batches) > 0
     for (xo, yo), (xt, yt) in zip(ours_batches, their_batches):
         assert yo == yt
@@ -209,11 +215,15 @@ def test_load_all_data_and_arrays(tmp_path):
 def test_load_data_errors_name_the_file(tmp_path):
     loc = DataLocation("filesystem", str(tmp_path / "a.fv"))
     _store_both(loc, [1, 2], [3, 4], np.ones((2, 4)))
-    with pytest.raises(RowColumnMismatchError, match=r"a\.fv: The labels' row-column positions don't match .*\(9, 9\)"):
+    with pytest.raises(
+        RowColumnMismatchError, match=r"a\.fv: The labels' row-column positions don't match .*\(9, 9\)"
+    ):
         list(ImageLabels({loc: [(1, 3, 0), (9, 9, 1)]}).load_data_in_batches())
     legacy = DataLocation("filesystem", str(tmp_path / "legacy.fv"))
     Path(legacy.key).write_text(json.dumps([[0.1, 0.2], [0.3, 0.4]]))
-    with pytest.raises(RowColumnMissingError, match="legacy.fv: Features without rowcols are no longer supported"):
+    with pytest.raises(
+        RowColumnMissingError, match="legacy.fv: Features without rowcols are no longer supported"
+    ):
         list(ImageLabels({legacy: [(1, 3, 0)]}).load_data_in_batches())
 
 

@@ -118,7 +118,10 @@ def jpeg_cases(h: int, w: int) -> Iterator[tuple[str, bytes]]:
     for sub, name in [(0, "444"), (1, "422"), (2, "420")]:
         for progressive in (False, True):
             kind = "prog" if progressive else "base"
-            yield f"jpeg-{name}-{kind}", _save(rgb, "JPEG", quality=90, subsampling=sub, progressive=progressive)
+            yield (
+                f"jpeg-{name}-{kind}",
+                _save(rgb, "JPEG", quality=90, subsampling=sub, progressive=progressive),
+            )
     yield "jpeg-rgb-no-ycc", _save(rgb, "JPEG", quality=90, keep_rgb=True)  # Adobe transform 0
     yield "jpeg-restart-markers", _save(rgb, "JPEG", quality=90, restart_marker_blocks=1)
     yield "jpeg-grey", _save(rgb.convert("L"), "JPEG", quality=85)
@@ -146,15 +149,22 @@ def png_cases(h: int, w: int, interlace: bool = False) -> Iterator[tuple[str, by
         # Palettes shorter than the index range: Pillow shows missing entries as black.
         entries = max(1, (1 << depth) - 3)
         palette = rng.integers(0, 256, entries * 3).astype(np.uint8).tobytes()
-        yield f"png-p{depth}{tag}", make_png(rand(1 << depth, 1), depth, 3, palette=palette, interlace=interlace)
+        yield (
+            f"png-p{depth}{tag}",
+            make_png(rand(1 << depth, 1), depth, 3, palette=palette, interlace=interlace),
+        )
     palette = rng.integers(0, 256, 256 * 3).astype(np.uint8).tobytes()
-    yield f"png-p8-trns{tag}", make_png(
-        rand(256, 1), 8, 3, palette=palette, trns=b"\x00\x80\xff\x10", interlace=interlace
+    yield (
+        f"png-p8-trns{tag}",
+        make_png(rand(256, 1), 8, 3, palette=palette, trns=b"\x00\x80\xff\x10", interlace=interlace),
     )
     if not interlace:
         rgb = Image.fromarray(_pattern(h, w, seed=3))
         for mode in ("RGB", "RGBA", "L", "LA", "P", "I;16", "1"):
-            yield f"png-pillow-{mode}", _save(rgb.convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16"), "PNG")
+            yield (
+                f"png-pillow-{mode}",
+                _save(rgb.convert(mode) if mode != "I;16" else rgb.convert("L").convert("I;16"), "PNG"),
+            )
 
 
 # ---------------------------------------------------------------- oracles
@@ -174,7 +184,16 @@ def _spacer_patches(data: bytes, rowcols: list[tuple[int, int]], size: int = 224
 
 def edge_points(h: int, w: int) -> list[tuple[int, int]]:
     """Corners, edge midpoints, the centre, a point one in from the corner, and a duplicate."""
-    pts = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (0, w // 2), (h - 1, w // 2), (h // 2, 0), (h // 2, w - 1)]
+    pts = [
+        (0, 0),
+        (0, w - 1),
+        (h - 1, 0),
+        (h - 1, w - 1),
+        (0, w // 2),
+        (h - 1, w // 2),
+        (h // 2, 0),
+        (h // 2, w - 1),
+    ]
     pts += [(h // 2, w // 2), (min(1, h - 1), min(1, w - 1)), (0, 0)]
     return pts
 

@@ -31,8 +31,12 @@ def objs() -> dict[str, dict]:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_manifest_is_valid_for_kubernetes(objs, version):
-    assert {"Deployment/spacer", "Service/spacer", "PodDisruptionBudget/spacer",
-            "HorizontalPodAutoscaler/spacer"} <= set(objs)
+    assert {
+        "Deployment/spacer",
+        "Service/spacer",
+        "PodDisruptionBudget/spacer",
+        "HorizontalPodAutoscaler/spacer",
+    } <= set(objs)
     for name, doc in objs.items():
         if doc["apiVersion"].startswith("ray.io/"):
             continue  # a KubeRay custom resource: checked in tests/test_bulk_deploy.py
@@ -83,8 +87,11 @@ def test_service_is_headless_and_everything_selects_the_pods(objs):
     labels = objs["Deployment/spacer"]["spec"]["template"]["metadata"]["labels"]
     service = objs["Service/spacer"]["spec"]
     assert service["clusterIP"] == "None"
-    for selector in (service["selector"], objs["PodDisruptionBudget/spacer"]["spec"]["selector"]["matchLabels"],
-                     objs["Deployment/spacer"]["spec"]["selector"]["matchLabels"]):
+    for selector in (
+        service["selector"],
+        objs["PodDisruptionBudget/spacer"]["spec"]["selector"]["matchLabels"],
+        objs["Deployment/spacer"]["spec"]["selector"]["matchLabels"],
+    ):
         assert selector.items() <= labels.items()
     target = objs["HorizontalPodAutoscaler/spacer"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "spacer")

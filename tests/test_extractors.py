@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -36,11 +35,8 @@ from spacer_core.extractors import (
 from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS
 from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.storage import clear_memory_storage, storage_factory
-from tests.support.http_server import http_server  # noqa: F401  (fixture)
-from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
 from tests.support.weights import (
     WeightsFile,
-    efficientnet_weights,  # noqa: F401  (fixture)
     make_state_dict,
     make_weights,
 )
@@ -67,7 +63,9 @@ def _image(height: int = 150, width: int = 200, seed: int = 0) -> Image.Image:
     """A JPEG-decoded image with smooth regions and texture, so patches differ."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    smooth = np.asarray(
+        Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16
+    )
     noisy = np.clip(smooth + rng.integers(-40, 41, smooth.shape), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(noisy).save(buffer, "JPEG", quality=90)
@@ -346,9 +344,13 @@ def test_memory_storage_weights(efficientnet_weights: WeightsFile) -> None:
         bad(_image(), POINTS[:2])
 
 
-def test_url_weights_are_cached_by_content(efficientnet_weights: WeightsFile, http_server, cache_dir: Path) -> None:
+def test_url_weights_are_cached_by_content(
+    efficientnet_weights: WeightsFile, http_server, cache_dir: Path
+) -> None:
     url = http_server.add("/models/b0.pt", efficientnet_weights.path.read_bytes())
-    extractor = EfficientNetExtractor({"weights": DataLocation("url", url)}, {"weights": efficientnet_weights.sha256})
+    extractor = EfficientNetExtractor(
+        {"weights": DataLocation("url", url)}, {"weights": efficientnet_weights.sha256}
+    )
 
     first, msg = extractor(_image(), POINTS[:2])
     assert msg.extractor_loaded_remotely is True
@@ -383,7 +385,9 @@ def test_same_filename_from_another_url_is_not_confused(
     with pytest.raises(WeightsFileError):
         unhashed(_image(), POINTS[:1])
     assert http_server.hits["/b/b0.pt"] == 1
-    assert (cache_dir / "sha256" / efficientnet_weights.sha256).read_bytes() == efficientnet_weights.path.read_bytes()
+    assert (
+        cache_dir / "sha256" / efficientnet_weights.sha256
+    ).read_bytes() == efficientnet_weights.path.read_bytes()
 
 
 def test_unhashed_url_weights_are_downloaded_once_per_process(
@@ -421,13 +425,17 @@ def test_stale_cached_file_is_removed_on_mismatch(
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"stale")
     url = http_server.add("/models/b0.pt", b"also wrong")
-    extractor = EfficientNetExtractor({"weights": DataLocation("url", url)}, {"weights": efficientnet_weights.sha256})
+    extractor = EfficientNetExtractor(
+        {"weights": DataLocation("url", url)}, {"weights": efficientnet_weights.sha256}
+    )
     with pytest.raises(HashMismatchError):
         extractor(_image(), POINTS[:1])
     assert not stale.exists()
 
 
-def test_a_hash_that_is_not_a_digest_names_no_cache_file(http_server, cache_dir: Path, tmp_path: Path) -> None:
+def test_a_hash_that_is_not_a_digest_names_no_cache_file(
+    http_server, cache_dir: Path, tmp_path: Path
+) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep me")
     url = http_server.add("/x.pt", b"whatever")
@@ -486,7 +494,11 @@ LOCATIONS = {
     EfficientNetExtractor: {"weights": {"storage_type": "s3", "key": "w/b0.pt", "bucket_name": "models"}},
     VGG16CaffeExtractor: {
         "definition": {"storage_type": "filesystem", "key": "/m/vgg16.prototxt", "bucket_name": None},
-        "weights": {"storage_type": "url", "key": "https://example.org/vgg16.caffemodel", "bucket_name": None},
+        "weights": {
+            "storage_type": "url",
+            "key": "https://example.org/vgg16.caffemodel",
+            "bucket_name": None,
+        },
     },
     DummyExtractor: {},
 }
@@ -499,7 +511,11 @@ def test_aliases_cover_every_known_path() -> None:
 @pytest.mark.parametrize("class_path", sorted(ALIASES))
 def test_class_path_aliases(class_path: str) -> None:
     expected = ALIASES[class_path]
-    data = {"class_path": class_path, "data_locations": LOCATIONS[expected], "data_hashes": {"weights": "ab" * 32}}
+    data = {
+        "class_path": class_path,
+        "data_locations": LOCATIONS[expected],
+        "data_hashes": {"weights": "ab" * 32},
+    }
     extractor = FeatureExtractor.deserialize(json.loads(json.dumps(data)))
     assert type(extractor) is expected
     assert all(isinstance(loc, DataLocation) for loc in extractor.data_locations.values())
@@ -512,7 +528,10 @@ def test_class_path_aliases(class_path: str) -> None:
     [
         EfficientNetExtractor({"weights": DataLocation("filesystem", "/w/b0.pt")}, {"weights": "cd" * 32}),
         VGG16CaffeExtractor(
-            {"definition": DataLocation("filesystem", "/m/v.prototxt"), "weights": DataLocation("s3", "v", "b")}
+            {
+                "definition": DataLocation("filesystem", "/m/v.prototxt"),
+                "weights": DataLocation("s3", "v", "b"),
+            }
         ),
         DummyExtractor(feature_dim=17),
     ],
@@ -529,7 +548,9 @@ def test_json_is_read_by_pyspacer_and_back(extractor: FeatureExtractor) -> None:
 
 def test_unknown_class_path() -> None:
     with pytest.raises(InvalidDataError, match="spacer.extractors.ResNetExtractor"):
-        FeatureExtractor.deserialize({"class_path": "spacer.extractors.ResNetExtractor", "data_locations": {}})
+        FeatureExtractor.deserialize(
+            {"class_path": "spacer.extractors.ResNetExtractor", "data_locations": {}}
+        )
 
 
 def test_class_path_cannot_import_other_modules() -> None:
@@ -537,7 +558,9 @@ def test_class_path_cannot_import_other_modules() -> None:
     with pytest.raises(InvalidDataError, match="os.path.join"):
         FeatureExtractor.deserialize({"class_path": "os.path.join", "data_locations": {}})
     with pytest.raises(InvalidDataError, match="spacer_core.data_classes.DataLocation"):
-        FeatureExtractor.deserialize({"class_path": "spacer_core.data_classes.DataLocation", "data_locations": {}})
+        FeatureExtractor.deserialize(
+            {"class_path": "spacer_core.data_classes.DataLocation", "data_locations": {}}
+        )
 
 
 def test_registered_class_path() -> None:
@@ -554,7 +577,9 @@ def test_registered_class_path() -> None:
 
 
 def test_missing_data_location() -> None:
-    with pytest.raises(ValueError, match="weights must be present in data_locations for EfficientNetExtractor"):
+    with pytest.raises(
+        ValueError, match="weights must be present in data_locations for EfficientNetExtractor"
+    ):
         EfficientNetExtractor(data_locations={})
     with pytest.raises(ValueError, match="definition must be present"):
         VGG16CaffeExtractor(data_locations={"weights": DataLocation("filesystem", "/x")})

@@ -30,7 +30,6 @@ from tests.support.grpc_server import extractor_json, make_classifier, make_imag
 from tests.support.locations import fs_loc
 from tests.support.s3 import s3_client, use_endpoint
 from tests.support.serve_process import ROOT, ServeProcess
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 # 224 x 224 x 3 float32: one point's patch as the network takes it.
 PATCH_BYTES = 224 * 224 * 3  # a queued patch: uint8 crop
@@ -233,8 +232,10 @@ def test_s3_endpoint_stopping_mid_stream_is_unavailable_then_work_resumes(moto, 
     s3.put_object(Bucket=bucket, Key="images/a.png", Body=Path(image_data["image"]).read_bytes())
     on_s3 = {"storage_type": "s3", "key": "images/a.png", "bucket_name": bucket}
 
-    with running_server(workers=2, data_roots=image_data["roots"]) as server, \
-            SpacerClient(server.address, max_attempts=2, timeout=120) as client:
+    with (
+        running_server(workers=2, data_roots=image_data["roots"]) as server,
+        SpacerClient(server.address, max_attempts=2, timeout=120) as client,
+    ):
         stream = Stream(client, image_data)
         before = stream.ask("s3-before", on_s3)
         assert before.WhichOneof("outcome") == "result"
@@ -274,8 +275,18 @@ def serve(tmp_path_factory, image_data):
     images = [make_image(workdir / f"img{i}.jpg", WIDTH, HEIGHT, seed=i) for i in range(4)]
     process = ServeProcess(
         workdir,
-        "--max-queue", str(MAX_QUEUE), "--stream-window", str(STREAM_WINDOW), "--workers", str(WORKERS),
-        "--data-root", str(tmp_path_factory.getbasetemp()), "--grace", "1", "--log-level", "WARNING",
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--stream-window",
+        str(STREAM_WINDOW),
+        "--workers",
+        str(WORKERS),
+        "--data-root",
+        str(tmp_path_factory.getbasetemp()),
+        "--grace",
+        "1",
+        "--log-level",
+        "WARNING",
     )
     with process, SpacerClient(process.address, max_attempts=2, timeout=300) as client:
         yield process, client, images
@@ -284,8 +295,9 @@ def serve(tmp_path_factory, image_data):
 def image_requests(client: SpacerClient, data: dict, images: list, n: int, prefix: str) -> list:
     points = [((i * 37) % HEIGHT, (i * 53) % WIDTH) for i in range(POINTS)]
     return [
-        client.image_request(data["extractor"], points, fs_loc(images[i % len(images)]), fs_loc(data["clf"]),
-                             f"{prefix}-{i}")
+        client.image_request(
+            data["extractor"], points, fs_loc(images[i % len(images)]), fs_loc(data["clf"]), f"{prefix}-{i}"
+        )
         for i in range(n)
     ]
 
@@ -322,13 +334,22 @@ def test_client_cancel_mid_stream_returns_threads_and_memory(serve, image_data):
     assert stopped_in < 30
     assert after.threads <= base.threads, (base, during, after)
     assert after.rss_mib <= base.rss_mib * 1.05 + 16, (base, during, after)
-    print(f"cancel: threads {base.threads} -> {during.threads} -> {after.threads};"
-          f" RSS {base.rss_mib:.0f} -> {during.rss_mib:.0f} -> {after.rss_mib:.0f} MiB;"
-          f" quiet {stopped_in:.1f} s after the call began")
+    print(
+        f"cancel: threads {base.threads} -> {during.threads} -> {after.threads};"
+        f" RSS {base.rss_mib:.0f} -> {during.rss_mib:.0f} -> {after.rss_mib:.0f} MiB;"
+        f" quiet {stopped_in:.1f} s after the call began"
+    )
 
 
-def overload_round(process: ServeProcess, client: SpacerClient, data: dict, images: list,
-                   streams: int, per_stream: int, tag: str) -> dict:
+def overload_round(
+    process: ServeProcess,
+    client: SpacerClient,
+    data: dict,
+    images: list,
+    streams: int,
+    per_stream: int,
+    tag: str,
+) -> dict:
     """`streams` concurrent ClassifyImages streams while unary calls are fired back to back;
     what each got, and the server's peak RSS and threads sampled every 50 ms."""
     answered: dict[str, list[str]] = {}
@@ -379,8 +400,10 @@ def test_overload_refuses_unary_calls_and_streams_wait_with_bounded_memory(serve
     first = overload_round(process, client, image_data, images, 8, 6, "a")
     second = overload_round(process, client, image_data, images, 16, 6, "b")
     lifetime_peak = process.status().peak_rss_mib  # includes building the network at warm-up
-    print(f"overload: base RSS {base.rss_mib:.0f} MiB, threads {base.threads}; 8 streams: {first};"
-          f" 16 streams: {second}; lifetime VmHWM {lifetime_peak:.0f} MiB")
+    print(
+        f"overload: base RSS {base.rss_mib:.0f} MiB, threads {base.threads}; 8 streams: {first};"
+        f" 16 streams: {second}; lifetime VmHWM {lifetime_peak:.0f} MiB"
+    )
     # Work in memory is bounded by admission, not by the number of streams:
     # at most MAX_QUEUE images hold uint8 patches and a share of float32
     # batch input (4 patches, the CPU batch), WORKERS decode an RGB image

@@ -72,8 +72,9 @@ class Server:
             self.expected_outside[str(path.relative_to(self.outside))] = path.read_bytes()
 
     def normal_classify(self) -> pb.ClassifyResponse:
-        return self.client.classify_image(DUMMY, [(10, 10), (20, 30)], fs(self.root / "img.png"),
-                                          fs(self.root / "clf.pkl"), timeout=60)
+        return self.client.classify_image(
+            DUMMY, [(10, 10), (20, 30)], fs(self.root / "img.png"), fs(self.root / "clf.pkl"), timeout=60
+        )
 
 
 def _outside_listing(outside: Path) -> dict[str, bytes]:
@@ -102,12 +103,15 @@ def case(server: Server) -> Iterator[Server]:
     server.rss_allowance = RSS_GROWTH_MIB
     before = server.proc.status()
     yield server
-    assert _outside_listing(server.outside) == server.expected_outside, "a file outside the data root was written"
+    assert _outside_listing(server.outside) == server.expected_outside, (
+        "a file outside the data root was written"
+    )
     after = server.proc.status()
     assert after.rss_mib - before.rss_mib < server.rss_allowance, (before, after)
     if after.peak_rss_mib > before.peak_rss_mib:  # the peak was reached during this case
-        assert after.peak_rss_mib - before.rss_mib < server.rss_allowance + PEAK_GROWTH_MIB - RSS_GROWTH_MIB, (
-            before, after)
+        assert (
+            after.peak_rss_mib - before.rss_mib < server.rss_allowance + PEAK_GROWTH_MIB - RSS_GROWTH_MIB
+        ), (before, after)
     assert server.client.health() == "SERVING"
     assert len(server.normal_classify().scores) == 2
 
@@ -144,29 +148,54 @@ def train_labels(root: Path, images: int, points: int, dim: int, classes: int = 
     return ImageLabels(data)
 
 
-def train_msg(root: Path, *, epochs: int = 1, trainer: Any = None, clf_type: str = "LR",
-              images: int = 2, points: int = 20, dim: int = 16, token: str = "t") -> TrainClassifierMsg:
+def train_msg(
+    root: Path,
+    *,
+    epochs: int = 1,
+    trainer: Any = None,
+    clf_type: str = "LR",
+    images: int = 2,
+    points: int = 20,
+    dim: int = 16,
+    token: str = "t",
+) -> TrainClassifierMsg:
     labels = train_labels(root, images, points, dim)
     return TrainClassifierMsg(
-        job_token=token, trainer=trainer or MiniBatchTrainer(), nbr_epochs=epochs, clf_type=clf_type,
+        job_token=token,
+        trainer=trainer or MiniBatchTrainer(),
+        nbr_epochs=epochs,
+        clf_type=clf_type,
         labels=TrainingTaskLabels(train=labels, ref=labels, val=labels),
-        model_loc=fs(root / "out" / "model.pkl"), valresult_loc=fs(root / "out" / "valres.json"),
+        model_loc=fs(root / "out" / "model.pkl"),
+        valresult_loc=fs(root / "out" / "valres.json"),
         feature_cache_dir=TrainClassifierMsg.FeatureCache.DISABLED,
     )
 
 
-def train_request(msg: TrainClassifierMsg, epochs: int | None = None, token: str = "t") -> pb.TrainClassifierRequest:
+def train_request(
+    msg: TrainClassifierMsg, epochs: int | None = None, token: str = "t"
+) -> pb.TrainClassifierRequest:
     def images(labels: ImageLabels) -> pb.ImageLabels:
-        return pb.ImageLabels(images=[
-            pb.ImageAnnotations(
-                feature_loc=pb.DataLocation(storage_type="filesystem", key=loc.key),
-                annotations=[pb.Annotation(row=r, col=c, label=pb.Label(id=int(lab))) for r, c, lab in anns])
-            for loc, anns in labels.items()])
+        return pb.ImageLabels(
+            images=[
+                pb.ImageAnnotations(
+                    feature_loc=pb.DataLocation(storage_type="filesystem", key=loc.key),
+                    annotations=[
+                        pb.Annotation(row=r, col=c, label=pb.Label(id=int(lab))) for r, c, lab in anns
+                    ],
+                )
+                for loc, anns in labels.items()
+            ]
+        )
 
     return pb.TrainClassifierRequest(
-        job_token=token, trainer="minibatch", nbr_epochs=epochs or msg.nbr_epochs, clf_type=msg.clf_type,
-        labels=pb.TrainingTaskLabels(train=images(msg.labels.train), ref=images(msg.labels.ref),
-                                     val=images(msg.labels.val)),
+        job_token=token,
+        trainer="minibatch",
+        nbr_epochs=epochs or msg.nbr_epochs,
+        clf_type=msg.clf_type,
+        labels=pb.TrainingTaskLabels(
+            train=images(msg.labels.train), ref=images(msg.labels.ref), val=images(msg.labels.val)
+        ),
         model_loc=pb.DataLocation(storage_type="filesystem", key=msg.model_loc.key),
         valresult_loc=pb.DataLocation(storage_type="filesystem", key=msg.valresult_loc.key),
         feature_cache_dir="disabled",
@@ -233,7 +262,9 @@ class Flipper:
 RACE_CALLS = 40
 
 
-def _race_scores(server: Server, call: Callable[[], pb.ClassifyResponse], calls: int = RACE_CALLS) -> list[Any]:
+def _race_scores(
+    server: Server, call: Callable[[], pb.ClassifyResponse], calls: int = RACE_CALLS
+) -> list[Any]:
     """Outcomes of `calls` calls: the classes of a result, or the status code of a refusal."""
     outcomes: list[Any] = []
     for _ in range(calls):
@@ -257,7 +288,11 @@ def test_race_feature_read_never_returns_outside_bytes(case: Server, what: str) 
     inside_reply = case.client.classify_features(fs(root / "rf" / "f.featurevector"), fs(root / "clf.pkl"))
     inside = (tuple(label.id for label in inside_reply.classes), inside_reply.scores[0].scores[0])
     if what == "file":
-        link, a, b = root / "rf" / "link.featurevector", root / "rf" / "f.featurevector", outside / "rf" / "f.featurevector"
+        link, a, b = (
+            root / "rf" / "link.featurevector",
+            root / "rf" / "f.featurevector",
+            outside / "rf" / "f.featurevector",
+        )
         key = link
     else:
         link, a, b = root / "rflink", root / "rf", outside / "rf"
@@ -265,7 +300,9 @@ def test_race_feature_read_never_returns_outside_bytes(case: Server, what: str) 
     outcomes: list[Any] = []
     with Flipper(link, a, b) as flipper:
         for _ in range(3):  # a loaded machine may see one side of the race in a round; at most 3 rounds
-            outcomes += _race_scores(case, lambda: case.client.classify_features(fs(key), fs(root / "clf.pkl")))
+            outcomes += _race_scores(
+                case, lambda: case.client.classify_features(fs(key), fs(root / "clf.pkl"))
+            )
             if inside in outcomes and Code.PERMISSION_DENIED in outcomes:
                 break
     assert flipper.flips >= 10
@@ -280,8 +317,11 @@ def test_race_classifier_never_loads_outside_model(case: Server) -> None:
     case.planted(outside / "clf_out.pkl")
     link = root / "clf_link.pkl"
     with Flipper(link, root / "clf_in.pkl", outside / "clf_out.pkl"):
-        outcomes = _race_scores(case, lambda: case.client.classify_image(
-            DUMMY, [(5, 5)], fs(root / "img.png"), fs(link)), calls=4 * RACE_CALLS)
+        outcomes = _race_scores(
+            case,
+            lambda: case.client.classify_image(DUMMY, [(5, 5)], fs(root / "img.png"), fs(link)),
+            calls=4 * RACE_CALLS,
+        )
     for outcome in outcomes:
         assert outcome in (Code.PERMISSION_DENIED, Code.NOT_FOUND) or outcome[0] == (1, 2, 3), outcomes
 
@@ -332,20 +372,24 @@ def test_race_weights_swap_never_yields_other_weights(case: Server) -> None:
         b = _weights_race(case, root / f"wa{seed}.pt", sha_a, root / "wb.pt", sha_b, b)
 
 
-def _weights_race(case: Server, path_a: Path, sha_a: str, path_b: Path, sha_b: str,
-                  b: np.ndarray | None) -> np.ndarray:
+def _weights_race(
+    case: Server, path_a: Path, sha_a: str, path_b: Path, sha_b: str, b: np.ndarray | None
+) -> np.ndarray:
     """Features through a link flipping A/B under A's hash; returns B's features."""
     root = case.root
     link = root / "wlink.pt"
 
     def extractor(path: Path, sha: str) -> dict[str, Any]:
-        return {"class_path": "spacer.extractors.efficientnet.EfficientNetExtractor",
-                "data_locations": {"weights": {"storage_type": "filesystem", "key": str(path)}},
-                "data_hashes": {"weights": sha}}
+        return {
+            "class_path": "spacer.extractors.efficientnet.EfficientNetExtractor",
+            "data_locations": {"weights": {"storage_type": "filesystem", "key": str(path)}},
+            "data_hashes": {"weights": sha},
+        }
 
     def features(path: Path, sha: str) -> np.ndarray:
-        reply = case.client.extract_features(extractor(path, sha), [(50, 50)], fs(root / "img.png"),
-                                             return_features=True, timeout=300)
+        reply = case.client.extract_features(
+            extractor(path, sha), [(50, 50)], fs(root / "img.png"), return_features=True, timeout=300
+        )
         return np.array(reply.features.point_features[0].data)
 
     results = []
@@ -372,42 +416,64 @@ def _weights_race(case: Server, path_a: Path, sha_a: str, path_b: Path, sha_b: s
 
 def test_train_epochs_over_limit(case: Server) -> None:
     msg = train_msg(case.root)
-    expect(Code.RESOURCE_EXHAUSTED, lambda: list(case.client.train_classifier(train_request(msg, 10**8))),
-           "nbr_epochs")
+    expect(
+        Code.RESOURCE_EXHAUSTED,
+        lambda: list(case.client.train_classifier(train_request(msg, 10**8))),
+        "nbr_epochs",
+    )
 
 
 def test_runjob_epochs_over_limit(case: Server) -> None:
     msg = train_msg(case.root, epochs=10**8)
-    expect(Code.RESOURCE_EXHAUSTED, lambda: case.client.run_job(job_json("train_classifier", msg)),
-           "nbr_epochs", "tasks[0]")
+    expect(
+        Code.RESOURCE_EXHAUSTED,
+        lambda: case.client.run_job(job_json("train_classifier", msg)),
+        "nbr_epochs",
+        "tasks[0]",
+    )
     assert not (case.root / "out" / "model.pkl").exists()
 
 
 @pytest.mark.parametrize("sizes", [(3000, 3000), (100, 100, 100, 100, 100), (10**9,)])
 def test_runjob_mlp_layers_over_limit(case: Server, sizes: tuple[int, ...]) -> None:
     msg = train_msg(case.root, trainer=MiniBatchTrainer(mlp_hidden_layer_sizes=sizes), clf_type="MLP")
-    expect(Code.RESOURCE_EXHAUSTED, lambda: case.client.run_job(job_json("train_classifier", msg)),
-           "mlp_hidden_layer_sizes")
+    expect(
+        Code.RESOURCE_EXHAUSTED,
+        lambda: case.client.run_job(job_json("train_classifier", msg)),
+        "mlp_hidden_layer_sizes",
+    )
     assert not (case.root / "out" / "model.pkl").exists()
 
 
 def test_runjob_dummy_feature_dim_over_limit(case: Server) -> None:
     from spacer_core.extractors import DummyExtractor
 
-    msg = ExtractFeaturesMsg("x", DummyExtractor(feature_dim=10**8), [(5, 5)], fs(case.root / "img.png"),
-                             fs(case.root / "huge.featurevector"))
-    expect(Code.RESOURCE_EXHAUSTED, lambda: case.client.run_job(job_json("extract_features", msg)),
-           "feature_dim")
+    msg = ExtractFeaturesMsg(
+        "x",
+        DummyExtractor(feature_dim=10**8),
+        [(5, 5)],
+        fs(case.root / "img.png"),
+        fs(case.root / "huge.featurevector"),
+    )
+    expect(
+        Code.RESOURCE_EXHAUSTED, lambda: case.client.run_job(job_json("extract_features", msg)), "feature_dim"
+    )
     assert not (case.root / "huge.featurevector").exists()
 
 
 def test_runjob_dummy_feature_dim_in_json_over_limit(case: Server) -> None:
     from spacer_core.extractors import DummyExtractor
 
-    msg = ExtractFeaturesMsg("x", DummyExtractor(feature_dim=8192 + 1), [(5, 5)], fs(case.root / "img.png"),
-                             fs(case.root / "wide.featurevector"))
-    expect(Code.RESOURCE_EXHAUSTED, lambda: case.client.run_job(job_json("extract_features", msg)),
-           "feature_dim")
+    msg = ExtractFeaturesMsg(
+        "x",
+        DummyExtractor(feature_dim=8192 + 1),
+        [(5, 5)],
+        fs(case.root / "img.png"),
+        fs(case.root / "wide.featurevector"),
+    )
+    expect(
+        Code.RESOURCE_EXHAUSTED, lambda: case.client.run_job(job_json("extract_features", msg)), "feature_dim"
+    )
 
 
 @pytest.mark.parametrize("channels, code", [(1, Code.RESOURCE_EXHAUSTED), (64, Code.FAILED_PRECONDITION)])
@@ -416,12 +482,21 @@ def test_caffe_definition_padded_to_gigabytes(case: Server, channels: int, code:
     layers = [conv("fc7", "data", 3, channels, np.random.default_rng(0), kernel=1, pad=1000)]
     definition, weights = write_net(folder, "padded", layers)
     assert definition.stat().st_size < 400
-    extractor = {"class_path": "spacer.extractors.vgg16.VGG16CaffeExtractor",
-                 "data_locations": {"definition": {"storage_type": "filesystem", "key": str(definition)},
-                                    "weights": {"storage_type": "filesystem", "key": str(weights)}}}
+    extractor = {
+        "class_path": "spacer.extractors.vgg16.VGG16CaffeExtractor",
+        "data_locations": {
+            "definition": {"storage_type": "filesystem", "key": str(definition)},
+            "weights": {"storage_type": "filesystem", "key": str(weights)},
+        },
+    }
     expect(code, lambda: case.client.load_model(extractor=extractor), "fc7")
-    expect(code, lambda: case.client.extract_features(extractor, [(5, 5)], fs(case.root / "img.png"),
-                                                      fs(folder / "f.featurevector")), "fc7")
+    expect(
+        code,
+        lambda: case.client.extract_features(
+            extractor, [(5, 5)], fs(case.root / "img.png"), fs(folder / "f.featurevector")
+        ),
+        "fc7",
+    )
     assert not (folder / "f.featurevector").exists()
 
 
@@ -452,12 +527,15 @@ BIG = "x" * (1 << 20)
 def test_megabyte_job_token(case: Server, rpc: str) -> None:
     root, c = case.root, case.client
     calls: dict[str, Callable[[], Any]] = {
-        "ClassifyImage": lambda: c.classify_image(DUMMY, [(5, 5)], fs(root / "img.png"), fs(root / "clf.pkl"),
-                                                  job_token=BIG),
-        "ExtractFeatures": lambda: c.extract_features(DUMMY, [(5, 5)], fs(root / "img.png"),
-                                                      fs(root / "tok.featurevector"), job_token=BIG),
-        "ClassifyFeatures": lambda: c.classify_features(fs(root / "x.featurevector"), fs(root / "clf.pkl"),
-                                                        job_token=BIG),
+        "ClassifyImage": lambda: c.classify_image(
+            DUMMY, [(5, 5)], fs(root / "img.png"), fs(root / "clf.pkl"), job_token=BIG
+        ),
+        "ExtractFeatures": lambda: c.extract_features(
+            DUMMY, [(5, 5)], fs(root / "img.png"), fs(root / "tok.featurevector"), job_token=BIG
+        ),
+        "ClassifyFeatures": lambda: c.classify_features(
+            fs(root / "x.featurevector"), fs(root / "clf.pkl"), job_token=BIG
+        ),
         "TrainClassifier": lambda: list(c.train_classifier(train_request(train_msg(root), token=BIG))),
     }
     expect(Code.RESOURCE_EXHAUSTED, calls[rpc], "job_token")
@@ -468,31 +546,45 @@ def test_megabyte_job_token(case: Server, rpc: str) -> None:
 def test_megabyte_key(case: Server, which: str) -> None:
     locs = {"feature_loc": fs(case.root / "x.featurevector"), "classifier_loc": fs(case.root / "clf.pkl")}
     locs[which] = fs(str(case.root) + "/" + BIG)
-    expect(Code.RESOURCE_EXHAUSTED, lambda: case.client.classify_features(locs["feature_loc"], locs["classifier_loc"]),
-           f"{which}.key")
+    expect(
+        Code.RESOURCE_EXHAUSTED,
+        lambda: case.client.classify_features(locs["feature_loc"], locs["classifier_loc"]),
+        f"{which}.key",
+    )
 
 
 def test_megabyte_key_in_load_model(case: Server) -> None:
-    expect(Code.RESOURCE_EXHAUSTED, lambda: case.client.load_model(classifier_loc=fs(str(case.root) + "/" + BIG)),
-           "classifier_loc.key")
+    expect(
+        Code.RESOURCE_EXHAUSTED,
+        lambda: case.client.load_model(classifier_loc=fs(str(case.root) + "/" + BIG)),
+        "classifier_loc.key",
+    )
 
 
 def test_megabyte_token_and_key_in_runjob(case: Server) -> None:
     from spacer_core.extractors import DummyExtractor
 
-    token_msg = ExtractFeaturesMsg(BIG, DummyExtractor(), [(5, 5)], fs(case.root / "img.png"),
-                                   fs(case.root / "t.featurevector"))
-    expect(Code.RESOURCE_EXHAUSTED, lambda: case.client.run_job(job_json("extract_features", token_msg)),
-           "job_token")
-    key_msg = ExtractFeaturesMsg("k", DummyExtractor(), [(5, 5)], fs(case.root / "img.png"),
-                                 fs(str(case.root) + "/" + BIG))
-    expect(Code.RESOURCE_EXHAUSTED, lambda: case.client.run_job(job_json("extract_features", key_msg)),
-           "key")
+    token_msg = ExtractFeaturesMsg(
+        BIG, DummyExtractor(), [(5, 5)], fs(case.root / "img.png"), fs(case.root / "t.featurevector")
+    )
+    expect(
+        Code.RESOURCE_EXHAUSTED,
+        lambda: case.client.run_job(job_json("extract_features", token_msg)),
+        "job_token",
+    )
+    key_msg = ExtractFeaturesMsg(
+        "k", DummyExtractor(), [(5, 5)], fs(case.root / "img.png"), fs(str(case.root) + "/" + BIG)
+    )
+    expect(Code.RESOURCE_EXHAUSTED, lambda: case.client.run_job(job_json("extract_features", key_msg)), "key")
 
 
 def test_megabyte_token_in_stream_is_an_error_item(case: Server) -> None:
-    req = SpacerClient.image_request(DUMMY, [(5, 5)], fs(case.root / "img.png"), fs(case.root / "clf.pkl"), BIG)
-    ok = SpacerClient.image_request(DUMMY, [(5, 5)], fs(case.root / "img.png"), fs(case.root / "clf.pkl"), "ok")
+    req = SpacerClient.image_request(
+        DUMMY, [(5, 5)], fs(case.root / "img.png"), fs(case.root / "clf.pkl"), BIG
+    )
+    ok = SpacerClient.image_request(
+        DUMMY, [(5, 5)], fs(case.root / "img.png"), fs(case.root / "clf.pkl"), "ok"
+    )
     replies = list(case.client.classify_images([req, ok]))
     by_token = {r.job_token[:8]: r for r in replies}
     assert by_token["xxxxxxxx"].error.code_name == "RESOURCE_EXHAUSTED"
@@ -500,8 +592,9 @@ def test_megabyte_token_in_stream_is_an_error_item(case: Server) -> None:
     assert by_token["ok"].WhichOneof("outcome") == "result"
 
 
-def _read_with_no_reply_read(open_stream: Callable[[Iterator[Any]], Any], request: Callable[[int], Any],
-                             total: int = 400) -> int:
+def _read_with_no_reply_read(
+    open_stream: Callable[[Iterator[Any]], Any], request: Callable[[int], Any], total: int = 400
+) -> int:
     """How many of `total` requests the server reads in 8 s from a client that reads no reply."""
     pulled = 0
 
@@ -527,10 +620,13 @@ def test_stream_client_that_never_reads_replies(case: Server) -> None:
     held = _read_with_no_reply_read(
         lambda requests: case.client.stub.ClassifyImages(requests, timeout=120),
         lambda i: pb.ClassifyImageRequest(
-            job_token=f"s{i}", extractor=pb.Extractor(class_path=DUMMY["class_path"]),
+            job_token=f"s{i}",
+            extractor=pb.Extractor(class_path=DUMMY["class_path"]),
             rowcols=[pb.RowCol(row=r % 300, col=r % 400) for r in range(200)],
             classifier_loc=pb.DataLocation(storage_type="filesystem", key=str(case.root / "wide.pkl")),
-            image_bytes=payload))
+            image_bytes=payload,
+        ),
+    )
     assert held < 200, f"the server read {held} of 400 requests with no reply read"
 
 
@@ -541,15 +637,27 @@ def test_oip_stream_client_that_never_reads_replies(case: Server) -> None:
 
     wide_classifier(case.root / "wide_oip.pkl", classes=200, dim=64)
     stub = ipbg.GRPCInferenceServiceStub(case.client.channel)
-    config = json.dumps({"classifier": {"storage_type": "filesystem", "key": str(case.root / "wide_oip.pkl")}})
-    stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(
-        model_name="wide_oip", parameters={"config": ipb.ModelRepositoryParameter(string_param=config)}), timeout=60)
+    config = json.dumps(
+        {"classifier": {"storage_type": "filesystem", "key": str(case.root / "wide_oip.pkl")}}
+    )
+    stub.RepositoryModelLoad(
+        ipb.RepositoryModelLoadRequest(
+            model_name="wide_oip", parameters={"config": ipb.ModelRepositoryParameter(string_param=config)}
+        ),
+        timeout=60,
+    )
     features = np.random.default_rng(1).normal(size=(200, 64)).astype(np.float32).tobytes()
     held = _read_with_no_reply_read(
         lambda requests: stub.ModelStreamInfer(requests, timeout=120),
         lambda i: ipb.ModelInferRequest(
-            model_name="wide_oip", id=f"s{i}", raw_input_contents=[features],
-            inputs=[ipb.ModelInferRequest.InferInputTensor(name="FEATURES", datatype="FP32", shape=[200, 64])]))
+            model_name="wide_oip",
+            id=f"s{i}",
+            raw_input_contents=[features],
+            inputs=[
+                ipb.ModelInferRequest.InferInputTensor(name="FEATURES", datatype="FP32", shape=[200, 64])
+            ],
+        ),
+    )
     assert held < 200, f"the server read {held} of 400 requests with no reply read"
 
 
@@ -573,8 +681,9 @@ def test_long_trainings_leave_a_worker_for_classify_image(case: Server) -> None:
     first = next(iter(streams[0]))  # the first training is running (an epoch finished)
     assert first.WhichOneof("event") == "progress"
     # More trainings than the long-work share holds: without a share they take every worker.
-    streams += [case.client.train_classifier(_long_training(case.root, f"long{i}"), timeout=300)
-                for i in (1, 2)]
+    streams += [
+        case.client.train_classifier(_long_training(case.root, f"long{i}"), timeout=300) for i in (1, 2)
+    ]
     time.sleep(1)
     start = time.monotonic()
     reply = case.normal_classify()
@@ -640,9 +749,16 @@ def test_oip_load_checks_the_extractor_limits(case: Server) -> None:
 
     stub = ipbg.GRPCInferenceServiceStub(case.client.channel)
     config = json.dumps({"extractor": dict(DUMMY, feature_dim=10**9)})
-    expect(Code.RESOURCE_EXHAUSTED, lambda: stub.RepositoryModelLoad(ipb.RepositoryModelLoadRequest(
-        model_name="wide", parameters={"config": ipb.ModelRepositoryParameter(string_param=config)}), timeout=60),
-        "feature_dim")
+    expect(
+        Code.RESOURCE_EXHAUSTED,
+        lambda: stub.RepositoryModelLoad(
+            ipb.RepositoryModelLoadRequest(
+                model_name="wide", parameters={"config": ipb.ModelRepositoryParameter(string_param=config)}
+            ),
+            timeout=60,
+        ),
+        "feature_dim",
+    )
     index = stub.RepositoryIndex(ipb.RepositoryIndexRequest(), timeout=30)
     assert not [m for m in index.models if m.name == "wide" and m.state == "READY"]
 
@@ -656,7 +772,7 @@ def _solid(fmt: str, size: tuple[int, int], mode: str, **options: Any) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new(mode, size, (30, 90, 150, 255)[:len(mode)] if mode != "L" else 90).save(buffer, fmt, **options)
+    Image.new(mode, size, (30, 90, 150, 255)[: len(mode)] if mode != "L" else 90).save(buffer, fmt, **options)
     return buffer.getvalue()
 
 
@@ -671,14 +787,25 @@ def _interlaced_png(width: int, height: int, colour: int = 6, depth: int = 16) -
     channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour]
     packer = zlib.compressobj(9)
     rows = []
-    for xs, ys, x0, y0 in ((8, 8, 0, 0), (8, 8, 4, 0), (4, 8, 0, 4), (4, 4, 2, 0), (2, 4, 0, 2), (2, 2, 1, 0),
-                           (1, 2, 0, 1)):
+    for xs, ys, x0, y0 in (
+        (8, 8, 0, 0),
+        (8, 8, 4, 0),
+        (4, 8, 0, 4),
+        (4, 4, 2, 0),
+        (2, 4, 0, 2),
+        (2, 2, 1, 0),
+        (1, 2, 0, 1),
+    ):
         pass_width, pass_height = (width - x0 + xs - 1) // xs, (height - y0 + ys - 1) // ys
         row = bytes(1 + (pass_width * channels * depth + 7) // 8)
         rows += [packer.compress(row) for _ in range(pass_height if pass_width else 0)]
     header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 1)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(rows) + packer.flush())
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", b"".join(rows) + packer.flush())
+        + chunk(b"IEND", b"")
+    )
 
 
 def _jpeg(mode: str, **options: Any) -> bytes:
@@ -707,16 +834,23 @@ DECODED_IMAGES = {
 
 
 @pytest.fixture(scope="module")
-def memory_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, SpacerClient, dict[str, Any]]]:
+def memory_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[ServeProcess, SpacerClient, dict[str, Any]]]:
     root = tmp_path_factory.mktemp("memory")
     sha = make_weights(root / "w.pt", seed=3)
-    extractor = {"class_path": "spacer.extractors.efficientnet.EfficientNetExtractor",
-                 "data_locations": {"weights": {"storage_type": "filesystem", "key": str(root / "w.pt")}},
-                 "data_hashes": {"weights": sha}}
+    extractor = {
+        "class_path": "spacer.extractors.efficientnet.EfficientNetExtractor",
+        "data_locations": {"weights": {"storage_type": "filesystem", "key": str(root / "w.pt")}},
+        "data_hashes": {"weights": sha},
+    }
     env = {"XDG_CACHE_HOME": str(root / "cache")}
     with ServeProcess(root, env=env) as proc, SpacerClient(proc.address, timeout=120) as client:
-        for small in (_solid("WEBP", (300, 200), "RGBA", lossless=True), _solid("WEBP", (300, 200), "RGB"),
-                      _solid("TIFF", (300, 200), "RGB", compression="tiff_deflate")):  # warm: network, plugins
+        for small in (
+            _solid("WEBP", (300, 200), "RGBA", lossless=True),
+            _solid("WEBP", (300, 200), "RGB"),
+            _solid("TIFF", (300, 200), "RGB", compression="tiff_deflate"),
+        ):  # warm: network, plugins
             client.extract_features(extractor, [(5, 5)], small, return_features=True)
         yield proc, client, extractor
 

@@ -12,18 +12,16 @@ from torchvision import transforms
 from spacer_core.crop import crop_array
 from spacer_core.extractors.efficientnet import build_network
 from spacer_core.inference import (
-    BackendError,
     EagerBackend,
     OnnxBackend,
     Precision,
     TorchScriptBackend,
+    compile_cache,
     load_backend,
     to_network_input,
 )
-from spacer_core.inference.batcher import run_in_batches
 from spacer_core.inference import backends as backends_module
-from spacer_core.inference import compile_cache
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
+from spacer_core.inference.batcher import run_in_batches
 
 PARITY = 1e-4
 
@@ -47,7 +45,7 @@ def pyspacer_features(efficientnet_weights, patches) -> np.ndarray:  # noqa: F81
     out = []
     with torch.no_grad():
         for start in range(0, len(patches), 10):
-            batch = torch.stack([to_tensor(p) for p in patches[start:start + 10]])
+            batch = torch.stack([to_tensor(p) for p in patches[start : start + 10]])
             out.append(net.extract_features(batch).numpy())
     return np.concatenate(out)
 
@@ -79,10 +77,17 @@ def test_uint8_conversion_is_bitwise_totensor(patches):
 @pytest.mark.parametrize("kind", ["onnxruntime", "torchscript", "eager"])
 @pytest.mark.parametrize("batch_size", [1, 4, 6])
 def test_exact_backends_match_pyspacer(
-    kind, batch_size, efficientnet_weights, make_net, patches, pyspacer_features, shared_cache  # noqa: F811
+    kind,
+    batch_size,
+    efficientnet_weights,
+    make_net,
+    patches,
+    pyspacer_features,
+    shared_cache,  # noqa: F811
 ):
-    backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu", kind=kind,
-                           cache_dir=shared_cache)
+    backend = load_backend(
+        efficientnet_weights.sha256, make_net, device="cpu", kind=kind, cache_dir=shared_cache
+    )
     assert backend.name == kind
     features = run_in_batches(backend, patches, batch_size)
     assert features.shape == (len(patches), 1280) and features.dtype == np.float32
@@ -117,7 +122,8 @@ def test_cache_dir_follows_extractors_cache_dir(monkeypatch, tmp_path):
 
 def test_corrupt_artifact_is_rebuilt(efficientnet_weights, make_net, tmp_path):  # noqa: F811
     artifact = compile_cache.artifact_path(
-        tmp_path, efficientnet_weights.sha256, "onnx", "exact-cpu", ".onnx")
+        tmp_path, efficientnet_weights.sha256, "onnx", "exact-cpu", ".onnx"
+    )
     artifact.write_bytes(b"not an onnx model")
     backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu", cache_dir=tmp_path)
     assert isinstance(backend, OnnxBackend)
@@ -139,8 +145,7 @@ class _NumpyRoundTrip(nn.Module):
 @pytest.mark.parametrize("kind", ["onnxruntime", "torchscript"])
 def test_backend_that_fails_verification_falls_back_to_eager(kind, tmp_path):
     sha = "ab" * 32
-    backend = load_backend(sha, lambda: _NumpyRoundTrip().eval(), device="cpu", kind=kind,
-                           cache_dir=tmp_path)
+    backend = load_backend(sha, lambda: _NumpyRoundTrip().eval(), device="cpu", kind=kind, cache_dir=tmp_path)
     assert isinstance(backend, EagerBackend)
     # The rejected artifact is not left behind for the next load.
     assert not list(tmp_path.glob(f"{sha}.*"))
@@ -186,8 +191,9 @@ def test_bad_inputs_are_named(tmp_path, make_net, efficientnet_weights):  # noqa
 def test_fast_precision_on_cpu(efficientnet_weights, make_net, patches, pyspacer_features, tmp_path):  # noqa: F811
     from spacer_core.inference.precision import cpu_has_bf16, openvino_available
 
-    backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu",
-                           precision=Precision.FAST, cache_dir=tmp_path)
+    backend = load_backend(
+        efficientnet_weights.sha256, make_net, device="cpu", precision=Precision.FAST, cache_dir=tmp_path
+    )
     features = run_in_batches(backend, patches, 4)
     assert np.isfinite(features).all()
     if cpu_has_bf16() and openvino_available():
@@ -229,7 +235,11 @@ def test_eager_fast_uses_bf16_when_the_cpu_has_it(make_net):
 
 @pytest.mark.gpu
 def test_torchscript_cuda_exact_matches_pyspacer(
-    efficientnet_weights, make_net, patches, pyspacer_features, tmp_path  # noqa: F811
+    efficientnet_weights,
+    make_net,
+    patches,
+    pyspacer_features,
+    tmp_path,  # noqa: F811
 ):
     backend = load_backend(efficientnet_weights.sha256, make_net, device="cuda", cache_dir=tmp_path)
     assert isinstance(backend, TorchScriptBackend)
@@ -240,8 +250,9 @@ def test_torchscript_cuda_exact_matches_pyspacer(
 
 @pytest.mark.gpu
 def test_torchscript_cuda_fast_is_close(efficientnet_weights, make_net, patches, pyspacer_features, tmp_path):  # noqa: F811
-    backend = load_backend(efficientnet_weights.sha256, make_net, device="cuda",
-                           precision="fast", cache_dir=tmp_path)
+    backend = load_backend(
+        efficientnet_weights.sha256, make_net, device="cuda", precision="fast", cache_dir=tmp_path
+    )
     features = run_in_batches(backend, patches, 4)
     rel = np.abs(features - pyspacer_features).mean() / np.abs(pyspacer_features).mean()
     assert rel < 0.02
@@ -250,7 +261,7 @@ def test_torchscript_cuda_fast_is_close(efficientnet_weights, make_net, patches,
 @pytest.mark.gpu
 def test_cuda_launches_overlap_and_results_stay_separate(efficientnet_weights, make_net, patches, tmp_path):  # noqa: F811
     backend = load_backend(efficientnet_weights.sha256, make_net, device="cuda", cache_dir=tmp_path)
-    batches = [to_network_input(patches[i:i + 2]) for i in range(0, 6, 2)]
+    batches = [to_network_input(patches[i : i + 2]) for i in range(0, 6, 2)]
     pending = [backend.launch(b) for b in batches]
     # Overwriting the inputs after launch must not change the results.
     for b in batches:
@@ -307,10 +318,15 @@ def test_artifacts_of_older_formats_are_not_reused(efficientnet_weights, tmp_pat
 
 @pytest.mark.parametrize("n", [1, 3, 4, 8, 13])
 def test_onnx_sessions_split_a_batch_and_keep_its_order(
-    n, efficientnet_weights, make_net, patches, shared_cache  # noqa: F811
+    n,
+    efficientnet_weights,
+    make_net,
+    patches,
+    shared_cache,  # noqa: F811
 ):
-    backend = load_backend(efficientnet_weights.sha256, make_net, device="cpu", kind="onnxruntime",
-                           cache_dir=shared_cache)
+    backend = load_backend(
+        efficientnet_weights.sha256, make_net, device="cpu", kind="onnxruntime", cache_dir=shared_cache
+    )
     assert isinstance(backend, OnnxBackend)
     one = OnnxBackend(_artifact(shared_cache, efficientnet_weights.sha256), sessions=1, threads=1)
     two = OnnxBackend(_artifact(shared_cache, efficientnet_weights.sha256), sessions=2, threads=2)
@@ -324,8 +340,9 @@ def test_onnx_sessions_split_a_batch_and_keep_its_order(
 def test_onnx_sessions_serve_concurrent_callers(efficientnet_weights, make_net, patches, shared_cache):  # noqa: F811
     import concurrent.futures
 
-    load_backend(efficientnet_weights.sha256, make_net, device="cpu", kind="onnxruntime",
-                 cache_dir=shared_cache)
+    load_backend(
+        efficientnet_weights.sha256, make_net, device="cpu", kind="onnxruntime", cache_dir=shared_cache
+    )
     backend = OnnxBackend(_artifact(shared_cache, efficientnet_weights.sha256), sessions=2, threads=2)
     batches = [to_network_input(np.roll(patches, k, axis=0)[: 2 + k]) for k in range(4)]
     expected = [backend.run(b) for b in batches]

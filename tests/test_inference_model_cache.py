@@ -32,7 +32,8 @@ def test_lru_eviction_by_count():
 def test_eviction_by_bytes_and_oversized_entry_stays_alone():
     evicted: list[str] = []
     cache: ModelCache[str, np.ndarray] = ModelCache(
-        max_items=None, max_bytes=100, on_evict=lambda k, v: evicted.append(k))
+        max_items=None, max_bytes=100, on_evict=lambda k, v: evicted.append(k)
+    )
     for key in "abc":
         cache.get(key, lambda: blob(40))
     assert evicted == ["a"] and cache.total_bytes == 80
@@ -82,7 +83,8 @@ def test_failed_load_is_not_cached_and_reaches_waiters():
 def test_pop_clear_and_replacing_put_call_on_evict():
     evicted: list[tuple[str, int]] = []
     cache: ModelCache[str, np.ndarray] = ModelCache(
-        max_items=3, on_evict=lambda k, v: evicted.append((k, v.nbytes)))
+        max_items=3, on_evict=lambda k, v: evicted.append((k, v.nbytes))
+    )
     cache.put("a", blob(1))
     cache.put("a", blob(2))
     cache.put("b", blob(3))
@@ -109,7 +111,9 @@ def test_size_estimates():
     assert estimate_nbytes(blob(123)) == 123
     assert estimate_nbytes(torch.nn.Linear(10, 10)) == (100 + 10) * 4
     rng = np.random.default_rng(0)
-    clf = SGDClassifier(loss="log_loss", random_state=0).fit(rng.normal(size=(50, 1280)), rng.integers(0, 3, 50))
+    clf = SGDClassifier(loss="log_loss", random_state=0).fit(
+        rng.normal(size=(50, 1280)), rng.integers(0, 3, 50)
+    )
     assert estimate_nbytes(clf) > 3 * 1280 * 8
 
 

@@ -19,9 +19,15 @@ yaml = pytest.importorskip("yaml")
 ROOT = Path(__file__).resolve().parent.parent
 
 _FORMAT = {
-    "type": "object", "required": ["name"], "additionalProperties": False,
-    "properties": {"name": {"type": "string"}, "version": {"type": "string"},
-                   "autoSelect": {"type": "boolean"}, "priority": {"type": "integer", "minimum": 1}},
+    "type": "object",
+    "required": ["name"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string"},
+        "version": {"type": "string"},
+        "autoSelect": {"type": "boolean"},
+        "priority": {"type": "integer", "minimum": 1},
+    },
 }
 _METADATA = {"type": "object", "required": ["name"]}
 # The fields of KServe's serving.kserve.io/v1alpha1 ServingRuntime that this project uses.
@@ -33,12 +39,12 @@ SERVING_RUNTIME_SCHEMA = {
         "kind": {"const": "ServingRuntime"},
         "metadata": _METADATA,
         "spec": {
-            "type": "object", "required": ["supportedModelFormats", "containers"],
+            "type": "object",
+            "required": ["supportedModelFormats", "containers"],
             "additionalProperties": False,
             "properties": {
                 "supportedModelFormats": {"type": "array", "minItems": 1, "items": _FORMAT},
-                "protocolVersions": {"type": "array",
-                                     "items": {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]}},
+                "protocolVersions": {"type": "array", "items": {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]}},
                 "multiModel": {"type": "boolean"},
                 "disabled": {"type": "boolean"},
                 "containers": {"type": "array", "minItems": 1, "items": {"type": "object"}},
@@ -58,25 +64,33 @@ INFERENCE_SERVICE_SCHEMA = {
         "kind": {"const": "InferenceService"},
         "metadata": _METADATA,
         "spec": {
-            "type": "object", "required": ["predictor"], "additionalProperties": False,
-            "properties": {"predictor": {
-                "type": "object", "required": ["model"], "additionalProperties": False,
-                "properties": {
-                    "minReplicas": {"type": "integer", "minimum": 0},
-                    "maxReplicas": {"type": "integer", "minimum": 1},
-                    "model": {
-                        "type": "object", "required": ["modelFormat"], "additionalProperties": False,
-                        "properties": {
-                            "modelFormat": _FORMAT,
-                            "runtime": {"type": "string"},
-                            "protocolVersion": {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]},
-                            "storageUri": {"type": "string"},
-                            "resources": {"type": "object"},
-                            "env": {"type": "array"},
+            "type": "object",
+            "required": ["predictor"],
+            "additionalProperties": False,
+            "properties": {
+                "predictor": {
+                    "type": "object",
+                    "required": ["model"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "minReplicas": {"type": "integer", "minimum": 0},
+                        "maxReplicas": {"type": "integer", "minimum": 1},
+                        "model": {
+                            "type": "object",
+                            "required": ["modelFormat"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "modelFormat": _FORMAT,
+                                "runtime": {"type": "string"},
+                                "protocolVersion": {"enum": ["v1", "v2", "grpc-v1", "grpc-v2"]},
+                                "storageUri": {"type": "string"},
+                                "resources": {"type": "object"},
+                                "env": {"type": "array"},
+                            },
                         },
                     },
-                },
-            }},
+                }
+            },
         },
     },
 }
@@ -100,8 +114,12 @@ def test_runtime_and_inference_service_have_kserves_fields(objs):
 @pytest.mark.parametrize("version", ("1.30.0", kubernetes_validate.latest_version()))
 def test_the_runtime_container_is_valid_for_kubernetes(objs, version):
     containers = objs["ServingRuntime"]["spec"]["containers"]
-    doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "spacer-runtime"},
-           "spec": {"containers": containers}}
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "spacer-runtime"},
+        "spec": {"containers": containers},
+    }
     try:
         kubernetes_validate.validate(doc, version, strict=True)
     except kubernetes_validate.ValidationError as exc:
@@ -126,8 +144,7 @@ def test_the_container_serves_the_model_repository_on_the_h2c_port(objs, tmp_pat
     # Parse the arguments as `spacer serve` does, with the KServe mount made local.
     models = tmp_path / "mnt" / "models"
     models.mkdir(parents=True)
-    local = [str(models) if a == "/mnt/models" else str(tmp_path) if a == "/data" else a
-             for a in args[2:]]
+    local = [str(models) if a == "/mnt/models" else str(tmp_path) if a == "/data" else a for a in args[2:]]
     parsed = _build_parser().parse_args(["serve", *local])
     config = config_from_args(parsed, environ={})
     assert config.port == ports["h2c"] and config.host == "0.0.0.0"

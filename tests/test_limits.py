@@ -33,14 +33,18 @@ def test_feature_file_inflation_is_checked_before_reading(tmp_path):
 
 
 def test_task_and_json_checks_name_the_field():
-    bounded = Limits(max_epochs=10, max_hidden_units=100, max_hidden_layers=2, max_token_chars=4, max_key_chars=8)
+    bounded = Limits(
+        max_epochs=10, max_hidden_units=100, max_hidden_layers=2, max_token_chars=4, max_key_chars=8
+    )
 
     class Task:
         job_token = "ok"
         nbr_epochs = 11
         trainer = MiniBatchTrainer()
 
-    with pytest.raises(LimitExceededError, match=r"tasks\[0\]\.nbr_epochs is 11; this server allows at most 10"):
+    with pytest.raises(
+        LimitExceededError, match=r"tasks\[0\]\.nbr_epochs is 11; this server allows at most 10"
+    ):
         bounded.check_task(Task(), "tasks[0]")
     Task.nbr_epochs = 10
     Task.trainer = MiniBatchTrainer(mlp_hidden_layer_sizes=(100, 101))
@@ -56,19 +60,21 @@ def test_task_and_json_checks_name_the_field():
     Limits().check_task(Task())  # the library's defaults: unbounded, as pyspacer
 
 
-
-@pytest.mark.parametrize("field, value, fragment", [
-    ("job_token", 5, "job_token must be text"),
-    ("job_token", ["a"] * 3, "job_token must be text"),
-    ("nbr_epochs", True, "nbr_epochs must be a whole number"),
-    ("nbr_epochs", "2", "nbr_epochs must be a whole number"),
-    ("nbr_epochs", 2.5, "nbr_epochs must be a whole number"),
-    ("nbr_epochs", None, "nbr_epochs must be a whole number"),
-    ("feature_cache_dir", 5, "feature_cache_dir must be text"),
-    ("feature_cache_dir", ["x"], "feature_cache_dir must be text"),
-    ("mlp_hidden_layer_sizes", "abc", "must be a list of whole numbers"),
-    ("mlp_hidden_layer_sizes", [100.5], r"mlp_hidden_layer_sizes\[0\] must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("job_token", 5, "job_token must be text"),
+        ("job_token", ["a"] * 3, "job_token must be text"),
+        ("nbr_epochs", True, "nbr_epochs must be a whole number"),
+        ("nbr_epochs", "2", "nbr_epochs must be a whole number"),
+        ("nbr_epochs", 2.5, "nbr_epochs must be a whole number"),
+        ("nbr_epochs", None, "nbr_epochs must be a whole number"),
+        ("feature_cache_dir", 5, "feature_cache_dir must be text"),
+        ("feature_cache_dir", ["x"], "feature_cache_dir must be text"),
+        ("mlp_hidden_layer_sizes", "abc", "must be a list of whole numbers"),
+        ("mlp_hidden_layer_sizes", [100.5], r"mlp_hidden_layer_sizes\[0\] must be a whole number"),
+    ],
+)
 def test_task_values_of_the_wrong_type_are_refused_by_name(field, value, fragment):
     """A client's JSON can put anything anywhere: a wrong type is refused before work, never
     slipping past a limit (a token that is a list) or failing halfway (epochs as text)."""
@@ -89,6 +95,7 @@ def test_task_values_of_the_wrong_type_are_refused_by_name(field, value, fragmen
     if field == "job_token":
         with pytest.raises(InvalidInputError, match=fragment):
             Limits().check_json({"tasks": [{"job_token": value}]}, "job")
+
 
 def test_cancellation_checks_flag_and_deadline():
     cancellation.check()  # outside a scope: never raises
@@ -144,4 +151,7 @@ def test_long_work_holds_a_bounded_share_and_stops_when_its_call_ends():
         engine.shutdown()
     assert peak[0] == 2
     assert running[0] == 0
-    assert sorted(stopped) == ["w0", "w1"]  # the two running ones stopped at a check; the others never started
+    assert sorted(stopped) == [
+        "w0",
+        "w1",
+    ]  # the two running ones stopped at a check; the others never started

@@ -68,8 +68,12 @@ def test_requirements_lists_the_named_extras_and_the_build_backend():
 
 
 def test_requirements_command_feeds_pip(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/lock.py"), "requirements", "--build", "ray"],
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/lock.py"), "requirements", "--build", "ray"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert out == lock.requirements(["ray"], build=True)
     for line in out:
         Requirement(line)  # each line is one valid requirement

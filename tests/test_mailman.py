@@ -9,11 +9,10 @@ import subprocess
 import sys
 
 import numpy as np
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import SGDClassifier
-
 import spacer.data_classes
 import spacer.messages
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import SGDClassifier
 
 from tests.support.locations import fs_loc as loc
 
@@ -22,12 +21,16 @@ def _classify_job(tmp_path, feature_path):
     rng = np.random.default_rng(0)
     x = rng.normal(0, 1, (60, 6))
     y = (x[:, 0] > 0).astype(int)
-    clf = CalibratedClassifierCV(SGDClassifier(loss="log_loss", random_state=0).fit(x[:30], y[:30]), cv="prefit").fit(x[30:], y[30:])
+    clf = CalibratedClassifierCV(
+        SGDClassifier(loss="log_loss", random_state=0).fit(x[:30], y[:30]), cv="prefit"
+    ).fit(x[30:], y[30:])
     model = tmp_path / "model.pkl"
     model.write_bytes(pickle.dumps(clf, protocol=2))
     spacer.data_classes.ImageFeatures(
         point_features=[spacer.data_classes.PointFeatures(row=1, col=2, data=x[0].tolist())],
-        valid_rowcol=True, feature_dim=6, npoints=1,
+        valid_rowcol=True,
+        feature_dim=6,
+        npoints=1,
     ).store(spacer.data_classes.DataLocation("filesystem", str(tmp_path / "f.featurevector")))
     return {
         "task_name": "classify_features",
@@ -42,7 +45,10 @@ def _run_env_job(tmp_path, job):
     env = dict(os.environ, JOB_MSG_LOC=json.dumps(loc(job_path)), RES_MSG_LOC=json.dumps(loc(result_path)))
     proc = subprocess.run(
         [sys.executable, "-m", "spacer_core.mailman", "env_job"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     return proc, json.loads(result_path.read_text())
 
@@ -65,6 +71,12 @@ def test_env_job_reports_failed_task(tmp_path):
 
 def test_env_job_without_job_location_fails_clearly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("JOB_MSG_LOC", "RES_MSG_LOC")}
-    proc = subprocess.run([sys.executable, "-m", "spacer_core.mailman", "env_job"], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "spacer_core.mailman", "env_job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "JOB_MSG_LOC" in proc.stderr

@@ -17,7 +17,6 @@ from spacer_core.exceptions import QueueFullError
 from spacer_core.extractors import EfficientNetExtractor
 from spacer_core.inference import Priority
 from spacer_core.runtime import Runtime, RuntimeSettings
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 SIZES = [(1600, 1200), (1200, 900), (800, 600), (640, 480)]
 
@@ -40,9 +39,12 @@ def _points(width: int, height: int, n: int, seed: int) -> list[tuple[int, int]]
 @pytest.fixture(scope="module")
 def jobs(efficientnet_weights):  # noqa: F811
     extractor = EfficientNetExtractor(
-        data_locations={"weights": DataLocation("filesystem", str(efficientnet_weights.path))})
-    return [pipeline.ImageJob(extractor, _points(w, h, 3 + i, i), _jpeg(w, h, i), f"image{i}")
-            for i, (w, h) in enumerate(SIZES)]
+        data_locations={"weights": DataLocation("filesystem", str(efficientnet_weights.path))}
+    )
+    return [
+        pipeline.ImageJob(extractor, _points(w, h, 3 + i, i), _jpeg(w, h, i), f"image{i}")
+        for i, (w, h) in enumerate(SIZES)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +165,14 @@ def test_a_cancelled_waiter_gives_way(footprints):
 def test_the_engine_holds_no_more_image_memory_than_its_budget(jobs, footprints, efficientnet_weights):  # noqa: F811
     """Concurrent streams' images through the real pipeline and network: the
     bytes held never pass the bulk share of the budget, every image is served."""
-    config = ServerConfig(workers=2, log_level="WARNING", device="cpu", batch_size=4,
-                          data_roots=(efficientnet_weights.path.parent,),
-                          memory_budget_bytes=(footprints[0].cutting + footprints[1].cutting) * 4 // 3)
+    config = ServerConfig(
+        workers=2,
+        log_level="WARNING",
+        device="cpu",
+        batch_size=4,
+        data_roots=(efficientnet_weights.path.parent,),
+        memory_budget_bytes=(footprints[0].cutting + footprints[1].cutting) * 4 // 3,
+    )
     engine = Engine(config)
     bound = engine.memory.budget - engine.memory.reserved
     assert bound == footprints[0].cutting + footprints[1].cutting

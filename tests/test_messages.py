@@ -125,7 +125,9 @@ def test_extract_message_checks():
         ExtractFeaturesMsg("t", None, [(1, 1)], loc, DataLocation("url", "http://h/f"))  # type: ignore[arg-type]
     data = as_json(ps.ExtractFeaturesMsg.example())
     data["rowcols"] = [[1, 2, 3]]
-    with pytest.raises(InvalidDataError, match=r"job '123abc': each rowcols entry must be a \[row, col\] pair"):
+    with pytest.raises(
+        InvalidDataError, match=r"job '123abc': each rowcols entry must be a \[row, col\] pair"
+    ):
         ExtractFeaturesMsg.deserialize(data)
 
 
@@ -183,7 +185,12 @@ def _load_050(name: str) -> Any:
 
 @pytest.mark.parametrize(
     "name",
-    ["job_extract_features.json", "job_classify_features.json", "job_classify_image.json", "job_train_classifier.json"],
+    [
+        "job_extract_features.json",
+        "job_classify_features.json",
+        "job_classify_image.json",
+        "job_train_classifier.json",
+    ],
 )
 def test_050_jobs_deserialize(name):
     job = JobMsg.deserialize(_load_050(name))
@@ -205,7 +212,9 @@ def test_050_extractor_class_paths():
     kinds = [type(t.extractor) for t in job.tasks]
     assert kinds == [EfficientNetExtractor, VGG16CaffeExtractor, EfficientNetExtractor]
     first = job.tasks[0]
-    assert first.extractor.data_locations["weights"] == DataLocation("s3", "efficientnet_b0_ver1.pt", "coralnet-extractors")
+    assert first.extractor.data_locations["weights"] == DataLocation(
+        "s3", "efficientnet_b0_ver1.pt", "coralnet-extractors"
+    )
     assert first.extractor.data_hashes == {"weights": "c" * 64}
     assert first.rowcols == [(0, 20), (300, 400)]
     assert first.feature_loc == DataLocation("s3", "media/img0.jpg.featurevector", "coralnet-media")
@@ -232,7 +241,9 @@ def test_050_training_message_becomes_task_labels():
 
 
 def test_050_reference_set_capped_by_batch_size():
-    labels = ImageLabels({DataLocation("memory", f"i{i}"): [(r, 0, r % 2) for r in range(40)] for i in range(100)})
+    labels = ImageLabels(
+        {DataLocation("memory", f"i{i}"): [(r, 0, r % 2) for r in range(40)] for i in range(100)}
+    )
     train, ref = split_legacy_train_labels(labels, batch_label_count=120)
     # 10 candidates (every 10th of 100), at most 120 // 40 = 3 images.
     assert [loc.key for loc in ref.keys()] == ["i0", "i10", "i20"]

@@ -45,7 +45,8 @@ def data(tmp_path_factory, efficientnet_weights):  # noqa: F811
     make_classifier(root / "other_clf.pkl", classes=(4, 5), seed=3)
     outside = tmp_path_factory.mktemp("outside")
     return {
-        "root": root, "repo": repo,
+        "root": root,
+        "repo": repo,
         "image": make_image(root / "reef.jpg", 96, 72, seed=1),
         "image2": make_image(root / "reef2.png", 120, 90, seed=2),
         "outside_image": make_image(outside / "secret.jpg", 96, 72, seed=3),
@@ -60,8 +61,17 @@ def data(tmp_path_factory, efficientnet_weights):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def server(data):
-    with ServeProcess(data["root"], "--model-repository", str(data["repo"]), "--workers", "2",
-                      "--metrics-port", "0", "--log-level", "INFO") as proc:
+    with ServeProcess(
+        data["root"],
+        "--model-repository",
+        str(data["repo"]),
+        "--workers",
+        "2",
+        "--metrics-port",
+        "0",
+        "--log-level",
+        "INFO",
+    ) as proc:
         yield proc
 
 
@@ -84,8 +94,7 @@ def loaded(client):
     return client
 
 
-def image_inputs(image: bytes | None = None, path: str | None = None, points=POINTS, *,
-                 names=()):
+def image_inputs(image: bytes | None = None, path: str | None = None, points=POINTS, *, names=()):
     inputs = []
     if image is not None:
         t = grpcclient.InferInput("IMAGE", [1], "BYTES")
@@ -136,7 +145,10 @@ def test_model_metadata_and_config_describe_tensors(loaded):
     meta = loaded.get_model_metadata(EXTRACTOR)
     assert meta.versions == ["1"]
     assert {(t.name, t.datatype, tuple(t.shape)) for t in meta.inputs} == {
-        ("IMAGE", "BYTES", (1,)), ("IMAGE_PATH", "BYTES", (1,)), ("POINTS", "INT32", (-1, 2))}
+        ("IMAGE", "BYTES", (1,)),
+        ("IMAGE_PATH", "BYTES", (1,)),
+        ("POINTS", "INT32", (-1, 2)),
+    }
     assert [(t.name, t.datatype, tuple(t.shape)) for t in meta.outputs] == [("FEATURES", "FP32", (-1, 1280))]
     clf = loaded.get_model_metadata(CLASSIFIER)
     assert [(t.name, tuple(t.shape)) for t in clf.inputs] == [("FEATURES", (-1, 1280))]
@@ -166,8 +178,9 @@ def test_extractor_features_equal_extract_features(loaded, spacer_client, data):
 def test_pipeline_scores_equal_classify_image(loaded, spacer_client, data):
     image = Path(data["image"]).read_bytes()
     result = loaded.infer("spacer_pipeline", image_inputs(image), parameters=pipeline_params())
-    ours = spacer_client.classify_image(data["extractor_json"], POINTS, image,
-                                        fs_loc(data["repo"] / f"{CLASSIFIER}.pkl"))
+    ours = spacer_client.classify_image(
+        data["extractor_json"], POINTS, image, fs_loc(data["repo"] / f"{CLASSIFIER}.pkl")
+    )
     expected = np.array([list(p.scores) for p in ours.scores], dtype=np.float32)
     np.testing.assert_allclose(result.as_numpy("SCORES"), expected, rtol=1e-5, atol=1e-6)
     assert [int(x) for x in result.as_numpy("LABELS")] == [c.id for c in ours.classes]
@@ -181,8 +194,11 @@ def test_classifier_model_scores_the_extractor_features(loaded, data):
     features = loaded.infer(EXTRACTOR, image_inputs(image)).as_numpy("FEATURES")
     f = grpcclient.InferInput("FEATURES", list(features.shape), "FP32")
     f.set_data_from_numpy(features)
-    scored = loaded.infer(CLASSIFIER, [f], outputs=[grpcclient.InferRequestedOutput("SCORES"),
-                                                    grpcclient.InferRequestedOutput("LABELS")])
+    scored = loaded.infer(
+        CLASSIFIER,
+        [f],
+        outputs=[grpcclient.InferRequestedOutput("SCORES"), grpcclient.InferRequestedOutput("LABELS")],
+    )
     piped = loaded.infer("spacer_pipeline", image_inputs(image), parameters=pipeline_params())
     np.testing.assert_allclose(scored.as_numpy("SCORES"), piped.as_numpy("SCORES"), rtol=1e-5, atol=1e-6)
     assert scored.as_numpy("PREDICTIONS") is None  # not requested
@@ -191,7 +207,9 @@ def test_classifier_model_scores_the_extractor_features(loaded, data):
 def test_image_by_path_inside_the_data_roots_and_models_named_by_inputs(loaded, data):
     by_path = loaded.infer(EXTRACTOR, image_inputs(path=str(data["image"])))
     inline = loaded.infer(EXTRACTOR, image_inputs(Path(data["image"]).read_bytes()))
-    np.testing.assert_allclose(by_path.as_numpy("FEATURES"), inline.as_numpy("FEATURES"), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        by_path.as_numpy("FEATURES"), inline.as_numpy("FEATURES"), rtol=1e-5, atol=1e-6
+    )
     inputs = image_inputs(path=str(data["image"]))
     for name, value in (("EXTRACTOR", EXTRACTOR), ("CLASSIFIER", CLASSIFIER)):
         t = grpcclient.InferInput(name, [1], "BYTES")
@@ -202,7 +220,9 @@ def test_image_by_path_inside_the_data_roots_and_models_named_by_inputs(loaded, 
 
 def test_priority_and_timeout_parameters(loaded, data):
     image = Path(data["image"]).read_bytes()
-    assert loaded.infer(EXTRACTOR, image_inputs(image), priority=1, timeout=60_000_000).as_numpy("FEATURES").shape == (3, 1280)
+    assert loaded.infer(EXTRACTOR, image_inputs(image), priority=1, timeout=60_000_000).as_numpy(
+        "FEATURES"
+    ).shape == (3, 1280)
     assert loaded.infer(EXTRACTOR, image_inputs(image), priority=2).as_numpy("FEATURES").shape == (3, 1280)
     with pytest.raises(InferenceServerException) as err:
         loaded.infer(EXTRACTOR, image_inputs(image, points=[(5, 5)] * 64), timeout=1)
@@ -233,7 +253,10 @@ def test_wrong_dtype_shape_and_missing_inputs(loaded, data):
     with pytest.raises(InferenceServerException) as err:
         loaded.infer(EXTRACTOR, [inputs[0], bad])
     assert status_of(err.value) == "StatusCode.INVALID_ARGUMENT"
-    assert "unexpected datatype TYPE_FP32 for inference input 'POINTS', expecting TYPE_INT32" in err.value.message()
+    assert (
+        "unexpected datatype TYPE_FP32 for inference input 'POINTS', expecting TYPE_INT32"
+        in err.value.message()
+    )
     flat = grpcclient.InferInput("POINTS", [6], "INT32")
     flat.set_data_from_numpy(np.asarray(POINTS, dtype=np.int32).ravel())
     with pytest.raises(InferenceServerException) as err:
@@ -272,8 +295,9 @@ def test_image_outside_the_data_roots_is_permission_denied(loaded, data):
         loaded.infer(EXTRACTOR, image_inputs(path=str(data["outside_image"])))
     assert status_of(err.value) == "StatusCode.PERMISSION_DENIED"
     with pytest.raises(InferenceServerException) as err:  # and through the pipeline model
-        loaded.infer("spacer_pipeline", image_inputs(path=str(data["outside_image"])),
-                     parameters=pipeline_params())
+        loaded.infer(
+            "spacer_pipeline", image_inputs(path=str(data["outside_image"])), parameters=pipeline_params()
+        )
     assert status_of(err.value) == "StatusCode.PERMISSION_DENIED"
 
 
@@ -313,10 +337,15 @@ def test_stream_infer_answers_each_request_and_reports_a_bad_image(loaded, space
     try:
         images = {"a": data["image"], "b": data["image2"]}
         for rid, path in images.items():
-            loaded.async_stream_infer("spacer_pipeline", image_inputs(Path(path).read_bytes()),
-                                      request_id=rid, parameters=pipeline_params())
-        loaded.async_stream_infer("spacer_pipeline", image_inputs(b"\x89PNG broken"),
-                                  request_id="bad", parameters=pipeline_params())
+            loaded.async_stream_infer(
+                "spacer_pipeline",
+                image_inputs(Path(path).read_bytes()),
+                request_id=rid,
+                parameters=pipeline_params(),
+            )
+        loaded.async_stream_infer(
+            "spacer_pipeline", image_inputs(b"\x89PNG broken"), request_id="bad", parameters=pipeline_params()
+        )
         loaded.async_stream_infer(EXTRACTOR, image_inputs(path=str(data["image"])), request_id="c")
         got = [results.get(timeout=120) for _ in range(4)]
     finally:
@@ -326,8 +355,9 @@ def test_stream_infer_answers_each_request_and_reports_a_bad_image(loaded, space
     by_id = {r.get_response().id: r for r, e in got if e is None}
     assert set(by_id) == {"a", "b", "c"}
     for rid, path in images.items():
-        ours = spacer_client.classify_image(data["extractor_json"], POINTS, path,
-                                            fs_loc(data["repo"] / f"{CLASSIFIER}.pkl"))
+        ours = spacer_client.classify_image(
+            data["extractor_json"], POINTS, path, fs_loc(data["repo"] / f"{CLASSIFIER}.pkl")
+        )
         expected = np.array([list(p.scores) for p in ours.scores], dtype=np.float32)
         np.testing.assert_allclose(by_id[rid].as_numpy("SCORES"), expected, rtol=1e-5, atol=1e-6)
 
@@ -343,8 +373,12 @@ def test_asyncio_client_unary_and_stream(loaded, server, data):
 
             async def requests():
                 for i in range(3):
-                    yield {"model_name": "spacer_pipeline", "inputs": image_inputs(image),
-                           "request_id": str(i), "parameters": pipeline_params()}
+                    yield {
+                        "model_name": "spacer_pipeline",
+                        "inputs": image_inputs(image),
+                        "request_id": str(i),
+                        "parameters": pipeline_params(),
+                    }
 
             streamed = []
             async for result, error in c.stream_infer(requests()):
@@ -386,11 +420,19 @@ def test_statistics_and_triton_metrics(loaded, server, data):
     port = re.search(r"metrics on http://[^:]+:(\d+)/metrics", server.log()).group(1)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     label = f'{{model="{EXTRACTOR}",version="1"}}'
-    for name in ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count",
-                 "nv_inference_exec_count", "nv_inference_queue_duration_us",
-                 "nv_inference_compute_infer_duration_us", "nv_inference_request_duration_us"):
+    for name in (
+        "nv_inference_request_success",
+        "nv_inference_request_failure",
+        "nv_inference_count",
+        "nv_inference_exec_count",
+        "nv_inference_queue_duration_us",
+        "nv_inference_compute_infer_duration_us",
+        "nv_inference_request_duration_us",
+    ):
         assert f"{name}{label}" in text, name
-    success = float(re.search(rf"^nv_inference_request_success{re.escape(label)} (\S+)$", text, re.M).group(1))
+    success = float(
+        re.search(rf"^nv_inference_request_success{re.escape(label)} (\S+)$", text, re.M).group(1)
+    )
     assert success == s.success.count
     assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="ModelInfer"}' in text
 
@@ -417,8 +459,10 @@ def test_the_bearer_token_gates_oip_calls_too(tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token-for-tests\n")
     token.chmod(0o600)
-    with ServeProcess(tmp_path, "--auth-token-file", str(token)) as proc, \
-            grpcclient.InferenceServerClient(proc.address) as c:
+    with (
+        ServeProcess(tmp_path, "--auth-token-file", str(token)) as proc,
+        grpcclient.InferenceServerClient(proc.address) as c,
+    ):
         with pytest.raises(InferenceServerException) as err:
             c.is_server_live()
         assert status_of(err.value) == "StatusCode.UNAUTHENTICATED"

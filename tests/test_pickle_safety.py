@@ -28,7 +28,6 @@ from spacer_core.legacy import ALLOWED_GLOBALS, ClassifierUnpickler, load_classi
 from spacer_core.storage import load_classifier
 
 
-
 @pytest.fixture(autouse=True)
 def _fresh_cache():
     load_classifier.cache_clear()
@@ -79,7 +78,9 @@ def _payloads(marker: Path) -> dict[str, bytes]:
         "builtins.eval": pickle.dumps(_Reduce(builtins.eval, f"open({str(marker)!r}, 'w')"), protocol=2),
         "builtins.exec": pickle.dumps(_Reduce(builtins.exec, f"open({str(marker)!r}, 'w')"), protocol=4),
         "getattr": b"cbuiltins\ngetattr\n(cos\nsystem\nS'system'\ntR.",
-        "dotted attribute walk": _stack_global("sklearn.calibration", "CalibratedClassifierCV.__init__.__globals__"),
+        "dotted attribute walk": _stack_global(
+            "sklearn.calibration", "CalibratedClassifierCV.__init__.__globals__"
+        ),
         "allowed module, other name": _stack_global("numpy", "load"),
         "trojan classifier": pickle.dumps(trojan, protocol=2),
         "python 2 builtin": b"c__builtin__\neval\n(S'1'\ntR.",
@@ -89,7 +90,9 @@ def _payloads(marker: Path) -> dict[str, bytes]:
 def test_hostile_pickles_are_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
     for label, data in _payloads(marker).items():
-        with pytest.raises(UnsafePickleError, match=r"hostile\.pkl: refused to load classifier: the pickle refers to") as info:
+        with pytest.raises(
+            UnsafePickleError, match=r"hostile\.pkl: refused to load classifier: the pickle refers to"
+        ) as info:
             load_classifier_bytes(data, source="hostile.pkl")
         assert isinstance(info.value, SpacerError) and isinstance(info.value, ValueError), label
         assert not marker.exists(), f"{label} payload ran"
@@ -141,7 +144,6 @@ def test_classifiers_we_and_pyspacer_write_still_load(kind, protocol):
     np.testing.assert_array_equal(load_classifier_bytes(raw).predict_proba(probe), clf.predict_proba(probe))
 
 
-
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_large_classifiers_load_within_the_byte_budget(protocol):
@@ -157,6 +159,7 @@ def test_large_classifiers_load_within_the_byte_budget(protocol):
     raw = pickle.dumps(clf, protocol=protocol)
     assert len(raw) > 10 * 2**20
     np.testing.assert_array_equal(load_classifier_bytes(raw).predict_proba(x[:4]), clf.predict_proba(x[:4]))
+
 
 def test_every_allowed_global_resolves():
     # The allowlist must name real objects of the installed releases, or a
@@ -239,7 +242,9 @@ def test_loaded_arrays_are_plain_ndarrays(labels):
     rng = np.random.default_rng(2)
     y = np.array([labels[i % 3] for i in range(60)])
     x = rng.normal(size=(60, 5)) + np.arange(60)[:, None] % 3
-    clf = CalibratedClassifierCV(SGDClassifier(loss="log_loss", random_state=0).fit(x, y), cv="prefit").fit(x, y)
+    clf = CalibratedClassifierCV(SGDClassifier(loss="log_loss", random_state=0).fit(x, y), cv="prefit").fit(
+        x, y
+    )
     loaded = load_classifier_bytes(pickle.dumps(clf, protocol=2))
     assert type(loaded.classes_) is np.ndarray and type(loaded.estimator.coef_) is np.ndarray
     assert list(loaded.classes_) == sorted(labels)
@@ -256,7 +261,8 @@ def test_coralnet_beta_classifier_loads_like_pyspacer():
         warnings.simplefilter("ignore")
         theirs = spacer.storage.load_classifier(spacer.data_classes.DataLocation("filesystem", str(model)))
         features = spacer.data_classes.ImageFeatures.load(
-            spacer.data_classes.DataLocation("filesystem", str(CNBETA / "cnbeta.jpg.feats")))
+            spacer.data_classes.DataLocation("filesystem", str(CNBETA / "cnbeta.jpg.feats"))
+        )
     ours = load_classifier(DataLocation("filesystem", str(model)))
     x = np.array([point.data for point in features.point_features])
     assert x.shape == (2, 4096) and len(ours.classes_) == 16
@@ -286,8 +292,15 @@ def test_the_codec_call_is_only_protocol_2_bytes():
 
     assert checked_encode("\xff\x00a", "latin1") == b"\xff\x00a"
     assert checked_encode("ab", "latin-1") == b"ab"
-    for args in (("x" * 10, "punycode"), ("abc", "rot13"), (b"x", "zlib"), ("a", "utf-8"), ("a", "latin1", "ignore"),
-                 ("a",), (1, "latin1")):
+    for args in (
+        ("x" * 10, "punycode"),
+        ("abc", "rot13"),
+        (b"x", "zlib"),
+        ("a", "utf-8"),
+        ("a", "latin1", "ignore"),
+        ("a",),
+        (1, "latin1"),
+    ):
         with pytest.raises(UnsafePickleError, match="latin-1"):
             checked_encode(*args)
     # What CPython's pickler writes for bytes under protocol 2 names exactly this.

@@ -16,7 +16,6 @@ from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import InvalidInputError, RowColumnInvalidError
 from spacer_core.extractors import DummyExtractor, EfficientNetExtractor
 from spacer_core.runtime import Runtime, RuntimeSettings
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,8 @@ def images(tmp_path_factory: pytest.TempPathFactory):
         path = folder / f"image{i}.jpg"
         image.save(path, quality=90)
         rowcols = [(0, 0), (h - 1, w - 1)] + [
-            (int(r), int(c)) for r, c in zip(rng.integers(0, h, 2 + i), rng.integers(0, w, 2 + i))]
+            (int(r), int(c)) for r, c in zip(rng.integers(0, h, 2 + i), rng.integers(0, w, 2 + i))
+        ]
         out.append((path, rowcols))
     return out
 
@@ -40,7 +40,8 @@ def images(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def pyspacer_features(images, efficientnet_weights):  # noqa: F811
     extractor = PyspacerEfficientNet(
-        data_locations={"weights": PyspacerDataLocation("filesystem", str(efficientnet_weights.path))})
+        data_locations={"weights": PyspacerDataLocation("filesystem", str(efficientnet_weights.path))}
+    )
     result = []
     for path, rowcols in images:
         with Image.open(path) as image:
@@ -51,8 +52,11 @@ def pyspacer_features(images, efficientnet_weights):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory):
-    active = Runtime(RuntimeSettings(device="cpu", batch_size=3,
-                                     compile_cache_dir=str(tmp_path_factory.mktemp("compiled"))))
+    active = Runtime(
+        RuntimeSettings(
+            device="cpu", batch_size=3, compile_cache_dir=str(tmp_path_factory.mktemp("compiled"))
+        )
+    )
     yield active
     active.close()
 
@@ -61,8 +65,9 @@ def _extractor(weights) -> EfficientNetExtractor:
     return EfficientNetExtractor(data_locations={"weights": DataLocation("filesystem", str(weights.path))})
 
 
-def test_run_matches_pyspacer_from_locations_and_bytes(images, pyspacer_features, runtime,
-                                                       efficientnet_weights):  # noqa: F811
+def test_run_matches_pyspacer_from_locations_and_bytes(
+    images, pyspacer_features, runtime, efficientnet_weights
+):  # noqa: F811
     extractor = _extractor(efficientnet_weights)
     with runtime.activate():
         for (path, rowcols), want in zip(images, pyspacer_features):
@@ -73,19 +78,21 @@ def test_run_matches_pyspacer_from_locations_and_bytes(images, pyspacer_features
                 assert result.rowcols == list(rowcols) and result.scores is None
 
 
-def test_concurrent_async_jobs_share_the_batcher(images, pyspacer_features, runtime,
-                                                 efficientnet_weights):  # noqa: F811
+def test_concurrent_async_jobs_share_the_batcher(images, pyspacer_features, runtime, efficientnet_weights):  # noqa: F811
     extractor = _extractor(efficientnet_weights)
 
     async def call(func, *args):
         def in_runtime():
             with runtime.activate():
                 return func(*args)
+
         return await asyncio.to_thread(in_runtime)
 
     async def all_images():
-        jobs = [pipeline.ImageJob(extractor, rowcols, DataLocation("filesystem", str(path)))
-                for path, rowcols in images]
+        jobs = [
+            pipeline.ImageJob(extractor, rowcols, DataLocation("filesystem", str(path)))
+            for path, rowcols in images
+        ]
         return await asyncio.gather(*(pipeline.run_async(job, runtime, call) for job in jobs))
 
     before = runtime.batcher(extractor.network()[0]).stats.patches
@@ -96,8 +103,7 @@ def test_concurrent_async_jobs_share_the_batcher(images, pyspacer_features, runt
     assert after - before == sum(len(rc) for _, rc in images)
 
 
-def test_feature_file_written_and_errors_name_the_image(images, runtime, tmp_path,
-                                                        efficientnet_weights):  # noqa: F811
+def test_feature_file_written_and_errors_name_the_image(images, runtime, tmp_path, efficientnet_weights):  # noqa: F811
     extractor = _extractor(efficientnet_weights)
     path, rowcols = images[1]
     out = DataLocation("filesystem", str(tmp_path / "f.featurevector"))
@@ -127,8 +133,12 @@ def test_extractors_without_a_network_take_the_rgb_path(images, runtime):
     assert result.features.shape == (len(rowcols), 7)
 
 
-def test_patches_wait_for_the_network_as_uint8(images, runtime, efficientnet_weights,  # noqa: F811
-                                               monkeypatch):
+def test_patches_wait_for_the_network_as_uint8(
+    images,
+    runtime,
+    efficientnet_weights,  # noqa: F811
+    monkeypatch,
+):
     """Queued patches take 150 KB a point (uint8 crops), not the 600 KB of float32 input."""
     extractor = _extractor(efficientnet_weights)
     path, rowcols = images[0]
@@ -150,6 +160,7 @@ def test_patches_wait_for_the_network_as_uint8(images, runtime, efficientnet_wei
         def in_runtime():
             with runtime.activate():
                 return func(*args)
+
         return await asyncio.to_thread(in_runtime)
 
     monkeypatch.setattr(Runtime, "features_async", spy)
@@ -170,12 +181,14 @@ def test_footprint_is_read_from_the_header(images, runtime, efficientnet_weights
     assert (width, height) == Image.open(path).size
     n, batch = len(rowcols), runtime.settings.batch_size
     patches, share = n * 224 * 224 * 3, min(n, batch) * 3 * 224 * 224 * 4
-    assert loaded.footprint == pipeline.Footprint(len(data) + width * height * 3 + patches + share,
-                                                  patches + share)
+    assert loaded.footprint == pipeline.Footprint(
+        len(data) + width * height * 3 + patches + share, patches + share
+    )
 
 
 def test_admission_is_asked_before_decoding_and_released_after_the_network(
-        images, runtime, efficientnet_weights, monkeypatch):  # noqa: F811
+    images, runtime, efficientnet_weights, monkeypatch
+):  # noqa: F811
     extractor = _extractor(efficientnet_weights)
     path, rowcols = images[2]
     job = pipeline.ImageJob(extractor, rowcols, path.read_bytes())
@@ -201,11 +214,11 @@ def test_admission_is_asked_before_decoding_and_released_after_the_network(
         def in_runtime():
             with runtime.activate():
                 return func(*args)
+
         return await asyncio.to_thread(in_runtime)
 
     monkeypatch.setattr(pipeline, "cut", cut_spy)
     with runtime.activate():
         footprint = pipeline.load(job).footprint
     asyncio.run(pipeline.run_async(job, runtime, call, admit=admit))
-    assert events == [("admit", footprint.cutting), ("cut", 0), ("resize", footprint.waiting),
-                      ("release", 0)]
+    assert events == [("admit", footprint.cutting), ("cut", 0), ("resize", footprint.waiting), ("release", 0)]

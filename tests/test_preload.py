@@ -18,7 +18,6 @@ from server.config import ServerConfig, read_preload
 from spacer_core.runtime import Runtime
 from tests.support.grpc_server import extractor_json, make_classifier, running_server
 from tests.support.locations import fs_loc as fs
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +36,9 @@ def write_json(path: Path, data: object) -> Path:
 
 
 def test_health_is_not_serving_until_the_preloaded_models_are_loaded_and_warm(
-    tmp_path, efficientnet_weights, monkeypatch  # noqa: F811
+    tmp_path,
+    efficientnet_weights,
+    monkeypatch,  # noqa: F811
 ):
     # Loading the classifier waits for the test's signal, so preloading cannot
     # finish before it: the NOT_SERVING phase is observed for sure. (A named
@@ -51,12 +52,17 @@ def test_health_is_not_serving_until_the_preloaded_models_are_loaded_and_warm(
         return load(*args, **kwargs)
 
     monkeypatch.setattr(Runtime, "_load_classifier", staticmethod(gated))
-    preload = write_json(tmp_path / "preload.json", {
-        "extractors": [extractor_json(efficientnet_weights.path, efficientnet_weights.sha256)],
-        "classifiers": [fs(pipe)],
-    })
-    with running_server(workers=2, log_level="WARNING", preload=preload) as server, \
-            SpacerClient(server.address, timeout=60) as client:
+    preload = write_json(
+        tmp_path / "preload.json",
+        {
+            "extractors": [extractor_json(efficientnet_weights.path, efficientnet_weights.sha256)],
+            "classifiers": [fs(pipe)],
+        },
+    )
+    with (
+        running_server(workers=2, log_level="WARNING", preload=preload) as server,
+        SpacerClient(server.address, timeout=60) as client,
+    ):
         assert client.health() == "NOT_SERVING"
         assert client.health("") == "NOT_SERVING"
         engine = _RUNTIMES[server.server].engine
@@ -79,15 +85,18 @@ def test_health_is_not_serving_until_the_preloaded_models_are_loaded_and_warm(
         assert batcher is not None and batcher.stats.batches >= 1  # the warm-up pass
 
 
-@pytest.mark.parametrize("content, message", [
-    ("not json", "cannot read it as JSON"),
-    ([], "expected a JSON object"),
-    ({"models": []}, "unknown keys ['models']"),
-    ({"extractors": {}}, "extractors must be a list"),
-    ({"extractors": [{"data_locations": {}}]}, "extractors[0]"),
-    ({"classifiers": ["clf.pkl"]}, "classifiers[0]"),
-    ({"classifiers": [{"storage_type": "tape", "key": "x"}]}, "classifiers[0]"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", "cannot read it as JSON"),
+        ([], "expected a JSON object"),
+        ({"models": []}, "unknown keys ['models']"),
+        ({"extractors": {}}, "extractors must be a list"),
+        ({"extractors": [{"data_locations": {}}]}, "extractors[0]"),
+        ({"classifiers": ["clf.pkl"]}, "classifiers[0]"),
+        ({"classifiers": [{"storage_type": "tape", "key": "x"}]}, "classifiers[0]"),
+    ],
+)
 def test_a_malformed_preload_file_is_refused_naming_the_entry(tmp_path, content, message):
     path = tmp_path / "preload.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -106,7 +115,10 @@ def test_serve_exits_with_a_clear_message_when_a_preloaded_model_cannot_load(tmp
     preload = write_json(tmp_path / "preload.json", {"classifiers": [fs(tmp_path / "absent.pkl")]})
     proc = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--port", "0", "--preload", str(preload)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 2, proc.stderr

@@ -22,7 +22,6 @@ from spacer_core.exceptions import DeadlineExceededError, SpacerError
 from spacer_core.inference import DynamicBatcher, Priority
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 from tests.test_batcher import TIMEOUT, RecordingNetwork, expected, hold_worker, patches_of
 
 # ---------------------------------------------------------------- batcher
@@ -81,7 +80,9 @@ def test_a_request_whose_deadline_passes_in_the_queue_never_reaches_the_network(
         kept = batcher.submit(patches_of([8]), deadline=time.monotonic() + 60)
         time.sleep(0.1)
         network.gate.set()
-        with pytest.raises(DeadlineExceededError, match="deadline passed after .*s in the network's queue") as err:
+        with pytest.raises(
+            DeadlineExceededError, match="deadline passed after .*s in the network's queue"
+        ) as err:
             doomed.result(TIMEOUT)
         assert batcher.name not in str(err.value)  # clients see what happened, not internal names
         np.testing.assert_array_equal(kept.result(TIMEOUT), expected([8]))
@@ -95,7 +96,9 @@ def test_a_request_whose_deadline_passes_in_the_queue_never_reaches_the_network(
 def test_a_deadline_already_passed_is_refused_at_once_and_async_callers_get_the_error():
     network = RecordingNetwork(hold_first=True)
     with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0) as batcher:
-        with pytest.raises(DeadlineExceededError, match="before the request reached the network's queue") as err:
+        with pytest.raises(
+            DeadlineExceededError, match="before the request reached the network's queue"
+        ) as err:
             batcher.submit(patches_of([1]), deadline=time.monotonic() - 1)
         assert batcher.name not in str(err.value)
         first = hold_worker(network, batcher)
@@ -148,23 +151,25 @@ def _batcher(server):
 
 @pytest.mark.slow
 def test_interactive_call_overtakes_a_bulk_stream_and_an_expired_call_never_reaches_the_network(data):
-    config = dict(workers=2, batch_size=4, queue_delay_ms=0, stream_window=BULK_IMAGES,
-                  log_level="WARNING")
+    config = dict(workers=2, batch_size=4, queue_delay_ms=0, stream_window=BULK_IMAGES, log_level="WARNING")
     with running_server(**config) as server, SpacerClient(server.address, timeout=120) as client:
         request = lambda path, n, token: client.image_request(  # noqa: E731
-            data["extractor"], points(n), fs(path), fs(data["clf"]), token)
+            data["extractor"], points(n), fs(path), fs(data["clf"]), token
+        )
         client.classify_image(data["extractor"], points(1), fs(data["images"][0]), fs(data["clf"]))
         batcher = _batcher(server)
         warm_patches = batcher.stats.patches
 
         stream = client.classify_images(
-            request(path, BULK_POINTS, f"bulk{i}") for i, path in enumerate(data["images"]))
+            request(path, BULK_POINTS, f"bulk{i}") for i, path in enumerate(data["images"])
+        )
         arrivals: list[tuple[str, float]] = []
         first = next(stream)  # the backlog is queued: every image is in the window
         assert first.HasField("result"), first
         arrivals.append((first.job_token, time.monotonic()))
         reader = threading.Thread(
-            target=lambda: arrivals.extend((r.job_token, time.monotonic()) for r in stream))
+            target=lambda: arrivals.extend((r.job_token, time.monotonic()) for r in stream)
+        )
         reader.start()
 
         # A bulk-priority call with a short deadline waits behind the backlog and is dropped.
@@ -176,8 +181,9 @@ def test_interactive_call_overtakes_a_bulk_stream_and_an_expired_call_never_reac
         # An interactive call (the unary default) goes ahead of what is left of the stream:
         # at most the images finishing in the batches already running complete meanwhile.
         asked = time.monotonic()
-        reply = client.classify_image(data["extractor"], points(2), fs(data["images"][2]), fs(data["clf"]),
-                                      job_token="interactive")
+        reply = client.classify_image(
+            data["extractor"], points(2), fs(data["images"][2]), fs(data["clf"]), job_token="interactive"
+        )
         answered = time.monotonic()
         assert len(reply.scores) == 2
         reader.join(120)
@@ -194,8 +200,10 @@ def test_interactive_call_overtakes_a_bulk_stream_and_an_expired_call_never_reac
 
 
 def test_unknown_x_priority_is_invalid_argument(data):
-    with running_server(workers=1, log_level="WARNING") as server, \
-            SpacerClient(server.address, timeout=60) as client:
+    with (
+        running_server(workers=1, log_level="WARNING") as server,
+        SpacerClient(server.address, timeout=60) as client,
+    ):
         request = client.image_request(data["extractor"], points(1), fs(data["images"][0]), fs(data["clf"]))
         with pytest.raises(grpc.RpcError) as caught:
             client.stub.ClassifyImage(request, metadata=[("x-priority", "urgent")])

@@ -54,7 +54,10 @@ def test_the_inference_stubs_keep_their_own_descriptor_pool():
 
 
 def test_every_stub_imports_without_a_warning_on_this_runtime():
-    modules = ["server._proto.spacer.v1.spacer_pb2_grpc", "server._proto.inference.grpc_service_pb2_grpc",
-               "spacer_core.caffe.caffe_pb2"]
+    modules = [
+        "server._proto.spacer.v1.spacer_pb2_grpc",
+        "server._proto.inference.grpc_service_pb2_grpc",
+        "spacer_core.caffe.caffe_pb2",
+    ]
     code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
     subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=ROOT, check=True)

@@ -84,9 +84,11 @@ def test_committed_descriptors_match_the_protos(fresh):
 def test_committed_stubs_are_the_pinned_generators_exact_output():
     pinned, installed = gen.pinned_generator(), gen.installed_generator()
     if installed != pinned:
-        pytest.skip(f"grpcio-tools {installed} is installed; the stubs are the output of the pinned "
-                    f"grpcio-tools=={pinned} (pyproject.toml), so their exact text is compared only under "
-                    f"it (`make deps` installs it); the descriptor test still checks their meaning")
+        pytest.skip(
+            f"grpcio-tools {installed} is installed; the stubs are the output of the pinned "
+            f"grpcio-tools=={pinned} (pyproject.toml), so their exact text is compared only under "
+            f"it (`make deps` installs it); the descriptor test still checks their meaning"
+        )
     stale = gen.stale_files()
     assert stale == [], f"stubs are stale, run `make proto`: {stale}"
 
@@ -123,15 +125,21 @@ def test_descriptor_check_detects_a_changed_message(fresh, tmp_path):
     old = gen.serialized_descriptor(path)
     proto = descriptor_pb2.FileDescriptorProto.FromString(old)
     field = descriptor_pb2.FieldDescriptorProto
-    proto.message_type[0].field.add(name="added", number=999, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
+    proto.message_type[0].field.add(
+        name="added", number=999, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL
+    )
     lines = path.read_text().splitlines(keepends=True)
-    call = next(n for n in ast.walk(ast.parse("".join(lines)))
-                if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "AddSerializedFile")
+    call = next(
+        n
+        for n in ast.walk(ast.parse("".join(lines)))
+        if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "AddSerializedFile"
+    )
     literal = call.args[0]
     assert literal.lineno == literal.end_lineno
     line = lines[literal.lineno - 1]
-    lines[literal.lineno - 1] = (line[:literal.col_offset] + repr(proto.SerializeToString())
-                                 + line[literal.end_col_offset:])
+    lines[literal.lineno - 1] = (
+        line[: literal.col_offset] + repr(proto.SerializeToString()) + line[literal.end_col_offset :]
+    )
     path.write_text("".join(lines))
     assert gen.serialized_descriptor(path) != old
     assert descriptor_differences(committed, root, modules) == [str(rel)]
@@ -156,7 +164,8 @@ def test_stale_check_detects_an_edited_stub(fresh, tmp_path):
     pb2.write_text(pb2.read_text() + "\n# edited\n")
     (committed / "server/_proto/spacer/v1/orphan_pb2.py").write_text("")
     assert gen.stale_files(committed) == [
-        "server/_proto/spacer/v1/orphan_pb2.py", "server/_proto/spacer/v1/spacer_pb2.py",
+        "server/_proto/spacer/v1/orphan_pb2.py",
+        "server/_proto/spacer/v1/spacer_pb2.py",
     ]
 
 
@@ -169,8 +178,14 @@ def test_generated_imports_resolve_inside_the_server_package():
     service = spacer_pb2.DESCRIPTOR.services_by_name["Spacer"]
     assert service.full_name == "spacer.v1.Spacer"
     assert {m.name for m in service.methods} >= {
-        "ExtractFeatures", "ClassifyFeatures", "ClassifyImage", "ClassifyImages",
-        "TrainClassifier", "RunJob", "LoadModel", "ListModels",
+        "ExtractFeatures",
+        "ClassifyFeatures",
+        "ClassifyImage",
+        "ClassifyImages",
+        "TrainClassifier",
+        "RunJob",
+        "LoadModel",
+        "ListModels",
     }
     assert hasattr(spacer_pb2_grpc, "SpacerStub")
 
@@ -181,12 +196,31 @@ def test_field_names_follow_pyspacer_messages():
     def fields(msg):
         return set(msg.DESCRIPTOR.fields_by_name)
 
-    assert fields(pb.ExtractFeaturesRequest) >= {"job_token", "extractor", "rowcols", "image_loc", "feature_loc"}
-    assert fields(pb.ClassifyImageRequest) >= {"job_token", "extractor", "rowcols", "image_loc", "classifier_loc"}
+    assert fields(pb.ExtractFeaturesRequest) >= {
+        "job_token",
+        "extractor",
+        "rowcols",
+        "image_loc",
+        "feature_loc",
+    }
+    assert fields(pb.ClassifyImageRequest) >= {
+        "job_token",
+        "extractor",
+        "rowcols",
+        "image_loc",
+        "classifier_loc",
+    }
     assert fields(pb.ClassifyFeaturesRequest) >= {"job_token", "feature_loc", "classifier_loc"}
     assert fields(pb.TrainClassifierRequest) >= {
-        "job_token", "trainer", "nbr_epochs", "clf_type", "labels",
-        "previous_model_locs", "model_loc", "valresult_loc", "feature_cache_dir",
+        "job_token",
+        "trainer",
+        "nbr_epochs",
+        "clf_type",
+        "labels",
+        "previous_model_locs",
+        "model_loc",
+        "valresult_loc",
+        "feature_cache_dir",
     }
     assert fields(pb.ClassifyResponse) >= {"runtime", "scores", "classes", "valid_rowcol"}
     assert fields(pb.TrainResult) >= {"acc", "pc_accs", "ref_accs", "runtime"}

@@ -56,7 +56,7 @@ def _codes_the_server_returns() -> set[str]:
 
 
 def test_every_status_code_the_server_returns_is_documented():
-    table = DOC[DOC.index("## Status codes"):]
+    table = DOC[DOC.index("## Status codes") :]
     documented = set(re.findall(r"^\| `([A-Z_]+)` \|", table, re.MULTILINE))
     returned = _codes_the_server_returns()
     assert {"INVALID_ARGUMENT", "NOT_FOUND", "INTERNAL", "DEADLINE_EXCEEDED"} <= returned

@@ -18,7 +18,6 @@ from spacer_core.inference import BatcherClosedError, NetworkSpec
 from spacer_core.inference.backends import probe_batch
 from spacer_core.runtime import FileHashes, Runtime, RuntimeSettings
 from spacer_core.storage import store_bytes
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 
 def _spec(weights, key=None) -> NetworkSpec:
@@ -75,7 +74,8 @@ def test_batcher_settings_are_the_runtimes_own(efficientnet_weights, tmp_path): 
 def test_activate_makes_the_runtime_current_for_extractors(efficientnet_weights, tmp_path):  # noqa: F811
     active = Runtime(RuntimeSettings(device="cpu", compile_cache_dir=str(tmp_path)))
     extractor = EfficientNetExtractor(
-        data_locations={"weights": DataLocation("filesystem", str(efficientnet_weights.path))})
+        data_locations={"weights": DataLocation("filesystem", str(efficientnet_weights.path))}
+    )
     assert runtime_module.current() is runtime_module.default_runtime()
     with active.activate():
         assert runtime_module.current() is active
@@ -110,7 +110,6 @@ def test_classifier_reloaded_when_its_file_changes(tmp_path):
     assert [m.name for m in active.loaded_models()] == [other.key]  # bounded to one
 
 
-
 def test_classifier_rewritten_in_place_with_size_and_mtime_kept_is_reloaded(tmp_path):
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.linear_model import SGDClassifier
@@ -135,6 +134,7 @@ def test_classifier_rewritten_in_place_with_size_and_mtime_kept_is_reloaded(tmp_
     os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # mtime put back
     assert path.stat().st_mtime_ns == stamp.st_mtime_ns and path.stat().st_ino == stamp.st_ino
     assert active.classifier(loc).classes_.tolist() == [7, 8]
+
 
 def test_file_hashes_are_bounded(tmp_path):
     hashes = FileHashes(max_entries=2)

@@ -44,8 +44,14 @@ def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run command in bash, with `spacer` this tree's CLI (the console script may not be installed)."""
     spacer = f"{shlex.quote(sys.executable)} -m server"
     script = f'spacer() {{ {spacer} "$@"; }}\n{command}'
-    return subprocess.run(["bash", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=540,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        ["bash", "-c", script],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_the_hint_changes_into_the_first_data_root(tmp_path):

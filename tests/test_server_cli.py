@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -16,7 +15,6 @@ import pytest
 from server.cli import _build_parser
 from server.config import MIB, ServerConfig, config_from_args
 from tests.support.grpc_server import extractor_json, make_classifier, make_image
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402
@@ -43,9 +41,14 @@ def test_defaults_serve_loopback_50051():
 
 def test_environment_then_flags(tmp_path):
     env = {
-        "SPACER_PORT": "6001", "SPACER_DEVICE": "cpu", "SPACER_BATCH_SIZE": "8",
-        "SPACER_MAX_MESSAGE_MB": "128", "SPACER_DATA_ROOTS": f"{tmp_path}{os.pathsep}/srv/images",
-        "SPACER_BATCHING": "false", "SPACER_LOG_LEVEL": "debug", "SPACER_WORKERS": "",
+        "SPACER_PORT": "6001",
+        "SPACER_DEVICE": "cpu",
+        "SPACER_BATCH_SIZE": "8",
+        "SPACER_MAX_MESSAGE_MB": "128",
+        "SPACER_DATA_ROOTS": f"{tmp_path}{os.pathsep}/srv/images",
+        "SPACER_BATCHING": "false",
+        "SPACER_LOG_LEVEL": "debug",
+        "SPACER_WORKERS": "",
     }
     config = parse([], env)
     assert (config.port, config.device, config.batch_size, config.batching) == (6001, "cpu", 8, False)
@@ -92,10 +95,16 @@ def test_bad_settings_name_the_setting(argv, env, fragment):
         parse(argv, env)
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "server", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, input=stdin,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        input=stdin,
         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
@@ -137,7 +146,9 @@ def test_classify_subcommand_matches_pyspacer_on_a_features_message(tmp_path):
     assert ours["classes"] == oracle.classes
     np.testing.assert_allclose([s for _, _, s in ours["scores"]], [s for _, _, s in oracle.scores], atol=1e-4)
 
-    stdin_result = run_cli("classify", "-", "-o", str(tmp_path / "out" / "res.json"), stdin=json.dumps(msg.serialize()))
+    stdin_result = run_cli(
+        "classify", "-", "-o", str(tmp_path / "out" / "res.json"), stdin=json.dumps(msg.serialize())
+    )
     assert stdin_result.returncode == 0, stdin_result.stderr
     assert json.loads((tmp_path / "out" / "res.json").read_text())["classes"] == oracle.classes
 
@@ -145,7 +156,9 @@ def test_classify_subcommand_matches_pyspacer_on_a_features_message(tmp_path):
 @pytest.mark.slow
 def test_extract_subcommand_writes_pyspacer_features(tmp_path, efficientnet_weights):  # noqa: F811
     image = make_image(tmp_path / "img.png", 50, 40, seed=3)
-    extractor = SpExtractor.deserialize(extractor_json(efficientnet_weights.path, efficientnet_weights.sha256))
+    extractor = SpExtractor.deserialize(
+        extractor_json(efficientnet_weights.path, efficientnet_weights.sha256)
+    )
     msg = ExtractFeaturesMsg("cli-2", extractor, [(5, 5), (30, 45)], fs(image), fs(tmp_path / "ours.fv"))
     (tmp_path / "msg.json").write_text(json.dumps(msg.serialize()))
     result = run_cli("extract", str(tmp_path / "msg.json"), "-o", str(tmp_path / "ret.json"))
@@ -168,13 +181,22 @@ def test_train_subcommand_trains_and_stores(tmp_path):
     data = {}
     for i in range(12):
         rowcols = [(int(r), int(c)) for r, c in rng.integers(0, 200, (8, 2))]
-        SpFeatures([SpPoint(r, c, rng.normal(size=32)) for r, c in rowcols], True, 32, 8).store(fs(tmp_path / f"{i}.fv"))
+        SpFeatures([SpPoint(r, c, rng.normal(size=32)) for r, c in rowcols], True, 32, 8).store(
+            fs(tmp_path / f"{i}.fv")
+        )
         data[fs(tmp_path / f"{i}.fv")] = [(r, c, int(rng.integers(1, 3))) for r, c in rowcols]
     items = list(data.items())
     msg = TrainClassifierMsg(
-        job_token="cli-3", trainer="minibatch", nbr_epochs=3, clf_type="LR",
-        labels=TrainingTaskLabels(ImageLabels(dict(items[:8])), ImageLabels(dict(items[8:10])), ImageLabels(dict(items[10:]))),
-        previous_model_locs=[], model_loc=fs(tmp_path / "model.pkl"), valresult_loc=fs(tmp_path / "val.json"),
+        job_token="cli-3",
+        trainer="minibatch",
+        nbr_epochs=3,
+        clf_type="LR",
+        labels=TrainingTaskLabels(
+            ImageLabels(dict(items[:8])), ImageLabels(dict(items[8:10])), ImageLabels(dict(items[10:]))
+        ),
+        previous_model_locs=[],
+        model_loc=fs(tmp_path / "model.pkl"),
+        valresult_loc=fs(tmp_path / "val.json"),
     )
     (tmp_path / "msg.json").write_text(json.dumps(msg.serialize()))
     result = run_cli("train", str(tmp_path / "msg.json"))
@@ -212,8 +234,15 @@ def test_a_model_repository_outside_the_data_roots_is_refused_at_start(tmp_path)
     assert parse(["--allow-any-path", "--model-repository", str(elsewhere)]).model_repository == elsewhere
 
 
-@pytest.mark.parametrize("host, expected", [("0.0.0.0", "127.0.0.1:50051"), ("::", "[::1]:50051"),
-                                            ("127.0.0.1", "127.0.0.1:50051"), ("10.1.2.3", "10.1.2.3:50051")])
+@pytest.mark.parametrize(
+    "host, expected",
+    [
+        ("0.0.0.0", "127.0.0.1:50051"),
+        ("::", "[::1]:50051"),
+        ("127.0.0.1", "127.0.0.1:50051"),
+        ("10.1.2.3", "10.1.2.3:50051"),
+    ],
+)
 def test_the_demo_hint_names_an_address_a_local_client_can_dial(host, expected):
     from server.cli import demo_command
 

@@ -13,15 +13,14 @@ import pytest
 from PIL import Image
 
 from server import errors
-from server.app import _RUNTIMES
 from server._proto.spacer.v1 import spacer_pb2 as pb
+from server.app import _RUNTIMES
+from server.client import SpacerClient
 from spacer_core import config as core_config
 from spacer_core import crop
 from spacer_core import exceptions as exc
-from server.client import SpacerClient
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 Code = grpc.StatusCode
 
@@ -62,7 +61,12 @@ def test_point_outside_the_image_is_invalid_argument_naming_the_image(client, da
 
 def test_undecodable_inline_image_is_invalid_argument_naming_the_token(client, data):
     err = rpc_error(
-        client.classify_image, data["extractor"], [(1, 1)], b"not an image", fs(data["clf"]), job_token="junk-7"
+        client.classify_image,
+        data["extractor"],
+        [(1, 1)],
+        b"not an image",
+        fs(data["clf"]),
+        job_token="junk-7",
     )
     assert err.code() == Code.INVALID_ARGUMENT
     assert "junk-7" in err.details()
@@ -111,7 +115,11 @@ def test_feature_dimension_mismatch_is_failed_precondition(client, data):
 def test_unreachable_s3_is_unavailable(client, data, monkeypatch):
     monkeypatch.setattr(core_config, "AWS_ENDPOINT_URL", "http://127.0.0.1:9", raising=False)
     monkeypatch.setenv("SPACER_AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    for name, value in (("AWS_ACCESS_KEY_ID", "k"), ("AWS_SECRET_ACCESS_KEY", "s"), ("AWS_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "k"),
+        ("AWS_SECRET_ACCESS_KEY", "s"),
+        ("AWS_REGION", "us-east-1"),
+    ):
         monkeypatch.setattr(core_config, name, value, raising=False)
     loc = {"storage_type": "s3", "key": "img.jpg", "bucket_name": "bucket"}
     err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], loc, fs(data["clf"]))
@@ -153,13 +161,18 @@ def test_default_message_limit_is_at_least_64_mib():
 
 def test_full_queue_is_resource_exhausted(data):
     many = [(r % 48, c % 64) for r, c in zip(range(0, 400, 7), range(0, 400, 5))]
-    with running_server(max_queue=1, workers=1) as server, SpacerClient(server.address, timeout=120) as client:
+    with (
+        running_server(max_queue=1, workers=1) as server,
+        SpacerClient(server.address, timeout=120) as client,
+    ):
         started = threading.Event()
         outcome: dict = {}
 
         def slow():
             started.set()
-            outcome["slow"] = client.classify_image(data["extractor"], many, fs(data["image"]), fs(data["clf"]))
+            outcome["slow"] = client.classify_image(
+                data["extractor"], many, fs(data["image"]), fs(data["clf"])
+            )
 
         worker = threading.Thread(target=slow)
         worker.start()
@@ -169,7 +182,9 @@ def test_full_queue_is_resource_exhausted(data):
         while admission.active < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert admission.active == 1, "the slow call was never admitted"
-        err = rpc_error(client.classify_image, data["extractor"], [(1, 1)], fs(data["image"]), fs(data["clf"]))
+        err = rpc_error(
+            client.classify_image, data["extractor"], [(1, 1)], fs(data["image"]), fs(data["clf"])
+        )
         client.list_models()  # not an image task: never refused
         worker.join()
     assert err.code() == Code.RESOURCE_EXHAUSTED and "queue" in err.details()
@@ -180,7 +195,10 @@ def test_data_roots_restrict_filesystem_locations(data, tmp_path):
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     inside = make_image(allowed / "in.png", 64, 48)
-    with running_server(data_roots=(allowed, data["root"].parent)) as server, SpacerClient(server.address) as client:
+    with (
+        running_server(data_roots=(allowed, data["root"].parent)) as server,
+        SpacerClient(server.address) as client,
+    ):
         ok = client.classify_image(data["extractor"], [(1, 1)], fs(inside), fs(data["clf"]))
         assert len(ok.scores) == 1
     weights_dir = Path(data["extractor"]["data_locations"]["weights"]["key"]).parent
@@ -233,7 +251,9 @@ def test_allow_any_path_opts_out_and_is_logged_loudly(data, caplog):
     with caplog.at_level(logging.WARNING, logger="server"):
         with running_server(allow_any_path=True) as server, SpacerClient(server.address) as client:
             assert client.load_model(classifier_loc=fs(data["clf"])).kind
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "allow_any_path" in r.getMessage()]
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "allow_any_path" in r.getMessage()
+    ]
     assert warnings and "ANY file" in warnings[0].getMessage()
 
 
@@ -254,7 +274,10 @@ def test_allow_any_path_opts_out_and_is_logged_loudly(data, caplog):
         (exc.QueueFullError("full"), Code.RESOURCE_EXHAUSTED),
         (exc.AccessDeniedError("'/etc/x' is outside the allowed data roots"), Code.PERMISSION_DENIED),
         (exc.URLDownloadError("http://h/x.jpg", TimeoutError("slow")), Code.UNAVAILABLE),
-        (exc.URLRefusedError("http://10.0.0.1/x.jpg refused", PermissionError("private")), Code.PERMISSION_DENIED),
+        (
+            exc.URLRefusedError("http://10.0.0.1/x.jpg refused", PermissionError("private")),
+            Code.PERMISSION_DENIED,
+        ),
         (exc.UnsafePickleError("clf.pkl: refused to load classifier"), Code.INVALID_ARGUMENT),
         (crop.ImageDecodeError("not an image"), Code.INVALID_ARGUMENT),
     ],
@@ -296,7 +319,10 @@ def test_boto_errors_are_wrapped_by_storage_and_map_by_http_status():
         return errors.status_for(raised.value)[0]
 
     def client_error(code, status):
-        return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+        return ClientError(
+            {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+            "GetObject",
+        )
 
     assert mapped(client_error("NoSuchKey", 404)) == Code.NOT_FOUND
     assert mapped(client_error("AccessDenied", 403)) == Code.PERMISSION_DENIED
@@ -316,7 +342,9 @@ def test_unexpected_errors_are_internal_with_a_generic_message_and_a_logged_trac
 
 def test_storage_errors_without_a_file_name_list_the_request_locations():
     bare_404 = exc.StorageMissingObjectError("no such object (404)")
-    code, message = errors.describe(bare_404, "", ["feature_loc=s3://b/f/a.fv", "classifier_loc=s3://b/m.pkl"])
+    code, message = errors.describe(
+        bare_404, "", ["feature_loc=s3://b/f/a.fv", "classifier_loc=s3://b/m.pkl"]
+    )
     assert code == Code.NOT_FOUND
     assert "feature_loc=s3://b/f/a.fv" in message and "classifier_loc=s3://b/m.pkl" in message
     many = [f"labels.train.images[{i}].feature_loc=/d/{i}.fv" for i in range(20)]
@@ -329,7 +357,14 @@ def test_storage_errors_without_a_file_name_list_the_request_locations():
 
 def test_one_log_line_per_rpc_with_method_status_duration_and_token(client, data, caplog):
     with caplog.at_level(logging.INFO, logger="server.rpc"):
-        rpc_error(client.classify_image, data["extractor"], [(999, 1)], fs(data["image"]), fs(data["clf"]), job_token="log-1")
+        rpc_error(
+            client.classify_image,
+            data["extractor"],
+            [(999, 1)],
+            fs(data["image"]),
+            fs(data["clf"]),
+            job_token="log-1",
+        )
         client.list_models()
         deadline = time.monotonic() + 10
         while len([r for r in caplog.records if r.name == "server.rpc"]) < 2 and time.monotonic() < deadline:

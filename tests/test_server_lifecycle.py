@@ -18,9 +18,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.app import _RUNTIMES
 from server.client import SpacerClient
-from tests.support.grpc_server import TEST_DATA_ROOTS, extractor_json, make_classifier, make_image, running_server
+from tests.support.grpc_server import (
+    TEST_DATA_ROOTS,
+    extractor_json,
+    make_classifier,
+    make_image,
+    running_server,
+)
 from tests.support.locations import fs_loc as fs
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +55,18 @@ def start_serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
     log = open(tmp_path / "serve.log", "w")
     roots = [arg for root in TEST_DATA_ROOTS for arg in ("--data-root", str(root))]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", "0", "--port-file", str(port_file), *roots, *args],
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+            *roots,
+            *args,
+        ],
         cwd=ROOT,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -94,7 +110,9 @@ def test_sigterm_reports_not_serving_refuses_new_calls_and_finishes_in_flight_wo
             wait_until(lambda: statuses == ["SERVING"], what="the first health update")
 
             requests = [
-                client.image_request(data["extractor"], many_points(4), data["image"], fs(data["clf"]), f"d{i}")
+                client.image_request(
+                    data["extractor"], many_points(4), data["image"], fs(data["clf"]), f"d{i}"
+                )
                 for i in range(8)
             ]
             responses: list[pb.ClassifyImagesResponse] = []
@@ -134,7 +152,10 @@ def test_sigterm_reports_not_serving_refuses_new_calls_and_finishes_in_flight_wo
 def test_serve_rejects_bad_settings_with_a_clear_message():
     result = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--device", "tpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 2
@@ -142,7 +163,10 @@ def test_serve_rejects_bad_settings_with_a_clear_message():
     # 192.0.2.1 is TEST-NET-1: never an address of this machine.
     result = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--address", "192.0.2.1:50051"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert result.returncode == 2
@@ -153,7 +177,10 @@ def test_serve_rejects_bad_settings_with_a_clear_message():
 @pytest.fixture
 def served():
     # A training long enough to be cancelled mid-way: more epochs than the default limit.
-    with running_server(workers=1, stream_window=1, max_epochs=5000) as server, SpacerClient(server.address) as client:
+    with (
+        running_server(workers=1, stream_window=1, max_epochs=5000) as server,
+        SpacerClient(server.address) as client,
+    ):
         yield server, client
 
 
@@ -216,11 +243,16 @@ def _train_request(root: Path, epochs: int) -> pb.TrainClassifierRequest:
     for i in range(20):
         rowcols = [(int(r), int(c)) for r, c in rng.integers(0, 300, (10, 2))]
         loc = DataLocation("filesystem", str(root / f"f{i}.featurevector"))
-        ImageFeatures.from_arrays(rng.normal(size=(10, 64)), [r for r, _ in rowcols], [c for _, c in rowcols]).store(loc)
+        ImageFeatures.from_arrays(
+            rng.normal(size=(10, 64)), [r for r, _ in rowcols], [c for _, c in rowcols]
+        ).store(loc)
         images.append(
             pb.ImageAnnotations(
                 feature_loc=pb.DataLocation(storage_type="filesystem", key=loc.key),
-                annotations=[pb.Annotation(row=r, col=c, label=pb.Label(id=int(rng.integers(1, 3)))) for r, c in rowcols],
+                annotations=[
+                    pb.Annotation(row=r, col=c, label=pb.Label(id=int(rng.integers(1, 3))))
+                    for r, c in rowcols
+                ],
             )
         )
     return pb.TrainClassifierRequest(

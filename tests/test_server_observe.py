@@ -13,12 +13,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import app, logs
+from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
 from server.config import ServerConfig
-from server._proto.spacer.v1 import spacer_pb2 as pb
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +80,16 @@ def test_metrics_count_calls_codes_points_batches_and_models(served, data):
 
     assert delta(before, after, "grpc_server_handled_total", grpc_method="ListModels", grpc_code="OK") == 1
     assert delta(before, after, "grpc_server_started_total", grpc_method="ListModels", grpc_type="unary") == 1
-    assert delta(before, after, "grpc_server_handled_total", grpc_method="ClassifyFeatures", grpc_code="NOT_FOUND") == 1
-    assert delta(before, after, "spacer_rpc_errors_total", grpc_method="ClassifyFeatures", grpc_code="NOT_FOUND") == 1
+    assert (
+        delta(
+            before, after, "grpc_server_handled_total", grpc_method="ClassifyFeatures", grpc_code="NOT_FOUND"
+        )
+        == 1
+    )
+    assert (
+        delta(before, after, "spacer_rpc_errors_total", grpc_method="ClassifyFeatures", grpc_code="NOT_FOUND")
+        == 1
+    )
     assert delta(before, after, "spacer_rpc_errors_total", grpc_method="ListModels", grpc_code="OK") == 0
     assert delta(before, after, "grpc_server_handling_seconds_count", grpc_method="ClassifyImage") == 1
     assert delta(before, after, "spacer_points_processed_total", grpc_method="ClassifyImage") == 2
@@ -120,7 +127,9 @@ def test_request_id_in_trailers_and_log_line(served, data, caplog):
 def test_stream_logs_item_counts_and_tokens(served, data, caplog):
     server, client = served
     requests = [
-        client.image_request(data["extractor"], [(5, 6)], fs(data["image"]), fs(data["clf"]), job_token=f"s{i}")
+        client.image_request(
+            data["extractor"], [(5, 6)], fs(data["image"]), fs(data["clf"]), job_token=f"s{i}"
+        )
         for i in range(3)
     ]
     with caplog.at_level(logging.INFO, logger="server.rpc"):
@@ -142,7 +151,9 @@ def test_a_passed_deadline_is_logged_and_counted_as_deadline_exceeded(served, da
     release = threading.Event()
 
     def slow_requests():
-        yield client.image_request(data["extractor"], [(5, 6)], fs(data["image"]), fs(data["clf"]), job_token="late")
+        yield client.image_request(
+            data["extractor"], [(5, 6)], fs(data["image"]), fs(data["clf"]), job_token="late"
+        )
         release.wait(30)  # the stream stays open past the deadline
 
     before = scrape(server)
@@ -157,15 +168,25 @@ def test_a_passed_deadline_is_logged_and_counted_as_deadline_exceeded(served, da
     assert record.getMessage().startswith("rpc method=ClassifyImages status=DEADLINE_EXCEEDED")
     assert 'token="late"' in record.getMessage()
     after = scrape(server)
-    assert delta(before, after, "grpc_server_handled_total",
-                 grpc_method="ClassifyImages", grpc_code="DEADLINE_EXCEEDED") == 1
-    assert delta(before, after, "grpc_server_handled_total",
-                 grpc_method="ClassifyImages", grpc_code="CANCELLED") == 0
+    assert (
+        delta(
+            before,
+            after,
+            "grpc_server_handled_total",
+            grpc_method="ClassifyImages",
+            grpc_code="DEADLINE_EXCEEDED",
+        )
+        == 1
+    )
+    assert (
+        delta(before, after, "grpc_server_handled_total", grpc_method="ClassifyImages", grpc_code="CANCELLED")
+        == 0
+    )
 
 
 def test_json_log_format_and_metrics_port_are_settings():
-    from server.config import config_from_args
     from server.cli import _build_parser
+    from server.config import config_from_args
 
     args = _build_parser().parse_args(["serve", "--log-format", "json", "--metrics-port", "9100"])
     config = config_from_args(args, environ={})

@@ -18,7 +18,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 
 class ReflectionClient:
@@ -48,7 +47,11 @@ class ReflectionClient:
             (True, False): self.channel.stream_unary,
             (True, True): self.channel.stream_stream,
         }[(method.client_streaming, method.server_streaming)]
-        call = kind(path, request_serializer=lambda m: m.SerializeToString(), response_deserializer=response_cls.FromString)
+        call = kind(
+            path,
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response_cls.FromString,
+        )
         if method.client_streaming:
             result = call(iter(requests), timeout=timeout)
         else:
@@ -86,10 +89,15 @@ def rc():
         channel.close()
 
 
-SERVICES = sorted([
-    "spacer.v1.Spacer", "grpc.health.v1.Health", "inference.GRPCInferenceService",
-    "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection",
-])
+SERVICES = sorted(
+    [
+        "spacer.v1.Spacer",
+        "grpc.health.v1.Health",
+        "inference.GRPCInferenceService",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+)
 
 
 class _OnlyV1(grpc.StreamStreamClientInterceptor):
@@ -116,7 +124,9 @@ def test_reflection_lists_spacer_health_and_reflection(rc):
 
 
 def test_health_check_by_json(rc):
-    assert rc.call("grpc.health.v1.Health.Check", '{"service": "spacer.v1.Spacer"}') == [{"status": "SERVING"}]
+    assert rc.call("grpc.health.v1.Health.Check", '{"service": "spacer.v1.Spacer"}') == [
+        {"status": "SERVING"}
+    ]
 
 
 def test_every_spacer_rpc_by_json(rc, data):
@@ -125,10 +135,16 @@ def test_every_spacer_rpc_by_json(rc, data):
 
     extracted = rc.call(
         "spacer.v1.Spacer.ExtractFeatures",
-        json.dumps({
-            "job_token": "e1", "extractor": ext, "rowcols": [{"row": 5, "col": 6}, {"row": 40, "col": 60}],
-            "image_loc": loc(image), "feature_loc": loc(feature_path), "return_features": True,
-        }),
+        json.dumps(
+            {
+                "job_token": "e1",
+                "extractor": ext,
+                "rowcols": [{"row": 5, "col": 6}, {"row": 40, "col": 60}],
+                "image_loc": loc(image),
+                "feature_loc": loc(feature_path),
+                "return_features": True,
+            }
+        ),
     )[0]
     assert extracted["job_token"] == "e1"
     assert len(extracted["features"]["point_features"]) == 2
@@ -142,26 +158,41 @@ def test_every_spacer_rpc_by_json(rc, data):
     assert [c["id"] for c in by_features["classes"]] == ["3", "5"]  # int64 is a JSON string
     assert [(s["row"], s["col"]) for s in by_features["scores"]] == [(5, 6), (40, 60)]
 
-    one = json.dumps({
-        "job_token": "i1", "extractor": ext, "rowcols": [{"row": 5, "col": 6}],
-        "image_loc": loc(image), "classifier_loc": loc(clf),
-    })
+    one = json.dumps(
+        {
+            "job_token": "i1",
+            "extractor": ext,
+            "rowcols": [{"row": 5, "col": 6}],
+            "image_loc": loc(image),
+            "classifier_loc": loc(clf),
+        }
+    )
     by_image = rc.call("spacer.v1.Spacer.ClassifyImage", one)[0]
     assert by_image["job_token"] == "i1" and by_image["valid_rowcol"] is True
     assert by_image["scores"][0]["scores"] == pytest.approx(by_features["scores"][0]["scores"], abs=1e-4)
 
-    bad = json.dumps({
-        "job_token": "i2", "extractor": ext, "rowcols": [{"row": 500, "col": 6}],
-        "image_loc": loc(image), "classifier_loc": loc(clf),
-    })
+    bad = json.dumps(
+        {
+            "job_token": "i2",
+            "extractor": ext,
+            "rowcols": [{"row": 500, "col": 6}],
+            "image_loc": loc(image),
+            "classifier_loc": loc(clf),
+        }
+    )
     streamed = {r["job_token"]: r for r in rc.call("spacer.v1.Spacer.ClassifyImages", one, bad)}
     assert "result" in streamed["i1"]
     assert streamed["i2"]["error"]["code_name"] == "INVALID_ARGUMENT"
 
     job = {
         "task_name": "classify_features",
-        "tasks": [{"job_token": "j1", "feature_loc": {**loc(feature_path), "bucket_name": None},
-                   "classifier_loc": {**loc(clf), "bucket_name": None}}],
+        "tasks": [
+            {
+                "job_token": "j1",
+                "feature_loc": {**loc(feature_path), "bucket_name": None},
+                "classifier_loc": {**loc(clf), "bucket_name": None},
+            }
+        ],
     }
     ran = rc.call("spacer.v1.Spacer.RunJob", json.dumps({"job_msg_json": json.dumps(job)}))[0]
     assert ran["ok"] is True
@@ -174,15 +205,25 @@ def test_every_spacer_rpc_by_json(rc, data):
 
     labels = {
         "images": [
-            {"feature_loc": loc(feature_path),
-             "annotations": [{"row": 5, "col": 6, "label": {"id": 3}}, {"row": 40, "col": 60, "label": {"id": 5}}]}
+            {
+                "feature_loc": loc(feature_path),
+                "annotations": [
+                    {"row": 5, "col": 6, "label": {"id": 3}},
+                    {"row": 40, "col": 60, "label": {"id": 5}},
+                ],
+            }
         ]
     }
-    train = json.dumps({
-        "job_token": "t1", "nbr_epochs": 2, "clf_type": "LR",
-        "labels": {"train": labels, "ref": labels, "val": labels},
-        "model_loc": loc(data["root"] / "model.pkl"), "valresult_loc": loc(data["root"] / "valres.json"),
-    })
+    train = json.dumps(
+        {
+            "job_token": "t1",
+            "nbr_epochs": 2,
+            "clf_type": "LR",
+            "labels": {"train": labels, "ref": labels, "val": labels},
+            "model_loc": loc(data["root"] / "model.pkl"),
+            "valresult_loc": loc(data["root"] / "valres.json"),
+        }
+    )
     events = rc.call("spacer.v1.Spacer.TrainClassifier", train)
     assert [e["progress"]["epoch"] for e in events[:-1]] == [1, 2]
     assert events[-1]["result"]["model_loc"]["key"].endswith("model.pkl")
@@ -191,9 +232,15 @@ def test_every_spacer_rpc_by_json(rc, data):
 
 def test_json_errors_come_back_as_status_codes(rc, data):
     with pytest.raises(grpc.RpcError) as err:
-        rc.call("spacer.v1.Spacer.ClassifyFeatures", json.dumps({
-            "feature_loc": loc(data["root"] / "absent.featurevector"), "classifier_loc": loc(data["clf"]),
-        }))
+        rc.call(
+            "spacer.v1.Spacer.ClassifyFeatures",
+            json.dumps(
+                {
+                    "feature_loc": loc(data["root"] / "absent.featurevector"),
+                    "classifier_loc": loc(data["clf"]),
+                }
+            ),
+        )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "absent.featurevector" in err.value.details()
 
@@ -210,7 +257,9 @@ def test_a_v1_only_client_lists_describes_and_calls(rc):
         "grpc.reflection.v1.ServerReflectionRequest"
     )
     assert v1.method("spacer.v1.Spacer.ClassifyImages").client_streaming
-    assert v1.call("grpc.health.v1.Health.Check", '{"service": "spacer.v1.Spacer"}') == [{"status": "SERVING"}]
+    assert v1.call("grpc.health.v1.Health.Check", '{"service": "spacer.v1.Spacer"}') == [
+        {"status": "SERVING"}
+    ]
     assert len(v1.call("spacer.v1.Spacer.ListModels", "{}")) == 1
     reflection_calls = [m for m in only_v1.methods if "ServerReflection" in m]
     assert reflection_calls and all(m.startswith("/grpc.reflection.v1.") for m in reflection_calls)

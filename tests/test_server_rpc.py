@@ -10,10 +10,8 @@ import pytest
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from spacer_core import config as core_config
-from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
+from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402
@@ -23,7 +21,8 @@ from spacer.extractors import FeatureExtractor as SpExtractor  # noqa: E402
 from spacer.messages import ClassifyFeaturesMsg as SpClassifyFeaturesMsg  # noqa: E402
 from spacer.messages import ClassifyImageMsg as SpClassifyImageMsg  # noqa: E402
 from spacer.messages import ExtractFeaturesMsg as SpExtractMsg  # noqa: E402
-from tests.support.locations import fs_loc as fs
+
+from tests.support.locations import fs_loc as fs  # noqa: E402
 
 ROWCOLS = [(10, 12), (40, 60), (71, 95)]
 
@@ -79,7 +78,11 @@ def test_classify_image_inline_and_by_location_match_pyspacer(client, data):
 def test_extract_features_stores_pyspacer_readable_file_and_returns_it_inline(client, data):
     ours_loc = data["root"] / "ours.featurevector"
     response = client.extract_features(
-        data["extractor"], ROWCOLS, data["image"], fs(ours_loc), return_features=True,
+        data["extractor"],
+        ROWCOLS,
+        data["image"],
+        fs(ours_loc),
+        return_features=True,
         job_token="ext-1",
     )
     oracle_loc = data["root"] / "oracle.featurevector"
@@ -181,8 +184,8 @@ def _train_request(root, images, epochs):
 
 
 def test_train_classifier_streams_progress_then_result(client, data):
-    from spacer.messages import TrainClassifierMsg, TrainingTaskLabels
     from spacer.data_classes import ImageLabels
+    from spacer.messages import TrainClassifierMsg, TrainingTaskLabels
     from spacer.storage import load_classifier
 
     root = data["root"]
@@ -245,7 +248,9 @@ def test_run_job_returns_pyspacer_job_return_json(client, data):
 
     missing = JobMsg(
         task_name="classify_features",
-        tasks=[SpClassifyFeaturesMsg("job-2", SpLoc(**fs(data["root"] / "nope.fv")), SpLoc(**fs(data["clf"])))],
+        tasks=[
+            SpClassifyFeaturesMsg("job-2", SpLoc(**fs(data["root"] / "nope.fv")), SpLoc(**fs(data["clf"])))
+        ],
     )
     failed = client.run_job(missing)
     assert failed["ok"] is False and "nope.fv" in failed["error_message"]
@@ -293,7 +298,9 @@ def test_s3_locations_end_to_end(client, data, s3_bucket):
         return {"storage_type": "s3", "key": key, "bucket_name": s3_bucket}
 
     local = client.classify_image(data["extractor"], ROWCOLS, fs(data["image"]), fs(data["clf"]))
-    remote = client.classify_image(data["extractor"], ROWCOLS, s3_loc("images/reef.jpg"), s3_loc("models/clf.pkl"))
+    remote = client.classify_image(
+        data["extractor"], ROWCOLS, s3_loc("images/reef.jpg"), s3_loc("models/clf.pkl")
+    )
     for a, b in zip(remote.scores, local.scores):
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
 

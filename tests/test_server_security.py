@@ -26,7 +26,9 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+def _write(
+    folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
     cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
@@ -40,7 +42,7 @@ def _write(folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurv
 def _issue(folder: Path, stem: str, issuer: tuple | None, *, ca: bool = False, server: bool = False):
     """A certificate (self-signed CA when issuer is None); returns (cert, key, cert path, key path)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     issuer_cert, issuer_key = issuer[:2] if issuer else (None, key)
     builder = (
         x509.CertificateBuilder()
@@ -54,7 +56,9 @@ def _issue(folder: Path, stem: str, issuer: tuple | None, *, ca: bool = False, s
     )
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
             critical=False,
         )
     cert = builder.sign(issuer_key, hashes.SHA256())
@@ -154,7 +158,10 @@ def test_security_flags_and_their_checks(pki, tmp_path):
     config = _parse(["--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki["ca"][2]),
                      "--auth-token-file", str(token)])  # fmt: skip
     assert (config.tls_cert, config.tls_key, config.tls_client_ca, config.auth_token_file) == (
-        cert, key, pki["ca"][2], token
+        cert,
+        key,
+        pki["ca"][2],
+        token,
     )
     assert config.describe()["tls_cert"] == str(cert)
     with pytest.raises(ValueError, match="tls_cert and tls_key must be given together"):

@@ -11,14 +11,14 @@ import pytest
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
-from tests.support.weights import efficientnet_weights  # noqa: F401  (fixture)
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402
 from spacer.data_classes import DataLocation as SpLoc  # noqa: E402
 from spacer.extractors import FeatureExtractor as SpExtractor  # noqa: E402
 from spacer.messages import ClassifyImageMsg as SpClassifyImageMsg  # noqa: E402
-from tests.support.locations import fs_loc as fs
+
+from tests.support.locations import fs_loc as fs  # noqa: E402
 
 N_REQUESTS = 200
 N_DISTINCT = 16

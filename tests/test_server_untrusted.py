@@ -23,13 +23,13 @@ from tests.support.grpc_server import make_classifier, running_server
 Code = grpc.StatusCode
 
 # Importing this module (written to a temporary folder) leaves a marker file.
-_TRAP = '''
+_TRAP = """
 import pathlib
 pathlib.Path({marker!r}).write_text("imported")
 
 class Trainer:
     pass
-'''
+"""
 
 
 @pytest.fixture
@@ -146,7 +146,11 @@ def test_hostile_classifier_pickle_is_refused_over_grpc(client, tmp_path):
     features.write_bytes(b"")
     job = JobMsg(
         "classify_features",
-        [ClassifyFeaturesMsg("cf", DataLocation("filesystem", str(features)), DataLocation("filesystem", str(hostile)))],
+        [
+            ClassifyFeaturesMsg(
+                "cf", DataLocation("filesystem", str(features)), DataLocation("filesystem", str(hostile))
+            )
+        ],
     )
     reply = client.run_job(job.serialize())
     assert reply["ok"] is False
@@ -158,7 +162,11 @@ def test_failed_job_reply_has_no_traceback(client, tmp_path, caplog):
     missing = tmp_path / "absent.featurevector"
     job = JobMsg(
         "classify_features",
-        [ClassifyFeaturesMsg("cf-1", DataLocation("filesystem", str(missing)), DataLocation("filesystem", str(clf)))],
+        [
+            ClassifyFeaturesMsg(
+                "cf-1", DataLocation("filesystem", str(missing)), DataLocation("filesystem", str(clf))
+            )
+        ],
     )
     with caplog.at_level(logging.ERROR, logger="server.security"):
         reply = client.run_job(job.serialize())

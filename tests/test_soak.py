@@ -17,7 +17,10 @@ def test_sixty_second_soak_loses_nothing_and_memory_stays_flat(tmp_path):
     out = tmp_path / "soak.json"
     run = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--seconds", "60", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=540,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -31,7 +34,10 @@ def test_sixty_second_soak_loses_nothing_and_memory_stays_flat(tmp_path):
 def test_soak_refuses_bad_arguments():
     run = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--seconds", "sixty"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 2
     assert "--seconds" in run.stderr

@@ -21,6 +21,7 @@ from sklearn.neural_network import MLPClassifier
 from spacer_core import storage
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import URLDownloadError
+from spacer_core.runtime import Runtime
 from spacer_core.storage import (
     FileSystemStorage,
     MemoryStorage,
@@ -33,10 +34,7 @@ from spacer_core.storage import (
     store_classifier,
     store_image,
 )
-from spacer_core.runtime import Runtime
 from spacer_core.urlfetch import UrlRules
-from tests.support.http_server import http_server  # noqa: F401  (fixture)
-from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
 
 LEGACY_DIR = Path(__file__).parent / "fixtures" / "legacy_classifiers"
 LEGACY_PICKLES = sorted(LEGACY_DIR.glob("*.pkl"))
@@ -179,7 +177,9 @@ def test_url_malformed_and_unreachable():
     with pytest.raises(URLDownloadError, match="Failed to download from the URL 'no-scheme'"):
         URLStorage().load("no-scheme")
     # Nothing listens on port 9 (discard) of the loopback interface here.
-    with pytest.raises(URLDownloadError, match="Failed to download from the URL 'http://127.0.0.1:9/x'") as info:
+    with pytest.raises(
+        URLDownloadError, match="Failed to download from the URL 'http://127.0.0.1:9/x'"
+    ) as info:
         URLStorage(UrlRules(allow_private=True)).load("http://127.0.0.1:9/x")
     assert isinstance(info.value.original_error, ConnectionRefusedError)
 
@@ -195,7 +195,9 @@ def test_url_timeout(http_server, monkeypatch):
 def test_url_stall_mid_body(http_server, monkeypatch):
     monkeypatch.setattr(URLStorage, "TIMEOUT", 0.3)
     url = http_server.add("/stall.bin", b"x" * 1000, stall=2.0)
-    with pytest.raises(URLDownloadError, match="Couldn't read the full response from the URL '.*stall.bin'") as info:
+    with pytest.raises(
+        URLDownloadError, match="Couldn't read the full response from the URL '.*stall.bin'"
+    ) as info:
         URLStorage().load(url)
     assert isinstance(info.value.original_error, TimeoutError)
 
@@ -296,14 +298,22 @@ def _auth_header(http_server) -> str | None:
 
 def test_s3_signs_with_configured_keys(http_server, monkeypatch):
     http_server.add("/bkt/obj.bin", b"signed")
-    _point_s3_at(monkeypatch, http_server.base_url, AWS_ACCESS_KEY_ID="AKIDCONFIGURED", AWS_SECRET_ACCESS_KEY="s")
+    _point_s3_at(
+        monkeypatch, http_server.base_url, AWS_ACCESS_KEY_ID="AKIDCONFIGURED", AWS_SECRET_ACCESS_KEY="s"
+    )
     assert S3Storage("bkt").load("obj.bin").getvalue() == b"signed"
     assert "Credential=AKIDCONFIGURED/" in _auth_header(http_server)
 
 
 def test_s3_anonymous_sends_no_signature(http_server, monkeypatch):
     http_server.add("/bkt/obj.bin", b"public")
-    _point_s3_at(monkeypatch, http_server.base_url, AWS_ANONYMOUS=True, AWS_ACCESS_KEY_ID="AKIDIGNORED", AWS_SECRET_ACCESS_KEY="s")
+    _point_s3_at(
+        monkeypatch,
+        http_server.base_url,
+        AWS_ANONYMOUS=True,
+        AWS_ACCESS_KEY_ID="AKIDIGNORED",
+        AWS_SECRET_ACCESS_KEY="s",
+    )
     assert S3Storage("bkt").load("obj.bin").getvalue() == b"public"
     assert _auth_header(http_server) is None
 
@@ -326,7 +336,9 @@ def test_s3_features_readable_by_pyspacer_store(s3_bucket, moto_server, monkeypa
     import spacer.aws
     import spacer.config
 
-    feats = ImageFeatures.from_arrays(np.random.default_rng(0).random((4, 6)), rows=[1, 2, 3, 4], cols=[5, 6, 7, 8])
+    feats = ImageFeatures.from_arrays(
+        np.random.default_rng(0).random((4, 6)), rows=[1, 2, 3, 4], cols=[5, 6, 7, 8]
+    )
     feats.store(DataLocation("s3", "img.featurevector", bucket_name=s3_bucket))
 
     # pyspacer has no endpoint setting; give it a resource bound to moto.
@@ -430,7 +442,9 @@ def test_classifier_cache_sees_overwritten_file(tmp_path):
     data = pickle.dumps(second, protocol=2)
     Path(loc.key).write_bytes(data)
     os.utime(loc.key, ns=(1, 1))
-    np.testing.assert_array_equal(load_classifier(loc).predict_proba(_probe()), second.predict_proba(_probe()))
+    np.testing.assert_array_equal(
+        load_classifier(loc).predict_proba(_probe()), second.predict_proba(_probe())
+    )
 
 
 def test_classifier_cache_sees_replaced_memory_blob():
@@ -466,9 +480,13 @@ def test_concurrent_classifier_loads_agree(tmp_path):
 
 def test_load_rejects_other_objects():
     storage_factory("memory").store("svc.pkl", pickle.dumps(SGDClassifier(), protocol=2))
-    with pytest.raises(ValueError, match="svc.pkl: Loaded a SGDClassifier instead of a CalibratedClassifierCV"):
+    with pytest.raises(
+        ValueError, match="svc.pkl: Loaded a SGDClassifier instead of a CalibratedClassifierCV"
+    ):
         load_classifier(DataLocation("memory", "svc.pkl"))
-    storage_factory("memory").store("cv.pkl", pickle.dumps(CalibratedClassifierCV(SGDClassifier(), cv=3), protocol=2))
+    storage_factory("memory").store(
+        "cv.pkl", pickle.dumps(CalibratedClassifierCV(SGDClassifier(), cv=3), protocol=2)
+    )
     with pytest.raises(ValueError, match="cv.pkl: Loaded classifier has cv '3' instead of 'prefit'"):
         load_classifier(DataLocation("memory", "cv.pkl"))
     storage_factory("memory").store("junk.pkl", b"not a pickle at all")
@@ -562,9 +580,7 @@ def test_public_names_cover_pyspacers(module):
     theirs = importlib.import_module(f"spacer.{module}")
     ours = importlib.import_module(f"spacer_core.{module}")
     names = {
-        name
-        for name, value in vars(theirs).items()
-        if not name.startswith("_") and _defined_in_spacer(value)
+        name for name, value in vars(theirs).items() if not name.startswith("_") and _defined_in_spacer(value)
     }
     assert sorted(n for n in names if not hasattr(ours, n)) == []
 
@@ -594,8 +610,11 @@ def test_client_policy_covers_every_storage_type(tmp_path):
     policy.check(DataLocation("filesystem", str(tmp_path / "a.jpg")), "read")
     policy.check(DataLocation("s3", "k", "mine"), "write")
     policy.check(DataLocation("url", "http://127.0.0.1/x"), "read")
-    for loc in (DataLocation("filesystem", "/etc/passwd"), DataLocation("s3", "k", "theirs"),
-                DataLocation("memory", "k")):
+    for loc in (
+        DataLocation("filesystem", "/etc/passwd"),
+        DataLocation("s3", "k", "theirs"),
+        DataLocation("memory", "k"),
+    ):
         with pytest.raises(AccessDeniedError):
             policy.check(loc, "read")
     storage.ClientPolicy(None).check(DataLocation("filesystem", "/etc/passwd"), "read")

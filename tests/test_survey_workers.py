@@ -49,8 +49,9 @@ def test_extract_runs_images_side_by_side_and_reports_in_order(tmp_path):
     points = {p.name: [(1, 1), (2, 2)] for p in images}
     runner = FakeRunner(workers=2)
     seen = []
-    out = survey.extract_images(runner, None, images, points, tmp_path / "f",
-                                progress=lambda i, n, name: seen.append((i, name)))
+    out = survey.extract_images(
+        runner, None, images, points, tmp_path / "f", progress=lambda i, n, name: seen.append((i, name))
+    )
     assert [o.image for o in out] == [p.name for p in images]
     assert seen == [(i + 1, p.name) for i, p in enumerate(images)]
     assert runner.most == 2
@@ -59,8 +60,9 @@ def test_extract_runs_images_side_by_side_and_reports_in_order(tmp_path):
 def test_classify_keeps_image_order_and_the_first_error_in_order_raises(tmp_path):
     images = _images(tmp_path, ["a0.jpg", "b1.jpg", "a2.jpg"])
     points = {p.name: [(1, 1)] for p in images}
-    rows, classes = survey.classify_images(FakeRunner(2), None, tmp_path / "c.pkl", images, points,
-                                           threshold=0.0)
+    rows, classes = survey.classify_images(
+        FakeRunner(2), None, tmp_path / "c.pkl", images, points, threshold=0.0
+    )
     assert [r[0] if isinstance(r, tuple) else r for r in rows] and classes == ["x", "y"]
     assert len(rows) == 3
     bad = _images(tmp_path, ["a5.jpg", "bad6.jpg", "bad7.jpg"])

@@ -99,7 +99,10 @@ def _both(data: dict[str, list]):
 
 
 def _as_lists(sets) -> dict[str, list]:
-    return {name: [(loc.key, list(sets[name][loc])) for loc in sets[name].keys()] for name in ("train", "ref", "val")}
+    return {
+        name: [(loc.key, list(sets[name][loc])) for loc in sets[name].keys()]
+        for name in ("train", "ref", "val")
+    }
 
 
 def _run(function, *args, **kwargs):
@@ -130,7 +133,9 @@ def test_split_ratios_accepted_classes_and_ref_cap(mode, monkeypatch):
     ours_result = _run(preprocess_labels, ours, split_mode=mode, **kwargs)
     assert ours_result == _run(py_task_utils.preprocess_labels, theirs, split_mode=PY_MODES[mode], **kwargs)
     sets = ours_result[1]
-    assert all(label in accepted for name in sets for _, annotations in sets[name] for *_, label in annotations)
+    assert all(
+        label in accepted for name in sets for _, annotations in sets[name] for *_, label in annotations
+    )
     if mode != SplitMode.VECTORS:
         assert sum(len(a) for _, a in sets["ref"]) <= 20
 
@@ -178,7 +183,9 @@ def test_presplit_val_emptied_by_class_filter_matches_pyspacer():
     val, py_val = _both({"c.fv": [(1, 1, 9)]})
     ours_result = _run(preprocess_labels, TrainingTaskLabels(train, ref, val))
     assert ours_result == ("TrainingLabelsError", "After preprocessing training data, 'val' set is empty.")
-    assert ours_result == _run(py_task_utils.preprocess_labels, py_messages.TrainingTaskLabels(py_train, py_ref, py_val))
+    assert ours_result == _run(
+        py_task_utils.preprocess_labels, py_messages.TrainingTaskLabels(py_train, py_ref, py_val)
+    )
 
 
 def test_split_labels_vectors_keeps_whole_images():

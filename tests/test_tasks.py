@@ -8,16 +8,16 @@ import pickle
 
 import numpy as np
 import pytest
-from PIL import Image
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.linear_model import SGDClassifier
-
 import spacer.config
 import spacer.data_classes
 import spacer.messages
 import spacer.storage
 import spacer.tasks
-from spacer_core import config, data_classes, messages, storage, tasks
+from PIL import Image
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.linear_model import SGDClassifier
+
+from spacer_core import config, data_classes, messages, tasks
 from spacer_core.exceptions import DataLimitError, FeatureDimensionError, RowColumnInvalidError
 from tests.support.locations import fs_loc as loc
 from tests.support.weights import make_weights
@@ -99,10 +99,16 @@ def test_extract_features_matches_pyspacer(workdir, extractor_json, image_path):
     }
     theirs, ours = run_both("extract_features", msg, {"feature_loc": loc(workdir / "ours.featurevector")})
     assert ours.runtime > 0 and not ours.extractor_loaded_remotely
-    ref = spacer.data_classes.ImageFeatures.load(spacer.data_classes.DataLocation("filesystem", str(workdir / "theirs.featurevector")))
+    ref = spacer.data_classes.ImageFeatures.load(
+        spacer.data_classes.DataLocation("filesystem", str(workdir / "theirs.featurevector"))
+    )
     # pyspacer reads the file we wrote, and our reader agrees with it.
-    got = spacer.data_classes.ImageFeatures.load(spacer.data_classes.DataLocation("filesystem", str(workdir / "ours.featurevector")))
-    got_ours = data_classes.ImageFeatures.load(data_classes.DataLocation("filesystem", str(workdir / "ours.featurevector")))
+    got = spacer.data_classes.ImageFeatures.load(
+        spacer.data_classes.DataLocation("filesystem", str(workdir / "ours.featurevector"))
+    )
+    got_ours = data_classes.ImageFeatures.load(
+        data_classes.DataLocation("filesystem", str(workdir / "ours.featurevector"))
+    )
     assert got.valid_rowcol and got.npoints == len(ROWCOLS) and got.feature_dim == FEATURE_DIM
     assert [(p.row, p.col) for p in got.point_features] == [tuple(rc) for rc in ROWCOLS]
     ref_arr = np.stack([p.data for p in ref.point_features])
@@ -168,10 +174,14 @@ def test_classify_rejects_feature_dimension_mismatch(workdir, classifier_path):
     path = workdir / "small.featurevector"
     small = spacer.data_classes.ImageFeatures(
         point_features=[spacer.data_classes.PointFeatures(row=1, col=1, data=[0.5] * 8)],
-        valid_rowcol=True, feature_dim=8, npoints=1,
+        valid_rowcol=True,
+        feature_dim=8,
+        npoints=1,
     )
     small.store(spacer.data_classes.DataLocation("filesystem", str(path)))
-    msg = messages.ClassifyFeaturesMsg.deserialize({"job_token": "dim", "feature_loc": loc(path), "classifier_loc": loc(classifier_path)})
+    msg = messages.ClassifyFeaturesMsg.deserialize(
+        {"job_token": "dim", "feature_loc": loc(path), "classifier_loc": loc(classifier_path)}
+    )
     with pytest.raises(FeatureDimensionError, match="small.featurevector.*dimension 8.*1280"):
         tasks.classify_features(msg)
 
@@ -187,10 +197,15 @@ def _labelled_features(workdir, n_images=14, n_points=24, dim=24):
         points, annotations = [], []
         for j in range(n_points):
             k = int(rng.integers(0, 3))
-            points.append(spacer.data_classes.PointFeatures(row=j, col=j * 2, data=(centers[k] + rng.normal(0, 0.7, dim)).tolist()))
+            points.append(
+                spacer.data_classes.PointFeatures(
+                    row=j, col=j * 2, data=(centers[k] + rng.normal(0, 0.7, dim)).tolist()
+                )
+            )
             annotations.append([j, j * 2, names[k]])
-        spacer.data_classes.ImageFeatures(point_features=points, valid_rowcol=True, feature_dim=dim, npoints=n_points).store(
-            spacer.data_classes.DataLocation("filesystem", str(path)))
+        spacer.data_classes.ImageFeatures(
+            point_features=points, valid_rowcol=True, feature_dim=dim, npoints=n_points
+        ).store(spacer.data_classes.DataLocation("filesystem", str(path)))
         labels[json.dumps(loc(path))] = annotations
     return labels
 
@@ -224,10 +239,16 @@ def test_train_classifier_matches_pyspacer(workdir, clf_type):
     assert len(ours.ref_accs) == len(theirs.ref_accs) == 3
     assert len(epochs_seen) == 3
     # pyspacer loads the classifier and validation results we stored.
-    clf = spacer.storage.load_classifier(spacer.data_classes.DataLocation("filesystem", str(workdir / f"ours_{clf_type}.pkl")))
+    clf = spacer.storage.load_classifier(
+        spacer.data_classes.DataLocation("filesystem", str(workdir / f"ours_{clf_type}.pkl"))
+    )
     assert sorted(clf.classes_.tolist()) == ["Acropora", "Porites", "Sand"]
-    val = spacer.data_classes.ValResults.load(spacer.data_classes.DataLocation("filesystem", str(workdir / f"ours_{clf_type}.json")))
-    theirs_val = spacer.data_classes.ValResults.load(spacer.data_classes.DataLocation("filesystem", str(workdir / f"theirs_{clf_type}.json")))
+    val = spacer.data_classes.ValResults.load(
+        spacer.data_classes.DataLocation("filesystem", str(workdir / f"ours_{clf_type}.json"))
+    )
+    theirs_val = spacer.data_classes.ValResults.load(
+        spacer.data_classes.DataLocation("filesystem", str(workdir / f"theirs_{clf_type}.json"))
+    )
     assert val.classes == theirs_val.classes and val.gt == theirs_val.gt
 
 
@@ -235,25 +256,38 @@ def _train_msg(workdir, labels, previous):
     import spacer.task_utils
 
     split = spacer.task_utils.preprocess_labels(spacer.data_classes.ImageLabels.deserialize(labels))
-    return messages.TrainClassifierMsg.deserialize({
-        "job_token": "train-previous", "trainer": {"class_path": "spacer.train_classifier.MiniBatchTrainer"},
-        "nbr_epochs": 1, "clf_type": "LR", "labels": split.serialize(),
-        "previous_model_locs": [loc(p) for p in previous],
-        "model_loc": loc(workdir / "new.pkl"), "valresult_loc": loc(workdir / "new.json"), "feature_cache_dir": "auto",
-    })
+    return messages.TrainClassifierMsg.deserialize(
+        {
+            "job_token": "train-previous",
+            "trainer": {"class_path": "spacer.train_classifier.MiniBatchTrainer"},
+            "nbr_epochs": 1,
+            "clf_type": "LR",
+            "labels": split.serialize(),
+            "previous_model_locs": [loc(p) for p in previous],
+            "model_loc": loc(workdir / "new.pkl"),
+            "valresult_loc": loc(workdir / "new.json"),
+            "feature_cache_dir": "auto",
+        }
+    )
 
 
-def test_training_refuses_a_previous_model_of_another_width_and_features_that_are_not_finite(workdir, classifier_path):
+def test_training_refuses_a_previous_model_of_another_width_and_features_that_are_not_finite(
+    workdir, classifier_path
+):
     from spacer_core.exceptions import InvalidInputError
 
     labels = _labelled_features(workdir)  # 24 features; the previous model reads 1280
-    with pytest.raises(FeatureDimensionError, match=r"previous_model_locs\[0\].*dimension 1280.*dimension 24"):
+    with pytest.raises(
+        FeatureDimensionError, match=r"previous_model_locs\[0\].*dimension 1280.*dimension 24"
+    ):
         tasks.train_classifier(_train_msg(workdir, labels, [classifier_path]))
     first = json.loads(next(iter(labels)))["key"]
     features = spacer.data_classes.ImageFeatures.load(spacer.data_classes.DataLocation("filesystem", first))
     features.point_features[0].data[3] = float("nan")
     features.store(spacer.data_classes.DataLocation("filesystem", first))
-    with pytest.raises(InvalidInputError, match="train_0.featurevector: the features contain NaN or infinite values"):
+    with pytest.raises(
+        InvalidInputError, match="train_0.featurevector: the features contain NaN or infinite values"
+    ):
         tasks.train_classifier(_train_msg(workdir, labels, []))
 
 
@@ -318,7 +352,9 @@ def test_process_job_runs_tasks_and_stops_at_first_failure(workdir, extractor_js
     # pyspacer reads our JobReturnMsg JSON.
     spacer.messages.JobReturnMsg.deserialize(json.loads(json.dumps(ok.serialize())))
 
-    failed = tasks.process_job(messages.JobMsg.deserialize({"task_name": "extract_features", "tasks": [good, bad, after]}))
+    failed = tasks.process_job(
+        messages.JobMsg.deserialize({"task_name": "extract_features", "tasks": [good, bad, after]})
+    )
     assert not failed.ok and failed.results is None
     assert "Traceback" in failed.error_message and "absent.jpg" in failed.error_message
     assert not (workdir / "job_after_failure.featurevector").exists()

@@ -159,7 +159,11 @@ def test_serialize_round_trip_and_pyspacer_json():
     assert MiniBatchTrainer().serialize() == {"class_path": "spacer.train_classifier.MiniBatchTrainer"}
     theirs = py_train.ClassifierTrainer.deserialize(data)
     assert type(theirs) is py_train.MiniBatchTrainer
-    assert (theirs.batch_size, list(theirs.mlp_hidden_layer_sizes), theirs.sgd_average) == (100, [50, 20], False)
+    assert (theirs.batch_size, list(theirs.mlp_hidden_layer_sizes), theirs.sgd_average) == (
+        100,
+        [50, 20],
+        False,
+    )
     # What pyspacer writes for its trainers loads here.
     py_json = py_train.MiniBatchTrainer(mlp_learning_rate_init=0.01).serialize()
     assert ClassifierTrainer.deserialize(py_json) == MiniBatchTrainer(mlp_learning_rate_init=0.01)

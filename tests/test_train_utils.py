@@ -64,7 +64,12 @@ def float32_features(folder: Path, images: int, points: int, dim: int, seed: int
 @pytest.fixture
 def random_labels(tmp_path) -> ImageLabels:
     return make_random_data(
-        12, [1, 2, 3], 15, 8, DataLocation("filesystem", ""), [str(tmp_path / f"{i}.fv") for i in range(12)],
+        12,
+        [1, 2, 3],
+        15,
+        8,
+        DataLocation("filesystem", ""),
+        [str(tmp_path / f"{i}.fv") for i in range(12)],
         rng=np.random.default_rng(1),
     )
 
@@ -146,7 +151,9 @@ def test_duplicate_positions_use_the_last_point(tmp_path):
 def test_missing_point_names_the_file(tmp_path):
     loc = DataLocation("filesystem", str(tmp_path / "img.fv"))
     ImageFeatures.from_arrays(np.ones((2, 3)), rows=[1, 2], cols=[1, 2]).store(loc)
-    with pytest.raises(RowColumnMismatchError, match=r"img\.fv: The labels' row-column positions don't match.*\(9, 9\)"):
+    with pytest.raises(
+        RowColumnMismatchError, match=r"img\.fv: The labels' row-column positions don't match.*\(9, 9\)"
+    ):
         load_labelled_features(ImageLabels({loc: [(1, 1, "a"), (9, 9, "b")]}))
 
 
@@ -154,7 +161,9 @@ def test_legacy_features_are_refused_for_training(tmp_path):
     path = tmp_path / "legacy.fv"
     path.write_text(json.dumps([[0.1, 0.2], [0.3, 0.4]]))
     labels = ImageLabels({DataLocation("filesystem", str(path)): [(1, 1, "a")]})
-    with pytest.raises(RowColumnMissingError, match="legacy.fv: Features without rowcols are no longer supported"):
+    with pytest.raises(
+        RowColumnMissingError, match="legacy.fv: Features without rowcols are no longer supported"
+    ):
         load_labelled_features(labels)
 
 
@@ -162,7 +171,9 @@ def test_feature_dimension_mismatch_names_both_files(tmp_path):
     locs = [DataLocation("filesystem", str(tmp_path / f"{name}.fv")) for name in ("wide", "narrow")]
     ImageFeatures.from_arrays(np.ones((1, 4)), rows=[0], cols=[0]).store(locs[0])
     ImageFeatures.from_arrays(np.ones((1, 3)), rows=[0], cols=[0]).store(locs[1])
-    with pytest.raises(ValueError, match=r"narrow\.fv: features have dimension 3, but .*wide\.fv has dimension 4"):
+    with pytest.raises(
+        ValueError, match=r"narrow\.fv: features have dimension 3, but .*wide\.fv has dimension 4"
+    ):
         load_labelled_features(ImageLabels({loc: [(0, 0, 1)] for loc in locs}))
 
 
@@ -205,7 +216,9 @@ def test_evaluate_classifier_matches_pyspacer(random_labels):
     clf = SGDClassifier(loss="log_loss", random_state=0).fit(*data.batch(slice(None)))
     calibrated = CalibratedClassifierCV(clf, cv="prefit").fit(*data.batch(slice(None)))
     gts, ests, scores = evaluate_classifier(calibrated, random_labels)
-    py_gts, py_ests, py_scores = py_train_utils.evaluate_classifier(calibrated, pyspacer_labels(random_labels))
+    py_gts, py_ests, py_scores = py_train_utils.evaluate_classifier(
+        calibrated, pyspacer_labels(random_labels)
+    )
     assert gts == list(py_gts) and ests == [e.item() for e in py_ests]
     assert np.array_equal(scores, py_scores)
 
@@ -234,7 +247,9 @@ def test_train_reports_progress_and_restores_parameters(random_labels):
         )
         assert [c[0] for c in calls] == [0, 1, 2]
         assert [c[1] for c in calls] == ref_accs
-        assert all(later >= earlier for earlier, later in zip([c[2] for c in calls], [c[2] for c in calls][1:]))
+        assert all(
+            later >= earlier for earlier, later in zip([c[2] for c in calls], [c[2] for c in calls][1:])
+        )
         assert calibrated.classes_.tolist() == [1, 2, 3]
         # n_jobs / random_state used while training are not left in the model.
         clf_type = "LR" if isinstance(clf, SGDClassifier) else "MLP"

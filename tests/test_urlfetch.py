@@ -10,7 +10,6 @@ import pytest
 from spacer_core.exceptions import URLDownloadError, URLRefusedError
 from spacer_core.storage import URLStorage, storage_factory
 from spacer_core.urlfetch import DEFAULT_MAX_BYTES, UrlRules, address_refusal, exists, fetch
-from tests.support.http_server import http_server  # noqa: F401  (fixture)
 
 OPEN = UrlRules(allow_private=True)
 
@@ -48,7 +47,9 @@ def test_public_addresses_pass(address):
     assert address_refusal(ipaddress.ip_address(address)) is None
 
 
-@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://example.org/x", "data:text/plain,hello", "gopher://h/"])
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://example.org/x", "data:text/plain,hello", "gopher://h/"]
+)
 def test_only_http_and_https(url):
     with pytest.raises(URLRefusedError, match="only http and https URLs are allowed"):
         fetch(url, OPEN)
@@ -58,11 +59,18 @@ def test_only_http_and_https(url):
 def test_loopback_refused_by_default_without_connecting(http_server):
     url = http_server.add("/secret", b"internal")
     by_name = url.replace("127.0.0.1", "localhost")
-    for target, why in ((url, "host resolves to a loopback"), (by_name, "host name resolves to an address this server")):
-        with pytest.raises(URLRefusedError, match=rf"Refused to download from the URL '.*/secret': its {why}") as info:
+    for target, why in (
+        (url, "host resolves to a loopback"),
+        (by_name, "host name resolves to an address this server"),
+    ):
+        with pytest.raises(
+            URLRefusedError, match=rf"Refused to download from the URL '.*/secret': its {why}"
+        ) as info:
             fetch(target)
         # What a name resolves to is the server's network layout: not told.
-        assert target == url or ("127.0.0.1" not in str(info.value) and "loopback address" not in str(info.value))
+        assert target == url or (
+            "127.0.0.1" not in str(info.value) and "loopback address" not in str(info.value)
+        )
         assert not exists(target)
         # URLStorage's own default refuses too, whatever the process-wide default.
         with pytest.raises(URLRefusedError):
@@ -82,14 +90,16 @@ def test_every_redirect_hop_is_checked(http_server):
         fetch(to_file, OPEN)
     # The metadata address stays refused even when private addresses are
     # allowed, so this is refused on the second hop without a connection.
-    to_metadata = http_server.add("/to-md", b"", status=307, location="http://169.254.169.254/latest/meta-data/")
+    to_metadata = http_server.add(
+        "/to-md", b"", status=307, location="http://169.254.169.254/latest/meta-data/"
+    )
     with pytest.raises(URLRefusedError, match="169.254.169.254.*cloud metadata"):
         fetch(to_metadata, OPEN)
     assert not exists(to_metadata, OPEN)
 
 
 def test_redirects_are_followed_and_bounded(http_server):
-    final = http_server.add("/final", b"here")
+    http_server.add("/final", b"here")
     http_server.add("/hop", b"", status=301, location="/final")
     assert fetch(http_server.url("/hop"), OPEN) == b"here"
     assert http_server.hits["/final"] == 1
@@ -102,7 +112,9 @@ def test_redirects_are_followed_and_bounded(http_server):
 def test_body_size_is_bounded(http_server):
     rules = UrlRules(allow_private=True, max_bytes=100)
     declared = http_server.add("/big", b"x" * 1000)
-    with pytest.raises(URLDownloadError, match="Couldn't read the full response.*larger than the limit of 100 bytes"):
+    with pytest.raises(
+        URLDownloadError, match="Couldn't read the full response.*larger than the limit of 100 bytes"
+    ):
         fetch(declared, rules)
     # No Content-Length: counted while reading.
     endless = http_server.add("/stream", b"y" * 5000, send_length=False)
@@ -125,10 +137,15 @@ def test_http_errors_keep_pyspacer_messages(http_server):
     url = http_server.url("/missing.jpg")
     with pytest.raises(URLDownloadError) as info:
         storage_factory("url").load(url)
-    assert str(info.value) == f"Failed to download from the URL '{url}'. / Details - HTTPError: HTTP Error 404: Not Found"
+    assert (
+        str(info.value)
+        == f"Failed to download from the URL '{url}'. / Details - HTTPError: HTTP Error 404: Not Found"
+    )
     assert not isinstance(info.value, URLRefusedError)
 
 
 def test_unresolvable_host():
-    with pytest.raises(URLDownloadError, match="Failed to download from the URL 'http://no-such-host.invalid/x'"):
+    with pytest.raises(
+        URLDownloadError, match="Failed to download from the URL 'http://no-such-host.invalid/x'"
+    ):
         fetch("http://no-such-host.invalid/x")

@@ -76,7 +76,9 @@ class DataPlane:
             loaded = await self.engine.load_extractor(model.extractor)
             model.feature_dim = int(model.extractor.feature_dim)
             model.files = {f"file.{key}": loc.key for key, loc in model.extractor.data_locations.items()}
-            model.files["class_path"] = type(model.extractor).__module__ + "." + type(model.extractor).__name__
+            model.files["class_path"] = (
+                type(model.extractor).__module__ + "." + type(model.extractor).__name__
+            )
         else:
             assert model.classifier_loc is not None
             loaded = await self.engine.load_classifier(model.classifier_loc)
@@ -91,8 +93,9 @@ class DataPlane:
         if model.kind == "classifier" and model.classifier_loc is not None:
             self.engine.runtime.forget_classifier(model.classifier_loc)
 
-    async def infer(self, request: pb.ModelInferRequest, priority: int,
-                     call_deadline: float | None, *, stream: bool) -> pb.ModelInferResponse:
+    async def infer(
+        self, request: pb.ModelInferRequest, priority: int, call_deadline: float | None, *, stream: bool
+    ) -> pb.ModelInferResponse:
         model = self.registry.ready(request.model_name, request.model_version)
         timer = Timer()
         ok, count = False, 0
@@ -114,11 +117,11 @@ class DataPlane:
                 else:
                     outputs, count = await self._image(model, request, inputs, priority, deadline)
             timer.stage("compute_infer")
-            response = pb.ModelInferResponse(model_name=model.name, model_version=VERSION,
-                                             id=request.id)
+            response = pb.ModelInferResponse(model_name=model.name, model_version=VERSION, id=request.id)
             for name, value in outputs.items():
-                if (not requested and not (model.kind == "pipeline" and name == "FEATURES")) \
-                        or name in requested:
+                if (
+                    not requested and not (model.kind == "pipeline" and name == "FEATURES")
+                ) or name in requested:
                     tensors.add_output(response, name, value)
             timer.stage("compute_output")
             ok = True
@@ -128,8 +131,10 @@ class DataPlane:
 
     def _image_source(self, inputs: dict[str, Any], model: str) -> tuple[DataLocation | bytes, str]:
         if ("IMAGE" in inputs) == ("IMAGE_PATH" in inputs):
-            raise invalid(f"model '{model}' needs exactly one of the inputs 'IMAGE' (encoded"
-                          " image) and 'IMAGE_PATH' (a location under the data roots)")
+            raise invalid(
+                f"model '{model}' needs exactly one of the inputs 'IMAGE' (encoded"
+                " image) and 'IMAGE_PATH' (a location under the data roots)"
+            )
         if "IMAGE" in inputs:
             data = inputs["IMAGE"][0]
             if not data:
@@ -145,17 +150,22 @@ class DataPlane:
         if tensor is not None:
             value = tensor[0].decode("utf-8", errors="replace")
         if not isinstance(value, str) or not value:
-            raise invalid(f"model '{PIPELINE}' needs the {what} to use: a request parameter"
-                          f" '{what}' or an input '{what.upper()}' naming a loaded {kind} model")
+            raise invalid(
+                f"model '{PIPELINE}' needs the {what} to use: a request parameter"
+                f" '{what}' or an input '{what.upper()}' naming a loaded {kind} model"
+            )
         model = self.registry.ready(value)
         if model.kind != kind:
-            raise invalid(f"{what} '{value}' is a {model.kind} model, not an {kind}"
-                          if kind == "extractor" else
-                          f"{what} '{value}' is a {model.kind} model, not a {kind}")
+            raise invalid(
+                f"{what} '{value}' is a {model.kind} model, not an {kind}"
+                if kind == "extractor"
+                else f"{what} '{value}' is a {model.kind} model, not a {kind}"
+            )
         return model
 
-    async def _image(self, model: Model, request: Any, inputs: dict[str, Any], priority: int,
-                     deadline: float | None) -> tuple[dict[str, Any], int]:
+    async def _image(
+        self, model: Model, request: Any, inputs: dict[str, Any], priority: int, deadline: float | None
+    ) -> tuple[dict[str, Any], int]:
         points = inputs["POINTS"]
         rowcols = [(int(r), int(c)) for r, c in points.tolist()]
         if not rowcols:
@@ -167,8 +177,9 @@ class DataPlane:
             extractor = self._named(request, inputs, "extractor", "extractor")
             classifier_loc = self._named(request, inputs, "classifier", "classifier").classifier_loc
         assert extractor.extractor is not None
-        job = ImageJob(extractor.extractor, rowcols, image, key or request.id or "IMAGE",
-                       classifier_loc=classifier_loc)
+        job = ImageJob(
+            extractor.extractor, rowcols, image, key or request.id or "IMAGE", classifier_loc=classifier_loc
+        )
         result = await self.engine.run_image(job, priority=priority, deadline=deadline)
         features = np.asarray(result.features, dtype=np.float32)
         if model.kind == "extractor":
@@ -180,14 +191,18 @@ class DataPlane:
     def _scored(scores: Any, classes: Any, features: Any = None) -> dict[str, Any]:
         scores = np.asarray(scores, dtype=np.float32)
         labels = _labels(classes)
-        out = {"SCORES": scores, "LABELS": labels,
-               "PREDICTIONS": [labels[i] for i in np.argmax(scores, axis=1)]}
+        out = {
+            "SCORES": scores,
+            "LABELS": labels,
+            "PREDICTIONS": [labels[i] for i in np.argmax(scores, axis=1)],
+        }
         if features is not None:
             out["FEATURES"] = features
         return out
 
-    async def _classify(self, model: Model, inputs: dict[str, Any],
-                        priority: int) -> tuple[dict[str, Any], int]:
+    async def _classify(
+        self, model: Model, inputs: dict[str, Any], priority: int
+    ) -> tuple[dict[str, Any], int]:
         features = np.asarray(inputs["FEATURES"], dtype=np.float32)
         if len(features) == 0:
             raise invalid("input 'FEATURES' is empty; give at least one row")

@@ -73,16 +73,23 @@ class Model:
             return [IMAGE, IMAGE_PATH, POINTS]
         if self.kind == "classifier":
             return [TensorSpec("FEATURES", "FP32", (-1, self.feature_dim))]
-        return [IMAGE, IMAGE_PATH, POINTS, TensorSpec("EXTRACTOR", "BYTES", (1,), optional=True),
-                TensorSpec("CLASSIFIER", "BYTES", (1,), optional=True)]
+        return [
+            IMAGE,
+            IMAGE_PATH,
+            POINTS,
+            TensorSpec("EXTRACTOR", "BYTES", (1,), optional=True),
+            TensorSpec("CLASSIFIER", "BYTES", (1,), optional=True),
+        ]
 
     def outputs(self) -> list[TensorSpec]:
         if self.kind == "extractor":
             return [TensorSpec("FEATURES", "FP32", (-1, self.feature_dim))]
         classes = len(self.classes) if self.kind == "classifier" else -1
-        outputs = [TensorSpec("SCORES", "FP32", (-1, classes)),
-                   TensorSpec("LABELS", "BYTES", (classes,)),
-                   TensorSpec("PREDICTIONS", "BYTES", (-1,))]
+        outputs = [
+            TensorSpec("SCORES", "FP32", (-1, classes)),
+            TensorSpec("LABELS", "BYTES", (classes,)),
+            TensorSpec("PREDICTIONS", "BYTES", (-1,)),
+        ]
         if self.kind == "pipeline":
             outputs.append(TensorSpec("FEATURES", "FP32", (-1, -1)))
         return outputs
@@ -93,11 +100,15 @@ def _extractor(data: Any, what: str) -> FeatureExtractor:
         raise invalid(f"{what}: expected an object with class_path, data_locations and data_hashes")
     try:
         cls = resolve_class_path(data["class_path"])
-        locations = {key: _location(loc, f"{what}.data_locations[{key}]")
-                     for key, loc in dict(data.get("data_locations") or {}).items()}
-        return cls(data_locations=locations, data_hashes=dict(data.get("data_hashes") or {}),
-                   **{k: v for k, v in data.items()
-                      if k not in ("class_path", "data_locations", "data_hashes")})
+        locations = {
+            key: _location(loc, f"{what}.data_locations[{key}]")
+            for key, loc in dict(data.get("data_locations") or {}).items()
+        }
+        return cls(
+            data_locations=locations,
+            data_hashes=dict(data.get("data_hashes") or {}),
+            **{k: v for k, v in data.items() if k not in ("class_path", "data_locations", "data_hashes")},
+        )
     except RequestError:
         raise
     except Exception as exc:
@@ -111,7 +122,9 @@ def _location(data: Any, what: str) -> DataLocation:
             return location_from_text(data)
         if isinstance(data, Mapping):
             # Values go as they came: the storage gate refuses a key or bucket that is not text.
-            return DataLocation(data.get("storage_type", "filesystem"), data["key"], data.get("bucket_name") or None)
+            return DataLocation(
+                data.get("storage_type", "filesystem"), data["key"], data.get("bucket_name") or None
+            )
     except RequestError:
         raise
     except Exception as exc:
@@ -139,13 +152,12 @@ def model_from_config(name: str, text: str, source: str = "config") -> Model:
     except InvalidInputError as exc:
         raise invalid(str(exc)) from None
     if not isinstance(data, dict) or len({"extractor", "classifier"} & set(data)) != 1:
-        raise invalid(f"model '{name}': config must be a JSON object with one of"
-                      " 'extractor' or 'classifier'")
+        raise invalid(f"model '{name}': config must be a JSON object with one of 'extractor' or 'classifier'")
     if "extractor" in data:
-        return Model(name, "extractor", extractor=_extractor(data["extractor"], "extractor"),
-                     source=source)
-    return Model(name, "classifier", classifier_loc=_location(data["classifier"], "classifier"),
-                 source=source)
+        return Model(name, "extractor", extractor=_extractor(data["extractor"], "extractor"), source=source)
+    return Model(
+        name, "classifier", classifier_loc=_location(data["classifier"], "classifier"), source=source
+    )
 
 
 def scan_repository(folder: Path) -> dict[str, Model]:
@@ -158,12 +170,16 @@ def scan_repository(folder: Path) -> dict[str, Model]:
         fs = DataLocation("filesystem", str(path))
         model: Model | None = None
         if suffix in (".pt", ".pth"):
-            model = Model(name, "extractor",
-                          extractor=resolve_class_path(EFFICIENTNET)(data_locations={"weights": fs}))
+            model = Model(
+                name, "extractor", extractor=resolve_class_path(EFFICIENTNET)(data_locations={"weights": fs})
+            )
         elif suffix == ".caffemodel" and path.with_suffix(".prototxt").is_file():
             definition = DataLocation("filesystem", str(path.with_suffix(".prototxt")))
-            model = Model(name, "extractor", extractor=resolve_class_path(VGG16)(
-                data_locations={"definition": definition, "weights": fs}))
+            model = Model(
+                name,
+                "extractor",
+                extractor=resolve_class_path(VGG16)(data_locations={"definition": definition, "weights": fs}),
+            )
         elif suffix == ".pkl":
             model = Model(name, "classifier", classifier_loc=fs)
         elif suffix == ".json":
@@ -183,7 +199,8 @@ class Registry:
     def __init__(self, repository: Path | None):
         self.repository = repository
         self._models: dict[str, Model] = {
-            PIPELINE: Model(PIPELINE, "pipeline", source="builtin", ready=True, reason="")}
+            PIPELINE: Model(PIPELINE, "pipeline", source="builtin", ready=True, reason="")
+        }
         self.rescan()
 
     def rescan(self) -> None:
@@ -210,9 +227,11 @@ class Registry:
         if model is None or (version and version != VERSION):
             raise not_found(name, version)
         if not model.ready:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"Request for unknown model: '{name}' has no available versions"
-                               " (load it with RepositoryModelLoad)")
+            raise RequestError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"Request for unknown model: '{name}' has no available versions"
+                " (load it with RepositoryModelLoad)",
+            )
         return model
 
     def candidate(self, name: str, config: str | None) -> Model:
@@ -224,9 +243,11 @@ class Registry:
         self.rescan()
         model = self._models.get(name)
         if model is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"failed to load '{name}': no model of that name in the model"
-                               " repository, and no config given")
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND,
+                f"failed to load '{name}': no model of that name in the model"
+                " repository, and no config given",
+            )
         if model.kind == "invalid":
             raise invalid(f"failed to load '{name}': {model.reason}")
         return model

@@ -61,9 +61,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._ready())
 
     @rpc_method
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:  # type: ignore[override]
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(),
-                                         extensions=list(EXTENSIONS))
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:  # type: ignore[override]
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=_server_version(), extensions=list(EXTENSIONS)
+        )
 
     @rpc_method
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:  # type: ignore[override]
@@ -79,11 +82,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return model
 
     @rpc_method
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:  # type: ignore[override]
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:  # type: ignore[override]
         model = self.registry.ready(request.name, request.version)
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=model.name, versions=[VERSION], platform=model.platform,
+            name=model.name,
+            versions=[VERSION],
+            platform=model.platform,
             inputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs()],
             outputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs()],
         )
@@ -92,11 +99,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:  # type: ignore[override]
         model = self.registry.ready(request.name, request.version)
         config = pb.ModelConfig(
-            name=model.name, platform=model.platform, backend="spacer", max_batch_size=0,
-            input=[pb.ModelInput(name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape,
-                                 optional=t.optional) for t in model.inputs()],
-            output=[pb.ModelOutput(name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape)
-                    for t in model.outputs()],
+            name=model.name,
+            platform=model.platform,
+            backend="spacer",
+            max_batch_size=0,
+            input=[
+                pb.ModelInput(
+                    name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape, optional=t.optional
+                )
+                for t in model.inputs()
+            ],
+            output=[
+                pb.ModelOutput(name=t.name, data_type=_DATA_TYPE[t.datatype], dims=t.shape)
+                for t in model.outputs()
+            ],
         )
         for key, value in model.files.items():
             config.parameters[key].string_value = value
@@ -105,7 +121,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=config)
 
     @rpc_method
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:  # type: ignore[override]
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:  # type: ignore[override]
         if request.name:
             names = [self._known(request.name, request.version).name]
         else:
@@ -114,28 +132,44 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         for name in names:
             entry = self.data.stats.get(name, VERSION)
             stats = response.model_stats.add(
-                name=name, version=VERSION, last_inference=entry.last_inference_ms,
-                inference_count=entry.inference_count, execution_count=entry.execution_count)
+                name=name,
+                version=VERSION,
+                last_inference=entry.last_inference_ms,
+                inference_count=entry.inference_count,
+                execution_count=entry.execution_count,
+            )
             for stage in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
                 value = getattr(entry, stage)
                 getattr(stats.inference_stats, stage).CopyFrom(
-                    pb.StatisticDuration(count=value.count, ns=value.ns))
+                    pb.StatisticDuration(count=value.count, ns=value.ns)
+                )
         return response
 
     # ------------------------------------------------------------ repository
 
     @rpc_method
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:  # type: ignore[override]
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:  # type: ignore[override]
         self.registry.rescan()
         index = pb.RepositoryIndexResponse.ModelIndex
         models = [m for m in self.registry if m.ready or not request.ready]
-        return pb.RepositoryIndexResponse(models=[
-            index(name=m.name, version=VERSION if m.kind != "invalid" else "",
-                  state="READY" if m.ready else "UNAVAILABLE", reason=m.reason)
-            for m in models])
+        return pb.RepositoryIndexResponse(
+            models=[
+                index(
+                    name=m.name,
+                    version=VERSION if m.kind != "invalid" else "",
+                    state="READY" if m.ready else "UNAVAILABLE",
+                    reason=m.reason,
+                )
+                for m in models
+            ]
+        )
 
     @rpc_method
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: Context) -> pb.RepositoryModelLoadResponse:  # type: ignore[override]
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:  # type: ignore[override]
         name = request.model_name
         if not name:
             raise invalid("model_name is required")
@@ -144,8 +178,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             config = config.decode() if isinstance(config, bytes) else None
         for key in request.parameters:
             if key.startswith("file:"):
-                raise invalid("file: parameters (model files sent inline) are not supported;"
-                              " name files inside the data roots in the config instead")
+                raise invalid(
+                    "file: parameters (model files sent inline) are not supported;"
+                    " name files inside the data roots in the config instead"
+                )
         lock = self._loading.setdefault(name, asyncio.Lock())
         async with lock:
             model = self.registry.candidate(name, config)
@@ -154,7 +190,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelLoadResponse()
 
     @rpc_method
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: Context) -> pb.RepositoryModelUnloadResponse:  # type: ignore[override]
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:  # type: ignore[override]
         self.data.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -178,7 +216,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 priority = request_priority(req, stream_priority)
                 return pb.ModelStreamInferResponse(
-                    infer_response=await self.data.infer(req, priority, deadline, stream=True))
+                    infer_response=await self.data.infer(req, priority, deadline, stream=True)
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -187,7 +226,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(
                     error_message=f"{prefix}{message}",
                     infer_response=pb.ModelInferResponse(
-                        model_name=req.model_name, model_version=req.model_version, id=req.id))
+                        model_name=req.model_name, model_version=req.model_version, id=req.id
+                    ),
+                )
 
         async for response in windowed(request_iterator, one, self.engine.config.stream_window):
             yield response

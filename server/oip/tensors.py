@@ -45,7 +45,8 @@ class TensorSpec:
 
     def shape_matches(self, shape: Sequence[int]) -> bool:
         return len(shape) == len(self.shape) and all(
-            want < 0 or want == got for want, got in zip(self.shape, shape))
+            want < 0 or want == got for want, got in zip(self.shape, shape)
+        )
 
 
 def _shape_text(shape: Sequence[int]) -> str:
@@ -83,8 +84,7 @@ def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str) -> dict[s
     by_name = {spec.name: spec for spec in specs}
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise invalid(
-            f"expected {len(request.inputs)} raw input contents (one per input), got {len(raw)}")
+        raise invalid(f"expected {len(request.inputs)} raw input contents (one per input), got {len(raw)}")
     values: dict[str, Any] = {}
     for i, tensor in enumerate(request.inputs):
         spec = by_name.get(tensor.name)
@@ -95,12 +95,14 @@ def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str) -> dict[s
         if tensor.datatype != spec.datatype:
             raise invalid(
                 f"unexpected datatype TYPE_{_triton_type(tensor.datatype)} for inference input"
-                f" '{tensor.name}', expecting TYPE_{_triton_type(spec.datatype)} for model '{model}'")
+                f" '{tensor.name}', expecting TYPE_{_triton_type(spec.datatype)} for model '{model}'"
+            )
         shape = [int(d) for d in tensor.shape]
         if any(d < 0 for d in shape) or not spec.shape_matches(shape):
             raise invalid(
                 f"unexpected shape for input '{tensor.name}' for model '{model}'."
-                f" Expected {_shape_text(spec.shape)}, got {_shape_text(shape)}")
+                f" Expected {_shape_text(spec.shape)}, got {_shape_text(shape)}"
+            )
         count = int(np.prod(shape)) if shape else 1
         what = f"input '{tensor.name}'"
         if spec.datatype == "BYTES":
@@ -118,7 +120,8 @@ def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str) -> dict[s
             if len(data) != count * itemsize:
                 raise invalid(
                     f"{what}: unexpected total byte size {len(data)} for shape"
-                    f" {_shape_text(shape)}, expecting {count * itemsize}")
+                    f" {_shape_text(shape)}, expecting {count * itemsize}"
+                )
             array = np.frombuffer(data, dtype=dtype).reshape(shape)
         else:
             array = np.asarray(getattr(tensor.contents, field), dtype=dtype)
@@ -146,7 +149,11 @@ def add_output(response: Any, name: str, value: Any) -> None:
         response.raw_output_contents.append(encode_bytes(value))
         return
     array = np.ascontiguousarray(value)
-    tensor.datatype = {np.dtype("float32"): "FP32", np.dtype("float64"): "FP64",
-                       np.dtype("int32"): "INT32", np.dtype("int64"): "INT64"}[array.dtype]
+    tensor.datatype = {
+        np.dtype("float32"): "FP32",
+        np.dtype("float64"): "FP64",
+        np.dtype("int32"): "INT32",
+        np.dtype("int64"): "INT64",
+    }[array.dtype]
     tensor.shape.extend(int(d) for d in array.shape)
     response.raw_output_contents.append(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())

@@ -25,8 +25,8 @@ from google.protobuf.message import DecodeError
 from torch import nn
 from torch.nn import functional as F
 
-from spacer_core.caffe import caffe_pb2 as pb
 from spacer_core import limits
+from spacer_core.caffe import caffe_pb2 as pb
 from spacer_core.exceptions import PreconditionError
 
 INPUT_SIZE = 224
@@ -81,13 +81,26 @@ def _layers(net: pb.NetParameter, label: str) -> list[_Layer]:
             _Layer(
                 v1.name,
                 _V1_TYPE_NAMES.get(v1.type, pb.V1LayerParameter.LayerType.Name(v1.type)),
-                list(v1.bottom), list(v1.top), v1.include, v1.exclude, v1.blobs, v1,
+                list(v1.bottom),
+                list(v1.top),
+                v1.include,
+                v1.exclude,
+                v1.blobs,
+                v1,
             )
             for v1 in net.layers
         ]
     return [
-        _Layer(layer.name, layer.type, list(layer.bottom), list(layer.top), layer.include,
-               layer.exclude, layer.blobs, layer)
+        _Layer(
+            layer.name,
+            layer.type,
+            list(layer.bottom),
+            list(layer.top),
+            layer.include,
+            layer.exclude,
+            layer.blobs,
+            layer,
+        )
         for layer in net.layer
     ]
 
@@ -166,7 +179,9 @@ def blob_array(blob: pb.BlobProto) -> np.ndarray:
     return data.reshape(shape)
 
 
-def _pair(values: Sequence[int], h: int | None, w: int | None, default: int, what: str, layer: str) -> tuple[int, int]:
+def _pair(
+    values: Sequence[int], h: int | None, w: int | None, default: int, what: str, layer: str
+) -> tuple[int, int]:
     if h is not None or w is not None:
         if h is None or w is None:
             raise CaffeModelError(f"layer '{layer}': give both {what}_h and {what}_w")
@@ -192,8 +207,15 @@ def _opt(msg: object, field: str) -> int | None:
 
 
 class _CaffeConv(nn.Module):
-    def __init__(self, weight: np.ndarray, bias: np.ndarray | None, stride: tuple[int, int],
-                 pad: tuple[int, int], dilation: tuple[int, int], groups: int):
+    def __init__(
+        self,
+        weight: np.ndarray,
+        bias: np.ndarray | None,
+        stride: tuple[int, int],
+        pad: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.from_numpy(weight.copy()), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(torch.from_numpy(bias.copy()), requires_grad=False)
@@ -215,8 +237,9 @@ class _CaffeInnerProduct(nn.Module):
 
 
 class _CaffePool(nn.Module):
-    def __init__(self, kind: int, kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
-                 ceil: bool):
+    def __init__(
+        self, kind: int, kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int], ceil: bool
+    ):
         super().__init__()
         self.average = kind == pb.PoolingParameter.AVE
         self.kernel, self.stride, self.pad, self.ceil = kernel, stride, pad, ceil
@@ -226,8 +249,9 @@ class _CaffePool(nn.Module):
         # padding, and its average divides by the window clipped to the padded
         # input: both exactly as Caffe's pooling layer does.
         if self.average:
-            return F.avg_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil,
-                                count_include_pad=True)
+            return F.avg_pool2d(
+                x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil, count_include_pad=True
+            )
         return F.max_pool2d(x, self.kernel, self.stride, self.pad, ceil_mode=self.ceil)
 
 
@@ -276,8 +300,14 @@ class CaffeNet(nn.Module):
     content of `output_blob` once every layer writing into it has run.
     """
 
-    def __init__(self, steps: list[tuple[str, list[str], str]], modules: dict[str, nn.Module],
-                 input_blob: str, output_blob: str, output_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        steps: list[tuple[str, list[str], str]],
+        modules: dict[str, nn.Module],
+        input_blob: str,
+        output_blob: str,
+        output_shape: tuple[int, ...],
+    ):
         super().__init__()
         self.steps = steps  # (layer name, bottom blobs, top blob), in Caffe's order
         self.layers = nn.ModuleDict(modules)
@@ -326,7 +356,7 @@ def build_caffe_network(
     layers = [layer for layer in _layers(net_def, f"{label} (definition)") if _in_test_phase(layer)]
     names = [layer.name for layer in layers]
     if start_layer is not None and start_layer in names:
-        layers = layers[names.index(start_layer):]
+        layers = layers[names.index(start_layer) :]
     else:
         layers = [layer for layer in layers if layer.type not in _INPUT_TYPES]
     writers = [i for i, layer in enumerate(layers) if output_blob in layer.top]
@@ -346,7 +376,8 @@ def build_caffe_network(
         if layer.type not in SUPPORTED_TYPES:
             raise CaffeModelError(
                 f"{label}: layer '{layer.name}' has type '{layer.type}', which is not supported;"
-                f" supported types: {', '.join(SUPPORTED_TYPES)}")
+                f" supported types: {', '.join(SUPPORTED_TYPES)}"
+            )
         if len(layer.bottom) != 1 or len(layer.top) != 1:
             raise CaffeModelError(f"{where}: expected one bottom and one top blob")
         if layer.bottom[0] not in shapes:
@@ -362,7 +393,8 @@ def build_caffe_network(
             # Checked before anything runs: padding or strides can blow one patch up to gigabytes.
             raise CaffeModelError(
                 f"{where}: its output holds {math.prod(out_shape[1:])} values per patch;"
-                f" at most {MAX_LAYER_VALUES} are supported")
+                f" at most {MAX_LAYER_VALUES} are supported"
+            )
         modules[key] = module
         steps.append((key, [layer.bottom[0]], layer.top[0]))
         shapes[layer.top[0]] = out_shape
@@ -375,11 +407,12 @@ def build_caffe_network(
 
 def _need_blobs(blobs: list[np.ndarray], count: int) -> None:
     if len(blobs) < count:
-        raise CaffeModelError(
-            f"the weights file has {len(blobs)} parameter blobs for it, {count} needed")
+        raise CaffeModelError(f"the weights file has {len(blobs)} parameter blobs for it, {count} needed")
 
 
-def _build_layer(layer: _Layer, shape: tuple[int, ...], blobs: list[np.ndarray]) -> tuple[nn.Module, tuple[int, ...]]:
+def _build_layer(
+    layer: _Layer, shape: tuple[int, ...], blobs: list[np.ndarray]
+) -> tuple[nn.Module, tuple[int, ...]]:
     src = layer.source
     if layer.type == "Convolution":
         p = src.convolution_param
@@ -399,7 +432,8 @@ def _build_layer(layer: _Layer, shape: tuple[int, ...], blobs: list[np.ndarray])
         weight = _reshaped(blobs[0], (out_ch, in_ch // groups, *kernel), "weights")
         bias = _reshaped(blobs[1], (out_ch,), "bias") if p.bias_term else None
         out = tuple(
-            (shape[2 + i] + 2 * pad[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2))
+            (shape[2 + i] + 2 * pad[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
+        )
         if min(out) < 1:
             raise CaffeModelError(f"input {shape} is too small for kernel {kernel}")
         return _CaffeConv(weight, bias, stride, pad, dilation, groups), (shape[0], out_ch, *out)
@@ -408,12 +442,20 @@ def _build_layer(layer: _Layer, shape: tuple[int, ...], blobs: list[np.ndarray])
         if len(shape) != 4:
             raise CaffeModelError(f"needs 4-d input, got shape {shape}")
         if p.pool not in (pb.PoolingParameter.MAX, pb.PoolingParameter.AVE):
-            raise CaffeModelError(f"pool method {pb.PoolingParameter.PoolMethod.Name(p.pool)} is not supported")
+            raise CaffeModelError(
+                f"pool method {pb.PoolingParameter.PoolMethod.Name(p.pool)} is not supported"
+            )
         if p.global_pooling:
             kernel, stride, pad = (shape[2], shape[3]), (1, 1), (0, 0)
         else:
-            kernel = _pair([p.kernel_size] if p.HasField("kernel_size") else [],
-                           _opt(p, "kernel_h"), _opt(p, "kernel_w"), 0, "kernel", layer.name)
+            kernel = _pair(
+                [p.kernel_size] if p.HasField("kernel_size") else [],
+                _opt(p, "kernel_h"),
+                _opt(p, "kernel_w"),
+                0,
+                "kernel",
+                layer.name,
+            )
             stride = _pair([p.stride], _opt(p, "stride_h"), _opt(p, "stride_w"), 1, "stride", layer.name)
             pad = _pad(p, [p.pad], layer.name)
         if min(kernel) < 1 or min(stride) < 1:

@@ -37,7 +37,7 @@ from PIL import Image
 
 from spacer_core import config, limits, runtime
 from spacer_core.crop import CROP_SIZE, crop_array_into_chw, to_rgb_array
-from spacer_core.data_classes import DataLocation, ImageFeatures, PointFeatures
+from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import (
     ConfigError,
     HashMismatchError,
@@ -46,8 +46,7 @@ from spacer_core.exceptions import (
 )
 from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS, canonical_class_path
 from spacer_core.inference.network import NetworkSpec
-from spacer_core.extractors.utils import crop_patches
-from spacer_core.storage import load_bytes, open_local, storage_factory, write_file_atomic
+from spacer_core.storage import load_bytes, open_local, write_file_atomic
 from spacer_core.task_io import ExtractFeaturesReturnMsg
 
 RowCol = tuple[int, int]
@@ -118,8 +117,7 @@ class FeatureExtractor(abc.ABC):
         self.data_locations = dict(data_locations)
         for key in self.DATA_LOCATION_KEYS:
             if key not in self.data_locations:
-                raise InvalidInputError(
-                    f"{key} must be present in data_locations for {type(self).__name__}.")
+                raise InvalidInputError(f"{key} must be present in data_locations for {type(self).__name__}.")
         self.data_hashes = dict(data_hashes or {})
 
     # --- extraction ---------------------------------------------------------
@@ -403,7 +401,9 @@ def resolve_class_path(class_path: object) -> type[FeatureExtractor]:
     if isinstance(found, type) and issubclass(found, FeatureExtractor):
         if inspect.isabstract(found):
             # A base class: it names no network and cannot be built.
-            raise InvalidDataError(f"Extractor class_path {class_path!r} names an abstract class, not an extractor")
+            raise InvalidDataError(
+                f"Extractor class_path {class_path!r} names an abstract class, not an extractor"
+            )
         return found
     raise InvalidDataError(
         f"Unknown extractor class_path {class_path!r}; expected one of {sorted(KNOWN_CLASS_PATHS)},"

@@ -8,7 +8,6 @@ loads with strict key matching. Only inference is supported: drop-connect and
 dropout are training-time regularisers and are left out.
 """
 
-import io
 import os
 from typing import Any, ClassVar, NamedTuple
 
@@ -16,18 +15,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from spacer_core.data_classes import DataLocation
-from spacer_core.extractors.base import FeatureExtractor
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors.efficientnet_utils import (
     B0_BLOCKS,
     BlockArgs,
     GlobalParams,
-    drop_connect,
     efficientnet_params,
     get_model_params,
-    get_same_padding_conv2d,
-    relu_fn,
     round_filters,
     round_repeats,
     same_padding,
@@ -203,8 +197,10 @@ class EfficientNet(EfficientNetB0):
 
     def __init__(self, blocks_args: list[BlockArgs] | None = None, global_params: GlobalParams | None = None):
         if blocks_args is None or global_params is None:
-            raise InvalidInputError("EfficientNet needs blocks_args and global_params;"
-                                    " EfficientNet.from_name('efficientnet-b0') builds them")
+            raise InvalidInputError(
+                "EfficientNet needs blocks_args and global_params;"
+                " EfficientNet.from_name('efficientnet-b0') builds them"
+            )
         _check_builds_b0(blocks_args, global_params)
         super().__init__(global_params.num_classes)
         self._blocks_args = list(blocks_args)
@@ -244,24 +240,41 @@ class EfficientNet(EfficientNetB0):
         """Raise a ValueError unless the name is efficientnet-b0 ... b8 ('-' or '_')."""
         valid = [f"efficientnet_b{i}" for i in range(9)]
         if not isinstance(model_name, str) or model_name.replace("-", "_") not in valid:
-            raise InvalidInputError(f"Unknown EfficientNet model name {model_name!r}; use one of {', '.join(valid)}")
+            raise InvalidInputError(
+                f"Unknown EfficientNet model name {model_name!r}; use one of {', '.join(valid)}"
+            )
 
 
 def _check_builds_b0(blocks_args: list[BlockArgs], global_params: GlobalParams) -> None:
     """Refuse, naming the difference, any architecture other than b0 (the only one built here)."""
-    scaled = [b._replace(input_filters=round_filters(b.input_filters, global_params),
-                         output_filters=round_filters(b.output_filters, global_params),
-                         num_repeat=round_repeats(b.num_repeat, global_params)) for b in blocks_args]
+    scaled = [
+        b._replace(
+            input_filters=round_filters(b.input_filters, global_params),
+            output_filters=round_filters(b.output_filters, global_params),
+            num_repeat=round_repeats(b.num_repeat, global_params),
+        )
+        for b in blocks_args
+    ]
     if scaled != list(B0_BLOCKS):
-        raise InvalidInputError("Only EfficientNet-b0 is built here; blocks_args (after width and depth"
-                                " scaling) differ from b0's")
-    if round_filters(STEM_CHANNELS, global_params) != STEM_CHANNELS or round_filters(FEATURE_DIM, global_params) != FEATURE_DIM:
-        raise InvalidInputError("Only EfficientNet-b0 is built here; global_params.width_coefficient changes its widths")
+        raise InvalidInputError(
+            "Only EfficientNet-b0 is built here; blocks_args (after width and depth scaling) differ from b0's"
+        )
+    if (
+        round_filters(STEM_CHANNELS, global_params) != STEM_CHANNELS
+        or round_filters(FEATURE_DIM, global_params) != FEATURE_DIM
+    ):
+        raise InvalidInputError(
+            "Only EfficientNet-b0 is built here; global_params.width_coefficient changes its widths"
+        )
     if global_params.image_size not in (None, INPUT_SIZE):
-        raise InvalidInputError(f"Only {INPUT_SIZE}x{INPUT_SIZE} input padding is built here,"
-                                f" got image_size={global_params.image_size!r}")
+        raise InvalidInputError(
+            f"Only {INPUT_SIZE}x{INPUT_SIZE} input padding is built here,"
+            f" got image_size={global_params.image_size!r}"
+        )
     if (global_params.batch_norm_momentum, global_params.batch_norm_epsilon) != (1 - BN_MOMENTUM, BN_EPS):
-        raise InvalidInputError("Only TensorFlow's BatchNorm settings (momentum 0.99, epsilon 1e-3) are built here")
+        raise InvalidInputError(
+            "Only TensorFlow's BatchNorm settings (momentum 0.99, epsilon 1e-3) are built here"
+        )
     classes = global_params.num_classes
     if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
         raise InvalidInputError(f"global_params.num_classes must be a positive int, got {classes!r}")

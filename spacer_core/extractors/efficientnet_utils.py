@@ -132,9 +132,16 @@ def _pad_amounts(conv: nn.Conv2d, height: int, width: int) -> list[int]:
 class Conv2dDynamicSamePadding(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding worked out from each input's size."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
-                 stride: int | tuple[int, int] = 1, dilation: int | tuple[int, int] = 1, groups: int = 1,
-                 bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ):
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,16 +154,23 @@ class Conv2dDynamicSamePadding(nn.Conv2d):
 class Conv2dStaticSamePadding(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding fixed for one input size (`image_size`: int or [h, w])."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
-                 image_size: int | Sequence[int] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        image_size: int | Sequence[int] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(in_channels, out_channels, kernel_size, **kwargs)
         if image_size is None:
             raise InvalidInputError("Conv2dStaticSamePadding needs image_size (an int or [height, width])")
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         left, right, top, bottom = _pad_amounts(self, height, width)
         # Same submodule name as pyspacer's, so module listings read alike; it has no parameters.
-        self.static_padding: nn.Module = (nn.ZeroPad2d((left, right, top, bottom)) if any((left, right, top, bottom))
-                                          else Identity())
+        self.static_padding: nn.Module = (
+            nn.ZeroPad2d((left, right, top, bottom)) if any((left, right, top, bottom)) else Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.static_padding(x), self.weight, self.bias)
@@ -195,7 +209,8 @@ def efficientnet_params(model_name: str) -> tuple[float, float, int, float]:
         return _SIZES[model_name]
     except (KeyError, TypeError):
         raise UnknownModelError(
-            f"Unknown EfficientNet model name {model_name!r}; known: {', '.join(_SIZES)}") from None
+            f"Unknown EfficientNet model name {model_name!r}; known: {', '.join(_SIZES)}"
+        ) from None
 
 
 def _block_from_string(block_string: str) -> BlockArgs:
@@ -228,10 +243,16 @@ def _block_from_string(block_string: str) -> BlockArgs:
 def _block_to_string(block: Any) -> str:
     # pyspacer reads `strides` (a pair); BlockArgs as decoded carries `stride`
     # (a 1-item list), so either is taken.
-    strides = getattr(block, "strides", None) or getattr(block, "stride")
+    strides = getattr(block, "strides", None) or block.stride
     first, second = (strides[0], strides[-1]) if isinstance(strides, Sequence) else (strides, strides)
-    parts = [f"r{block.num_repeat:d}", f"k{block.kernel_size:d}", f"s{first:d}{second:d}",
-             f"e{block.expand_ratio}", f"i{block.input_filters:d}", f"o{block.output_filters:d}"]
+    parts = [
+        f"r{block.num_repeat:d}",
+        f"k{block.kernel_size:d}",
+        f"s{first:d}{second:d}",
+        f"e{block.expand_ratio}",
+        f"i{block.input_filters:d}",
+        f"o{block.output_filters:d}",
+    ]
     if block.se_ratio is not None and 0 < block.se_ratio <= 1:
         parts.append(f"se{block.se_ratio}")
     if block.id_skip is False:
@@ -246,7 +267,9 @@ class BlockDecoder:
     def decode(string_list: list[str]) -> list[BlockArgs]:
         """One BlockArgs per block string."""
         if not isinstance(string_list, list):
-            raise BlockStringError(f"BlockDecoder.decode takes a list of strings, got {type(string_list).__name__}")
+            raise BlockStringError(
+                f"BlockDecoder.decode takes a list of strings, got {type(string_list).__name__}"
+            )
         return [_block_from_string(text) for text in string_list]
 
     @staticmethod
@@ -268,9 +291,14 @@ B0_BLOCK_STRINGS: tuple[str, ...] = (
 B0_BLOCKS: tuple[BlockArgs, ...] = tuple(BlockDecoder.decode(list(B0_BLOCK_STRINGS)))
 
 
-def efficientnet(width_coefficient: float | None = None, depth_coefficient: float | None = None,
-                 dropout_rate: float = 0.2, drop_connect_rate: float = 0.2, image_size: int | None = None,
-                 num_classes: int = 1000) -> tuple[list[BlockArgs], GlobalParams]:
+def efficientnet(
+    width_coefficient: float | None = None,
+    depth_coefficient: float | None = None,
+    dropout_rate: float = 0.2,
+    drop_connect_rate: float = 0.2,
+    image_size: int | None = None,
+    num_classes: int = 1000,
+) -> tuple[list[BlockArgs], GlobalParams]:
     """The b0 stage table and the GlobalParams for the given scaling (TensorFlow's BatchNorm settings)."""
     return list(B0_BLOCKS), GlobalParams(
         batch_norm_momentum=0.99,
@@ -290,13 +318,18 @@ class UnknownModelFamilyError(InvalidInputError, NotImplementedError):
     """A model name outside the EfficientNet family (also a NotImplementedError, as in pyspacer)."""
 
 
-def get_model_params(model_name: str, override_params: dict[str, Any] | None) -> tuple[list[BlockArgs], GlobalParams]:
+def get_model_params(
+    model_name: str, override_params: dict[str, Any] | None
+) -> tuple[list[BlockArgs], GlobalParams]:
     """Stage table and GlobalParams of 'efficientnet-bN', with `override_params` replacing GlobalParams fields."""
     if not isinstance(model_name, str) or not model_name.startswith("efficientnet"):
-        raise UnknownModelFamilyError(f"Model name {model_name!r} is not an EfficientNet ('efficientnet-b0' ...)")
+        raise UnknownModelFamilyError(
+            f"Model name {model_name!r} is not an EfficientNet ('efficientnet-b0' ...)"
+        )
     width, depth, resolution, dropout = efficientnet_params(model_name)
-    blocks_args, global_params = efficientnet(width_coefficient=width, depth_coefficient=depth,
-                                              dropout_rate=dropout, image_size=resolution)
+    blocks_args, global_params = efficientnet(
+        width_coefficient=width, depth_coefficient=depth, dropout_rate=dropout, image_size=resolution
+    )
     if override_params:
         unknown = sorted(set(override_params) - set(GlobalParams._fields))
         if unknown:

@@ -29,7 +29,9 @@ def _to_tensor(image: Image.Image | np.ndarray) -> torch.Tensor:
     if isinstance(image, Image.Image):
         image = np.asarray(image)
     if not isinstance(image, np.ndarray):
-        raise InvalidInputTypeError(f"transformation() takes a PIL image or a numpy array, got {type(image).__name__}")
+        raise InvalidInputTypeError(
+            f"transformation() takes a PIL image or a numpy array, got {type(image).__name__}"
+        )
     array = image[:, :, None] if image.ndim == 2 else image
     # A copy: PIL hands out read-only buffers, and the caller keeps its array.
     chw = torch.from_numpy(array.transpose(2, 0, 1).copy())

@@ -36,7 +36,13 @@ def _numpy_safe_globals() -> list[Any]:
     NumPy 2 renamed `numpy.core` to `numpy._core`; files saved under NumPy 1
     name the old path, so there the scalar constructor is allowed under both.
     """
-    allowed: list[Any] = [np.dtype, np.dtypes.Int64DType, np.dtypes.Float64DType, np.dtypes.Float32DType, codecs.encode]
+    allowed: list[Any] = [
+        np.dtype,
+        np.dtypes.Int64DType,
+        np.dtypes.Float64DType,
+        np.dtypes.Float32DType,
+        codecs.encode,
+    ]
     if np.lib.NumpyVersion(np.__version__) >= "2.0.0":
         scalar = import_module("numpy._core.multiarray").scalar
         allowed += [scalar, (scalar, "numpy.core.multiarray.scalar")]
@@ -84,7 +90,8 @@ def read_state_dict(source: WeightsSource, name: str | None = None) -> OrderedDi
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsFileError(f"Weights file {label}: 'net' is not a state dict of tensors")
     return OrderedDict(
-        (k[len(DATAPARALLEL_PREFIX) :] if k.startswith(DATAPARALLEL_PREFIX) else k, v) for k, v in state.items()
+        (k[len(DATAPARALLEL_PREFIX) :] if k.startswith(DATAPARALLEL_PREFIX) else k, v)
+        for k, v in state.items()
     )
 
 
@@ -99,7 +106,11 @@ def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], label: str) 
             f" {len(missing)} missing keys {_preview(missing)},"
             f" {len(unexpected)} unexpected keys {_preview(unexpected)}"
         )
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if state[k].shape != v.shape
+    ]
     if wrong:
         raise WeightsFileError(f"Weights file {label} has tensors of the wrong shape: {_preview(wrong)}")
     module.load_state_dict(state, strict=True)

@@ -27,4 +27,4 @@ def crop_simple(im: np.ndarray, center: tuple[int, int], crop_size: int) -> np.n
     """The crop_size square of an already padded HxWxC array around `center` (a view, not a copy)."""
     top = int(center[0] - crop_size / 2)
     left = int(center[1] - crop_size / 2)
-    return im[top:top + crop_size, left:left + crop_size, :]
+    return im[top : top + crop_size, left : left + crop_size, :]

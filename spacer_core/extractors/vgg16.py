@@ -62,7 +62,9 @@ class VGG16CaffeExtractor(FeatureExtractor):
     def network(self) -> tuple[NetworkSpec, bool]:
         definition = self.resolve_data("definition")
         weights = self.resolve_data("weights")
-        label = f"{self.data_locations['definition'].describe()} + {self.data_locations['weights'].describe()}"
+        label = (
+            f"{self.data_locations['definition'].describe()} + {self.data_locations['weights'].describe()}"
+        )
         # fc7's size as the definition gives it (4096 for CoralNet's VGG16).
         dim = output_size(definition.read(), f"{label} (definition)", SCORE_LAYER) or FEATURE_DIM
         limits.current().check_feature_dim(dim, f"{label}: blob '{SCORE_LAYER}' width")
@@ -95,4 +97,3 @@ class Transformer:
         """The inverse of `preprocess`, back to RGB HxWx3 uint8 (values wrap as numpy's cast does)."""
         hwc = np.asarray(im, dtype=np.float32).transpose(1, 2, 0) / self.scale + self.mean
         return hwc[:, :, ::-1].astype(np.uint8)
-

@@ -19,7 +19,6 @@ from spacer_core.inference.backends import (
     TorchScriptBackend,
     to_network_input,
 )
-from spacer_core.inference.compile import load_backend
 from spacer_core.inference.batcher import (
     BatcherClosedError,
     DynamicBatcher,
@@ -27,6 +26,7 @@ from spacer_core.inference.batcher import (
     QueueFullError,
     run_in_batches,
 )
+from spacer_core.inference.compile import load_backend
 from spacer_core.inference.model_cache import ModelCache, estimate_nbytes
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.inference.precision import Precision

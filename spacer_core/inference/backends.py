@@ -124,8 +124,9 @@ class Backend(abc.ABC):
 def check_batch(batch: np.ndarray) -> np.ndarray:
     """Validate a network input batch and return it C-contiguous."""
     if not isinstance(batch, np.ndarray) or batch.dtype != np.float32:
-        raise TypeError(f"Expected a float32 numpy batch, got {type(batch).__name__} "
-                        f"{getattr(batch, 'dtype', '')}")
+        raise TypeError(
+            f"Expected a float32 numpy batch, got {type(batch).__name__} {getattr(batch, 'dtype', '')}"
+        )
     if batch.ndim != 4 or batch.shape[1:] != PATCH_SHAPE or batch.shape[0] == 0:
         raise ValueError(f"Expected a batch of shape (N>0, 3, 224, 224), got {batch.shape}")
     return np.ascontiguousarray(batch)
@@ -282,11 +283,14 @@ class _SlotPool:
         self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
         for slot in slots:
             self._free.put(slot)
-        self._pool = (concurrent.futures.ThreadPoolExecutor(
-            max_workers=len(slots) - 1, thread_name_prefix=name) if len(slots) > 1 else None)
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(max_workers=len(slots) - 1, thread_name_prefix=name)
+            if len(slots) > 1
+            else None
+        )
 
     def run(self, batch: np.ndarray, size: int, call: Any) -> np.ndarray:
-        pieces = [batch[i:i + size] for i in range(0, len(batch), size)]
+        pieces = [batch[i : i + size] for i in range(0, len(batch), size)]
         slots = [self._free.get()]
         wanted = 1 if getattr(_caller, "single", False) else len(pieces)
         try:
@@ -298,8 +302,9 @@ class _SlotPool:
             if len(slots) == 1:
                 outputs = [call(slots[0], piece) for piece in pieces]
             else:
+
                 def work(k: int) -> list[np.ndarray]:
-                    return [call(slots[k], piece) for piece in pieces[k::len(slots)]]
+                    return [call(slots[k], piece) for piece in pieces[k :: len(slots)]]
 
                 assert self._pool is not None
                 others = [self._pool.submit(work, k) for k in range(1, len(slots))]
@@ -371,8 +376,9 @@ class OnnxBackend(Backend):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }
         if optimization not in levels:
-            raise ValueError(f"Unknown ONNX Runtime optimization level {optimization!r}; "
-                             f"expected one of {sorted(levels)}")
+            raise ValueError(
+                f"Unknown ONNX Runtime optimization level {optimization!r}; expected one of {sorted(levels)}"
+            )
         self.sessions, self.threads = session_layout(threads, sessions)
         source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model
 
@@ -421,8 +427,9 @@ class OnnxBackend(Backend):
     def launch(self, batch: np.ndarray) -> PendingFeatures:
         batch = check_batch(batch)
         name, fixed = self._input.name, self._fixed_size
-        return _Ready(self._pool.run(batch, self.preferred_batch_size,
-                                     lambda slot, piece: slot.run(name, piece, fixed)))
+        return _Ready(
+            self._pool.run(batch, self.preferred_batch_size, lambda slot, piece: slot.run(name, piece, fixed))
+        )
 
 
 class OpenVinoBackend(Backend):
@@ -439,8 +446,9 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     preferred_batch_size = 4
 
-    def __init__(self, model: bytes, *, threads: int | None = None, sessions: int | None = None,
-                 hint: str = "bf16"):
+    def __init__(
+        self, model: bytes, *, threads: int | None = None, sessions: int | None = None, hint: str = "bf16"
+    ):
         import openvino as ov  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
         super().__init__(torch.device("cpu"), Precision.FAST if hint != "f32" else Precision.EXACT)
@@ -448,12 +456,16 @@ class OpenVinoBackend(Backend):
         core = ov.Core()
         network = core.read_model(model=model)
         network.reshape({network.inputs[0]: [self.preferred_batch_size, *PATCH_SHAPE]})
-        compiled = core.compile_model(network, "CPU", {
-            "INFERENCE_PRECISION_HINT": hint,
-            "PERFORMANCE_HINT": "THROUGHPUT",
-            "NUM_STREAMS": str(self.sessions),
-            "INFERENCE_NUM_THREADS": str(self.sessions * self.threads),
-        })
+        compiled = core.compile_model(
+            network,
+            "CPU",
+            {
+                "INFERENCE_PRECISION_HINT": hint,
+                "PERFORMANCE_HINT": "THROUGHPUT",
+                "NUM_STREAMS": str(self.sessions),
+                "INFERENCE_NUM_THREADS": str(self.sessions * self.threads),
+            },
+        )
         got = compiled.get_property("INFERENCE_PRECISION_HINT")
         self.hint = got.to_string() if hasattr(got, "to_string") else str(got)
         self._compiled = compiled

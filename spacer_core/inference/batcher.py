@@ -44,9 +44,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import enum
 import logging
 import threading
-import enum
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -66,6 +66,7 @@ from spacer_core.inference.backends import (
 )
 
 logger = logging.getLogger(__name__)
+
 
 class BatcherClosedError(ShuttingDownError):
     """The batcher was closed before this request could run."""
@@ -136,8 +137,9 @@ class _Queue:
 
     def waiting_patches(self, up_to: int) -> int:
         """Unbatched patches of requests with priority `up_to` or higher (value <= up_to)."""
-        return sum(r.size - r.scheduled for priority, fifo in self._fifos.items()
-                   if priority <= up_to for r in fifo)
+        return sum(
+            r.size - r.scheduled for priority, fifo in self._fifos.items() if priority <= up_to for r in fifo
+        )
 
     def __iter__(self) -> Iterator[_Request]:
         for fifo in list(self._fifos.values()):
@@ -205,13 +207,17 @@ def assemble(parts: Sequence[Part], buffers: BatchBuffers) -> tuple[np.ndarray, 
     inputs = buffer[:size]
     offset = 0
     for patches, start, stop in parts:
-        to_network_input(patches[start:stop], inputs[offset:offset + stop - start])
+        to_network_input(patches[start:stop], inputs[offset : offset + stop - start])
         offset += stop - start
     return inputs, buffer
 
 
-def run_batches(launch: Callable[[np.ndarray], PendingFeatures], patches: np.ndarray,
-                batch_size: int, buffers: BatchBuffers) -> np.ndarray:
+def run_batches(
+    launch: Callable[[np.ndarray], PendingFeatures],
+    patches: np.ndarray,
+    batch_size: int,
+    buffers: BatchBuffers,
+) -> np.ndarray:
     """Features (N, D) float32 of one caller's patches, `batch_size` at a time, in this thread.
 
     Batches are assembled as the batcher does (`assemble`, buffers reused).
@@ -241,7 +247,6 @@ def run_batches(launch: Callable[[np.ndarray], PendingFeatures], patches: np.nda
     collect(*previous)
     assert features is not None
     return features
-
 
 
 def run_in_batches(backend: Backend, patches: np.ndarray, batch_size: int) -> np.ndarray:
@@ -322,8 +327,10 @@ class DynamicBatcher:
         # Memory held by the network, for ModelCache's byte limit.
         self.nbytes = backend.nbytes if isinstance(backend, Backend) else 0
         allocate: Callable[[int], np.ndarray] = (
-            backend.allocate_batch if isinstance(backend, Backend)
-            else lambda n: np.empty((n, *PATCH_SHAPE), dtype=np.float32))
+            backend.allocate_batch
+            if isinstance(backend, Backend)
+            else lambda n: np.empty((n, *PATCH_SHAPE), dtype=np.float32)
+        )
         # One batch being assembled and one in flight per worker.
         self.buffers = BatchBuffers(allocate, max_batch_size, keep=2 * workers)
         if isinstance(backend, Backend):
@@ -348,8 +355,7 @@ class DynamicBatcher:
         self._room = threading.Condition(self._lock)  # blocked submitters wait for space
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._workers = [
-            threading.Thread(target=self._run, name=f"{name}-worker{i}", daemon=True)
-            for i in range(workers)
+            threading.Thread(target=self._run, name=f"{name}-worker{i}", daemon=True) for i in range(workers)
         ]
         for worker in self._workers:
             worker.start()
@@ -444,8 +450,7 @@ class DynamicBatcher:
         deadline: float | None = None,
     ) -> np.ndarray:
         """Blocking submit (waiting for room) and result, for threads."""
-        future = self.submit(patches, block=True, timeout=timeout, priority=priority,
-                             deadline=deadline)
+        future = self.submit(patches, block=True, timeout=timeout, priority=priority, deadline=deadline)
         return future.result(timeout)
 
     def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
@@ -494,8 +499,10 @@ class DynamicBatcher:
         return ahead == 0 or ahead + request.size <= self.max_queued_patches
 
     def _full_message(self, request: _Request) -> str:
-        return (f"the network's queue full ({self._queued} patches waiting, bound "
-                f"{self.max_queued_patches}); cannot take {request.size} more")
+        return (
+            f"the network's queue full ({self._queued} patches waiting, bound "
+            f"{self.max_queued_patches}); cannot take {request.size} more"
+        )
 
     def _enqueue(self, request: _Request) -> None:
         request.enqueued = time.monotonic()
@@ -563,9 +570,13 @@ class DynamicBatcher:
         finally:
             for request in expired:
                 waited = time.monotonic() - request.enqueued
-                _fail(request, DeadlineExceededError(
-                    f"the deadline passed after {waited:.3f}s in the network's queue;"
-                    " dropped before reaching the network"))
+                _fail(
+                    request,
+                    DeadlineExceededError(
+                        f"the deadline passed after {waited:.3f}s in the network's queue;"
+                        " dropped before reaching the network"
+                    ),
+                )
 
     def _drop_expired(self, now: float, expired: list[_Request]) -> None:
         """Take requests whose deadline has passed out of the queue (lock held)."""
@@ -612,7 +623,8 @@ class DynamicBatcher:
         batch.launched = time.monotonic()
         try:
             inputs, batch.buffer = assemble(
-                [(request.patches, start, stop) for request, start, stop in batch.parts], self.buffers)
+                [(request.patches, start, stop) for request, start, stop in batch.parts], self.buffers
+            )
             batch.pending = self._launch(inputs)
         except Exception as exc:
             self._fail_batch(batch, exc)
@@ -622,8 +634,7 @@ class DynamicBatcher:
         try:
             features = np.asarray(batch.pending.result())
             if features.ndim != 2 or features.shape[0] != batch.size:
-                raise RuntimeError(f"network returned shape {features.shape} for "
-                                   f"{batch.size} patches")
+                raise RuntimeError(f"network returned shape {features.shape} for {batch.size} patches")
         except Exception as exc:
             self._fail_batch(batch, exc)
             return
@@ -645,7 +656,7 @@ class DynamicBatcher:
         for request, start, stop in batch.parts:
             # Workers write disjoint slices, so the copies need no lock.
             assert request.features is not None
-            request.features[start:stop] = features[offset:offset + stop - start]
+            request.features[start:stop] = features[offset : offset + stop - start]
             offset += stop - start
         with self._lock:
             for request, start, stop in batch.parts:
@@ -653,8 +664,7 @@ class DynamicBatcher:
                 if request.finished == request.size:
                     completed.append(request)
         # Observed before callers get their features, so the figures are in place when they look.
-        self._notify(BatchObservation(
-            self.name, batch.size, tuple(batch.queue_waits), network_seconds))
+        self._notify(BatchObservation(self.name, batch.size, tuple(batch.queue_waits), network_seconds))
         for request in completed:
             if not request.future.done():
                 try:

@@ -35,7 +35,6 @@ from spacer_core.inference.backends import (
     OpenVinoBackend,
     TorchScriptBackend,
     _prepared_module,
-    available_cpus,
     probe_batch,
     resolve_device,
 )
@@ -115,8 +114,9 @@ def _verify(backend: Backend, net: nn.Module) -> None:
     if backend.precision is Precision.EXACT:
         diff = float(np.max(np.abs(got - reference)))
         if not diff <= EXACT_TOLERANCE:
-            raise BackendError(f"{backend.describe()} differs from eager PyTorch by {diff:.3g} "
-                               f"(tolerance {EXACT_TOLERANCE})")
+            raise BackendError(
+                f"{backend.describe()} differs from eager PyTorch by {diff:.3g} (tolerance {EXACT_TOLERANCE})"
+            )
     else:
         rel = float(np.mean(np.abs(got - reference)) / max(np.mean(np.abs(reference)), 1e-12))
         if not rel <= FAST_RELATIVE_TOLERANCE:
@@ -161,7 +161,11 @@ def _cached_artifact(
 
 def _build_onnx(sha256: str, net: _LazyNet, folder: Path, threads: int | None) -> Backend:
     return _cached_artifact(
-        folder, sha256, "onnx", "exact-cpu", ".onnx",
+        folder,
+        sha256,
+        "onnx",
+        "exact-cpu",
+        ".onnx",
         build=lambda: export_onnx(net.get()),
         load=lambda data: OnnxBackend(data, threads=threads),
         net=net,
@@ -178,7 +182,11 @@ def _build_torchscript(
         return TorchScriptBackend(module.eval(), device, precision)
 
     return _cached_artifact(
-        folder, sha256, "torchscript", f"{precision.value}-{_device_variant(device)}", ".pt",
+        folder,
+        sha256,
+        "torchscript",
+        f"{precision.value}-{_device_variant(device)}",
+        ".pt",
         build=lambda: export_torchscript(net.get(), device, precision),
         load=load,
         net=net,
@@ -242,21 +250,25 @@ def load_backend(
                 # The network itself cannot be built (e.g. a bad weights file):
                 # no backend can help, and the caller needs the original error.
                 raise
-            logger.warning("Backend %s for %s on %s failed: %s", name, sha256[:12], device, exc,
-                           exc_info=True)
+            logger.warning(
+                "Backend %s for %s on %s failed: %s", name, sha256[:12], device, exc, exc_info=True
+            )
             failures.append(f"{name}: {exc}")
             continue
         if failures:
             logger.warning("Using %s after failures: %s", backend.describe(), "; ".join(failures))
         return backend
-    raise BackendError(f"No backend could run the network {sha256[:12]} on {device}: "
-                       + "; ".join(failures))
+    raise BackendError(f"No backend could run the network {sha256[:12]} on {device}: " + "; ".join(failures))
 
 
 def _build_openvino(sha256: str, net: _LazyNet, folder: Path, threads: int | None) -> Backend:
     """OpenVINO bf16 from the exact ONNX export (the same cached artifact as ONNX Runtime's)."""
     return _cached_artifact(
-        folder, sha256, "onnx", "exact-cpu", ".onnx",
+        folder,
+        sha256,
+        "onnx",
+        "exact-cpu",
+        ".onnx",
         build=lambda: export_onnx(net.get()),
         load=lambda data: OpenVinoBackend(data, threads=threads),
         net=net,

@@ -133,4 +133,3 @@ def discard(path: Path) -> None:
     for name in (path, _sidecar(path)):
         with contextlib.suppress(OSError):
             name.unlink()
-

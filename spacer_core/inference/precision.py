@@ -7,7 +7,7 @@ import enum
 import torch
 
 
-class Precision(str, enum.Enum):
+class Precision(enum.StrEnum):
     """How the network's arithmetic may trade accuracy for speed.
 
     EXACT: float32 throughout; features match pyspacer's within 1e-4.
@@ -70,8 +70,10 @@ def fast_cpu_status() -> str:
     if not flags and not cpu_has_bf16():
         return "fast precision on CPU: this CPU has no native bf16 (avx512_bf16/amx_bf16); runs exact (fp32)"
     if not openvino_available():
-        return (f"fast precision on CPU: CPU has {', '.join(flags) or 'bf16'} but OpenVINO is not "
-                "installed (pip install 'spacer-server[fast]'); runs exact (fp32)")
+        return (
+            f"fast precision on CPU: CPU has {', '.join(flags) or 'bf16'} but OpenVINO is not "
+            "installed (pip install 'spacer-server[fast]'); runs exact (fp32)"
+        )
     return f"fast precision on CPU: OpenVINO bf16 ({', '.join(flags) or 'bf16'})"
 
 

@@ -1,7 +1,7 @@
 """A small survey for bulk tests: JPEGs, a points manifest, weights and a classifier on disk.
 
-    from tests.support.bulk_survey import make_survey
-    s = make_survey(tmp_path, images=20, points=10)   # s.manifest, s.weights, s.classifier, s.images
+from tests.support.bulk_survey import make_survey
+s = make_survey(tmp_path, images=20, points=10)   # s.manifest, s.weights, s.classifier, s.images
 """
 
 from __future__ import annotations
@@ -62,10 +62,14 @@ def write_classifier(path: Path, dim: int = 1280, seed: int = 0) -> Path:
 def points_for(seed: int, n: int, size: tuple[int, int] = (640, 480)) -> list[tuple[int, int]]:
     rng = np.random.default_rng(1000 + seed)
     w, h = size
-    return sorted({(int(r), int(c)) for r, c in zip(rng.integers(0, h, 4 * n), rng.integers(0, w, 4 * n))})[:n]
+    return sorted({(int(r), int(c)) for r, c in zip(rng.integers(0, h, 4 * n), rng.integers(0, w, 4 * n))})[
+        :n
+    ]
 
 
-def make_survey(folder: Path, images: int = 20, points: int = 10, size: tuple[int, int] = (640, 480)) -> Survey:
+def make_survey(
+    folder: Path, images: int = 20, points: int = 10, size: tuple[int, int] = (640, 480)
+) -> Survey:
     """`images` JPEGs in folder/images, a manifest naming them by relative path, weights, a classifier."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     paths = [write_image(folder / "images" / f"img{i:03d}.jpg", i, size) for i in range(images)]
@@ -92,9 +96,15 @@ def assert_matches_pyspacer(weights: Path, image: Path, feature_file: Path, scra
 
     rowcols, ours = read_features(feature_file)
     sha = hashlib.sha256(weights.read_bytes()).hexdigest()
-    extract_features(ExtractFeaturesMsg("o", SpExtractor.deserialize(extractor_json(weights, sha)),
-                                        rowcols, SpLoc("filesystem", str(image)),
-                                        SpLoc("filesystem", str(scratch / "o.fv"))))
+    extract_features(
+        ExtractFeaturesMsg(
+            "o",
+            SpExtractor.deserialize(extractor_json(weights, sha)),
+            rowcols,
+            SpLoc("filesystem", str(image)),
+            SpLoc("filesystem", str(scratch / "o.fv")),
+        )
+    )
     theirs = read_features(scratch / "o.fv")
     assert theirs[0] == rowcols
     np.testing.assert_allclose(ours, theirs[1], atol=1e-4, rtol=0)

@@ -37,10 +37,26 @@ class Layer:
 
 
 # V1LayerParameter.LayerType numbers, from Caffe's schema.
-V1_TYPES = {"Convolution": 4, "Pooling": 17, "InnerProduct": 14, "ReLU": 18, "Dropout": 6,
-            "Softmax": 20, "LRN": 15, "Data": 5}
-V1_ENUM_NAMES = {"Convolution": "CONVOLUTION", "Pooling": "POOLING", "InnerProduct": "INNER_PRODUCT",
-                 "ReLU": "RELU", "Dropout": "DROPOUT", "Softmax": "SOFTMAX", "LRN": "LRN", "Data": "DATA"}
+V1_TYPES = {
+    "Convolution": 4,
+    "Pooling": 17,
+    "InnerProduct": 14,
+    "ReLU": 18,
+    "Dropout": 6,
+    "Softmax": 20,
+    "LRN": 15,
+    "Data": 5,
+}
+V1_ENUM_NAMES = {
+    "Convolution": "CONVOLUTION",
+    "Pooling": "POOLING",
+    "InnerProduct": "INNER_PRODUCT",
+    "ReLU": "RELU",
+    "Dropout": "DROPOUT",
+    "Softmax": "SOFTMAX",
+    "LRN": "LRN",
+    "Data": "DATA",
+}
 
 # --- text format ------------------------------------------------------------------
 
@@ -75,8 +91,17 @@ def prototxt(layers: list[Layer], generation: str = "layer", name: str = "net") 
     if generation == "layers":
         lines += ['input: "data"', "input_dim: 1", "input_dim: 3", "input_dim: 224", "input_dim: 224"]
     else:
-        lines += _text_fields({"layer": {"name": "data", "type": "Input", "top": "data",
-                                         "input_param": {"shape": {"dim": [1, 3, 224, 224]}}}}, "")
+        lines += _text_fields(
+            {
+                "layer": {
+                    "name": "data",
+                    "type": "Input",
+                    "top": "data",
+                    "input_param": {"shape": {"dim": [1, 3, 224, 224]}},
+                }
+            },
+            "",
+        )
     for layer in layers:
         body: dict[str, Any] = {"name": layer.name}
         body["type"] = Enum(V1_ENUM_NAMES[layer.type]) if generation == "layers" else layer.type
@@ -158,21 +183,37 @@ def write_net(folder: Path, stem: str, layers: list[Layer], generation: str = "l
 # --- networks ------------------------------------------------------------------------
 
 
-def conv(name: str, bottom: str, c_in: int, c_out: int, rng: np.random.Generator, kernel: int = 3,
-         gain: float = 1.0, **params: Any) -> Layer:
+def conv(
+    name: str,
+    bottom: str,
+    c_in: int,
+    c_out: int,
+    rng: np.random.Generator,
+    kernel: int = 3,
+    gain: float = 1.0,
+    **params: Any,
+) -> Layer:
     fan_in = c_in // params.get("group", 1) * kernel * kernel
-    weight = rng.normal(0, gain * math.sqrt(2.0 / fan_in), (c_out, c_in // params.get("group", 1), kernel, kernel))
+    weight = rng.normal(
+        0, gain * math.sqrt(2.0 / fan_in), (c_out, c_in // params.get("group", 1), kernel, kernel)
+    )
     bias = rng.normal(0, 0.05, c_out)
-    return Layer(name, "Convolution", [bottom], [name],
-                 {"convolution_param": {"num_output": c_out, "kernel_size": kernel, **params}},
-                 [weight.astype(np.float32), bias.astype(np.float32)])
+    return Layer(
+        name,
+        "Convolution",
+        [bottom],
+        [name],
+        {"convolution_param": {"num_output": c_out, "kernel_size": kernel, **params}},
+        [weight.astype(np.float32), bias.astype(np.float32)],
+    )
 
 
 def inner_product(name: str, bottom: str, n_in: int, n_out: int, rng: np.random.Generator) -> Layer:
     weight = rng.normal(0, math.sqrt(2.0 / n_in), (n_out, n_in)).astype(np.float32)
     bias = rng.normal(0, 0.05, n_out).astype(np.float32)
-    return Layer(name, "InnerProduct", [bottom], [name], {"inner_product_param": {"num_output": n_out}},
-                 [weight, bias])
+    return Layer(
+        name, "InnerProduct", [bottom], [name], {"inner_product_param": {"num_output": n_out}}, [weight, bias]
+    )
 
 
 def in_place(name: str, kind: str, blob: str, **params: Any) -> Layer:
@@ -180,7 +221,9 @@ def in_place(name: str, kind: str, blob: str, **params: Any) -> Layer:
     return Layer(name, kind, [blob], [blob], {key: params} if params else {})
 
 
-def vgg16_layers(width_divisor: int = 1, seed: int = 0, fc_width: int = 4096, classes: int = 1000) -> list[Layer]:
+def vgg16_layers(
+    width_divisor: int = 1, seed: int = 0, fc_width: int = 4096, classes: int = 1000
+) -> list[Layer]:
     """CoralNet's VGG16 layout (conv1_1..conv5_3, fc6, fc7, fc8, prob; relu/drop in place).
 
     Conv widths are VGG16's divided by `width_divisor` (1 = the true size).
@@ -194,11 +237,20 @@ def vgg16_layers(width_divisor: int = 1, seed: int = 0, fc_width: int = 4096, cl
         for i in range(1, repeats + 1):
             name = f"conv{stage}_{i}"
             out = max(1, width // width_divisor)
-            layers.append(conv(name, blob, channels, out, rng, pad=1, gain=1 / 128 if blob == "data" else 1.0))
+            layers.append(
+                conv(name, blob, channels, out, rng, pad=1, gain=1 / 128 if blob == "data" else 1.0)
+            )
             layers.append(in_place(f"relu{stage}_{i}", "ReLU", name))
             blob, channels = name, out
-        layers.append(Layer(f"pool{stage}", "Pooling", [blob], [f"pool{stage}"],
-                            {"pooling_param": {"pool": Enum("MAX"), "kernel_size": 2, "stride": 2}}))
+        layers.append(
+            Layer(
+                f"pool{stage}",
+                "Pooling",
+                [blob],
+                [f"pool{stage}"],
+                {"pooling_param": {"pool": Enum("MAX"), "kernel_size": 2, "stride": 2}},
+            )
+        )
         blob = f"pool{stage}"
     layers.append(inner_product("fc6", blob, channels * 7 * 7, fc_width, rng))
     layers += [in_place("relu6", "ReLU", "fc6"), in_place("drop6", "Dropout", "fc6", dropout_ratio=0.5)]
@@ -225,17 +277,19 @@ def _conv(x: np.ndarray, layer: Layer) -> np.ndarray:
     n, c, h, w = x.shape
     c_out, c_per_group, kh, kw = weight.shape
     padded = np.zeros((n, c, h + 2 * pad_h, w + 2 * pad_w))
-    padded[:, :, pad_h:pad_h + h, pad_w:pad_w + w] = x
+    padded[:, :, pad_h : pad_h + h, pad_w : pad_w + w] = x
     oh, ow = (h + 2 * pad_h - kh) // stride + 1, (w + 2 * pad_w - kw) // stride + 1
     out = np.zeros((n, c_out, oh, ow))
     per_out = c_out // groups
     for g in range(groups):
-        xs = padded[:, g * c_per_group:(g + 1) * c_per_group]
-        ws = weight[g * per_out:(g + 1) * per_out]
+        xs = padded[:, g * c_per_group : (g + 1) * c_per_group]
+        ws = weight[g * per_out : (g + 1) * per_out]
         for i in range(kh):
             for j in range(kw):
-                window = xs[:, :, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
-                out[:, g * per_out:(g + 1) * per_out] += np.einsum("oc,nchw->nohw", ws[:, :, i, j], window)
+                window = xs[
+                    :, :, i : i + stride * (oh - 1) + 1 : stride, j : j + stride * (ow - 1) + 1 : stride
+                ]
+                out[:, g * per_out : (g + 1) * per_out] += np.einsum("oc,nchw->nohw", ws[:, :, i, j], window)
     return out + bias[None, :, None, None]
 
 
@@ -295,4 +349,3 @@ def numpy_forward(layers: list[Layer], data: np.ndarray, output_blob: str) -> np
 def _rules(layer: Layer) -> list[dict[str, Any]]:
     rules = layer.extra.get("include", [])
     return rules if isinstance(rules, list) else [rules]
-

@@ -76,36 +76,55 @@ def variants() -> dict[str, bytes]:
         # The probe's file: a dtype given an object field over raw bytes.
         "dtype-setstate-object-field": _classifier_with(classes_=array(_object_field_dtype(), (2,), RAW * 2)),
         "structured-dtype-object-field": _classifier_with(classes_=array(_structured(), (1,), RAW * 2)),
-        "dtype-flags-claim-objects": _classifier_with(classes_=array(_object_field_dtype(flags=63), (1,), RAW)),
+        "dtype-flags-claim-objects": _classifier_with(
+            classes_=array(_object_field_dtype(flags=63), (1,), RAW)
+        ),
         "dtype-subarray-of-objects": _classifier_with(
-            classes_=array(dtype("V16", (3, "|", (np.dtype("O"), (2,)), None, None, 16, 1, 0)), (1,), RAW * 2)),
+            classes_=array(dtype("V16", (3, "|", (np.dtype("O"), (2,)), None, None, 16, 1, 0)), (1,), RAW * 2)
+        ),
         "dtype-odd-elsize": _classifier_with(
-            classes_=array(dtype("f8", (3, "<", None, None, None, 4096, 1, 0)), (1,), RAW)),
+            classes_=array(dtype("f8", (3, "<", None, None, None, 4096, 1, 0)), (1,), RAW)
+        ),
         "dtype-unreadable-state": _classifier_with(classes_=array(dtype("f8", ("<", "junk")), (1,), RAW)),
         "object-array-from-list": _classifier_with(classes_=array(dtype("O8"), (2,), [1, 2])),
         "object-array-from-bytes": _classifier_with(classes_=array(dtype("O8"), (2,), RAW * 2)),
-        "reconstruct-object-typecode": _classifier_with(classes_=array(dtype("f8"), (1,), RAW, typecode=b"O")),
+        "reconstruct-object-typecode": _classifier_with(
+            classes_=array(dtype("f8"), (1,), RAW, typecode=b"O")
+        ),
         "reconstruct-huge-shape": _classifier_with(
-            classes_=Reduce(_multiarray._reconstruct, (np.ndarray, (1 << 40,), b"b"))),
+            classes_=Reduce(_multiarray._reconstruct, (np.ndarray, (1 << 40,), b"b"))
+        ),
         "array-shape-over-data": _classifier_with(classes_=array(dtype("f8"), (1 << 20,), RAW)),
         "scalar-object-dtype": _classifier_with(classes_=Reduce(_multiarray.scalar, (dtype("O8"), RAW))),
-        "scalar-object-field": _classifier_with(classes_=Reduce(_multiarray.scalar, (_object_field_dtype(), RAW))),
+        "scalar-object-field": _classifier_with(
+            classes_=Reduce(_multiarray.scalar, (_object_field_dtype(), RAW))
+        ),
         "ndarray-called-on-bytes": _classifier_with(classes_=Reduce(np.ndarray, ((1,), dtype("O8"), RAW))),
         "float-dtype-given-fields": _classifier_with(
-            classes_=array(dtype("f8", (3, "|", None, ("f",), {"f": (np.dtype("f8"), 0)}, 8, 1, 0)), (1,), RAW)),
-        "copyreg-plain-object": _classifier_with(classes_=Reduce(copyreg._reconstructor, (object, object, None))),
+            classes_=array(
+                dtype("f8", (3, "|", None, ("f",), {"f": (np.dtype("f8"), 0)}, 8, 1, 0)), (1,), RAW
+            )
+        ),
+        "copyreg-plain-object": _classifier_with(
+            classes_=Reduce(copyreg._reconstructor, (object, object, None))
+        ),
         "unexpected-attribute-type": _classifier_with(classes_=Reduce(LabelBinarizer, ())),
         "bytes-attribute": _classifier_with(classes_=np.arange(3), note=b"payload"),
         "dict-with-number-keys": _classifier_with(classes_=np.arange(3), note={1: 2}),
-        "estimator-where-list-belongs": _classifier_with(classes_=np.arange(3), calibrated_classifiers_=[LabelBinarizer()]),
+        "estimator-where-list-belongs": _classifier_with(
+            classes_=np.arange(3), calibrated_classifiers_=[LabelBinarizer()]
+        ),
         "string-where-array-belongs": _classifier_with(classes_="0123"),
         "nested-too-deep": _classifier_with(classes_=np.arange(3), note=_nested(200)),
     }
     out = {name: pickle.dumps(value, protocol=2) for name, value in built.items()}
     # Protocol 5 keeps array bytes in a buffer rebuilt by _frombuffer.
     out["frombuffer-object-field"] = pickle.dumps(
-        _classifier_with(classes_=Reduce(_numeric._frombuffer,
-                                         (pickle.PickleBuffer(bytearray(RAW)), _object_field_dtype(), (1,), "C"))),
+        _classifier_with(
+            classes_=Reduce(
+                _numeric._frombuffer, (pickle.PickleBuffer(bytearray(RAW)), _object_field_dtype(), (1,), "C")
+            )
+        ),
         protocol=5,
     )
     return out
@@ -128,7 +147,10 @@ def calibrated_classifier(kind: str = "LR", feature_dim: int = 1280, classes: tu
 
     rng = np.random.default_rng(0)
     y = np.array([classes[i % len(classes)] for i in range(20 * len(classes))])
-    x = rng.normal(size=(len(y), feature_dim)) + np.eye(len(classes), feature_dim)[[classes.index(c) for c in y]] * 3
+    x = (
+        rng.normal(size=(len(y), feature_dim))
+        + np.eye(len(classes), feature_dim)[[classes.index(c) for c in y]] * 3
+    )
     base = SGDClassifier(loss="log_loss", random_state=0) if kind == "LR" else MLPClassifier((4,), max_iter=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -180,13 +202,27 @@ def costly_variants() -> dict[str, bytes]:
         # One 1 MiB string stored once, encoded 600 times: 600 MiB of copies from a 1 MiB file.
         "amplified-encode": _with_extra([Reduce(_codecs.encode, (MIB_TEXT, "latin1")) for _ in range(600)]),
         # One 1 MiB data string under 600 arrays (NumPy copies a str's data for each).
-        "amplified-arrays": _with_extra([Reduce(_np_reconstruct(), (np.ndarray, (0,), b"b"),
-                                                (1, (1 << 20,), np.dtype("u1"), False, MIB_TEXT))
-                                         for _ in range(600)]),
+        "amplified-arrays": _with_extra(
+            [
+                Reduce(
+                    _np_reconstruct(),
+                    (np.ndarray, (0,), b"b"),
+                    (1, (1 << 20,), np.dtype("u1"), False, MIB_TEXT),
+                )
+                for _ in range(600)
+            ]
+        ),
         # One 1 MiB bytes under 600 byte-swapped arrays (NumPy makes each its own copy).
-        "amplified-swapped-arrays": _with_extra([Reduce(_np_reconstruct(), (np.ndarray, (0,), b"b"),
-                                                        (1, (1 << 17,), np.dtype(">f8"), False, MIB_BYTES))
-                                                 for _ in range(600)]),
+        "amplified-swapped-arrays": _with_extra(
+            [
+                Reduce(
+                    _np_reconstruct(),
+                    (np.ndarray, (0,), b"b"),
+                    (1, (1 << 17,), np.dtype(">f8"), False, MIB_BYTES),
+                )
+                for _ in range(600)
+            ]
+        ),
     }
 
 

@@ -1,7 +1,5 @@
 """A real HTTP server on 127.0.0.1 for url-storage tests.
 
-    from tests.support.http_server import http_server  # noqa: F401  (fixture)
-
     def test_x(http_server):
         url = http_server.add("/a.jpg", b"...")          # 200 with that body
         http_server.add("/slow", b"x", delay=2.0)         # waits before answering

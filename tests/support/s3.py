@@ -1,8 +1,6 @@
 """S3 for tests: moto's HTTP server on 127.0.0.1, with spacer_core pointed at it.
 
-Use in a test module::
-
-    from tests.support.s3 import moto_server, s3_bucket  # noqa: F401  (fixtures)
+Use in a test module (the fixtures are registered in tests/conftest.py)::
 
     def test_something(s3_bucket):
         loc = DataLocation("s3", "some/key", bucket_name=s3_bucket)
@@ -67,7 +65,12 @@ def use_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
     """Point spacer_core.config and the environment at ``endpoint`` until the test ends."""
     for name, value in s3_env(endpoint).items():
         monkeypatch.setenv(name, value)
-    for name in ("SPACER_AWS_SESSION_TOKEN", "SPACER_AWS_PROFILE_NAME", "SPACER_AWS_ANONYMOUS", "AWS_PROFILE"):
+    for name in (
+        "SPACER_AWS_SESSION_TOKEN",
+        "SPACER_AWS_PROFILE_NAME",
+        "SPACER_AWS_ANONYMOUS",
+        "AWS_PROFILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     settings = {
         "AWS_ENDPOINT_URL": endpoint,

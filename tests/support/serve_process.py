@@ -58,8 +58,19 @@ class ServeProcess:
         port_file.unlink(missing_ok=True)
         log = open(self.workdir / "serve.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--port", str(self.port), "--port-file", str(port_file),
-             "--data-root", str(self.workdir), *self.args],
+            [
+                sys.executable,
+                "-m",
+                "server",
+                "serve",
+                "--port",
+                str(self.port),
+                "--port-file",
+                str(port_file),
+                "--data-root",
+                str(self.workdir),
+                *self.args,
+            ],
             cwd=self.workdir,
             stdout=log,
             stderr=subprocess.STDOUT,
