@@ -5,7 +5,7 @@ Makes `--images` JPEGs (default 100 at 1024x768) with `--points` points each
 then times:
 
 - local: `spacer bulk extract` on the local engine (`spacer_core.bulk.run`);
-- ray: the same on a local Ray instance (`spacer_core.bulk_ray.run`), with
+- ray: the same on a local Ray instance (`spacer_core.bulk.ray_engine.run`), with
   one network actor and, with `--scaling`, with two; Ray's start-up is
   timed apart (a long-lived cluster pays it once);
 - pyspacer: `spacer.tasks.extract_features` per image on `--pyspacer-images`
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._machine import cpu_name  # noqa: E402
 from spacer_core import bulk  # noqa: E402
-from spacer_core.synthetic_weights import cached_weights  # noqa: E402
+from spacer_core.weights.synthetic import cached_weights  # noqa: E402
 from tests.support.bulk_survey import make_survey  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def main() -> None:
 
         import ray
 
-        from spacer_core import bulk_ray
+        from spacer_core.bulk import ray_engine as bulk_ray
 
         start = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)

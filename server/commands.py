@@ -19,9 +19,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from spacer_core import coralnet, reports, survey
-from spacer_core.coralnet import CsvFormatError, ResultRow
-from spacer_core.survey import SurveyError
+from spacer_core.survey import coralnet, reports
+from spacer_core.survey import workflow as survey
+from spacer_core.survey.coralnet import CsvFormatError, ResultRow
+from spacer_core.survey.workflow import SurveyError
 
 DEFAULT_THRESHOLD = 0.85
 
@@ -392,7 +393,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from spacer_core import demo
+    from spacer_core.survey import demo
 
     runner: survey.Runner
     if args.server:
@@ -446,7 +447,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_bulk(args: argparse.Namespace) -> int:
     """`spacer bulk extract|classify`; exit 1 when any image failed (the summary says which)."""
-    from spacer_core import bulk
+    from spacer_core.bulk import local as bulk
 
     if args.actors is not None and args.actors < 1:
         raise SurveyError(f"--actors {args.actors}: expected a whole number >= 1")
@@ -469,7 +470,7 @@ def run_bulk(args: argparse.Namespace) -> int:
 
     if args.engine == "ray":
         try:
-            from spacer_core import bulk_ray
+            from spacer_core.bulk import ray_engine as bulk_ray
         except ImportError as exc:
             raise SurveyError(
                 f"--engine ray needs Ray ({exc}); install it with pip install 'spacer-server[ray]'"

@@ -99,7 +99,7 @@ def array_shard() -> tuple[int, int]:
 
 def bulk_job() -> int:
     """Run this array child's shard of the manifest named by the BULK_* variables."""
-    from spacer_core import bulk
+    from spacer_core.bulk import local as bulk
 
     shard, shards = array_shard()
     kind = _env("BULK_TASK")

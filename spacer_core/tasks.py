@@ -31,6 +31,11 @@ from spacer_core.storage import (
     require_writable,
     store_classifier,
 )  # noqa: F401  (pyspacer names)
+
+# Re-exported: pyspacer's tasks offers load_image and load_classifier to its importers.
+from spacer_core.storage import load_bytes as load_bytes
+from spacer_core.storage import load_classifier as load_classifier
+from spacer_core.storage import load_image as load_image
 from spacer_core.task_utils import check_extract_inputs, preprocess_labels  # noqa: F401  (check_extract_inputs: pyspacer name)
 from spacer_core.train_classifier import ClassifierTrainer  # noqa: F401  (pyspacer name)
 

@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -13,7 +11,6 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRAIN: _ClassVar[Phase]
     TEST: _ClassVar[Phase]
-
 TRAIN: Phase
 TEST: Phase
 
@@ -21,7 +18,7 @@ class BlobShape(_message.Message):
     __slots__ = ("dim",)
     DIM_FIELD_NUMBER: _ClassVar[int]
     dim: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, dim: _Iterable[int] | None = ...) -> None: ...
+    def __init__(self, dim: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class BlobProto(_message.Message):
     __slots__ = ("shape", "data", "diff", "double_data", "double_diff", "num", "channels", "height", "width")
@@ -43,18 +40,7 @@ class BlobProto(_message.Message):
     channels: int
     height: int
     width: int
-    def __init__(
-        self,
-        shape: BlobShape | _Mapping | None = ...,
-        data: _Iterable[float] | None = ...,
-        diff: _Iterable[float] | None = ...,
-        double_data: _Iterable[float] | None = ...,
-        double_diff: _Iterable[float] | None = ...,
-        num: int | None = ...,
-        channels: int | None = ...,
-        height: int | None = ...,
-        width: int | None = ...,
-    ) -> None: ...
+    def __init__(self, shape: _Optional[_Union[BlobShape, _Mapping]] = ..., data: _Optional[_Iterable[float]] = ..., diff: _Optional[_Iterable[float]] = ..., double_data: _Optional[_Iterable[float]] = ..., double_diff: _Optional[_Iterable[float]] = ..., num: _Optional[int] = ..., channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class FillerParameter(_message.Message):
     __slots__ = ("type", "value", "min", "max", "mean", "std", "sparse", "variance_norm")
@@ -63,7 +49,6 @@ class FillerParameter(_message.Message):
         FAN_IN: _ClassVar[FillerParameter.VarianceNorm]
         FAN_OUT: _ClassVar[FillerParameter.VarianceNorm]
         AVERAGE: _ClassVar[FillerParameter.VarianceNorm]
-
     FAN_IN: FillerParameter.VarianceNorm
     FAN_OUT: FillerParameter.VarianceNorm
     AVERAGE: FillerParameter.VarianceNorm
@@ -83,30 +68,10 @@ class FillerParameter(_message.Message):
     std: float
     sparse: int
     variance_norm: FillerParameter.VarianceNorm
-    def __init__(
-        self,
-        type: str | None = ...,
-        value: float | None = ...,
-        min: float | None = ...,
-        max: float | None = ...,
-        mean: float | None = ...,
-        std: float | None = ...,
-        sparse: int | None = ...,
-        variance_norm: FillerParameter.VarianceNorm | str | None = ...,
-    ) -> None: ...
+    def __init__(self, type: _Optional[str] = ..., value: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., sparse: _Optional[int] = ..., variance_norm: _Optional[_Union[FillerParameter.VarianceNorm, str]] = ...) -> None: ...
 
 class NetParameter(_message.Message):
-    __slots__ = (
-        "name",
-        "input",
-        "input_shape",
-        "input_dim",
-        "force_backward",
-        "state",
-        "debug_info",
-        "layer",
-        "layers",
-    )
+    __slots__ = ("name", "input", "input_shape", "input_dim", "force_backward", "state", "debug_info", "layer", "layers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -125,18 +90,7 @@ class NetParameter(_message.Message):
     debug_info: bool
     layer: _containers.RepeatedCompositeFieldContainer[LayerParameter]
     layers: _containers.RepeatedCompositeFieldContainer[V1LayerParameter]
-    def __init__(
-        self,
-        name: str | None = ...,
-        input: _Iterable[str] | None = ...,
-        input_shape: _Iterable[BlobShape | _Mapping] | None = ...,
-        input_dim: _Iterable[int] | None = ...,
-        force_backward: bool | None = ...,
-        state: NetState | _Mapping | None = ...,
-        debug_info: bool | None = ...,
-        layer: _Iterable[LayerParameter | _Mapping] | None = ...,
-        layers: _Iterable[V1LayerParameter | _Mapping] | None = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., input: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[_Union[BlobShape, _Mapping]]] = ..., input_dim: _Optional[_Iterable[int]] = ..., force_backward: _Optional[bool] = ..., state: _Optional[_Union[NetState, _Mapping]] = ..., debug_info: _Optional[bool] = ..., layer: _Optional[_Iterable[_Union[LayerParameter, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[V1LayerParameter, _Mapping]]] = ...) -> None: ...
 
 class NetState(_message.Message):
     __slots__ = ("phase", "level", "stage")
@@ -146,12 +100,7 @@ class NetState(_message.Message):
     phase: Phase
     level: int
     stage: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(
-        self,
-        phase: Phase | str | None = ...,
-        level: int | None = ...,
-        stage: _Iterable[str] | None = ...,
-    ) -> None: ...
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., level: _Optional[int] = ..., stage: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NetStateRule(_message.Message):
     __slots__ = ("phase", "min_level", "max_level", "stage", "not_stage")
@@ -165,14 +114,7 @@ class NetStateRule(_message.Message):
     max_level: int
     stage: _containers.RepeatedScalarFieldContainer[str]
     not_stage: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(
-        self,
-        phase: Phase | str | None = ...,
-        min_level: int | None = ...,
-        max_level: int | None = ...,
-        stage: _Iterable[str] | None = ...,
-        not_stage: _Iterable[str] | None = ...,
-    ) -> None: ...
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., min_level: _Optional[int] = ..., max_level: _Optional[int] = ..., stage: _Optional[_Iterable[str]] = ..., not_stage: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ParamSpec(_message.Message):
     __slots__ = ("name", "share_mode", "lr_mult", "decay_mult")
@@ -180,7 +122,6 @@ class ParamSpec(_message.Message):
         __slots__ = ()
         STRICT: _ClassVar[ParamSpec.DimCheckMode]
         PERMISSIVE: _ClassVar[ParamSpec.DimCheckMode]
-
     STRICT: ParamSpec.DimCheckMode
     PERMISSIVE: ParamSpec.DimCheckMode
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -191,35 +132,10 @@ class ParamSpec(_message.Message):
     share_mode: ParamSpec.DimCheckMode
     lr_mult: float
     decay_mult: float
-    def __init__(
-        self,
-        name: str | None = ...,
-        share_mode: ParamSpec.DimCheckMode | str | None = ...,
-        lr_mult: float | None = ...,
-        decay_mult: float | None = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., share_mode: _Optional[_Union[ParamSpec.DimCheckMode, str]] = ..., lr_mult: _Optional[float] = ..., decay_mult: _Optional[float] = ...) -> None: ...
 
 class LayerParameter(_message.Message):
-    __slots__ = (
-        "name",
-        "type",
-        "bottom",
-        "top",
-        "phase",
-        "loss_weight",
-        "param",
-        "blobs",
-        "propagate_down",
-        "include",
-        "exclude",
-        "convolution_param",
-        "dropout_param",
-        "inner_product_param",
-        "input_param",
-        "pooling_param",
-        "relu_param",
-        "softmax_param",
-    )
+    __slots__ = ("name", "type", "bottom", "top", "phase", "loss_weight", "param", "blobs", "propagate_down", "include", "exclude", "convolution_param", "dropout_param", "inner_product_param", "input_param", "pooling_param", "relu_param", "softmax_param")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     BOTTOM_FIELD_NUMBER: _ClassVar[int]
@@ -256,55 +172,15 @@ class LayerParameter(_message.Message):
     pooling_param: PoolingParameter
     relu_param: ReLUParameter
     softmax_param: SoftmaxParameter
-    def __init__(
-        self,
-        name: str | None = ...,
-        type: str | None = ...,
-        bottom: _Iterable[str] | None = ...,
-        top: _Iterable[str] | None = ...,
-        phase: Phase | str | None = ...,
-        loss_weight: _Iterable[float] | None = ...,
-        param: _Iterable[ParamSpec | _Mapping] | None = ...,
-        blobs: _Iterable[BlobProto | _Mapping] | None = ...,
-        propagate_down: _Iterable[bool] | None = ...,
-        include: _Iterable[NetStateRule | _Mapping] | None = ...,
-        exclude: _Iterable[NetStateRule | _Mapping] | None = ...,
-        convolution_param: ConvolutionParameter | _Mapping | None = ...,
-        dropout_param: DropoutParameter | _Mapping | None = ...,
-        inner_product_param: InnerProductParameter | _Mapping | None = ...,
-        input_param: InputParameter | _Mapping | None = ...,
-        pooling_param: PoolingParameter | _Mapping | None = ...,
-        relu_param: ReLUParameter | _Mapping | None = ...,
-        softmax_param: SoftmaxParameter | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., bottom: _Optional[_Iterable[str]] = ..., top: _Optional[_Iterable[str]] = ..., phase: _Optional[_Union[Phase, str]] = ..., loss_weight: _Optional[_Iterable[float]] = ..., param: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., blobs: _Optional[_Iterable[_Union[BlobProto, _Mapping]]] = ..., propagate_down: _Optional[_Iterable[bool]] = ..., include: _Optional[_Iterable[_Union[NetStateRule, _Mapping]]] = ..., exclude: _Optional[_Iterable[_Union[NetStateRule, _Mapping]]] = ..., convolution_param: _Optional[_Union[ConvolutionParameter, _Mapping]] = ..., dropout_param: _Optional[_Union[DropoutParameter, _Mapping]] = ..., inner_product_param: _Optional[_Union[InnerProductParameter, _Mapping]] = ..., input_param: _Optional[_Union[InputParameter, _Mapping]] = ..., pooling_param: _Optional[_Union[PoolingParameter, _Mapping]] = ..., relu_param: _Optional[_Union[ReLUParameter, _Mapping]] = ..., softmax_param: _Optional[_Union[SoftmaxParameter, _Mapping]] = ...) -> None: ...
 
 class ConvolutionParameter(_message.Message):
-    __slots__ = (
-        "num_output",
-        "bias_term",
-        "pad",
-        "kernel_size",
-        "stride",
-        "dilation",
-        "pad_h",
-        "pad_w",
-        "kernel_h",
-        "kernel_w",
-        "stride_h",
-        "stride_w",
-        "group",
-        "weight_filler",
-        "bias_filler",
-        "engine",
-        "axis",
-        "force_nd_im2col",
-    )
+    __slots__ = ("num_output", "bias_term", "pad", "kernel_size", "stride", "dilation", "pad_h", "pad_w", "kernel_h", "kernel_w", "stride_h", "stride_w", "group", "weight_filler", "bias_filler", "engine", "axis", "force_nd_im2col")
     class Engine(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DEFAULT: _ClassVar[ConvolutionParameter.Engine]
         CAFFE: _ClassVar[ConvolutionParameter.Engine]
         CUDNN: _ClassVar[ConvolutionParameter.Engine]
-
     DEFAULT: ConvolutionParameter.Engine
     CAFFE: ConvolutionParameter.Engine
     CUDNN: ConvolutionParameter.Engine
@@ -344,27 +220,7 @@ class ConvolutionParameter(_message.Message):
     engine: ConvolutionParameter.Engine
     axis: int
     force_nd_im2col: bool
-    def __init__(
-        self,
-        num_output: int | None = ...,
-        bias_term: bool | None = ...,
-        pad: _Iterable[int] | None = ...,
-        kernel_size: _Iterable[int] | None = ...,
-        stride: _Iterable[int] | None = ...,
-        dilation: _Iterable[int] | None = ...,
-        pad_h: int | None = ...,
-        pad_w: int | None = ...,
-        kernel_h: int | None = ...,
-        kernel_w: int | None = ...,
-        stride_h: int | None = ...,
-        stride_w: int | None = ...,
-        group: int | None = ...,
-        weight_filler: FillerParameter | _Mapping | None = ...,
-        bias_filler: FillerParameter | _Mapping | None = ...,
-        engine: ConvolutionParameter.Engine | str | None = ...,
-        axis: int | None = ...,
-        force_nd_im2col: bool | None = ...,
-    ) -> None: ...
+    def __init__(self, num_output: _Optional[int] = ..., bias_term: _Optional[bool] = ..., pad: _Optional[_Iterable[int]] = ..., kernel_size: _Optional[_Iterable[int]] = ..., stride: _Optional[_Iterable[int]] = ..., dilation: _Optional[_Iterable[int]] = ..., pad_h: _Optional[int] = ..., pad_w: _Optional[int] = ..., kernel_h: _Optional[int] = ..., kernel_w: _Optional[int] = ..., stride_h: _Optional[int] = ..., stride_w: _Optional[int] = ..., group: _Optional[int] = ..., weight_filler: _Optional[_Union[FillerParameter, _Mapping]] = ..., bias_filler: _Optional[_Union[FillerParameter, _Mapping]] = ..., engine: _Optional[_Union[ConvolutionParameter.Engine, str]] = ..., axis: _Optional[int] = ..., force_nd_im2col: _Optional[bool] = ...) -> None: ...
 
 class DropoutParameter(_message.Message):
     __slots__ = ("dropout_ratio", "scale_train")
@@ -372,7 +228,7 @@ class DropoutParameter(_message.Message):
     SCALE_TRAIN_FIELD_NUMBER: _ClassVar[int]
     dropout_ratio: float
     scale_train: bool
-    def __init__(self, dropout_ratio: float | None = ..., scale_train: bool | None = ...) -> None: ...
+    def __init__(self, dropout_ratio: _Optional[float] = ..., scale_train: _Optional[bool] = ...) -> None: ...
 
 class InnerProductParameter(_message.Message):
     __slots__ = ("num_output", "bias_term", "weight_filler", "bias_filler", "axis", "transpose")
@@ -388,44 +244,21 @@ class InnerProductParameter(_message.Message):
     bias_filler: FillerParameter
     axis: int
     transpose: bool
-    def __init__(
-        self,
-        num_output: int | None = ...,
-        bias_term: bool | None = ...,
-        weight_filler: FillerParameter | _Mapping | None = ...,
-        bias_filler: FillerParameter | _Mapping | None = ...,
-        axis: int | None = ...,
-        transpose: bool | None = ...,
-    ) -> None: ...
+    def __init__(self, num_output: _Optional[int] = ..., bias_term: _Optional[bool] = ..., weight_filler: _Optional[_Union[FillerParameter, _Mapping]] = ..., bias_filler: _Optional[_Union[FillerParameter, _Mapping]] = ..., axis: _Optional[int] = ..., transpose: _Optional[bool] = ...) -> None: ...
 
 class InputParameter(_message.Message):
     __slots__ = ("shape",)
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedCompositeFieldContainer[BlobShape]
-    def __init__(self, shape: _Iterable[BlobShape | _Mapping] | None = ...) -> None: ...
+    def __init__(self, shape: _Optional[_Iterable[_Union[BlobShape, _Mapping]]] = ...) -> None: ...
 
 class PoolingParameter(_message.Message):
-    __slots__ = (
-        "pool",
-        "pad",
-        "pad_h",
-        "pad_w",
-        "kernel_size",
-        "kernel_h",
-        "kernel_w",
-        "stride",
-        "stride_h",
-        "stride_w",
-        "engine",
-        "global_pooling",
-        "round_mode",
-    )
+    __slots__ = ("pool", "pad", "pad_h", "pad_w", "kernel_size", "kernel_h", "kernel_w", "stride", "stride_h", "stride_w", "engine", "global_pooling", "round_mode")
     class PoolMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         MAX: _ClassVar[PoolingParameter.PoolMethod]
         AVE: _ClassVar[PoolingParameter.PoolMethod]
         STOCHASTIC: _ClassVar[PoolingParameter.PoolMethod]
-
     MAX: PoolingParameter.PoolMethod
     AVE: PoolingParameter.PoolMethod
     STOCHASTIC: PoolingParameter.PoolMethod
@@ -434,7 +267,6 @@ class PoolingParameter(_message.Message):
         DEFAULT: _ClassVar[PoolingParameter.Engine]
         CAFFE: _ClassVar[PoolingParameter.Engine]
         CUDNN: _ClassVar[PoolingParameter.Engine]
-
     DEFAULT: PoolingParameter.Engine
     CAFFE: PoolingParameter.Engine
     CUDNN: PoolingParameter.Engine
@@ -442,7 +274,6 @@ class PoolingParameter(_message.Message):
         __slots__ = ()
         CEIL: _ClassVar[PoolingParameter.RoundMode]
         FLOOR: _ClassVar[PoolingParameter.RoundMode]
-
     CEIL: PoolingParameter.RoundMode
     FLOOR: PoolingParameter.RoundMode
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -471,22 +302,7 @@ class PoolingParameter(_message.Message):
     engine: PoolingParameter.Engine
     global_pooling: bool
     round_mode: PoolingParameter.RoundMode
-    def __init__(
-        self,
-        pool: PoolingParameter.PoolMethod | str | None = ...,
-        pad: int | None = ...,
-        pad_h: int | None = ...,
-        pad_w: int | None = ...,
-        kernel_size: int | None = ...,
-        kernel_h: int | None = ...,
-        kernel_w: int | None = ...,
-        stride: int | None = ...,
-        stride_h: int | None = ...,
-        stride_w: int | None = ...,
-        engine: PoolingParameter.Engine | str | None = ...,
-        global_pooling: bool | None = ...,
-        round_mode: PoolingParameter.RoundMode | str | None = ...,
-    ) -> None: ...
+    def __init__(self, pool: _Optional[_Union[PoolingParameter.PoolMethod, str]] = ..., pad: _Optional[int] = ..., pad_h: _Optional[int] = ..., pad_w: _Optional[int] = ..., kernel_size: _Optional[int] = ..., kernel_h: _Optional[int] = ..., kernel_w: _Optional[int] = ..., stride: _Optional[int] = ..., stride_h: _Optional[int] = ..., stride_w: _Optional[int] = ..., engine: _Optional[_Union[PoolingParameter.Engine, str]] = ..., global_pooling: _Optional[bool] = ..., round_mode: _Optional[_Union[PoolingParameter.RoundMode, str]] = ...) -> None: ...
 
 class ReLUParameter(_message.Message):
     __slots__ = ("negative_slope", "engine")
@@ -495,7 +311,6 @@ class ReLUParameter(_message.Message):
         DEFAULT: _ClassVar[ReLUParameter.Engine]
         CAFFE: _ClassVar[ReLUParameter.Engine]
         CUDNN: _ClassVar[ReLUParameter.Engine]
-
     DEFAULT: ReLUParameter.Engine
     CAFFE: ReLUParameter.Engine
     CUDNN: ReLUParameter.Engine
@@ -503,11 +318,7 @@ class ReLUParameter(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     negative_slope: float
     engine: ReLUParameter.Engine
-    def __init__(
-        self,
-        negative_slope: float | None = ...,
-        engine: ReLUParameter.Engine | str | None = ...,
-    ) -> None: ...
+    def __init__(self, negative_slope: _Optional[float] = ..., engine: _Optional[_Union[ReLUParameter.Engine, str]] = ...) -> None: ...
 
 class SoftmaxParameter(_message.Message):
     __slots__ = ("engine", "axis")
@@ -516,7 +327,6 @@ class SoftmaxParameter(_message.Message):
         DEFAULT: _ClassVar[SoftmaxParameter.Engine]
         CAFFE: _ClassVar[SoftmaxParameter.Engine]
         CUDNN: _ClassVar[SoftmaxParameter.Engine]
-
     DEFAULT: SoftmaxParameter.Engine
     CAFFE: SoftmaxParameter.Engine
     CUDNN: SoftmaxParameter.Engine
@@ -524,30 +334,10 @@ class SoftmaxParameter(_message.Message):
     AXIS_FIELD_NUMBER: _ClassVar[int]
     engine: SoftmaxParameter.Engine
     axis: int
-    def __init__(
-        self, engine: SoftmaxParameter.Engine | str | None = ..., axis: int | None = ...
-    ) -> None: ...
+    def __init__(self, engine: _Optional[_Union[SoftmaxParameter.Engine, str]] = ..., axis: _Optional[int] = ...) -> None: ...
 
 class V1LayerParameter(_message.Message):
-    __slots__ = (
-        "bottom",
-        "top",
-        "name",
-        "include",
-        "exclude",
-        "type",
-        "blobs",
-        "param",
-        "blobs_lr",
-        "weight_decay",
-        "loss_weight",
-        "convolution_param",
-        "dropout_param",
-        "inner_product_param",
-        "pooling_param",
-        "relu_param",
-        "softmax_param",
-    )
+    __slots__ = ("bottom", "top", "name", "include", "exclude", "type", "blobs", "param", "blobs_lr", "weight_decay", "loss_weight", "convolution_param", "dropout_param", "inner_product_param", "pooling_param", "relu_param", "softmax_param")
     class LayerType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         NONE: _ClassVar[V1LayerParameter.LayerType]
@@ -590,7 +380,6 @@ class V1LayerParameter(_message.Message):
         TANH: _ClassVar[V1LayerParameter.LayerType]
         WINDOW_DATA: _ClassVar[V1LayerParameter.LayerType]
         THRESHOLD: _ClassVar[V1LayerParameter.LayerType]
-
     NONE: V1LayerParameter.LayerType
     ABSVAL: V1LayerParameter.LayerType
     ACCURACY: V1LayerParameter.LayerType
@@ -665,23 +454,4 @@ class V1LayerParameter(_message.Message):
     pooling_param: PoolingParameter
     relu_param: ReLUParameter
     softmax_param: SoftmaxParameter
-    def __init__(
-        self,
-        bottom: _Iterable[str] | None = ...,
-        top: _Iterable[str] | None = ...,
-        name: str | None = ...,
-        include: _Iterable[NetStateRule | _Mapping] | None = ...,
-        exclude: _Iterable[NetStateRule | _Mapping] | None = ...,
-        type: V1LayerParameter.LayerType | str | None = ...,
-        blobs: _Iterable[BlobProto | _Mapping] | None = ...,
-        param: _Iterable[str] | None = ...,
-        blobs_lr: _Iterable[float] | None = ...,
-        weight_decay: _Iterable[float] | None = ...,
-        loss_weight: _Iterable[float] | None = ...,
-        convolution_param: ConvolutionParameter | _Mapping | None = ...,
-        dropout_param: DropoutParameter | _Mapping | None = ...,
-        inner_product_param: InnerProductParameter | _Mapping | None = ...,
-        pooling_param: PoolingParameter | _Mapping | None = ...,
-        relu_param: ReLUParameter | _Mapping | None = ...,
-        softmax_param: SoftmaxParameter | _Mapping | None = ...,
-    ) -> None: ...
+    def __init__(self, bottom: _Optional[_Iterable[str]] = ..., top: _Optional[_Iterable[str]] = ..., name: _Optional[str] = ..., include: _Optional[_Iterable[_Union[NetStateRule, _Mapping]]] = ..., exclude: _Optional[_Iterable[_Union[NetStateRule, _Mapping]]] = ..., type: _Optional[_Union[V1LayerParameter.LayerType, str]] = ..., blobs: _Optional[_Iterable[_Union[BlobProto, _Mapping]]] = ..., param: _Optional[_Iterable[str]] = ..., blobs_lr: _Optional[_Iterable[float]] = ..., weight_decay: _Optional[_Iterable[float]] = ..., loss_weight: _Optional[_Iterable[float]] = ..., convolution_param: _Optional[_Union[ConvolutionParameter, _Mapping]] = ..., dropout_param: _Optional[_Union[DropoutParameter, _Mapping]] = ..., inner_product_param: _Optional[_Union[InnerProductParameter, _Mapping]] = ..., pooling_param: _Optional[_Union[PoolingParameter, _Mapping]] = ..., relu_param: _Optional[_Union[ReLUParameter, _Mapping]] = ..., softmax_param: _Optional[_Union[SoftmaxParameter, _Mapping]] = ...) -> None: ...

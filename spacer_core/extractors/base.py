@@ -38,6 +38,9 @@ from PIL import Image
 from spacer_core import config, limits, runtime
 from spacer_core.crop import CROP_SIZE, crop_array_into_chw, to_rgb_array
 from spacer_core.data_classes import DataLocation, ImageFeatures
+
+# Re-exported: pyspacer's extractors.base offers these names to its importers.
+from spacer_core.data_classes import PointFeatures as PointFeatures
 from spacer_core.exceptions import (
     ConfigError,
     HashMismatchError,
@@ -45,8 +48,10 @@ from spacer_core.exceptions import (
     InvalidInputError,
 )
 from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS, canonical_class_path
+from spacer_core.extractors.utils import crop_patches as crop_patches
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.storage import load_bytes, open_local, write_file_atomic
+from spacer_core.storage import storage_factory as storage_factory
 from spacer_core.task_io import ExtractFeaturesReturnMsg
 
 RowCol = tuple[int, int]

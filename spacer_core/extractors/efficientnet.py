@@ -27,6 +27,11 @@ from spacer_core.extractors.efficientnet_utils import (
     same_padding,
     swish,
 )
+
+# Re-exported: pyspacer's extractors.efficientnet offers these names to its importers.
+from spacer_core.extractors.efficientnet_utils import drop_connect as drop_connect
+from spacer_core.extractors.efficientnet_utils import get_same_padding_conv2d as get_same_padding_conv2d
+from spacer_core.extractors.efficientnet_utils import relu_fn as relu_fn
 from spacer_core.extractors.torch_extractors import TorchExtractor
 from spacer_core.extractors.torch_weights import WeightsSource, load_into, read_state_dict
 from spacer_core.inference.network import NetworkSpec

@@ -17,7 +17,7 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
 from spacer_core.data_classes import DataLocation, ImageFeatures
-from spacer_core.synthetic_weights import cached_weights
+from spacer_core.weights.synthetic import cached_weights
 
 CLASSES = ("CCA", "Porit", "Sand")
 

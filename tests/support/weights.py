@@ -1,4 +1,4 @@
-"""Test side of spacer_core.synthetic_weights: the session-scoped weights fixture.
+"""Test side of spacer_core.weights.synthetic: the session-scoped weights fixture.
 
     from tests.support.weights import make_weights, efficientnet_weights
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from spacer_core.synthetic_weights import (  # noqa: F401  (re-exported for tests and benchmarks)
+from spacer_core.weights.synthetic import (  # noqa: F401  (re-exported for tests and benchmarks)
     DATAPARALLEL_PREFIX,
     WeightsFile,
     _calibrated_state,

@@ -1,0 +1,352 @@
+"""A survey on local disk: images, CoralNet CSVs, feature files and a classifier.
+
+The steps the shell forms and the demo take, each on top of `spacer_core.tasks`
+and its message classes: extract features at each image's points, train from
+an annotation CSV, classify images and evaluate a classifier on new
+annotations. `LocalRunner` runs the three network/training calls in this
+process; the gRPC layer offers a runner with the same methods that sends them
+to a server instead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+from spacer_core import crop, tasks
+from spacer_core.data_classes import Annotation, DataLocation, ImageFeatures, ImageLabels, ValResults
+from spacer_core.extractors import EfficientNetExtractor
+from spacer_core.inference.backends import available_cpus, one_session
+from spacer_core.messages import (
+    ClassifyImageMsg,
+    ExtractFeaturesMsg,
+    TrainClassifierMsg,
+    TrainClassifierReturnMsg,
+    TrainingTaskLabels,
+)
+from spacer_core.storage import load_classifier
+from spacer_core.survey.coralnet import PointSpec, ResultRow, generate_points, result_rows
+from spacer_core.survey.reports import ClassMetrics, class_metrics
+from spacer_core.task_utils import preprocess_labels
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+FEATURE_SUFFIX = ".featurevector"
+Progress = Callable[[int, int, str], None]  # (done, total, what just finished)
+EpochProgress = Callable[[int, float, float], Any]  # (epoch, ref accuracy, seconds)
+
+
+class SurveyError(ValueError):
+    """Inputs of a survey step do not fit together (an image without points, no labelled features)."""
+
+
+def local(path: str | Path) -> DataLocation:
+    """A filesystem DataLocation for `path`, made absolute."""
+    return DataLocation("filesystem", str(Path(path).resolve()))
+
+
+def weights_extractor(weights: str | Path) -> EfficientNetExtractor:
+    """An EfficientNet extractor for a CoralNet-format weights file, its sha256 taken here."""
+    path = Path(weights)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise SurveyError(f"{path}: cannot read the weights file ({err.strerror})") from None
+    return EfficientNetExtractor(data_locations={"weights": local(path)}, data_hashes={"weights": digest})
+
+
+def image_files(paths: Iterable[str | Path] = (), folder: str | Path | None = None) -> list[Path]:
+    """The images named, plus every image file directly in `folder` (sorted); names must be unique."""
+    found = [Path(p) for p in paths]
+    if folder is not None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SurveyError(f"{folder}: not a folder of images")
+        found += sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise SurveyError("no images given (name them, or use --images DIR)")
+    seen: dict[str, Path] = {}
+    for p in found:
+        if not p.is_file():
+            raise SurveyError(f"{p}: no such image file")
+        if p.name in seen and seen[p.name] != p:
+            raise SurveyError(
+                f"{p}: another image has the same name ({seen[p.name]}); CSV rows match by name"
+            )
+        seen[p.name] = p
+    return list(seen.values())
+
+
+def feature_path(features_dir: str | Path, image_name: str) -> Path:
+    """Where the feature file of an image lives: DIR/<image name>.featurevector."""
+    return Path(features_dir) / f"{image_name}{FEATURE_SUFFIX}"
+
+
+PointSource = Mapping[str, Sequence[tuple[int, int]]] | PointSpec
+
+
+def points_for(image: Path, image_bytes: bytes, points: PointSource, seed: int = 0) -> list[tuple[int, int]]:
+    """The image's points: its rows of a points CSV, or generated on it (seeded by its name)."""
+    if isinstance(points, PointSpec):
+        width, height = crop.image_size(image_bytes, image_key=image.name)
+        return generate_points(points, width, height, seed=f"{seed}:{image.name}")
+    rowcols = points.get(image.name)
+    if not rowcols:
+        raise SurveyError(f"{image.name}: no rows with this Name in the points CSV")
+    return list(rowcols)
+
+
+class Runner(Protocol):
+    """The calls that need the network or the trainer: in process, or on a server."""
+
+    def extract(
+        self,
+        extractor: EfficientNetExtractor,
+        image: Path,
+        rowcols: Sequence[tuple[int, int]],
+        feature_file: Path,
+    ) -> None: ...
+
+    def train(
+        self,
+        labels: TrainingTaskLabels,
+        model_file: Path,
+        valresult_file: Path,
+        clf_type: str,
+        epochs: int,
+        progress: EpochProgress | None,
+    ) -> TrainClassifierReturnMsg: ...
+
+    def classify(
+        self,
+        extractor: EfficientNetExtractor,
+        image: Path,
+        rowcols: Sequence[tuple[int, int]],
+        classifier_file: Path,
+    ) -> tuple[list[Any], list[list[float]]]: ...
+
+
+class LocalRunner:
+    """Runs each step in this process through spacer_core.tasks.
+
+    `workers` images are extracted or classified at once (default one per
+    core): each worker does whole images, and the CPU backend gives each a
+    single-thread session of its own, so both cores stay on the network
+    while another image decodes.
+    """
+
+    def __init__(self, workers: int | None = None):
+        self.workers = workers or available_cpus()
+
+    def extract(
+        self,
+        extractor: EfficientNetExtractor,
+        image: Path,
+        rowcols: Sequence[tuple[int, int]],
+        feature_file: Path,
+    ) -> None:
+        msg = ExtractFeaturesMsg(image.name, extractor, list(rowcols), local(image), local(feature_file))
+        tasks.extract_features(msg)
+
+    def train(
+        self,
+        labels: TrainingTaskLabels,
+        model_file: Path,
+        valresult_file: Path,
+        clf_type: str,
+        epochs: int,
+        progress: EpochProgress | None,
+    ) -> TrainClassifierReturnMsg:
+        msg = TrainClassifierMsg(
+            job_token=model_file.name,
+            trainer="minibatch",
+            nbr_epochs=epochs,
+            clf_type=clf_type,
+            labels=labels,
+            previous_model_locs=[],
+            model_loc=local(model_file),
+            valresult_loc=local(valresult_file),
+        )
+        return tasks.train_classifier(msg, progress=progress)
+
+    def classify(
+        self,
+        extractor: EfficientNetExtractor,
+        image: Path,
+        rowcols: Sequence[tuple[int, int]],
+        classifier_file: Path,
+    ) -> tuple[list[Any], list[list[float]]]:
+        msg = ClassifyImageMsg(image.name, extractor, list(rowcols), local(image), local(classifier_file))
+        result = tasks.classify_image(msg)
+        return list(result.classes), [list(s) for _, _, s in result.scores]
+
+
+@dataclass
+class ExtractOutcome:
+    image: str
+    points: int
+    feature_file: Path
+
+
+def extract_images(
+    runner: Runner,
+    extractor: EfficientNetExtractor,
+    images: Sequence[Path],
+    points: PointSource,
+    features_dir: str | Path,
+    *,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[ExtractOutcome]:
+    """Extract each image's features at its points into features_dir (pyspacer feature files).
+
+    The runner's `workers` images run at once; outcomes and progress come in
+    image order, and the first image that fails (in that order) raises.
+    """
+
+    def one(image: Path) -> ExtractOutcome:
+        rowcols = points_for(image, image.read_bytes(), points, seed)
+        target = feature_path(features_dir, image.name)
+        runner.extract(extractor, image, rowcols, target)
+        return ExtractOutcome(image.name, len(rowcols), target)
+
+    out = []
+    for i, outcome in enumerate(_in_order(one, images, getattr(runner, "workers", 1))):
+        out.append(outcome)
+        if progress:
+            progress(i + 1, len(images), outcome.image)
+    return out
+
+
+T = TypeVar("T")
+
+
+def _in_order(work: Callable[[Path], T], images: Sequence[Path], workers: int) -> Iterator[T]:
+    """work(image) for every image, `workers` at a time, yielded in image order."""
+    if workers <= 1 or len(images) <= 1:
+        yield from map(work, images)
+        return
+    with concurrent.futures.ThreadPoolExecutor(
+        min(workers, len(images)), thread_name_prefix="survey-image"
+    ) as pool:
+
+        def one(image: Path) -> T:
+            with one_session():  # each worker keeps to one core's session
+                return work(image)
+
+        futures = [pool.submit(one, image) for image in images]
+        try:
+            for future in futures:
+                yield future.result()
+        finally:  # an error (or a caller that stops early) leaves nothing queued
+            for future in futures:
+                future.cancel()
+
+
+def labels_from_annotations(
+    annotations: Mapping[str, Sequence[Annotation]],
+    features_dir: str | Path,
+) -> ImageLabels:
+    """ImageLabels pointing at each annotated image's feature file (which must exist)."""
+    missing = [n for n in annotations if not feature_path(features_dir, n).is_file()]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise SurveyError(
+            f"{features_dir}: no feature file for {shown} (expected <Name>{FEATURE_SUFFIX}; run extract first)"
+        )
+    return ImageLabels({local(feature_path(features_dir, n)): list(a) for n, a in annotations.items()})
+
+
+@dataclass
+class TrainOutcome:
+    result: TrainClassifierReturnMsg
+    metrics: ClassMetrics
+    counts: dict[str, int]  # annotations in each of the train / ref / val sets
+    valresult_file: Path
+
+
+def valresult_path(model_file: str | Path) -> Path:
+    """Where training stores the validation results: beside the classifier, .valresult.json."""
+    model_file = Path(model_file)
+    return model_file.with_name(model_file.stem + ".valresult.json")
+
+
+def train(
+    runner: Runner,
+    annotations: Mapping[str, Sequence[Annotation]],
+    features_dir: str | Path,
+    model_file: str | Path,
+    *,
+    clf_type: str = "MLP",
+    epochs: int = 10,
+    progress: EpochProgress | None = None,
+) -> TrainOutcome:
+    """Split the annotations as pyspacer does, train, store the classifier; metrics on the val set."""
+    labels = preprocess_labels(labels_from_annotations(annotations, features_dir))
+    model_file = Path(model_file).resolve()
+    val_file = valresult_path(model_file)
+    result = runner.train(labels, model_file, val_file, clf_type, epochs, progress)
+    val = ValResults.load(local(val_file))
+    classes = [str(c) for c in val.classes]
+    metrics = class_metrics([classes[i] for i in val.gt], [classes[i] for i in val.est], classes)
+    counts = {name: labels[name].label_count for name in ("train", "ref", "val")}
+    return TrainOutcome(result, metrics, counts, val_file)
+
+
+def evaluate(
+    classifier_file: str | Path, annotations: Mapping[str, Sequence[Annotation]], features_dir: str | Path
+) -> ClassMetrics:
+    """Score an existing classifier on annotated feature files; nothing is retrained.
+
+    Annotations with labels the classifier does not know count as errors
+    and appear as their own row of the confusion matrix.
+    """
+    labels = labels_from_annotations(annotations, features_dir)
+    clf = load_classifier(local(classifier_file))
+    known = [str(c) for c in clf.classes_]
+    y_true: list[str] = []
+    y_pred: list[str] = []
+    for loc, points in labels.items():
+        features = ImageFeatures.load(loc)
+        feats, truth = features.match_arrays(points, source=loc.key)
+        probs = tasks.score_features(clf, np.asarray(feats, dtype=np.float64), loc.key)
+        y_true += [str(t) for t in truth]
+        y_pred += [known[i] for i in np.argmax(probs, axis=1)]
+    extra = sorted(set(y_true) - set(known))
+    return class_metrics(y_true, y_pred, known + extra)
+
+
+def classify_images(
+    runner: Runner,
+    extractor: EfficientNetExtractor,
+    classifier_file: str | Path,
+    images: Sequence[Path],
+    points: PointSource,
+    *,
+    threshold: float,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> tuple[list[ResultRow], list[str]]:
+    """Classify each image's points; rows in image order, and the classifier's classes."""
+    rows: list[ResultRow] = []
+    classes: list[str] = []
+    model = Path(classifier_file).resolve()
+
+    def one(image: Path) -> tuple[Path, list[tuple[int, int]], list[Any], list[list[float]]]:
+        rowcols = points_for(image, image.read_bytes(), points, seed)
+        found, scores = runner.classify(extractor, image, rowcols, model)
+        return image, rowcols, found, scores
+
+    for i, (image, rowcols, found, scores) in enumerate(
+        _in_order(one, images, getattr(runner, "workers", 1))
+    ):
+        classes = [str(c) for c in found]
+        rows += result_rows(image.name, rowcols, classes, scores, threshold)
+        if progress:
+            progress(i + 1, len(images), image.name)
+    return rows, classes
