@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._machine import cpu_name  # noqa: E402
-from spacer_core import bulk  # noqa: E402
+from spacer_core.bulk import local as bulk  # noqa: E402
 from spacer_core.weights.synthetic import cached_weights  # noqa: E402
 from tests.support.bulk_survey import make_survey  # noqa: E402
 

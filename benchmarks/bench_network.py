@@ -114,12 +114,14 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from spacer_core import bulk, crop, survey, tasks
+    from spacer_core import crop, tasks
+    from spacer_core.bulk import local as bulk
     from spacer_core.data_classes import DataLocation
     from spacer_core.extractors import EfficientNetExtractor
     from spacer_core.inference import run_in_batches
     from spacer_core.messages import ExtractFeaturesMsg
     from spacer_core.runtime import Runtime, RuntimeSettings, default_runtime
+    from spacer_core.survey import workflow as survey
     from tests.support.weights import make_weights
 
     with tempfile.TemporaryDirectory(prefix="bench-network-") as tmp:
