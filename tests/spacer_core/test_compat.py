@@ -60,7 +60,7 @@ SIGNATURE_DIFFERENCES = {
     "spacer.*.TrainClassifierMsg": "also takes pyspacer 0.5.0's keywords (trainer_name, train_labels, val_labels,"
     " features_loc), so pyspacer's own parameters became optional; a message still needs one set or the other",
     "spacer.train_classifier.MiniBatchTrainer": "batch_size None reads config.TRAINING_BATCH_LABEL_COUNT when training"
-    " starts (pyspacer's default of 5000 is that setting's default)",
+    " starts, so the setting applies (it is 5000 unless set, pyspacer's default)",
     "spacer.train_classifier.trainer_factory": "takes a trainer instance as well as a name or class path, so the"
     " parameter is `trainer`; every pyspacer caller passes it by position",
     "spacer.storage.*Storage.delete": "one parameter name, `key`, for every store (pyspacer said path or url by"
