@@ -8,12 +8,18 @@ or, for an unchanged program:
 
     python -m spacer_core.compat program.py [args...]
 
-`install()` puts a finder first on `sys.meta_path`, so `spacer` and every
-`spacer.<module>` resolve to the same-named module of spacer_core even where
-the real pyspacer is installed. pyspacer 0.5.0's module
-`spacer.extract_features` resolves to `spacer_core.extractors`. The modules
-are spacer_core's own objects (not copies): `spacer.tasks is
-spacer_core.tasks` once the alias is installed.
+`install()` puts a finder first on `sys.meta_path`, so `spacer` and each
+module pyspacer 0.14.0 has (`PYSPACER_MODULES`) resolve to the same-named
+module of spacer_core even where the real pyspacer is installed. pyspacer
+0.5.0's module `spacer.extract_features` resolves to `spacer_core.extractors`
+(`RENAMED`). The modules are spacer_core's own objects (not copies):
+`spacer.tasks is spacer_core.tasks` once the alias is installed.
+
+Only pyspacer's modules are aliased: this project's engine and workflow
+modules (`spacer.runtime`, `spacer.bulk`, ...) are not pyspacer's API, and
+importing them through the alias fails with ModuleNotFoundError naming the
+module. (The alias hands out the real module objects, so an attribute of
+`spacer` that spacer_core itself has already imported stays visible.)
 """
 
 from __future__ import annotations
@@ -28,26 +34,67 @@ from types import ModuleType
 
 ALIAS = "spacer"
 TARGET = "spacer_core"
+# pyspacer 0.14.0's modules, as pkgutil walks the installed package: the
+# frozen names the alias serves (tests/spacer_core/test_compat.py compares
+# this list with the real pyspacer).
+PYSPACER_MODULES = frozenset(
+    {
+        "spacer",
+        "spacer.aws",
+        "spacer.config",
+        "spacer.data_classes",
+        "spacer.exceptions",
+        "spacer.extractors",
+        "spacer.extractors.base",
+        "spacer.extractors.efficientnet",
+        "spacer.extractors.efficientnet_utils",
+        "spacer.extractors.torch_extractors",
+        "spacer.extractors.utils",
+        "spacer.extractors.vgg16",
+        "spacer.mailman",
+        "spacer.messages",
+        "spacer.storage",
+        "spacer.task_utils",
+        "spacer.tasks",
+        "spacer.train_classifier",
+        "spacer.train_utils",
+    }
+)
 # Module paths of earlier pyspacer releases that moved or merged since.
 RENAMED = {
     "spacer.extract_features": "spacer_core.extractors",  # pyspacer 0.5.0
 }
 
 
+def in_alias_namespace(fullname: str) -> bool:
+    """Whether `fullname` is `spacer` or a `spacer.*` module name, aliased or not."""
+    return fullname == ALIAS or fullname.startswith(ALIAS + ".")
+
+
 def target_name(fullname: str) -> str | None:
-    """The spacer_core module that `fullname` (spacer or spacer.*) stands for; None if not aliased."""
-    if fullname != ALIAS and not fullname.startswith(ALIAS + "."):
-        return None
-    return RENAMED.get(fullname, TARGET + fullname[len(ALIAS) :])
+    """The spacer_core module that pyspacer's `fullname` stands for; None if the alias does not serve it."""
+    if fullname in RENAMED:
+        return RENAMED[fullname]
+    if fullname in PYSPACER_MODULES:
+        return TARGET + fullname[len(ALIAS) :]
+    return None
 
 
 class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds `spacer.*` as the spacer_core module of the same name."""
+    """Finds pyspacer's `spacer.*` modules as the spacer_core modules of the same name; refuses the rest."""
 
     def find_spec(self, fullname, path=None, target=None):  # type: ignore[no-untyped-def]
+        if not in_alias_namespace(fullname):
+            return None
         name = target_name(fullname)
         if name is None:
-            return None
+            # Refuse here: later finders would search spacer_core's folder
+            # under the alias and load a second copy of one of our modules.
+            raise ModuleNotFoundError(
+                f"No module named {fullname!r}: the spacer alias serves pyspacer 0.14.0's modules only;"
+                f" import this project's modules as spacer_core.*",
+                name=fullname,
+            )
         try:
             real = importlib.util.find_spec(name)
         except ModuleNotFoundError:
@@ -88,7 +135,7 @@ def install() -> None:
     """
     if installed():
         return
-    loaded = sorted(name for name in sys.modules if target_name(name) is not None)
+    loaded = sorted(name for name in sys.modules if in_alias_namespace(name))
     if loaded:
         raise RuntimeError(
             f"pyspacer modules {loaded} are already imported; install the spacer alias before importing them"
@@ -100,7 +147,7 @@ def uninstall() -> None:
     """Remove the alias and forget the `spacer.*` names it gave out."""
     if installed():
         sys.meta_path.remove(_FINDER)
-    for name in [n for n in sys.modules if target_name(n) is not None]:
+    for name in [n for n in sys.modules if in_alias_namespace(n)]:
         del sys.modules[name]
 
 

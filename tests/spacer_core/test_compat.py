@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
 import inspect
 import os
 import pkgutil
@@ -47,6 +48,119 @@ DELIBERATE_GAPS = {
 
 def _deliberate(full: str) -> bool:
     return any(fnmatch.fnmatchcase(full, pattern) for pattern in DELIBERATE_GAPS)
+
+
+# Public pyspacer callables whose signature differs here on purpose, and why
+# (fnmatch patterns as above). Everything else must take pyspacer's parameters:
+# the same names and kinds, positionals in the same places, the same defaults;
+# parameters of our own may only follow them, optional (`_signature_changes`).
+SIGNATURE_DIFFERENCES = {
+    "spacer.config.get_config_value": "the 'no default' marker is a private sentinel, not the string 'NO_DEFAULT', so that"
+    " no real default value can be mistaken for it",
+    "spacer.*.TrainClassifierMsg": "also takes pyspacer 0.5.0's keywords (trainer_name, train_labels, val_labels,"
+    " features_loc), so pyspacer's own parameters became optional; a message still needs one set or the other",
+    "spacer.train_classifier.MiniBatchTrainer": "batch_size None reads config.TRAINING_BATCH_LABEL_COUNT when training"
+    " starts, so the setting applies (it is 5000 unless set, pyspacer's default)",
+    "spacer.train_classifier.trainer_factory": "takes a trainer instance as well as a name or class path, so the"
+    " parameter is `trainer`; every pyspacer caller passes it by position",
+    "spacer.storage.*Storage.delete": "one parameter name, `key`, for every store (pyspacer said path or url by"
+    " store); pyspacer and its callers pass it by position",
+    "spacer.storage.*Storage.exists": "as delete",
+    "spacer.storage.URLStorage.store": "as delete",
+    "spacer.storage.ClassifierUnpickler": "pyspacer's forwards *args/**kwargs to pickle.Unpickler; ours names"
+    " pickle.Unpickler's own parameters",
+    "spacer.extractors.efficientnet.MBConvBlock": "built from channel counts, kernel, stride and expansion"
+    " (EfficientNet builds every block); the parameter names of its state dict are pyspacer's",
+    "spacer.extractors.efficientnet.MBConvBlock.forward": "inference only: no drop connect rate, which pyspacer"
+    " applied only in training",
+    "spacer.extractors.efficientnet.EfficientNet.forward": "the input is called x; torch modules are called with"
+    " it by position",
+}
+
+
+def _same_default(theirs: object, ours: object) -> bool:
+    if theirs is ours:
+        return True
+    try:
+        if bool(theirs == ours):
+            return True
+    except Exception:  # arrays and other values without a truth value
+        pass
+    return repr(theirs).replace("spacer_core", "spacer") == repr(ours)
+
+
+def _signature_changes(theirs: object, ours: object) -> list[str]:
+    """How `ours` fails to accept pyspacer's calls of `theirs` with the same meaning ([] if it does)."""
+    try:
+        their_sig = inspect.signature(theirs)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return []  # nothing to compare against (a builtin)
+    try:
+        our_sig = inspect.signature(ours)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return ["no signature here"]
+    empty = inspect.Parameter.empty
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    their_params, our_params = list(their_sig.parameters.values()), list(our_sig.parameters.values())
+    ours_by_name = {p.name: p for p in our_params}
+    changes = []
+    for index, param in enumerate(their_params):
+        if param.kind in variadic:
+            if not any(p.kind == param.kind for p in our_params):
+                changes.append(f"no {param}")
+            continue
+        mine = ours_by_name.get(param.name)
+        if mine is None:
+            changes.append(f"no parameter {param.name!r}")
+            continue
+        if param.kind in positional and (our_params.index(mine) != index or mine.kind != param.kind):
+            changes.append(
+                f"{param.name!r} is {mine.kind.description} #{our_params.index(mine)}, was #{index}"
+            )
+        elif param.kind == inspect.Parameter.KEYWORD_ONLY and mine.kind not in (
+            inspect.Parameter.KEYWORD_ONLY,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        ):
+            changes.append(f"{param.name!r} cannot be passed by keyword")
+        if (param.default is empty) != (mine.default is empty) or (
+            param.default is not empty and not _same_default(param.default, mine.default)
+        ):
+            was, now = (repr(d) if d is not empty else "required" for d in (param.default, mine.default))
+            changes.append(f"{param.name!r} defaults to {now}, was {was}")
+    their_names = {p.name for p in their_params}
+    for mine in our_params:
+        if mine.name not in their_names and mine.kind not in variadic and mine.default is empty:
+            changes.append(f"new required parameter {mine.name!r}")
+    return changes
+
+
+def _pyspacer_object(module_name: str, dotted: str) -> object:
+    found: object = importlib.import_module(module_name)
+    for part in filter(None, dotted.split(".")):
+        found = getattr(found, part)
+    return found
+
+
+def _signature_report(names: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """{full name: changes} for every pyspacer function, class and method present here whose signature differs."""
+    report = {}
+    for module_name, dotted in names:
+        theirs = _pyspacer_object(module_name, dotted)
+        if not (inspect.isroutine(theirs) or inspect.isclass(theirs)):
+            continue
+        try:
+            ours = _ours(module_name, dotted)
+        except (ImportError, AttributeError):
+            continue  # reported (or listed) as missing
+        changes = _signature_changes(theirs, ours)
+        if changes:
+            report[f"{module_name}.{dotted}"] = changes
+    return report
+
+
+def _signature_deliberate(full: str) -> bool:
+    return any(fnmatch.fnmatchcase(full, pattern) for pattern in SIGNATURE_DIFFERENCES)
 
 
 # Underscore helpers that pyspacer's own tests call, compared like public names.
@@ -107,6 +221,11 @@ def test_every_public_pyspacer_name_exists_here():
             if not _deliberate(full):
                 missing.append(full)
     assert missing == []
+    # A name that exists must still take pyspacer's calls: parameter names, kinds and defaults.
+    changed = {
+        full: changes for full, changes in _signature_report(names).items() if not _signature_deliberate(full)
+    }
+    assert changed == {}
 
 
 def test_deliberate_gaps_are_real_pyspacer_names_still_missing_here():
@@ -123,6 +242,41 @@ def test_deliberate_gaps_are_real_pyspacer_names_still_missing_here():
         for module, dotted in matched:
             with pytest.raises(AttributeError):
                 _ours(module, dotted)
+
+
+def test_signature_differences_are_real_and_still_differ():
+    # As for the gaps: every listed pattern must name a pyspacer callable whose
+    # signature here still differs, so that a fixed difference leaves the list.
+    report = _signature_report(_public_names())
+    for pattern in SIGNATURE_DIFFERENCES:
+        assert [full for full in report if fnmatch.fnmatchcase(full, pattern)], pattern
+
+
+def test_signature_check_sees_changed_names_defaults_and_order():
+    def theirs(a, b=1, *, c="x"):
+        pass
+
+    def same(a, b=1, *, c="x", d=None):
+        pass
+
+    def renamed(a, bb=1, *, c="x"):
+        pass
+
+    def new_default(a, b=2, *, c="x"):
+        pass
+
+    def swapped(b=1, a=None, *, c="x"):
+        pass
+
+    def new_required(a, b=1, *, c="x", d):
+        pass
+
+    assert _signature_changes(theirs, same) == []
+    assert _signature_changes(theirs, renamed) == ["no parameter 'b'"]
+    assert _signature_changes(theirs, new_default) == ["'b' defaults to 2, was 1"]
+    assert _signature_changes(theirs, new_required) == ["new required parameter 'd'"]
+    for changed in (renamed, new_default, swapped, new_required):
+        assert _signature_changes(theirs, changed), changed.__name__
 
 
 def test_untrained_instance_extracts_1280_features():
@@ -659,6 +813,73 @@ def test_alias_runs_a_pyspacer_program_although_pyspacer_is_installed(tmp_path):
     result = _run(script, tmp_path, str(tmp_path / "img.png"))
     assert result.returncode == 0, result.stderr
     assert "points 2 1280" in result.stdout
+
+
+def test_alias_serves_exactly_pyspacer_0_14_modules():
+    from importlib.metadata import version
+
+    from spacer_core import compat
+
+    assert version("pyspacer") == "0.14.0"  # the oracle the list was written from
+    assert compat.PYSPACER_MODULES == set(_pyspacer_modules())
+    for name in sorted(compat.PYSPACER_MODULES | set(compat.RENAMED)):
+        target = compat.target_name(name)
+        assert target is not None and importlib.util.find_spec(target) is not None, name
+
+
+def _our_modules() -> list[str]:
+    import spacer_core
+
+    walked = pkgutil.walk_packages(spacer_core.__path__, prefix="spacer_core.")
+    return ["spacer_core"] + [m.name for m in walked if not m.name.rpartition(".")[2].startswith("_")]
+
+
+def test_alias_does_not_reach_this_projects_modules():
+    from spacer_core import compat
+
+    finder = compat.AliasFinder()
+    ours_only = [
+        "spacer" + name[len("spacer_core") :]
+        for name in _our_modules()
+        if "spacer" + name[len("spacer_core") :] not in compat.PYSPACER_MODULES
+    ]
+    assert {"spacer.bulk", "spacer.survey", "spacer.runtime", "spacer.pipeline", "spacer.compat"} <= set(
+        ours_only
+    )
+    for name in ours_only:
+        assert compat.target_name(name) is None, name
+        with pytest.raises(ModuleNotFoundError, match=f"No module named '{name}'") as refused:
+            finder.find_spec(name)
+        assert refused.value.name == name
+    assert finder.find_spec("spacer_core.bulk") is None  # the real names are left to the usual finders
+
+
+def test_alias_refuses_new_modules_in_a_program(tmp_path):
+    script = tmp_path / "new_modules.py"
+    script.write_text(
+        textwrap.dedent("""
+        import sys
+        import spacer.tasks, spacer.extract_features, spacer_core.extractors
+        assert spacer.extract_features is spacer_core.extractors
+        for name in ("spacer.bulk", "spacer.survey.workflow", "spacer.runtime", "spacer.extractors.dummy"):
+            try:
+                __import__(name)
+            except ModuleNotFoundError as err:
+                print("refused", err.name)
+            else:
+                print("imported", name)
+        print(sorted(n for n in sys.modules if n.startswith("spacer.") and n.count(".") and "bulk" in n))
+    """)
+    )
+    result = _run(script, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:5] == [
+        "refused spacer.bulk",
+        "refused spacer.survey",
+        "refused spacer.runtime",
+        "refused spacer.extractors.dummy",
+        "[]",  # no second copy of a module of ours loaded under the alias
+    ]
 
 
 def test_alias_refuses_after_real_pyspacer_was_imported(tmp_path):
