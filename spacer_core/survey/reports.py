@@ -220,7 +220,7 @@ def suggest_threshold(curve: AlleviateCurve, target: float = 0.95) -> ThresholdS
 
     None when no threshold accepting any point reaches the target.
     """
-    if not isinstance(target, (int, float)) or not 0 < target <= 1:
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise ValueError(f"target: expected an accuracy above 0 and at most 1, got {target!r}")
     with np.errstate(invalid="ignore"):
         reached = (curve.accepted > 0) & (curve.accuracy >= target)
