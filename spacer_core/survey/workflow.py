@@ -293,7 +293,9 @@ def train(
     result = runner.train(labels, model_file, val_file, clf_type, epochs, progress)
     val = ValResults.load(local(val_file))
     classes = [str(c) for c in val.classes]
-    metrics = class_metrics([classes[i] for i in val.gt], [classes[i] for i in val.est], classes)
+    metrics = class_metrics(
+        [classes[i] for i in val.gt], [classes[i] for i in val.est], classes, scores=val.scores
+    )
     counts = {name: labels[name].label_count for name in ("train", "ref", "val")}
     return TrainOutcome(result, metrics, counts, val_file)
 
@@ -311,14 +313,16 @@ def evaluate(
     known = [str(c) for c in clf.classes_]
     y_true: list[str] = []
     y_pred: list[str] = []
+    scores: list[float] = []
     for loc, points in labels.items():
         features = ImageFeatures.load(loc)
         feats, truth = features.match_arrays(points, source=loc.key)
         probs = tasks.score_features(clf, np.asarray(feats, dtype=np.float64), loc.key)
         y_true += [str(t) for t in truth]
         y_pred += [known[i] for i in np.argmax(probs, axis=1)]
+        scores += np.max(probs, axis=1).tolist()
     extra = sorted(set(y_true) - set(known))
-    return class_metrics(y_true, y_pred, known + extra)
+    return class_metrics(y_true, y_pred, known + extra, scores=scores)
 
 
 def classify_images(

@@ -119,8 +119,9 @@ def test_extract_writes_pyspacer_feature_files(trained, capsys):
 
 def test_train_reports_validation_metrics(trained):
     page = (trained.folder / "train-report" / "index.html").read_text()
-    assert page.count("data:image/png;base64,") == 2  # accuracy per epoch, confusion matrices
+    assert page.count("data:image/png;base64,") == 3  # accuracy per epoch, Alleviate, confusion matrices
     assert "Per-class metrics" in page and "ALGAE" in page
+    assert "Alleviate: choosing --threshold (validation set)" in page
     val = json.loads(trained.classifier.with_name("classifier.valresult.json").read_text())
     assert sorted(val["classes"]) == sorted(demo.CLASSES)
 
@@ -188,7 +189,7 @@ def test_classify_results_match_pyspacer_and_threshold(trained, capsys):
     assert summary["accepted"] == summary["points"] == len(points[image.name])
     page = (s.folder / "cls-report" / "index.html").read_text()
     assert (
-        page.count("data:image/png;base64,") == 3
+        page.count("data:image/png;base64,") == 2  # histogram and the thumbnail; the legend is HTML
         and f"{summary['points']} of {summary['points']} points" in page
     )
 
@@ -263,6 +264,10 @@ def test_extract_with_generated_points_then_evaluate(trained, capsys):
     assert summary["accuracy"] == pytest.approx(hits / total)
     assert np.sum(summary["confusion"]) == total
     assert (s.folder / "eval-report" / "index.html").is_file()
+    assert (
+        "Alleviate: choosing --threshold (evaluated annotations)"
+        in (s.folder / "eval-report" / "index.html").read_text()
+    )
 
 
 def test_missing_features_and_points_fail_with_one_line(trained, capsys):
