@@ -22,6 +22,7 @@ prints the written file's sha256.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import os
@@ -68,8 +69,12 @@ class ImagenetDownloadError(URLDownloadError):
         return self.message
 
 
-def _template() -> OrderedDict[str, torch.Tensor]:
-    return OrderedDict(EfficientNetB0(NUM_CLASSES).state_dict())
+@functools.lru_cache(maxsize=1)
+def _template() -> tuple[tuple[str, torch.Size, torch.dtype], ...]:
+    """Names, shapes and dtypes of CoralNet's state dict (built on the meta device: nothing initialised)."""
+    with torch.device("meta"):
+        net = EfficientNetB0(NUM_CLASSES)
+    return tuple((k, v.shape, v.dtype) for k, v in net.state_dict().items())
 
 
 def _preview(items: list[str], limit: int = 6) -> str:
@@ -98,7 +103,7 @@ def convert_state_dict(
                 f"{label} is not an EfficientNet-b0 state dict: entry {key!r} is not a named tensor"
             )
         source[key.removeprefix(DATAPARALLEL_PREFIX)] = value
-    template = _template()
+    template = {key: (shape, dtype) for key, shape, dtype in _template()}
     made = set(_HEAD_KEYS) | {k for k in template if k.endswith(_COUNTER_SUFFIX)}
     missing = [k for k in template if k not in made and k not in source]
     unexpected = [k for k in source if k not in template]
@@ -110,25 +115,25 @@ def convert_state_dict(
         )
     converted: OrderedDict[str, torch.Tensor] = OrderedDict()
     wrong: list[str] = []
-    for key, like in template.items():
+    for key, (shape, dtype) in template.items():
         if key in _HEAD_KEYS:
-            converted[key] = torch.zeros_like(like)
+            converted[key] = torch.zeros(shape, dtype=dtype)
             continue
         if key.endswith(_COUNTER_SUFFIX):
             counter = source.get(key)
             converted[key] = (
-                counter.detach().clone().to(like.dtype).reshape(like.shape)
+                counter.detach().to(device="cpu", dtype=dtype).clone().reshape(shape)
                 if counter is not None and counter.numel() == 1
-                else torch.zeros_like(like)
+                else torch.zeros(shape, dtype=dtype)
             )
             continue
         value = source[key]
-        if value.shape != like.shape:
-            wrong.append(f"{key} {tuple(value.shape)} != {tuple(like.shape)}")
+        if value.shape != shape:
+            wrong.append(f"{key} {tuple(value.shape)} != {tuple(shape)}")
             continue
         if not value.is_floating_point():
             raise ImagenetWeightsError(f"{label}: {key} holds {value.dtype} values, not floating point")
-        value = value.detach().to(device="cpu", dtype=like.dtype).clone()
+        value = value.detach().to(device="cpu", dtype=dtype).clone()
         if not bool(torch.isfinite(value).all()):
             raise ImagenetWeightsError(f"{label}: {key} holds NaN or infinite values")
         converted[key] = value

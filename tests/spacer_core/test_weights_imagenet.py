@@ -84,16 +84,17 @@ def _third_party_features(net: Any, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(net.extract_features(x), 1).flatten(1)
 
 
-def _saved(obj: object, path: Path) -> tuple[Path, str]:
-    torch.save(obj, path)
+def _saved(obj: object, path: Path, legacy: bool = False) -> tuple[Path, str]:
+    torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
 def source_file(third_party: nn.Module, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The stand-in release file: a plain state dict, as EfficientNet-PyTorch's files are."""
+    """The stand-in release file: a plain state dict in PyTorch's pre-1.6 (non-zip) format, as the
+    2019 release file was saved."""
     folder = tmp_path_factory.mktemp("imagenet-source")
-    return _saved(third_party.state_dict(), folder / "efficientnet-b0-stand-in.pth")
+    return _saved(third_party.state_dict(), folder / "efficientnet-b0-stand-in.pth", legacy=True)
 
 
 def _pyspacer_network(data: bytes) -> nn.Module:
@@ -104,6 +105,7 @@ def _pyspacer_network(data: bytes) -> nn.Module:
 # --- conversion ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_features_match_third_party_and_pyspacer(third_party: nn.Module, record_property) -> None:
     state = convert_state_dict(third_party.state_dict())
     buffer = io.BytesIO()
@@ -186,6 +188,7 @@ def test_renamed_layouts_and_non_state_dicts_are_refused(third_party: nn.Module)
 # --- fetch_imagenet_weights ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_fetch_from_a_local_source_writes_a_file_pyspacer_loads(
     third_party: nn.Module, source_file: tuple[Path, str], tmp_path: Path
 ) -> None:
@@ -238,6 +241,23 @@ def _matrix(features: Any) -> np.ndarray:
     return np.array([pf.data for pf in features.point_features], dtype=np.float64)
 
 
+@pytest.mark.slow
+def test_zip_format_and_checkpoint_sources_convert_alike(
+    third_party: nn.Module, source_file: tuple[Path, str], tmp_path: Path
+) -> None:
+    legacy = fetch_imagenet_weights(tmp_path / "a.pt", source_file[0], expected_sha256=source_file[1])
+    expected = build_network(legacy.path).state_dict()
+    for name, content in [
+        ("zip.pth", third_party.state_dict()),
+        ("ckpt.pth", {"state_dict": third_party.state_dict()}),
+    ]:
+        path, sha256 = _saved(content, tmp_path / name)
+        converted = fetch_imagenet_weights(tmp_path / f"{name}.pt", path, expected_sha256=sha256)
+        state = build_network(converted.path).state_dict()
+        assert all(torch.equal(state[k], expected[k]) for k in expected), name
+
+
+@pytest.mark.slow
 def test_converted_file_through_both_extractors(source_file: tuple[Path, str], tmp_path: Path) -> None:
     path, sha256 = source_file
     weights = fetch_imagenet_weights(tmp_path / "imagenet_b0.pt", path, expected_sha256=sha256)
@@ -255,11 +275,12 @@ def test_converted_file_through_both_extractors(source_file: tuple[Path, str], t
     assert float(np.abs(ours_m - theirs_m).max()) <= TOLERANCE
 
 
-def test_wrong_sha256_is_refused_naming_the_file(source_file: tuple[Path, str], tmp_path: Path) -> None:
-    path, sha256 = source_file
+def test_wrong_sha256_is_refused_naming_the_file(tmp_path: Path) -> None:
+    # Any other file, even a valid state dict, is refused before it is unpickled.
+    path, sha256 = _saved({"_conv_stem.weight": torch.zeros(32, 3, 3, 3)}, tmp_path / "other.pth")
     dest = tmp_path / "imagenet_b0.pt"
     with pytest.raises(ImagenetWeightsError) as info:
-        fetch_imagenet_weights(dest, path)  # the real pin: the stand-in is not the published file
+        fetch_imagenet_weights(dest, path)
     message = str(info.value)
     assert str(path) in message and sha256 in message and SOURCE_SHA256 in message
     assert "\n" not in message
