@@ -170,15 +170,16 @@ def _load_source(data: bytes, label: str) -> Mapping[str, Any]:
 def _read_source(source: str | os.PathLike[str]) -> bytes:
     path = Path(source)
     try:
-        size = path.stat().st_size
-        if size > MAX_SOURCE_BYTES:
-            raise ImagenetWeightsError(
-                f"{path} is {size} bytes, larger than the {MAX_SOURCE_BYTES}-byte limit for"
-                " EfficientNet-b0 weights"
-            )
-        return path.read_bytes()
+        with path.open("rb") as f:
+            # Read one byte past the cap, so a file that grew after any size check is still caught.
+            data = f.read(MAX_SOURCE_BYTES + 1)
     except OSError as exc:
         raise ImagenetWeightsError(f"Cannot read the weights source {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_SOURCE_BYTES:
+        raise ImagenetWeightsError(
+            f"{path} is larger than the {MAX_SOURCE_BYTES}-byte limit for EfficientNet-b0 weights"
+        )
+    return data
 
 
 def _download(url: str, progress: Progress) -> bytes:
