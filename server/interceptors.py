@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from server import metrics
 from server.errors import describe, request_locations
 from server.logs import CallLog
 
@@ -34,18 +35,16 @@ Behaviour = Callable[..., Any]
 
 
 def _kind(handler: grpc.RpcMethodHandler) -> str:
-    if handler.request_streaming:
-        return "bidi_stream" if handler.response_streaming else "client_stream"
-    return "server_stream" if handler.response_streaming else "unary"
+    return metrics.grpc_type(handler.request_streaming, handler.response_streaming)
 
 
 class _HandlerWrapper(grpc.aio.ServerInterceptor):
     """Wraps the behaviour of each served method's handler with `unary` or `stream`."""
 
-    def unary(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
+    def unary(self, method: str, handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> Behaviour:
         raise NotImplementedError
 
-    def stream(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
+    def stream(self, method: str, handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> Behaviour:
         raise NotImplementedError
 
     async def intercept_service(
@@ -55,12 +54,12 @@ class _HandlerWrapper(grpc.aio.ServerInterceptor):
         full = handler_call_details.method or ""
         if handler is None or not full.startswith(SERVED):
             return handler
-        method, kind = full.rsplit("/", 1)[-1], _kind(handler)
+        method = full.rsplit("/", 1)[-1]
         if handler.response_streaming:
             field = "stream_stream" if handler.request_streaming else "unary_stream"
-            return handler._replace(**{field: self.stream(method, kind, getattr(handler, field))})
+            return handler._replace(**{field: self.stream(method, handler, getattr(handler, field))})
         field = "stream_unary" if handler.request_streaming else "unary_unary"
-        return handler._replace(**{field: self.unary(method, kind, getattr(handler, field))})
+        return handler._replace(**{field: self.unary(method, handler, getattr(handler, field))})
 
 
 # ---------------------------------------------------------------- auth
@@ -121,10 +120,10 @@ class CallLogInterceptor(_HandlerWrapper):
     call started is stopped.
     """
 
-    def unary(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
+    def unary(self, method: str, handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> Behaviour:
         async def logged(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = CallLog(method, context, kind)
-            request = _count_requests(call, request, kind)
+            call = CallLog(method, context, _kind(handler))
+            request = _count_requests(call, request, handler.request_streaming)
             try:
                 response = await behaviour(request, context)
             except BaseException as exc:
@@ -136,10 +135,10 @@ class CallLogInterceptor(_HandlerWrapper):
 
         return logged
 
-    def stream(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
+    def stream(self, method: str, handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> Behaviour:
         async def logged(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = CallLog(method, context, kind)
-            request = _count_requests(call, request, kind)
+            call = CallLog(method, context, _kind(handler))
+            request = _count_requests(call, request, handler.request_streaming)
             try:
                 async for item in behaviour(request, context):
                     call.sent_one(item)
@@ -152,8 +151,8 @@ class CallLogInterceptor(_HandlerWrapper):
         return logged
 
 
-def _count_requests(call: CallLog, request: Any, kind: str) -> Any:
-    if kind in ("bidi_stream", "client_stream"):
+def _count_requests(call: CallLog, request: Any, streamed_in: bool) -> Any:
+    if streamed_in:
         return call.requests(request)
     call.received_one(request)
     return request
@@ -184,7 +183,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, request: Any
 class ErrorInterceptor(_HandlerWrapper):
     """Aborts a failed call with the status of its error; internals never reach the client."""
 
-    def unary(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
+    def unary(self, method: str, handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> Behaviour:
         async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
                 return await behaviour(request, context)
@@ -195,7 +194,7 @@ class ErrorInterceptor(_HandlerWrapper):
 
         return mapped
 
-    def stream(self, method: str, kind: str, behaviour: Behaviour) -> Behaviour:
+    def stream(self, method: str, handler: grpc.RpcMethodHandler, behaviour: Behaviour) -> Behaviour:
         async def mapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 async for item in behaviour(request, context):
