@@ -1,4 +1,4 @@
-"""Server assembly (servicer, health, reflection, limits) and the serve loop."""
+"""The server object (transport, interceptors, data plane, health) and the serve loop."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import logging
 import os
 import signal
 import tempfile
-import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -17,33 +15,18 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from server import metrics
 from server._proto.spacer.v1 import spacer_pb2
 from server.config import Preload, ServerConfig, read_preload
-from server.engine import Engine
+from server.dataplane import Engine
+from server.interceptors import interceptors
 from server.oip import servicer as oip
 from server.oip.models import Registry
 from server.reflection import enable_reflection
-from server.security import BearerTokenInterceptor, read_token_file, server_credentials
+from server.security import read_token_file, server_credentials
 from server.servicer import SpacerServicer, add_to_server
 from spacer_core.storage import StoragePolicy
 
 logger = logging.getLogger("server")
 
 SERVICE_NAME = spacer_pb2.DESCRIPTOR.services_by_name["Spacer"].full_name
-
-
-@dataclass
-class _Runtime:
-    """What shutdown needs besides the grpc server object."""
-
-    config: ServerConfig
-    health: health.aio.HealthServicer
-    engine: Engine
-    metrics: metrics.MetricsServer | None = None
-    preload: Preload | None = None
-    # Loading and warming the preload file's models; health is SERVING once it is done.
-    preloading: asyncio.Task[None] | None = None
-
-
-_RUNTIMES: weakref.WeakKeyDictionary[grpc.aio.Server, _Runtime] = weakref.WeakKeyDictionary()
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -53,54 +36,145 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
-def create_server(config: ServerConfig) -> tuple[grpc.aio.Server, int]:
-    """Build an unstarted grpc.aio server bound to config's address; returns it and its port.
+class SpacerServer:
+    """One server: the grpc.aio server, its interceptors, its data plane and its health state.
+
+    Built unstarted and bound to config's address (`port`); must be built
+    with an event loop running (grpc.aio binds to it).
+    """
+
+    def __init__(self, config: ServerConfig):
+        config.validate()
+        self.config = config
+        # Read before binding, so a malformed file fails the start at once.
+        self.preload: Preload | None = read_preload(config.preload) if config.preload is not None else None
+        if config.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device is cuda, but CUDA is not available on this machine")
+        apply_library_limits(config)
+        token = read_token_file(config.auth_token_file) if config.auth_token_file is not None else None
+        self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors(token))
+        self.engine = Engine(config)
+        log_storage_policy(config, self.engine.runtime.policy)
+        add_to_server(SpacerServicer(self.engine), self.server)
+        # The Open Inference Protocol on the same port, through the same data plane.
+        oip.add_to_server(
+            oip.InferenceServicer(self.engine, Registry(config.model_repository), self.is_ready), self.server
+        )
+
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflected: tuple[str, ...] = (SERVICE_NAME, health.SERVICE_NAME)
+        if oip.register_for_reflection():
+            reflected += (oip.SERVICE_NAME,)
+        enable_reflection(reflected, self.server)
+        metrics.observe_batchers(self.engine.runtime)
+        metrics.watch_models(self.engine, self.engine.runtime.loaded_models)
+        self.metrics: metrics.MetricsServer | None = None
+        # Loading and warming the preload file's models; health is SERVING once it is done.
+        self.preloading: asyncio.Task[None] | None = None
+        self.port = self._bind()
+
+    def _bind(self) -> int:
+        config = self.config
+        try:
+            if config.tls_cert is not None and config.tls_key is not None:
+                credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+                port = self.server.add_secure_port(config.address, credentials)
+            else:
+                port = self.server.add_insecure_port(config.address)
+        except RuntimeError as exc:  # grpc reports a failed bind this way
+            raise OSError(f"cannot listen on {config.address}: {exc}") from None
+        if port == 0:
+            raise OSError(f"cannot listen on {config.address}")
+        return port
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on, once started; None when metrics are off."""
+        return self.metrics.port if self.metrics is not None else None
+
+    async def start(self) -> None:
+        """Start serving; every service is SERVING now, or once the preload file's models are warm.
+
+        While preloading, health reports NOT_SERVING (calls are answered, but a
+        balancer or probe keeps traffic away); `ready` waits for it to end.
+        """
+        await self.server.start()
+        config = self.config
+        if config.metrics_port is not None:
+            try:
+                self.metrics = metrics.MetricsServer(config.host, config.metrics_port)
+            except OSError as exc:
+                await self.server.stop(0)
+                raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from None
+        if self.preload is None:
+            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            return
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.preloading = asyncio.create_task(self._preload(self.preload))
+        # The failure is logged and reported by `ready`; nobody else need fetch it.
+        self.preloading.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def is_ready(self) -> bool:
+        """Started, and the preload file's models (if any) are loaded and warm."""
+        if self.engine.runtime.closed:
+            return False
+        task = self.preloading
+        return task is None or (task.done() and not task.cancelled() and task.exception() is None)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)  # type: ignore[arg-type]
+
+    async def _preload(self, models: Preload) -> None:
+        start = asyncio.get_running_loop().time()
+        try:
+            loaded = await self.engine.preload(models)
+        except Exception as exc:
+            logger.error("preloading %s failed; health stays NOT_SERVING: %s", self.config.preload, exc)
+            raise
+        logger.info(
+            "preloaded %d models in %.1fs: %s",
+            len(loaded),
+            asyncio.get_running_loop().time() - start,
+            ", ".join(m.name for m in loaded),
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def ready(self) -> None:
+        """Wait until the server reports SERVING; raises ValueError when preloading failed."""
+        task = self.preloading
+        if task is None:
+            return
+        try:
+            await asyncio.shield(task)
+        except Exception as exc:
+            raise ValueError(f"preload {self.config.preload}: {exc}") from None
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight calls finish within grace."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self.preloading is not None and not self.preloading.done():
+            self.preloading.cancel()
+        await self.server.stop(grace)
+        # Models and threads go only after the server has drained.
+        self.engine.shutdown()
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+
+def create_server(config: ServerConfig) -> tuple[SpacerServer, int]:
+    """Build an unstarted server bound to config's address; returns it and its port.
 
     Must be called with an event loop running (grpc.aio binds to it).
     """
-    config.validate()
-    # Read before binding, so a malformed file fails the start at once.
-    preload = read_preload(config.preload) if config.preload is not None else None
-    if config.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("device is cuda, but CUDA is not available on this machine")
-    apply_library_limits(config)
-    interceptors = []
-    if config.auth_token_file is not None:
-        interceptors.append(BearerTokenInterceptor(read_token_file(config.auth_token_file)))
-    server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
-    engine = Engine(config)
-    log_storage_policy(config, engine.runtime.policy)
-    servicer = SpacerServicer(engine)
-    add_to_server(servicer, server)
-    # The Open Inference Protocol on the same port, through the same engine.
-    oip.add_to_server(
-        oip.InferenceServicer(engine, Registry(config.model_repository), lambda: _is_ready(server)), server
-    )
-
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflected: tuple[str, ...] = (SERVICE_NAME, health.SERVICE_NAME)
-    if oip.register_for_reflection():
-        reflected += (oip.SERVICE_NAME,)
-    enable_reflection(reflected, server)
-    metrics.observe_batchers(engine.runtime)
-    metrics.watch_models(engine, engine.runtime.loaded_models)
-
-    try:
-        if config.tls_cert is not None and config.tls_key is not None:
-            credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-            port = server.add_secure_port(config.address, credentials)
-        else:
-            port = server.add_insecure_port(config.address)
-    except RuntimeError as exc:  # grpc reports a failed bind this way
-        raise OSError(f"cannot listen on {config.address}: {exc}") from None
-    if port == 0:
-        raise OSError(f"cannot listen on {config.address}")
-    _RUNTIMES[server] = _Runtime(config, health_servicer, engine, preload=preload)
-    return server, port
+    server = SpacerServer(config)
+    return server, server.port
 
 
 def log_storage_policy(config: ServerConfig, policy: StoragePolicy) -> None:
@@ -125,91 +199,24 @@ def apply_library_limits(config: ServerConfig) -> None:
         core_config.MAX_POINTS_PER_IMAGE = config.max_points_per_image
 
 
-async def start(server: grpc.aio.Server) -> None:
-    """Start serving; every service is SERVING now, or once the preload file's models are warm.
-
-    While preloading, health reports NOT_SERVING (calls are answered, but a
-    balancer or probe keeps traffic away); `ready` waits for it to end.
-    """
+async def start(server: SpacerServer) -> None:
+    """Start serving (`SpacerServer.start`)."""
     await server.start()
-    runtime = _RUNTIMES[server]
-    if runtime.config.metrics_port is not None:
-        try:
-            runtime.metrics = metrics.MetricsServer(runtime.config.host, runtime.config.metrics_port)
-        except OSError as exc:
-            await server.stop(0)
-            raise OSError(
-                f"cannot serve metrics on {runtime.config.host}:{runtime.config.metrics_port}: {exc}"
-            ) from None
-    if runtime.preload is None:
-        await _set_health(runtime, health_pb2.HealthCheckResponse.SERVING)
-        return
-    await _set_health(runtime, health_pb2.HealthCheckResponse.NOT_SERVING)
-    runtime.preloading = asyncio.create_task(_preload(runtime, runtime.preload))
-    # The failure is logged and reported by `ready`; nobody else need fetch it.
-    runtime.preloading.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
-def _is_ready(server: grpc.aio.Server) -> bool:
-    """Started, and the preload file's models (if any) are loaded and warm."""
-    runtime = _RUNTIMES.get(server)
-    if runtime is None or runtime.engine.runtime.closed:
-        return False
-    task = runtime.preloading
-    return task is None or (task.done() and not task.cancelled() and task.exception() is None)
+async def ready(server: SpacerServer) -> None:
+    """Wait until the server reports SERVING (`SpacerServer.ready`)."""
+    await server.ready()
 
 
-async def _set_health(runtime: _Runtime, status: int) -> None:
-    for name in ("", SERVICE_NAME):
-        await runtime.health.set(name, status)  # type: ignore[arg-type]
-
-
-async def _preload(runtime: _Runtime, models: Preload) -> None:
-    start = asyncio.get_running_loop().time()
-    try:
-        loaded = await runtime.engine.preload(models)
-    except Exception as exc:
-        logger.error("preloading %s failed; health stays NOT_SERVING: %s", runtime.config.preload, exc)
-        raise
-    logger.info(
-        "preloaded %d models in %.1fs: %s",
-        len(loaded),
-        asyncio.get_running_loop().time() - start,
-        ", ".join(m.name for m in loaded),
-    )
-    await _set_health(runtime, health_pb2.HealthCheckResponse.SERVING)
-
-
-async def ready(server: grpc.aio.Server) -> None:
-    """Wait until the server reports SERVING; raises ValueError when preloading failed."""
-    task = _RUNTIMES[server].preloading
-    if task is None:
-        return
-    try:
-        await asyncio.shield(task)
-    except Exception as exc:
-        raise ValueError(f"preload {_RUNTIMES[server].config.preload}: {exc}") from None
-
-
-async def drain(server: grpc.aio.Server, grace: float | None = None) -> None:
+async def drain(server: SpacerServer, grace: float | None = None) -> None:
     """Report NOT_SERVING, refuse new calls, let in-flight calls finish within grace."""
-    runtime = _RUNTIMES[server]
-    grace = runtime.config.grace_seconds if grace is None else grace
-    await runtime.health.enter_graceful_shutdown()
-    if runtime.preloading is not None and not runtime.preloading.done():
-        runtime.preloading.cancel()
-    await server.stop(grace)
-    # Models and threads go only after the server has drained.
-    runtime.engine.shutdown()
-    if runtime.metrics is not None:
-        runtime.metrics.close()
-        runtime.metrics = None
+    await server.drain(grace)
 
 
-def metrics_port(server: grpc.aio.Server) -> int | None:
+def metrics_port(server: SpacerServer) -> int | None:
     """The port /metrics is served on, once started; None when metrics are off."""
-    runtime = _RUNTIMES[server]
-    return runtime.metrics.port if runtime.metrics is not None else None
+    return server.metrics_port
 
 
 # Buffers at least this large (decoded images, Pillow's 16 MiB blocks) get their own

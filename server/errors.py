@@ -1,25 +1,22 @@
 """One place that turns library exceptions into gRPC status codes.
 
-`status_for` maps an exception to (code, message); `rpc_method` wraps each
-servicer method so that every failure is aborted with that status and every
-call is logged as one line (method, status, duration, job tokens, request id).
+`status_for` maps an exception to (code, message); `describe` adds the
+client-safe wording. `server.interceptors.ErrorInterceptor` aborts every
+failed call with it; a stream's failed item carries it in its reply.
 Unexpected exceptions become INTERNAL with a generic message and a logged
 traceback, so internals never leak to clients.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import inspect
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 
-from server.logs import CallLog, quote
+from server.logs import quote
 from spacer_core import crop
 from spacer_core import exceptions as spacer_exc
 
@@ -175,71 +172,3 @@ def request_locations(message: Any) -> list[str]:
     if hasattr(message, "DESCRIPTOR"):
         walk(message, "")
     return found
-
-
-def _token_of(request: Any) -> str:
-    return str(getattr(request, "job_token", "") or "")
-
-
-def rpc_method(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a servicer method: map exceptions to statuses, log one line per call.
-
-    Works for coroutine methods (unary responses) and async generator
-    methods (streamed responses). Cancellation (client cancel or deadline)
-    propagates so the work the call started is stopped. Every reply carries
-    the call's request id in its trailing metadata (server.logs.CallLog).
-    """
-    name = func.__name__
-
-    async def _fail(context: grpc.aio.ServicerContext, exc: Exception, call: CallLog, request: Any) -> None:
-        status, message = describe(exc, _token_of(request), request_locations(request))
-        call.finish(status.name, message)
-        await context.abort(status, message, trailing_metadata=call.trailing)
-
-    if inspect.isasyncgenfunction(func):
-
-        @functools.wraps(func)
-        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-            streamed_in = not hasattr(request, "DESCRIPTOR")
-            call = CallLog(name, context, "bidi_stream" if streamed_in else "server_stream")
-            if streamed_in:
-                request = call.requests(request)
-            else:
-                call.received_one(request)
-            try:
-                async for item in func(self, request, context):
-                    call.sent_one(item)
-                    yield item
-            except asyncio.CancelledError:
-                call.finish(call.cancelled_status())
-                raise
-            except grpc.aio.AbortError:
-                call.finish(call.aborted_status())
-                raise
-            except Exception as exc:
-                await _fail(context, exc, call, request)
-            else:
-                call.finish_ok()
-
-        return stream_wrapper
-
-    @functools.wraps(func)
-    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext):
-        call = CallLog(name, context, "unary")
-        call.received_one(request)
-        try:
-            response = await func(self, request, context)
-        except asyncio.CancelledError:
-            call.finish(call.cancelled_status())
-            raise
-        except grpc.aio.AbortError:
-            call.finish(call.aborted_status())
-            raise
-        except Exception as exc:
-            await _fail(context, exc, call, request)
-        else:
-            call.sent_one(response)
-            call.finish_ok()
-            return response
-
-    return unary_wrapper

@@ -1,8 +1,7 @@
 """Transport security and client-safe error text.
 
-- :class:`BearerTokenInterceptor` requires ``authorization: Bearer <token>``
-  on every call except the health service (load balancers probe it without
-  credentials).
+- :func:`read_token_file` reads the bearer token
+  (`server.interceptors.BearerTokenInterceptor` checks it).
 - :func:`server_credentials` builds TLS (optionally mutual TLS) credentials
   from PEM files.
 - :func:`redact_job_error` turns a failed job's traceback into a message
@@ -12,24 +11,18 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import re
 import site
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 
 from server.logs import quote
 
 logger = logging.getLogger("server.security")
-
-HEALTH_SERVICE = "/grpc.health.v1.Health/"
-AUTH_HEADER = "authorization"
 
 
 # ---------------------------------------------------------------- tokens
@@ -41,50 +34,6 @@ def read_token_file(path: str | Path) -> str:
     if not token:
         raise ValueError(f"auth token file {str(path)!r} is empty")
     return token
-
-
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without the configured bearer token with UNAUTHENTICATED."""
-
-    def __init__(self, token: str, open_prefixes: tuple[str, ...] = (HEALTH_SERVICE,)):
-        self._expected = f"Bearer {token}".encode()
-        self._open_prefixes = open_prefixes
-
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        async def deny_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-        self._deny = {
-            (False, False): grpc.unary_unary_rpc_method_handler(deny),
-            (False, True): grpc.unary_stream_rpc_method_handler(deny),
-            (True, False): grpc.stream_unary_rpc_method_handler(deny_stream),
-            (True, True): grpc.stream_stream_rpc_method_handler(deny_stream),
-        }
-
-    def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == AUTH_HEADER:
-                given = value.encode() if isinstance(value, str) else value
-                # Constant time, so response timing does not reveal the token.
-                return hmac.compare_digest(given, self._expected)
-        return False
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method or ""
-        if method.startswith(self._open_prefixes) or self._authorized(
-            handler_call_details.invocation_metadata
-        ):
-            return await continuation(handler_call_details)
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
-            return handler
-        return self._deny[(handler.request_streaming, handler.response_streaming)]
 
 
 # ---------------------------------------------------------------- TLS

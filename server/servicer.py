@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
@@ -15,43 +15,24 @@ import grpc
 from server import convert
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
-from server.engine import Engine
-from server.errors import describe, invalid, request_locations, rpc_method
-from server.security import redact_job_error
+from server.dataplane import Engine, TrainProgress
+from server.errors import describe, invalid, request_locations
 from server.streams import windowed
 from spacer_core import tasks
 from spacer_core.data_classes import parse_json
-from spacer_core.exceptions import InvalidInputError
 from spacer_core.inference import Priority
-from spacer_core.messages import ClassifyFeaturesMsg, JobMsg
+from spacer_core.messages import ClassifyFeaturesMsg
 from spacer_core.storage import require_writable
 
 logger = logging.getLogger(__name__)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
-
-class TrainingCancelled(Exception):
-    """Raised from the progress callback to stop a training whose call ended."""
-
-
 _PRIORITY_FIELD = {pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE, pb.PRIORITY_BULK: Priority.BULK}
-_PRIORITY_METADATA = {"interactive": Priority.INTERACTIVE, "bulk": Priority.BULK}
 
 
-def call_priority(context: Any, default: Priority) -> Priority:
-    """The call's `x-priority` metadata ("interactive" or "bulk"), else `default`."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-priority":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            if text.strip().lower() not in _PRIORITY_METADATA:
-                raise invalid(f"x-priority metadata must be 'interactive' or 'bulk', got {text!r}")
-            return _PRIORITY_METADATA[text.strip().lower()]
-    return default
-
-
-def request_priority(request: Any, fallback: Priority) -> Priority:
-    """The request's priority field; `fallback` (the call's priority) when unspecified."""
-    return _PRIORITY_FIELD.get(request.priority, fallback)
+def request_priority(request: Any) -> Priority | None:
+    """The request's priority field; None when unspecified (the call's then decides)."""
+    return _PRIORITY_FIELD.get(request.priority)
 
 
 def call_deadline(context: Any) -> float | None:
@@ -61,7 +42,10 @@ def call_deadline(context: Any) -> float | None:
 
 
 class SpacerServicer(pb_grpc.SpacerServicer):
-    """The Spacer service: translate requests, call the library through `engine`, translate back."""
+    """The Spacer service: translate requests, call the data plane (`engine`), translate back.
+
+    Failures are mapped to statuses, and calls logged, by `server.interceptors`.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -79,7 +63,6 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
     # ------------------------------------------------------------ unary
 
-    @rpc_method
     async def ExtractFeatures(
         self, request: pb.ExtractFeaturesRequest, context: Context
     ) -> pb.ExtractFeaturesResponse:  # type: ignore[override]
@@ -91,10 +74,9 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             with convert.field("feature_loc"):
                 require_writable(feature_loc)
         job = convert.image_job(request, feature_loc=feature_loc)
-        priority = self.engine.priority(
-            request_priority(request, call_priority(context, Priority.INTERACTIVE))
-        )
-        async with self.engine.admission.try_enter(priority):
+        decide = self.engine.priorities(context.invocation_metadata(), stream=False)
+        priority = decide(request_priority(request))
+        async with self.engine.admit(priority, wait=False):
             result = await self.engine.run_image(
                 job, priority=priority, deadline=call_deadline(context), wait=False
             )
@@ -105,7 +87,6 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             features=convert.features_proto(result) if request.return_features else None,
         )
 
-    @rpc_method
     async def ClassifyFeatures(
         self, request: pb.ClassifyFeaturesRequest, context: Context
     ) -> pb.ClassifyResponse:  # type: ignore[override]
@@ -118,40 +99,24 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         result = await self.engine.call(tasks.classify_features, msg)
         return convert.classify_return_response(result, request.job_token)
 
-    @rpc_method
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
-        priority = self.engine.priority(
-            request_priority(request, call_priority(context, Priority.INTERACTIVE))
-        )
-        async with self.engine.admission.try_enter(priority):
+        decide = self.engine.priorities(context.invocation_metadata(), stream=False)
+        priority = decide(request_priority(request))
+        async with self.engine.admit(priority, wait=False):
             return await self._classify_one(request, priority, call_deadline(context), wait=False)
 
-    @rpc_method
     async def RunJob(self, request: pb.RunJobRequest, context: Context) -> pb.RunJobResponse:  # type: ignore[override]
         data = parse_json(request.job_msg_json, "job_msg_json is not JSON")
         if not isinstance(data, dict):
             raise invalid("job_msg_json must be a JSON object (a pyspacer JobMsg)")
         convert.check_json_trainers(data)
-        self.engine.runtime.settings.limits.check_json(data)
-        try:
-            job = JobMsg.deserialize(data)
-        except (AssertionError, InvalidInputError) as exc:
-            raise invalid(f"job_msg_json is not a valid JobMsg: {exc}") from None
-        limits = self.engine.runtime.settings.limits
-        for i, task in enumerate(job.tasks):
-            limits.check_task(task, f"job_msg_json.tasks[{i}]")
-        result = await self.engine.call_long(tasks.process_job, job, deadline=call_deadline(context))
-        if not result.ok and result.error_message:
-            # The library reply carries a traceback; clients get its last line, redacted.
-            tokens = ",".join(task.job_token for task in job.tasks)
-            result.error_message = redact_job_error(result.error_message, tokens)
+        result = await self.engine.run_job(data, deadline=call_deadline(context))
         return pb.RunJobResponse(
             job_return_msg_json=json.dumps(result.serialize()),
             ok=bool(result.ok),
             error_message=result.error_message or "",
         )
 
-    @rpc_method
     async def LoadModel(self, request: pb.LoadModelRequest, context: Context) -> pb.LoadedModel:  # type: ignore[override]
         self._check_sizes(request)
         which = request.WhichOneof("model")
@@ -164,25 +129,23 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             raise invalid("set extractor or classifier_loc")
         return convert.loaded_proto(model)
 
-    @rpc_method
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:  # type: ignore[override]
         models = self.engine.runtime.loaded_models()
         return pb.ListModelsResponse(models=[convert.loaded_proto(m) for m in models])
 
     # ------------------------------------------------------------ streams
 
-    @rpc_method
     async def ClassifyImages(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.ClassifyImageRequest], context: Context
     ) -> AsyncIterator[pb.ClassifyImagesResponse]:
         """Results are yielded as images finish; a failed image yields an error item."""
-        stream_priority = call_priority(context, Priority.BULK)
+        decide = self.engine.priorities(context.invocation_metadata(), stream=True)
         deadline = call_deadline(context)
 
         async def one(req: pb.ClassifyImageRequest) -> pb.ClassifyImagesResponse:
             try:
-                priority = self.engine.priority(request_priority(req, stream_priority))
-                async with self.engine.admission.enter(priority):
+                priority = decide(request_priority(req))
+                async with self.engine.admit(priority, wait=True):
                     return pb.ClassifyImagesResponse(
                         job_token=req.job_token,
                         result=await self._classify_one(req, priority, deadline, wait=True),
@@ -199,49 +162,27 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         async for response in windowed(request_iterator, one, self.engine.config.stream_window):
             yield response
 
-    @rpc_method
     async def TrainClassifier(  # type: ignore[override]
         self, request: pb.TrainClassifierRequest, context: Context
     ) -> AsyncIterator[pb.TrainClassifierResponse]:
         """Streams one TrainProgress per epoch, then the TrainResult."""
         self._check_sizes(request)
         msg = convert.train_msg(request, request.trainer or "minibatch")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[pb.TrainProgress] = asyncio.Queue()
-        stop = threading.Event()
-
-        def progress(epoch: int, ref_accuracy: float, elapsed: float) -> None:
-            # The trainer's callback, run in the training thread after each
-            # epoch (0-based); a cancelled call stops training here.
-            if stop.is_set():
-                raise TrainingCancelled(f"{request.job_token}: training cancelled")
-            update = pb.TrainProgress(
-                epoch=int(epoch) + 1,
-                nbr_epochs=request.nbr_epochs,
-                ref_accuracy=float(ref_accuracy),
-                elapsed=float(elapsed),
-            )
-            loop.call_soon_threadsafe(events.put_nowait, update)
-
-        self.engine.runtime.settings.limits.check_task(msg)
-        work = asyncio.ensure_future(
-            self.engine.call_long(tasks.train_classifier, msg, progress, deadline=call_deadline(context))
-        )
-        getter: asyncio.Future[pb.TrainProgress] | None = None
-        try:
-            while not work.done() or not events.empty():
-                getter = asyncio.ensure_future(events.get())
-                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield pb.TrainClassifierResponse(job_token=request.job_token, progress=getter.result())
-                getter.cancel()
-            result = work.result()
-        finally:
-            # Call over (done, failed, cancelled or past its deadline): stop training.
-            stop.set()
-            work.cancel()
-            if getter is not None:
-                getter.cancel()
+        result = None
+        # Closed as soon as the call ends, so training stops at its next epoch.
+        async with contextlib.aclosing(self.engine.train(msg, deadline=call_deadline(context))) as events:
+            async for event in events:
+                if not isinstance(event, TrainProgress):
+                    result = event
+                    continue
+                progress = pb.TrainProgress(
+                    epoch=event.epoch,
+                    nbr_epochs=request.nbr_epochs,
+                    ref_accuracy=event.ref_accuracy,
+                    elapsed=event.elapsed,
+                )
+                yield pb.TrainClassifierResponse(job_token=request.job_token, progress=progress)
+        assert result is not None  # the data plane's last event, or it raised
         yield pb.TrainClassifierResponse(
             job_token=request.job_token,
             result=pb.TrainResult(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from server._proto.inference import grpc_service_pb2 as pb
-from server.engine import Engine
+from server.dataplane import Engine
 from server.errors import invalid
 from server.oip import tensors
 from server.oip.models import PIPELINE, VERSION, Model, Registry, location_from_text
@@ -36,11 +36,11 @@ def parameter(params: Any, name: str) -> Any:
     return None if which is None else getattr(value, which)
 
 
-def request_priority(request: Any, fallback: Priority) -> Priority:
-    """Triton's "priority" parameter: 0 or absent -> `fallback`, 1 -> INTERACTIVE, >1 -> BULK."""
+def request_priority(request: Any) -> Priority | None:
+    """Triton's "priority" parameter: 0 or absent -> None (the call's), 1 -> INTERACTIVE, >1 -> BULK."""
     value = parameter(request.parameters, "priority")
     if value is None or value == 0:
-        return fallback
+        return None
     if isinstance(value, (str, bytes, float)) or value < 0:
         raise invalid(f"parameter 'priority' must be a non-negative integer, got {value!r}")
     return Priority.INTERACTIVE if value == 1 else Priority.BULK
@@ -100,7 +100,6 @@ class DataPlane:
         timer = Timer()
         ok, count = False, 0
         try:
-            priority = self.engine.priority(priority)
             deadline = request_deadline(request, call_deadline)
             inputs = tensors.read_inputs(request, model.inputs(), model.name)
             requested = [o.name for o in request.outputs]
@@ -109,8 +108,7 @@ class DataPlane:
                 if name not in known:
                     raise invalid(f"unexpected inference output '{name}' for model '{model.name}'")
             timer.stage("compute_input")
-            enter = self.engine.admission.enter if stream else self.engine.admission.try_enter
-            async with enter(priority):
+            async with self.engine.admit(priority, wait=stream):
                 timer.stage("queue")
                 if model.kind == "classifier":
                     outputs, count = await self._classify(model, inputs, priority)

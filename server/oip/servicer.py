@@ -1,5 +1,7 @@
 """inference.GRPCInferenceService: convert the protocol's messages, call the DataPlane.
 
+Failures are mapped to statuses, and calls logged, by `server.interceptors`.
+
 Inference, loading and statistics live in server/oip/dataplane.py; this
 module reads requests and builds replies. See docs/oip.md.
 """
@@ -16,13 +18,12 @@ import grpc
 
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from server.engine import Engine
-from server.errors import describe, invalid, rpc_method
+from server.dataplane import Engine
+from server.errors import describe, invalid
 from server.oip.dataplane import DataPlane, parameter, request_priority
 from server.oip.models import VERSION, Model, Registry, not_found
-from server.servicer import call_deadline, call_priority
+from server.servicer import call_deadline
 from server.streams import windowed
-from spacer_core.inference import Priority
 
 logger = logging.getLogger(__name__)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -52,15 +53,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------ health and metadata
 
-    @rpc_method
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:  # type: ignore[override]
         return pb.ServerLiveResponse(live=True)
 
-    @rpc_method
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:  # type: ignore[override]
         return pb.ServerReadyResponse(ready=self._ready())
 
-    @rpc_method
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:  # type: ignore[override]
@@ -68,7 +66,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=SERVER_NAME, version=_server_version(), extensions=list(EXTENSIONS)
         )
 
-    @rpc_method
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:  # type: ignore[override]
         model = self.registry.find(request.name)
         if model is None or (request.version and request.version != VERSION):
@@ -81,7 +78,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise not_found(name, version)
         return model
 
-    @rpc_method
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:  # type: ignore[override]
@@ -95,7 +91,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs=[meta(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs()],
         )
 
-    @rpc_method
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:  # type: ignore[override]
         model = self.registry.ready(request.name, request.version)
         config = pb.ModelConfig(
@@ -120,7 +115,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             config.parameters["classes"].string_value = ",".join(str(c) for c in model.classes)
         return pb.ModelConfigResponse(config=config)
 
-    @rpc_method
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:  # type: ignore[override]
@@ -147,7 +141,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------ repository
 
-    @rpc_method
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:  # type: ignore[override]
@@ -166,7 +159,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ]
         )
 
-    @rpc_method
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:  # type: ignore[override]
@@ -189,7 +181,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.registry.put(model)
         return pb.RepositoryModelLoadResponse()
 
-    @rpc_method
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:  # type: ignore[override]
@@ -198,23 +189,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # ------------------------------------------------------------ inference
 
-    @rpc_method
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # type: ignore[override]
-        priority = request_priority(request, call_priority(context, Priority.INTERACTIVE))
+        decide = self.engine.priorities(context.invocation_metadata(), stream=False)
+        priority = decide(request_priority(request))
         return await self.data.infer(request, priority, call_deadline(context), stream=False)
 
-    @rpc_method
     async def ModelStreamInfer(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Responses in completion order, each with its request's id; a failed request
         yields an error_message and the stream goes on."""
-        stream_priority = call_priority(context, Priority.BULK)
+        decide = self.engine.priorities(context.invocation_metadata(), stream=True)
         deadline = call_deadline(context)
 
         async def one(req: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                priority = request_priority(req, stream_priority)
+                priority = decide(request_priority(req))
                 return pb.ModelStreamInferResponse(
                     infer_response=await self.data.infer(req, priority, deadline, stream=True)
                 )

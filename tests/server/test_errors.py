@@ -14,7 +14,6 @@ from PIL import Image
 
 from server import errors
 from server._proto.spacer.v1 import spacer_pb2 as pb
-from server.app import _RUNTIMES
 from server.client import SpacerClient
 from spacer_core import config as core_config
 from spacer_core import crop
@@ -177,7 +176,7 @@ def test_full_queue_is_resource_exhausted(data):
         worker = threading.Thread(target=slow)
         worker.start()
         started.wait()
-        admission = _RUNTIMES[server.server].engine.admission
+        admission = server.server.engine.admission
         deadline = time.monotonic() + 30
         while admission.active < 1 and time.monotonic() < deadline:
             time.sleep(0.01)

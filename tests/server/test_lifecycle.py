@@ -16,7 +16,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
-from server.app import _RUNTIMES
 from server.client import SpacerClient
 from tests.support.grpc_server import (
     TEST_DATA_ROOTS,
@@ -185,7 +184,7 @@ def served():
 
 
 def _engine(server):
-    return _RUNTIMES[server.server].engine
+    return server.server.engine
 
 
 def _batcher_patches(server) -> int:

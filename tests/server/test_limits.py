@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server.config import ServerConfig
-from server.engine import Engine
+from server.dataplane import Engine
 from spacer_core import cancellation, limits
 from spacer_core.data_classes import ImageFeatures
 from spacer_core.limits import LimitExceededError, Limits

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from server.config import ServerConfig
-from server.engine import Engine, MemoryBudget
+from server.dataplane import Engine, MemoryBudget
 from spacer_core import pipeline
 from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import QueueFullError

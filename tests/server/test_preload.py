@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from server.app import _RUNTIMES
 from server.client import SpacerClient
 from server.config import ServerConfig, read_preload
 from spacer_core.runtime import Runtime
@@ -65,7 +64,7 @@ def test_health_is_not_serving_until_the_preloaded_models_are_loaded_and_warm(
     ):
         assert client.health() == "NOT_SERVING"
         assert client.health("") == "NOT_SERVING"
-        engine = _RUNTIMES[server.server].engine
+        engine = server.server.engine
         # The extractor is loaded and warmed (a forward pass) first; the classifier is still pending.
         wait_until(lambda: any(m.kind == "extractor" for m in client.list_models()), what="the extractor")
         time.sleep(0.2)

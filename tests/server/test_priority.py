@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
-from server.app import _RUNTIMES
 from server.client import SpacerClient
 from server.errors import status_for
 from spacer_core.exceptions import DeadlineExceededError, SpacerError
@@ -144,7 +143,7 @@ def points(n: int) -> list[tuple[int, int]]:
 
 
 def _batcher(server):
-    batchers = _RUNTIMES[server.server].engine.runtime._batchers
+    batchers = server.server.engine.runtime._batchers
     (key,) = batchers.keys()
     return batchers.peek(key)
 

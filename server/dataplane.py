@@ -1,4 +1,8 @@
-"""Where the servicer's work runs: a thread pool, admission control and the server's runtime.
+"""The data plane: where the servicers' work runs, and how it is admitted and ordered.
+
+It holds a thread pool, admission control, the call's priority (decided
+here only) and the server's runtime, and bridges long library work
+(training, pyspacer jobs) to the event loop.
 
 Image work goes through `spacer_core.pipeline`: blocking steps in the pool,
 the network through the runtime's dynamic batcher shared by every call
@@ -23,22 +27,53 @@ import heapq
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
 from server.config import MIB, Preload, ServerConfig
-from spacer_core import cancellation, pipeline
+from server.errors import invalid
+from server.security import redact_job_error
+from spacer_core import cancellation, pipeline, tasks
 from spacer_core.data_classes import DataLocation
-from spacer_core.exceptions import QueueFullError
+from spacer_core.exceptions import InvalidInputError, QueueFullError
 from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference import Priority
 from spacer_core.inference.batcher import DEFAULT_PRIORITY
+from spacer_core.messages import JobMsg, JobReturnMsg, TrainClassifierMsg
 from spacer_core.pipeline import ImageJob, ImageResult
 from spacer_core.runtime import LoadedModel, Runtime
+from spacer_core.task_io import TrainClassifierReturnMsg
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+PRIORITY_KEY = "x-priority"
+_PRIORITY_NAMES = {"interactive": Priority.INTERACTIVE, "bulk": Priority.BULK}
+
+
+def _metadata_priority(metadata: Iterable[tuple[str, Any]] | None) -> Priority | None:
+    for key, value in metadata or ():
+        if key == PRIORITY_KEY:
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            if text.strip().lower() not in _PRIORITY_NAMES:
+                raise invalid(f"x-priority metadata must be 'interactive' or 'bulk', got {text!r}")
+            return _PRIORITY_NAMES[text.strip().lower()]
+    return None
+
+
+class TrainingCancelled(Exception):
+    """Raised from the progress callback to stop a training whose call ended."""
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """One finished epoch (1-based) of a training."""
+
+    epoch: int
+    ref_accuracy: float
+    elapsed: float
 
 
 class Admission:
@@ -310,9 +345,29 @@ class Engine:
         finally:
             stop.set()
 
-    def priority(self, requested: int) -> int:
-        """The priority work runs at: as requested, or all equal when priorities are off."""
-        return requested if self.config.priority else DEFAULT_PRIORITY
+    def priorities(
+        self, metadata: Iterable[tuple[str, Any]] | None, *, stream: bool
+    ) -> Callable[[Priority | None], int]:
+        """The one rule for a call's priority; returns what decides each of its requests.
+
+        A request's own priority wins; else the call's `x-priority` metadata
+        ("interactive" or "bulk"); else INTERACTIVE for a unary call and BULK
+        for a stream. With priorities off every request runs at the same one.
+        Malformed metadata fails the call here, before any request is read.
+        """
+        call = _metadata_priority(metadata)
+        if call is None:
+            call = Priority.BULK if stream else Priority.INTERACTIVE
+
+        def decide(requested: Priority | None) -> int:
+            chosen = call if requested is None else requested
+            return int(chosen) if self.config.priority else DEFAULT_PRIORITY
+
+        return decide
+
+    def admit(self, priority: int, *, wait: bool) -> contextlib.AbstractAsyncContextManager[None]:
+        """One admission slot for an image task: waited for (streams) or refused when full (unary)."""
+        return self.admission.enter(priority) if wait else self.admission.try_enter(priority)
 
     async def run_image(
         self,
@@ -324,12 +379,11 @@ class Engine:
     ) -> ImageResult:
         """One image through the library pipeline; batched with concurrent calls unless disabled.
 
-        `priority` orders its pool and network work (`Priority`); work still
+        `priority` (as decided by `priorities`) orders its pool and network work (`Priority`); work still
         waiting for the network at `deadline` (time.monotonic()) is dropped.
         Its bytes are admitted against the memory budget once its header is
         read: waiting for room, or with `wait` False raising QueueFullError.
         """
-        priority = self.priority(priority)
         call = partial(self.call, priority=priority)
         if not self.config.batching:
             # One library call per image: at most `workers` images in memory at once.
@@ -338,6 +392,61 @@ class Engine:
         return await pipeline.run_async(
             job, self.runtime, call, priority=priority, deadline=deadline, admit=admit
         )
+
+    async def run_job(self, data: dict[str, Any], *, deadline: float | None = None) -> JobReturnMsg:
+        """A pyspacer job (its JSON, parsed) as long work; a failed job's error is made client-safe."""
+        limits = self.runtime.settings.limits
+        limits.check_json(data)
+        try:
+            job = JobMsg.deserialize(data)
+        except (AssertionError, InvalidInputError) as exc:
+            raise invalid(f"job_msg_json is not a valid JobMsg: {exc}") from None
+        for i, task in enumerate(job.tasks):
+            limits.check_task(task, f"job_msg_json.tasks[{i}]")
+        result = await self.call_long(tasks.process_job, job, deadline=deadline)
+        if not result.ok and result.error_message:
+            # The library reply carries a traceback; clients get its last line, redacted.
+            tokens = ",".join(task.job_token for task in job.tasks)
+            result.error_message = redact_job_error(result.error_message, tokens)
+        return result
+
+    async def train(
+        self, msg: TrainClassifierMsg, *, deadline: float | None = None
+    ) -> AsyncGenerator[TrainProgress | TrainClassifierReturnMsg, None]:
+        """Train as long work: a TrainProgress per epoch as it ends, then the result.
+
+        Training stops at its next epoch once the caller stops iterating
+        (call done, failed, cancelled or past its deadline).
+        """
+        self.runtime.settings.limits.check_task(msg)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TrainProgress] = asyncio.Queue()
+        stop = threading.Event()
+
+        def progress(epoch: int, ref_accuracy: float, elapsed: float) -> None:
+            # The trainer's callback, run in the training thread after each
+            # epoch (0-based): the one place a cancelled call can stop it.
+            if stop.is_set():
+                raise TrainingCancelled(f"{msg.job_token}: training cancelled")
+            update = TrainProgress(int(epoch) + 1, float(ref_accuracy), float(elapsed))
+            loop.call_soon_threadsafe(events.put_nowait, update)
+
+        work = asyncio.ensure_future(self.call_long(tasks.train_classifier, msg, progress, deadline=deadline))
+        getter: asyncio.Future[TrainProgress] | None = None
+        try:
+            while not work.done() or not events.empty():
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                getter.cancel()
+            result = work.result()
+        finally:
+            stop.set()
+            work.cancel()
+            if getter is not None:
+                getter.cancel()
+        yield result
 
     async def load_extractor(self, extractor: FeatureExtractor) -> LoadedModel:
         """Fetch and verify the extractor's files; build its network (and batcher) now."""
