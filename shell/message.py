@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from shell import errors
-from spacer_core.exceptions import InvalidInputError
+from spacer_core.exceptions import DataNotFoundError, InvalidInputError
 
 # Options only the CSV forms read: given beside a message they would be silently ignored.
 CSV_ONLY = ("weights", "points", "images", "classifier", "annotations", "features", "report")
@@ -41,6 +41,8 @@ def read_message(source: str) -> dict[str, Any]:
 
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{source}: no such message file") from None
     except OSError as exc:
         raise InvalidInputError(f"{source}: cannot read the message ({exc.strerror})") from None
     except UnicodeDecodeError:
