@@ -1,6 +1,6 @@
 """`python -m server` is gone: the command line is the `shell` package (`spacer`, `python -m shell`).
 
-This module imports nothing, so starting it in a data root that holds
+This module imports nothing but `sys`, so starting it in a data root that holds
 client-written files cannot run any of them.
 """
 
