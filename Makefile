@@ -6,7 +6,7 @@ SHELL := bash
 PIP := $(PYTHON) -m pip
 PYTEST_ARGS ?=
 # The Python packages mypy checks, and every folder ruff reads.
-PY_PACKAGES := spacer_core server
+PY_PACKAGES := spacer_core server shell
 PY_DIRS := $(PY_PACKAGES) tests benchmarks scripts
 # Exact versions of every package the tests install (`make lock` rewrites it).
 CONSTRAINTS := constraints.txt

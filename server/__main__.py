@@ -1,26 +1,13 @@
-"""`python -m server` is the `spacer` console script.
+"""`python -m server` is gone: the command line is the `shell` package (`spacer`, `python -m shell`).
 
-`python -m` puts the working directory first on sys.path, and `spacer serve`
-is usually started in its data root, where clients write files: a client's
-`grpc_health.py` there would be imported in place of the real module. So,
-before anything else is imported, the working directory leaves sys.path
-unless it is where the `server` package itself lives (a source checkout).
+This module imports nothing but `sys`, so starting it in a data root that holds
+client-written files cannot run any of them.
 """
 
-import os
 import sys
 
-
-def _drop_working_directory() -> None:
-    here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
-    cwd = os.path.realpath(os.getcwd())
-    if cwd == here:
-        return
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != cwd]
-
-
-_drop_working_directory()
-
-from server.cli import main  # noqa: E402  (after sys.path is cleaned)
-
-raise SystemExit(main())
+print(
+    "the spacer command line is `spacer` or `python -m shell` (for example `python -m shell serve`)",
+    file=sys.stderr,
+)
+raise SystemExit(2)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import _build_parser
+from shell.main import build_parser
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
@@ -126,7 +126,7 @@ def test_every_pod_template_is_valid_for_kubernetes(job, version):
 def test_entrypoint_is_a_spacer_bulk_command_on_ray_over_the_shared_volume(job):
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[0] == "spacer"
-    args = _build_parser().parse_args(argv[1:])
+    args = build_parser().parse_args(argv[1:])
     assert (args.command, args.bulk_command, args.engine, args.ray_address) == (
         "bulk",
         "extract",

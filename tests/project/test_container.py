@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import main as spacer
+from shell.main import main as spacer
 from tests.support.grpc_server import running_server
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import _build_parser
 from server.config import config_from_args
+from shell.main import build_parser
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
@@ -145,7 +145,7 @@ def test_the_container_serves_the_model_repository_on_the_h2c_port(objs, tmp_pat
     models = tmp_path / "mnt" / "models"
     models.mkdir(parents=True)
     local = [str(models) if a == "/mnt/models" else str(tmp_path) if a == "/data" else a for a in args[2:]]
-    parsed = _build_parser().parse_args(["serve", *local])
+    parsed = build_parser().parse_args(["serve", *local])
     config = config_from_args(parsed, environ={})
     assert config.port == ports["h2c"] and config.host == "0.0.0.0"
     assert config.model_repository == models

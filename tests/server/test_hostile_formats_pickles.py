@@ -979,7 +979,7 @@ def test_a_failed_jobs_token_cannot_forge_fields_in_the_error_lines(env):
 
 
 def test_a_module_written_into_the_data_root_is_never_imported(tmp_path, efficientnet_weights):  # noqa: F811
-    """`python -m server serve` started in its data root: a client-written grpc_health.py
+    """`python -m shell serve` started in its data root: a client-written grpc_health.py
     (a module the server imports as it starts) or json.py is not imported in place of the real one."""
     root = tmp_path / "root"
     root.mkdir()

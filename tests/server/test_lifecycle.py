@@ -49,7 +49,7 @@ def wait_until(predicate, timeout: float = 30, what: str = "condition") -> None:
 
 
 def start_serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
-    """`python -m server serve --port 0` with the port written to a file, confined to the test folders."""
+    """`python -m shell serve --port 0` with the port written to a file, confined to the test folders."""
     port_file = tmp_path / "port"
     log = open(tmp_path / "serve.log", "w")
     roots = [arg for root in TEST_DATA_ROOTS for arg in ("--data-root", str(root))]
@@ -150,7 +150,7 @@ def test_sigterm_reports_not_serving_refuses_new_calls_and_finishes_in_flight_wo
 
 def test_serve_rejects_bad_settings_with_a_clear_message():
     result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--device", "tpu"],
+        [sys.executable, "-m", "shell", "serve", "--device", "tpu"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -161,7 +161,7 @@ def test_serve_rejects_bad_settings_with_a_clear_message():
     assert "device must be one of" in result.stderr and "tpu" in result.stderr
     # 192.0.2.1 is TEST-NET-1: never an address of this machine.
     result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--address", "192.0.2.1:50051"],
+        [sys.executable, "-m", "shell", "serve", "--address", "192.0.2.1:50051"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -185,13 +185,13 @@ def test_a_passed_deadline_is_logged_and_counted_as_deadline_exceeded(served, da
 
 
 def test_json_log_format_and_metrics_port_are_settings():
-    from server.cli import _build_parser
     from server.config import config_from_args
+    from shell.main import build_parser
 
-    args = _build_parser().parse_args(["serve", "--log-format", "json", "--metrics-port", "9100"])
+    args = build_parser().parse_args(["serve", "--log-format", "json", "--metrics-port", "9100"])
     config = config_from_args(args, environ={})
     assert config.log_format == "json" and config.metrics_port == 9100
-    assert config_from_args(_build_parser().parse_args(["serve"]), {}).metrics_port is None
+    assert config_from_args(build_parser().parse_args(["serve"]), {}).metrics_port is None
     with pytest.raises(ValueError, match="log format"):
         ServerConfig(log_format="xml").validate()
     with pytest.raises(ValueError, match="metrics port"):

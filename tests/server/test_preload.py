@@ -113,7 +113,7 @@ def test_a_missing_preload_file_is_a_config_error(tmp_path):
 def test_serve_exits_with_a_clear_message_when_a_preloaded_model_cannot_load(tmp_path):
     preload = write_json(tmp_path / "preload.json", {"classifiers": [fs(tmp_path / "absent.pkl")]})
     proc = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--port", "0", "--preload", str(preload)],
+        [sys.executable, "-m", "shell", "serve", "--port", "0", "--preload", str(preload)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.cli import _build_parser
 from server.config import MIB, ServerConfig, config_from_args
+from shell.main import build_parser
 from tests.support.grpc_server import extractor_json, make_classifier, make_image
 
 spacer = pytest.importorskip("spacer")
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse(argv: list[str], env: dict[str, str] | None = None) -> ServerConfig:
-    args = _build_parser().parse_args(["serve", *argv])
+    args = build_parser().parse_args(["serve", *argv])
     return config_from_args(args, env or {})
 
 
@@ -99,7 +99,7 @@ def run_cli(
     *args: str, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server", *args],
+        [sys.executable, "-m", "shell", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -244,6 +244,6 @@ def test_a_model_repository_outside_the_data_roots_is_refused_at_start(tmp_path)
     ],
 )
 def test_the_demo_hint_names_an_address_a_local_client_can_dial(host, expected):
-    from server.cli import demo_command
+    from shell.serve import demo_command
 
     assert demo_command(parse(["--host", host, "--allow-any-path"])) == f"spacer demo --server {expected}"

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from server.cli import main
+from shell.main import main
 from spacer_core.survey import coralnet
 from spacer_core.survey.coralnet import CsvFormatError, PointSpec, generate_points, parse_point_spec
 

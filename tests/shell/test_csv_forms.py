@@ -15,7 +15,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from server.cli import main
+from shell.main import main
 from spacer_core.survey import coralnet, demo
 from tests.support.grpc_server import extractor_json, running_server
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import demo_command
 from server.config import ServerConfig
+from shell.serve import demo_command
 from tests.support.serve_process import ROOT, ServeProcess
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def _printed_command(server: ServeProcess, timeout: float = 30) -> str:
 
 def _shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run command in bash, with `spacer` this tree's CLI (the console script may not be installed)."""
-    spacer = f"{shlex.quote(sys.executable)} -m server"
+    spacer = f"{shlex.quote(sys.executable)} -m shell"
     script = f'spacer() {{ {spacer} "$@"; }}\n{command}'
     return subprocess.run(
         ["bash", "-c", script],

@@ -14,7 +14,7 @@ import boto3
 import numpy as np
 import pytest
 
-from server.cli import main
+from shell.main import main
 from spacer_core.bulk import local as bulk
 from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import InvalidInputError

@@ -44,7 +44,7 @@ def proc_status(pid: int) -> ProcStatus:
 
 
 class ServeProcess:
-    """`python -m server serve --port 0` in `workdir` (also its data root), logging to workdir/serve.log."""
+    """`python -m shell serve --port 0` in `workdir` (also its data root), logging to workdir/serve.log."""
 
     def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None, port: int = 0):
         self.workdir = Path(workdir)
@@ -61,7 +61,7 @@ class ServeProcess:
             [
                 sys.executable,
                 "-m",
-                "server",
+                "shell",
                 "serve",
                 "--port",
                 str(self.port),

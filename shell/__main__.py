@@ -1,0 +1,26 @@
+"""`python -m shell` is the `spacer` console script.
+
+`python -m` puts the working directory first on sys.path, and `spacer serve`
+is usually started in its data root, where clients write files: a client's
+`grpc_health.py` there would be imported in place of the real module. So,
+before anything else is imported, the working directory leaves sys.path
+unless it is where the `shell` package itself lives (a source checkout).
+"""
+
+import os
+import sys
+
+
+def _drop_working_directory() -> None:
+    here = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    cwd = os.path.realpath(os.getcwd())
+    if cwd == here:
+        return
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != cwd]
+
+
+_drop_working_directory()
+
+from shell.main import main  # noqa: E402  (after sys.path is cleaned)
+
+raise SystemExit(main())

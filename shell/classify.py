@@ -1,0 +1,96 @@
+"""`spacer classify`: images into a CoralNet results CSV, or a pyspacer classify message."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shell import common, message
+from shell.extract import IMAGES_HELP
+from shell.progress import Bar
+from spacer_core.survey import coralnet, reports
+from spacer_core.survey import workflow as survey
+from spacer_core.survey.workflow import SurveyError
+
+
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """`classify [IMAGE...] --weights --classifier --points --out`, or `classify --message FILE`."""
+    p = sub.add_parser(
+        "classify", parents=parents, help="classify images into a results CSV, or run a message JSON"
+    )
+    p.add_argument("inputs", nargs="*", metavar="IMAGE", help=IMAGES_HELP)
+    message.add_message(p, "ClassifyImageMsg or ClassifyFeaturesMsg")
+    common.add_out(p)
+    common.add_points(p)
+    p.add_argument("--classifier", type=Path, help="classifier pickle (from train)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=common.DEFAULT_THRESHOLD,
+        help=f"accept labels scored at least this without review (default {common.DEFAULT_THRESHOLD})",
+    )
+    common.add_report(p)
+    common.add_json(p)
+
+
+def _task(data: dict[str, Any], source: str) -> tuple[Callable[[Any], Any], Any]:
+    from spacer_core import messages, tasks
+
+    # An image message names an extractor, a features message does not.
+    if "extractor" in data:
+        return tasks.classify_image, message.deserialize(messages.ClassifyImageMsg, data, source)
+    return tasks.classify_features, message.deserialize(messages.ClassifyFeaturesMsg, data, source)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the results CSV at --out and print what can be accepted (or run --message)."""
+    if args.message is not None:
+        return message.run(args, _task)
+    common.need(args, "weights", "classifier", "out")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise SurveyError(f"--threshold {args.threshold}: expected a score between 0 and 1")
+    images = common.images(args)
+    extractor = survey.weights_extractor(args.weights)
+    rows, classes = survey.classify_images(
+        survey.LocalRunner(),
+        extractor,
+        args.classifier,
+        images,
+        common.point_source(args),
+        threshold=args.threshold,
+        seed=args.seed,
+        progress=Bar("classify"),
+    )
+    coralnet.write_results(args.out, rows)
+    accepted = sum(r.accepted for r in rows)
+    summary: dict[str, Any] = {
+        "results": str(args.out),
+        "images": len(images),
+        "points": len(rows),
+        "accepted": accepted,
+        "threshold": args.threshold,
+        "classes": classes,
+        "rows": common.rows_json(rows),
+    }
+    share = accepted / len(rows) * 100 if rows else 0.0
+    lines = [
+        f"classified {len(rows)} points of {len(images)} images: {accepted} ({share:.1f}%) scored"
+        f" >= {args.threshold:g} and can be accepted without review",
+        *common.results_table(rows),
+        f"results: {args.out}",
+    ]
+    if args.report is not None:
+        page = reports.classification_report(
+            args.report,
+            {p.name: p.read_bytes() for p in images},
+            rows,
+            args.threshold,
+            classes,
+            {"classifier": str(args.classifier), "threshold": args.threshold, "images": len(images)},
+        )
+        summary["report"] = str(page)
+        lines.append(f"report: {page}")
+    common.emit(args, summary, lines)
+    return 0

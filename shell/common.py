@@ -1,0 +1,140 @@
+"""What the survey commands share: option help, point sources and the summary they print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from spacer_core.survey import coralnet, reports
+from spacer_core.survey import workflow as survey
+from spacer_core.survey.coralnet import ResultRow
+from spacer_core.survey.workflow import SurveyError
+
+DEFAULT_THRESHOLD = 0.85
+
+WEIGHTS_HELP = (
+    "EfficientNet-b0 weights file in CoralNet's format ({'net': state_dict}). CoralNet's trained"
+    " weights (efficientnet_b0_ver1.pt) are not public: CoralNet shares them on request. The"
+    " weights `spacer demo` makes are synthetic and useless on real photos."
+)
+# Said once more where no --weights flag exists (spacer serve: each request names its weights).
+WEIGHTS_NOTE = (
+    "Extractor weights are named by each request (a file, s3 or URL location with its sha256). "
+    "CoralNet's EfficientNet weights (efficientnet_b0_ver1.pt) are not public: CoralNet shares them "
+    "on request; `spacer demo` makes synthetic weights, useless on real photos."
+)
+
+
+def add_out(parser: argparse.ArgumentParser) -> None:
+    """-o/--out/--output: the file or folder a survey command (or a message) writes."""
+    parser.add_argument(
+        "-o",
+        "--out",
+        "--output",
+        dest="out",
+        type=Path,
+        help="where the result goes: features folder, classifier, results CSV or return message JSON",
+    )
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """--json: the summary as one JSON object on stdout."""
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (for scripts)")
+
+
+def add_points(parser: argparse.ArgumentParser) -> None:
+    """Where extract and classify take images and their points from."""
+    parser.add_argument("--weights", type=Path, help=WEIGHTS_HELP)
+    parser.add_argument(
+        "--points",
+        help="points CSV (Name, Row, Column) or random:N, stratified:ROWSxCOLSxN, grid:ROWSxCOLS",
+    )
+    parser.add_argument("--images", type=Path, help="classify/extract every image in this folder")
+    parser.add_argument("--seed", type=int, default=0, help="seed of generated points (default 0)")
+
+
+def add_labelled_features(parser: argparse.ArgumentParser) -> None:
+    """The annotation CSV and feature folder train and evaluate read."""
+    parser.add_argument("--annotations", type=Path, help="CoralNet annotation CSV (Name, Row, Column, Label)")
+    parser.add_argument("--features", type=Path, help="folder of <Name>.featurevector files")
+
+
+def add_report(parser: argparse.ArgumentParser) -> None:
+    """--report DIR: an HTML report."""
+    parser.add_argument("--report", type=Path, help="write an HTML report into this folder")
+
+
+def need(args: argparse.Namespace, *names: str) -> None:
+    """Fail naming every option of `names` that was not given."""
+    missing = [f"--{n}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise SurveyError(f"missing {', '.join(missing)}")
+
+
+def point_source(args: argparse.Namespace) -> survey.PointSource:
+    """--points as a points CSV, or as a generation spec when no such file exists."""
+    if args.points is None:
+        raise SurveyError("missing --points (a points CSV, or random:N, stratified:RxCxN, grid:RxC)")
+    text = args.points
+    if ":" in text and not Path(text).exists():
+        return coralnet.parse_point_spec(text)
+    return coralnet.read_points(text)
+
+
+def images(args: argparse.Namespace) -> list[Path]:
+    """The images named as arguments plus those in --images."""
+    return survey.image_files(args.inputs, args.images)
+
+
+def emit(args: argparse.Namespace, summary: dict[str, Any], lines: Sequence[str]) -> None:
+    """Print the summary: as JSON with --json, else as lines of text."""
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write("".join(f"{line}\n" for line in lines))
+
+
+def metric_lines(metrics: reports.ClassMetrics) -> list[str]:
+    """Per-class precision, recall, F1 and support as a text table."""
+    lines = [f"  {'class':<14} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>8}"]
+    for i, c in enumerate(metrics.classes):
+        lines.append(
+            f"  {c:<14} {metrics.precision[i]:9.3f} {metrics.recall[i]:7.3f}"
+            f" {metrics.f1[i]:6.3f} {int(metrics.support[i]):8d}"
+        )
+    return lines
+
+
+def results_table(rows: Sequence[ResultRow]) -> list[str]:
+    """Per image: points, how many are accepted, the most frequent labels."""
+    by_image: dict[str, list[ResultRow]] = {}
+    for r in rows:
+        by_image.setdefault(r.name, []).append(r)
+    lines = [f"  {'image':<24} {'points':>6} {'accepted':>8}  most frequent labels"]
+    for name, points in by_image.items():
+        common = ", ".join(f"{label} {n}" for label, n in Counter(r.label for r in points).most_common(3))
+        accepted = sum(r.accepted for r in points)
+        lines.append(f"  {name:<24} {len(points):6d} {accepted:8d}  {common}")
+    return lines
+
+
+def rows_json(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
+    """Result rows as JSON objects (the --json form of a results CSV)."""
+    return [
+        {
+            "name": r.name,
+            "row": r.row,
+            "column": r.col,
+            "label": r.label,
+            "score": r.score,
+            "accepted": r.accepted,
+            "suggestions": [[label, score] for label, score in r.suggestions],
+        }
+        for r in rows
+    ]

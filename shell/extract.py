@@ -1,0 +1,65 @@
+"""`spacer extract`: features of images at their points (CSV form), or a pyspacer ExtractFeaturesMsg."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from shell import common, message
+from shell.progress import Bar
+from spacer_core.survey import workflow as survey
+
+IMAGES_HELP = "images (CSV form); one FILE.json or '-' alone is read as --message FILE, the older spelling"
+
+
+def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
+    """`extract [IMAGE...] --weights --points --out`, or `extract --message FILE`."""
+    p = sub.add_parser(
+        "extract",
+        parents=parents,
+        help="extract features: images + points CSV (or generated points), or a message JSON",
+    )
+    p.add_argument("inputs", nargs="*", metavar="IMAGE", help=IMAGES_HELP)
+    message.add_message(p, "ExtractFeaturesMsg")
+    common.add_out(p)
+    common.add_points(p)
+    common.add_json(p)
+
+
+def _task(data: dict[str, Any], source: str) -> tuple[Callable[[Any], Any], Any]:
+    from spacer_core import messages, tasks
+
+    return tasks.extract_features, message.deserialize(messages.ExtractFeaturesMsg, data, source)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write a .featurevector per image into --out (or run --message)."""
+    if args.message is not None:
+        return message.run(args, _task)
+    common.need(args, "weights", "out")
+    images = common.images(args)
+    extractor = survey.weights_extractor(args.weights)
+    done = survey.extract_images(
+        survey.LocalRunner(),
+        extractor,
+        images,
+        common.point_source(args),
+        args.out,
+        seed=args.seed,
+        progress=Bar("extract"),
+    )
+    points = sum(d.points for d in done)
+    common.emit(
+        args,
+        {
+            "images": len(done),
+            "points": points,
+            "features": str(args.out),
+            "files": [
+                {"image": d.image, "points": d.points, "feature_file": str(d.feature_file)} for d in done
+            ],
+        },
+        [f"extracted {points} points of {len(done)} images into {args.out}"],
+    )
+    return 0

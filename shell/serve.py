@@ -1,0 +1,81 @@
+"""`spacer serve` (the gRPC server) and `spacer check-config` (its effective settings)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+
+from server.config import ServerConfig, add_arguments, config_from_args
+from shell.common import WEIGHTS_NOTE
+from shell.errors import UsageError
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """`serve` and `check-config`; both take the server's flags (--log-level among them)."""
+    serve = sub.add_parser("serve", help="run the gRPC server (default 127.0.0.1:50051)", epilog=WEIGHTS_NOTE)
+    add_arguments(serve)
+    check = sub.add_parser("check-config", help="print the effective settings and exit")
+    add_arguments(check)
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    try:
+        return config_from_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def demo_command(config: ServerConfig) -> str:
+    """The shell command that tries this server with `spacer demo`, working from any folder.
+
+    The demo names its files by path, and the server reads and writes only
+    under its data roots, so the command first changes into the first one.
+    """
+    command = f"spacer demo --server {config.client_address}"
+    roots = config.effective_data_roots()
+    if roots is None:  # allow_any_path
+        return command
+    return f"cd {shlex.quote(str(roots[0]))} && {command}"
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    """Print the server's settings and the library's; 1 when the library's do not hold."""
+    config = _config(args)
+    print(json.dumps({"server": config.describe()}, indent=2))
+    try:
+        from spacer_core import config as core_config
+        from spacer_core.inference.precision import fast_cpu_status
+
+        print("spacer_core settings:")
+        core_config.check()
+        print(fast_cpu_status())
+    except Exception as exc:
+        print(f"spacer_core settings: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Serve until stopped; 2 when the settings cannot be used (no CUDA, address in use)."""
+    config = _config(args)
+    from server.logs import setup_logging
+
+    setup_logging(config.log_level, config.log_format)
+    from server.app import serve
+
+    if config.port:
+        print(
+            f"spacer serve: to try it, run `{demo_command(config)}` in another shell",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as exc:
+        # Settings the parser could not judge (no CUDA, address in use).
+        print(f"spacer serve: {exc}", file=sys.stderr)
+        return 2
+    return 0
