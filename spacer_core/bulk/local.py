@@ -404,8 +404,9 @@ def write_results(task: BulkTask, items: Sequence[BulkImage], outcomes: dict[str
                 continue
             part = json.loads(load_bytes(task.output(item)).getvalue())
             rowcols = [(int(r), int(c)) for r, c in part["rowcols"]]
+            # CoralNet knows an image by its file name, not by the path the manifest reads it from.
             rows += coralnet.result_rows(
-                item.name, rowcols, [str(c) for c in part["classes"]], part["scores"], task.threshold
+                item.file_name, rowcols, [str(c) for c in part["classes"]], part["scores"], task.threshold
             )
     coralnet.write_results(task.out, rows)
     return task.out

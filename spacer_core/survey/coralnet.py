@@ -3,9 +3,13 @@
 CoralNet exports annotations as CSV with one row per point: `Name` (the
 image's file name), `Row` and `Column` (pixel positions, 0-based) and
 `Label` (a label code or id); any other columns (dates, aux metadata,
-machine suggestions) are ignored here. Its annotation upload accepts the
-same four columns, so the results CSV written here starts with them and adds
-the score and the top suggestions after.
+machine suggestions) are ignored here. Its annotation upload reads the same
+four columns and takes every `Label` it finds as a confirmed annotation, so
+the results CSV written here carries a `Label` only where one may be
+uploaded: a label a person gave, or the classifier's top label where its
+score reached the threshold. Every other point keeps its row with an empty
+`Label`, and the machine's top five guesses go in the columns CoralNet's own
+export uses for them (`Machine suggestion N`, `Machine confidence N`).
 
 Points can also be generated as CoralNet's point generation does: simple
 random, stratified random (cells x points per cell) and a uniform grid of
@@ -32,8 +36,10 @@ __all__ = [
     "generate_points",
     "parse_point_spec",
     "read_annotations",
+    "read_point_labels",
     "read_points",
     "result_rows",
+    "results_header",
     "write_annotations",
     "write_results",
 ]
@@ -42,7 +48,9 @@ NAME, ROW, COLUMN, LABEL = "Name", "Row", "Column", "Label"
 # CoralNet's exports name the label column "Label"; older exports and
 # hand-made files sometimes say which form the value takes.
 _LABEL_ALIASES = ("Label", "Label code", "Label ID")
-SUGGESTIONS = 3
+# CoralNet keeps and exports five machine suggestions per point.
+SUGGESTIONS = 5
+SUGGESTION, CONFIDENCE = "Machine suggestion", "Machine confidence"
 
 
 class CsvFormatError(ValueError):
@@ -87,8 +95,13 @@ def _pixel(path: Path, line: int, column: str, text: str) -> int:
     return int(value)
 
 
-def _rows(path: Path, wanted: Sequence[str]) -> Iterable[tuple[int, dict[str, str]]]:
-    """(spreadsheet row number, {column: text}) for each non-blank data row."""
+def _rows(
+    path: Path, wanted: Sequence[str], may_be_empty: Sequence[str] = ()
+) -> Iterable[tuple[int, dict[str, str]]]:
+    """(spreadsheet row number, {column: text}) for each non-blank data row.
+
+    A column in `may_be_empty` gives '' for an empty cell instead of an error.
+    """
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -103,25 +116,43 @@ def _rows(path: Path, wanted: Sequence[str]) -> Iterable[tuple[int, dict[str, st
             continue
         cells = {}
         for name, index in columns.items():
-            if index >= len(values) or not values[index].strip():
+            cell = values[index] if index < len(values) else ""
+            if not cell.strip() and name not in may_be_empty:
                 raise CsvFormatError(path, "empty value", row=line, column=name)
-            cells[name] = values[index]
+            cells[name] = cell
         yield line, cells
+
+
+def _header_names(path: Path) -> set[str]:
+    """The header's column names, lower case; empty where the file cannot be read (_rows says why)."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return {h.strip().lower() for h in next(csv.reader(f), [])}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return set()
 
 
 def read_annotations(path: str | Path) -> dict[str, list[Annotation]]:
     """{image name: [(row, col, label), ...]} from a CoralNet annotation CSV, in file order.
 
-    Labels stay text (codes or ids as written). Raises CsvFormatError naming
-    the file, row and column of the first problem.
+    Labels stay text (codes or ids as written). In a file with machine
+    suggestion columns (a results CSV, CoralNet's export with suggestions) an
+    empty Label is a point nobody has confirmed and is left out, as CoralNet's
+    upload leaves it unannotated; elsewhere an empty Label is an error.
+    Raises CsvFormatError naming the file, row and column of the first problem.
     """
     path = Path(path)
     out: dict[str, list[Annotation]] = {}
     seen: dict[tuple[str, int, int], int] = {}
-    for line, cells in _rows(path, (NAME, ROW, COLUMN, LABEL)):
+    unconfirmed = 0
+    may_be_empty = (LABEL,) if f"{SUGGESTION} 1".lower() in _header_names(path) else ()
+    for line, cells in _rows(path, (NAME, ROW, COLUMN, LABEL), may_be_empty):
         name = cells[NAME].strip()
         row = _pixel(path, line, ROW, cells[ROW])
         col = _pixel(path, line, COLUMN, cells[COLUMN])
+        if not cells[LABEL].strip():
+            unconfirmed += 1
+            continue
         # pyspacer matches features to labels by (row, col): two labels on
         # one point of an image would make training ambiguous.
         first = seen.setdefault((name, row, col), line)
@@ -131,7 +162,8 @@ def read_annotations(path: str | Path) -> dict[str, list[Annotation]]:
             )
         out.setdefault(name, []).append((row, col, cells[LABEL].strip()))
     if not out:
-        raise CsvFormatError(path, "no annotation rows")
+        detail = f" (all {unconfirmed} points have an empty Label: none is accepted)" if unconfirmed else ""
+        raise CsvFormatError(path, "no annotation rows" + detail)
     return out
 
 
@@ -144,6 +176,26 @@ def read_points(path: str | Path) -> dict[str, list[tuple[int, int]]]:
         out.setdefault(cells[NAME].strip(), []).append(point)
     if not out:
         raise CsvFormatError(path, "no point rows")
+    return out
+
+
+def read_point_labels(path: str | Path) -> dict[str, dict[tuple[int, int], str]]:
+    """{image name: {(row, col): label}} for the points of a points CSV that a person labelled.
+
+    Points with an empty Label, and every point of a file without a Label
+    column, are absent: nobody has labelled them. These labels stay in the
+    results CSV whatever the classifier scores, so uploading it keeps them.
+    """
+    path = Path(path)
+    names = _header_names(path)
+    if names and not any(a.lower() in names for a in _LABEL_ALIASES):
+        return {}
+    out: dict[str, dict[tuple[int, int], str]] = {}
+    for line, cells in _rows(path, (NAME, ROW, COLUMN, LABEL), may_be_empty=(LABEL,)):
+        label = cells[LABEL].strip()
+        if label:
+            point = (_pixel(path, line, ROW, cells[ROW]), _pixel(path, line, COLUMN, cells[COLUMN]))
+            out.setdefault(cells[NAME].strip(), {})[point] = label
     return out
 
 
@@ -163,7 +215,12 @@ def write_annotations(path: str | Path, annotations: Mapping[str, Sequence[Annot
 
 @dataclass(frozen=True)
 class ResultRow:
-    """One classified point: the best label, its score and the runners-up."""
+    """One classified point: the classifier's best label, its score and its top suggestions.
+
+    `label` is the machine's best guess whether accepted or not (reports and
+    summaries show it); `given` is a label a person gave the point in the
+    input, if any. What may be uploaded as an annotation is `upload_label`.
+    """
 
     name: str
     row: int
@@ -172,6 +229,14 @@ class ResultRow:
     score: float
     accepted: bool
     suggestions: list[tuple[str, float]] = field(default_factory=list)
+    given: str = ""
+
+    @property
+    def upload_label(self) -> str:
+        """The results CSV's Label: a person's label, else the best label if accepted, else ''."""
+        if self.given:
+            return self.given
+        return self.label if self.accepted else ""
 
 
 def result_rows(
@@ -180,36 +245,50 @@ def result_rows(
     classes: Sequence[object],
     scores: Sequence[Sequence[float]],
     threshold: float,
+    given: Mapping[tuple[int, int], str] | None = None,
 ) -> list[ResultRow]:
     """Rows for one image's scores (one probability row per point, in `classes` order).
 
     A point is accepted when its best score is at least `threshold`, as
-    CoralNet's Alleviate accepts confident machine suggestions.
+    CoralNet's Alleviate accepts confident machine suggestions. `given`
+    holds labels a person gave some of these points ({(row, col): label}).
     """
+    given = given or {}
     out = []
     for (row, col), probs in zip(rowcols, scores):
         ranked = sorted(zip(classes, probs), key=lambda cp: -cp[1])[:SUGGESTIONS]
         top = [(str(c), float(p)) for c, p in ranked]
-        out.append(ResultRow(name, row, col, top[0][0], top[0][1], top[0][1] >= threshold, top))
+        accepted = top[0][1] >= threshold
+        out.append(ResultRow(name, row, col, top[0][0], top[0][1], accepted, top, given.get((row, col), "")))
     return out
 
 
 def results_header() -> list[str]:
-    """Columns of the results CSV: CoralNet's upload columns first."""
+    """Columns of the results CSV: CoralNet's upload columns, Score and Accepted, then its suggestion columns."""
     header = [NAME, ROW, COLUMN, LABEL, "Score", "Accepted"]
     for i in range(1, SUGGESTIONS + 1):
-        header += [f"Suggestion {i}", f"Score {i}"]
+        header += [f"{SUGGESTION} {i}", f"{CONFIDENCE} {i}"]
     return header
 
 
+def _percent(score: float) -> int:
+    # CoralNet stores and exports confidences as whole percents.
+    return int(round(score * 100))
+
+
 def write_results(path: str | Path, rows: Iterable[ResultRow]) -> None:
-    """Write the results CSV (atomically): Name, Row, Column, Label, Score, Accepted, top-3."""
+    """Write the results CSV (atomically); Label only where it may be uploaded (`upload_label`).
+
+    Score keeps four decimals because Accepted compares it with the
+    threshold; the machine confidences are whole percents as CoralNet writes them.
+    """
 
     def cells(r: ResultRow) -> list[object]:
-        out: list[object] = [r.name, r.row, r.col, r.label, f"{r.score:.4f}", "yes" if r.accepted else "no"]
+        accepted = "yes" if r.accepted else "no"
+        out: list[object] = [r.name, r.row, r.col, r.upload_label, f"{r.score:.4f}", accepted]
         for i in range(SUGGESTIONS):
             label, score = r.suggestions[i] if i < len(r.suggestions) else ("", None)
-            out += [label, "" if score is None else f"{score:.4f}"]
+            out += [label, "" if score is None else _percent(score)]
         return out
 
     write_file_atomic(path, _csv_bytes(results_header(), (cells(r) for r in rows)))

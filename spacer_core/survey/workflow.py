@@ -335,8 +335,14 @@ def classify_images(
     threshold: float,
     seed: int = 0,
     progress: Progress | None = None,
+    given: Mapping[str, Mapping[tuple[int, int], str]] | None = None,
 ) -> tuple[list[ResultRow], list[str]]:
-    """Classify each image's points; rows in image order, and the classifier's classes."""
+    """Classify each image's points; rows in image order, and the classifier's classes.
+
+    `given` holds the labels a person gave some points ({image name:
+    {(row, col): label}}, as `coralnet.read_point_labels` reads them): they
+    stay the rows' upload labels whatever the classifier scores.
+    """
     rows: list[ResultRow] = []
     classes: list[str] = []
     model = Path(classifier_file).resolve()
@@ -350,7 +356,7 @@ def classify_images(
         _in_order(one, images, getattr(runner, "workers", 1))
     ):
         classes = [str(c) for c in found]
-        rows += result_rows(image.name, rowcols, classes, scores, threshold)
+        rows += result_rows(image.name, rowcols, classes, scores, threshold, (given or {}).get(image.name))
         if progress:
             progress(i + 1, len(images), image.name)
     return rows, classes

@@ -92,14 +92,15 @@ def test_results_csv_has_coralnet_upload_columns_then_scores(tmp_path):
     with open(tmp_path / "r.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0])[:4] == ["Name", "Row", "Column", "Label"]
+    # A point below the threshold keeps its row but no Label: CoralNet would import it as confirmed.
     assert [(t["Row"], t["Label"], t["Score"], t["Accepted"]) for t in table] == [
-        ("1", "B", "0.7000", "no"),
+        ("1", "", "0.7000", "no"),
         ("3", "A", "0.9000", "yes"),
     ]
-    assert [table[0][f"Suggestion {i}"] for i in (1, 2, 3)] == ["B", "C", "A"]
-    assert [table[0][f"Score {i}"] for i in (1, 2, 3)] == ["0.7000", "0.1500", "0.1000"]
-    # What CoralNet's upload reads back is the label table.
-    assert coralnet.read_annotations(tmp_path / "r.csv") == {"a.jpg": [(1, 2, "B"), (3, 4, "A")]}
+    assert [table[0][f"Machine suggestion {i}"] for i in (1, 2, 3, 4, 5)] == ["B", "C", "A", "D", ""]
+    assert [table[0][f"Machine confidence {i}"] for i in (1, 2, 3, 4, 5)] == ["70", "15", "10", "5", ""]
+    # What CoralNet's upload reads back is the label table: the accepted point only.
+    assert coralnet.read_annotations(tmp_path / "r.csv") == {"a.jpg": [(3, 4, "A")]}
 
 
 def test_point_specs_parse_and_reject():

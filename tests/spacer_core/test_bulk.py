@@ -226,7 +226,8 @@ def test_classify_writes_the_results_csv_from_the_pipeline_scores(survey, tmp_pa
     with open(results, newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0])[:6] == ["Name", "Row", "Column", "Label", "Score", "Accepted"]
-    assert [t["Name"] for t in table[:8]] == [f"images/{survey.images[0].name}"] * 8
+    # CoralNet knows the image by its file name, not by the manifest's path to it.
+    assert [t["Name"] for t in table[:8]] == [survey.images[0].name] * 8
     # The scores are the classifier's on the image's features (extracted here by the local engine).
     bulk.run(
         bulk.BulkTask.extract(weights_extractor(survey.weights), tmp_path / "f"), bulk.plan(survey.manifest)
@@ -237,6 +238,7 @@ def test_classify_writes_the_results_csv_from_the_pipeline_scores(survey, tmp_pa
         assert (int(t["Row"]), int(t["Column"])) == (r, c)
         assert float(t["Score"]) == pytest.approx(p.max(), abs=1e-4)
         assert (t["Accepted"] == "yes") == (float(t["Score"]) >= 0.5)
+        assert t["Label"] == (t["Machine suggestion 1"] if t["Accepted"] == "yes" else "")
     # A rerun with another threshold scores nothing again and rewrites the CSV from the parts.
     parts = tmp_path / "results.csv.parts"
     stamps = {p.name: p.stat().st_mtime_ns for p in parts.iterdir() if p.name != "_summary.json"}
