@@ -52,10 +52,21 @@ def add_points(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, help=WEIGHTS_HELP)
     parser.add_argument(
         "--points",
+        type=_points_arg,
         help="points CSV (Name, Row, Column) or random:N, stratified:ROWSxCOLSxN, grid:ROWSxCOLS",
     )
     parser.add_argument("--images", type=Path, help="classify/extract every image in this folder")
     parser.add_argument("--seed", type=int, default=0, help="seed of generated points (default 0)")
+
+
+def _points_arg(text: str) -> str:
+    """--points as given; a layout that is no file must parse, so a typo is a usage error (exit 2)."""
+    if ":" in text and not Path(text).exists():
+        try:
+            coralnet.parse_point_spec(text)
+        except coralnet.PointSpecError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix("--points ")) from None
+    return text
 
 
 def add_labelled_features(parser: argparse.ArgumentParser) -> None:

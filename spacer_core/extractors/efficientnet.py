@@ -292,7 +292,7 @@ def build_network(source: WeightsSource, name: str | None = None) -> EfficientNe
     features; backends may trace, script or export it.
     """
     label = name or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<weights bytes>")
-    state = read_state_dict(source, label)
+    state = read_state_dict(source, label, kind="EfficientNet-b0 weights")
     net = EfficientNetB0()
     load_into(net, state, label)
     net.eval()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import codecs
 import io
 import os
+import pickletools
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from importlib import import_module
@@ -59,11 +61,87 @@ def _describe(source: WeightsSource, name: str | None) -> str:
     return "<weights bytes>"
 
 
-def read_state_dict(source: WeightsSource, name: str | None = None) -> OrderedDict[str, torch.Tensor]:
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+# Modules whose globals any pickle may name: they say nothing about what the file holds.
+_PLUMBING = ("copyreg", "builtins", "__builtin__", "_codecs", "collections", "numpy", "torch", "_io")
+
+
+def plain_text(message: object) -> str:
+    """A third-party message as one line: terminal escape codes removed, lines joined."""
+    return " ".join(_ESCAPES.sub("", str(message)).split())
+
+
+def _content(source: WeightsSource) -> bytes | None:
+    """The file's bytes, for saying what it holds; None when they cannot be had again."""
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return bytes(source)
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return f.read()
+        if source.seekable():
+            source.seek(0)
+            return source.read()
+    except OSError:
+        pass
+    return None
+
+
+def _pickled_class(data: bytes) -> str | None:
+    """`module.Name` of the first class a plain pickle names (opcodes are read, nothing is run)."""
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name == "GLOBAL":
+                module, _, name = str(arg).partition(" ")
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                module, name = strings[-2], strings[-1]
+            else:
+                if isinstance(arg, str):
+                    strings.append(arg)
+                continue
+            if module.split(".")[0] not in _PLUMBING:
+                return f"{module}.{name}"
+    except Exception:  # a damaged pickle: what was read so far is all it says
+        pass
+    return None
+
+
+def describe_content(data: bytes) -> str | None:
+    """What a file that is not a PyTorch weights file holds, in words; None if not recognised."""
+    if not data:
+        return "nothing (the file is empty)"
+    if data[:2] == b"\xff\xd8":
+        return "a JPEG image"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "a PNG image"
+    if data[:1] == b"\x80":  # a pickle (protocol 2 or later), not PyTorch's zip format
+        found = _pickled_class(data)
+        if found is None:  # PyTorch's older format is a pickle too: its own message says more
+            return None
+        if found.startswith("sklearn."):
+            return f"a pickled scikit-learn classifier ({found.rpartition('.')[2]})"
+        return f"a Python pickle of {found}"
+    head = data[:4096]
+    if b"\0" not in head:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as err:
+            if err.start < len(head) - 4:  # a character cut by the 4 KiB slice is still text
+                return None
+        return "text"
+    return None
+
+
+def read_state_dict(
+    source: WeightsSource, name: str | None = None, kind: str = "PyTorch weights"
+) -> OrderedDict[str, torch.Tensor]:
     """Load the `net` state dict of a weights file, with any `module.` prefix removed.
 
     `source` is a path, the file's bytes or a binary stream; `name` labels the
-    file in error messages. Raises WeightsFileError for anything unreadable.
+    file in error messages and `kind` names what it should be (an EfficientNet-b0
+    weights file, say). Raises WeightsFileError for anything unreadable, saying
+    what the file holds where that is recognisable (a classifier pickle, an image).
     """
     label = _describe(source, name)
     stream: str | os.PathLike[str] | BinaryIO
@@ -77,6 +155,13 @@ def read_state_dict(source: WeightsSource, name: str | None = None) -> OrderedDi
     except Exception as exc:
         # torch's own text runs over many lines, with terminal escapes and advice about its
         # internals: the message is one line naming the file (the cause stays chained).
+        data = _content(source)
+        holds = describe_content(data) if data is not None else None
+        if holds is not None:
+            raise WeightsFileError(
+                f"{label} is not {_article(kind)} file: it holds {holds}; weights are a PyTorch"
+                " file holding {'net': state_dict}, as CoralNet saves them (efficientnet_b0_ver1.pt)"
+            ) from exc
         raise WeightsFileError(
             f"Cannot read weights file {label}: not a PyTorch weights file loadable"
             f" with weights_only=True ({type(exc).__name__})"
@@ -93,6 +178,10 @@ def read_state_dict(source: WeightsSource, name: str | None = None) -> OrderedDi
         (k[len(DATAPARALLEL_PREFIX) :] if k.startswith(DATAPARALLEL_PREFIX) else k, v)
         for k, v in state.items()
     )
+
+
+def _article(kind: str) -> str:
+    return f"{'an' if kind[:1].lower() in 'aeiou' else 'a'} {kind}"
 
 
 def load_into(module: nn.Module, state: Mapping[str, torch.Tensor], label: str) -> None:

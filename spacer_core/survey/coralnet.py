@@ -32,6 +32,7 @@ from spacer_core.storage import write_file_atomic
 __all__ = [
     "CsvFormatError",
     "PointSpec",
+    "PointSpecError",
     "ResultRow",
     "generate_points",
     "parse_point_spec",
@@ -319,21 +320,28 @@ _SPEC_FORMS = {
     "stratified": (re.compile(r"(\d+)x(\d+)x(\d+)"), "stratified:ROWSxCOLSxPER_CELL"),
     "grid": (re.compile(r"(\d+)x(\d+)"), "grid:ROWSxCOLS"),
 }
+ACCEPTED_POINTS = "a points CSV (Name, Row, Column) or " + ", ".join(f for _, f in _SPEC_FORMS.values())
+
+
+class PointSpecError(ValueError):
+    """A point generation spec that is none of the accepted forms; the message names the spec."""
 
 
 def parse_point_spec(text: str) -> PointSpec:
-    """`random:50`, `stratified:5x5x2` (cell rows x cell columns x points per cell) or `grid:10x10`."""
+    """`random:50`, `stratified:5x5x2` (cell rows x cell columns x points per cell) or `grid:10x10`.
+
+    Anything else raises PointSpecError naming `text` and the accepted forms.
+    """
     kind, _, arg = text.strip().partition(":")
     form = _SPEC_FORMS.get(kind.lower())
     if form is None:
-        raise ValueError(
-            f"--points {text!r}: expected a CSV file or one of "
-            + ", ".join(f for _, f in _SPEC_FORMS.values())
-        )
+        raise PointSpecError(f"--points {text!r}: not a file, nor a point layout; expected {ACCEPTED_POINTS}")
     match = form[0].fullmatch(arg.strip().lower())
     numbers = [int(n) for n in match.groups()] if match else []
     if not numbers or min(numbers) < 1:
-        raise ValueError(f"--points {text!r}: expected {form[1]} with whole numbers >= 1")
+        raise PointSpecError(
+            f"--points {text!r}: expected {form[1]} with whole numbers >= 1 (accepted: {ACCEPTED_POINTS})"
+        )
     kind = kind.lower()
     if kind == "random":
         return PointSpec(kind, count=numbers[0])
