@@ -111,6 +111,23 @@ def emit(args: argparse.Namespace, summary: dict[str, Any], lines: Sequence[str]
         sys.stdout.write("".join(f"{line}\n" for line in lines))
 
 
+def report_failures(
+    command: str, summary: dict[str, Any], failures: Sequence[survey.Failure], what: str = "left out"
+) -> int:
+    """List inputs that could not be used, one line each on stderr and under "failures"; the exit status."""
+    summary["failures"] = [{"file": f.file, "reason": f.reason} for f in failures]
+    for f in failures:
+        print(f"spacer {command}: {what}: {f.file}: {f.reason}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def warn(command: str, summary: dict[str, Any], lines: Sequence[str]) -> None:
+    """Warnings on stderr (one line each) and under "warnings" in the summary."""
+    summary.setdefault("warnings", []).extend(lines)  # present, if empty, so scripts need not test for it
+    for line in lines:
+        print(f"spacer {command}: warning: {line}", file=sys.stderr)
+
+
 def metric_lines(metrics: reports.ClassMetrics) -> list[str]:
     """Per-class precision, recall, F1 and support as a text table."""
     lines = [f"  {'class':<14} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>8}"]

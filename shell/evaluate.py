@@ -26,8 +26,12 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
 def run(args: argparse.Namespace) -> int:
     """Print accuracy and per-class metrics; nothing is retrained."""
     common.need(args, "classifier", "annotations", "features")
-    metrics = survey.evaluate(args.classifier, coralnet.read_annotations(args.annotations), args.features)
+    outcome = survey.evaluate_survey(
+        args.classifier, coralnet.read_annotations(args.annotations), args.features
+    )
+    metrics = outcome.metrics
     summary: dict[str, Any] = {"classifier": str(args.classifier), **metrics.as_dict()}
+    common.warn("evaluate", summary, outcome.warnings())
     lines = [
         f"accuracy {metrics.accuracy * 100:.1f}% on {int(metrics.counts.sum())} annotated points",
         *common.metric_lines(metrics),
@@ -38,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
         )
         summary["report"] = str(page)
         lines.append(f"report: {page}")
+    status = common.report_failures("evaluate", summary, outcome.skipped, "image left out")
     common.emit(args, summary, lines)
-    return 0
+    return status

@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         "ref_accs": list(outcome.result.ref_accs),
         "validation": outcome.metrics.as_dict(),
     }
+    if outcome.dropped:
+        common.warn("train", summary, [_dropped_line(outcome.dropped)])
     lines = [
         f"trained {args.clf} on {outcome.counts['train']} points ({args.epochs} epochs):"
         f" validation accuracy {outcome.metrics.accuracy * 100:.1f}% on {outcome.counts['val']} points",
@@ -86,5 +88,14 @@ def run(args: argparse.Namespace) -> int:
         )
         summary["report"] = str(page)
         lines.append(f"report: {page}")
+    status = common.report_failures("train", summary, outcome.skipped, "image left out of training")
     common.emit(args, summary, lines)
-    return 0
+    return status
+
+
+def _dropped_line(dropped: dict[str, int]) -> str:
+    shown = ", ".join(f"{label} ({n} point{'s' if n != 1 else ''})" for label, n in dropped.items())
+    return (
+        f"classes left out of training: {shown}: too few points to split between the training"
+        " and reference/validation sets (images are split whole); the classifier will never predict them"
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -22,6 +22,7 @@ import numpy as np
 from spacer_core import crop, tasks
 from spacer_core.data_classes import Annotation, DataLocation, ImageFeatures, ImageLabels, ValResults
 from spacer_core.extractors import EfficientNetExtractor
+from spacer_core.extractors.torch_weights import plain_text
 from spacer_core.inference.backends import available_cpus, one_session
 from spacer_core.messages import (
     ClassifyImageMsg,
@@ -262,12 +263,81 @@ def labels_from_annotations(
     return ImageLabels({local(feature_path(features_dir, n)): list(a) for n, a in annotations.items()})
 
 
+@dataclass(frozen=True)
+class Failure:
+    """One input that could not be used: the file at fault and why, in one line."""
+
+    file: str
+    reason: str
+
+
+# pyspacer splits by image (SplitMode.VECTORS): whole images go to the validation set (about
+# 10% of the points), then the reference set (10%), the rest to training; each set needs one.
+MIN_TRAINING_IMAGES = 3
+
+
+def usable_features(
+    annotations: Mapping[str, Sequence[Annotation]], features_dir: str | Path
+) -> tuple[dict[str, list[Annotation]], list[Failure]]:
+    """The annotated images whose feature file loads and holds every annotated point, and the rest.
+
+    A missing, corrupt or mismatched feature file costs its image, not the run;
+    when no image has a feature file at all, extraction was not run: that raises.
+    """
+    if not any(feature_path(features_dir, n).is_file() for n in annotations):
+        labels_from_annotations(annotations, features_dir)  # raises, naming the missing files
+    usable: dict[str, list[Annotation]] = {}
+    failures: list[Failure] = []
+    for name, points in annotations.items():
+        path = feature_path(features_dir, name)
+        if not path.is_file():
+            failures.append(Failure(str(path), f"no feature file for {name} (run extract first)"))
+            continue
+        try:
+            ImageFeatures.load(local(path)).match_arrays(points, source=str(path))
+        except Exception as err:  # whatever a damaged file raises, the others still count
+            failures.append(Failure(str(path), one_line(err, str(path), str(path.resolve()))))
+            continue
+        usable[name] = list(points)
+    return usable, failures
+
+
+def one_line(err: BaseException, *sources: str) -> str:
+    """`err` as one line without terminal escape codes, less a leading `source: ` (the caller names it)."""
+    text = plain_text(err) or type(err).__name__
+    for source in sources:
+        text = text.removeprefix(f"{source}: ")
+    return text
+
+
+def check_training_images(count: int, skipped: Sequence[Failure] = ()) -> None:
+    """Refuse, in words, a training set with fewer images than pyspacer's split can use."""
+    if count >= MIN_TRAINING_IMAGES:
+        return
+    why = (
+        f"too few images: training needs at least {MIN_TRAINING_IMAGES} annotated images (got {count});"
+        " whole images are split into validation (about 10% of the points), reference (10%)"
+        " and training sets, and each needs at least one"
+    )
+    if skipped:
+        why += f" ({len(skipped)} more could not be used: {skipped[0].file}: {skipped[0].reason})"
+    raise SurveyError(why)
+
+
+def dropped_classes(before: ImageLabels, after: TrainingTaskLabels) -> dict[str, int]:
+    """Classes the split left out of training ({label: points}), and so never predicted."""
+    kept = after.train.classes_set
+    return {str(c): n for c, n in sorted(before.label_count_per_class.items(), key=str) if c not in kept}
+
+
 @dataclass
 class TrainOutcome:
     result: TrainClassifierReturnMsg
     metrics: ClassMetrics
     counts: dict[str, int]  # annotations in each of the train / ref / val sets
     valresult_file: Path
+    skipped: list[Failure] = field(default_factory=list)  # images left out: no usable feature file
+    dropped: dict[str, int] = field(default_factory=dict)  # classes the split left out, with points
 
 
 def valresult_path(model_file: str | Path) -> Path:
@@ -286,8 +356,16 @@ def train(
     epochs: int = 10,
     progress: EpochProgress | None = None,
 ) -> TrainOutcome:
-    """Split the annotations as pyspacer does, train, store the classifier; metrics on the val set."""
-    labels = preprocess_labels(labels_from_annotations(annotations, features_dir))
+    """Split the annotations as pyspacer does, train, store the classifier; metrics on the val set.
+
+    Images whose feature file is missing or damaged are left out (the outcome
+    lists them), as long as enough images remain; so are classes too small to
+    reach both the training and the reference set (the outcome names them).
+    """
+    annotations, skipped = usable_features(annotations, features_dir)
+    check_training_images(len(annotations), skipped)
+    unsplit = labels_from_annotations(annotations, features_dir)
+    labels = preprocess_labels(unsplit)
     model_file = Path(model_file).resolve()
     val_file = valresult_path(model_file)
     result = runner.train(labels, model_file, val_file, clf_type, epochs, progress)
@@ -297,7 +375,7 @@ def train(
         [classes[i] for i in val.gt], [classes[i] for i in val.est], classes, scores=val.scores
     )
     counts = {name: labels[name].label_count for name in ("train", "ref", "val")}
-    return TrainOutcome(result, metrics, counts, val_file)
+    return TrainOutcome(result, metrics, counts, val_file, skipped, dropped_classes(unsplit, labels))
 
 
 def evaluate(
@@ -308,6 +386,44 @@ def evaluate(
     Annotations with labels the classifier does not know count as errors
     and appear as their own row of the confusion matrix.
     """
+    return evaluate_survey(classifier_file, annotations, features_dir).metrics
+
+
+@dataclass
+class EvaluateOutcome:
+    metrics: ClassMetrics
+    skipped: list[Failure]  # images left out: no usable feature file
+    unknown: dict[str, int]  # annotated labels that are none of the classifier's classes, with points
+    classes: list[str]  # the classifier's classes
+    shared: int  # annotated labels that are classes of the classifier
+
+    def warnings(self) -> list[str]:
+        """What makes the accuracy mean less than it seems, one line each."""
+        if not self.unknown:
+            return []
+        shown = ", ".join(f"{label} ({n} points)" for label, n in self.unknown.items())
+        if self.shared == 0:
+            return [
+                f"none of the annotations' labels is a class of the classifier: {shown} against"
+                f" {', '.join(self.classes)}; every point counts as an error (another label set?)"
+            ]
+        return [
+            f"labels the classifier never predicts (not among its classes {', '.join(self.classes)}):"
+            f" {shown}; their points count as errors"
+        ]
+
+
+def evaluate_survey(
+    classifier_file: str | Path, annotations: Mapping[str, Sequence[Annotation]], features_dir: str | Path
+) -> EvaluateOutcome:
+    """`evaluate`, plus the images left out and the labels the classifier cannot predict."""
+    annotations, skipped = usable_features(annotations, features_dir)
+    if not annotations:
+        raise SurveyError(
+            f"{features_dir}: no usable feature file ({skipped[0].file}: {skipped[0].reason})"
+            if skipped
+            else f"{features_dir}: no annotated images"
+        )
     labels = labels_from_annotations(annotations, features_dir)
     clf = load_classifier(local(classifier_file))
     known = [str(c) for c in clf.classes_]
@@ -322,7 +438,9 @@ def evaluate(
         y_pred += [known[i] for i in np.argmax(probs, axis=1)]
         scores += np.max(probs, axis=1).tolist()
     extra = sorted(set(y_true) - set(known))
-    return class_metrics(y_true, y_pred, known + extra, scores=scores)
+    unknown = {label: y_true.count(label) for label in extra}
+    metrics = class_metrics(y_true, y_pred, known + extra, scores=scores)
+    return EvaluateOutcome(metrics, skipped, unknown, known, len(set(y_true) & set(known)))
 
 
 def classify_images(
