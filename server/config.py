@@ -17,6 +17,7 @@ from typing import Any
 
 from spacer_core.data_classes import DataLocation
 from spacer_core.extractors import FeatureExtractor
+from spacer_core.inference import BatcherSettings
 from spacer_core.limits import Limits
 from spacer_core.runtime import RuntimeSettings
 from spacer_core.storage import ClientPolicy, StoragePolicy
@@ -42,7 +43,9 @@ class ServerConfig:
     precision: str = "exact"
     # Dynamic batcher: patches per network call (None: the backend's preferred
     # size, small on CPU where it also bounds memory, large on GPU) and how
-    # long a batch may wait to fill.
+    # long a batch may wait to fill (BatcherSettings.queue_delay_ms). Longer
+    # than the library's 2 ms: requests come over the network, spread out
+    # more than one process's own calls, and a little more wait fills fuller batches.
     batch_size: int | None = None
     queue_delay_ms: float = 5.0
     # Batch patches across requests (EfficientNet); False runs spacer_core.tasks per call.
@@ -216,8 +219,7 @@ class ServerConfig:
         return RuntimeSettings(
             device=None if self.device == "auto" else self.device,
             precision=self.precision,
-            batch_size=self.batch_size,
-            queue_delay_s=self.queue_delay_ms / 1000.0,
+            batcher=BatcherSettings(max_batch_size=self.batch_size, queue_delay_ms=self.queue_delay_ms),
             limits=self.limits(),
         )
 

@@ -6,7 +6,9 @@ cache with explicit settings, plus the storage policy its work runs under.
 The library uses a process-wide default (`default_runtime()`); a server, a
 test or a bulk job builds its own and makes it current with `activate()`.
 
-    runtime = Runtime(RuntimeSettings(batch_size=8), policy=DataRootsPolicy(["/data"]))
+    runtime = Runtime(
+        RuntimeSettings(batcher=BatcherSettings(max_batch_size=8)), policy=DataRootsPolicy(["/data"])
+    )
     with runtime.activate():
         tasks.extract_features(msg)        # uses this runtime's caches and policy
 """
@@ -21,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 import numpy as np
@@ -32,6 +34,7 @@ from spacer_core.inference.batcher import (
     DEFAULT_PRIORITY,
     BatchBuffers,
     BatcherClosedError,
+    BatcherSettings,
     BatchObservation,
     BatchObserver,
     DynamicBatcher,
@@ -60,18 +63,16 @@ logger = logging.getLogger(__name__)
 class RuntimeSettings:
     """How networks run and how much a runtime keeps in memory.
 
-    `device` None picks CUDA when available. `batch_size` None uses each
-    backend's preferred size (small on CPU, large on GPU). `batcher_workers`
-    None runs one batch at once per backend session on CPU (at least two)
-    and one on CUDA.
+    `device` None picks CUDA when available. `batcher` sizes network calls
+    (`max_batch_size` None: each backend's preferred size, small on CPU,
+    large on GPU; the synchronous path uses the same size) and how the
+    shared batchers fill them (`workers` None: one batch at once per backend
+    session on CPU, at least two, and one on CUDA).
     """
 
     device: str | None = None
     precision: str = "exact"
-    batch_size: int | None = None
-    queue_delay_s: float = 0.002
-    max_queued_patches: int = 4096
-    batcher_workers: int | None = None
+    batcher: BatcherSettings = BatcherSettings()
     max_networks: int = 4
     max_classifiers: int = 8
     max_file_hashes: int = 1024
@@ -232,7 +233,9 @@ class Runtime:
             info = LoadedModel(
                 "extractor", net.label or net.key, net.feature_dim, time.perf_counter() - start
             )
-            return _Network(backend, info, self.settings.batch_size or backend.preferred_batch_size)
+            return _Network(
+                backend, info, self.settings.batcher.max_batch_size or backend.preferred_batch_size
+            )
 
         return self._networks.get(net.key, load)
 
@@ -248,8 +251,8 @@ class Runtime:
         With `load` False a network not built yet is not built for this: the
         answer is then the generic default (`Backend.preferred_batch_size`).
         """
-        if self.settings.batch_size:
-            return self.settings.batch_size
+        if self.settings.batcher.max_batch_size:
+            return self.settings.batcher.max_batch_size
         network = self._network(net) if load else self._networks.peek(net.key)
         return network.batch_size if network is not None else Backend.preferred_batch_size
 
@@ -258,16 +261,18 @@ class Runtime:
 
         def create() -> DynamicBatcher:
             network = self._network(net)
-            settings = self.settings
+            wanted = self.settings.batcher
+            settings = replace(
+                wanted,
+                max_batch_size=network.batch_size,
+                # On CPU one batch in flight per session of the backend (at least two).
+                workers=wanted.workers
+                or (1 if self.device.type == "cuda" else max(2, network.backend.parallelism)),
+            )
             return DynamicBatcher(
                 network.backend,
-                max_batch_size=network.batch_size,
-                max_queue_delay_s=settings.queue_delay_s,
-                max_queued_patches=settings.max_queued_patches,
+                settings,
                 name=f"batcher-{net.key[:8]}-{self.device}",
-                # On CPU one batch in flight per session of the backend (at least two).
-                workers=settings.batcher_workers
-                or (1 if self.device.type == "cuda" else max(2, network.backend.parallelism)),
                 observers=(self._observe_batch,),
             )
 

@@ -173,7 +173,7 @@ class FeatureExtractor(abc.ABC):
             raise NotImplementedError(f"{type(self).__name__} implements neither network() nor extract_rgb()")
         net, loaded_remotely = found
         active = runtime.current()
-        batch_size = active.settings.batch_size or active.backend(net).preferred_batch_size
+        batch_size = active.settings.batcher.max_batch_size or active.backend(net).preferred_batch_size
         feats = np.empty((len(rowcols), net.feature_dim), dtype=np.float32)
         buffer = np.empty((min(len(rowcols), batch_size), 3, self.CROP_SIZE, self.CROP_SIZE), np.float32)
         with config.log_entry_and_exit("forward pass through net"):

@@ -14,7 +14,7 @@ from spacer_core import runtime as runtime_module
 from spacer_core.data_classes import DataLocation
 from spacer_core.extractors import EfficientNetExtractor
 from spacer_core.extractors.efficientnet import build_network
-from spacer_core.inference import BatcherClosedError, NetworkSpec
+from spacer_core.inference import BatcherClosedError, BatcherSettings, NetworkSpec
 from spacer_core.inference.backends import probe_batch
 from spacer_core.runtime import FileHashes, Runtime, RuntimeSettings
 from spacer_core.storage import store_bytes
@@ -63,8 +63,16 @@ def test_batcher_is_shared_and_replaced_after_eviction(efficientnet_weights, tmp
 
 
 def test_batcher_settings_are_the_runtimes_own(efficientnet_weights, tmp_path):  # noqa: F811
-    small = Runtime(RuntimeSettings(device="cpu", batch_size=2, compile_cache_dir=str(tmp_path)))
-    large = Runtime(RuntimeSettings(device="cpu", batch_size=8, compile_cache_dir=str(tmp_path)))
+    small = Runtime(
+        RuntimeSettings(
+            device="cpu", batcher=BatcherSettings(max_batch_size=2), compile_cache_dir=str(tmp_path)
+        )
+    )
+    large = Runtime(
+        RuntimeSettings(
+            device="cpu", batcher=BatcherSettings(max_batch_size=8), compile_cache_dir=str(tmp_path)
+        )
+    )
     assert small.batcher(_spec(efficientnet_weights)).max_batch_size == 2
     assert large.batcher(_spec(efficientnet_weights)).max_batch_size == 8
     small.close()
