@@ -284,9 +284,10 @@ def _points(rowcols: RowCols) -> list[tuple[int, int]]:
 def _limit(max_pixels: int | None) -> int:
     if max_pixels is not None:
         return max_pixels
-    from spacer_core import config  # late: config reads the environment on import
+    from spacer_core import limits  # late: limits reads config, which reads the environment
 
-    return int(config.MAX_IMAGE_PIXELS)
+    # The active runtime's bound, else pyspacer's MAX_IMAGE_PIXELS.
+    return limits.current().image_pixels
 
 
 def _open_with_pillow(image_bytes: bytes) -> Image.Image:

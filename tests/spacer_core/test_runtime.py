@@ -150,3 +150,21 @@ def test_file_hashes_are_bounded(tmp_path):
         (tmp_path / f"{i}").write_bytes(bytes([i]))
         hashes.sha256(str(tmp_path / f"{i}"))
     assert len(hashes) == 2
+
+
+def test_image_pixel_bound_is_the_active_runtimes(tmp_path) -> None:
+    from PIL import Image as PILImage
+
+    from spacer_core import config, crop, limits
+    from spacer_core.exceptions import DataLimitError
+    from spacer_core.limits import Limits
+
+    image = tmp_path / "im.png"
+    PILImage.new("RGB", (40, 30)).save(image)
+    small = Runtime(RuntimeSettings(limits=Limits(max_image_pixels=100)))
+    with small.activate():
+        assert limits.current().image_pixels == 100
+        with pytest.raises(DataLimitError):
+            crop.crop_patches(image.read_bytes(), [(5, 5)], 4)
+    assert limits.current().image_pixels == config.MAX_IMAGE_PIXELS
+    assert crop.crop_patches(image.read_bytes(), [(5, 5)], 4).shape == (1, 4, 4, 3)
