@@ -18,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
@@ -63,6 +65,11 @@ logger = logging.getLogger(__name__)
 class RuntimeSettings:
     """How networks run and how much a runtime keeps in memory.
 
+    `max_remote_hashes` bounds how many remote weights files' digests are
+    remembered (those downloaded without a hash in their message);
+    `reader_threads` is the size of the pool that reads training feature
+    files (None: four per core, at most 16).
+
     `device` None picks CUDA when available. `batcher` sizes network calls
     (`max_batch_size` None: each backend's preferred size, small on CPU,
     large on GPU; the synchronous path uses the same size) and how the
@@ -76,6 +83,8 @@ class RuntimeSettings:
     max_networks: int = 4
     max_classifiers: int = 8
     max_file_hashes: int = 1024
+    max_remote_hashes: int = 1024
+    reader_threads: int | None = None
     compile_cache_dir: str | None = None
     limits: Limits = LIBRARY_DEFAULTS
 
@@ -161,6 +170,40 @@ class FileHashes:
         return len(self._known)
 
 
+class BoundedMap:
+    """A thread-safe mapping that forgets its least recently used entries past `max_entries`."""
+
+    def __init__(self, max_entries: int):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any | None:
+        """The value under `key` (now the most recently used), or None."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        """Remember `value` under `key`, forgetting the oldest entries past the bound."""
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def _close_batcher(key: object, batcher: DynamicBatcher) -> None:
     # Don't wait: queued requests still finish on the batcher's own thread.
     batcher.close(drain=True, timeout=0)
@@ -184,6 +227,11 @@ class Runtime:
         self.device = resolve_device(self.settings.device)
         self.precision = Precision.parse(self.settings.precision)
         self.file_hashes = FileHashes(self.settings.max_file_hashes)
+        # sha256 of remote extractor files downloaded without a hash in their
+        # message, so their content-addressed copies can be checked and reused.
+        self.remote_hashes = BoundedMap(self.settings.max_remote_hashes)
+        self._reader_pool: ThreadPoolExecutor | None = None
+        self._reader_pool_lock = threading.Lock()
         self._closed = False
         self._networks: ModelCache[str, _Network] = ModelCache(max_items=self.settings.max_networks)
         self._batchers: ModelCache[str, DynamicBatcher] = ModelCache(
@@ -405,6 +453,23 @@ class Runtime:
         """Drop a cached classifier (after it was overwritten through this runtime)."""
         self._classifiers.pop(loc)
 
+    # -- training ---------------------------------------------------------------------
+
+    def reader_pool(self) -> ThreadPoolExecutor:
+        """Threads that read training feature files, started on first use.
+
+        Reading and inflating files releases the GIL, and long-lived threads
+        keep their per-thread S3 clients; the pool is shared by every
+        training under this runtime.
+        """
+        with self._reader_pool_lock:
+            if self._reader_pool is None:
+                threads = self.settings.reader_threads or min(16, 4 * (os.cpu_count() or 1))
+                self._reader_pool = ThreadPoolExecutor(
+                    max_workers=threads, thread_name_prefix="spacer-features"
+                )
+            return self._reader_pool
+
     # -- inventory and lifetime -------------------------------------------------------
 
     def loaded_models(self) -> list[LoadedModel]:
@@ -423,8 +488,13 @@ class Runtime:
         return self._closed
 
     def close(self) -> None:
-        """Stop the batchers (queued work finishes) and drop every cache."""
+        """Stop the batchers (queued work finishes) and the reader threads, and drop every cache."""
         self._closed = True
+        with self._reader_pool_lock:
+            pool, self._reader_pool = self._reader_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self.remote_hashes.clear()
         self._batchers.clear()
         self._networks.clear()
         self._classifiers.clear()

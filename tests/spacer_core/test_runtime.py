@@ -168,3 +168,29 @@ def test_image_pixel_bound_is_the_active_runtimes(tmp_path) -> None:
             crop.crop_patches(image.read_bytes(), [(5, 5)], 4)
     assert limits.current().image_pixels == config.MAX_IMAGE_PIXELS
     assert crop.crop_patches(image.read_bytes(), [(5, 5)], 4).shape == (1, 4, 4, 3)
+
+
+def test_remote_hashes_are_a_bounded_lru_of_the_runtime() -> None:
+    active = Runtime(RuntimeSettings(max_remote_hashes=2))
+    for name in ("a", "b"):
+        active.remote_hashes.put(name, name * 64)
+    assert active.remote_hashes.get("a") == "a" * 64  # now the most recent
+    active.remote_hashes.put("c", "c" * 64)
+    assert (active.remote_hashes.get("b"), len(active.remote_hashes)) == (None, 2)
+    assert Runtime().remote_hashes.get("a") is None  # another runtime knows nothing of these
+    with pytest.raises(ValueError, match="max_entries"):
+        runtime_module.BoundedMap(0)
+
+
+def test_reader_pool_is_the_runtimes_bounded_and_closed_with_it() -> None:
+    from spacer_core import train_utils
+
+    active = Runtime(RuntimeSettings(reader_threads=2))
+    with active.activate():
+        pool = active.reader_pool()
+        assert pool is active.reader_pool() and pool._max_workers == 2
+        assert train_utils.runtime.current().reader_pool() is pool
+    assert runtime_module.default_runtime().reader_pool() is not pool
+    active.close()
+    with pytest.raises(RuntimeError):
+        pool.submit(int)
