@@ -88,6 +88,12 @@ class RuntimeSettings:
     compile_cache_dir: str | None = None
     limits: Limits = LIBRARY_DEFAULTS
 
+    def __post_init__(self) -> None:
+        for name in ("max_remote_hashes", "reader_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"RuntimeSettings.{name} must be >= 1, got {value}")
+
 
 @dataclass(frozen=True)
 class LoadedModel:

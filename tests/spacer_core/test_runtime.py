@@ -180,6 +180,10 @@ def test_remote_hashes_are_a_bounded_lru_of_the_runtime() -> None:
     assert Runtime().remote_hashes.get("a") is None  # another runtime knows nothing of these
     with pytest.raises(ValueError, match="max_entries"):
         runtime_module.BoundedMap(0)
+    with pytest.raises(ValueError, match="max_remote_hashes"):
+        RuntimeSettings(max_remote_hashes=0)
+    with pytest.raises(ValueError, match="reader_threads"):
+        RuntimeSettings(reader_threads=0)
 
 
 def test_reader_pool_is_the_runtimes_bounded_and_closed_with_it() -> None:
