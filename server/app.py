@@ -53,7 +53,6 @@ class SpacerServer:
 
             if not torch.cuda.is_available():
                 raise ValueError("device is cuda, but CUDA is not available on this machine")
-        apply_library_limits(config)
         token = read_token_file(config.auth_token_file) if config.auth_token_file is not None else None
         self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors(token))
         self.engine = Engine(config)
@@ -185,18 +184,6 @@ def log_storage_policy(config: ServerConfig, policy: StoragePolicy) -> None:
             " (use --data-root to confine them)"
         )
     logger.info("storage policy: %s", policy.describe())
-
-
-def apply_library_limits(config: ServerConfig) -> None:
-    """Override spacer_core.config limits when the server config sets them."""
-    if config.max_image_pixels is None and config.max_points_per_image is None:
-        return
-    from spacer_core import config as core_config
-
-    if config.max_image_pixels is not None:
-        core_config.MAX_IMAGE_PIXELS = config.max_image_pixels
-    if config.max_points_per_image is not None:
-        core_config.MAX_POINTS_PER_IMAGE = config.max_points_per_image
 
 
 async def start(server: SpacerServer) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from spacer_core import crop, tasks
 from spacer_core.data_classes import Annotation, DataLocation, ImageFeatures, ImageLabels, ValResults
+from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import EfficientNetExtractor
 from spacer_core.inference.backends import available_cpus, one_session
 from spacer_core.messages import (
@@ -41,8 +42,11 @@ Progress = Callable[[int, int, str], None]  # (done, total, what just finished)
 EpochProgress = Callable[[int, float, float], Any]  # (epoch, ref accuracy, seconds)
 
 
-class SurveyError(ValueError):
-    """Inputs of a survey step do not fit together (an image without points, no labelled features)."""
+class SurveyError(InvalidInputError):
+    """Inputs of a survey step do not fit together (an image without points, no labelled features).
+
+    An input error (still a ValueError), so a transport reports it as the caller's.
+    """
 
 
 def local(path: str | Path) -> DataLocation:
