@@ -120,6 +120,20 @@ def file_name(name: str) -> str:
     return Path(name).name
 
 
+def name_clash(names: Iterable[str]) -> tuple[str, str] | None:
+    """The first two different names that end in the same file name, (earlier, later), or None.
+
+    Outputs and CSV rows go by the file name, so two images may not share one;
+    the same name given twice is no clash.
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        first = seen.setdefault(file_name(name), name)
+        if first != name:
+            return first, name
+    return None
+
+
 def plan(manifest: str | Path, shard: int = 0, shards: int = 1) -> list[BulkImage]:
     """The images of a manifest, in the order they first appear; shard `shard` of `shards`.
 
@@ -130,19 +144,16 @@ def plan(manifest: str | Path, shard: int = 0, shards: int = 1) -> list[BulkImag
         raise InvalidInputError(f"shard {shard} of {shards}: expected 0 <= shard < shards and shards >= 1")
     path = Path(manifest)
     points = coralnet.read_points(path)
-    seen: dict[str, str] = {}
-    items = []
-    for name, rowcols in points.items():
-        base = file_name(name)
-        if not base:
+    for name in points:
+        if not file_name(name):
             raise InvalidInputError(f"{path}: Name {name!r} does not end in a file name")
-        if base in seen:
-            raise InvalidInputError(
-                f"{path}: Names {seen[base]!r} and {name!r} end in the same file name {base!r};"
-                " outputs are named after it"
-            )
-        seen[base] = name
-        items.append(BulkImage(name, location_for(name, path.parent), tuple(rowcols)))
+    clash = name_clash(points)
+    if clash is not None:
+        raise InvalidInputError(
+            f"{path}: Names {clash[0]!r} and {clash[1]!r} end in the same file name"
+            f" {file_name(clash[0])!r}; outputs are named after it"
+        )
+    items = [BulkImage(name, location_for(name, path.parent), tuple(rc)) for name, rc in points.items()]
     return items[shard::shards]
 
 

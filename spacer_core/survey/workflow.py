@@ -73,16 +73,13 @@ def image_files(paths: Iterable[str | Path] = (), folder: str | Path | None = No
         found += sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not found:
         raise SurveyError("no images given (name them, or use --images DIR)")
-    seen: dict[str, Path] = {}
     for p in found:
         if not p.is_file():
             raise SurveyError(f"{p}: no such image file")
-        if p.name in seen and seen[p.name] != p:
-            raise SurveyError(
-                f"{p}: another image has the same name ({seen[p.name]}); CSV rows match by name"
-            )
-        seen[p.name] = p
-    return list(seen.values())
+    clash = bulk.name_clash(str(p) for p in found)
+    if clash is not None:
+        raise SurveyError(f"{clash[1]}: another image has the same name ({clash[0]}); CSV rows match by name")
+    return list(dict.fromkeys(found))
 
 
 PointSource = Mapping[str, Sequence[tuple[int, int]]] | PointSpec
