@@ -158,14 +158,17 @@ class OursBatched:
     def __init__(self, weights: Path, sha256: str, classifier: Path, out: Path, args: argparse.Namespace):
         from spacer_core.data_classes import DataLocation
         from spacer_core.extractors import EfficientNetExtractor
+        from spacer_core.inference import BatcherSettings
         from spacer_core.runtime import Runtime, RuntimeSettings
 
         self.runtime = Runtime(
             RuntimeSettings(
                 precision=args.precision,
-                batch_size=args.batch_size,
-                queue_delay_s=args.queue_delay,
-                batcher_workers=args.workers,
+                batcher=BatcherSettings(
+                    max_batch_size=args.batch_size,
+                    queue_delay_ms=args.queue_delay_ms,
+                    workers=args.workers,
+                ),
             )
         )
         self.extractor = EfficientNetExtractor(
@@ -271,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="batcher's max batch (default: the backend's preferred size)",
     )
-    parser.add_argument("--queue-delay", type=float, default=0.002, help="seconds (default 0.002)")
+    parser.add_argument("--queue-delay-ms", type=float, default=2.0, help="milliseconds (default 2)")
     parser.add_argument(
         "--workers", type=int, default=2, help="batches in flight at once in the batcher (default 2)"
     )

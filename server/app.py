@@ -6,8 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import tempfile
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,6 +20,7 @@ from server.oip.models import Registry
 from server.reflection import enable_reflection
 from server.security import read_token_file, server_credentials
 from server.servicer import SpacerServicer, add_to_server
+from spacer_core.atomic import write_atomic
 from spacer_core.storage import StoragePolicy
 
 logger = logging.getLogger("server")
@@ -53,7 +52,6 @@ class SpacerServer:
 
             if not torch.cuda.is_available():
                 raise ValueError("device is cuda, but CUDA is not available on this machine")
-        apply_library_limits(config)
         token = read_token_file(config.auth_token_file) if config.auth_token_file is not None else None
         self.server = grpc.aio.server(options=server_options(config), interceptors=interceptors(token))
         self.engine = Engine(config)
@@ -187,18 +185,6 @@ def log_storage_policy(config: ServerConfig, policy: StoragePolicy) -> None:
     logger.info("storage policy: %s", policy.describe())
 
 
-def apply_library_limits(config: ServerConfig) -> None:
-    """Override spacer_core.config limits when the server config sets them."""
-    if config.max_image_pixels is None and config.max_points_per_image is None:
-        return
-    from spacer_core import config as core_config
-
-    if config.max_image_pixels is not None:
-        core_config.MAX_IMAGE_PIXELS = config.max_image_pixels
-    if config.max_points_per_image is not None:
-        core_config.MAX_POINTS_PER_IMAGE = config.max_points_per_image
-
-
 async def start(server: SpacerServer) -> None:
     """Start serving (`SpacerServer.start`)."""
     await server.start()
@@ -252,7 +238,7 @@ async def serve(config: ServerConfig) -> None:
     server, port = create_server(config)
     await start(server)
     if config.port_file is not None:
-        _write_atomic(config.port_file, f"{port}\n")
+        write_atomic(config.port_file, f"{port}\n")
     logger.info(
         "spacer.v1.Spacer and %s (Open Inference Protocol) listening on %s:%d",
         oip.SERVICE_NAME,
@@ -287,11 +273,3 @@ async def serve(config: ServerConfig) -> None:
         preloaded.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -1,8 +1,9 @@
 """The server's settings: one typed object, built once by the entry point.
 
 Every setting has a command-line flag and a SPACER_* environment variable
-(the flag wins). Library limits (MAX_IMAGE_PIXELS, MAX_POINTS_PER_IMAGE) stay
-spacer_core.config's own; the server only overrides them when asked.
+(the flag wins). Image limits (max_image_pixels, max_points_per_image) are
+the server runtime's own when set, else spacer_core.config's; the library's
+process-wide values are never changed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from spacer_core.data_classes import DataLocation
 from spacer_core.extractors import FeatureExtractor
+from spacer_core.inference import BatcherSettings
 from spacer_core.limits import Limits
 from spacer_core.runtime import RuntimeSettings
 from spacer_core.storage import ClientPolicy, StoragePolicy
@@ -42,7 +44,9 @@ class ServerConfig:
     precision: str = "exact"
     # Dynamic batcher: patches per network call (None: the backend's preferred
     # size, small on CPU where it also bounds memory, large on GPU) and how
-    # long a batch may wait to fill.
+    # long a batch may wait to fill (BatcherSettings.queue_delay_ms). Longer
+    # than the library's 2 ms: requests come over the network, spread out
+    # more than one process's own calls, and a little more wait fills fuller batches.
     batch_size: int | None = None
     queue_delay_ms: float = 5.0
     # Batch patches across requests (EfficientNet); False runs spacer_core.tasks per call.
@@ -83,7 +87,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * MIB
     # Seconds in-flight calls get to finish after SIGTERM.
     grace_seconds: float = 30.0
-    # None keeps spacer_core.config's values.
+    # Bounds of this server's runtime (Limits); None keeps spacer_core.config's values.
     max_image_pixels: int | None = None
     max_points_per_image: int | None = None
     log_level: str = "INFO"
@@ -152,6 +156,8 @@ class ServerConfig:
             "max_key_chars",
             "long_work_workers",
             "memory_budget_bytes",
+            "max_image_pixels",
+            "max_points_per_image",
         ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -216,13 +222,12 @@ class ServerConfig:
         return RuntimeSettings(
             device=None if self.device == "auto" else self.device,
             precision=self.precision,
-            batch_size=self.batch_size,
-            queue_delay_s=self.queue_delay_ms / 1000.0,
+            batcher=BatcherSettings(max_batch_size=self.batch_size, queue_delay_ms=self.queue_delay_ms),
             limits=self.limits(),
         )
 
     def limits(self) -> Limits:
-        """What one request may ask for: epochs, MLP layers, feature widths, file and name sizes."""
+        """What one request may ask for: epochs, MLP layers, feature widths, file, name and image sizes."""
         return Limits(
             max_epochs=self.max_epochs,
             max_hidden_units=self.max_hidden_units,
@@ -231,6 +236,8 @@ class ServerConfig:
             max_feature_file_bytes=self.max_feature_file_bytes,
             max_token_chars=self.max_token_chars,
             max_key_chars=self.max_key_chars,
+            max_image_pixels=self.max_image_pixels,
+            max_points_per_image=self.max_points_per_image,
         )
 
     @property
@@ -413,14 +420,14 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
         "max_image_pixels",
         int,
         "SPACER_MAX_IMAGE_PIXELS",
-        "override spacer_core's MAX_IMAGE_PIXELS",
+        "most pixels an image may have (default: spacer_core's MAX_IMAGE_PIXELS)",
     ),
     (
         "--max-points-per-image",
         "max_points_per_image",
         int,
         "SPACER_MAX_POINTS_PER_IMAGE",
-        "override spacer_core's MAX_POINTS_PER_IMAGE",
+        "most points per image (default: spacer_core's MAX_POINTS_PER_IMAGE)",
     ),
     ("--max-epochs", "max_epochs", int, "SPACER_MAX_EPOCHS", "largest nbr_epochs a training may ask for"),
     (

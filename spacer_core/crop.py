@@ -6,8 +6,14 @@ are decoded in Rust (`spacer_core._crop_rs`, libjpeg-turbo like Pillow) with
 the GIL released and patches cut on several cores; other formats (TIFF, BMP,
 WebP, GIF, ...) are decoded by Pillow and cropped in Rust.
 
-The header's size is checked against `max_pixels` (default
-`spacer_core.config.MAX_IMAGE_PIXELS`) before any pixel buffer is allocated.
+The header's size is checked against `max_pixels` (default: the active
+runtime's `Limits.image_pixels`, else `spacer_core.config.MAX_IMAGE_PIXELS`)
+before any pixel buffer is allocated.
+
+The extension raises its own exception types; every call into it here turns
+them into the library's (`ImageDecodeError`, `PatchError`, `DataLimitError`),
+so no extension type crosses into the layers above. `InternalCropError`, a
+caught panic, stays what it is: a bug, not a category.
 """
 
 from __future__ import annotations
@@ -21,16 +27,13 @@ from PIL import Image
 
 from spacer_core import _crop_rs
 from spacer_core._crop_rs import (
-    ImageDecodeError,
     ImageInfo,
-    ImageTooLargeError,
     InternalCropError,
-    PatchError,
     UnsupportedFormatError,
     crop_rgb,
     crop_rgb_into_chw,
 )
-from spacer_core.exceptions import DataLimitError, ImageError
+from spacer_core.exceptions import DataLimitError, ImageDecodeError, ImageError, PatchError
 from spacer_core.images import open_image
 
 CROP_SIZE = 224
@@ -76,7 +79,8 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
 
 def crop_array(rgb: np.ndarray, rowcols: RowCols, crop_size: int = CROP_SIZE) -> np.ndarray:
     """Cut one uint8 (crop_size, crop_size, 3) patch per (row, col) -> (N, s, s, 3)."""
-    return crop_rgb(np.ascontiguousarray(rgb, dtype=np.uint8), _points(rowcols), crop_size)
+    with _named_errors(None):
+        return crop_rgb(np.ascontiguousarray(rgb, dtype=np.uint8), _points(rowcols), crop_size)
 
 
 def crop_array_into_chw(
@@ -86,7 +90,8 @@ def crop_array_into_chw(
     crop_size: int = CROP_SIZE,
 ) -> np.ndarray:
     """Write float32 CHW patches in [0, 1] (ToTensor layout) into `out` (N, 3, s, s)."""
-    crop_rgb_into_chw(np.ascontiguousarray(rgb, dtype=np.uint8), _points(rowcols), out, crop_size)
+    with _named_errors(None):
+        crop_rgb_into_chw(np.ascontiguousarray(rgb, dtype=np.uint8), _points(rowcols), out, crop_size)
     return out
 
 
@@ -101,8 +106,7 @@ def image_size(image_bytes: bytes, *, image_key: str | None = None) -> tuple[int
     info = read_header(image_bytes, image_key=image_key)
     if info is not None:
         return info.size
-    with _named_errors(image_key):
-        return _open_with_pillow(image_bytes).size
+    return _open_with_pillow(image_bytes, image_key).size
 
 
 # What Pillow holds a decoded pixel in: 1 byte for 1/L/P, 2 for I;16 modes, 4 for the rest
@@ -180,7 +184,7 @@ def decoded_bytes(image_bytes: bytes, width: int, height: int, *, rgb: bool = Fa
     if read_header(image_bytes) is not None:
         return pixels * _rust_bytes_per_pixel(image_bytes)
     try:
-        image = _open_with_pillow(image_bytes)
+        image = _open_with_pillow(image_bytes, None)
     except ImageDecodeError:
         return pixels * 3  # the decode itself refuses it
     mode, fmt = image.mode, image.format
@@ -203,7 +207,7 @@ def decode_image(
             rgb, info, complete = _crop_rs.decode_image(image_bytes, limit)
             return DecodedImage(rgb, info.format, info.mode, complete)
         except UnsupportedFormatError:
-            rgb, image = _pillow_decode(image_bytes, limit)
+            rgb, image = _pillow_decode(image_bytes, limit, image_key)
             return DecodedImage(rgb, image.format or "", image.mode, True)
 
 
@@ -225,7 +229,7 @@ def crop_patches(
         try:
             return _crop_rs.crop_patches(image_bytes, points, crop_size, limit)
         except UnsupportedFormatError:
-            return _pillow_patches(image_bytes, points, crop_size, limit)
+            return _pillow_patches(image_bytes, points, crop_size, limit, image_key)
 
 
 def crop_patches_into_chw(
@@ -248,8 +252,8 @@ def crop_patches_into_chw(
         try:
             _crop_rs.crop_patches_into_chw(image_bytes, points, out, crop_size, limit)
         except UnsupportedFormatError:
-            patches = _pillow_patches(image_bytes, points, crop_size, limit)
-            _patches_into_chw(patches, out)
+            patches = _pillow_patches(image_bytes, points, crop_size, limit, image_key)
+            _patches_into_chw(patches, out, image_key)
     return out
 
 
@@ -271,8 +275,7 @@ def crop_patches_batch(
     out = []
     for index, patches in enumerate(results):
         if patches is None:  # not JPEG/PNG: Pillow decodes, Rust crops
-            with _named_errors(f"image {index}"):
-                patches = _pillow_patches(images[index], points[index], crop_size, limit)
+            patches = _pillow_patches(images[index], points[index], crop_size, limit, f"image {index}")
         out.append(patches)
     return out
 
@@ -284,23 +287,28 @@ def _points(rowcols: RowCols) -> list[tuple[int, int]]:
 def _limit(max_pixels: int | None) -> int:
     if max_pixels is not None:
         return max_pixels
-    from spacer_core import config  # late: config reads the environment on import
+    from spacer_core import limits  # late: limits reads config, which reads the environment
 
-    return int(config.MAX_IMAGE_PIXELS)
+    # The active runtime's bound, else pyspacer's MAX_IMAGE_PIXELS.
+    return limits.current().image_pixels
 
 
-def _open_with_pillow(image_bytes: bytes) -> Image.Image:
+def _prefix(image_key: str | None) -> str:
+    return f"{image_key}: " if image_key else ""
+
+
+def _open_with_pillow(image_bytes: bytes, image_key: str | None) -> Image.Image:
     # Only survey photo formats (spacer_core.images); never a plugin that runs a program.
     try:
-        return open_image(image_bytes)
+        return open_image(image_bytes, image_key or "")
     except ImageError as e:
         raise ImageDecodeError(str(e)) from None
 
 
-def _pillow_decode(image_bytes: bytes, limit: int) -> tuple[np.ndarray, Image.Image]:
+def _pillow_decode(image_bytes: bytes, limit: int, image_key: str | None) -> tuple[np.ndarray, Image.Image]:
     """Pillow fallback for formats the Rust decoder does not handle: (RGB, opened image)."""
-    image = _open_with_pillow(image_bytes)
-    _check_pixels(image.size, limit)
+    image = _open_with_pillow(image_bytes, image_key)
+    _check_pixels(image.size, limit, image_key)
     width, height = image.size
     try:
         image.load()
@@ -313,7 +321,7 @@ def _pillow_decode(image_bytes: bytes, limit: int) -> tuple[np.ndarray, Image.Im
             rgb[top:bottom] = to_rgb_array(image.crop((0, top, width, bottom)))
         return rgb, image
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"cannot decode {image.format} image: {e}") from e
+        raise ImageDecodeError(f"{_prefix(image_key)}cannot decode {image.format} image: {e}") from e
 
 
 def _reflect(index: np.ndarray, length: int) -> np.ndarray:
@@ -326,7 +334,7 @@ def _reflect(index: np.ndarray, length: int) -> np.ndarray:
 
 
 def _pillow_patches(
-    image_bytes: bytes, points: list[tuple[int, int]], crop_size: int, limit: int
+    image_bytes: bytes, points: list[tuple[int, int]], crop_size: int, limit: int, image_key: str | None
 ) -> np.ndarray:
     """Patches of a Pillow-decoded image without a full-size RGB copy of it.
 
@@ -336,13 +344,15 @@ def _pillow_patches(
     `crop_array(to_rgb_array(image), ...)` (a conversion to RGB is per pixel).
     """
     if crop_size <= 0:
-        raise PatchError("crop_size must be positive")
-    image = _open_with_pillow(image_bytes)
-    _check_pixels(image.size, limit)
+        raise PatchError(f"{_prefix(image_key)}crop_size must be positive")
+    image = _open_with_pillow(image_bytes, image_key)
+    _check_pixels(image.size, limit, image_key)
     width, height = image.size
     for index, (row, col) in enumerate(points):
         if not (0 <= row < height and 0 <= col < width):
-            raise PatchError(f"point {index} (row={row}, col={col}) is outside the {height}x{width} image")
+            raise PatchError(
+                f"{_prefix(image_key)}point {index} (row={row}, col={col}) is outside the {height}x{width} image"
+            )
     out = np.empty((len(points), crop_size, crop_size, 3), np.uint8)
     steps = np.arange(crop_size)
     try:
@@ -356,44 +366,44 @@ def _pillow_patches(
             rgb = to_rgb_array(window)
             out[index] = rgb[np.ix_(rows - top, cols - left)]
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"cannot decode {image.format} image: {e}") from e
+        raise ImageDecodeError(f"{_prefix(image_key)}cannot decode {image.format} image: {e}") from e
     finally:
         image.close()
     return out
 
 
-def _patches_into_chw(patches: np.ndarray, out: np.ndarray) -> None:
+def _patches_into_chw(patches: np.ndarray, out: np.ndarray, image_key: str | None) -> None:
     """uint8 (N, s, s, 3) patches -> float32 (N, 3, s, s) in `out`, by the Rust cropper (ToTensor's values)."""
     count, size = patches.shape[0], patches.shape[1]
     if out.shape[:1] != (count,):
-        raise PatchError(f"output buffer holds {out.size} elements, expected {count * 3 * size * size}")
+        raise PatchError(
+            f"{_prefix(image_key)}output buffer holds {out.size} elements, expected {count * 3 * size * size}"
+        )
     # The point whose patch is the whole patch image (a 1x1 image reflects onto itself).
     center = (size + 1) // 2 if size > 1 else 0
     for index in range(count):
         crop_rgb_into_chw(patches[index], [(center, center)], out[index : index + 1], size)
 
 
-def _check_pixels(size: tuple[int, int], limit: int) -> None:
+def _check_pixels(size: tuple[int, int], limit: int, image_key: str | None) -> None:
     width, height = size
     if width * height > limit:
-        message = str(DataLimitError.too_many_pixels("", width, height, limit))
-        raise ImageTooLargeError(message, width, height, limit)
+        raise DataLimitError.too_many_pixels(image_key or "", width, height, limit)
 
 
 @contextmanager
 def _named_errors(image_key: str | None) -> Iterator[None]:
-    """Name the image in errors; a pixel-limit refusal becomes DataLimitError."""
+    """Turn the extension's errors into the library's, naming the image.
+
+    The library's own errors pass through: they were named where raised.
+    """
     try:
         yield
-    except ImageTooLargeError as e:
+    except _crop_rs.ImageTooLargeError as e:
         _, width, height, limit, *index = e.args
         key = image_key or (f"{index[0]}" if index else "")
         raise DataLimitError.too_many_pixels(key, width, height, limit) from e
-    except DataLimitError as e:  # Pillow's decompression-bomb refusal
-        if not image_key or image_key in str(e):
-            raise
-        raise DataLimitError(f"{image_key}: {e}") from e
-    except (ImageDecodeError, PatchError) as e:
-        if image_key is None:
-            raise
-        raise type(e)(f"{image_key}: {e}") from e
+    except _crop_rs.ImageDecodeError as e:
+        raise ImageDecodeError(f"{_prefix(image_key)}{e}") from e
+    except _crop_rs.PatchError as e:
+        raise PatchError(f"{_prefix(image_key)}{e}") from e

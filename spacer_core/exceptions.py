@@ -151,6 +151,17 @@ class ImageError(InvalidInputError):
     """The bytes given as an image cannot be decoded."""
 
 
+class ImageDecodeError(ImageError):
+    """Image bytes the decoder cannot read (corrupt, truncated, an unsupported layout).
+
+    `spacer_core.crop` raises it for the Rust decoder's own decode errors too.
+    """
+
+
+class PatchError(InvalidInputError):
+    """A crop that cannot be cut (a point outside the image, a bad crop size or buffer)."""
+
+
 class QueueFullError(ResourceLimitError):
     """A bounded queue is full; try again later."""
 

@@ -52,10 +52,11 @@ def open_image(source: bytes | IO[bytes], name: str = "") -> Image.Image:
         # A warning too: it is raised where warnings are errors.
         found = _PIXELS.search(str(e))
         size = f"{found.group(1)} pixels" if found else "more pixels than allowed"
-        from spacer_core import config  # late: config reads the environment on import
+        from spacer_core import limits  # late: limits reads config, which reads the environment
 
         raise DataLimitError(
-            f"{prefix}Image has {size}, which is larger than the max allowed of {config.MAX_IMAGE_PIXELS}."
+            f"{prefix}Image has {size}, which is larger than the max allowed of "
+            f"{limits.current().image_pixels}."
         ) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{prefix}cannot identify image: {e}") from None

@@ -48,6 +48,11 @@ class Limits:
         in its zip directory and array headers, checked before reading).
     max_token_chars: a job token.
     max_key_chars: a location key (path, URL, S3 key).
+    max_image_pixels, max_points_per_image: an image's width x height and
+        its point count. None leaves pyspacer's settings in charge
+        (`config.MAX_IMAGE_PIXELS`, `config.MAX_POINTS_PER_IMAGE`), so a
+        library caller changing those still gets what pyspacer gives; a
+        runtime that sets them keeps its bound to its own work.
     """
 
     max_epochs: int | None = None
@@ -57,6 +62,27 @@ class Limits:
     max_feature_file_bytes: int | None = 1024 * MIB
     max_token_chars: int | None = None
     max_key_chars: int | None = None
+    max_image_pixels: int | None = None
+    max_points_per_image: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_image_pixels", "max_points_per_image"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number >= 1 or None, got {value!r}")
+
+    @property
+    def image_pixels(self) -> int:
+        """The most pixels an image may have here (this runtime's bound, else pyspacer's setting)."""
+        # Read at call time: pyspacer callers change config.MAX_IMAGE_PIXELS at runtime.
+        return self.max_image_pixels if self.max_image_pixels is not None else int(config.MAX_IMAGE_PIXELS)
+
+    @property
+    def points_per_image(self) -> int:
+        """The most points one image may name here (this runtime's bound, else pyspacer's setting)."""
+        if self.max_points_per_image is not None:
+            return self.max_points_per_image
+        return int(config.MAX_POINTS_PER_IMAGE)
 
     def check_epochs(self, nbr_epochs: int, field: str = "nbr_epochs") -> None:
         _at_most(field, nbr_epochs, self.max_epochs)

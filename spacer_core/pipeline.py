@@ -209,13 +209,14 @@ def finish(prepared: Prepared, features: np.ndarray) -> ImageResult:
 
 
 def run(job: ImageJob) -> ImageResult:
-    """The whole pipeline in this thread, with the current runtime."""
+    """The whole pipeline in this thread, with the current runtime (tasks, CLI and bulk work)."""
     prepared = prepare(job)
     features = prepared.features
     if features is None:
         assert prepared.net is not None and prepared.patches is not None
         with config.log_entry_and_exit("forward pass through net"):
             features = runtime.current().features(prepared.net, prepared.patches)
+        prepared.patches = None  # a survey's workers hold many images: free each one's patches early
     return finish(prepared, features)
 
 

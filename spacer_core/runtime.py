@@ -6,7 +6,9 @@ cache with explicit settings, plus the storage policy its work runs under.
 The library uses a process-wide default (`default_runtime()`); a server, a
 test or a bulk job builds its own and makes it current with `activate()`.
 
-    runtime = Runtime(RuntimeSettings(batch_size=8), policy=DataRootsPolicy(["/data"]))
+    runtime = Runtime(
+        RuntimeSettings(batcher=BatcherSettings(max_batch_size=8)), policy=DataRootsPolicy(["/data"])
+    )
     with runtime.activate():
         tasks.extract_features(msg)        # uses this runtime's caches and policy
 """
@@ -16,12 +18,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
 import numpy as np
@@ -32,6 +36,7 @@ from spacer_core.inference.batcher import (
     DEFAULT_PRIORITY,
     BatchBuffers,
     BatcherClosedError,
+    BatcherSettings,
     BatchObservation,
     BatchObserver,
     DynamicBatcher,
@@ -60,23 +65,34 @@ logger = logging.getLogger(__name__)
 class RuntimeSettings:
     """How networks run and how much a runtime keeps in memory.
 
-    `device` None picks CUDA when available. `batch_size` None uses each
-    backend's preferred size (small on CPU, large on GPU). `batcher_workers`
-    None runs one batch at once per backend session on CPU (at least two)
-    and one on CUDA.
+    `max_remote_hashes` bounds how many remote weights files' digests are
+    remembered (those downloaded without a hash in their message);
+    `reader_threads` is the size of the pool that reads training feature
+    files (None: four per core, at most 16).
+
+    `device` None picks CUDA when available. `batcher` sizes network calls
+    (`max_batch_size` None: each backend's preferred size, small on CPU,
+    large on GPU; the synchronous path uses the same size) and how the
+    shared batchers fill them (`workers` None: one batch at once per backend
+    session on CPU, at least two, and one on CUDA).
     """
 
     device: str | None = None
     precision: str = "exact"
-    batch_size: int | None = None
-    queue_delay_s: float = 0.002
-    max_queued_patches: int = 4096
-    batcher_workers: int | None = None
+    batcher: BatcherSettings = BatcherSettings()
     max_networks: int = 4
     max_classifiers: int = 8
     max_file_hashes: int = 1024
+    max_remote_hashes: int = 1024
+    reader_threads: int | None = None
     compile_cache_dir: str | None = None
     limits: Limits = LIBRARY_DEFAULTS
+
+    def __post_init__(self) -> None:
+        for name in ("max_remote_hashes", "reader_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"RuntimeSettings.{name} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +176,40 @@ class FileHashes:
         return len(self._known)
 
 
+class BoundedMap:
+    """A thread-safe mapping that forgets its least recently used entries past `max_entries`."""
+
+    def __init__(self, max_entries: int):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = max_entries
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any | None:
+        """The value under `key` (now the most recently used), or None."""
+        with self._lock:
+            if key not in self._items:
+                return None
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: Any, value: Any) -> None:
+        """Remember `value` under `key`, forgetting the oldest entries past the bound."""
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 def _close_batcher(key: object, batcher: DynamicBatcher) -> None:
     # Don't wait: queued requests still finish on the batcher's own thread.
     batcher.close(drain=True, timeout=0)
@@ -183,6 +233,11 @@ class Runtime:
         self.device = resolve_device(self.settings.device)
         self.precision = Precision.parse(self.settings.precision)
         self.file_hashes = FileHashes(self.settings.max_file_hashes)
+        # sha256 of remote extractor files downloaded without a hash in their
+        # message, so their content-addressed copies can be checked and reused.
+        self.remote_hashes = BoundedMap(self.settings.max_remote_hashes)
+        self._reader_pool: ThreadPoolExecutor | None = None
+        self._reader_pool_lock = threading.Lock()
         self._closed = False
         self._networks: ModelCache[str, _Network] = ModelCache(max_items=self.settings.max_networks)
         self._batchers: ModelCache[str, DynamicBatcher] = ModelCache(
@@ -232,7 +287,9 @@ class Runtime:
             info = LoadedModel(
                 "extractor", net.label or net.key, net.feature_dim, time.perf_counter() - start
             )
-            return _Network(backend, info, self.settings.batch_size or backend.preferred_batch_size)
+            return _Network(
+                backend, info, self.settings.batcher.max_batch_size or backend.preferred_batch_size
+            )
 
         return self._networks.get(net.key, load)
 
@@ -248,8 +305,8 @@ class Runtime:
         With `load` False a network not built yet is not built for this: the
         answer is then the generic default (`Backend.preferred_batch_size`).
         """
-        if self.settings.batch_size:
-            return self.settings.batch_size
+        if self.settings.batcher.max_batch_size:
+            return self.settings.batcher.max_batch_size
         network = self._network(net) if load else self._networks.peek(net.key)
         return network.batch_size if network is not None else Backend.preferred_batch_size
 
@@ -258,16 +315,18 @@ class Runtime:
 
         def create() -> DynamicBatcher:
             network = self._network(net)
-            settings = self.settings
+            wanted = self.settings.batcher
+            settings = replace(
+                wanted,
+                max_batch_size=network.batch_size,
+                # On CPU one batch in flight per session of the backend (at least two).
+                workers=wanted.workers
+                or (1 if self.device.type == "cuda" else max(2, network.backend.parallelism)),
+            )
             return DynamicBatcher(
                 network.backend,
-                max_batch_size=network.batch_size,
-                max_queue_delay_s=settings.queue_delay_s,
-                max_queued_patches=settings.max_queued_patches,
+                settings,
                 name=f"batcher-{net.key[:8]}-{self.device}",
-                # On CPU one batch in flight per session of the backend (at least two).
-                workers=settings.batcher_workers
-                or (1 if self.device.type == "cuda" else max(2, network.backend.parallelism)),
                 observers=(self._observe_batch,),
             )
 
@@ -400,6 +459,23 @@ class Runtime:
         """Drop a cached classifier (after it was overwritten through this runtime)."""
         self._classifiers.pop(loc)
 
+    # -- training ---------------------------------------------------------------------
+
+    def reader_pool(self) -> ThreadPoolExecutor:
+        """Threads that read training feature files, started on first use.
+
+        Reading and inflating files releases the GIL, and long-lived threads
+        keep their per-thread S3 clients; the pool is shared by every
+        training under this runtime.
+        """
+        with self._reader_pool_lock:
+            if self._reader_pool is None:
+                threads = self.settings.reader_threads or min(16, 4 * (os.cpu_count() or 1))
+                self._reader_pool = ThreadPoolExecutor(
+                    max_workers=threads, thread_name_prefix="spacer-features"
+                )
+            return self._reader_pool
+
     # -- inventory and lifetime -------------------------------------------------------
 
     def loaded_models(self) -> list[LoadedModel]:
@@ -418,8 +494,13 @@ class Runtime:
         return self._closed
 
     def close(self) -> None:
-        """Stop the batchers (queued work finishes) and drop every cache."""
+        """Stop the batchers (queued work finishes) and the reader threads, and drop every cache."""
         self._closed = True
+        with self._reader_pool_lock:
+            pool, self._reader_pool = self._reader_pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        self.remote_hashes.clear()
         self._batchers.clear()
         self._networks.clear()
         self._classifiers.clear()

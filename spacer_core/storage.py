@@ -12,7 +12,6 @@ import errno
 import os
 import pickle
 import re
-import secrets
 import stat
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 from PIL import Image
 
 from spacer_core import config, urlfetch
+from spacer_core.atomic import write_atomic, write_atomic_at
 from spacer_core.exceptions import (
     AccessDeniedError,
     InvalidInputError,
@@ -185,7 +185,7 @@ class ConfinedFileSystemStorage(FileSystemStorage):
 
     def store(self, key: str, stream: Payload) -> None:
         with self._parent(key, create=True) as (dir_fd, name):
-            _write_atomic_at(dir_fd, name, _payload_bytes(stream))
+            write_atomic_at(dir_fd, name, _payload_bytes(stream))
 
     def delete(self, key: str) -> None:
         with self._parent(key) as (dir_fd, name):
@@ -201,34 +201,9 @@ class ConfinedFileSystemStorage(FileSystemStorage):
 
 
 def write_file_atomic(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a part.
-
-    Parent directories are created as needed. The file gets the permissions
-    a plain ``open(path, 'wb')`` would give it.
-    """
-    target = Path(path)
-    parent = target.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    dir_fd = os.open(parent, _O_DIR)
-    try:
-        _write_atomic_at(dir_fd, target.name, data)
-    finally:
-        os.close(dir_fd)
-
-
-def _write_atomic_at(dir_fd: int, name: str, data: bytes | bytearray | memoryview) -> None:
-    """Write ``name`` in the directory ``dir_fd`` through a temporary file renamed within it."""
-    tmp_name = f".{name}.{secrets.token_hex(6)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC
-    fd = os.open(tmp_name, flags, 0o666, dir_fd=dir_fd)  # the umask applies, as for open()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name, dir_fd=dir_fd)
-        raise
+    """Write ``data`` to ``path`` atomically (`spacer_core.atomic.write_atomic`: same-folder
+    temporary, fsync, rename; new files 0o644 minus the umask), creating parent folders."""
+    write_atomic(path, data)
 
 
 class MemoryStorage(Storage):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from spacer_core import config
+from spacer_core import config, limits
 from spacer_core.data_classes import ImageLabels, LabelId
 from spacer_core.exceptions import (
     DataLimitError,
@@ -32,16 +32,19 @@ _SET_NAMES = ("train", "ref", "val")
 def check_extract_inputs(image: Any, rowcols: Sequence[tuple[int, int]], im_key: str) -> None:
     """Reject images over MAX_IMAGE_PIXELS, too many points, or bad row/col values.
 
-    `image` is anything with a Pillow-style ``size`` (width, height). Limits are
-    read from `spacer_core.config` at call time so they can be changed at runtime.
+    `image` is anything with a Pillow-style ``size`` (width, height). The
+    bounds are the active runtime's, else `spacer_core.config`'s, read at
+    call time so they can be changed at runtime.
     """
     width, height = image.size
-    if width * height > config.MAX_IMAGE_PIXELS:
-        raise DataLimitError.too_many_pixels(im_key, width, height, config.MAX_IMAGE_PIXELS)
-    if len(rowcols) > config.MAX_POINTS_PER_IMAGE:
+    active = limits.current()
+    max_pixels, max_points = active.image_pixels, active.points_per_image
+    if width * height > max_pixels:
+        raise DataLimitError.too_many_pixels(im_key, width, height, max_pixels)
+    if len(rowcols) > max_points:
         raise DataLimitError(
             f"{len(rowcols)} point locations were specified for image {im_key},"
-            f" and that's larger than the max allowed of {config.MAX_POINTS_PER_IMAGE}."
+            f" and that's larger than the max allowed of {max_points}."
         )
     for row, col in rowcols:
         # Each test runs on row then column before the next test, as in

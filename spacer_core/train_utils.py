@@ -17,7 +17,6 @@ import os
 import random
 import string
 import tempfile
-import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +30,7 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.neural_network import MLPClassifier
 from threadpoolctl import threadpool_limits
 
-from spacer_core import cancellation
+from spacer_core import cancellation, runtime
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels, LabelId
 from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
 from spacer_core.task_utils import check_features
@@ -169,7 +168,8 @@ def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) 
 
     if not keys:
         return LabelledFeatures(np.empty((0, 0)), y, starts)
-    pool = _reader_pool() if max_workers is None else ThreadPoolExecutor(max_workers=max_workers)
+    owned = max_workers is not None
+    pool = ThreadPoolExecutor(max_workers=max_workers) if owned else runtime.current().reader_pool()
     try:
         blocks: Iterator[np.ndarray] = pool.map(read, range(len(keys)))
         first = next(blocks)
@@ -188,7 +188,7 @@ def load_labelled_features(labels: ImageLabels, max_workers: int | None = None) 
             if not np.array_equal(rows, block):
                 inexact[i] = block
     finally:
-        if pool is not _reader_pool():
+        if owned:
             pool.shutdown(cancel_futures=True)
     if not inexact:
         return LabelledFeatures(x32, y, starts)
@@ -219,22 +219,6 @@ def _memory_budget() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):
         return 1 << 62
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _reader_pool() -> ThreadPoolExecutor:
-    """Threads shared by all loads: reading and inflating files releases the GIL,
-    and long-lived threads keep their per-thread S3 clients."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=min(16, 4 * (os.cpu_count() or 1)), thread_name_prefix="spacer-features"
-            )
-        return _pool
 
 
 def _chain(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:

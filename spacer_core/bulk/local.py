@@ -12,9 +12,12 @@ policy applies.
 
 This module is the engine-independent part: the plan, the per-image steps
 (`prepare_image`, `image_features`, `finish_image`, each the library
-pipeline's), the resume check, the summary and the results CSV. The local
-engine (`run`) runs the steps in this process; `spacer_core.bulk.ray_engine` runs
-the same steps on Ray Data. Per-image errors are recorded in the summary and
+pipeline's; `process_image` is `pipeline.run`), the resume check, the
+summary and the results CSV. The local engine (`run`, `local_outcomes`) runs
+the steps in this process; `spacer_core.bulk.ray_engine` runs the same steps
+on Ray Data. An engine run builds one `Runtime` for the task (or is handed
+one) and holds it to the end: networks stay loaded for all its images, and
+nothing outlives the run. Per-image errors are recorded in the summary and
 never stop the job; every output is written atomically, and a rerun skips
 images whose output exists (unless `overwrite`), so an interrupted job
 resumes where it stopped.
@@ -29,11 +32,12 @@ all parts, in manifest order.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import hashlib
 import json
 import os
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -44,22 +48,38 @@ import numpy as np
 from spacer_core import pipeline
 from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import InvalidInputError, SpacerError
-from spacer_core.extractors import FeatureExtractor
+from spacer_core.extractors import EfficientNetExtractor, FeatureExtractor
 from spacer_core.inference.backends import available_cpus, one_session
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.storage import ALLOW_ALL, StoragePolicy, data_exists, load_bytes, store_bytes
 from spacer_core.survey import coralnet
-from spacer_core.survey.workflow import weights_extractor
 
 RowCol = tuple[int, int]
 Kind = Literal["extract", "classify"]
 # (images done, images in the job, points done) after each image.
 Progress = Callable[[int, int, int], None]
 
-FEATURE_SUFFIX = ".featurevector"
+# Output names, one home for the bulk engines and the survey workflow.
+FEATURE_SUFFIX = ".featurevector"  # pyspacer's feature files: <image file name>.featurevector
 SCORES_SUFFIX = ".scores.json"
 SUMMARY_NAME = "_summary.json"
+
+
+def feature_path(features_dir: str | Path, image_name: str) -> Path:
+    """Where the feature file of an image lives: DIR/<image file name>.featurevector."""
+    return Path(features_dir) / f"{image_name}{FEATURE_SUFFIX}"
+
+
+def weights_extractor(weights: str | Path) -> EfficientNetExtractor:
+    """An EfficientNet extractor for a CoralNet-format weights file, its sha256 taken here."""
+    path = Path(weights)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise InvalidInputError(f"{path}: cannot read the weights file ({err.strerror})") from None
+    loc = DataLocation("filesystem", str(path.resolve()))
+    return EfficientNetExtractor(data_locations={"weights": loc}, data_hashes={"weights": digest})
 
 
 # ---------------------------------------------------------------- plan
@@ -100,6 +120,20 @@ def file_name(name: str) -> str:
     return Path(name).name
 
 
+def name_clash(names: Iterable[str]) -> tuple[str, str] | None:
+    """The first two different names that end in the same file name, (earlier, later), or None.
+
+    Outputs and CSV rows go by the file name, so two images may not share one;
+    the same name given twice is no clash.
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        first = seen.setdefault(file_name(name), name)
+        if first != name:
+            return first, name
+    return None
+
+
 def plan(manifest: str | Path, shard: int = 0, shards: int = 1) -> list[BulkImage]:
     """The images of a manifest, in the order they first appear; shard `shard` of `shards`.
 
@@ -110,19 +144,16 @@ def plan(manifest: str | Path, shard: int = 0, shards: int = 1) -> list[BulkImag
         raise InvalidInputError(f"shard {shard} of {shards}: expected 0 <= shard < shards and shards >= 1")
     path = Path(manifest)
     points = coralnet.read_points(path)
-    seen: dict[str, str] = {}
-    items = []
-    for name, rowcols in points.items():
-        base = file_name(name)
-        if not base:
+    for name in points:
+        if not file_name(name):
             raise InvalidInputError(f"{path}: Name {name!r} does not end in a file name")
-        if base in seen:
-            raise InvalidInputError(
-                f"{path}: Names {seen[base]!r} and {name!r} end in the same file name {base!r};"
-                " outputs are named after it"
-            )
-        seen[base] = name
-        items.append(BulkImage(name, location_for(name, path.parent), tuple(rowcols)))
+    clash = name_clash(points)
+    if clash is not None:
+        raise InvalidInputError(
+            f"{path}: Names {clash[0]!r} and {clash[1]!r} end in the same file name"
+            f" {file_name(clash[0])!r}; outputs are named after it"
+        )
+    items = [BulkImage(name, location_for(name, path.parent), tuple(rc)) for name, rc in points.items()]
     return items[shard::shards]
 
 
@@ -174,8 +205,9 @@ class BulkTask:
 
     def output(self, item: BulkImage) -> DataLocation:
         """The location of an image's output (its feature file, or its scores part)."""
-        suffix = FEATURE_SUFFIX if self.kind == "extract" else SCORES_SUFFIX
-        return DataLocation("filesystem", os.path.join(self.work_dir, item.file_name + suffix))
+        if self.kind == "extract":
+            return DataLocation("filesystem", str(feature_path(self.work_dir, item.file_name)))
+        return DataLocation("filesystem", os.path.join(self.work_dir, item.file_name + SCORES_SUFFIX))
 
     @property
     def summary_location(self) -> DataLocation:
@@ -219,19 +251,23 @@ def _out(out: str | Path) -> str:
     return str(Path(out).resolve())
 
 
-_runtimes: dict[tuple[RuntimeSettings, str, str], Runtime] = {}
-_runtimes_lock = threading.Lock()
+def task_runtime(task: BulkTask) -> Runtime:
+    """A runtime of `task`'s settings and policy, for one engine run (or one Ray actor) to hold
+    and close: its networks stay loaded for every image of the run and go with it."""
+    return Runtime(task.settings, policy=task.policy)
 
 
-def worker_runtime(task: BulkTask) -> Runtime:
-    """The runtime of this process for `task`'s settings and policy, built once (networks stay loaded)."""
-    # Keyed by value, not identity: every Ray task unpickles its own copy of the task.
-    key = (task.settings, type(task.policy).__qualname__, task.policy.describe())
-    with _runtimes_lock:
-        found = _runtimes.get(key)
-        if found is None:
-            found = _runtimes[key] = Runtime(task.settings, policy=task.policy)
-        return found
+@contextlib.contextmanager
+def held_runtime(task: BulkTask, given: Runtime | None = None) -> Iterator[Runtime]:
+    """`given` as it is, or a `task_runtime` closed when the block ends."""
+    if given is not None:
+        yield given
+        return
+    rt = task_runtime(task)
+    try:
+        yield rt
+    finally:
+        rt.close()
 
 
 # ---------------------------------------------------------------- per image
@@ -278,56 +314,55 @@ def image_job(task: BulkTask, item: BulkImage) -> pipeline.ImageJob:
     )
 
 
-def prepare_image(task: BulkTask, item: BulkImage) -> pipeline.Prepared:
-    """Read, check and cut one image (`pipeline.prepare`), under the worker runtime."""
-    with worker_runtime(task).activate():
+def prepare_image(task: BulkTask, item: BulkImage, rt: Runtime) -> pipeline.Prepared:
+    """Read, check and cut one image (`pipeline.prepare`), under `rt`."""
+    with rt.activate():
         return pipeline.prepare(image_job(task, item))
 
 
-def network(task: BulkTask) -> NetworkSpec | None:
+def network(task: BulkTask, rt: Runtime) -> NetworkSpec | None:
     """The extractor's network (None for extractors that compute in `prepare_image`)."""
-    with worker_runtime(task).activate():
+    with rt.activate():
         found = task.extractor.network()
     return None if found is None else found[0]
 
 
-def image_features(task: BulkTask, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
+def image_features(rt: Runtime, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
     """The network's features of one image's patches, computed in this thread."""
-    return worker_runtime(task).features(net, patches)
+    return rt.features(net, patches)
+
+
+def record(task: BulkTask, item: BulkImage, result: pipeline.ImageResult) -> Outcome:
+    """The outcome of an image the pipeline finished; classify also writes its scores part."""
+    if task.kind == "classify":
+        assert result.scores is not None and result.classes is not None
+        part = {
+            "name": item.name,
+            "rowcols": [list(rc) for rc in result.rowcols],
+            "classes": result.classes,
+            "scores": result.scores.tolist(),
+        }
+        store_bytes(task.output(item), json.dumps(part).encode("utf-8"))
+    return Outcome(item.name, True, len(result.rowcols), result.runtime)
 
 
 def finish_image(
-    task: BulkTask, item: BulkImage, prepared: pipeline.Prepared, features: np.ndarray
+    task: BulkTask, item: BulkImage, prepared: pipeline.Prepared, features: np.ndarray, rt: Runtime
 ) -> Outcome:
-    """Store or score the features (`pipeline.finish`); classify also writes the image's part."""
-    with worker_runtime(task).activate():
-        result = pipeline.finish(prepared, features)
-        if task.kind == "classify":
-            assert result.scores is not None and result.classes is not None
-            part = {
-                "name": item.name,
-                "rowcols": [list(rc) for rc in result.rowcols],
-                "classes": result.classes,
-                "scores": result.scores.tolist(),
-            }
-            store_bytes(task.output(item), json.dumps(part).encode("utf-8"))
-    return Outcome(item.name, True, len(result.rowcols), result.runtime)
+    """Store or score the features (`pipeline.finish`) and record the image."""
+    with rt.activate():
+        return record(task, item, pipeline.finish(prepared, features))
 
 
 def failed(item: BulkImage, exc: BaseException) -> Outcome:
     return Outcome(item.name, False, error=describe_error(exc))
 
 
-def process_image(task: BulkTask, item: BulkImage) -> Outcome:
-    """All steps of one image in this thread; an error becomes a failed Outcome."""
+def process_image(task: BulkTask, item: BulkImage, rt: Runtime) -> Outcome:
+    """One image through `pipeline.run` in this thread; an error becomes a failed Outcome."""
     try:
-        prepared = prepare_image(task, item)
-        features = prepared.features
-        if features is None:
-            assert prepared.net is not None and prepared.patches is not None
-            features = image_features(task, prepared.net, prepared.patches)
-            prepared.patches = None
-        return finish_image(task, item, prepared, features)
+        with rt.activate():
+            return record(task, item, pipeline.run(image_job(task, item)))
     except Exception as exc:  # one image's failure, whatever it is, must not stop a survey
         return failed(item, exc)
 
@@ -335,12 +370,14 @@ def process_image(task: BulkTask, item: BulkImage) -> Outcome:
 # ---------------------------------------------------------------- resume, summary, results
 
 
-def split_done(task: BulkTask, items: Sequence[BulkImage]) -> tuple[list[BulkImage], list[Outcome]]:
+def split_done(
+    task: BulkTask, items: Sequence[BulkImage], rt: Runtime
+) -> tuple[list[BulkImage], list[Outcome]]:
     """(images still to do, outcomes of those whose output already exists); all to do with overwrite."""
     if task.overwrite:
         return list(items), []
     todo, done = [], []
-    with worker_runtime(task).activate():
+    with rt.activate():
         for item in items:
             if data_exists(task.output(item)):
                 done.append(Outcome(item.name, True, len(item.rowcols), skipped=True))
@@ -388,40 +425,67 @@ class Summary:
         return out
 
 
-def write_summary(summary: Summary) -> None:
+def write_summary(summary: Summary, rt: Runtime) -> None:
     """`_summary.json` in the work folder, atomically."""
-    with worker_runtime(summary.task).activate():
+    with rt.activate():
         store_bytes(summary.task.summary_location, json.dumps(summary.as_dict(), indent=1).encode("utf-8"))
 
 
-def write_results(task: BulkTask, items: Sequence[BulkImage], outcomes: dict[str, Outcome]) -> str:
-    """The results CSV from every image's scores part, in manifest order (images that failed left out)."""
+def result_rows(
+    task: BulkTask,
+    items: Sequence[BulkImage],
+    outcomes: dict[str, Outcome],
+    rt: Runtime,
+    given: Mapping[str, Mapping[tuple[int, int], str]] | None = None,
+) -> tuple[list[coralnet.ResultRow], list[str]]:
+    """The results rows from every image's scores part, in manifest order (images that failed
+    left out), and the classifier's classes (empty when no image was scored). `given` holds
+    labels a person gave some points, by image file name (see `coralnet.result_rows`)."""
     rows: list[coralnet.ResultRow] = []
-    with worker_runtime(task).activate():
+    classes: list[str] = []
+    with rt.activate():
         for item in items:
             outcome = outcomes.get(item.name)
             if outcome is None or not outcome.ok:
                 continue
             part = json.loads(load_bytes(task.output(item)).getvalue())
             rowcols = [(int(r), int(c)) for r, c in part["rowcols"]]
+            classes = [str(c) for c in part["classes"]]
             # CoralNet knows an image by its file name, not by the path the manifest reads it from.
             rows += coralnet.result_rows(
-                item.file_name, rowcols, [str(c) for c in part["classes"]], part["scores"], task.threshold
+                item.file_name,
+                rowcols,
+                classes,
+                part["scores"],
+                task.threshold,
+                (given or {}).get(item.file_name),
             )
-    coralnet.write_results(task.out, rows)
+    return rows, classes
+
+
+def write_results(
+    task: BulkTask, items: Sequence[BulkImage], outcomes: dict[str, Outcome], rt: Runtime
+) -> str:
+    """The results CSV from every image's scores part, in manifest order (images that failed left out)."""
+    coralnet.write_results(task.out, result_rows(task, items, outcomes, rt)[0])
     return task.out
 
 
 def conclude(
-    task: BulkTask, engine: str, items: Sequence[BulkImage], outcomes: Iterable[Outcome], start: float
+    task: BulkTask,
+    engine: str,
+    items: Sequence[BulkImage],
+    outcomes: Iterable[Outcome],
+    start: float,
+    rt: Runtime,
 ) -> Summary:
     """Write the results CSV (classify) and the summary of a finished run."""
     by_name = {o.name: o for o in outcomes}
     summary = Summary(task, engine, list(items), by_name, 0.0)
     if task.kind == "classify":
-        summary.results = write_results(task, items, by_name)
+        summary.results = write_results(task, items, by_name, rt)
     summary.seconds = time.monotonic() - start
-    write_summary(summary)
+    write_summary(summary, rt)
     return summary
 
 
@@ -456,28 +520,49 @@ def default_workers() -> int:
     return available_cpus()
 
 
+def local_outcomes(
+    task: BulkTask, items: Sequence[BulkImage], rt: Runtime, workers: int | None = None
+) -> Iterator[Outcome]:
+    """Every image through the pipeline under `rt`, `workers` at a time, each outcome as it finishes.
+
+    Images are started in the order given; a failed image is a failed Outcome, never an error.
+    """
+    count = max(1, min(workers or default_workers(), len(items)))
+    if count == 1:
+        for item in items:
+            yield process_image(task, item, rt)
+        return
+
+    def one(item: BulkImage) -> Outcome:
+        with one_session():  # each worker keeps to one core's session
+            return process_image(task, item, rt)
+
+    with concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="bulk-image") as pool:
+        futures = [pool.submit(one, item) for item in items]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield future.result()
+        finally:  # a caller that stops early leaves nothing queued
+            for future in futures:
+                future.cancel()
+
+
 def run(
-    task: BulkTask, items: Sequence[BulkImage], progress: Progress | None = None, workers: int | None = None
+    task: BulkTask,
+    items: Sequence[BulkImage],
+    progress: Progress | None = None,
+    workers: int | None = None,
+    runtime: Runtime | None = None,
 ) -> Summary:
     """The local engine: every image through the pipeline in this process, `workers` at a time.
 
     Images are started in manifest order; progress is reported as they finish.
+    The run holds `runtime`, or one of its own (`task_runtime`) closed at the end.
     """
     start = time.monotonic()
-    todo, done = split_done(task, items)
-    tally = Tally(len(items), progress, done)
-    count = max(1, min(workers or default_workers(), len(todo)))
-    if count == 1:
-        for item in todo:
-            tally.add(process_image(task, item))
-    else:
-
-        def one(item: BulkImage) -> Outcome:
-            with one_session():  # each worker keeps to one core's session
-                return process_image(task, item)
-
-        with concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="bulk-image") as pool:
-            # process_image turns every error into a failed Outcome, so one image never stops the rest.
-            for future in concurrent.futures.as_completed([pool.submit(one, item) for item in todo]):
-                tally.add(future.result())
-    return conclude(task, "local", items, tally.outcomes, start)
+    with held_runtime(task, runtime) as rt:
+        todo, done = split_done(task, items, rt)
+        tally = Tally(len(items), progress, done)
+        for outcome in local_outcomes(task, todo, rt, workers):
+            tally.add(outcome)
+        return conclude(task, "local", items, tally.outcomes, start, rt)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,10 +38,33 @@ from spacer_core import pipeline
 from spacer_core.bulk import local as bulk
 from spacer_core.bulk.local import BulkImage, BulkTask, Outcome, Progress, Summary
 from spacer_core.data_classes import DataLocation
+from spacer_core.runtime import Runtime, RuntimeSettings
 
 logger = logging.getLogger(__name__)
 
 _NONE = np.zeros((0,), dtype=np.float32)
+
+# Ray runs the light stages as plain tasks, each unpickling its own copy of the stage, so a
+# worker process keeps their runtimes (networks' weight hashes, classifiers) between tasks.
+# Bound: a worker serves one bulk job at a time, so two runtimes at most; a third job's
+# runtime closes the least recently used one.
+STAGE_RUNTIMES = 2
+_stage_runtimes: OrderedDict[tuple[RuntimeSettings, str, str], Runtime] = OrderedDict()
+_stage_lock = threading.Lock()
+
+
+def stage_runtime(task: BulkTask) -> Runtime:
+    """This worker process's runtime for `task`'s settings and policy (see STAGE_RUNTIMES)."""
+    # Keyed by value, not identity: every Ray task unpickles its own copy of the task.
+    key = (task.settings, type(task.policy).__qualname__, task.policy.describe())
+    with _stage_lock:
+        found = _stage_runtimes.get(key)
+        if found is None:
+            found = _stage_runtimes[key] = bulk.task_runtime(task)
+            while len(_stage_runtimes) > STAGE_RUNTIMES:
+                _stage_runtimes.popitem(last=False)[1].close()
+        _stage_runtimes.move_to_end(key)
+        return found
 
 
 @dataclass(frozen=True)
@@ -74,17 +99,18 @@ def run(
     """Run the task on every image not done yet, on Ray; summary and results as `bulk.run`."""
     options = options or RayOptions()
     start = time.monotonic()
-    todo, done = bulk.split_done(task, items)
-    tally = bulk.Tally(len(items), progress, done)
-    if todo:
-        started = _connect(options.address)
-        try:
-            for outcome in outcomes(task, todo, options):
-                tally.add(outcome)
-        finally:
-            if started:
-                ray.shutdown()
-    return bulk.conclude(task, "ray", items, tally.outcomes, start)
+    with bulk.held_runtime(task) as rt:  # the driver's reads and writes; each actor holds its own
+        todo, done = bulk.split_done(task, items, rt)
+        tally = bulk.Tally(len(items), progress, done)
+        if todo:
+            started = _connect(options.address)
+            try:
+                for outcome in outcomes(task, todo, options):
+                    tally.add(outcome)
+            finally:
+                if started:
+                    ray.shutdown()
+        return bulk.conclude(task, "ray", items, tally.outcomes, start, rt)
 
 
 def _connect(address: str | None) -> bool:
@@ -178,7 +204,7 @@ class _Prepare:
             "remote": False,
         }
         try:
-            prepared = bulk.prepare_image(self.task, item)
+            prepared = bulk.prepare_image(self.task, item, stage_runtime(self.task))
         except Exception as exc:  # recorded for this image; the job goes on
             out["error"] = bulk.describe_error(exc)
             return out
@@ -200,9 +226,10 @@ class _Network:
     def __init__(self, task: BulkTask, fault_marker: str | None = None):
         self.task = task
         self.fault_marker = fault_marker
-        self.net = bulk.network(task)
+        self.runtime = bulk.task_runtime(task)  # the actor's, for as long as it lives
+        self.net = bulk.network(task, self.runtime)
         if self.net is not None:
-            bulk.worker_runtime(task).backend(self.net)  # compile now, once per actor
+            self.runtime.backend(self.net)  # compile now, once per actor
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         self._drill()
@@ -212,7 +239,7 @@ class _Network:
             if batch["error"][i] or self.net is None or len(patches) == 0:
                 features.append(batch["features"][i])
             else:
-                features.append(bulk.image_features(self.task, self.net, np.ascontiguousarray(patches)))
+                features.append(bulk.image_features(self.runtime, self.net, np.ascontiguousarray(patches)))
         out = {k: v for k, v in batch.items() if k not in ("patches", "features")}
         out["features"] = _column(features)
         return out
@@ -254,7 +281,11 @@ class _Finish:
         )
         try:
             outcome = bulk.finish_image(
-                self.task, item, prepared, np.asarray(row["features"], dtype=np.float32)
+                self.task,
+                item,
+                prepared,
+                np.asarray(row["features"], dtype=np.float32),
+                stage_runtime(self.task),
             )
         except Exception as exc:  # recorded for this image; the job goes on
             outcome = bulk.failed(item, exc)

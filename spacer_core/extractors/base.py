@@ -23,7 +23,6 @@ import inspect
 import os
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -88,11 +87,6 @@ class ExtractorData:
 
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-
-# sha256 of each remote location this process downloaded without a hash
-# in its message, so the content-addressed copy can be checked and reused.
-_REMOTE_SHAS: dict[DataLocation, str] = {}
-_REMOTE_SHAS_LOCK = threading.Lock()
 
 
 class FeatureExtractor(abc.ABC):
@@ -173,7 +167,7 @@ class FeatureExtractor(abc.ABC):
             raise NotImplementedError(f"{type(self).__name__} implements neither network() nor extract_rgb()")
         net, loaded_remotely = found
         active = runtime.current()
-        batch_size = active.settings.batch_size or active.backend(net).preferred_batch_size
+        batch_size = active.settings.batcher.max_batch_size or active.backend(net).preferred_batch_size
         feats = np.empty((len(rowcols), net.feature_dim), dtype=np.float32)
         buffer = np.empty((min(len(rowcols), batch_size), 3, self.CROP_SIZE, self.CROP_SIZE), np.float32)
         with config.log_entry_and_exit("forward pass through net"):
@@ -264,11 +258,10 @@ class FeatureExtractor(abc.ABC):
         return folder / sha256
 
     def _expected_sha256(self, key: str) -> str | None:
-        # The message's hash or, without one, what this process last downloaded.
+        # The message's hash or, without one, what this runtime last downloaded.
         expected = self.data_hashes.get(key)
         if expected is None:
-            with _REMOTE_SHAS_LOCK:
-                expected = _REMOTE_SHAS.get(self.data_locations[key])
+            expected = runtime.current().remote_hashes.get(self.data_locations[key])
         # Anything but a digest never names a cache file (no '../' lookups).
         return expected if expected is not None and _SHA256_HEX.match(expected) else None
 
@@ -317,8 +310,7 @@ class FeatureExtractor(abc.ABC):
         self._check_data_hash(sha, key)
         cached = self.content_cache_path(sha)
         write_file_atomic(cached, data)
-        with _REMOTE_SHAS_LOCK:
-            _REMOTE_SHAS[loc] = sha
+        runtime.current().remote_hashes.put(loc, sha)
         return ExtractorData(key, sha, True, path=str(cached))
 
     def load_datastream(self, key: str) -> tuple[BytesIO, bool]:

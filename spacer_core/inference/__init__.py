@@ -3,7 +3,7 @@
 - `load_backend(sha256, make_net, device=..., precision=...)`: ONNX Runtime on
   CPU, TorchScript on CUDA, eager PyTorch as fallback; compiled once per
   weights file and cached on disk.
-- `DynamicBatcher(backend, ...)`: batches patches of concurrent callers.
+- `DynamicBatcher(backend, BatcherSettings(...))`: batches patches of concurrent callers.
 - `ModelCache`: bounded LRU that the runtime keeps networks and classifiers in.
 - `NetworkSpec`: what an extractor hands over to have its network run.
 
@@ -21,6 +21,7 @@ from spacer_core.inference.backends import (
 )
 from spacer_core.inference.batcher import (
     BatcherClosedError,
+    BatcherSettings,
     DynamicBatcher,
     Priority,
     QueueFullError,
@@ -35,6 +36,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "BatcherClosedError",
+    "BatcherSettings",
     "DynamicBatcher",
     "EagerBackend",
     "ModelCache",

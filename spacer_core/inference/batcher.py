@@ -3,7 +3,7 @@
 One `DynamicBatcher` serves one loaded extractor on one device. Callers (threads
 or asyncio tasks) submit all patches of an image at once; a worker thread
 fills batches of up to `max_batch_size` patches across callers, waiting at
-most `max_queue_delay_s` after the first queued patch for a batch to fill
+most `queue_delay_ms` after the first queued patch for a batch to fill
 (Triton's max_queue_delay), runs the network and hands each caller its own
 features, in the order its patches were given.
 
@@ -34,7 +34,7 @@ features, in the order its patches were given.
   batch (`BatchBuffers`), and a batch that is already one contiguous float32
   run of one request's patches goes to the network as it is, uncopied.
 
-    batcher = DynamicBatcher(backend, max_batch_size=64, max_queue_delay_s=0.002)
+    batcher = DynamicBatcher(backend, BatcherSettings(max_batch_size=64, queue_delay_ms=2.0))
     feats = batcher.extract_sync(patches)          # from a thread
     feats = await batcher.extract(patches)         # from asyncio
 """
@@ -50,7 +50,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -301,28 +301,60 @@ BatchObserver = Callable[[BatchObservation], None]
 RunBatch = Backend | Callable[[np.ndarray], np.ndarray]
 
 
+@dataclass(frozen=True)
+class BatcherSettings:
+    """How a `DynamicBatcher` fills batches; the one place these knobs are named.
+
+    `max_batch_size`: patches per network call. `queue_delay_ms`: the longest
+    a batch waits to fill after its first patch is queued. The library
+    default (2 ms) suits one process calling itself; the server passes its
+    own (5 ms by default), as its callers arrive over the network and a
+    slightly longer wait fills fuller batches. `max_queued_patches`: patches
+    of a priority or above that may wait. `workers`: batches formed and run
+    at once.
+
+    Inside `RuntimeSettings`, `max_batch_size` None means each backend's
+    preferred size and `workers` None one per CPU session (at least two) or
+    one on CUDA; a batcher built directly reads None as 16 and 1.
+    """
+
+    max_batch_size: int | None = None
+    queue_delay_ms: float = 2.0
+    max_queued_patches: int = 4096
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queued_patches", "workers"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.queue_delay_ms >= 0:  # NaN fails too
+            raise ValueError(f"queue_delay_ms must be >= 0, got {self.queue_delay_ms}")
+
+
+DEFAULT_BATCHER_SETTINGS = BatcherSettings()
+
+
 class DynamicBatcher:
     """Fills network batches with patches from concurrent callers; see the module docstring."""
 
     def __init__(
         self,
         backend: RunBatch,
+        settings: BatcherSettings = DEFAULT_BATCHER_SETTINGS,
         *,
-        max_batch_size: int = 16,
-        max_queue_delay_s: float = 0.002,
-        max_queued_patches: int = 4096,
         name: str = "batcher",
-        workers: int = 1,
         observers: Iterable[BatchObserver] = (),
     ):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_queue_delay_s < 0:
-            raise ValueError(f"max_queue_delay_s must be >= 0, got {max_queue_delay_s}")
-        if max_queued_patches < 1:
-            raise ValueError(f"max_queued_patches must be >= 1, got {max_queued_patches}")
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+        if not isinstance(settings, BatcherSettings):
+            raise TypeError(f"settings must be BatcherSettings, got {type(settings).__name__}")
+        if settings.max_batch_size is None or settings.workers is None:
+            settings = replace(
+                settings, max_batch_size=settings.max_batch_size or 16, workers=settings.workers or 1
+            )
+        self.settings = settings
+        max_batch_size = self.max_batch_size
+        workers = settings.workers or 1
         self._launch: Callable[[np.ndarray], PendingFeatures]
         # Memory held by the network, for ModelCache's byte limit.
         self.nbytes = backend.nbytes if isinstance(backend, Backend) else 0
@@ -338,9 +370,8 @@ class DynamicBatcher:
         else:
             function = backend
             self._launch = lambda batch: ready(function(batch))
-        self.max_batch_size = max_batch_size
-        self.max_queue_delay_s = max_queue_delay_s
-        self.max_queued_patches = max_queued_patches
+        # The wait loop compares against time.monotonic(), in seconds.
+        self._queue_delay_s = settings.queue_delay_ms / 1000.0
         self.name = name
         self.stats = BatcherStats()
         self._observers: list[BatchObserver] = []
@@ -361,6 +392,16 @@ class DynamicBatcher:
             worker.start()
 
     # -- callers ------------------------------------------------------------------------
+
+    @property
+    def max_batch_size(self) -> int:
+        """Patches per network call."""
+        return self.settings.max_batch_size or 16
+
+    @property
+    def max_queued_patches(self) -> int:
+        """Patches of a priority or above that may wait to be batched."""
+        return self.settings.max_queued_patches
 
     @property
     def queued_patches(self) -> int:
@@ -592,8 +633,8 @@ class DynamicBatcher:
                 if self._closed or not wait:
                     return None
                 self._work.wait()
-            if wait and self.max_queue_delay_s > 0:
-                deadline = time.monotonic() + self.max_queue_delay_s
+            if wait and self._queue_delay_s > 0:
+                deadline = time.monotonic() + self._queue_delay_s
                 while self._queued < self.max_batch_size and not self._closed:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:

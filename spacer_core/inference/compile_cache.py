@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from spacer_core.atomic import write_atomic
+
 # Bump when the way artifacts are built changes, so stale ones are rebuilt.
 # 2: EfficientNet's stride-2 pads export an explicit zero value, which ONNX
 # Runtime folds into the following convolutions (format 1 kept 5 Pad nodes).
@@ -72,23 +74,6 @@ def artifact_path(folder: Path, sha256: str, backend: str, variant: str, suffix:
     if not _SHA256.match(sha):
         raise ValueError(f"Not a sha256 hex digest: {sha256!r}")
     return folder / f"{sha}.{backend}-{variant}.f{ARTIFACT_FORMAT}{suffix}"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes owner-only files; artifacts are not secret.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _sidecar(path: Path) -> Path:

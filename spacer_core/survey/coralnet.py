@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spacer_core.data_classes import Annotation
+from spacer_core.exceptions import InvalidInputError
 from spacer_core.storage import write_file_atomic
 
 __all__ = [
@@ -54,7 +55,7 @@ SUGGESTIONS = 5
 SUGGESTION, CONFIDENCE = "Machine suggestion", "Machine confidence"
 
 
-class CsvFormatError(ValueError):
+class CsvFormatError(InvalidInputError):
     """A CSV file cannot be read as CoralNet's format; the message names file, row and column."""
 
     def __init__(self, path: str | Path, message: str, row: int | None = None, column: str | None = None):
@@ -64,7 +65,11 @@ class CsvFormatError(ValueError):
         if column is not None:
             where.append(f"column {column!r}")
         super().__init__(f"{', '.join(where)}: {message}")
-        self.path, self.row, self.column = str(path), row, column
+        self.path, self.row, self.column, self.reason = str(path), row, column, message
+
+    def __reduce__(self) -> tuple[type[CsvFormatError], tuple[str, str, int | None, str | None]]:
+        # Crosses process boundaries (bulk workers) with its fields, not only its text.
+        return type(self), (self.path, self.reason, self.row, self.column)
 
 
 def _header_map(path: Path, header: Sequence[str] | None, wanted: Sequence[str]) -> dict[str, int]:

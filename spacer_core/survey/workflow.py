@@ -5,13 +5,16 @@ and its message classes: extract features at each image's points, train from
 an annotation CSV, classify images and evaluate a classifier on new
 annotations. `LocalRunner` runs the three network/training calls in this
 process; the gRPC layer offers a runner with the same methods that sends them
-to a server instead.
+to a server instead. With a `LocalRunner`, extract and classify run the
+images on the bulk engine (`spacer_core.bulk.local`): one image failing does
+not stop the others, whose outputs are written before the failures are
+reported together.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +22,11 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from spacer_core import crop, tasks
+from spacer_core import crop, runtime, tasks
+from spacer_core.bulk import local as bulk
+from spacer_core.bulk.local import FEATURE_SUFFIX, feature_path
 from spacer_core.data_classes import Annotation, DataLocation, ImageFeatures, ImageLabels, ValResults
+from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import EfficientNetExtractor
 from spacer_core.extractors.torch_weights import plain_text
 from spacer_core.inference.backends import available_cpus, one_session
@@ -37,13 +43,15 @@ from spacer_core.survey.reports import ClassMetrics, class_metrics
 from spacer_core.task_utils import preprocess_labels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-FEATURE_SUFFIX = ".featurevector"
 Progress = Callable[[int, int, str], None]  # (done, total, what just finished)
 EpochProgress = Callable[[int, float, float], Any]  # (epoch, ref accuracy, seconds)
 
 
-class SurveyError(ValueError):
-    """Inputs of a survey step do not fit together (an image without points, no labelled features)."""
+class SurveyError(InvalidInputError):
+    """Inputs of a survey step do not fit together (an image without points, no labelled features).
+
+    An input error (still a ValueError), so a transport reports it as the caller's.
+    """
 
 
 def local(path: str | Path) -> DataLocation:
@@ -53,12 +61,10 @@ def local(path: str | Path) -> DataLocation:
 
 def weights_extractor(weights: str | Path) -> EfficientNetExtractor:
     """An EfficientNet extractor for a CoralNet-format weights file, its sha256 taken here."""
-    path = Path(weights)
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as err:
-        raise SurveyError(f"{path}: cannot read the weights file ({err.strerror})") from None
-    return EfficientNetExtractor(data_locations={"weights": local(path)}, data_hashes={"weights": digest})
+        return bulk.weights_extractor(weights)
+    except InvalidInputError as err:
+        raise SurveyError(str(err)) from None
 
 
 def image_files(paths: Iterable[str | Path] = (), folder: str | Path | None = None) -> list[Path]:
@@ -71,21 +77,13 @@ def image_files(paths: Iterable[str | Path] = (), folder: str | Path | None = No
         found += sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not found:
         raise SurveyError("no images given (name them, or use --images DIR)")
-    seen: dict[str, Path] = {}
     for p in found:
         if not p.is_file():
             raise SurveyError(f"{p}: no such image file")
-        if p.name in seen and seen[p.name] != p:
-            raise SurveyError(
-                f"{p}: another image has the same name ({seen[p.name]}); CSV rows match by name"
-            )
-        seen[p.name] = p
-    return list(seen.values())
-
-
-def feature_path(features_dir: str | Path, image_name: str) -> Path:
-    """Where the feature file of an image lives: DIR/<image name>.featurevector."""
-    return Path(features_dir) / f"{image_name}{FEATURE_SUFFIX}"
+    clash = bulk.name_clash(str(p) for p in found)
+    if clash is not None:
+        raise SurveyError(f"{clash[1]}: another image has the same name ({clash[0]}); CSV rows match by name")
+    return list(dict.fromkeys(found))
 
 
 PointSource = Mapping[str, Sequence[tuple[int, int]]] | PointSpec
@@ -206,9 +204,17 @@ def extract_images(
 ) -> list[ExtractOutcome]:
     """Extract each image's features at its points into features_dir (pyspacer feature files).
 
-    The runner's `workers` images run at once; outcomes and progress come in
-    image order, and the first image that fails (in that order) raises.
+    The runner's `workers` images run at once; outcomes come in image order.
+    A `LocalRunner` runs them on the bulk engine: every image is tried, the
+    others' files are written, and the failures raise together at the end
+    (progress as images finish). Other runners report progress in image order
+    and the first image that fails (in that order) raises.
     """
+    if isinstance(runner, LocalRunner):
+        items = _bulk_images(images, points, seed)
+        task = bulk.BulkTask.extract(extractor, features_dir, overwrite=True)
+        _run_on_bulk(task, items, runner.workers, progress)
+        return [ExtractOutcome(i.name, len(i.rowcols), feature_path(features_dir, i.name)) for i in items]
 
     def one(image: Path) -> ExtractOutcome:
         rowcols = points_for(image, image.read_bytes(), points, seed)
@@ -225,6 +231,39 @@ def extract_images(
 
 
 T = TypeVar("T")
+
+
+def _bulk_images(images: Sequence[Path], points: PointSource, seed: int) -> list[bulk.BulkImage]:
+    """The images as bulk work, each with its points; the first image without points raises."""
+    items = []
+    for image in images:
+        # Only generated points need the image (its size); CSV points are looked up by name.
+        data = image.read_bytes() if isinstance(points, PointSpec) else b""
+        rowcols = tuple(points_for(image, data, points, seed))
+        items.append(bulk.BulkImage(image.name, local(image), rowcols))
+    return items
+
+
+def _run_on_bulk(
+    task: bulk.BulkTask, items: Sequence[bulk.BulkImage], workers: int, progress: Progress | None
+) -> dict[str, bulk.Outcome]:
+    """Every image on the bulk engine under the current runtime; outcomes by image name.
+
+    One failing image does not stop the others; once all have run, the
+    failures raise together as one SurveyError.
+    """
+    outcomes: dict[str, bulk.Outcome] = {}
+    for outcome in bulk.local_outcomes(task, items, runtime.current(), workers):
+        outcomes[outcome.name] = outcome
+        if progress:
+            progress(len(outcomes), len(items), outcome.name)
+    failed = [outcomes[i.name] for i in items if not outcomes[i.name].ok]
+    if failed:
+        listed = "; ".join(o.error if o.name in o.error else f"{o.name}: {o.error}" for o in failed)
+        if len(items) == 1:
+            raise SurveyError(listed)
+        raise SurveyError(f"{len(failed)} of {len(items)} images failed (the others are done): {listed}")
+    return outcomes
 
 
 def _in_order(work: Callable[[Path], T], images: Sequence[Path], workers: int) -> Iterator[T]:
@@ -460,7 +499,18 @@ def classify_images(
     `given` holds the labels a person gave some points ({image name:
     {(row, col): label}}, as `coralnet.read_point_labels` reads them): they
     stay the rows' upload labels whatever the classifier scores.
+    A `LocalRunner` runs the images on the bulk engine (see `extract_images`).
     """
+    if isinstance(runner, LocalRunner):
+        items = _bulk_images(images, points, seed)
+        rt = runtime.current()
+        # The bulk engine keeps each image's scores in a part file; these go once the rows are read.
+        with tempfile.TemporaryDirectory(prefix="spacer-classify-") as parts:
+            task = bulk.BulkTask.classify(
+                extractor, local(classifier_file), Path(parts) / "results.csv", threshold, overwrite=True
+            )
+            outcomes = _run_on_bulk(task, items, runner.workers, progress)
+            return bulk.result_rows(task, items, outcomes, rt, given)
     rows: list[ResultRow] = []
     classes: list[str] = []
     model = Path(classifier_file).resolve()

@@ -155,3 +155,36 @@ def test_long_work_holds_a_bounded_share_and_stops_when_its_call_ends():
         "w0",
         "w1",
     ]  # the two running ones stopped at a check; the others never started
+
+
+def test_image_limits_belong_to_the_runtime_not_the_process():
+    from spacer_core import config as core_config
+    from spacer_core.exceptions import DataLimitError
+    from spacer_core.task_utils import check_extract_inputs
+
+    class Image:
+        size = (40, 30)
+
+    before = (core_config.MAX_IMAGE_PIXELS, core_config.MAX_POINTS_PER_IMAGE)
+    config = ServerConfig(max_image_pixels=40 * 30 - 1, max_points_per_image=2).validate()
+    bounded = config.runtime_settings().limits
+    assert (bounded.image_pixels, bounded.points_per_image) == (40 * 30 - 1, 2)
+    with limits.limits_scope(bounded):
+        with pytest.raises(DataLimitError, match="max allowed of 1199"):
+            check_extract_inputs(Image(), [(1, 1)], "small.png")
+    check_extract_inputs(Image(), [(1, 1)] * 3, "small.png")
+    assert (core_config.MAX_IMAGE_PIXELS, core_config.MAX_POINTS_PER_IMAGE) == before
+    # Unset, the library's (pyspacer's) settings apply, read at call time.
+    assert Limits().image_pixels == core_config.MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        ServerConfig(max_image_pixels=0).validate()
+
+
+def test_server_maps_its_queue_delay_onto_the_batcher_settings():
+    from spacer_core.inference import BatcherSettings
+
+    server = ServerConfig().runtime_settings().batcher
+    assert (server.queue_delay_ms, server.max_batch_size) == (5.0, None)
+    assert ServerConfig(queue_delay_ms=0, batch_size=4).runtime_settings().batcher == BatcherSettings(
+        max_batch_size=4, queue_delay_ms=0
+    )

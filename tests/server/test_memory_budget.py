@@ -15,7 +15,7 @@ from spacer_core import pipeline
 from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import QueueFullError
 from spacer_core.extractors import EfficientNetExtractor
-from spacer_core.inference import Priority
+from spacer_core.inference import BatcherSettings, Priority
 from spacer_core.runtime import Runtime, RuntimeSettings
 
 SIZES = [(1600, 1200), (1200, 900), (800, 600), (640, 480)]
@@ -49,7 +49,7 @@ def jobs(efficientnet_weights):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def footprints(jobs) -> list[pipeline.Footprint]:
-    runtime = Runtime(RuntimeSettings(device="cpu", batch_size=4))
+    runtime = Runtime(RuntimeSettings(device="cpu", batcher=BatcherSettings(max_batch_size=4)))
     with runtime.activate():
         return [pipeline.load(job).footprint for job in jobs]
 

@@ -18,7 +18,7 @@ from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
 from server.errors import status_for
 from spacer_core.exceptions import DeadlineExceededError, SpacerError
-from spacer_core.inference import DynamicBatcher, Priority
+from spacer_core.inference import BatcherSettings, DynamicBatcher, Priority
 from tests.spacer_core.test_batcher import TIMEOUT, RecordingNetwork, expected, hold_worker, patches_of
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
@@ -28,7 +28,7 @@ from tests.support.locations import fs_loc as fs
 
 def test_interactive_requests_are_batched_before_earlier_bulk_requests():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=4, max_queue_delay_s=0) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=4, queue_delay_ms=0)) as batcher:
         first = hold_worker(network, batcher)
         bulk = [batcher.submit(patches_of([10 + i] * 3), priority=Priority.BULK) for i in range(3)]
         interactive = batcher.submit(patches_of([50, 51]), priority=Priority.INTERACTIVE)
@@ -46,7 +46,7 @@ def test_interactive_requests_are_batched_before_earlier_bulk_requests():
 
 def test_equal_priorities_keep_fifo_order_and_default_priority_is_interactive():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=2, max_queue_delay_s=0) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=2, queue_delay_ms=0)) as batcher:
         first = hold_worker(network, batcher)
         bulk = batcher.submit(patches_of([7]), priority=Priority.BULK)
         plain = [batcher.submit(patches_of([20 + i])) for i in range(3)]
@@ -59,7 +59,9 @@ def test_equal_priorities_keep_fifo_order_and_default_priority_is_interactive():
 
 def test_a_bulk_backlog_does_not_keep_interactive_work_out_of_a_full_queue():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=4, max_queue_delay_s=0, max_queued_patches=6) as batcher:
+    with DynamicBatcher(
+        network, BatcherSettings(max_batch_size=4, queue_delay_ms=0, max_queued_patches=6)
+    ) as batcher:
         first = hold_worker(network, batcher)
         bulk = batcher.submit(patches_of([3] * 6), priority=Priority.BULK)
         with pytest.raises(SpacerError, match="queue full"):
@@ -73,7 +75,7 @@ def test_a_bulk_backlog_does_not_keep_interactive_work_out_of_a_full_queue():
 
 def test_a_request_whose_deadline_passes_in_the_queue_never_reaches_the_network():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=8, queue_delay_ms=0)) as batcher:
         first = hold_worker(network, batcher)
         doomed = batcher.submit(patches_of([66, 66, 66]), deadline=time.monotonic() + 0.05)
         kept = batcher.submit(patches_of([8]), deadline=time.monotonic() + 60)
@@ -94,7 +96,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_never_reaches_the_network(
 
 def test_a_deadline_already_passed_is_refused_at_once_and_async_callers_get_the_error():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=8, queue_delay_ms=0)) as batcher:
         with pytest.raises(
             DeadlineExceededError, match="before the request reached the network's queue"
         ) as err:

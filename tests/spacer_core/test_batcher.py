@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from spacer_core.inference import BatcherClosedError, DynamicBatcher, QueueFullError
+from spacer_core.inference import BatcherClosedError, BatcherSettings, DynamicBatcher, QueueFullError
 
 TIMEOUT = 10
 
@@ -67,7 +67,9 @@ def test_concurrent_callers_get_exactly_their_own_features(workers):
     network = RecordingNetwork()
     rng = random.Random(3)
     requests = [[rng.randrange(2, 250) for _ in range(rng.randrange(1, 12))] for _ in range(24)]
-    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0.005, workers=workers) as batcher:
+    with DynamicBatcher(
+        network, BatcherSettings(max_batch_size=8, queue_delay_ms=5, workers=workers)
+    ) as batcher:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda v: batcher.extract_sync(patches_of(v), TIMEOUT), requests))
     for values, features in zip(requests, results):
@@ -83,7 +85,7 @@ def test_asyncio_callers_get_their_own_features_in_order():
     async def main(batcher: DynamicBatcher) -> list[np.ndarray]:
         return await asyncio.gather(*(batcher.extract(patches_of(v)) for v in requests))
 
-    with DynamicBatcher(network, max_batch_size=16, max_queue_delay_s=0.01) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=16, queue_delay_ms=10)) as batcher:
         results = asyncio.run(main(batcher))
     for values, features in zip(requests, results):
         np.testing.assert_array_equal(features, expected(values))
@@ -93,7 +95,7 @@ def test_asyncio_callers_get_their_own_features_in_order():
 
 def test_batches_fill_across_callers_and_split_requests():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=8, queue_delay_ms=0)) as batcher:
         first = hold_worker(network, batcher)
         futures = [batcher.submit(patches_of([10 + 3 * i, 11 + 3 * i, 12 + 3 * i])) for i in range(3)]
         network.gate.set()
@@ -106,7 +108,7 @@ def test_batches_fill_across_callers_and_split_requests():
 
 def test_queue_delay_waits_for_a_fuller_batch():
     network = RecordingNetwork()
-    with DynamicBatcher(network, max_batch_size=64, max_queue_delay_s=0.5) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=64, queue_delay_ms=500)) as batcher:
         a = batcher.submit(patches_of([5]))
         b = batcher.submit(patches_of([6, 7]))
         a.result(TIMEOUT), b.result(TIMEOUT)
@@ -122,7 +124,7 @@ def test_float_patches_are_accepted():
 
 def test_cancelled_callers_patches_are_dropped():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=4, max_queue_delay_s=0) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=4, queue_delay_ms=0)) as batcher:
         first = hold_worker(network, batcher)
         doomed = batcher.submit(patches_of([40, 41, 42, 43, 44]))
         kept = batcher.submit(patches_of([50, 51]))
@@ -155,7 +157,7 @@ def test_cancelled_asyncio_task_drops_its_patches():
         await asyncio.wrap_future(first)
         return await kept
 
-    with DynamicBatcher(network, max_batch_size=8, max_queue_delay_s=0) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=8, queue_delay_ms=0)) as batcher:
         np.testing.assert_array_equal(asyncio.run(main(batcher)), expected([70]))
     seen = np.round(np.concatenate(network.batches)[:, 0] * 255)
     assert not np.isin(seen, [60, 61, 62]).any()
@@ -163,7 +165,9 @@ def test_cancelled_asyncio_task_drops_its_patches():
 
 def test_bounded_queue_pushes_back():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=2, max_queue_delay_s=0, max_queued_patches=4) as batcher:
+    with DynamicBatcher(
+        network, BatcherSettings(max_batch_size=2, queue_delay_ms=0, max_queued_patches=4)
+    ) as batcher:
         first = hold_worker(network, batcher)
         held = batcher.submit(patches_of([20, 21, 22]))
         with pytest.raises(QueueFullError, match="queue full"):
@@ -202,20 +206,22 @@ def test_asyncio_caller_awaits_room_or_is_refused():
         await held
         return await asyncio.wait_for(waiting, TIMEOUT)
 
-    with DynamicBatcher(network, max_batch_size=2, max_queue_delay_s=0, max_queued_patches=3) as batcher:
+    with DynamicBatcher(
+        network, BatcherSettings(max_batch_size=2, queue_delay_ms=0, max_queued_patches=3)
+    ) as batcher:
         np.testing.assert_array_equal(asyncio.run(main(batcher)), expected([34, 35]))
 
 
 def test_request_larger_than_the_bound_runs_alone():
     network = RecordingNetwork()
     values = list(range(10, 30))
-    with DynamicBatcher(network, max_batch_size=8, max_queued_patches=4) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=8, max_queued_patches=4)) as batcher:
         np.testing.assert_array_equal(batcher.extract_sync(patches_of(values), TIMEOUT), expected(values))
 
 
 def test_failing_batch_fails_only_its_callers():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=4, max_queue_delay_s=0) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=4, queue_delay_ms=0)) as batcher:
         first = hold_worker(network, batcher)
         # Batch 2: [poisoned caller's 2 patches + neighbour's 2]; batch 3: the bystander.
         poisoned = batcher.submit(patches_of([80, RecordingNetwork.POISON]))
@@ -235,7 +241,7 @@ def test_failing_batch_fails_only_its_callers():
 
 def test_failure_in_a_later_part_fails_the_whole_request_and_drops_the_rest():
     network = RecordingNetwork(hold_first=True)
-    with DynamicBatcher(network, max_batch_size=2, max_queue_delay_s=0) as batcher:
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=2, queue_delay_ms=0)) as batcher:
         first = hold_worker(network, batcher)
         # Split over three batches; the second one fails.
         split = batcher.submit(patches_of([100, 101, RecordingNetwork.POISON, 103, 104, 105]))
@@ -267,7 +273,7 @@ def test_invalid_patches_are_rejected_at_submit():
 
 def test_close_drains_or_fails_queued_work():
     network = RecordingNetwork(hold_first=True)
-    batcher = DynamicBatcher(network, max_batch_size=1, max_queue_delay_s=0)
+    batcher = DynamicBatcher(network, BatcherSettings(max_batch_size=1, queue_delay_ms=0))
     first = hold_worker(network, batcher)
     queued = batcher.submit(patches_of([5, 6]))
     closer = threading.Thread(target=batcher.close, kwargs={"drain": False})
@@ -280,7 +286,7 @@ def test_close_drains_or_fails_queued_work():
     with pytest.raises(BatcherClosedError):
         batcher.submit(patches_of([7]))
 
-    drained = DynamicBatcher(RecordingNetwork(), max_batch_size=1)
+    drained = DynamicBatcher(RecordingNetwork(), BatcherSettings(max_batch_size=1))
     pending = drained.submit(patches_of([8, 9]))
     drained.close(drain=True)
     np.testing.assert_array_equal(pending.result(0), expected([8, 9]))
@@ -303,7 +309,7 @@ def test_real_network_through_the_batcher(efficientnet_weights, tmp_path):  # no
         crop_array(image, [(int(r), int(c)) for r, c in rng.integers(0, 300, (n, 2))]) for n in (1, 3, 2, 4)
     ]
     alone = [run_in_batches(backend, p, len(p)) for p in requests]
-    with DynamicBatcher(backend, max_batch_size=4, max_queue_delay_s=0.02) as batcher:
+    with DynamicBatcher(backend, BatcherSettings(max_batch_size=4, queue_delay_ms=20)) as batcher:
         futures = [batcher.submit(p) for p in requests]
         together = [f.result(60) for f in futures]
     for a, t in zip(alone, together):
@@ -328,7 +334,7 @@ def test_gpu_batcher_overlaps_batches_and_matches_cpu(efficientnet_weights, tmp_
         crop_array(image, [(int(r), int(c)) for r, c in rng.integers(0, 400, (n, 2))])
         for n in rng.integers(1, 40, 24)
     ]
-    with DynamicBatcher(gpu, max_batch_size=32, max_queue_delay_s=0.001) as batcher:
+    with DynamicBatcher(gpu, BatcherSettings(max_batch_size=32, queue_delay_ms=1)) as batcher:
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(lambda p: batcher.extract_sync(p, 60), requests))
     for patches, features in zip(requests, results):
@@ -349,7 +355,7 @@ def test_finished_request_releases_its_patches_without_the_cycle_collector():
     alive = weakref.ref(patches)
     gc.disable()
     try:
-        with DynamicBatcher(network, max_queue_delay_s=0) as batcher:
+        with DynamicBatcher(network, BatcherSettings(queue_delay_ms=0)) as batcher:
             batcher.extract_sync(patches, TIMEOUT)
             del patches
             # The worker holds its latest batch until the next one; run another.
@@ -452,9 +458,34 @@ def test_the_batcher_reuses_its_input_buffers():
             return super().allocate_batch(n)
 
     backend = Counting(torch.device("cpu"), Precision.EXACT)
-    with DynamicBatcher(backend, max_batch_size=4, max_queue_delay_s=0, workers=2) as batcher:
+    with DynamicBatcher(backend, BatcherSettings(max_batch_size=4, queue_delay_ms=0, workers=2)) as batcher:
         futures = [batcher.submit(patches_of([v % 250 + 1] * 3)) for v in range(40)]
         for v, future in enumerate(futures):
             np.testing.assert_array_equal(future.result(TIMEOUT), expected([v % 250 + 1] * 3))
     assert batcher.stats.batches >= 30
     assert Counting.allocated <= 4  # at most two per worker
+
+
+def test_batcher_settings_name_the_bad_value() -> None:
+    with pytest.raises(ValueError, match="queue_delay_ms"):
+        BatcherSettings(queue_delay_ms=-1)
+    with pytest.raises(ValueError, match="queue_delay_ms"):
+        BatcherSettings(queue_delay_ms=float("nan"))
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatcherSettings(max_batch_size=0)
+    with pytest.raises(TypeError, match="settings"):
+        DynamicBatcher(RecordingNetwork(), 8)  # type: ignore[arg-type]
+
+
+def test_batcher_defaults_and_queue_delay_unit() -> None:
+    with DynamicBatcher(RecordingNetwork()) as batcher:
+        assert (batcher.max_batch_size, batcher.settings.workers) == (16, 1)
+        assert batcher.settings.queue_delay_ms == 2.0
+        assert batcher._queue_delay_s == pytest.approx(0.002)
+
+
+def test_runtime_default_queue_delay_is_the_library_default() -> None:
+    from spacer_core.runtime import RuntimeSettings
+
+    assert RuntimeSettings().batcher == BatcherSettings()
+    assert RuntimeSettings().batcher.queue_delay_ms == 2.0

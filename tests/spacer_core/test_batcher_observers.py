@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from spacer_core.inference.batcher import BatchObservation, DynamicBatcher
+from spacer_core.inference.batcher import BatcherSettings, BatchObservation, DynamicBatcher
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, RuntimeSettings
 
@@ -30,7 +30,7 @@ def test_observer_sees_sizes_queue_waits_and_network_time():
 
     seen: list[BatchObservation] = []
     with DynamicBatcher(
-        network, max_batch_size=8, max_queue_delay_s=0, name="obs", observers=[seen.append]
+        network, BatcherSettings(max_batch_size=8, queue_delay_ms=0), name="obs", observers=[seen.append]
     ) as batcher:
         first = batcher.submit(_patches(1))
         assert entered.wait(TIMEOUT)

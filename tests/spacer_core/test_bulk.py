@@ -334,7 +334,8 @@ def test_aws_batch_array_children_each_take_their_shard_of_the_manifest(survey, 
         assert list(summary["outputs"]) == [f"images/{p.name}" for p in survey.images[index::2]]
         with open(tmp_path / f"results.shard-{index}-of-2.csv", newline="") as f:
             names = {row["Name"] for row in csv.DictReader(f)}
-        assert names == {f"images/{p.name}" for p in survey.images[index::2]}
+        # The results name each image as CoralNet does, by its file name.
+        assert names == {p.name for p in survey.images[index::2]}
     # Extraction shards share one folder; each keeps its own summary.
     common.update(BULK_TASK="extract", BULK_OUT=str(tmp_path / "features"), BULK_SHARDS="3")
     for index in range(3):

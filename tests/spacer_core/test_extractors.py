@@ -33,6 +33,7 @@ from spacer_core.extractors import (
     register_extractor_class,
 )
 from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS
+from spacer_core.inference import BatcherSettings
 from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.storage import clear_memory_storage, storage_factory
 from tests.support.weights import (
@@ -123,9 +124,9 @@ def test_features_match_pyspacer(efficientnet_weights: WeightsFile, record_prope
 def test_batch_size_does_not_change_features(efficientnet_weights: WeightsFile) -> None:
     image = _image(seed=1)
     extractor = _extractor(efficientnet_weights)
-    with Runtime(RuntimeSettings(batch_size=16)).activate():
+    with Runtime(RuntimeSettings(batcher=BatcherSettings(max_batch_size=16))).activate():
         large, _ = extractor(image, POINTS)
-    with Runtime(RuntimeSettings(batch_size=4)).activate():
+    with Runtime(RuntimeSettings(batcher=BatcherSettings(max_batch_size=4))).activate():
         small, _ = extractor(image, POINTS)
     assert np.abs(_matrix(large) - _matrix(small)).max() <= 1e-5
 
@@ -202,7 +203,7 @@ def test_runtime_features_is_the_single_entry(efficientnet_weights: WeightsFile,
         assert batch.dtype == np.float32 and 0.0 <= batch.min() and batch.max() <= 1.0
         return batch.mean(axis=(2, 3)).repeat(1280 // 3 + 1, axis=1)[:, :1280]
 
-    runtime = Runtime(RuntimeSettings(batch_size=4))
+    runtime = Runtime(RuntimeSettings(batcher=BatcherSettings(max_batch_size=4)))
     monkeypatch.setattr(Runtime, "features", fake_features)
     with runtime.activate():
         features, _ = extractor(_image(seed=4), POINTS)

@@ -15,6 +15,7 @@ from spacer_core.crop import ImageDecodeError
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import InvalidInputError, RowColumnInvalidError
 from spacer_core.extractors import DummyExtractor, EfficientNetExtractor
+from spacer_core.inference import BatcherSettings
 from spacer_core.runtime import Runtime, RuntimeSettings
 
 
@@ -54,7 +55,9 @@ def pyspacer_features(images, efficientnet_weights):  # noqa: F811
 def runtime(tmp_path_factory):
     active = Runtime(
         RuntimeSettings(
-            device="cpu", batch_size=3, compile_cache_dir=str(tmp_path_factory.mktemp("compiled"))
+            device="cpu",
+            batcher=BatcherSettings(max_batch_size=3),
+            compile_cache_dir=str(tmp_path_factory.mktemp("compiled")),
         )
     )
     yield active
@@ -179,7 +182,7 @@ def test_footprint_is_read_from_the_header(images, runtime, efficientnet_weights
         loaded = pipeline.load(pipeline.ImageJob(extractor, rowcols, data))
     width, height = loaded.size
     assert (width, height) == Image.open(path).size
-    n, batch = len(rowcols), runtime.settings.batch_size
+    n, batch = len(rowcols), runtime.settings.batcher.max_batch_size
     patches, share = n * 224 * 224 * 3, min(n, batch) * 3 * 224 * 224 * 4
     assert loaded.footprint == pipeline.Footprint(
         len(data) + width * height * 3 + patches + share, patches + share

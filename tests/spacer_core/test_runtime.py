@@ -14,7 +14,7 @@ from spacer_core import runtime as runtime_module
 from spacer_core.data_classes import DataLocation
 from spacer_core.extractors import EfficientNetExtractor
 from spacer_core.extractors.efficientnet import build_network
-from spacer_core.inference import BatcherClosedError, NetworkSpec
+from spacer_core.inference import BatcherClosedError, BatcherSettings, NetworkSpec
 from spacer_core.inference.backends import probe_batch
 from spacer_core.runtime import FileHashes, Runtime, RuntimeSettings
 from spacer_core.storage import store_bytes
@@ -63,8 +63,16 @@ def test_batcher_is_shared_and_replaced_after_eviction(efficientnet_weights, tmp
 
 
 def test_batcher_settings_are_the_runtimes_own(efficientnet_weights, tmp_path):  # noqa: F811
-    small = Runtime(RuntimeSettings(device="cpu", batch_size=2, compile_cache_dir=str(tmp_path)))
-    large = Runtime(RuntimeSettings(device="cpu", batch_size=8, compile_cache_dir=str(tmp_path)))
+    small = Runtime(
+        RuntimeSettings(
+            device="cpu", batcher=BatcherSettings(max_batch_size=2), compile_cache_dir=str(tmp_path)
+        )
+    )
+    large = Runtime(
+        RuntimeSettings(
+            device="cpu", batcher=BatcherSettings(max_batch_size=8), compile_cache_dir=str(tmp_path)
+        )
+    )
     assert small.batcher(_spec(efficientnet_weights)).max_batch_size == 2
     assert large.batcher(_spec(efficientnet_weights)).max_batch_size == 8
     small.close()
@@ -142,3 +150,51 @@ def test_file_hashes_are_bounded(tmp_path):
         (tmp_path / f"{i}").write_bytes(bytes([i]))
         hashes.sha256(str(tmp_path / f"{i}"))
     assert len(hashes) == 2
+
+
+def test_image_pixel_bound_is_the_active_runtimes(tmp_path) -> None:
+    from PIL import Image as PILImage
+
+    from spacer_core import config, crop, limits
+    from spacer_core.exceptions import DataLimitError
+    from spacer_core.limits import Limits
+
+    image = tmp_path / "im.png"
+    PILImage.new("RGB", (40, 30)).save(image)
+    small = Runtime(RuntimeSettings(limits=Limits(max_image_pixels=100)))
+    with small.activate():
+        assert limits.current().image_pixels == 100
+        with pytest.raises(DataLimitError):
+            crop.crop_patches(image.read_bytes(), [(5, 5)], 4)
+    assert limits.current().image_pixels == config.MAX_IMAGE_PIXELS
+    assert crop.crop_patches(image.read_bytes(), [(5, 5)], 4).shape == (1, 4, 4, 3)
+
+
+def test_remote_hashes_are_a_bounded_lru_of_the_runtime() -> None:
+    active = Runtime(RuntimeSettings(max_remote_hashes=2))
+    for name in ("a", "b"):
+        active.remote_hashes.put(name, name * 64)
+    assert active.remote_hashes.get("a") == "a" * 64  # now the most recent
+    active.remote_hashes.put("c", "c" * 64)
+    assert (active.remote_hashes.get("b"), len(active.remote_hashes)) == (None, 2)
+    assert Runtime().remote_hashes.get("a") is None  # another runtime knows nothing of these
+    with pytest.raises(ValueError, match="max_entries"):
+        runtime_module.BoundedMap(0)
+    with pytest.raises(ValueError, match="max_remote_hashes"):
+        RuntimeSettings(max_remote_hashes=0)
+    with pytest.raises(ValueError, match="reader_threads"):
+        RuntimeSettings(reader_threads=0)
+
+
+def test_reader_pool_is_the_runtimes_bounded_and_closed_with_it() -> None:
+    from spacer_core import train_utils
+
+    active = Runtime(RuntimeSettings(reader_threads=2))
+    with active.activate():
+        pool = active.reader_pool()
+        assert pool is active.reader_pool() and pool._max_workers == 2
+        assert train_utils.runtime.current().reader_pool() is pool
+    assert runtime_module.default_runtime().reader_pool() is not pool
+    active.close()
+    with pytest.raises(RuntimeError):
+        pool.submit(int)

@@ -76,3 +76,33 @@ def test_one_worker_runs_one_image_at_a_time(tmp_path):
     survey.extract_images(runner, None, images, {p.name: [(1, 1)] for p in images}, tmp_path / "f")
     assert runner.most == 1
     assert survey.LocalRunner().workers >= 1 and survey.LocalRunner(3).workers == 3
+
+
+def test_local_runner_runs_the_bulk_engine_every_image_tried_failures_listed(tmp_path):
+    from spacer_core.weights.synthetic import cached_weights
+    from tests.support.bulk_survey import write_image
+
+    good = [write_image(tmp_path / f"good{i}.jpg", i) for i in range(2)]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(good[0].read_bytes()[:400])
+    images = [good[0], broken, good[1]]
+    extractor = survey.weights_extractor(cached_weights().path)
+    points = {p.name: [(10, 10), (100, 200)] for p in images}
+    seen = []
+    with pytest.raises(survey.SurveyError, match=r"1 of 3 images failed .*broken\.jpg"):
+        survey.extract_images(
+            survey.LocalRunner(2),
+            extractor,
+            images,
+            points,
+            tmp_path / "f",
+            progress=lambda *a: seen.append(a),
+        )
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [
+        "good0.jpg.featurevector",
+        "good1.jpg.featurevector",
+    ]
+    assert len(seen) == 3
+    out = survey.extract_images(survey.LocalRunner(2), extractor, good, points, tmp_path / "g")
+    assert [(o.image, o.points) for o in out] == [("good0.jpg", 2), ("good1.jpg", 2)]
+    assert all(o.feature_file.is_file() for o in out)
