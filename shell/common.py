@@ -121,6 +121,34 @@ def report_failures(
     return 1 if failures else 0
 
 
+def report_missing_images(
+    command: str,
+    args: argparse.Namespace,
+    summary: dict[str, Any],
+    points: survey.PointSource,
+    images: Sequence[Path],
+) -> int:
+    """Images a points CSV names that --images DIR lacks: one line on stderr, "missing_images"; the status."""
+    missing = survey.missing_images(points, images) if args.images is not None else []
+    summary["missing_images"] = missing
+    if not missing:
+        return 0
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    print(
+        f"spacer {command}: {args.points} names {len(missing)} image{'s' if len(missing) != 1 else ''}"
+        f" not in {args.images} ({shown}); their points were skipped",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def point_failures(args: argparse.Namespace, failures: list[survey.Failure]) -> list[survey.Failure]:
+    """Failures retold naming the points CSV row of a point outside its image, where that is the cause."""
+    if args.points is None or not Path(args.points).is_file():
+        return failures
+    return survey.name_point_rows(failures, args.points)
+
+
 def warn(command: str, summary: dict[str, Any], lines: Sequence[str]) -> None:
     """Warnings on stderr (one line each) and under "warnings" in the summary."""
     summary.setdefault("warnings", []).extend(lines)  # present, if empty, so scripts need not test for it

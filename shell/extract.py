@@ -40,26 +40,26 @@ def run(args: argparse.Namespace) -> int:
     common.need(args, "weights", "out")
     images = common.images(args)
     extractor = survey.weights_extractor(args.weights)
-    done = survey.extract_images(
-        survey.LocalRunner(),
-        extractor,
-        images,
-        common.point_source(args),
-        args.out,
-        seed=args.seed,
-        progress=Bar("extract"),
-    )
-    points = sum(d.points for d in done)
-    common.emit(
-        args,
-        {
-            "images": len(done),
-            "points": points,
-            "features": str(args.out),
-            "files": [
-                {"image": d.image, "points": d.points, "feature_file": str(d.feature_file)} for d in done
-            ],
-        },
-        [f"extracted {points} points of {len(done)} images into {args.out}"],
-    )
-    return 0
+    points = common.point_source(args)
+    summary: dict[str, Any] = {}
+    status = common.report_missing_images("extract", args, summary, points, images)
+    try:
+        done = survey.extract_images(
+            survey.LocalRunner(), extractor, images, points, args.out, seed=args.seed, progress=Bar("extract")
+        )
+        failures: list[survey.Failure] = []
+    except survey.ImagesFailed as err:
+        if not err.done:  # nothing to show for the run: its one error says it all
+            raise
+        done, failures = err.done, common.point_failures(args, err.failures)
+    count = sum(d.points for d in done)
+    summary = {
+        "images": len(done),
+        "points": count,
+        "features": str(args.out),
+        "files": [{"image": d.image, "points": d.points, "feature_file": str(d.feature_file)} for d in done],
+        **summary,
+    }
+    status |= common.report_failures("extract", summary, failures, "image failed")
+    common.emit(args, summary, [f"extracted {count} points of {len(done)} images into {args.out}"])
+    return status

@@ -37,6 +37,7 @@ __all__ = [
     "ResultRow",
     "generate_points",
     "parse_point_spec",
+    "point_rows",
     "read_annotations",
     "read_point_labels",
     "read_points",
@@ -182,6 +183,20 @@ def read_points(path: str | Path) -> dict[str, list[tuple[int, int]]]:
         out.setdefault(cells[NAME].strip(), []).append(point)
     if not out:
         raise CsvFormatError(path, "no point rows")
+    return out
+
+
+def point_rows(path: str | Path) -> dict[tuple[str, int, int], int]:
+    """{(image name, row, col): spreadsheet row number} of a points CSV, so errors can name the row."""
+    path = Path(path)
+    out: dict[tuple[str, int, int], int] = {}
+    for line, cells in _rows(path, (NAME, ROW, COLUMN)):
+        key = (
+            cells[NAME].strip(),
+            _pixel(path, line, ROW, cells[ROW]),
+            _pixel(path, line, COLUMN, cells[COLUMN]),
+        )
+        out.setdefault(key, line)
     return out
 
 

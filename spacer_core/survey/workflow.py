@@ -38,7 +38,7 @@ from spacer_core.messages import (
     TrainingTaskLabels,
 )
 from spacer_core.storage import load_classifier
-from spacer_core.survey.coralnet import PointSpec, ResultRow, generate_points, result_rows
+from spacer_core.survey.coralnet import PointSpec, ResultRow, generate_points, point_rows, result_rows
 from spacer_core.survey.reports import ClassMetrics, class_metrics
 from spacer_core.task_utils import preprocess_labels
 
@@ -213,7 +213,16 @@ def extract_images(
     if isinstance(runner, LocalRunner):
         items = _bulk_images(images, points, seed)
         task = bulk.BulkTask.extract(extractor, features_dir, overwrite=True)
-        _run_on_bulk(task, items, runner.workers, progress)
+        try:
+            _run_on_bulk(task, items, runner.workers, progress)
+        except ImagesFailed as err:
+            failed = {f.file for f in err.failures}
+            err.done = [
+                ExtractOutcome(i.name, len(i.rowcols), feature_path(features_dir, i.name))
+                for i in items
+                if i.location.key not in failed
+            ]
+            raise
         return [ExtractOutcome(i.name, len(i.rowcols), feature_path(features_dir, i.name)) for i in items]
 
     def one(image: Path) -> ExtractOutcome:
@@ -261,9 +270,80 @@ def _run_on_bulk(
     if failed:
         listed = "; ".join(o.error if o.name in o.error else f"{o.name}: {o.error}" for o in failed)
         if len(items) == 1:
-            raise SurveyError(listed)
-        raise SurveyError(f"{len(failed)} of {len(items)} images failed (the others are done): {listed}")
+            raise ImagesFailed(listed, _failures(items, failed), outcomes)
+        raise ImagesFailed(
+            f"{len(failed)} of {len(items)} images failed (the others are done): {listed}",
+            _failures(items, failed),
+            outcomes,
+        )
     return outcomes
+
+
+class ImagesFailed(SurveyError):
+    """Some images of a run failed, the others are done: `failures` lists the former, and
+    `done` holds what the others gave (as the step returns it), set by the step."""
+
+    def __init__(self, message: str, failures: list[Failure], outcomes: dict[str, bulk.Outcome]):
+        super().__init__(message)
+        self.failures = failures
+        self.outcomes = outcomes
+        self.done: Any = None
+
+
+def _failures(items: Sequence[bulk.BulkImage], failed: Sequence[bulk.Outcome]) -> list[Failure]:
+    where = {i.name: i.location.key for i in items}
+    out = []
+    for o in failed:
+        path = where.get(o.name, o.name)
+        reason = plain_text(o.error) or "failed"
+        for prefix in (path, o.name):
+            reason = reason.removeprefix(f"{prefix}: ")
+        out.append(Failure(path, reason))
+    return out
+
+
+def missing_images(points: PointSource, images: Sequence[Path]) -> list[str]:
+    """Names a points CSV gives points for that are none of `images` (generated points: none)."""
+    if isinstance(points, PointSpec):
+        return []
+    have = {p.name for p in images}
+    return [name for name in points if Path(name).name not in have]
+
+
+def name_point_rows(failures: Sequence[Failure], points_csv: str | Path) -> list[Failure]:
+    """Failures of images with a point outside the image, retold naming the points CSV row.
+
+    Only failed images are looked at again, so a run with good points pays nothing.
+    """
+    rows: dict[tuple[str, int, int], int] | None = None
+    out = []
+    for f in failures:
+        try:
+            width, height = crop.image_size(Path(f.file).read_bytes(), image_key=f.file)
+        except Exception:  # the image itself is at fault: its own reason stands
+            out.append(f)
+            continue
+        if rows is None:
+            rows = point_rows(points_csv)
+        name = Path(f.file).name
+        outside = sorted(
+            (line, r, c)
+            for (n, r, c), line in rows.items()
+            if Path(n).name == name and not (r < height and c < width)
+        )
+        if not outside:
+            out.append(f)
+            continue
+        line, r, c = outside[0]
+        more = f" ({len(outside) - 1} more outside)" if len(outside) > 1 else ""
+        out.append(
+            Failure(
+                f.file,
+                f"{points_csv}, row {line}: point (row {r}, column {c}) is outside the image"
+                f" ({width} x {height} pixels; rows 0-{height - 1}, columns 0-{width - 1}){more}",
+            )
+        )
+    return out
 
 
 def _in_order(work: Callable[[Path], T], images: Sequence[Path], workers: int) -> Iterator[T]:
@@ -509,7 +589,12 @@ def classify_images(
             task = bulk.BulkTask.classify(
                 extractor, local(classifier_file), Path(parts) / "results.csv", threshold, overwrite=True
             )
-            outcomes = _run_on_bulk(task, items, runner.workers, progress)
+            try:
+                outcomes = _run_on_bulk(task, items, runner.workers, progress)
+            except ImagesFailed as err:
+                # The good images' rows are read before their part files go.
+                err.done = bulk.result_rows(task, items, err.outcomes, rt, given)
+                raise
             return bulk.result_rows(task, items, outcomes, rt, given)
     rows: list[ResultRow] = []
     classes: list[str] = []

@@ -82,20 +82,23 @@ def survey(tmp_path_factory):
 
 
 def seven_images(survey, tmp_path):
-    """Six good images and the damaged one, as reef_07.jpg."""
+    """Six good images and the damaged one as reef_07.jpg, and their rows of the survey CSV."""
     folder = tmp_path / "images"
     folder.mkdir()
     for name in NAMES[:7]:
         shutil.copy(survey["images"] / name, folder / name)
     shutil.copy(FIXTURES / "corrupt.jpg", folder / "reef_07.jpg")
-    return folder
+    lines = (FIXTURES / "survey_annotations.csv").read_text().splitlines(keepends=True)
+    points = tmp_path / "points.csv"
+    points.write_text("".join(lines[:1] + [line for line in lines[1:] if line.split(",")[0] in NAMES[:7]]))
+    return folder, points
 
 
 # ---------------------------------------------------------------- one bad image
 
 
 def test_extract_writes_the_good_images_and_lists_the_corrupt_one(survey, tmp_path, capsys):
-    folder = seven_images(survey, tmp_path)
+    folder, points = seven_images(survey, tmp_path)
     out = tmp_path / "features"
     code, stdout, err = cli(
         capsys,
@@ -103,7 +106,7 @@ def test_extract_writes_the_good_images_and_lists_the_corrupt_one(survey, tmp_pa
         "--weights",
         survey["weights"],
         "--points",
-        FIXTURES / "survey_annotations.csv",
+        points,
         "--images",
         folder,
         "--out",
@@ -120,7 +123,7 @@ def test_extract_writes_the_good_images_and_lists_the_corrupt_one(survey, tmp_pa
 
 
 def test_classify_writes_results_and_report_of_the_good_images(survey, tmp_path, capsys):
-    folder = seven_images(survey, tmp_path)
+    folder, points = seven_images(survey, tmp_path)
     results = tmp_path / "results.csv"
     code, stdout, err = cli(
         capsys,
@@ -130,7 +133,7 @@ def test_classify_writes_results_and_report_of_the_good_images(survey, tmp_path,
         "--classifier",
         survey["clf"],
         "--points",
-        FIXTURES / "survey_annotations.csv",
+        points,
         "--images",
         folder,
         "--out",
