@@ -53,16 +53,28 @@ def run(args: argparse.Namespace) -> int:
         raise SurveyError(f"--threshold {args.threshold}: expected a score between 0 and 1")
     images = common.images(args)
     extractor = survey.weights_extractor(args.weights)
-    rows, classes = survey.classify_images(
-        survey.LocalRunner(),
-        extractor,
-        args.classifier,
-        images,
-        common.point_source(args),
-        threshold=args.threshold,
-        seed=args.seed,
-        progress=Bar("classify"),
-    )
+    points = common.point_source(args)
+    missing: dict[str, Any] = {}
+    status = common.report_missing_images("classify", args, missing, points, images)
+    failures: list[survey.Failure] = []
+    try:
+        rows, classes = survey.classify_images(
+            survey.LocalRunner(),
+            extractor,
+            args.classifier,
+            images,
+            points,
+            threshold=args.threshold,
+            seed=args.seed,
+            progress=Bar("classify"),
+        )
+    except survey.ImagesFailed as err:
+        if not err.done or not err.done[0]:  # no image classified: its one error says it all
+            raise
+        (rows, classes), failures = err.done, common.point_failures(args, err.failures)
+        # The good images' results and report are written; the failed ones are listed.
+        failed = {f.file for f in failures}
+        images = [p for p in images if str(p.resolve()) not in failed]
     coralnet.write_results(args.out, rows)
     accepted = sum(r.accepted for r in rows)
     summary: dict[str, Any] = {
@@ -92,5 +104,7 @@ def run(args: argparse.Namespace) -> int:
         )
         summary["report"] = str(page)
         lines.append(f"report: {page}")
+    summary.update(missing)
+    status |= common.report_failures("classify", summary, failures, "image failed")
     common.emit(args, summary, lines)
-    return 0
+    return status
