@@ -69,9 +69,10 @@ def run(args: argparse.Namespace) -> int:
             progress=Bar("classify"),
         )
     except survey.ImagesFailed as err:
-        if not err.done or not err.done[0]:  # no image classified: its one error says it all
-            raise
-        (rows, classes), failures = err.done, common.point_failures(args, err.failures)
+        err.failures = common.point_failures(args, err.failures)
+        if not err.done or not err.done[0]:  # nothing to show for the run
+            raise common.nothing_done("classify", args, err) from None
+        (rows, classes), failures = err.done, err.failures
         # The good images' results and report are written; the failed ones are listed.
         failed = {f.file for f in failures}
         images = [p for p in images if str(p.resolve()) not in failed]

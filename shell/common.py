@@ -149,6 +149,20 @@ def point_failures(args: argparse.Namespace, failures: list[survey.Failure]) -> 
     return survey.name_point_rows(failures, args.points)
 
 
+def nothing_done(command: str, args: argparse.Namespace, err: survey.ImagesFailed) -> Exception:
+    """The error to end a run with when every image failed: one line, the images listed once each."""
+    failures = err.failures
+    if len(failures) == 1 and failures[0].reason.startswith(f"{args.points}, row "):
+        return SurveyError(f"{failures[0].file}: {failures[0].reason}")  # retold by point_failures
+    if len(failures) <= 1:
+        return err
+    reasons = {f.reason for f in failures}
+    if len(reasons) == 1:
+        return SurveyError(f"all {len(failures)} images failed: {reasons.pop()}")
+    report_failures(command, {}, failures, "image failed")
+    return SurveyError(f"all {len(failures)} images failed (listed above)")
+
+
 def warn(command: str, summary: dict[str, Any], lines: Sequence[str]) -> None:
     """Warnings on stderr (one line each) and under "warnings" in the summary."""
     summary.setdefault("warnings", []).extend(lines)  # present, if empty, so scripts need not test for it

@@ -49,9 +49,10 @@ def run(args: argparse.Namespace) -> int:
         )
         failures: list[survey.Failure] = []
     except survey.ImagesFailed as err:
-        if not err.done:  # nothing to show for the run: its one error says it all
-            raise
-        done, failures = err.done, common.point_failures(args, err.failures)
+        err.failures = common.point_failures(args, err.failures)
+        if not err.done:  # nothing to show for the run
+            raise common.nothing_done("extract", args, err) from None
+        done, failures = err.done, err.failures
     count = sum(d.points for d in done)
     summary = {
         "images": len(done),

@@ -133,6 +133,18 @@ def describe_content(data: bytes) -> str | None:
     return None
 
 
+def not_weights(head: bytes, label: str, kind: str = "PyTorch weights") -> str | None:
+    """Why a file whose first bytes are `head` is no weights file (a classifier pickle, an image,
+    text), in one line naming `label`; None when it may be one. The first 64 KiB suffice."""
+    holds = describe_content(head)
+    if holds is None:
+        return None
+    return (
+        f"{label} is not {_article(kind)} file: it holds {holds}; weights are a PyTorch"
+        " file holding {'net': state_dict}, as CoralNet saves them (efficientnet_b0_ver1.pt)"
+    )
+
+
 def read_state_dict(
     source: WeightsSource, name: str | None = None, kind: str = "PyTorch weights"
 ) -> OrderedDict[str, torch.Tensor]:
@@ -156,12 +168,9 @@ def read_state_dict(
         # torch's own text runs over many lines, with terminal escapes and advice about its
         # internals: the message is one line naming the file (the cause stays chained).
         data = _content(source)
-        holds = describe_content(data) if data is not None else None
-        if holds is not None:
-            raise WeightsFileError(
-                f"{label} is not {_article(kind)} file: it holds {holds}; weights are a PyTorch"
-                " file holding {'net': state_dict}, as CoralNet saves them (efficientnet_b0_ver1.pt)"
-            ) from exc
+        wrong = not_weights(data, label, kind) if data is not None else None
+        if wrong is not None:
+            raise WeightsFileError(wrong) from exc
         raise WeightsFileError(
             f"Cannot read weights file {label}: not a PyTorch weights file loadable"
             f" with weights_only=True ({type(exc).__name__})"

@@ -28,7 +28,7 @@ from spacer_core.bulk.local import FEATURE_SUFFIX, feature_path
 from spacer_core.data_classes import Annotation, DataLocation, ImageFeatures, ImageLabels, ValResults
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import EfficientNetExtractor
-from spacer_core.extractors.torch_weights import plain_text
+from spacer_core.extractors.torch_weights import WeightsFileError, not_weights, plain_text
 from spacer_core.inference.backends import available_cpus, one_session
 from spacer_core.messages import (
     ClassifyImageMsg,
@@ -62,9 +62,19 @@ def local(path: str | Path) -> DataLocation:
 def weights_extractor(weights: str | Path) -> EfficientNetExtractor:
     """An EfficientNet extractor for a CoralNet-format weights file, its sha256 taken here."""
     try:
-        return bulk.weights_extractor(weights)
+        extractor = bulk.weights_extractor(weights)
     except InvalidInputError as err:
         raise SurveyError(str(err)) from None
+    check_weights_file(weights)
+    return extractor
+
+
+def check_weights_file(weights: str | Path) -> None:
+    """Refuse, before any image is read, a file that is plainly no weights file (a classifier...)."""
+    with open(weights, "rb") as f:
+        wrong = not_weights(f.read(1 << 16), str(weights), kind="EfficientNet-b0 weights")
+    if wrong is not None:
+        raise WeightsFileError(wrong)
 
 
 def image_files(paths: Iterable[str | Path] = (), folder: str | Path | None = None) -> list[Path]:
@@ -211,10 +221,12 @@ def extract_images(
     and the first image that fails (in that order) raises.
     """
     if isinstance(runner, LocalRunner):
-        items = _bulk_images(images, points, seed)
+        usable, pointless = _with_points(images, points)
+        # With no image left, the first one's error is the run's, as it always was.
+        items = _bulk_images(usable or images, points, seed)
         task = bulk.BulkTask.extract(extractor, features_dir, overwrite=True)
         try:
-            _run_on_bulk(task, items, runner.workers, progress)
+            _run_on_bulk(task, items, runner.workers, progress, pointless)
         except ImagesFailed as err:
             failed = {f.file for f in err.failures}
             err.done = [
@@ -254,12 +266,17 @@ def _bulk_images(images: Sequence[Path], points: PointSource, seed: int) -> list
 
 
 def _run_on_bulk(
-    task: bulk.BulkTask, items: Sequence[bulk.BulkImage], workers: int, progress: Progress | None
+    task: bulk.BulkTask,
+    items: Sequence[bulk.BulkImage],
+    workers: int,
+    progress: Progress | None,
+    pointless: Sequence[Failure] = (),
 ) -> dict[str, bulk.Outcome]:
     """Every image on the bulk engine under the current runtime; outcomes by image name.
 
     One failing image does not stop the others; once all have run, the
-    failures raise together as one SurveyError.
+    failures (with `pointless`, images left out for want of points) raise
+    together as one ImagesFailed.
     """
     outcomes: dict[str, bulk.Outcome] = {}
     for outcome in bulk.local_outcomes(task, items, runtime.current(), workers):
@@ -267,16 +284,33 @@ def _run_on_bulk(
         if progress:
             progress(len(outcomes), len(items), outcome.name)
     failed = [outcomes[i.name] for i in items if not outcomes[i.name].ok]
-    if failed:
-        listed = "; ".join(o.error if o.name in o.error else f"{o.name}: {o.error}" for o in failed)
-        if len(items) == 1:
-            raise ImagesFailed(listed, _failures(items, failed), outcomes)
+    if failed or pointless:
+        failures = [*_failures(items, failed), *pointless]
+        listed = "; ".join(
+            [o.error if o.name in o.error else f"{o.name}: {o.error}" for o in failed]
+            + [f"{Path(f.file).name}: {f.reason}" for f in pointless]
+        )
+        total = len(items) + len(pointless)
+        if total == 1:
+            raise ImagesFailed(listed, failures, outcomes)
         raise ImagesFailed(
-            f"{len(failed)} of {len(items)} images failed (the others are done): {listed}",
-            _failures(items, failed),
-            outcomes,
+            f"{len(failures)} of {total} images failed (the others are done): {listed}", failures, outcomes
         )
     return outcomes
+
+
+def _with_points(images: Sequence[Path], points: PointSource) -> tuple[list[Path], list[Failure]]:
+    """The images a points CSV has rows for, and a failure for each other one (generated: all)."""
+    if isinstance(points, PointSpec):
+        return list(images), []
+    usable: list[Path] = []
+    pointless: list[Failure] = []
+    for image in images:
+        if points.get(image.name):
+            usable.append(image)
+        else:
+            pointless.append(Failure(str(image.resolve()), "no rows with this Name in the points CSV"))
+    return usable, pointless
 
 
 class ImagesFailed(SurveyError):
@@ -582,7 +616,8 @@ def classify_images(
     A `LocalRunner` runs the images on the bulk engine (see `extract_images`).
     """
     if isinstance(runner, LocalRunner):
-        items = _bulk_images(images, points, seed)
+        usable, pointless = _with_points(images, points)
+        items = _bulk_images(usable or images, points, seed)
         rt = runtime.current()
         # The bulk engine keeps each image's scores in a part file; these go once the rows are read.
         with tempfile.TemporaryDirectory(prefix="spacer-classify-") as parts:
@@ -590,7 +625,7 @@ def classify_images(
                 extractor, local(classifier_file), Path(parts) / "results.csv", threshold, overwrite=True
             )
             try:
-                outcomes = _run_on_bulk(task, items, runner.workers, progress)
+                outcomes = _run_on_bulk(task, items, runner.workers, progress, pointless)
             except ImagesFailed as err:
                 # The good images' rows are read before their part files go.
                 err.done = bulk.result_rows(task, items, err.outcomes, rt, given)

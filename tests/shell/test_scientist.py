@@ -310,13 +310,13 @@ def test_a_bad_point_layout_is_a_usage_error(survey, tmp_path, spec):
 def test_a_classifier_passed_as_weights_is_named_as_such(survey, tmp_path):
     clf = write_classifier(tmp_path / "clf.pkl")
     done = spacer(
-        "extract", "--weights", "clf.pkl", "--points", "grid:2x2", survey["images"] / NAMES[0],
+        "extract", "--weights", "clf.pkl", "--points", "grid:2x2", *(survey["images"] / n for n in NAMES[:3]),
         "--out", tmp_path / "f", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and "\x1b" not in done.stderr
-    assert done.stderr.startswith(
-        f"spacer extract: {clf} is not an EfficientNet-b0 weights file:"
+    assert clf.is_file() and done.stderr.startswith(
+        "spacer extract: clf.pkl is not an EfficientNet-b0 weights file:"
         " it holds a pickled scikit-learn classifier (CalibratedClassifierCV);"
     )
 
@@ -371,3 +371,41 @@ def test_a_bad_row_value_names_the_csv_row(survey, tmp_path, capsys):
         f"spacer train: {FIXTURES / 'labelled_points_bad_row.csv'}, row 3, column 'Row':"
         " '4.5' is not a pixel position (a whole number >= 0)"
     ]
+
+
+def test_an_image_without_rows_in_the_points_csv_costs_only_itself(survey, tmp_path, capsys):
+    code, _, err = cli(
+        capsys,
+        "extract",
+        "--weights",
+        survey["weights"],
+        "--points",
+        FIXTURES / "annotations_two_images.csv",
+        *(survey["images"] / n for n in NAMES[:3]),
+        "--out",
+        tmp_path / "f",
+    )
+    assert code == 1
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [f"{n}.featurevector" for n in NAMES[:2]]
+    assert err == [
+        f"spacer extract: image failed: {survey['images'] / NAMES[2]}: no rows with this Name in the points CSV"
+    ]
+
+
+def test_when_every_image_fails_alike_it_is_said_once(survey, tmp_path, capsys):
+    points = tmp_path / "points.csv"
+    points.write_text("Name,Row,Column\n" + "".join(f"{n},900,10\n" for n in NAMES[:4]))
+    code, _, err = cli(
+        capsys,
+        "extract",
+        "--weights",
+        survey["weights"],
+        "--points",
+        points,
+        *(survey["images"] / n for n in NAMES[:4]),
+        "--out",
+        tmp_path / "f",
+    )
+    assert code == 1 and len(err) == 5
+    assert all(f"{points}, row {i + 2}: point (row 900, column 10)" in line for i, line in enumerate(err[:4]))
+    assert err[4] == "spacer extract: all 4 images failed (listed above)"
