@@ -66,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
         "ref_accs": list(outcome.result.ref_accs),
         "validation": outcome.metrics.as_dict(),
     }
-    if outcome.dropped:
-        common.warn("train", summary, [_dropped_line(outcome.dropped)])
+    common.warn("train", summary, [_dropped_line(outcome.dropped)] if outcome.dropped else [])
     lines = [
         f"trained {args.clf} on {outcome.counts['train']} points ({args.epochs} epochs):"
         f" validation accuracy {outcome.metrics.accuracy * 100:.1f}% on {outcome.counts['val']} points",

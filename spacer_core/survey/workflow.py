@@ -70,7 +70,8 @@ def weights_extractor(weights: str | Path) -> EfficientNetExtractor:
 
 
 def check_weights_file(weights: str | Path) -> None:
-    """Refuse, before any image is read, a file that is plainly no weights file (a classifier...)."""
+    """Refuse, before any image is read, a file that is plainly no weights file (a classifier
+    pickle, an image, text): otherwise every image would fail alike, each on its own."""
     with open(weights, "rb") as f:
         wrong = not_weights(f.read(1 << 16), str(weights), kind="EfficientNet-b0 weights")
     if wrong is not None:
