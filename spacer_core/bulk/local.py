@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from spacer_core import pipeline
-from spacer_core.data_classes import DataLocation
+from spacer_core.data_classes import DataLocation, FeatureProvenance, ImageFeatures, points_sha256
 from spacer_core.exceptions import InvalidInputError, SpacerError
 from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference.backends import available_cpus, one_session
@@ -336,17 +336,62 @@ def process_image(task: BulkTask, item: BulkImage) -> Outcome:
 
 
 def split_done(task: BulkTask, items: Sequence[BulkImage]) -> tuple[list[BulkImage], list[Outcome]]:
-    """(images still to do, outcomes of those whose output already exists); all to do with overwrite."""
+    """(images still to do, outcomes of those already done); all to do with overwrite.
+
+    An output counts as done only when it was made for the image's current
+    points and, for feature files, by the current extractor and weights; a
+    feature file of unknown origin (pyspacer's) counts as done when its points
+    match. Anything else is computed again.
+    """
     if task.overwrite:
         return list(items), []
     todo, done = [], []
     with worker_runtime(task).activate():
+        current = _current_source(task)
         for item in items:
-            if data_exists(task.output(item)):
+            if _output_current(task, item, current):
                 done.append(Outcome(item.name, True, len(item.rowcols), skipped=True))
             else:
                 todo.append(item)
     return todo, done
+
+
+def _current_source(task: BulkTask) -> FeatureProvenance | None:
+    """The extractor and weights features would be made with now (None if the weights cannot be read)."""
+    try:
+        return task.extractor.feature_provenance([], [])
+    except SpacerError:
+        return None  # every image is tried again, and fails with its own error
+
+
+def _output_current(task: BulkTask, item: BulkImage, current: FeatureProvenance | None) -> bool:
+    output = task.output(item)
+    if not data_exists(output):
+        return False
+    rows = [r for r, _ in item.rowcols]
+    cols = [c for _, c in item.rowcols]
+    try:
+        raw = load_bytes(output).getvalue()
+        if task.kind == "classify":
+            part = json.loads(raw)
+            return bool([tuple(rc) for rc in part["rowcols"]] == [tuple(rc) for rc in item.rowcols])
+        made = ImageFeatures.provenance_from_bytes(raw, output.key)
+        if made is None:
+            # Unknown origin: only the points can be checked, from the file itself.
+            features = ImageFeatures.from_bytes(raw, output.key)
+            return bool(
+                features.rows is not None
+                and features.cols is not None
+                and features.rows.tolist() == rows
+                and features.cols.tolist() == cols
+            )
+        return (
+            current is not None
+            and made.same_source(current)
+            and made.points_sha256 == points_sha256(rows, cols)
+        )
+    except (SpacerError, ValueError, KeyError, TypeError):
+        return False  # an unreadable output is made again
 
 
 @dataclass
@@ -359,6 +404,7 @@ class Summary:
     outcomes: dict[str, Outcome]
     seconds: float
     results: str | None = None  # the results CSV (classify)
+    interrupted: bool = False  # stopped by Ctrl-C: the outputs hold what finished before it
 
     def counts(self) -> dict[str, int]:
         values = list(self.outcomes.values())
@@ -380,6 +426,8 @@ class Summary:
         }
         if self.results is not None:
             out["results"] = self.results
+        if self.interrupted:
+            out["interrupted"] = True
         out["outputs"] = {
             item.name: self.outcomes[item.name].as_dict(self.task.output(item).key)
             for item in self.items
@@ -455,28 +503,78 @@ def default_workers() -> int:
     return available_cpus()
 
 
+class BulkInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a bulk run; its summary (what finished) was written first.
+
+    A KeyboardInterrupt still, so callers that do not know it stop as on any
+    Ctrl-C; the shell prints `message()` and exits with status 130.
+    """
+
+    def __init__(self, summary: Summary):
+        super().__init__(summary.task.summary_location.key)
+        self.summary = summary
+
+    def message(self) -> str:
+        counts = self.summary.counts()
+        return (
+            f"interrupted: {counts['ok']} of {counts['images']} images done"
+            f" ({counts['points_computed']} points computed), summary: {self.summary.task.summary_location.key}"
+        )
+
+
 def run(
     task: BulkTask, items: Sequence[BulkImage], progress: Progress | None = None, workers: int | None = None
 ) -> Summary:
     """The local engine: every image through the pipeline in this process, `workers` at a time.
 
     Images are started in manifest order; progress is reported as they finish.
+    Ctrl-C (KeyboardInterrupt, also from `progress`) starts no further image,
+    lets those being worked on finish, writes the summary of what finished
+    and raises BulkInterrupted.
     """
     start = time.monotonic()
     todo, done = split_done(task, items)
-    tally = Tally(len(items), progress, done)
-    count = max(1, min(workers or default_workers(), len(todo)))
-    if count == 1:
-        for item in todo:
-            tally.add(process_image(task, item))
-    else:
-
-        def one(item: BulkImage) -> Outcome:
-            with one_session():  # each worker keeps to one core's session
-                return process_image(task, item)
-
-        with concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="bulk-image") as pool:
-            # process_image turns every error into a failed Outcome, so one image never stops the rest.
-            for future in concurrent.futures.as_completed([pool.submit(one, item) for item in todo]):
-                tally.add(future.result())
+    outcomes: list[Outcome] = list(done)
+    try:
+        tally = Tally(len(items), progress, done)
+        outcomes = tally.outcomes
+        count = max(1, min(workers or default_workers(), len(todo)))
+        if count == 1:
+            for item in todo:
+                tally.add(process_image(task, item))
+        else:
+            _run_pool(task, todo, count, tally)
+    except KeyboardInterrupt:
+        summary = Summary(task, "local", list(items), {o.name: o for o in outcomes}, 0.0, interrupted=True)
+        summary.seconds = time.monotonic() - start
+        write_summary(summary)  # no results CSV: it would hold only part of the survey
+        raise BulkInterrupted(summary) from None
     return conclude(task, "local", items, tally.outcomes, start)
+
+
+def _run_pool(task: BulkTask, todo: Sequence[BulkImage], count: int, tally: Tally) -> None:
+    def one(item: BulkImage) -> Outcome:
+        with one_session():  # each worker keeps to one core's session
+            return process_image(task, item)
+
+    pool = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="bulk-image")
+    futures = [pool.submit(one, item) for item in todo]
+    tallied: set[concurrent.futures.Future[Outcome]] = set()
+    try:
+        # process_image turns every error into a failed Outcome, so one image never stops the rest.
+        for future in concurrent.futures.as_completed(futures):
+            tallied.add(future)
+            tally.add(future.result())
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            # Images under way finish (outputs are written whole); the rest never start.
+            concurrent.futures.wait(futures)
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C: summarise what is finished now
+        for future in futures:
+            if future.done() and not future.cancelled() and future not in tallied:
+                tally.outcomes.append(future.result())
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
