@@ -31,7 +31,7 @@ from spacer_core.exceptions import (
 )
 from spacer_core.locations import Location
 from spacer_core.locations import require as _require
-from spacer_core.storage import RemoteStorage, load_bytes, storage_factory, store_bytes  # noqa: F401  (pyspacer names)
+from spacer_core.storage import RemoteStorage, load_bytes, open_local, storage_factory, store_bytes  # noqa: F401  (pyspacer names)
 
 # Labels may be ints or strings (anything scikit-learn accepts as a target).
 LabelId: TypeAlias = int | str
@@ -471,6 +471,8 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 # The npz member holding FeatureProvenance as JSON text. pyspacer reads only
 # the members it names (meta, rows, cols, feat), so it ignores this one.
 _PROVENANCE_MEMBER = "provenance"
+# A provenance member is a few hundred bytes; anything near this is not one.
+_MAX_PROVENANCE_BYTES = 64 * 1024
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray], compresslevel: int) -> bytes:
@@ -744,8 +746,29 @@ class ImageFeatures(DataClass):
 
     @classmethod
     def load_provenance(cls, loc: DataLocation) -> FeatureProvenance | None:
-        """The provenance recorded in the feature file at ``loc`` (None: unknown origin)."""
-        return cls.provenance_from_bytes(load_bytes(loc).getvalue(), source=loc.key)
+        """The provenance recorded in the feature file at ``loc`` (None: unknown origin).
+
+        A local file is read no further than its provenance member, so checking
+        a folder of feature files costs little more than listing it.
+        """
+        if loc.storage_type != "filesystem":
+            return cls.provenance_from_bytes(load_bytes(loc).getvalue(), source=loc.key)
+        with open_local(loc) as f:
+            if f.read(4) != _ZIP_MAGIC:
+                return None
+            f.seek(0)
+            try:
+                with zipfile.ZipFile(f) as archive:
+                    try:
+                        info = archive.getinfo(_PROVENANCE_MEMBER + ".npy")
+                    except KeyError:
+                        return None
+                    if info.file_size > _MAX_PROVENANCE_BYTES:
+                        raise InvalidDataError(f"{loc.key}: the feature file's provenance is too large.")
+                    value = np.lib.format.read_array(BytesIO(archive.read(info)), allow_pickle=False)
+            except (ValueError, OSError, zipfile.BadZipFile) as err:
+                raise InvalidDataError(f"{loc.key}: not a valid feature file ({err}).") from err
+        return _provenance_value(value, loc.key)
 
     @classmethod
     def load(cls, loc: DataLocation, filesystem_cache: str | None = None) -> ImageFeatures:
@@ -760,7 +783,10 @@ class ImageFeatures(DataClass):
 def _npz_provenance(npz: Any, source: str) -> FeatureProvenance | None:
     if _PROVENANCE_MEMBER not in npz.files:
         return None
-    value = npz[_PROVENANCE_MEMBER]
+    return _provenance_value(npz[_PROVENANCE_MEMBER], source)
+
+
+def _provenance_value(value: np.ndarray, source: str) -> FeatureProvenance:
     if value.dtype.kind != "U" or value.shape != ():
         raise InvalidDataError(f"{source}: the feature file's provenance is not a text value.")
     return FeatureProvenance.from_mapping(

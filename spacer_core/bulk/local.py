@@ -371,14 +371,13 @@ def _output_current(task: BulkTask, item: BulkImage, current: FeatureProvenance 
     rows = [r for r, _ in item.rowcols]
     cols = [c for _, c in item.rowcols]
     try:
-        raw = load_bytes(output).getvalue()
         if task.kind == "classify":
-            part = json.loads(raw)
+            part = json.loads(load_bytes(output).getvalue())
             return bool([tuple(rc) for rc in part["rowcols"]] == [tuple(rc) for rc in item.rowcols])
-        made = ImageFeatures.provenance_from_bytes(raw, output.key)
+        made = ImageFeatures.load_provenance(output)  # reads the provenance member alone
         if made is None:
             # Unknown origin: only the points can be checked, from the file itself.
-            features = ImageFeatures.from_bytes(raw, output.key)
+            features = ImageFeatures.load(output)
             return bool(
                 features.rows is not None
                 and features.cols is not None

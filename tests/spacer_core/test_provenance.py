@@ -96,7 +96,7 @@ def test_pyspacer_feature_files_are_of_unknown_origin(tmp_path):
     assert ImageFeatures.load_provenance(loc(tmp_path / "x.fv")) is None
 
 
-def test_damaged_provenance_is_named_in_the_error():
+def test_damaged_provenance_is_named_in_the_error(tmp_path):
     meta = np.array([1, 1, 2])
     for bad in (np.array("{not json"), np.array('{"extractor": 5}'), np.array([1.0, 2.0])):
         out = io.BytesIO()
@@ -110,6 +110,9 @@ def test_damaged_provenance_is_named_in_the_error():
         )
         with pytest.raises(InvalidDataError, match="x.fv: not a valid feature file"):
             ImageFeatures.from_bytes(out.getvalue(), "x.fv")
+        (tmp_path / "x.fv").write_bytes(out.getvalue())
+        with pytest.raises(InvalidDataError, match="x.fv: "):
+            ImageFeatures.load_provenance(loc(tmp_path / "x.fv"))
 
 
 # ---------------------------------------------------------------- reruns
