@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from server.client import SpacerClient, channel_target, service_config
+from tests.server.test_lifecycle import start_serve
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
-from tests.test_server_lifecycle import start_serve
 
 
 def test_several_addresses_become_one_balanced_target():

@@ -20,9 +20,9 @@ from server.client import SpacerClient
 from server.errors import status_for
 from spacer_core.exceptions import DeadlineExceededError, SpacerError
 from spacer_core.inference import DynamicBatcher, Priority
+from tests.spacer_core.test_batcher import TIMEOUT, RecordingNetwork, expected, hold_worker, patches_of
 from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
 from tests.support.locations import fs_loc as fs
-from tests.test_batcher import TIMEOUT, RecordingNetwork, expected, hold_worker, patches_of
 
 # ---------------------------------------------------------------- batcher
 

@@ -26,7 +26,7 @@ from tests.support.bulk_survey import (
 
 ray = pytest.importorskip("ray")
 spacer = pytest.importorskip("spacer")
-from spacer_core import bulk_ray  # noqa: E402
+from spacer_core.bulk import ray_engine as bulk_ray  # noqa: E402
 from spacer_core.bulk.ray_engine import RayOptions  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ from spacer_core.messages import TrainClassifierMsg, TrainClassifierReturnMsg
 from spacer_core.task_utils import preprocess_labels
 from spacer_core.train_classifier import ClassifierTrainer, MiniBatchTrainer, trainer_factory
 from spacer_core.train_utils import make_random_data
-from tests.test_train_utils import float32_features, pyspacer_labels
+from tests.spacer_core.test_train_utils import float32_features, pyspacer_labels
 
 # make_random_data offsets int classes by their value: one noise sigma apart
 # here, so accuracies stay below 100%.
