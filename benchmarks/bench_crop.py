@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from _machine import cpu_name
+from _common import cpu_name
 from PIL import Image
 from spacer.extractors.torch_extractors import transformation
 from spacer.extractors.utils import crop_patches as spacer_crop_patches

@@ -37,15 +37,15 @@ import pytest
 from PIL import Image
 
 from server.client import SpacerClient
+from server.testing import ServeProcess
 from spacer_core.data_classes import DataLocation, ImageFeatures
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, png_header
+from spacer_core.testing import extractor_json, make_classifier, make_image, png_header
 from tests.support.hostile_pickles import (
     costly_variants,
     mismatched_variants,
     overflowing_classifier,
     variants,
 )
-from tests.support.serve_process import ServeProcess
 
 Code = grpc.StatusCode
 # Programs Pillow plugins (and image tools) could hand data to.

@@ -36,14 +36,14 @@ import pytest
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
+from server.testing import ServeProcess
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.messages import ExtractFeaturesMsg, JobMsg, TrainClassifierMsg, TrainingTaskLabels
+from spacer_core.testing import make_classifier, make_image
 from spacer_core.train_classifier import MiniBatchTrainer
+from spacer_core.weights.caffe_synthetic import conv, write_net
 from spacer_core.weights.synthetic import make_weights
-from tests.support.caffe_files import conv, write_net
-from tests.support.grpc_server import make_classifier, make_image
 from tests.support.hostile_files import lying_header, zip_bomb
-from tests.support.serve_process import ServeProcess
 
 Code = grpc.StatusCode
 DUMMY = {"class_path": "spacer.extractors.base.DummyExtractor", "data_locations": {}}

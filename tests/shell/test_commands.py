@@ -14,7 +14,7 @@ import pytest
 
 from server.cli import _build_parser
 from server.config import MIB, ServerConfig, config_from_args
-from tests.support.grpc_server import extractor_json, make_classifier, make_image
+from spacer_core.testing import extractor_json, make_classifier, make_image
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402

@@ -19,7 +19,8 @@ import pytest
 
 from server.cli import demo_command
 from server.config import ServerConfig
-from tests.support.serve_process import ROOT, ServeProcess
+from server.testing import ServeProcess
+from tests.support import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -20,13 +20,8 @@ from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.storage import DataRootsPolicy, load_classifier
 from spacer_core.survey.workflow import weights_extractor
-from tests.support.bulk_survey import (
-    assert_matches_pyspacer,
-    make_survey,
-    read_features,
-    write_image,
-    write_manifest,
-)
+from spacer_core.testing import make_survey, read_features, write_image, write_manifest
+from tests.support.bulk_survey import assert_matches_pyspacer
 
 spacer = pytest.importorskip("spacer")
 ROOT = Path(__file__).resolve().parents[2]

@@ -3,7 +3,7 @@
 pyspacer's VGG16CaffeExtractor needs Caffe, which is not installed here, so
 the oracle is pyspacer's own preprocessing (its crop and its Transformer:
 BGR, mean 128) followed by an independent NumPy implementation of Caffe's
-layers (tests/support/caffe_files.py).
+layers (spacer_core/weights/caffe_synthetic.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from spacer_core.extractors import VGG16CaffeExtractor
 from spacer_core.extractors.vgg16 import build_vgg16_network, combined_sha256
 from spacer_core.inference import load_backend
 from spacer_core.runtime import Runtime, RuntimeSettings
-from tests.support.caffe_files import (
+from spacer_core.weights.caffe_synthetic import (
     Enum,
     Layer,
     conv,

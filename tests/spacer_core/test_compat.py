@@ -23,8 +23,7 @@ from PIL import Image
 
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.messages import TrainClassifierMsg
-from tests.support.grpc_server import make_classifier
-from tests.support.weights import make_weights
+from spacer_core.testing import make_classifier, make_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "tests" / "fixtures" / "pyspacer050" / "examples"

@@ -35,11 +35,7 @@ from spacer_core.extractors import (
 from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS
 from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.storage import clear_memory_storage, storage_factory
-from tests.support.weights import (
-    WeightsFile,
-    make_state_dict,
-    make_weights,
-)
+from spacer_core.testing import WeightsFile, make_state_dict, make_weights
 
 TOLERANCE = 1e-4
 HASH_ERROR = "Hash doesn't match for extractor's 'weights' file/blob."
@@ -623,7 +619,7 @@ def test_no_points_is_an_error(efficientnet_weights: WeightsFile) -> None:
 
 @pytest.mark.slow
 def test_weights_helper_is_deterministic(tmp_path: Path, efficientnet_weights: WeightsFile) -> None:
-    from tests.support import weights as helper
+    from spacer_core.weights import synthetic as helper
 
     # A fresh build (not the per-process copy) must reproduce the fixture's file.
     rebuilt = helper._calibrated_state.__wrapped__(0)

@@ -14,7 +14,7 @@ import spacer.messages
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
-from tests.support.locations import fs_loc as loc
+from spacer_core.testing import fs_loc as loc
 
 
 def _classify_job(tmp_path, feature_path):

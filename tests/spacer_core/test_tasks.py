@@ -19,8 +19,8 @@ from sklearn.linear_model import SGDClassifier
 
 from spacer_core import config, data_classes, messages, tasks
 from spacer_core.exceptions import DataLimitError, FeatureDimensionError, RowColumnInvalidError
-from tests.support.locations import fs_loc as loc
-from tests.support.weights import make_weights
+from spacer_core.testing import fs_loc as loc
+from spacer_core.testing import make_weights
 
 FEATURE_DIM = 1280
 
