@@ -162,18 +162,25 @@ def make_classifier(path: Any, feature_dim: int = 1280, classes: tuple = (1, 2, 
 
 
 def calibrated_classifier(
-    kind: str = "LR", feature_dim: int = 1280, classes: tuple = (1, 2, 3)
+    kind: str = "LR", feature_dim: int = 1280, classes: tuple = (1, 2, 3), seed: int = 0
 ) -> CalibratedClassifierCV:
-    """A fitted CalibratedClassifierCV in memory: pyspacer's `LR` (SGD) or a small `MLP`."""
+    """A fitted CalibratedClassifierCV in memory: pyspacer's `LR` (SGD) or a small `MLP`.
+
+    Different seeds give different features to fit, so different models.
+    """
     if kind not in ("LR", "MLP"):
         raise ValueError(f"kind must be 'LR' or 'MLP', not {kind!r}")
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     y = np.array([classes[i % len(classes)] for i in range(20 * len(classes))])
     x = (
         rng.normal(size=(len(y), feature_dim))
         + np.eye(len(classes), feature_dim)[[classes.index(c) for c in y]] * 3
     )
-    base = SGDClassifier(loss="log_loss", random_state=0) if kind == "LR" else MLPClassifier((4,), max_iter=2)
+    base = (
+        SGDClassifier(loss="log_loss", random_state=0)
+        if kind == "LR"
+        else MLPClassifier((4,), max_iter=2, random_state=0)
+    )
     with warnings.catch_warnings():
         # Two MLP iterations never converge; these are fixtures, not models.
         warnings.simplefilter("ignore")
