@@ -655,6 +655,7 @@ def _listing(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_gets_a_clear_status(env, case: Case):
     outside_before = _listing(env.outside)

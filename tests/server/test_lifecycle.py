@@ -144,6 +144,7 @@ def test_sigterm_reports_not_serving_refuses_new_calls_and_finishes_in_flight_wo
     assert "draining" in log
 
 
+@pytest.mark.slow
 def test_serve_rejects_bad_settings_with_a_clear_message():
     result = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--device", "tpu"],

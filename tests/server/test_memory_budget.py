@@ -155,6 +155,7 @@ def test_a_cancelled_waiter_gives_way(footprints):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_the_engine_holds_no_more_image_memory_than_its_budget(jobs, footprints, efficientnet_weights):  # noqa: F811
     """Concurrent streams' images through the real pipeline and network: the
     bytes held never pass the bulk share of the budget, every image is served."""

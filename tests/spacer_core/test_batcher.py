@@ -286,6 +286,7 @@ def test_close_drains_or_fails_queued_work():
     np.testing.assert_array_equal(pending.result(0), expected([8, 9]))
 
 
+@pytest.mark.slow
 def test_real_network_through_the_batcher(efficientnet_weights, tmp_path):  # noqa: F811
     from spacer_core.crop import crop_array
     from spacer_core.extractors.efficientnet import build_network

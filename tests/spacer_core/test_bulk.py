@@ -149,6 +149,7 @@ def make_survey_weights():
     return cached_weights().path
 
 
+@pytest.mark.slow
 def test_names_on_s3_and_http_are_read_through_storage(tmp_path, s3_bucket, http_server):  # noqa: F811
     write_image(tmp_path / "a.jpg", 1)
     write_image(tmp_path / "b.jpg", 2)

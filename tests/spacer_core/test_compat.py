@@ -124,6 +124,7 @@ def test_deliberate_gaps_are_real_pyspacer_names_still_missing_here():
                 _ours(module, dotted)
 
 
+@pytest.mark.slow
 def test_untrained_instance_extracts_1280_features():
     from spacer_core.extractors import EfficientNetExtractor
 
@@ -518,6 +519,7 @@ def test_same_padding_convs_compute_as_pyspacers(kernel, stride, size):
     assert ours.get_same_padding_conv2d(None).__name__ == "Conv2dDynamicSamePadding"
 
 
+@pytest.mark.slow
 def test_efficientnet_class_loads_pyspacers_parameters_and_computes_the_same():
     import torch
     from spacer.extractors.efficientnet import EfficientNet as Theirs
@@ -660,6 +662,7 @@ def test_alias_runs_a_pyspacer_program_although_pyspacer_is_installed(tmp_path):
     assert "points 2 1280" in result.stdout
 
 
+@pytest.mark.slow
 def test_alias_refuses_after_real_pyspacer_was_imported(tmp_path):
     script = tmp_path / "late.py"
     script.write_text("import spacer.messages\nimport spacer_core.compat as c\nc.install()\n")

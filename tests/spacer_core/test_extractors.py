@@ -90,6 +90,7 @@ def _matrix(features) -> np.ndarray:
 PARITY_POINTS = POINTS + [(1, 100), (148, 100), (75, 0), (75, 199), (30, 60)]
 
 
+@pytest.mark.slow
 def test_features_match_pyspacer(efficientnet_weights: WeightsFile, record_property) -> None:
     image = _image()
     ours, msg = _extractor(efficientnet_weights)(image, PARITY_POINTS)
@@ -448,6 +449,7 @@ def test_remote_weights_need_a_cache_dir(http_server, monkeypatch) -> None:
         extractor(_image(), POINTS[:1])
 
 
+@pytest.mark.slow
 def test_s3_weights_are_cached(efficientnet_weights: WeightsFile, s3_bucket: str, cache_dir: Path) -> None:
     storage_factory("s3", s3_bucket).store("extractors/b0_s3.pt", efficientnet_weights.path.read_bytes())
     loc = DataLocation("s3", "extractors/b0_s3.pt", bucket_name=s3_bucket)

@@ -65,6 +65,7 @@ def _extractor(weights) -> EfficientNetExtractor:
     return EfficientNetExtractor(data_locations={"weights": DataLocation("filesystem", str(weights.path))})
 
 
+@pytest.mark.slow
 def test_run_matches_pyspacer_from_locations_and_bytes(
     images, pyspacer_features, runtime, efficientnet_weights
 ):  # noqa: F811

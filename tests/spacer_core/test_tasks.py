@@ -89,6 +89,7 @@ def _msg_class(task_name: str) -> str:
     }[task_name]
 
 
+@pytest.mark.slow
 def test_extract_features_matches_pyspacer(workdir, extractor_json, image_path):
     msg = {
         "job_token": "reef",
