@@ -514,6 +514,7 @@ def test_feature_file_that_inflates(case: Server, kind: str) -> None:
     expect(code, lambda: case.client.classify_features(fs(path), fs(case.root / "clf.pkl")), path.name)
 
 
+@pytest.mark.slow
 def test_feature_file_bomb_in_training(case: Server) -> None:
     path = case.root / "bomb-bomb.featurevector"
     if not path.exists():

@@ -198,6 +198,7 @@ def test_rerun_skips_done_images_and_overwrite_redoes_them(survey, tmp_path):
     assert (out / redone).stat().st_mtime_ns != stamps[redone]
 
 
+@pytest.mark.slow
 def test_classify_writes_the_results_csv_from_the_pipeline_scores(survey, tmp_path, capsys):
     results = tmp_path / "results.csv"
     code = main(

@@ -313,6 +313,7 @@ def _aws_check_output(package: str, env: dict[str, str], cwd: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anonymous", [False, True])
 def test_aws_check_prints_pyspacers_lines(moto_server, tmp_path, anonymous):
     from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY

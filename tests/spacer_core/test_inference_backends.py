@@ -322,6 +322,7 @@ def test_artifacts_of_older_formats_are_not_reused(efficientnet_weights, tmp_pat
     assert f".f{compile_cache.ARTIFACT_FORMAT}." in path.name and compile_cache.ARTIFACT_FORMAT >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 3, 4, 8, 13])
 def test_onnx_sessions_split_a_batch_and_keep_its_order(
     n,

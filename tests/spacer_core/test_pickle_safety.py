@@ -168,6 +168,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_probe_file_crashes_plain_pickle():
     # Proof the variants are real: NumPy trusts the dtype state and reads raw bytes as objects.
     out = _run_python(
@@ -179,6 +180,7 @@ def test_the_probe_file_crashes_plain_pickle():
     assert out.returncode < 0, (out.returncode, out.stderr[-500:])
 
 
+@pytest.mark.slow
 def test_numpy_state_and_attribute_variants_are_refused():
     out = _run_python(
         "import json\n"

@@ -79,6 +79,7 @@ def test_run_matches_pyspacer_from_locations_and_bytes(
                 assert result.rowcols == list(rowcols) and result.scores is None
 
 
+@pytest.mark.slow
 def test_concurrent_async_jobs_share_the_batcher(images, pyspacer_features, runtime, efficientnet_weights):  # noqa: F811
     extractor = _extractor(efficientnet_weights)
 

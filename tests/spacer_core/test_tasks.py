@@ -156,6 +156,7 @@ def test_classify_features_matches_pyspacer(workdir, classifier_path, legacy):
     assert again.classes == ours.classes
 
 
+@pytest.mark.slow
 def test_classify_image_matches_pyspacer(extractor_json, image_path, classifier_path):
     msg = {
         "job_token": "ci",
