@@ -18,8 +18,9 @@ from server.client import SpacerClient
 from spacer_core import config as core_config
 from spacer_core import crop
 from spacer_core import exceptions as exc
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
-from tests.support.locations import fs_loc as fs
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from spacer_core.testing import fs_loc as fs
+from tests.support.grpc_server import running_server
 
 Code = grpc.StatusCode
 

@@ -11,7 +11,8 @@ import pytest
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
 from spacer_core import config as core_config
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from tests.support.grpc_server import running_server
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402
@@ -22,7 +23,7 @@ from spacer.messages import ClassifyFeaturesMsg as SpClassifyFeaturesMsg  # noqa
 from spacer.messages import ClassifyImageMsg as SpClassifyImageMsg  # noqa: E402
 from spacer.messages import ExtractFeaturesMsg as SpExtractMsg  # noqa: E402
 
-from tests.support.locations import fs_loc as fs  # noqa: E402
+from spacer_core.testing import fs_loc as fs  # noqa: E402
 
 ROWCOLS = [(10, 12), (40, 60), (71, 95)]
 

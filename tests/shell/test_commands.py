@@ -14,7 +14,7 @@ import pytest
 
 from server.config import MIB, ServerConfig, config_from_args
 from shell.main import build_parser
-from tests.support.grpc_server import extractor_json, make_classifier, make_image
+from spacer_core.testing import extractor_json, make_classifier, make_image
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402
@@ -109,6 +109,7 @@ def run_cli(
     )
 
 
+@pytest.mark.slow
 def test_check_config_prints_effective_settings():
     result = run_cli("check-config", "--port", "6123", env={"SPACER_PRECISION": "fast"})
     assert result.returncode == 0, result.stderr
@@ -121,6 +122,7 @@ def test_check_config_prints_effective_settings():
     assert "fast precision on CPU:" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("spacer") is None, reason="console script not installed")
 def test_console_script_entry_point():
     result = subprocess.run(["spacer", "--help"], capture_output=True, text=True, timeout=60)
@@ -131,6 +133,7 @@ def fs(path) -> SpLoc:
     return SpLoc("filesystem", str(path))
 
 
+@pytest.mark.slow
 def test_classify_subcommand_matches_pyspacer_on_a_features_message(tmp_path):
     rng = np.random.default_rng(1)
     features = SpFeatures([SpPoint(r, c, rng.normal(size=1280)) for r, c in [(1, 2), (3, 4)]], True, 1280, 2)
@@ -173,6 +176,7 @@ def test_extract_subcommand_writes_pyspacer_features(tmp_path, efficientnet_weig
         np.testing.assert_allclose(a.data, b.data, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_train_subcommand_trains_and_stores(tmp_path):
     from spacer.data_classes import ImageLabels
     from spacer.messages import TrainClassifierMsg, TrainingTaskLabels
@@ -208,6 +212,7 @@ def test_train_subcommand_trains_and_stores(tmp_path):
     assert len(ours["ref_accs"]) == 3
 
 
+@pytest.mark.slow
 def test_task_subcommand_errors_name_the_file_and_the_status(tmp_path):
     msg = ClassifyFeaturesMsg("cli-4", fs(tmp_path / "missing.fv"), fs(tmp_path / "clf.pkl"))
     (tmp_path / "msg.json").write_text(json.dumps(msg.serialize()))

@@ -17,7 +17,8 @@ import pytest
 
 from shell.main import main
 from spacer_core.survey import coralnet, demo
-from tests.support.grpc_server import extractor_json, running_server
+from spacer_core.testing import extractor_json
+from tests.support.grpc_server import running_server
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402

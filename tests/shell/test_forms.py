@@ -26,7 +26,7 @@ from spacer_core import crop
 from spacer_core import exceptions as spacer_exc
 from spacer_core.data_classes import DataLocation, ImageFeatures, PointFeatures
 from spacer_core.messages import ClassifyFeaturesMsg
-from tests.support.grpc_server import make_classifier
+from spacer_core.testing import make_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 STATUS_NAMES = [code.name for code in grpc.StatusCode]

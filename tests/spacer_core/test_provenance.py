@@ -35,9 +35,9 @@ from spacer_core.messages import ClassifyFeaturesMsg, ClassifyImageMsg, TrainCla
 from spacer_core.storage import load_classifier
 from spacer_core.survey.workflow import evaluate, weights_extractor
 from spacer_core.task_utils import CLASSIFIER_PROVENANCE_ATTR, classifier_provenance
+from spacer_core.testing import make_survey, points_for, write_classifier, write_manifest
 from spacer_core.train_utils import make_random_data
 from spacer_core.weights.synthetic import cached_weights
-from tests.support.bulk_survey import make_survey, points_for, write_classifier, write_manifest
 
 sp_dc = pytest.importorskip("spacer.data_classes")
 sp_tasks = pytest.importorskip("spacer.tasks")
