@@ -13,6 +13,11 @@ image is read) and, once its header is read, the bytes the image will hold
 (`MemoryBudget`, before anything is decoded). Memory under load follows the
 byte budget, whatever the image sizes and point counts.
 
+The points each piece of work extracted or scored are reported here, once
+it has succeeded (`server.metrics.count_points`): image work in
+`run_image`, pyspacer jobs in `run_job`, stored features in
+`classify_features`, whichever call or stream item asked for it.
+
 Interactive work goes ahead of bulk work at each of the places it can wait:
 admission (a share of the slots and of the bytes is kept for it), the pool
 (a priority queue) and the batcher (batches filled in priority order).
@@ -32,6 +37,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
+from server import metrics
 from server.config import MIB, Preload, ServerConfig
 from server.errors import invalid
 from server.security import redact_job_error
@@ -41,7 +47,13 @@ from spacer_core.exceptions import InvalidInputError, QueueFullError
 from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference import Priority
 from spacer_core.inference.batcher import DEFAULT_PRIORITY
-from spacer_core.messages import JobMsg, JobReturnMsg, TrainClassifierMsg
+from spacer_core.messages import (
+    ClassifyFeaturesMsg,
+    ClassifyReturnMsg,
+    JobMsg,
+    JobReturnMsg,
+    TrainClassifierMsg,
+)
 from spacer_core.pipeline import ImageJob, ImageResult
 from spacer_core.runtime import LoadedModel, Runtime
 from spacer_core.task_io import TrainClassifierReturnMsg
@@ -287,6 +299,21 @@ def _cancellable(
         return func(*args)
 
 
+def _job_points(job: JobMsg, result: JobReturnMsg) -> int:
+    # A job's tasks succeed or fail together; only a finished job did its points.
+    if not result.ok or not result.results:
+        return 0
+    points = 0
+    for task, returned in zip(job.tasks, result.results, strict=False):
+        scores = getattr(returned, "scores", None)
+        rowcols = getattr(task, "rowcols", None)
+        if scores is not None:
+            points += len(scores)
+        elif rowcols is not None:
+            points += len(rowcols)
+    return points
+
+
 class Engine:
     """Runs library work for the servicer: a thread pool, admission, the server's runtime.
 
@@ -387,11 +414,20 @@ class Engine:
         call = partial(self.call, priority=priority)
         if not self.config.batching:
             # One library call per image: at most `workers` images in memory at once.
-            return await call(pipeline.run, job)
-        admit = partial(self.memory.acquire, priority=priority, wait=wait)
-        return await pipeline.run_async(
-            job, self.runtime, call, priority=priority, deadline=deadline, admit=admit
-        )
+            result = await call(pipeline.run, job)
+        else:
+            admit = partial(self.memory.acquire, priority=priority, wait=wait)
+            result = await pipeline.run_async(
+                job, self.runtime, call, priority=priority, deadline=deadline, admit=admit
+            )
+        metrics.count_points(len(result.rowcols))
+        return result
+
+    async def classify_features(self, msg: ClassifyFeaturesMsg) -> ClassifyReturnMsg:
+        """Score stored features with a stored classifier (pyspacer's classify_features task)."""
+        result = await self.call(tasks.classify_features, msg)
+        metrics.count_points(len(result.scores))
+        return result
 
     async def run_job(self, data: dict[str, Any], *, deadline: float | None = None) -> JobReturnMsg:
         """A pyspacer job (its JSON, parsed) as long work; a failed job's error is made client-safe."""
@@ -404,6 +440,7 @@ class Engine:
         for i, task in enumerate(job.tasks):
             limits.check_task(task, f"job_msg_json.tasks[{i}]")
         result = await self.call_long(tasks.process_job, job, deadline=deadline)
+        metrics.count_points(_job_points(job, result))
         if not result.ok and result.error_message:
             # The library reply carries a traceback; clients get its last line, redacted.
             tokens = ",".join(task.job_token for task in job.tasks)
