@@ -176,3 +176,32 @@ def test_oip_inference_counts_points_and_failed_stream_items(served, data, caplo
     assert any(
         line.startswith("rpc method=ModelStreamInfer status=OK") and "points=3" in line for line in lines
     )
+
+
+def _check_config(capsys, *flags: str) -> dict:
+    from shell.main import build_parser
+    from shell.serve import run_check_config
+
+    assert run_check_config(build_parser().parse_args(["check-config", *flags])) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[: out.index("spacer_core settings:")])
+
+
+def test_check_config_prints_the_limits_in_force(capsys):
+    from spacer_core import config as core_config
+
+    settings = _check_config(capsys)
+    limits, server = settings["limits_in_force"], settings["server"]
+    assert limits["max_image_pixels"] == core_config.MAX_IMAGE_PIXELS > 0
+    assert limits["max_points_per_image"] == core_config.MAX_POINTS_PER_IMAGE > 0
+    assert server["max_image_pixels"] == limits["max_image_pixels"]
+    assert None not in limits.values()
+    # Every size in bytes, named so; the flags that set them take MiB.
+    sizes = [name for name in limits if "bytes" in name or name.endswith(("_mb", "_mib"))]
+    assert sizes and all(name.endswith("_bytes") for name in sizes)
+    assert limits["memory_budget_bytes"] == server["memory_budget_bytes"] == 512 << 20
+    assert limits["long_work_workers"] == server["long_work_workers"] >= 1
+
+    chosen = _check_config(capsys, "--max-image-pixels", "5000", "--max-feature-file-mb", "2")
+    assert chosen["limits_in_force"]["max_image_pixels"] == 5000
+    assert chosen["limits_in_force"]["max_feature_file_bytes"] == 2 << 20
