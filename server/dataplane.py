@@ -33,7 +33,7 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -299,6 +299,11 @@ def _cancellable(
         return func(*args)
 
 
+def _identity(model: LoadedModel) -> tuple[str, str]:
+    # A network is its weights' digest; a classifier its location.
+    return model.kind, model.weights_sha256 or model.name
+
+
 def _job_points(job: JobMsg, result: JobReturnMsg) -> int:
     # A job's tasks succeed or fail together; only a finished job did its points.
     if not result.ok or not result.results:
@@ -330,6 +335,8 @@ class Engine:
         self.memory = MemoryBudget(budget, budget // 4 if config.priority else 0)
         self.runtime = Runtime(config.runtime_settings(), policy=config.storage_policy())
         self._pool = PriorityPool(config.workers)
+        # Models the preload file named, as (kind, identity) of `_identity`.
+        self._preloaded: set[tuple[str, str]] = set()
         # Long work (RunJob, TrainClassifier) holds at most this many workers.
         self._long_slots = asyncio.Semaphore(config.long_work_slots)
 
@@ -515,7 +522,19 @@ class Engine:
             loaded.append(await self.call(self._load_extractor, extractor, True))
         for loc in models.classifiers:
             loaded.append(await self.load_classifier(loc))
+        self._preloaded.update(_identity(m) for m in loaded)
         return loaded
+
+    def models(self) -> list[LoadedModel]:
+        """Every network and classifier the runtime holds, with what loaded it:
+        "preload", "load_model" or "call" (loaded by the call that first used it)."""
+        held = []
+        for model in self.runtime.loaded():
+            by = model.loaded_by
+            if by == "request":
+                by = "preload" if _identity(model) in self._preloaded else "load_model"
+            held.append(replace(model, loaded_by=by))
+        return held
 
     async def load_classifier(self, loc: DataLocation) -> LoadedModel:
         return await self.call(self.runtime.load_classifier, loc)

@@ -129,7 +129,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         return convert.loaded_proto(model)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:  # type: ignore[override]
-        models = self.engine.runtime.loaded_models()
+        models = self.engine.models()
         return pb.ListModelsResponse(models=[convert.loaded_proto(m) for m in models])
 
     # ------------------------------------------------------------ streams

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 
 import grpc
 import numpy as np
@@ -205,3 +206,42 @@ def test_check_config_prints_the_limits_in_force(capsys):
     chosen = _check_config(capsys, "--max-image-pixels", "5000", "--max-feature-file-mb", "2")
     assert chosen["limits_in_force"]["max_image_pixels"] == 5000
     assert chosen["limits_in_force"]["max_feature_file_bytes"] == 2 << 20
+
+
+def test_list_models_shows_what_calls_loaded(data):
+    with running_server(workers=2) as server, SpacerClient(server.address, timeout=60) as client:
+        _list_after_calls(client, data)
+
+
+def _list_after_calls(client, data):
+    other = make_classifier(data["root"] / "other.pkl", classes=(4, 5), seed=2)
+    start = time.time()
+    client.classify_image(data["extractor"], POINTS[:1], fs(data["image"]), fs(data["clf"]))
+    client.load_model(classifier_loc=fs(other))
+    models = client.list_models()
+    networks = [m for m in models if m.kind == "extractor" and m.weights_sha256 == data["sha256"]]
+    assert len(networks) == 1
+    (network,) = networks
+    assert network.extractor_class == "spacer_core.extractors.efficientnet.EfficientNetExtractor"
+    assert network.loaded_by == "call" and network.feature_dim == 1280
+    assert start - 1 <= network.last_used <= time.time() + 1
+    classifiers = {m.name: m for m in models if m.kind == "classifier"}
+    by_call = [m for name, m in classifiers.items() if str(data["clf"]) in name]
+    by_request = [m for name, m in classifiers.items() if str(other) in name]
+    assert [m.loaded_by for m in by_call] == ["call"] and by_call[0].last_used >= start - 1
+    assert [m.loaded_by for m in by_request] == ["load_model"] and by_request[0].last_used >= start - 1
+    assert [label.id for label in by_request[0].classes] == [4, 5]
+
+
+def test_list_models_names_preloaded_models(data, tmp_path):
+    preload = tmp_path / "preload.json"
+    preload.write_text(json.dumps({"classifiers": [fs(data["clf"])]}))
+    with (
+        running_server(workers=2, preload=preload) as server,
+        SpacerClient(server.address, timeout=60) as client,
+    ):
+        deadline = time.monotonic() + 30
+        while client.health() != "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (model,) = client.list_models()
+    assert model.kind == "classifier" and model.loaded_by == "preload" and str(data["clf"]) in model.name
