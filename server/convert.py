@@ -258,4 +258,8 @@ def loaded_proto(model: LoadedModel) -> pb.LoadedModel:
         classes=[label_proto(c) for c in model.classes],
         feature_dim=model.feature_dim,
         load_seconds=model.load_seconds,
+        extractor_class=model.extractor_class,
+        weights_sha256=model.weights_sha256,
+        loaded_by=model.loaded_by,
+        last_used=model.last_used,
     )

@@ -264,14 +264,20 @@ def test_run_job_rejects_text_that_is_not_a_job(client):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, text
 
 
+def requested_models(client) -> list:
+    """ListModels' entries loaded by LoadModel (calls before this one loaded others on their way)."""
+    return [m for m in client.list_models() if m.loaded_by != "call"]
+
+
 def test_load_and_list_models(client, data):
-    assert client.list_models() == []
+    assert requested_models(client) == []
     clf = client.load_model(classifier_loc=fs(data["clf"]))
     assert clf.kind == "classifier" and [c.id for c in clf.classes] == [1, 2, 3]
     assert clf.feature_dim == 1280
     ext = client.load_model(extractor=data["extractor"])
     assert ext.kind == "extractor" and ext.feature_dim == 1280
-    assert sorted(m.kind for m in client.list_models()) == ["classifier", "extractor"]
+    assert sorted(m.kind for m in requested_models(client)) == ["classifier", "extractor"]
+    assert {m.loaded_by for m in requested_models(client)} == {"load_model"}
     with pytest.raises(grpc.RpcError) as err:
         client.load_model(classifier_loc=fs(data["root"] / "missing.pkl"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
