@@ -3,7 +3,8 @@
 Each subcommand lives in its own module with `add_parser` and `run`. The
 commands that work in this process (extract, classify, train, evaluate,
 bulk, demo, weights) fail with one line on stderr and exit 1; usage errors
-exit 2 with the usage. Ctrl-C stops any command with one line and exit 130.
+exit 2 with the usage. Ctrl-C stops them with one line and exit 130
+(`spacer serve` handles SIGINT itself: it drains, then exits 0).
 """
 
 from __future__ import annotations
