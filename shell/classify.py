@@ -62,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         seed=args.seed,
         progress=Bar("classify"),
+        # Points a person labelled keep that label in the results, whatever the score.
+        given=common.given_labels(args),
     )
     coralnet.write_results(args.out, rows)
     accepted = sum(r.accepted for r in rows)

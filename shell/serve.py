@@ -16,9 +16,21 @@ from shell.errors import UsageError
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """`serve` and `check-config`; both take the server's flags (--log-level among them)."""
-    serve = sub.add_parser("serve", help="run the gRPC server (default 127.0.0.1:50051)", epilog=WEIGHTS_NOTE)
+    serve = sub.add_parser(
+        "serve",
+        help="run the gRPC server (default 127.0.0.1:50051)",
+        description="Serve spacer.v1.Spacer (and the Open Inference Protocol) over gRPC until SIGTERM or"
+        " Ctrl-C, then drain. Every flag can also be set by the SPACER_* variable in brackets; a flag"
+        " wins over its variable.",
+        epilog=WEIGHTS_NOTE,
+    )
     add_arguments(serve)
-    check = sub.add_parser("check-config", help="print the effective settings and exit")
+    check = sub.add_parser(
+        "check-config",
+        help="print the effective settings and exit",
+        description="Print the settings `spacer serve` would run with (the same flags and SPACER_*"
+        " variables) and the library's own, then exit: 1 when they do not hold.",
+    )
     add_arguments(check)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -252,3 +253,74 @@ def test_the_demo_hint_names_an_address_a_local_client_can_dial(host, expected):
     from shell.serve import demo_command
 
     assert demo_command(parse(["--host", host, "--allow-any-path"])) == f"spacer demo --server {expected}"
+
+
+def _help(*argv: str) -> None:
+    """Print `spacer ARGV --help` (read it with capsys)."""
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*argv, "--help"])
+    assert info.value.code == 0
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_server_help_shows_every_default_and_variable(command, capsys):
+    _help(command)
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in (
+        "--host HOST interface to listen on (default: 127.0.0.1) [SPACER_HOST]",
+        "(default: 50051) [SPACER_PORT]",
+        "(default: exact) [SPACER_PRECISION]",
+        "(default: 64) [SPACER_MAX_MESSAGE_MB]",
+        "(default: 512) [SPACER_MEMORY_BUDGET_MB]",
+        "(default: true) [SPACER_BATCHING]",
+        f"{ServerConfig().workers} here) [SPACER_WORKERS]",
+        "(default: INFO) [SPACER_LOG_LEVEL]",
+    ):
+        assert shown in text
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        if action.dest != "help":
+            assert "default" in action.help and "[SPACER_" in action.help, action.option_strings
+
+
+def test_each_command_help_is_its_own(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    descriptions = {name: command.description for name, command in sub.choices.items()}
+    assert all(descriptions.values()), [name for name, text in descriptions.items() if not text]
+    assert len(set(descriptions.values())) == len(descriptions)
+    outs = {}
+    for name in ("extract", "classify", "train", "evaluate"):
+        out = next(a for a in sub.choices[name]._actions if a.dest == "out")
+        outs[name] = out.help
+    assert len(set(outs.values())) == len(outs)
+    assert "classifier pickle" in outs["train"] and "features" not in outs["train"]
+    assert "results CSV" in outs["classify"] and ".featurevector" in outs["extract"]
+    _help("train")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Train a classifier" in text and "TrainClassifierMsg" in text
+    assert "results CSV" not in text and "features folder" not in text
+
+
+def test_health_takes_the_server_positionally_or_with_server(capsys):
+    from shell.main import main
+    from tests.support.grpc_server import running_server
+
+    with running_server() as server:
+        for argv in (
+            ["health", server.address],
+            ["health", "--server", server.address],
+            ["health", server.address, "--server", server.address],
+        ):
+            assert main(argv) == 0, argv
+            assert capsys.readouterr().out == f"{server.address}: SERVING\n"
+        assert main(["health", "--server", server.address, "--service", "no.such.Service"]) == 1
+        with pytest.raises(SystemExit) as info:
+            main(["health", server.address, "--server", "127.0.0.1:1"])
+        assert info.value.code == 2 and "two servers named" in capsys.readouterr().err
+    assert main(["health", "--server", server.address, "--timeout", "1"]) == 1  # stopped: unreachable
+    assert capsys.readouterr().err.startswith(f"{server.address}: ")
+    _help("health")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--server ADDR" in text and "(default 127.0.0.1:50051)" in text
