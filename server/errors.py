@@ -82,15 +82,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
-# Statuses whose error may come from any of the request's files. An error that
-# carries no location (a bare boto 404, a refused connection seen by code that
-# did not know the location) gets the request's locations listed instead.
-_NAME_THE_FILES = {
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-}
+# What storage raises. One of these that carries no location (a bare boto
+# 404, a refused connection met by code that did not know the location) could
+# be about any of the request's files, so the reply lists them.
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    spacer_exc.StorageKeyError,
+    spacer_exc.StorageFileNotFoundError,
+    spacer_exc.StorageMissingObjectError,
+    spacer_exc.StorageUnavailableError,
+    spacer_exc.StorageRequestError,
+    spacer_exc.URLDownloadError,
+    spacer_exc.AccessDeniedError,
+)
 
 _MAX_LISTED = 6
 
@@ -137,7 +140,7 @@ def describe(
             message = f"{name}: {message}"
     if context:
         message = f"{_clip(context)}: {message}"
-    if status in _NAME_THE_FILES and about is None and locations:
+    if isinstance(exc, _STORAGE_ERRORS) and about is None and locations:
         shown = ", ".join(_clip(str(loc)) for loc in locations[:_MAX_LISTED])
         more = len(locations) - _MAX_LISTED
         if more > 0:
@@ -187,7 +190,11 @@ def request_locations(message: Any) -> list[FieldLocation]:
                     loc: DataLocation | None = as_location(msg)
                 except spacer_exc.InvalidInputError:
                     loc = None
-                found.append(FieldLocation(prefix, loc, loc.describe() if loc is not None else msg.key))
+                text = {
+                    "s3": f"s3://{msg.bucket_name}/{msg.key}",
+                    "memory": f"memory:{msg.key}",
+                }.get(msg.storage_type, msg.key)
+                found.append(FieldLocation(prefix, loc, text))
             return
         for field, value in msg.ListFields():
             if field.message_type is None:

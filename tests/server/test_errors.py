@@ -475,6 +475,19 @@ def test_a_refusal_about_no_request_field_is_not_given_one():
     assert code == Code.PERMISSION_DENIED and message == "'a.jpg/b.pkl' is outside"
 
 
+def test_only_storage_errors_about_no_location_list_the_request_locations():
+    locations = errors.request_locations(
+        pb.ClassifyImageRequest(image_loc=_pb_loc("a.jpg"), classifier_loc=_pb_loc("b.pkl"))
+    )
+    _, message = errors.describe(exc.StorageUnavailableError("S3 endpoint unreachable"), "", locations)
+    assert message.endswith("(request locations: image_loc=a.jpg, classifier_loc=b.pkl)")
+    located = exc.StorageUnavailableError("a.jpg: unreachable", location=DataLocation("filesystem", "a.jpg"))
+    assert errors.describe(located, "", locations)[1] == "a.jpg: unreachable"
+    # Not a storage error: its message says what it is about.
+    dims = exc.FeatureDimensionError("a.jpg: features have 1280 dimensions, the classifier 64")
+    assert errors.describe(dims, "", locations)[1] == str(dims)
+
+
 def test_the_token_prefixes_every_message_once():
     code, message = errors.describe(exc.ImageError("image_bytes: cannot identify image"), "tok-1")
     assert message == "tok-1: image_bytes: cannot identify image"
