@@ -15,9 +15,10 @@ import pytest
 from server._proto.inference import grpc_service_pb2 as oip
 from server._proto.inference import grpc_service_pb2_grpc as oip_grpc
 from server.client import SpacerClient
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from spacer_core.testing import fs_loc as fs
 from tests.server.test_observe import delta, rpc_lines, scrape
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
-from tests.support.locations import fs_loc as fs
+from tests.support.grpc_server import running_server
 
 POINTS = [(5, 6), (20, 30), (40, 10)]
 
