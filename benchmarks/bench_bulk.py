@@ -25,18 +25,18 @@ import argparse
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import cpu_name
 
-from benchmarks._machine import cpu_name  # noqa: E402
-from spacer_core.bulk import local as bulk  # noqa: E402
-from spacer_core.weights.synthetic import cached_weights  # noqa: E402
-from tests.support.bulk_survey import make_survey  # noqa: E402
+import spacer_core
+from spacer_core.bulk import local as bulk
+from spacer_core.testing import cached_weights, extractor_json, make_survey
+
+# Ray's workers import the package from where this process found it.
+ROOT = Path(spacer_core.__file__).resolve().parent.parent
 
 
 def timed_run(label: str, run, points: int) -> float:
@@ -107,8 +107,6 @@ def main() -> None:
         from spacer.extractors import FeatureExtractor as SpExtractor
         from spacer.messages import ExtractFeaturesMsg
         from spacer.tasks import extract_features
-
-        from tests.support.grpc_server import extractor_json
 
         sha = hashlib.sha256(weights.read_bytes()).hexdigest()
         subset = items[: args.pyspacer_images]

@@ -25,12 +25,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from _machine import cpu_name
+from _common import cpu_name
 from PIL import Image
 from spacer.extractors.torch_extractors import transformation
 from spacer.extractors.utils import crop_patches as spacer_crop_patches
 
 from spacer_core import crop
+from spacer_core.testing import random_points
 
 
 def make_photo(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -46,11 +47,6 @@ def encode(rgb: np.ndarray, fmt: str, **params: object) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, fmt, **params)
     return buf.getvalue()
-
-
-def points(h: int, w: int, n: int, seed: int = 1) -> list[tuple[int, int]]:
-    rng = np.random.default_rng(seed)
-    return [(int(r), int(c)) for r, c in zip(rng.integers(0, h, n), rng.integers(0, w, n))]
 
 
 def pyspacer_path(data: bytes, rowcols: list[tuple[int, int]]) -> torch.Tensor:
@@ -105,10 +101,10 @@ def main() -> None:
     print(f"4000x3000 JPEG: {len(jpeg) / 1e6:.1f} MB; 2000x1500 PNG: {len(png) / 1e6:.1f} MB\n")
 
     cases = [
-        ("JPEG 4000x3000, 10 points", jpeg, points(3000, 4000, 10)),
-        ("JPEG 4000x3000, 100 points", jpeg, points(3000, 4000, 100)),
-        ("JPEG 4000x3000, 1000 points", jpeg, points(3000, 4000, 1000)),
-        ("PNG 2000x1500, 100 points", png, points(1500, 2000, 100)),
+        ("JPEG 4000x3000, 10 points", jpeg, random_points(10, 4000, 3000, seed=1)),
+        ("JPEG 4000x3000, 100 points", jpeg, random_points(100, 4000, 3000, seed=1)),
+        ("JPEG 4000x3000, 1000 points", jpeg, random_points(1000, 4000, 3000, seed=1)),
+        ("PNG 2000x1500, 100 points", png, random_points(100, 2000, 1500, seed=1)),
     ]
     print(f"{'decode + crop + to-tensor':34s} {'pyspacer s':>11s} {'ours s':>9s} {'speed-up':>9s}")
     for name, data, rowcols in cases:
@@ -120,7 +116,7 @@ def main() -> None:
         )
 
     # Decode + crop to uint8 patches only (the design target: >= 2x).
-    rowcols = points(3000, 4000, 100)
+    rowcols = random_points(100, 4000, 3000, seed=1)
     report(
         "JPEG 100 points, uint8 (no tensor)",
         *paired_medians(
@@ -142,7 +138,7 @@ def main() -> None:
 
     # Several images at once: one call decodes them on all cores.
     images = [encode(make_photo(3000, 4000, seed=s), "JPEG", quality=90) for s in range(4)]
-    rowcols = [points(3000, 4000, 100, seed=s) for s in range(4)]
+    rowcols = [random_points(100, 4000, 3000, seed=s) for s in range(4)]
 
     def theirs_batch() -> None:
         for d, rc in zip(images, rowcols):

@@ -31,17 +31,14 @@ import importlib
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name
+from _common import cpu_name
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 Job = tuple[Path, list[tuple[int, int]]]
 
@@ -282,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from tests.support.weights import make_weights
+    from spacer_core.testing import make_weights
 
     images = max(1, round(args.images * args.scale))
     points = max(1, round(args.points * args.scale))

@@ -29,52 +29,24 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from _common import cpu_name, run_streams
 
-from benchmarks._machine import cpu_name  # noqa: E402
-from benchmarks.bench_server import make_jpeg, points  # noqa: E402
-from server.client import SpacerClient  # noqa: E402
-from tests.support.grpc_server import extractor_json, make_classifier  # noqa: E402
-from tests.support.locations import fs_loc  # noqa: E402
-from tests.support.serve_process import ServeProcess  # noqa: E402
-from tests.support.weights import cached_weights  # noqa: E402
+from server.client import SpacerClient
+from server.testing import PACKAGE_ROOT, ServeProcess
+from spacer_core.testing import (
+    cached_weights,
+    extractor_json,
+    fs_loc,
+    make_classifier,
+    random_points,
+    write_photo_jpeg,
+)
 
 MIB = 1024 * 1024
-
-
-def run_streams(address: str, per_stream: list[list]) -> tuple[int, float]:
-    """All streams at once; (points classified, seconds). Any error item fails the run."""
-    counts = [0] * len(per_stream)
-    errors: list[str] = []
-
-    def one(i: int) -> None:
-        try:
-            with SpacerClient(address, timeout=3600) as client:
-                for response in client.classify_images(per_stream[i]):
-                    if response.WhichOneof("outcome") != "result":
-                        errors.append(f"{response.job_token}: {response.error.message}")
-                    else:
-                        counts[i] += len(response.result.scores)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(f"stream {i}: {exc}")
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(per_stream))]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - start
-    if errors:
-        raise RuntimeError(f"{len(errors)} failed: {errors[:3]}")
-    return sum(counts), seconds
 
 
 def measure(
@@ -128,14 +100,14 @@ def main() -> None:
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     trees = [(name, Path(path).resolve()) for name, _, path in (t.partition("=") for t in args.tree)]
-    trees = trees or [("this", ROOT)]
+    trees = trees or [("this", PACKAGE_ROOT)]
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         weights = cached_weights()
         extractor = extractor_json(weights.path, weights.sha256)
         clf = make_classifier(workdir / "clf.pkl")
-        files = [make_jpeg(workdir / f"img{i}.jpg", width, height, i) for i in range(args.distinct)]
+        files = [write_photo_jpeg(workdir / f"img{i}.jpg", width, height, i) for i in range(args.distinct)]
         encoded = sum(f.stat().st_size for f in files) / len(files) / MIB
 
         def image(path: Path):
@@ -149,7 +121,7 @@ def main() -> None:
                 requests.append(
                     SpacerClient.image_request(
                         extractor,
-                        points(args.points, width, height, k),
+                        random_points(args.points, width, height, k),
                         image(files[k % len(files)]),
                         fs_loc(clf),
                         f"s{s}-{i}",

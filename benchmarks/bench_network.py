@@ -34,19 +34,14 @@ import concurrent.futures
 import io
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import cpu_name  # noqa: E402
-from bench_extract import make_images  # noqa: E402
+from _common import cpu_name
+from bench_extract import make_images
 
 
 def plain_sessions(weights: Path, batches: tuple[int, ...]) -> dict[int, object]:
@@ -122,7 +117,7 @@ def main() -> None:
     from spacer_core.messages import ExtractFeaturesMsg
     from spacer_core.runtime import Runtime, RuntimeSettings, default_runtime
     from spacer_core.survey import workflow as survey
-    from tests.support.weights import make_weights
+    from spacer_core.testing import make_weights
 
     with tempfile.TemporaryDirectory(prefix="bench-network-") as tmp:
         folder = Path(tmp)

@@ -25,31 +25,27 @@ import argparse
 import queue
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import tritonclient.grpc as grpcclient
+from _common import cpu_name
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import tritonclient.grpc as grpcclient  # noqa: E402
-
-from benchmarks._machine import cpu_name  # noqa: E402
-from benchmarks.bench_server import make_jpeg, points  # noqa: E402
-from server.client import SpacerClient  # noqa: E402
-from tests.support.grpc_server import extractor_json, make_classifier  # noqa: E402
-from tests.support.serve_process import ServeProcess  # noqa: E402
-from tests.support.weights import cached_weights  # noqa: E402
+from server.client import SpacerClient
+from server.testing import ServeProcess
+from spacer_core.testing import (
+    cached_weights,
+    extractor_json,
+    fs_loc,
+    make_classifier,
+    random_points,
+    write_photo_jpeg,
+)
 
 PARAMS = {"extractor": "efficientnet", "classifier": "clf"}
-
-
-def fs(path: Path) -> dict:
-    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
 
 
 def oip_inputs(image: bytes, rowcols) -> list:
@@ -78,10 +74,12 @@ def main() -> None:
     shutil.copy(weights.path, repo / "efficientnet.pt")
     make_classifier(repo / "clf.pkl")
     extractor = extractor_json(repo / "efficientnet.pt", weights.sha256)
-    clf_loc = fs(repo / "clf.pkl")
-    images = [make_jpeg(work / f"img{i}.jpg", width, height, i).read_bytes() for i in range(args.images)]
-    rowcols = [points(args.points, width, height, 100 + i) for i in range(args.images)]
-    tiny = make_jpeg(work / "tiny.jpg", 256, 256, 99).read_bytes()
+    clf_loc = fs_loc(repo / "clf.pkl")
+    images = [
+        write_photo_jpeg(work / f"img{i}.jpg", width, height, i).read_bytes() for i in range(args.images)
+    ]
+    rowcols = [random_points(args.points, width, height, 100 + i) for i in range(args.images)]
+    tiny = write_photo_jpeg(work / "tiny.jpg", 256, 256, 99).read_bytes()
     total_points = args.images * args.points
     print(
         f"machine: {cpu_name()}; {args.images} images {width}x{height}, {args.points} points each,"

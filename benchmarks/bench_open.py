@@ -19,20 +19,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.bench_server import fs, make_jpeg, points  # noqa: E402
-from server.client import SpacerClient  # noqa: E402
-from server.config import ServerConfig  # noqa: E402
-from spacer_core import storage  # noqa: E402
-from tests.support.grpc_server import extractor_json, make_classifier, running_server  # noqa: E402
-from tests.support.weights import make_weights  # noqa: E402
+from server.client import SpacerClient
+from server.config import ServerConfig
+from server.testing import running_server
+from spacer_core import storage
+from spacer_core.testing import extractor_json, make_classifier, make_weights, random_points, write_photo_jpeg
+from spacer_core.testing import fs_loc as fs
 
 CONFINED = (storage.ConfinedFileSystemStorage.open, storage.ConfinedFileSystemStorage.store)
 PLAIN = (storage.FileSystemStorage.open, storage.FileSystemStorage.store)
@@ -71,8 +67,10 @@ def main() -> None:
         sha = make_weights(root / "a" / "weights.pt")
         extractor = extractor_json(root / "a" / "weights.pt", sha)
         clf = make_classifier(root / "a" / "clf.pkl")
-        images = [make_jpeg(root / "a" / "b" / f"img{i}.jpg", width, height, i) for i in range(args.images)]
-        rowcols = [points(args.points, width, height, i) for i in range(args.images)]
+        images = [
+            write_photo_jpeg(root / "a" / "b" / f"img{i}.jpg", width, height, i) for i in range(args.images)
+        ]
+        rowcols = [random_points(args.points, width, height, i) for i in range(args.images)]
         config = ServerConfig(workers=2, log_level="WARNING", data_roots=(root,))
         with running_server(config) as server, SpacerClient(server.address, timeout=600) as client:
 

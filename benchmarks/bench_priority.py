@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -25,18 +24,18 @@ from typing import Any
 
 import grpc
 import numpy as np
+from _common import cpu_name
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _machine import cpu_name  # noqa: E402
-from bench_server import fs, make_jpeg, points  # noqa: E402
-
-from server.client import SpacerClient  # noqa: E402
-from tests.support.grpc_server import extractor_json, make_classifier  # noqa: E402
-from tests.support.serve_process import ServeProcess  # noqa: E402
-from tests.support.weights import cached_weights  # noqa: E402
+from server.client import SpacerClient
+from server.testing import ServeProcess
+from spacer_core.testing import (
+    cached_weights,
+    extractor_json,
+    make_classifier,
+    random_points,
+    write_photo_jpeg,
+)
+from spacer_core.testing import fs_loc as fs
 
 
 def run(address: str, seconds: float, streams: int, bulk, interactive, window: int = 4) -> dict[str, Any]:
@@ -128,16 +127,16 @@ def main() -> None:
         weights = cached_weights()
         extractor = extractor_json(weights.path, weights.sha256)
         clf = make_classifier(workdir / "clf.pkl")
-        files = [make_jpeg(workdir / f"img{i}.jpg", width, height, i) for i in range(8)]
+        files = [write_photo_jpeg(workdir / f"img{i}.jpg", width, height, i) for i in range(8)]
         bulk = [
             SpacerClient.image_request(
-                extractor, points(args.bulk_points, width, height, i), fs(path), fs(clf), f"bulk-{i}"
+                extractor, random_points(args.bulk_points, width, height, i), fs(path), fs(clf), f"bulk-{i}"
             )
             for i, path in enumerate(files)
         ]
         interactive = SpacerClient.image_request(
             extractor,
-            points(args.interactive_points, width, height, 99),
+            random_points(args.interactive_points, width, height, 99),
             fs(files[0]),
             fs(clf),
             "interactive",

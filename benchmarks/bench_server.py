@@ -18,41 +18,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from _common import run_streams
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from server.client import SpacerClient  # noqa: E402
-from tests.support.grpc_server import extractor_json, make_classifier  # noqa: E402
-from tests.support.serve_process import ServeProcess  # noqa: E402
-from tests.support.weights import cached_weights  # noqa: E402
-
-
-def make_jpeg(path: Path, width: int, height: int, seed: int) -> Path:
-    """A survey-like JPEG: smooth colour fields plus texture (compresses like a photo)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
-    smooth += rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
-    Image.fromarray(np.clip(smooth, 0, 255).astype(np.uint8)).save(path, quality=90)
-    return path
-
-
-def points(n: int, width: int, height: int, seed: int) -> list[tuple[int, int]]:
-    rng = np.random.default_rng(seed)
-    return [(int(r), int(c)) for r, c in zip(rng.integers(0, height, n), rng.integers(0, width, n))]
-
-
-def fs(path: Path) -> dict:
-    return {"storage_type": "filesystem", "key": str(path), "bucket_name": None}
+from server.client import SpacerClient
+from server.testing import ServeProcess
+from spacer_core.testing import (
+    cached_weights,
+    extractor_json,
+    fs_loc,
+    make_classifier,
+    random_points,
+    write_photo_jpeg,
+)
 
 
 def pyspacer_points_per_s(images, extractor: dict, clf: Path) -> float:
@@ -79,35 +61,15 @@ def pyspacer_points_per_s(images, extractor: dict, clf: Path) -> float:
     return total / (time.perf_counter() - start)
 
 
-def stream_points(address: str, requests) -> int:
-    with SpacerClient(address, timeout=3600) as client:
-        n = 0
-        for response in client.classify_images(requests):
-            if response.WhichOneof("outcome") != "result":
-                raise RuntimeError(f"{response.job_token}: {response.error.message}")
-            n += len(response.result.scores)
-        return n
-
-
-def concurrent_points_per_s(address: str, per_client: list[list], clients: int) -> float:
-    counts = [0] * clients
-
-    def run(i: int) -> None:
-        counts[i] = stream_points(address, per_client[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / (time.perf_counter() - start)
+def concurrent_points_per_s(address: str, per_client: list[list]) -> float:
+    """Points/s of one ClassifyImages stream per client, all at once."""
+    points, seconds = run_streams(address, per_client)
+    return points / seconds
 
 
 def plain_network(weights: Path, images: list) -> object:
     """A timer of the yardstick: pyspacer's network in a plain ONNX Runtime session (default
     settings, best static batch of 4/8/16; see bench_network.py) on these images' patches."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_network import plain_sessions, run_plain
 
     from spacer_core import crop
@@ -159,8 +121,10 @@ def main() -> None:
         weights = cached_weights()
         extractor = extractor_json(weights.path, weights.sha256)
         clf = make_classifier(workdir / "clf.pkl")
-        files = [make_jpeg(workdir / f"img{i}.jpg", width, height, i) for i in range(args.distinct)]
-        images = [(files[i % len(files)], points(args.points, width, height, i)) for i in range(args.images)]
+        files = [write_photo_jpeg(workdir / f"img{i}.jpg", width, height, i) for i in range(args.distinct)]
+        images = [
+            (files[i % len(files)], random_points(args.points, width, height, i)) for i in range(args.images)
+        ]
         mp = width * height / 1e6
         print(
             f"scale: {args.images} images of {width}x{height} ({mp:.1f} MP), {args.points} points each;"
@@ -188,11 +152,11 @@ def main() -> None:
         try:
             with SpacerClient(address) as client:
                 # Build (or load the cached) compiled network before timing.
-                client.classify_image(extractor, [(10, 10)], fs(files[0]), fs(clf))
+                client.classify_image(extractor, [(10, 10)], fs_loc(files[0]), fs_loc(clf))
 
             def requests_for(subset, prefix):
                 return [
-                    SpacerClient.image_request(extractor, rowcols, fs(path), fs(clf), f"{prefix}-{i}")
+                    SpacerClient.image_request(extractor, rowcols, fs_loc(path), fs_loc(clf), f"{prefix}-{i}")
                     for i, (path, rowcols) in enumerate(subset)
                 ]
 
@@ -203,7 +167,7 @@ def main() -> None:
                 for clients in client_counts if cycle % 2 == 0 else client_counts[::-1]:
                     # The same images split round-robin over the clients' streams.
                     per_client = [requests_for(images[i::clients], f"c{i}") for i in range(clients)]
-                    rate = concurrent_points_per_s(address, per_client, clients)
+                    rate = concurrent_points_per_s(address, per_client)
                     rates.append((clients, rate))
                     note = ""
                     if reference is not None:

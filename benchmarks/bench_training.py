@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Measure this checkout's spacer_core, whichever copy is installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import spacer.data_classes as py_data
+import spacer.task_utils as py_task_utils
+import spacer.train_classifier as py_train
 
-import numpy as np  # noqa: E402
-import spacer.data_classes as py_data  # noqa: E402
-import spacer.task_utils as py_task_utils  # noqa: E402
-import spacer.train_classifier as py_train  # noqa: E402
-
-import spacer_core.data_classes as our_data  # noqa: E402
-import spacer_core.task_utils as our_task_utils  # noqa: E402
-import spacer_core.train_classifier as our_train  # noqa: E402
+import spacer_core.data_classes as our_data
+import spacer_core.task_utils as our_task_utils
+import spacer_core.train_classifier as our_train
 
 
 def write_features(

@@ -1,7 +1,7 @@
 """Points/s of the VGG16 (Caffe) path on CPU: true-size VGG16, random weights, no Caffe.
 
-Writes CoralNet's VGG16 layout as a .prototxt + .caffemodel (tests/support/
-caffe_files.py), then times VGG16CaffeExtractor end to end (crop + network)
+Writes CoralNet's VGG16 layout as a .prototxt + .caffemodel (spacer_core/
+weights/caffe_synthetic.py), then times VGG16CaffeExtractor end to end (crop + network)
 on a 2000x1500 image in a fresh runtime with eager PyTorch and with the
 default compiled backend. Usage: python benchmarks/bench_vgg16.py [--points 40]
 """
@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name
+from _common import cpu_name
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
@@ -32,7 +29,7 @@ def main() -> None:
     from spacer_core.data_classes import DataLocation
     from spacer_core.extractors import VGG16CaffeExtractor
     from spacer_core.runtime import Runtime, RuntimeSettings
-    from tests.support.caffe_files import vgg16_layers, write_net
+    from spacer_core.weights.caffe_synthetic import vgg16_layers, write_net
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

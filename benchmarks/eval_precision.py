@@ -18,15 +18,12 @@ import argparse
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from _machine import cpu_name
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import cpu_name
 
 
 def make_classes(rng: np.random.Generator, classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -81,7 +78,7 @@ def main() -> None:
 
     from spacer_core.extractors import build_network
     from spacer_core.inference import load_backend, run_in_batches
-    from tests.support.weights import make_weights
+    from spacer_core.testing import make_weights
 
     rng = np.random.default_rng(0)
     spec = make_classes(rng, args.classes)

@@ -21,16 +21,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_name
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._machine import cpu_name  # noqa: E402
-from server.client import SpacerClient  # noqa: E402
-from tests.support.grpc_server import extractor_json, make_classifier, make_image  # noqa: E402
-from tests.support.locations import fs_loc  # noqa: E402
-from tests.support.serve_process import ServeProcess  # noqa: E402
-from tests.support.weights import cached_weights  # noqa: E402
+from server.client import SpacerClient
+from server.testing import ServeProcess
+from spacer_core.testing import cached_weights, extractor_json, fs_loc, make_classifier, make_image
 
 
 class Ledger:

@@ -501,14 +501,40 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
 ]
 
 
+# Flags whose value feeds a byte-sized setting: the help shows that default in MiB.
+_MIB_SETTINGS = {
+    "max_message_mb": "max_message_bytes",
+    "url_max_mb": "url_max_bytes",
+    "max_feature_file_mb": "max_feature_file_bytes",
+    "memory_budget_mb": "memory_budget_bytes",
+}
+
+
+def _default_text(dest: str) -> str:
+    """The default of one flag as help shows it (the flags themselves default to None, meaning unset)."""
+    if dest == "workers":
+        return f"max(2, CPU count), {ServerConfig.workers} here"
+    if dest in ("max_image_pixels", "max_points_per_image"):
+        return "spacer_core's value, which spacer check-config prints"
+    value = getattr(ServerConfig, _MIB_SETTINGS.get(dest, dest))
+    if dest in _MIB_SETTINGS:
+        return f"{value / MIB:g}"
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the server flags to parser (defaults come from config_from_args)."""
+    """Add the server flags to parser (defaults come from config_from_args; help shows them)."""
     for flag, dest, _type, env, help_text in _OPTIONS:
-        parser.add_argument(flag, dest=dest, default=None, help=f"{help_text} [{env}]")
+        shown = "" if "default:" in help_text else f" (default: {_default_text(dest)})"
+        parser.add_argument(flag, dest=dest, default=None, help=f"{help_text}{shown} [{env}]")
     parser.add_argument(
         "--address",
         default=None,
-        help="host:port in one flag (overridden by --host/--port) [SPACER_ADDRESS]",
+        help="host:port in one flag (overridden by --host/--port; default: 127.0.0.1:50051) [SPACER_ADDRESS]",
     )
     parser.add_argument(
         "--data-root",
@@ -523,15 +549,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_const",
         const=True,
         default=None,
-        help="let clients read and write any file this process can reach (unsafe) [SPACER_ALLOW_ANY_PATH]",
+        help="let clients read and write any file this process can reach (unsafe; default: off)"
+        " [SPACER_ALLOW_ANY_PATH]",
     )
     parser.add_argument(
         "--allow-private-urls",
         action="store_const",
         const=True,
         default=None,
-        help="let url locations reach loopback and private addresses (metadata addresses stay refused)"
-        " [SPACER_ALLOW_PRIVATE_URLS]",
+        help="let url locations reach loopback and private addresses (metadata addresses stay refused;"
+        " default: off) [SPACER_ALLOW_PRIVATE_URLS]",
     )
     parser.add_argument(
         "--s3-bucket",

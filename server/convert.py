@@ -15,7 +15,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
-from server.errors import invalid
+from server.errors import as_location, invalid
 from spacer_core.data_classes import DataLocation, ImageLabels, LabelId
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import FeatureExtractor, resolve_class_path
@@ -58,13 +58,17 @@ def check_sizes(msg: Message, limits: Limits, where: str = "") -> None:
 
 
 def location(loc: pb.DataLocation, what: str) -> DataLocation:
-    """A DataLocation from `loc`; `what` names the field in errors."""
+    """A DataLocation from `loc`; `what` names the field in errors.
+
+    Built with `server.errors.as_location`, as `request_locations` builds
+    its field map, so a library error's `location` names its field.
+    """
     if not loc.storage_type and not loc.key:
         raise invalid(f"{what} is required")
     if not loc.key:
         raise invalid(f"{what}: key is empty")
     with field(what):
-        return DataLocation(loc.storage_type, loc.key, loc.bucket_name or None)
+        return as_location(loc)
 
 
 def optional_location(parent: Message, name: str) -> DataLocation | None:
@@ -103,7 +107,8 @@ def image_job(
     elif source == "image_bytes":
         if not req.image_bytes:
             raise invalid("image_bytes is empty")
-        image, name = req.image_bytes, req.job_token or "image_bytes"
+        # Named by its field: the RPC puts the job token before every error message.
+        image, name = req.image_bytes, "image_bytes"
     else:
         raise invalid("an image is required: set image_loc or image_bytes")
     rowcols = [(p.row, p.col) for p in req.rowcols]
@@ -258,4 +263,8 @@ def loaded_proto(model: LoadedModel) -> pb.LoadedModel:
         classes=[label_proto(c) for c in model.classes],
         feature_dim=model.feature_dim,
         load_seconds=model.load_seconds,
+        extractor_class=model.extractor_class,
+        weights_sha256=model.weights_sha256,
+        loaded_by=model.loaded_by,
+        last_used=model.last_used,
     )

@@ -13,6 +13,11 @@ image is read) and, once its header is read, the bytes the image will hold
 (`MemoryBudget`, before anything is decoded). Memory under load follows the
 byte budget, whatever the image sizes and point counts.
 
+The points each piece of work extracted or scored are reported here, once
+it has succeeded (`server.metrics.count_points`): image work in
+`run_image`, pyspacer jobs in `run_job`, stored features in
+`classify_features`, whichever call or stream item asked for it.
+
 Interactive work goes ahead of bulk work at each of the places it can wait:
 admission (a share of the slots and of the bytes is kept for it), the pool
 (a priority queue) and the batcher (batches filled in priority order).
@@ -28,10 +33,11 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
+from server import metrics
 from server.config import MIB, Preload, ServerConfig
 from server.errors import invalid
 from server.security import redact_job_error
@@ -41,7 +47,13 @@ from spacer_core.exceptions import InvalidInputError, QueueFullError
 from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference import Priority
 from spacer_core.inference.batcher import DEFAULT_PRIORITY
-from spacer_core.messages import JobMsg, JobReturnMsg, TrainClassifierMsg
+from spacer_core.messages import (
+    ClassifyFeaturesMsg,
+    ClassifyReturnMsg,
+    JobMsg,
+    JobReturnMsg,
+    TrainClassifierMsg,
+)
 from spacer_core.pipeline import ImageJob, ImageResult
 from spacer_core.runtime import LoadedModel, Runtime
 from spacer_core.task_io import TrainClassifierReturnMsg
@@ -287,6 +299,26 @@ def _cancellable(
         return func(*args)
 
 
+def _identity(model: LoadedModel) -> tuple[str, str]:
+    # A network is its weights' digest; a classifier its location.
+    return model.kind, model.weights_sha256 or model.name
+
+
+def _job_points(job: JobMsg, result: JobReturnMsg) -> int:
+    # A job's tasks succeed or fail together; only a finished job did its points.
+    if not result.ok or not result.results:
+        return 0
+    points = 0
+    for task, returned in zip(job.tasks, result.results, strict=False):
+        scores = getattr(returned, "scores", None)
+        rowcols = getattr(task, "rowcols", None)
+        if scores is not None:
+            points += len(scores)
+        elif rowcols is not None:
+            points += len(rowcols)
+    return points
+
+
 class Engine:
     """Runs library work for the servicer: a thread pool, admission, the server's runtime.
 
@@ -303,6 +335,8 @@ class Engine:
         self.memory = MemoryBudget(budget, budget // 4 if config.priority else 0)
         self.runtime = Runtime(config.runtime_settings(), policy=config.storage_policy())
         self._pool = PriorityPool(config.workers)
+        # Models the preload file named, as (kind, identity) of `_identity`.
+        self._preloaded: set[tuple[str, str]] = set()
         # Long work (RunJob, TrainClassifier) holds at most this many workers.
         self._long_slots = asyncio.Semaphore(config.long_work_slots)
 
@@ -387,11 +421,20 @@ class Engine:
         call = partial(self.call, priority=priority)
         if not self.config.batching:
             # One library call per image: at most `workers` images in memory at once.
-            return await call(pipeline.run, job)
-        admit = partial(self.memory.acquire, priority=priority, wait=wait)
-        return await pipeline.run_async(
-            job, self.runtime, call, priority=priority, deadline=deadline, admit=admit
-        )
+            result = await call(pipeline.run, job)
+        else:
+            admit = partial(self.memory.acquire, priority=priority, wait=wait)
+            result = await pipeline.run_async(
+                job, self.runtime, call, priority=priority, deadline=deadline, admit=admit
+            )
+        metrics.count_points(len(result.rowcols))
+        return result
+
+    async def classify_features(self, msg: ClassifyFeaturesMsg) -> ClassifyReturnMsg:
+        """Score stored features with a stored classifier (pyspacer's classify_features task)."""
+        result = await self.call(tasks.classify_features, msg)
+        metrics.count_points(len(result.scores))
+        return result
 
     async def run_job(self, data: dict[str, Any], *, deadline: float | None = None) -> JobReturnMsg:
         """A pyspacer job (its JSON, parsed) as long work; a failed job's error is made client-safe."""
@@ -404,6 +447,7 @@ class Engine:
         for i, task in enumerate(job.tasks):
             limits.check_task(task, f"job_msg_json.tasks[{i}]")
         result = await self.call_long(tasks.process_job, job, deadline=deadline)
+        metrics.count_points(_job_points(job, result))
         if not result.ok and result.error_message:
             # The library reply carries a traceback; clients get its last line, redacted.
             tokens = ",".join(task.job_token for task in job.tasks)
@@ -478,7 +522,19 @@ class Engine:
             loaded.append(await self.call(self._load_extractor, extractor, True))
         for loc in models.classifiers:
             loaded.append(await self.load_classifier(loc))
+        self._preloaded.update(_identity(m) for m in loaded)
         return loaded
+
+    def models(self) -> list[LoadedModel]:
+        """Every network and classifier the runtime holds, with what loaded it:
+        "preload", "load_model" or "call" (loaded by the call that first used it)."""
+        held = []
+        for model in self.runtime.loaded():
+            by = model.loaded_by
+            if by == "request":
+                by = "preload" if _identity(model) in self._preloaded else "load_model"
+            held.append(replace(model, loaded_by=by))
+        return held
 
     async def load_classifier(self, loc: DataLocation) -> LoadedModel:
         return await self.call(self.runtime.load_classifier, loc)

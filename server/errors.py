@@ -1,8 +1,11 @@
 """One place that turns library exceptions into gRPC status codes.
 
 `status_for` maps an exception to (code, message); `describe` adds the
-client-safe wording. `server.interceptors.ErrorInterceptor` aborts every
-failed call with it; a stream's failed item carries it in its reply.
+client-safe wording: the job token, and the request field a refused
+location came from, found by comparing the error's `location` with the
+request's (`request_locations`), never by reading the message.
+`server.interceptors.ErrorInterceptor` aborts every failed call with it; a
+stream's failed item carries it in its reply.
 Unexpected exceptions become INTERNAL with a generic message and a logged
 traceback, so internals never leak to clients.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -19,6 +23,7 @@ import grpc
 from server.logs import quote
 from spacer_core import crop
 from spacer_core import exceptions as spacer_exc
+from spacer_core.data_classes import DataLocation
 
 logger = logging.getLogger("server.rpc")
 
@@ -77,26 +82,50 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
-# Storage errors (a bare boto 404, a refused connection) often do not say
-# which file they were about; for these the request's locations are added.
-_NAME_THE_FILES = {
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.FAILED_PRECONDITION,
-}
+# What storage raises. One of these that carries no location (a bare boto
+# 404, a refused connection met by code that did not know the location) could
+# be about any of the request's files, so the reply lists them.
+_STORAGE_ERRORS: tuple[type[BaseException], ...] = (
+    spacer_exc.StorageKeyError,
+    spacer_exc.StorageFileNotFoundError,
+    spacer_exc.StorageMissingObjectError,
+    spacer_exc.StorageUnavailableError,
+    spacer_exc.StorageRequestError,
+    spacer_exc.URLDownloadError,
+    spacer_exc.AccessDeniedError,
+)
 
 _MAX_LISTED = 6
 
 
+@dataclass(frozen=True)
+class FieldLocation:
+    """A location given in a request, and the request field it was given in.
+
+    `location` is the library's DataLocation for it (None when the request
+    names a storage type the library does not have: such a request is refused
+    before any work, so no library error can be about it). `text` is the
+    location as a person writes it.
+    """
+
+    field: str
+    location: DataLocation | None
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.field}={self.text}"
+
+
 def describe(
-    exc: BaseException, context: str = "", locations: Sequence[str] = ()
+    exc: BaseException, context: str = "", locations: Sequence[FieldLocation | str] = ()
 ) -> tuple[grpc.StatusCode, str]:
     """Status and client-safe message; logs a traceback for unexpected errors.
 
-    `context` (an image key, job token or file) prefixes the message unless
-    the library message already names it. `locations` (the request's files,
-    as text) are appended to storage errors that name none of them.
+    `context` (the job token, chosen by the RPC) prefixes the message.
+    `locations` are the request's locations (`request_locations`): a refusal
+    names the field whose location it is about, and a storage error that is
+    about no particular location lists them. Plain strings are listed as they
+    are and never matched.
     """
     known = status_for(exc)
     if known is None:
@@ -104,19 +133,28 @@ def describe(
         logger.error("internal error ref=%s context=%s", ref, quote(context), exc_info=exc)
         return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see server log"
     status, message = known
-    if status == grpc.StatusCode.PERMISSION_DENIED:
-        message = _name_the_field(message, locations)
-    if context and context not in message:
+    about = getattr(exc, "location", None)
+    if status == grpc.StatusCode.PERMISSION_DENIED and about is not None:
+        name = field_of(about, locations)
+        if name:
+            message = f"{name}: {message}"
+    if context:
         message = f"{_clip(context)}: {message}"
-    if status in _NAME_THE_FILES and locations:
-        keys = [loc.rsplit("/", 1)[-1] or loc for loc in locations]
-        if not any(key in message for key in keys):
-            shown = ", ".join(_clip(loc) for loc in locations[:_MAX_LISTED])
-            more = len(locations) - _MAX_LISTED
-            if more > 0:
-                shown += f" and {more} more"
-            message = f"{message} (request locations: {shown})"
+    if isinstance(exc, _STORAGE_ERRORS) and about is None and locations:
+        shown = ", ".join(_clip(str(loc)) for loc in locations[:_MAX_LISTED])
+        more = len(locations) - _MAX_LISTED
+        if more > 0:
+            shown += f" and {more} more"
+        message = f"{message} (request locations: {shown})"
     return status, _sendable(message)
+
+
+def field_of(location: object, locations: Sequence[FieldLocation | str]) -> str | None:
+    """The first request field whose location equals `location` (None: no field holds it)."""
+    for entry in locations:
+        if isinstance(entry, FieldLocation) and entry.location is not None and entry.location == location:
+            return entry.field
+    return None
 
 
 def _sendable(message: str, limit: int = 2048) -> str:
@@ -132,28 +170,31 @@ def _clip(text: str, limit: int = 256) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def _name_the_field(message: str, locations: Sequence[str]) -> str:
-    """Prefix the request field whose location the message is about, when it names none."""
-    for entry in locations:
-        name, _, where = entry.partition("=")
-        key = where.rsplit("/", 1)[-1] if where.startswith("s3://") else where
-        if key and key in message:
-            return message if message.startswith(name) else f"{name}: {message}"
-    return message
+def as_location(loc: Any) -> DataLocation:
+    """The library's DataLocation for a spacer.v1.DataLocation (InvalidDataError for an unknown storage type).
+
+    The one conversion: the locations jobs are built from and the ones
+    errors are matched against are equal by construction.
+    """
+    return DataLocation(loc.storage_type, loc.key, loc.bucket_name or None)
 
 
-def request_locations(message: Any) -> list[str]:
-    """Every DataLocation in a protobuf request, as 'field=s3://bucket/key' text."""
-    found: list[str] = []
+def request_locations(message: Any) -> list[FieldLocation]:
+    """Every DataLocation in a protobuf request with a key, and the field that holds it."""
+    found: list[FieldLocation] = []
 
     def walk(msg: Any, prefix: str) -> None:
         if msg.DESCRIPTOR.full_name == "spacer.v1.DataLocation":
             if msg.key:
-                where = {
+                try:
+                    loc: DataLocation | None = as_location(msg)
+                except spacer_exc.InvalidInputError:
+                    loc = None
+                text = {
                     "s3": f"s3://{msg.bucket_name}/{msg.key}",
                     "memory": f"memory:{msg.key}",
                 }.get(msg.storage_type, msg.key)
-                found.append(f"{prefix}={where}")
+                found.append(FieldLocation(prefix, loc, text))
             return
         for field, value in msg.ListFields():
             if field.message_type is None:

@@ -2,8 +2,12 @@
 
 `CallLog` follows one call from start to status: it picks the request id
 (the client's `x-request-id` metadata when it sent a usable one, else a new
-one), returns it in the reply's trailing metadata, counts messages, points
-and stream tokens, and at the end writes the log line and the metrics.
+one), returns it in the reply's trailing metadata, counts messages and
+stream tokens, and at the end writes the log line and the metrics. Points
+are reported by the work itself (`metrics.count_points`) to the call's
+`metrics.CallWork`, which `CallLog` makes current; a stream item that fails
+while its stream goes on gets a line of its own (`rpc-item ...`) and counts
+in the error metric.
 """
 
 from __future__ import annotations
@@ -51,10 +55,16 @@ class CallLog:
         self.tokens: list[str] = []
         self.received = 0
         self.sent = 0
-        self.points = 0
+        self.work = metrics.CallWork(method, self.item_failed)
+        metrics.begin_call(self.work)
         self.trailing = ((REQUEST_ID_KEY, self.id),)
         context.set_trailing_metadata(self.trailing)
         metrics.STARTED.labels(method, kind).inc()
+
+    @property
+    def points(self) -> int:
+        """Points the call's work reported so far."""
+        return self.work.points
 
     def received_one(self, request: Any) -> None:
         self.received += 1
@@ -70,7 +80,22 @@ class CallLog:
 
     def sent_one(self, response: Any) -> None:
         self.sent += 1
-        self.points += metrics.points_in(response)
+
+    def item_failed(self, status: str, error: str, token: str) -> None:
+        """Log one stream item that failed while its stream went on, as a call error is logged."""
+        fields: dict[str, Any] = {
+            "method": self.method,
+            "item": True,
+            "status": status,
+            "token": token or "-",
+            "request_id": self.id,
+            "error": error,
+        }
+        text = (
+            f"rpc-item method={self.method} status={status} token={quote(fields['token'])}"
+            f" id={self.id} error={error!r}"
+        )
+        logger.info(text, extra={"rpc": fields})
 
     def cancelled_status(self) -> str:
         """What the client saw: a passed deadline is DEADLINE_EXCEEDED, else CANCELLED."""

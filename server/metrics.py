@@ -8,8 +8,10 @@ time are separate histograms, as Triton reports them:
 - grpc_server_handled_total{grpc_method,grpc_code}: what the client received
 - grpc_server_handling_seconds{grpc_method}: latency histogram
 - grpc_server_msg_received_total / grpc_server_msg_sent_total{grpc_method}
-- spacer_rpc_errors_total{grpc_method,grpc_code}: every status but OK
-- spacer_points_processed_total{grpc_method}: points scored or extracted
+- spacer_rpc_errors_total{grpc_method,grpc_code}: every status but OK, of calls
+  and of the items of a stream that failed while the stream went on
+- spacer_points_processed_total{grpc_method}: points scored or extracted,
+  whether returned or stored (`count_points`, called where the work is done)
 - spacer_batch_size{batcher}: patches per network call
 - spacer_queue_seconds{batcher}: a request's wait before its first patch is batched
 - spacer_network_seconds{batcher}: one batch through the network
@@ -18,6 +20,12 @@ time are separate histograms, as Triton reports them:
   only once CUDA is in use
 
 Everything lives in one process-wide registry, `REGISTRY`.
+
+A call's points and failed stream items are reported from where the work
+happens (the data plane, the servicers) with `count_points` and
+`item_failed`; they reach the call that is running through `CallWork`, which
+the call log makes current for the call (a context variable, so the tasks a
+stream starts for its items report to their call too).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import threading
 import weakref
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -49,7 +58,7 @@ HANDLED = Counter(
 )
 ERRORS = Counter(
     "spacer_rpc_errors",
-    "RPCs that ended with a status other than OK.",
+    "RPCs, and items of a stream, that ended with a status other than OK.",
     ["grpc_method", "grpc_code"],
     registry=REGISTRY,
 )
@@ -66,7 +75,7 @@ RECEIVED = Counter(
 SENT = Counter("grpc_server_msg_sent", "Response messages sent.", ["grpc_method"], registry=REGISTRY)
 POINTS = Counter(
     "spacer_points_processed",
-    "Points whose features or scores were returned.",
+    "Points whose features were extracted (returned or stored) or that were scored.",
     ["grpc_method"],
     registry=REGISTRY,
 )
@@ -105,18 +114,40 @@ def grpc_type(client_streaming: bool, server_streaming: bool) -> str:
     return _GRPC_TYPES[(client_streaming, server_streaming)]
 
 
-def points_in(response: Any) -> int:
-    """Points a response carries: scores of a ClassifyResponse, features, or a stream item's result."""
-    if response is None or not hasattr(response, "DESCRIPTOR"):
-        return 0
-    fields = response.DESCRIPTOR.fields_by_name
-    if "result" in fields and response.HasField("result"):
-        return points_in(response.result)
-    if "scores" in fields:
-        return len(response.scores)
-    if "features" in fields and response.HasField("features"):
-        return int(response.features.npoints or len(response.features.point_features))
-    return 0
+class CallWork:
+    """What the running call has done: its points, and a hook for its failed stream items."""
+
+    def __init__(self, method: str, on_item_error: Callable[[str, str, str], None] | None = None):
+        self.method = method
+        self.points = 0
+        self._on_item_error = on_item_error
+
+    def item_failed(self, code: str, message: str, token: str) -> None:
+        ERRORS.labels(self.method, code).inc()
+        if self._on_item_error is not None:
+            self._on_item_error(code, message, token)
+
+
+_CALL: ContextVar[CallWork | None] = ContextVar("spacer_call_work", default=None)
+
+
+def begin_call(work: CallWork) -> None:
+    """Make `work` the running call's record; tasks started from here on inherit it."""
+    _CALL.set(work)
+
+
+def count_points(points: int) -> None:
+    """Add `points` (extracted or scored) to the running call; outside a call, nothing."""
+    work = _CALL.get()
+    if work is not None and points > 0:
+        work.points += int(points)
+
+
+def item_failed(code: str, message: str, token: str = "") -> None:
+    """Report a stream item that failed with status `code` while its stream went on."""
+    work = _CALL.get()
+    if work is not None:
+        work.item_failed(code, message, token)
 
 
 def record_call(method: str, code: str, seconds: float, received: int, sent: int, points: int) -> None:

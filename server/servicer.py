@@ -12,13 +12,12 @@ from typing import Any, TypeAlias
 
 import grpc
 
-from server import convert
+from server import convert, metrics
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
 from server.dataplane import Engine, TrainProgress
 from server.errors import describe, invalid, request_locations
 from server.streams import windowed
-from spacer_core import tasks
 from spacer_core.data_classes import parse_json
 from spacer_core.inference import Priority
 from spacer_core.messages import ClassifyFeaturesMsg
@@ -96,7 +95,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             feature_loc=convert.location(request.feature_loc, "feature_loc"),
             classifier_loc=convert.location(request.classifier_loc, "classifier_loc"),
         )
-        result = await self.engine.call(tasks.classify_features, msg)
+        result = await self.engine.classify_features(msg)
         return convert.classify_return_response(result, request.job_token)
 
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
@@ -130,7 +129,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         return convert.loaded_proto(model)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:  # type: ignore[override]
-        models = self.engine.runtime.loaded_models()
+        models = self.engine.models()
         return pb.ListModelsResponse(models=[convert.loaded_proto(m) for m in models])
 
     # ------------------------------------------------------------ streams
@@ -154,6 +153,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                 raise
             except Exception as exc:
                 code, message = describe(exc, req.job_token, request_locations(req))
+                metrics.item_failed(code.name, message, req.job_token)
                 return pb.ClassifyImagesResponse(
                     job_token=req.job_token,
                     error=pb.Error(code=code.value[0], code_name=code.name, message=message),

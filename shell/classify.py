@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             seed=args.seed,
             progress=Bar("classify"),
+            # Points a person labelled keep that label in the results, whatever the score.
+            given=common.given_labels(args),
         )
     except survey.ImagesFailed as err:
         err.failures = common.point_failures(args, err.failures)

@@ -30,6 +30,30 @@ WEIGHTS_NOTE = (
 )
 
 
+# What --out names, per command: one shared text read as if every command wrote every kind of file.
+_OUT_HELP = {
+    "extract": "folder for the .featurevector files; with --message, the return message JSON"
+    " (default stdout)",
+    "classify": "results CSV to write; with --message, the return message JSON (default stdout)",
+    "train": "classifier pickle to write (validation results go beside it as .valresult.json);"
+    " with --message, the return message JSON (default stdout)",
+    "evaluate": "not used: evaluate prints its results (--json for scripts, --report DIR for a page)",
+}
+_IMAGES_HELP = {
+    "extract": "extract every image in this folder (besides any IMAGE given)",
+    "classify": "classify every image in this folder (besides any IMAGE given)",
+}
+_ANNOTATIONS_HELP = {
+    "train": "CoralNet annotation CSV (Name, Row, Column, Label) of the points to train on",
+    "evaluate": "CoralNet annotation CSV (Name, Row, Column, Label) of new points: the truth scored against",
+}
+
+
+def _command(parser: argparse.ArgumentParser) -> str:
+    # A subcommand parser's prog ends with its name ("spacer train").
+    return parser.prog.split()[-1]
+
+
 def add_out(parser: argparse.ArgumentParser) -> None:
     """-o/--out/--output: the file or folder a survey command (or a message) writes."""
     parser.add_argument(
@@ -38,7 +62,7 @@ def add_out(parser: argparse.ArgumentParser) -> None:
         "--output",
         dest="out",
         type=Path,
-        help="where the result goes: features folder, classifier, results CSV or return message JSON",
+        help=_OUT_HELP.get(_command(parser), "where the result goes"),
     )
 
 
@@ -50,18 +74,21 @@ def add_json(parser: argparse.ArgumentParser) -> None:
 def add_points(parser: argparse.ArgumentParser) -> None:
     """Where extract and classify take images and their points from."""
     parser.add_argument("--weights", type=Path, help=WEIGHTS_HELP)
+    given = "; a Label a person gave stays in the results" if _command(parser) == "classify" else ""
     parser.add_argument(
         "--points",
         type=_points_arg,
-        help="points CSV (Name, Row, Column) or random:N, stratified:ROWSxCOLSxN, grid:ROWSxCOLS",
+        help=f"points CSV (Name, Row, Column{given}) or random:N, stratified:ROWSxCOLSxN, grid:ROWSxCOLS",
     )
-    parser.add_argument("--images", type=Path, help="classify/extract every image in this folder")
+    parser.add_argument(
+        "--images", type=Path, help=_IMAGES_HELP.get(_command(parser), "every image in this folder")
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of generated points (default 0)")
 
 
 def _points_arg(text: str) -> str:
     """--points as given; a layout that is no file must parse, so a typo is a usage error (exit 2)."""
-    if ":" in text and not Path(text).exists():
+    if _is_spec(text):
         try:
             coralnet.parse_point_spec(text)
         except coralnet.PointSpecError as err:
@@ -71,8 +98,14 @@ def _points_arg(text: str) -> str:
 
 def add_labelled_features(parser: argparse.ArgumentParser) -> None:
     """The annotation CSV and feature folder train and evaluate read."""
-    parser.add_argument("--annotations", type=Path, help="CoralNet annotation CSV (Name, Row, Column, Label)")
-    parser.add_argument("--features", type=Path, help="folder of <Name>.featurevector files")
+    parser.add_argument(
+        "--annotations",
+        type=Path,
+        help=_ANNOTATIONS_HELP.get(_command(parser), "CoralNet annotation CSV (Name, Row, Column, Label)"),
+    )
+    parser.add_argument(
+        "--features", type=Path, help="folder of <Name>.featurevector files (from spacer extract)"
+    )
 
 
 def add_report(parser: argparse.ArgumentParser) -> None:
@@ -92,9 +125,21 @@ def point_source(args: argparse.Namespace) -> survey.PointSource:
     if args.points is None:
         raise SurveyError("missing --points (a points CSV, or random:N, stratified:RxCxN, grid:RxC)")
     text = args.points
-    if ":" in text and not Path(text).exists():
+    if _is_spec(text):
         return coralnet.parse_point_spec(text)
     return coralnet.read_points(text)
+
+
+def _is_spec(text: str) -> bool:
+    # A file wins over a spec of the same spelling: `random:5` may be a CSV's name.
+    return ":" in text and not Path(text).exists()
+
+
+def given_labels(args: argparse.Namespace) -> dict[str, dict[tuple[int, int], str]]:
+    """The labels a person gave in a --points CSV ({image: {(row, col): label}}); none for generated points."""
+    if args.points is None or _is_spec(args.points):
+        return {}
+    return coralnet.read_point_labels(args.points)
 
 
 def images(args: argparse.Namespace) -> list[Path]:
@@ -204,6 +249,7 @@ def rows_json(rows: Sequence[ResultRow]) -> list[dict[str, Any]]:
             "label": r.label,
             "score": r.score,
             "accepted": r.accepted,
+            "given": r.given,
             "suggestions": [[label, score] for label, score in r.suggestions],
         }
         for r in rows

@@ -1,8 +1,10 @@
 """The `spacer` command: the root parser, the options every command shares, and the dispatch table.
 
 Each subcommand lives in its own module with `add_parser` and `run`. The
-survey commands (extract, classify, train, evaluate, bulk, demo) fail with
-one line on stderr and exit 1; usage errors exit 2 with the usage.
+commands that work in this process (extract, classify, train, evaluate,
+bulk, demo, weights) fail with one line on stderr and exit 1; usage errors
+exit 2 with the usage. Ctrl-C stops them with one line and exit 130
+(`spacer serve` handles SIGINT itself: it drains, then exits 0).
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from shell import bulk, classify, demo, errors, evaluate, extract, health, message, serve, train
+from shell import bulk, classify, demo, errors, evaluate, extract, health, message, serve, train, weights
 from shell.errors import UsageError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-# Commands that run the survey workflow in this process (or drive a server as their engine).
-WORKFLOWS = ("extract", "classify", "train", "evaluate", "bulk", "demo")
+# Commands that run library work in this process (or drive a server as their engine).
+WORKFLOWS = ("extract", "classify", "train", "evaluate", "bulk", "demo", "weights")
 # Commands with a pyspacer message form.
 MESSAGE_FORMS = ("extract", "classify", "train")
 
@@ -32,7 +34,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "evaluate": evaluate.run,
     "bulk": bulk.run,
     "demo": demo.run,
+    "weights": weights.run,
 }
+# The exit status of a command stopped by Ctrl-C, as shells report SIGINT.
+INTERRUPTED = 130
 
 
 def _log_level(text: str) -> str:
@@ -54,6 +59,30 @@ def shared_options() -> argparse.ArgumentParser:
     return shared
 
 
+# What `spacer COMMAND --help` says first, for the commands that do not say it themselves.
+DESCRIPTIONS = {
+    "extract": "Extract EfficientNet-b0 features of images at their points, one .featurevector file"
+    " (pyspacer's format) per image in --out. CSV form: IMAGE... or --images DIR, --weights and"
+    " --points. Message form: --message FILE runs a pyspacer ExtractFeaturesMsg.",
+    "classify": "Classify the points of images into a CoralNet results CSV at --out: each point's best"
+    " label, score and top suggestions; Label is filled where the score reaches --threshold or where"
+    " the --points CSV holds a person's label. Message form: --message FILE runs a pyspacer"
+    " ClassifyImageMsg or ClassifyFeaturesMsg.",
+    "train": "Train a classifier (MLP or LR) on the features `spacer extract` wrote at the points of a"
+    " CoralNet annotation CSV. Images are split into train, reference and validation sets as pyspacer"
+    " does; the classifier goes to --out, and validation accuracy and per-class metrics are printed."
+    " Message form: --message FILE runs a pyspacer TrainClassifierMsg.",
+    "evaluate": "Score an existing classifier on newly annotated points whose features `spacer extract`"
+    " wrote: accuracy, per-class metrics and the confusion matrix. Nothing is retrained; labels the"
+    " classifier does not know count as errors.",
+    "bulk": "Extract or classify every image of a manifest (paths, s3:// keys or URLs), in this process"
+    " or on Ray. Outputs are written as images finish and --out/_summary.json records each image, so"
+    " a rerun resumes where a stopped one left off.",
+    "demo": "Build a small synthetic survey (images, CoralNet CSVs, synthetic weights) and run extract,"
+    " train, classify and the reports on it, in this process or through a running `spacer serve`.",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `spacer` parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="spacer", description="pyspacer-compatible point classification.")
@@ -62,8 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     # serve and check-config take the server's own flags, --log-level among them.
     serve.add_parsers(sub)
     health.add_parser(sub)
-    for module in (extract, classify, train, evaluate, bulk, demo):
+    for module in (extract, classify, train, evaluate, bulk, demo, weights):
         module.add_parser(sub, parents)
+    for name, text in DESCRIPTIONS.items():
+        command = sub.choices[name]
+        if command.description is None:
+            command.description = text
     return parser
 
 
@@ -101,23 +134,41 @@ def choose_form(args: argparse.Namespace) -> None:
         )
 
 
+def interrupted(exc: KeyboardInterrupt) -> int:
+    """Say where a Ctrl-C left the work, in one line, and give the exit status 130.
+
+    Library work that keeps a record of what finished (bulk's summary) raises
+    a KeyboardInterrupt with a `message()` saying so; any other Ctrl-C is
+    just "interrupted".
+    """
+    describe = getattr(exc, "message", None)
+    text = describe() if callable(describe) else ""
+    if getattr(sys.stderr, "isatty", lambda: False)():
+        sys.stderr.write("\n")  # past a progress bar drawn without its newline
+    print(text if isinstance(text, str) and text else "interrupted", file=sys.stderr, flush=True)
+    return INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spacer` console script and `python -m shell`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        choose_form(args)
-        if args.command not in WORKFLOWS:
-            return COMMANDS[args.command](args)
-    except UsageError as exc:
-        parser.error(str(exc))
-    from server.logs import setup_logging
+        try:
+            choose_form(args)
+            if args.command not in WORKFLOWS:
+                return COMMANDS[args.command](args)
+        except UsageError as exc:
+            parser.error(str(exc))
+        from server.logs import setup_logging
 
-    setup_logging(args.log_level)
-    try:
-        return COMMANDS[args.command](args)
-    except Exception as exc:
-        return errors.report(args.command, exc)
+        setup_logging(args.log_level)
+        try:
+            return COMMANDS[args.command](args)
+        except Exception as exc:
+            return errors.report(args.command, exc)
+    except KeyboardInterrupt as exc:
+        return interrupted(exc)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import asyncio
 import json
 import shlex
 import sys
+from dataclasses import asdict
 
 from server.config import ServerConfig, add_arguments, config_from_args
 from shell.common import WEIGHTS_NOTE
@@ -15,9 +16,21 @@ from shell.errors import UsageError
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """`serve` and `check-config`; both take the server's flags (--log-level among them)."""
-    serve = sub.add_parser("serve", help="run the gRPC server (default 127.0.0.1:50051)", epilog=WEIGHTS_NOTE)
+    serve = sub.add_parser(
+        "serve",
+        help="run the gRPC server (default 127.0.0.1:50051)",
+        description="Serve spacer.v1.Spacer (and the Open Inference Protocol) over gRPC until SIGTERM or"
+        " Ctrl-C, then drain. Every flag can also be set by the SPACER_* variable in brackets; a flag"
+        " wins over its variable.",
+        epilog=WEIGHTS_NOTE,
+    )
     add_arguments(serve)
-    check = sub.add_parser("check-config", help="print the effective settings and exit")
+    check = sub.add_parser(
+        "check-config",
+        help="print the effective settings and exit",
+        description="Print the settings `spacer serve` would run with (the same flags and SPACER_*"
+        " variables) and the library's own, then exit: 1 when they do not hold.",
+    )
     add_arguments(check)
 
 
@@ -41,10 +54,50 @@ def demo_command(config: ServerConfig) -> str:
     return f"cd {shlex.quote(str(roots[0]))} && {command}"
 
 
+UNLIMITED = "unlimited"
+
+
+def limits_in_force(config: ServerConfig) -> dict[str, object]:
+    """Every bound a served call meets, as it will apply: the server's settings, else the library's.
+
+    Sizes are in bytes (names end in `_bytes`; the flags take MiB); a bound
+    that is truly absent reads "unlimited".
+    """
+    from spacer_core import config as core_config
+
+    # The image bounds the library applies unless the server overrides them.
+    library = {
+        "max_image_pixels": core_config.MAX_IMAGE_PIXELS,
+        "max_points_per_image": core_config.MAX_POINTS_PER_IMAGE,
+    }
+    limits: dict[str, object] = dict(asdict(config.limits()))
+    for name, default in library.items():
+        chosen = getattr(config, name, None)
+        if limits.get(name) is None:
+            limits[name] = chosen if chosen is not None else default
+    limits["max_message_bytes"] = config.max_message_bytes
+    limits["memory_budget_bytes"] = config.memory_budget_bytes
+    limits["url_max_bytes"] = config.url_max_bytes
+    limits["url_timeout_seconds"] = config.url_timeout_seconds
+    limits["max_queue"] = config.max_queue
+    limits["long_work_workers"] = config.long_work_slots
+    return {name: UNLIMITED if value is None else value for name, value in sorted(limits.items())}
+
+
+def effective_settings(config: ServerConfig) -> dict[str, object]:
+    """What `check-config` prints: the server's settings, with the limits in force filled in."""
+    limits = limits_in_force(config)
+    server = config.describe()
+    for name, value in server.items():
+        if name in limits and value is None:
+            server[name] = limits[name]
+    return {"server": server, "limits_in_force": limits}
+
+
 def run_check_config(args: argparse.Namespace) -> int:
     """Print the server's settings and the library's; 1 when the library's do not hold."""
     config = _config(args)
-    print(json.dumps({"server": config.describe()}, indent=2))
+    print(json.dumps(effective_settings(config), indent=2))
     try:
         from spacer_core import config as core_config
         from spacer_core.inference.precision import fast_cpu_status

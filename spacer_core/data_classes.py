@@ -6,12 +6,14 @@ the other way round.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from io import BytesIO
 from pprint import pformat
 from typing import Any, TypeAlias
@@ -22,13 +24,14 @@ from spacer_core import limits
 from spacer_core.exceptions import (
     InvalidDataError,
     InvalidInputError,
+    PreconditionError,
     RowColumnMismatchError,
     RowColumnMissingError,
     SpacerError,
 )
 from spacer_core.locations import Location
 from spacer_core.locations import require as _require
-from spacer_core.storage import RemoteStorage, load_bytes, storage_factory, store_bytes  # noqa: F401  (pyspacer names)
+from spacer_core.storage import RemoteStorage, load_bytes, open_local, storage_factory, store_bytes  # noqa: F401  (pyspacer names)
 
 # Labels may be ints or strings (anything scikit-learn accepts as a target).
 LabelId: TypeAlias = int | str
@@ -168,6 +171,9 @@ class ImageLabels(DataClass):
         # pyspacer 0.5.0 keyed labels by bare feature keys; their storage
         # comes from the training message's features_loc (see resolve_keys).
         self.bare_keys: set[str] = set()
+        # What made each feature file read so far (None: unknown origin), so
+        # a trainer can refuse a mix of extractors without reading files twice.
+        self._provenance: dict[DataLocation, FeatureProvenance | None] = {}
         for feature_loc, annotations in (data or {}).items():
             if isinstance(feature_loc, str):
                 self.bare_keys.add(feature_loc)
@@ -273,7 +279,13 @@ class ImageLabels(DataClass):
 
     def load_features(self, feature_loc: DataLocation) -> ImageFeatures:
         """The features of one image, honouring this set's filesystem cache."""
-        return ImageFeatures.load(feature_loc, self.filesystem_cache)
+        features = ImageFeatures.load(feature_loc, self.filesystem_cache)
+        self._provenance[feature_loc] = features.provenance
+        return features
+
+    def loaded_provenance(self) -> dict[DataLocation, FeatureProvenance | None]:
+        """What made each feature file loaded through this set so far (None: unknown origin)."""
+        return dict(self._provenance)
 
     def load_arrays_in_batches(
         self, batch_size: int | None = 1000, random_seed: int | None = None
@@ -338,6 +350,7 @@ class ImageLabels(DataClass):
     def _repr_fields(self) -> dict[str, Any]:
         fields = dict(vars(self))
         del fields["bare_keys"]  # ours alone (0.5.0's bare keys)
+        del fields["_provenance"]  # ours alone
         return fields
 
 
@@ -383,12 +396,83 @@ class PointFeatures(DataClass):
         )
 
 
+class ProvenanceMismatchError(PreconditionError):
+    """Features or a classifier were made with other weights than the ones in use."""
+
+
+def points_sha256(rows: Sequence[int] | np.ndarray, cols: Sequence[int] | np.ndarray) -> str:
+    """A digest of (row, col) points in order: equal for the same points, whatever their array type."""
+    digest = hashlib.sha256(b"rowcols:")
+    digest.update(np.asarray(rows, dtype="<i8").tobytes())
+    digest.update(b"|")
+    digest.update(np.asarray(cols, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FeatureProvenance:
+    """What made a feature file: the extractor class, a sha256 of its weights, and its points.
+
+    ``weights_sha256`` is the sha256 of the extractor's weights file (for
+    extractors with several files, one digest of all of them; empty for
+    extractors without files). ``points_sha256`` is `points_sha256` of the
+    file's rows and columns.
+    """
+
+    extractor: str
+    weights_sha256: str
+    points_sha256: str = ""
+
+    def same_source(self, other: FeatureProvenance) -> bool:
+        """Whether both were computed by the same extractor with the same weights (points aside)."""
+        return self.extractor == other.extractor and self.weights_sha256 == other.weights_sha256
+
+    def source(self) -> dict[str, str]:
+        """The extractor and weights digest as plain strings (what a classifier records)."""
+        return {"extractor": self.extractor, "weights_sha256": self.weights_sha256}
+
+    def describe(self) -> str:
+        """Short text for messages: the extractor and the start of its weights digest."""
+        weights = self.weights_sha256[:12] + "..." if self.weights_sha256 else "(none)"
+        return f"{self.extractor} weights sha256 {weights}"
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "extractor": self.extractor,
+                "weights_sha256": self.weights_sha256,
+                "points_sha256": self.points_sha256,
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str) -> FeatureProvenance:
+        """Read the form `to_json` writes (or a classifier's ``spacer_features_`` dict)."""
+        if not isinstance(data, Mapping):
+            raise InvalidDataError(f"{source}: provenance must be a JSON object, got {type(data).__name__}.")
+        fields = {}
+        for name in ("extractor", "weights_sha256", "points_sha256"):
+            value = data.get(name, "")
+            if not isinstance(value, str) or len(value) > 200:
+                raise InvalidDataError(f"{source}: provenance field {name!r} must be short text.")
+            fields[name] = value
+        if not fields["extractor"]:
+            raise InvalidDataError(f"{source}: provenance names no extractor.")
+        return cls(**fields)
+
+
 # Leading bytes of a zip archive (what savez_compressed writes).
 _ZIP_MAGIC = b"PK\x03\x04"
 # zlib level for feature files we write (see ImageFeatures.to_bytes); any level reads back the same.
 FEATURE_FILE_COMPRESSLEVEL = 3
 # The earliest time a zip entry can carry; fixed so output is reproducible.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# The npz member holding FeatureProvenance as JSON text. pyspacer reads only
+# the members it names (meta, rows, cols, feat), so it ignores this one.
+_PROVENANCE_MEMBER = "provenance"
+# A provenance member is a few hundred bytes; anything near this is not one.
+_MAX_PROVENANCE_BYTES = 64 * 1024
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray], compresslevel: int) -> bytes:
@@ -456,6 +540,8 @@ class ImageFeatures(DataClass):
             self._rows = self._cols = None
             self._rchash = {}
         self._point_features: list[PointFeatures] | None = None
+        # What made these features; None for files of unknown origin (pyspacer's).
+        self.provenance: FeatureProvenance | None = None
 
     @classmethod
     def from_arrays(
@@ -619,7 +705,10 @@ class ImageFeatures(DataClass):
         else:
             rows = cols = np.array([])
         meta = np.array([int(self.valid_rowcol), self.npoints, self.feature_dim], dtype=np.int64)
-        return _npz_bytes({"meta": meta, "rows": rows, "cols": cols, "feat": self._feat}, compresslevel)
+        arrays: dict[str, np.ndarray] = {"meta": meta, "rows": rows, "cols": cols, "feat": self._feat}
+        if self.provenance is not None:
+            arrays[_PROVENANCE_MEMBER] = np.array(self.provenance.to_json())
+        return _npz_bytes(arrays, compresslevel)
 
     @classmethod
     def from_bytes(cls, raw: bytes, source: str = "<bytes>") -> ImageFeatures:
@@ -630,8 +719,11 @@ class ImageFeatures(DataClass):
                 with np.load(BytesIO(raw), allow_pickle=False) as npz:
                     meta, feat = npz["meta"], npz["feat"]
                     if int(meta[0]):
-                        return cls.from_arrays(feat, rows=npz["rows"], cols=npz["cols"])
-                    return cls.from_arrays(feat)
+                        features = cls.from_arrays(feat, rows=npz["rows"], cols=npz["cols"])
+                    else:
+                        features = cls.from_arrays(feat)
+                    features.provenance = _npz_provenance(npz, source)
+                    return features
             except (KeyError, ValueError, OSError, zipfile.BadZipFile, InvalidDataError) as err:
                 raise InvalidDataError(f"{source}: not a valid feature file ({err}).") from err
         data = parse_json(raw, f"{source}: not a feature file, neither npz nor JSON")
@@ -641,6 +733,44 @@ class ImageFeatures(DataClass):
             raise InvalidDataError(f"{source}: not a valid legacy feature file ({err}).") from err
 
     @classmethod
+    def provenance_from_bytes(cls, raw: bytes, source: str = "<bytes>") -> FeatureProvenance | None:
+        """The provenance of a ``.featurevector`` without reading its features (None: unknown origin)."""
+        if raw[:4] != _ZIP_MAGIC:
+            return None  # the legacy JSON form never carries one
+        try:
+            limits.current().check_npz(raw, source)
+            with np.load(BytesIO(raw), allow_pickle=False) as npz:
+                return _npz_provenance(npz, source)
+        except (KeyError, ValueError, OSError, zipfile.BadZipFile) as err:
+            raise InvalidDataError(f"{source}: not a valid feature file ({err}).") from err
+
+    @classmethod
+    def load_provenance(cls, loc: DataLocation) -> FeatureProvenance | None:
+        """The provenance recorded in the feature file at ``loc`` (None: unknown origin).
+
+        A local file is read no further than its provenance member, so checking
+        a folder of feature files costs little more than listing it.
+        """
+        if loc.storage_type != "filesystem":
+            return cls.provenance_from_bytes(load_bytes(loc).getvalue(), source=loc.key)
+        with open_local(loc) as f:
+            if f.read(4) != _ZIP_MAGIC:
+                return None
+            f.seek(0)
+            try:
+                with zipfile.ZipFile(f) as archive:
+                    try:
+                        info = archive.getinfo(_PROVENANCE_MEMBER + ".npy")
+                    except KeyError:
+                        return None
+                    if info.file_size > _MAX_PROVENANCE_BYTES:
+                        raise InvalidDataError(f"{loc.key}: the feature file's provenance is too large.")
+                    value = np.lib.format.read_array(BytesIO(archive.read(info)), allow_pickle=False)
+            except (ValueError, OSError, zipfile.BadZipFile) as err:
+                raise InvalidDataError(f"{loc.key}: not a valid feature file ({err}).") from err
+        return _provenance_value(value, loc.key)
+
+    @classmethod
     def load(cls, loc: DataLocation, filesystem_cache: str | None = None) -> ImageFeatures:
         """Read features from ``loc``; remote files may be cached under ``filesystem_cache``."""
         return cls.from_bytes(load_bytes(loc, filesystem_cache).getvalue(), source=loc.key)
@@ -648,6 +778,20 @@ class ImageFeatures(DataClass):
     def store(self, loc: DataLocation) -> None:
         """Write the npz feature file to ``loc``."""
         store_bytes(loc, self.to_bytes())
+
+
+def _npz_provenance(npz: Any, source: str) -> FeatureProvenance | None:
+    if _PROVENANCE_MEMBER not in npz.files:
+        return None
+    return _provenance_value(npz[_PROVENANCE_MEMBER], source)
+
+
+def _provenance_value(value: np.ndarray, source: str) -> FeatureProvenance:
+    if value.dtype.kind != "U" or value.shape != ():
+        raise InvalidDataError(f"{source}: the feature file's provenance is not a text value.")
+    return FeatureProvenance.from_mapping(
+        parse_json(str(value.item()), f"{source}: unreadable provenance"), source
+    )
 
 
 class ValResults(DataClass):

@@ -12,7 +12,19 @@ from __future__ import annotations
 
 
 class SpacerError(Exception):
-    """Base of every error the library raises on purpose."""
+    """Base of every error the library raises on purpose.
+
+    `location` is the piece of data the error is about (a DataLocation, a
+    storage key or a URL), when there is one. It is set where the error is
+    raised, so a transport can tell which of its inputs failed by comparing
+    locations instead of reading the message.
+    """
+
+    location: object = None
+
+    def __init__(self, *args: object, location: object = None):
+        super().__init__(*args)
+        self.location = location
 
 
 # --- categories -------------------------------------------------------------
@@ -101,8 +113,8 @@ class URLDownloadError(UnavailableError):
     the URL names nothing), else None.
     """
 
-    def __init__(self, message: str, original_error: BaseException):
-        super().__init__(message)
+    def __init__(self, message: str, original_error: BaseException, *, location: object = None):
+        super().__init__(message, location=location)
         self.message = message
         self.original_error = original_error
         status = getattr(original_error, "code", None)

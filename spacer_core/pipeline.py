@@ -37,7 +37,7 @@ from spacer_core.inference.batcher import DEFAULT_PRIORITY
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, classifier_feature_dim
 from spacer_core.storage import load_bytes
-from spacer_core.task_utils import check_extract_inputs, check_features
+from spacer_core.task_utils import check_classifier_provenance, check_extract_inputs, check_features
 
 T = TypeVar("T")
 RowCol = tuple[int, int]
@@ -196,12 +196,19 @@ def finish(prepared: Prepared, features: np.ndarray) -> ImageResult:
     """Store and/or score the features of a prepared job."""
     job = prepared.job
     result = ImageResult(prepared.rowcols, features, prepared.loaded_remotely, 0.0)
+    rows, cols = (list(axis) for axis in zip(*prepared.rowcols))
+    made = None
+    if job.feature_loc is not None or job.classifier_loc is not None:
+        weights = prepared.net.key if prepared.net is not None else None
+        made = job.extractor.feature_provenance(rows, cols, weights)
     if job.feature_loc is not None:
-        rows, cols = zip(*prepared.rowcols)
+        stored = ImageFeatures.from_arrays(features, rows, cols)
+        stored.provenance = made
         with config.log_entry_and_exit("storing features"):
-            ImageFeatures.from_arrays(features, list(rows), list(cols)).store(job.feature_loc)
+            stored.store(job.feature_loc)
     if job.classifier_loc is not None:
         clf = runtime.current().classifier(job.classifier_loc)
+        check_classifier_provenance(clf, made, job.classifier_loc.key)
         result.scores = score(clf, features, job.label)
         result.classes = clf.classes_.tolist()
     result.runtime = time.time() - prepared.start

@@ -104,6 +104,12 @@ class LoadedModel:
     feature_dim: int
     load_seconds: float
     classes: tuple[Any, ...] = ()
+    # Filled in by `Runtime.loaded()`: what built a network, its weights' sha256
+    # (the network's cache key), who loaded it and when a call last used it.
+    extractor_class: str = ""
+    weights_sha256: str = ""
+    loaded_by: str = ""  # "request" (LoadModel, preload) or "call"
+    last_used: float = 0.0  # time.time(); 0.0 before any use
 
 
 @dataclass
@@ -111,6 +117,7 @@ class _Network:
     backend: Backend
     info: LoadedModel
     batch_size: int
+    last_used: float = field(default=0.0, init=False)
     nbytes: int = field(init=False)
     # Patches per launch of `features()`, the synchronous path.
     sync_batch_size: int = field(init=False)
@@ -133,6 +140,7 @@ class _Classifier:
     clf: Any
     info: LoadedModel
     nbytes: int = 0
+    last_used: float = 0.0
 
 
 class FileHashes:
@@ -285,13 +293,20 @@ class Runtime:
                 cache_dir=self.settings.compile_cache_dir,
             )
             info = LoadedModel(
-                "extractor", net.label or net.key, net.feature_dim, time.perf_counter() - start
+                "extractor",
+                net.label or net.key,
+                net.feature_dim,
+                time.perf_counter() - start,
+                extractor_class=_builder_class(net.build),
+                weights_sha256=net.key,
             )
             return _Network(
                 backend, info, self.settings.batcher.max_batch_size or backend.preferred_batch_size
             )
 
-        return self._networks.get(net.key, load)
+        network = self._networks.get(net.key, load)
+        network.last_used = time.time()
+        return network
 
     def load_network(self, net: NetworkSpec) -> LoadedModel:
         """Build (or find) `net`'s backend now; what ListModels reports for it."""
@@ -424,12 +439,14 @@ class Runtime:
                 if entry.version != version:
                     entry = self._load_classifier(loc, version, f.read())
                     self._classifiers.put(loc, entry)
+            entry.last_used = time.time()
             return entry.clf
         version = file_version(loc)
         entry = self._classifiers.get(loc, lambda: self._load_classifier(loc, version))
         if entry.version != version:
             entry = self._load_classifier(loc, version)
             self._classifiers.put(loc, entry)
+        entry.last_used = time.time()
         return entry.clf
 
     @staticmethod
@@ -504,6 +521,36 @@ class Runtime:
         self._batchers.clear()
         self._networks.clear()
         self._classifiers.clear()
+
+    def loaded(self) -> list[LoadedModel]:
+        """Every network and classifier held now, whoever loaded it, most recently used first.
+
+        Unlike `loaded_models()` (what was asked for by name) this reads the
+        caches themselves, so models a call loaded on its way show too.
+        """
+        held: list[LoadedModel] = []
+        caches: tuple[tuple[str, ModelCache[Any, Any]], ...] = (
+            ("extractor", self._networks),
+            ("classifier", self._classifiers),
+        )
+        for kind, cache in caches:
+            for key in cache.keys():
+                entry = cache.peek(key)
+                if entry is None:  # evicted meanwhile
+                    continue
+                by = "request" if (kind, key) in self._requested else "call"
+                held.append(replace(entry.info, loaded_by=by, last_used=entry.last_used))
+        return sorted(held, key=lambda m: (-m.last_used, m.kind, m.name))
+
+
+def _builder_class(build: Any) -> str:
+    # A network's build function is defined in its extractor's network(): its
+    # qualified name starts with the extractor class.
+    qualname = str(getattr(build, "__qualname__", ""))
+    if ".<locals>." not in qualname:
+        return ""
+    owner = qualname.split(".<locals>.")[0].rpartition(".")[0]
+    return f"{getattr(build, '__module__', '')}.{owner}" if owner else ""
 
 
 def classifier_feature_dim(clf: Any) -> int | None:

@@ -28,6 +28,7 @@ from spacer_core.atomic import write_atomic, write_atomic_at
 from spacer_core.exceptions import (
     AccessDeniedError,
     InvalidInputError,
+    SpacerError,
     StorageFileNotFoundError,
     StorageKeyError,
     StorageMissingObjectError,
@@ -108,7 +109,7 @@ def _regular_file(fd: int, key: str) -> IO[bytes]:
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", key)
         if not stat.S_ISREG(mode):
-            raise InvalidInputError(f"{key!r} is not a regular file")
+            raise InvalidInputError(f"{key!r} is not a regular file", location=key)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -131,7 +132,7 @@ class ConfinedFileSystemStorage(FileSystemStorage):
         self.roots = tuple(roots)
 
     def _outside(self, key: str) -> AccessDeniedError:
-        return AccessDeniedError(f"{key!r} is outside the allowed data roots")
+        return AccessDeniedError(f"{key!r} is outside the allowed data roots", location=key)
 
     @contextlib.contextmanager
     def _parent(self, key: str, create: bool = False) -> Iterator[tuple[int, str]]:
@@ -226,14 +227,14 @@ class MemoryStorage(Storage):
         try:
             return self.blobs[key]
         except KeyError:
-            raise StorageKeyError(f"No blob with key {key!r} in memory storage.") from None
+            raise StorageKeyError(f"No blob with key {key!r} in memory storage.", location=key) from None
 
     def delete(self, key: str) -> None:
         with self._lock:
             try:
                 del self.blobs[key]
             except KeyError:
-                raise StorageKeyError(f"No blob with key {key!r} in memory storage.") from None
+                raise StorageKeyError(f"No blob with key {key!r} in memory storage.", location=key) from None
 
     def exists(self, key: str) -> bool:
         return key in self.blobs
@@ -270,7 +271,7 @@ def cache_path_for(cache_dir: str | os.PathLike[str], key: str) -> str:
     root = Path(os.path.realpath(cache_dir))
     path = Path(os.path.realpath(Path(root, key)))
     if path == root or not path.is_relative_to(root):
-        raise AccessDeniedError(f"{key!r}: the key leads outside the local cache folder")
+        raise AccessDeniedError(f"{key!r}: the key leads outside the local cache folder", location=key)
     return str(path)
 
 
@@ -436,7 +437,7 @@ class DataRootsPolicy(StoragePolicy):
         # not exist yet (a file about to be written).
         path = Path(os.path.realpath(loc.key))
         if not any(path.is_relative_to(root) for root in self.roots):
-            raise AccessDeniedError(f"{loc.key!r} is outside the allowed data roots")
+            raise AccessDeniedError(f"{loc.key!r} is outside the allowed data roots", location=loc)
 
     def describe(self) -> str:
         return "filesystem under " + ", ".join(map(str, self.roots))
@@ -485,16 +486,21 @@ class ClientPolicy(StoragePolicy):
                 # A data root may be a working directory Python imports from.
                 raise AccessDeniedError(
                     f"{loc.key!r}: clients may not write Python code files "
-                    f"({', '.join(sorted(_CODE_SUFFIXES))})"
+                    f"({', '.join(sorted(_CODE_SUFFIXES))})",
+                    location=loc,
                 )
             if self.filesystem is not None:
                 self.filesystem.check(loc, access)
         elif loc.storage_type == "memory":
             if not self.allow_memory:
-                raise AccessDeniedError(f"{loc.describe()!r}: memory storage is not available to clients")
+                raise AccessDeniedError(
+                    f"{loc.describe()!r}: memory storage is not available to clients", location=loc
+                )
         elif loc.storage_type == "s3":
             if self.s3_buckets is not None and loc.bucket_name not in self.s3_buckets:
-                raise AccessDeniedError(f"{loc.describe()!r}: bucket {loc.bucket_name!r} is not allowed")
+                raise AccessDeniedError(
+                    f"{loc.describe()!r}: bucket {loc.bucket_name!r} is not allowed", location=loc
+                )
 
     def describe(self) -> str:
         parts = [self.filesystem.describe() if self.filesystem else "filesystem anywhere"]
@@ -544,19 +550,22 @@ def _check_key(loc: Location) -> None:
     if not isinstance(loc.key, str) or not isinstance(loc.bucket_name, (str, type(None))):
         raise InvalidInputError(
             f"{loc.storage_type} location: the key must be text and the bucket text or null, "
-            f"not {type(loc.key).__name__} and {type(loc.bucket_name).__name__}"
+            f"not {type(loc.key).__name__} and {type(loc.bucket_name).__name__}",
+            location=loc,
         )
     for text in (loc.key, loc.bucket_name or ""):
         # No file system, bucket or URL takes a NUL (Python refuses it with a
         # ValueError deep inside os or http.client), nor a lone surrogate.
         if "\0" in text:
-            raise InvalidInputError(f"{loc.key!r}: a location may not contain a NUL character")
+            raise InvalidInputError(f"{loc.key!r}: a location may not contain a NUL character", location=loc)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            raise InvalidInputError(f"{text!r}: a location must be valid Unicode text") from None
+            raise InvalidInputError(
+                f"{text!r}: a location must be valid Unicode text", location=loc
+            ) from None
     if loc.storage_type == "s3" and not _S3_BUCKET.fullmatch(loc.bucket_name or ""):
-        raise InvalidInputError(f"{loc.bucket_name!r}: not a valid S3 bucket name")
+        raise InvalidInputError(f"{loc.bucket_name!r}: not a valid S3 bucket name", location=loc)
 
 
 # OS errors that a location itself causes (not the machine's state).
@@ -583,24 +592,41 @@ def _access(loc: Location, access: Access) -> Iterator[Storage]:
     if isinstance(storage, URLStorage) and policy.url_rules is not None:
         storage = URLStorage(policy.url_rules)
     try:
-        yield storage
+        with _located(loc):
+            yield storage
+    except SpacerError:
+        raise
     except FileNotFoundError as err:
-        if isinstance(err, StorageFileNotFoundError):
-            raise
-        raise StorageFileNotFoundError(f"{loc.describe()}: file not found") from err
+        raise StorageFileNotFoundError(f"{loc.describe()}: file not found", location=loc) from err
     except IsADirectoryError as err:
-        raise InvalidInputError(f"{loc.describe()}: is a directory, not a file") from err
+        raise InvalidInputError(f"{loc.describe()}: is a directory, not a file", location=loc) from err
     except PermissionError as err:
-        if isinstance(err, AccessDeniedError):
-            raise
-        raise AccessDeniedError(f"{loc.describe()}: permission denied") from err
+        raise AccessDeniedError(f"{loc.describe()}: permission denied", location=loc) from err
     except OSError as err:
         if err.errno in _BAD_PATH_ERRNOS:
-            raise InvalidInputError(f"{loc.describe()}: {_BAD_PATH_ERRNOS[err.errno]}") from None
+            raise InvalidInputError(
+                f"{loc.describe()}: {_BAD_PATH_ERRNOS[err.errno]}", location=loc
+            ) from None
         _raise_boto_error(loc, err)
         raise
     except Exception as err:
         _raise_boto_error(loc, err)
+        raise
+
+
+@contextlib.contextmanager
+def _located(loc: Location) -> Iterator[None]:
+    """Mark library errors raised inside as being about `loc`.
+
+    Code below this point (a store, the image decoder, the unpickler) knows
+    only a key or a name; an error it raised with no location, or with just
+    `loc`'s key, is about `loc` itself.
+    """
+    try:
+        yield
+    except SpacerError as err:
+        if err.location is None or err.location == loc.key:
+            err.location = loc
         raise
 
 
@@ -615,12 +641,14 @@ def _raise_boto_error(loc: Location, err: Exception) -> None:
         code = str(error.get("Code", ""))
         http = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound") or http == 404:
-            raise StorageMissingObjectError(f"{where}: no such object ({code or http})") from err
+            raise StorageMissingObjectError(
+                f"{where}: no such object ({code or http})", location=loc
+            ) from err
         if code in ("403", "AccessDenied") or http == 403:
-            raise AccessDeniedError(f"{where}: access denied by S3 ({code or http})") from err
+            raise AccessDeniedError(f"{where}: access denied by S3 ({code or http})", location=loc) from err
         if http is not None and int(http) >= 500:
-            raise StorageUnavailableError(f"{where}: S3 answered {http} ({code})") from err
-        raise StorageRequestError(f"{where}: S3 refused the request: {code or http}") from err
+            raise StorageUnavailableError(f"{where}: S3 answered {http} ({code})", location=loc) from err
+        raise StorageRequestError(f"{where}: S3 refused the request: {code or http}", location=loc) from err
     if isinstance(
         err,
         (
@@ -630,9 +658,9 @@ def _raise_boto_error(loc: Location, err: Exception) -> None:
             botocore.ConnectTimeoutError,
         ),
     ):
-        raise StorageUnavailableError(f"{where}: S3 endpoint unreachable") from err
+        raise StorageUnavailableError(f"{where}: S3 endpoint unreachable", location=loc) from err
     if isinstance(err, botocore.NoCredentialsError):
-        raise StorageRequestError(f"{where}: no AWS credentials configured") from err
+        raise StorageRequestError(f"{where}: no AWS credentials configured", location=loc) from err
 
 
 def load_bytes(loc: Location, filesystem_cache: str | None = None) -> BytesIO:
@@ -651,7 +679,7 @@ def open_local(loc: Location) -> Iterator[IO[bytes]]:
     passed the check, whatever happens to the path meanwhile.
     """
     if loc.storage_type != "filesystem":
-        raise InvalidInputError(f"{loc.describe()}: not a local file")
+        raise InvalidInputError(f"{loc.describe()}: not a local file", location=loc)
     with _access(loc, "read") as storage:
         assert isinstance(storage, FileSystemStorage)
         with storage.open(loc.key) as f:
@@ -671,7 +699,7 @@ def fd_version(f: IO[bytes]) -> tuple[int, int, int, int, int]:
 def require_writable(loc: Location) -> None:
     """Raise InvalidInputError for a location of a read-only storage type."""
     if not loc.is_writable:
-        raise InvalidInputError(f"{loc.describe()}: {loc.storage_type} storage is read-only")
+        raise InvalidInputError(f"{loc.describe()}: {loc.storage_type} storage is read-only", location=loc)
 
 
 def store_bytes(loc: Location, data: Payload) -> None:
@@ -722,7 +750,9 @@ def load_image(loc: Location) -> Image.Image:
     """
     from spacer_core.images import open_image
 
-    return open_image(load_bytes(loc), name=loc.key)
+    data = load_bytes(loc)
+    with _located(loc):
+        return open_image(data, name=loc.key)
 
 
 def store_classifier(loc: Location, clf: CalibratedClassifierCV) -> None:
@@ -740,7 +770,9 @@ def load_classifier(loc: Location) -> CalibratedClassifierCV:
     """
     from spacer_core.legacy import load_classifier_bytes
 
-    return load_classifier_bytes(load_bytes(loc).getvalue(), source=loc.key)
+    data = load_bytes(loc).getvalue()
+    with _located(loc):
+        return load_classifier_bytes(data, source=loc.key)
 
 
 # pyspacer's load_classifier is an lru_cache; code may call its cache_clear().

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Any
 
@@ -17,7 +17,13 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from spacer_core import config, limits
-from spacer_core.data_classes import ImageLabels, LabelId
+from spacer_core.data_classes import (
+    DataLocation,
+    FeatureProvenance,
+    ImageLabels,
+    LabelId,
+    ProvenanceMismatchError,
+)
 from spacer_core.exceptions import (
     DataLimitError,
     InvalidInputError,
@@ -27,6 +33,10 @@ from spacer_core.exceptions import (
 from spacer_core.task_io import TrainingTaskLabels
 
 _SET_NAMES = ("train", "ref", "val")
+
+# The attribute a trained classifier carries its features' provenance in: a
+# dict of plain strings, which pyspacer's unpickling and ours both accept.
+CLASSIFIER_PROVENANCE_ATTR = "spacer_features_"
 
 
 def check_extract_inputs(image: Any, rowcols: Sequence[tuple[int, int]], im_key: str) -> None:
@@ -245,3 +255,71 @@ def check_features(features: Any, source: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise InvalidInputError(f"{source}: the features contain NaN or infinite values.")
     return x
+
+
+def classifier_provenance(clf: Any) -> FeatureProvenance | None:
+    """The feature provenance a classifier records (None: unknown origin, e.g. pyspacer's)."""
+    recorded = getattr(clf, CLASSIFIER_PROVENANCE_ATTR, None)
+    if not isinstance(recorded, Mapping):
+        return None
+    try:
+        return FeatureProvenance.from_mapping(recorded, "classifier")
+    except InvalidInputError:
+        return None  # not ours to trust: treated as a classifier of unknown origin
+
+
+def record_provenance(clf: Any, provenance: FeatureProvenance | None) -> None:
+    """Record on ``clf`` what made the features it was trained on (nothing when unknown)."""
+    if provenance is not None:
+        setattr(clf, CLASSIFIER_PROVENANCE_ATTR, provenance.source())
+
+
+def check_classifier_provenance(
+    clf: Any, features: FeatureProvenance | None, classifier: str, what: str = "the extractor"
+) -> None:
+    """Refuse to score features whose extractor or weights differ from the classifier's.
+
+    Either side of unknown origin (files pyspacer wrote) is accepted.
+    ``classifier`` names the classifier and ``what`` the features' side in the message.
+    """
+    trained = classifier_provenance(clf)
+    if trained is None or features is None or trained.same_source(features):
+        return
+    if trained.weights_sha256 != features.weights_sha256:
+        theirs, ours = _weights_text(trained), _weights_text(features)
+    else:
+        theirs, ours = f"extractor {trained.extractor}", f"extractor {features.extractor}"
+    raise ProvenanceMismatchError(
+        f"classifier {classifier} was trained on features from {theirs}, but {what} uses {ours};"
+        " retrain or use the matching weights"
+    )
+
+
+def _weights_text(provenance: FeatureProvenance) -> str:
+    sha = provenance.weights_sha256
+    return f"weights sha256 {sha[:12]}..." if sha else f"{provenance.extractor} (no weights)"
+
+
+def common_provenance(
+    loaded: Iterable[tuple[DataLocation, FeatureProvenance | None]],
+) -> FeatureProvenance | None:
+    """The one extractor and weights all feature files were made with (None if none is known).
+
+    Files of unknown origin are accepted alongside any; two files made by
+    different extractors or weights are refused, naming both.
+    """
+    first: tuple[DataLocation, FeatureProvenance] | None = None
+    for loc, provenance in loaded:
+        if provenance is None:
+            continue
+        if first is None:
+            first = (loc, provenance)
+        elif not first[1].same_source(provenance):
+            raise ProvenanceMismatchError(
+                f"Feature files were made with different extractors or weights: {first[0].key}"
+                f" ({first[1].describe()}) and {loc.key} ({provenance.describe()});"
+                " extract all features with the same weights before training"
+            )
+    if first is None:
+        return None
+    return FeatureProvenance(first[1].extractor, first[1].weights_sha256)

@@ -36,7 +36,13 @@ from spacer_core.storage import (
 from spacer_core.storage import load_bytes as load_bytes
 from spacer_core.storage import load_classifier as load_classifier
 from spacer_core.storage import load_image as load_image
-from spacer_core.task_utils import check_extract_inputs, preprocess_labels  # noqa: F401  (check_extract_inputs: pyspacer name)
+from spacer_core.task_utils import (  # noqa: F401  (check_extract_inputs: pyspacer name)
+    check_classifier_provenance,
+    check_extract_inputs,
+    common_provenance,
+    preprocess_labels,
+    record_provenance,
+)
 from spacer_core.train_classifier import ClassifierTrainer  # noqa: F401  (pyspacer name)
 
 logger = getLogger(__name__)
@@ -81,6 +87,11 @@ def train_classifier(
     with _feature_cache(msg, labels), config.log_entry_and_exit("training"):
         kwargs = {"progress": progress} if progress is not None else {}
         clf, val_results, return_msg = msg.trainer(labels, msg.nbr_epochs, previous, msg.clf_type, **kwargs)
+    # Every feature file the trainer read, whichever trainer it was.
+    loaded = [
+        item for part in (labels.train, labels.ref, labels.val) for item in part.loaded_provenance().items()
+    ]
+    record_provenance(clf, common_provenance(loaded))
     with config.log_entry_and_exit("storing classifier and validation results"):
         store_classifier(msg.model_loc, clf)
         runtime.current().forget_classifier(msg.model_loc)
@@ -150,6 +161,7 @@ def classify_features(msg: ClassifyFeaturesMsg) -> ClassifyReturnMsg:
     start = time.time()
     features = ImageFeatures.load(msg.feature_loc)
     clf = runtime.current().classifier(msg.classifier_loc)
+    check_classifier_provenance(clf, features.provenance, msg.classifier_loc.key, msg.feature_loc.key)
     probs = pipeline.score(clf, features.feat, msg.feature_loc.key)
     rowcols = [(pf.row, pf.col) for pf in features.point_features]
     return classify_return(start, rowcols, probs, clf.classes_.tolist(), features.valid_rowcol)

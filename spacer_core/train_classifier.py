@@ -23,6 +23,7 @@ from spacer_core.exceptions import (
     UnknownTrainerError,
 )
 from spacer_core.task_io import TrainClassifierReturnMsg, TrainingTaskLabels
+from spacer_core.task_utils import common_provenance
 from spacer_core.train_utils import (
     EVAL_BATCH_SIZE,
     LabelledFeatures,
@@ -218,6 +219,10 @@ class MiniBatchTrainer(ClassifierTrainer):
         with config.log_entry_and_exit("loading training and reference features"):
             train_data = load_labelled_features(train_labels)
             ref_data = load_labelled_features(ref_labels)
+        # Refused before any epoch runs: a classifier of mixed features fits neither extractor.
+        common_provenance(
+            [*train_labels.loaded_provenance().items(), *ref_labels.loaded_provenance().items()]
+        )
         logger.debug(
             "Train: %d images, %d labels; ref: %d images, %d labels; batch size %d",
             train_data.image_count,

@@ -16,7 +16,9 @@ memory and time. :func:`fetch` therefore:
 
 Failures raise URLDownloadError with pyspacer's messages ("Failed to
 download from the URL '...'." / "Couldn't read the full response ...");
-refusals raise its subclass URLRefusedError.
+refusals raise its subclass URLRefusedError. Every one carries, as its
+``location``, the URL the caller asked for; the message names the hop that
+failed, which after a redirect may be another URL.
 """
 
 from __future__ import annotations
@@ -92,12 +94,12 @@ def address_refusal(address: Address) -> str | None:
     return None
 
 
-def _resolve(host: str, port: int, rules: UrlRules, url: str) -> str:
-    """One checked address of ``host`` to connect to."""
+def _resolve(host: str, port: int, rules: UrlRules, url: str, requested: str) -> str:
+    """One checked address of ``host`` (from ``url``, a hop of ``requested``) to connect to."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
-        raise URLDownloadError(f"Failed to download from the URL '{url}'.", err) from err
+        raise URLDownloadError(f"Failed to download from the URL '{url}'.", err, location=requested) from err
     addresses = [str(info[4][0]) for info in infos]
     # Every address must pass: a host answering with one public and one
     # private address could otherwise be steered to the private one.
@@ -110,11 +112,11 @@ def _resolve(host: str, port: int, rules: UrlRules, url: str) -> str:
         else:
             why = None if rules.allow_private else address_refusal(address)
         if why is not None:
-            raise _refusal(url, host, text, why)
+            raise _refusal(url, host, text, why, requested)
     return addresses[0]
 
 
-def _refusal(url: str, host: str, address: str, why: str) -> URLRefusedError:
+def _refusal(url: str, host: str, address: str, why: str, requested: str) -> URLRefusedError:
     """The refusal of ``url``; for a host name it says neither the address nor its kind.
 
     What an internal name resolves to is the server's network layout, so a
@@ -129,10 +131,12 @@ def _refusal(url: str, host: str, address: str, why: str) -> URLRefusedError:
             f"Refused to download from the URL '{url}': its host name resolves to an address this server does"
             " not fetch from.",
             PermissionError(f"{host} resolves to an address that is not allowed"),
+            location=requested,
         )
     return URLRefusedError(
         f"Refused to download from the URL '{url}': its host resolves to {why}.",
         PermissionError(f"{host} is {why}"),
+        location=requested,
     )
 
 
@@ -176,23 +180,28 @@ def _open(
         if not parts.scheme:
             # Malformed rather than refused, as pyspacer reports it.
             raise URLDownloadError(
-                f"Failed to download from the URL '{current}'.", ValueError(f"unknown url type: {current!r}")
+                f"Failed to download from the URL '{current}'.",
+                ValueError(f"unknown url type: {current!r}"),
+                location=url,
             )
         if parts.scheme not in ("http", "https"):
             raise URLRefusedError(
                 f"Refused to download from the URL '{current}': only http and https URLs are allowed.",
                 ValueError(f"unsupported URL scheme {parts.scheme!r}"),
+                location=url,
             )
         try:
             host, port = parts.hostname, parts.port
         except ValueError as err:  # a port that is not a number
-            raise URLDownloadError(f"Failed to download from the URL '{current}'.", err) from err
+            raise URLDownloadError(
+                f"Failed to download from the URL '{current}'.", err, location=url
+            ) from err
         if not host:
             raise URLDownloadError(
-                f"Failed to download from the URL '{current}'.", ValueError("no host in URL")
+                f"Failed to download from the URL '{current}'.", ValueError("no host in URL"), location=url
             )
         port = port or (443 if parts.scheme == "https" else 80)
-        address = _resolve(host, port, rules, current)
+        address = _resolve(host, port, rules, current, url)
         # Each socket operation waits at most the idle timeout (or what is left of the total).
         conn = _connection(parts.scheme, host, port, address, deadline.timeout())
         path = parts.path or "/"
@@ -203,7 +212,9 @@ def _open(
             response = conn.getresponse()
         except (OSError, http.client.HTTPException) as err:
             conn.close()
-            raise URLDownloadError(f"Failed to download from the URL '{current}'.", err) from err
+            raise URLDownloadError(
+                f"Failed to download from the URL '{current}'.", err, location=url
+            ) from err
         location = response.getheader("Location")
         if response.status in _REDIRECTS and location:
             conn.close()
@@ -212,17 +223,18 @@ def _open(
         if response.status >= 400:
             conn.close()
             error = HTTPError(current, response.status, response.reason, response.msg, None)
-            raise URLDownloadError(f"Failed to download from the URL '{url}'.", error)
+            raise URLDownloadError(f"Failed to download from the URL '{url}'.", error, location=url)
         return conn, response
     raise URLDownloadError(
         f"Failed to download from the URL '{url}'.",
         ValueError(f"more than {rules.max_redirects} redirects"),
+        location=url,
     )
 
 
 def _read_body(response: http.client.HTTPResponse, rules: UrlRules, deadline: _Deadline, url: str) -> bytes:
     def incomplete(err: BaseException) -> URLDownloadError:
-        return URLDownloadError(f"Couldn't read the full response from the URL '{url}'.", err)
+        return URLDownloadError(f"Couldn't read the full response from the URL '{url}'.", err, location=url)
 
     too_big = ValueError(f"the body is larger than the limit of {rules.max_bytes} bytes")
     length = response.getheader("Content-Length")
@@ -256,7 +268,7 @@ def fetch(url: str, rules: UrlRules = UrlRules(), timeout: float = 20.0) -> byte
     try:
         conn, response = _open(url, "GET", rules, deadline)
     except TimeoutError as err:
-        raise URLDownloadError(f"Failed to download from the URL '{url}'.", err) from err
+        raise URLDownloadError(f"Failed to download from the URL '{url}'.", err, location=url) from err
     try:
         return _read_body(response, rules, deadline, url)
     finally:

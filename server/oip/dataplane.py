@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from server import metrics
 from server._proto.inference import grpc_service_pb2 as pb
 from server.dataplane import Engine
 from server.errors import invalid
@@ -212,4 +213,5 @@ class DataPlane:
             return pipeline.score(clf, features, model.name), clf.classes_.tolist()
 
         scores, classes = await self.engine.call(score, priority=priority)
+        metrics.count_points(len(features))
         return self._scored(scores, classes), len(features)

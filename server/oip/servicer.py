@@ -16,6 +16,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from server import metrics
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server.dataplane import Engine
@@ -213,6 +214,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except Exception as exc:
                 code, message = describe(exc)
                 prefix = f"[request id: {req.id}] " if req.id else ""
+                metrics.item_failed(code.name, f"{prefix}{message}")
                 return pb.ModelStreamInferResponse(
                     error_message=f"{prefix}{message}",
                     infer_response=pb.ModelInferResponse(

@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -46,7 +46,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from spacer_core import pipeline
-from spacer_core.data_classes import DataLocation
+from spacer_core.data_classes import DataLocation, FeatureProvenance, ImageFeatures, points_sha256
 from spacer_core.exceptions import InvalidInputError, SpacerError
 from spacer_core.extractors import EfficientNetExtractor, FeatureExtractor
 from spacer_core.inference.backends import available_cpus, one_session
@@ -373,17 +373,61 @@ def process_image(task: BulkTask, item: BulkImage, rt: Runtime) -> Outcome:
 def split_done(
     task: BulkTask, items: Sequence[BulkImage], rt: Runtime
 ) -> tuple[list[BulkImage], list[Outcome]]:
-    """(images still to do, outcomes of those whose output already exists); all to do with overwrite."""
+    """(images still to do, outcomes of those already done); all to do with overwrite.
+
+    An output counts as done only when it was made for the image's current
+    points and, for feature files, by the current extractor and weights; a
+    feature file of unknown origin (pyspacer's) counts as done when its points
+    match. Anything else is computed again.
+    """
     if task.overwrite:
         return list(items), []
     todo, done = [], []
     with rt.activate():
+        current = _current_source(task)
         for item in items:
-            if data_exists(task.output(item)):
+            if _output_current(task, item, current):
                 done.append(Outcome(item.name, True, len(item.rowcols), skipped=True))
             else:
                 todo.append(item)
     return todo, done
+
+
+def _current_source(task: BulkTask) -> FeatureProvenance | None:
+    """The extractor and weights features would be made with now (None if the weights cannot be read)."""
+    try:
+        return task.extractor.feature_provenance([], [])
+    except SpacerError:
+        return None  # every image is tried again, and fails with its own error
+
+
+def _output_current(task: BulkTask, item: BulkImage, current: FeatureProvenance | None) -> bool:
+    output = task.output(item)
+    if not data_exists(output):
+        return False
+    rows = [r for r, _ in item.rowcols]
+    cols = [c for _, c in item.rowcols]
+    try:
+        if task.kind == "classify":
+            part = json.loads(load_bytes(output).getvalue())
+            return bool([tuple(rc) for rc in part["rowcols"]] == [tuple(rc) for rc in item.rowcols])
+        made = ImageFeatures.load_provenance(output)  # reads the provenance member alone
+        if made is None:
+            # Unknown origin: only the points can be checked, from the file itself.
+            features = ImageFeatures.load(output)
+            return bool(
+                features.rows is not None
+                and features.cols is not None
+                and features.rows.tolist() == rows
+                and features.cols.tolist() == cols
+            )
+        return (
+            current is not None
+            and made.same_source(current)
+            and made.points_sha256 == points_sha256(rows, cols)
+        )
+    except (SpacerError, ValueError, KeyError, TypeError):
+        return False  # an unreadable output is made again
 
 
 @dataclass
@@ -396,6 +440,7 @@ class Summary:
     outcomes: dict[str, Outcome]
     seconds: float
     results: str | None = None  # the results CSV (classify)
+    interrupted: bool = False  # stopped by Ctrl-C: the outputs hold what finished before it
 
     def counts(self) -> dict[str, int]:
         values = list(self.outcomes.values())
@@ -417,6 +462,8 @@ class Summary:
         }
         if self.results is not None:
             out["results"] = self.results
+        if self.interrupted:
+            out["interrupted"] = True
         out["outputs"] = {
             item.name: self.outcomes[item.name].as_dict(self.task.output(item).key)
             for item in self.items
@@ -522,7 +569,7 @@ def default_workers() -> int:
 
 def local_outcomes(
     task: BulkTask, items: Sequence[BulkImage], rt: Runtime, workers: int | None = None
-) -> Iterator[Outcome]:
+) -> Generator[Outcome, None, None]:
     """Every image through the pipeline under `rt`, `workers` at a time, each outcome as it finishes.
 
     Images are started in the order given; a failed image is a failed Outcome, never an error.
@@ -547,6 +594,25 @@ def local_outcomes(
                 future.cancel()
 
 
+class BulkInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a bulk run; its summary (what finished) was written first.
+
+    A KeyboardInterrupt still, so callers that do not know it stop as on any
+    Ctrl-C; the shell prints `message()` and exits with status 130.
+    """
+
+    def __init__(self, summary: Summary):
+        super().__init__(summary.task.summary_location.key)
+        self.summary = summary
+
+    def message(self) -> str:
+        counts = self.summary.counts()
+        return (
+            f"interrupted: {counts['ok']} of {counts['images']} images done"
+            f" ({counts['points_computed']} points computed), summary: {self.summary.task.summary_location.key}"
+        )
+
+
 def run(
     task: BulkTask,
     items: Sequence[BulkImage],
@@ -558,11 +624,30 @@ def run(
 
     Images are started in manifest order; progress is reported as they finish.
     The run holds `runtime`, or one of its own (`task_runtime`) closed at the end.
+    Ctrl-C (KeyboardInterrupt, also from `progress`) starts no further image,
+    lets those being worked on finish, writes the summary of what finished
+    and raises BulkInterrupted.
     """
     start = time.monotonic()
     with held_runtime(task, runtime) as rt:
         todo, done = split_done(task, items, rt)
         tally = Tally(len(items), progress, done)
-        for outcome in local_outcomes(task, todo, rt, workers):
-            tally.add(outcome)
+        try:
+            # Closing the generator on Ctrl-C cancels images not started and waits for those under way.
+            with contextlib.closing(local_outcomes(task, todo, rt, workers)) as outcomes:
+                for outcome in outcomes:
+                    tally.add(outcome)
+        except KeyboardInterrupt:
+            # Images that finished while the run stopped wrote whole outputs: count them from disk.
+            counted = {o.name for o in tally.outcomes}
+            late, _ = split_done(task, [i for i in todo if i.name not in counted], rt)
+            finished = [
+                Outcome(i.name, True, len(i.rowcols)) for i in todo if i.name not in counted and i not in late
+            ]
+            outcomes_by_name = {o.name: o for o in [*tally.outcomes, *finished]}
+            summary = Summary(
+                task, "local", list(items), outcomes_by_name, time.monotonic() - start, interrupted=True
+            )
+            write_summary(summary, rt)  # no results CSV: it would hold only part of the survey
+            raise BulkInterrupted(summary) from None
         return conclude(task, "local", items, tally.outcomes, start, rt)

@@ -36,7 +36,7 @@ from PIL import Image
 
 from spacer_core import config, limits, runtime
 from spacer_core.crop import CROP_SIZE, crop_array_into_chw, to_rgb_array
-from spacer_core.data_classes import DataLocation, ImageFeatures
+from spacer_core.data_classes import DataLocation, FeatureProvenance, ImageFeatures, points_sha256
 
 # Re-exported: pyspacer's extractors.base offers these names to its importers.
 from spacer_core.data_classes import PointFeatures as PointFeatures
@@ -145,7 +145,9 @@ class FeatureExtractor(abc.ABC):
         if not points:
             raise InvalidInputError(f"{type(self).__name__} needs at least one (row, col) point.")
         feats, loaded_remotely = run(points)
-        features = ImageFeatures.from_arrays(feats, [p[0] for p in points], [p[1] for p in points])
+        rows, cols = [p[0] for p in points], [p[1] for p in points]
+        features = ImageFeatures.from_arrays(feats, rows, cols)
+        features.provenance = self.feature_provenance(rows, cols)
         return features, ExtractFeaturesReturnMsg(
             extractor_loaded_remotely=loaded_remotely, runtime=time.time() - start
         )
@@ -186,6 +188,24 @@ class FeatureExtractor(abc.ABC):
         into the network's input and the runtime batches patches across calls.
         """
         return None
+
+    def weights_sha256(self) -> str:
+        """The sha256 of the files this extractor computes with (one digest of all of
+        them when there are several; empty when it has none)."""
+        found = self.network()
+        if found is not None:
+            return found[0].key  # the digest the network is cached under
+        shas = [self.resolve_data(key).sha256 for key in sorted(self.DATA_LOCATION_KEYS)]
+        if len(shas) <= 1:
+            return "".join(shas)
+        return hashlib.sha256(":".join(shas).encode()).hexdigest()
+
+    def feature_provenance(
+        self, rows: Sequence[int], cols: Sequence[int], weights_sha256: str | None = None
+    ) -> FeatureProvenance:
+        """What features of this extractor at these points record about their origin."""
+        sha = self.weights_sha256() if weights_sha256 is None else weights_sha256
+        return FeatureProvenance(type(self).__name__, sha, points_sha256(rows, cols))
 
     @property
     def batchable(self) -> bool:

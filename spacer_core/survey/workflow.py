@@ -40,7 +40,7 @@ from spacer_core.messages import (
 from spacer_core.storage import load_classifier
 from spacer_core.survey.coralnet import PointSpec, ResultRow, generate_points, point_rows, result_rows
 from spacer_core.survey.reports import ClassMetrics, class_metrics
-from spacer_core.task_utils import preprocess_labels
+from spacer_core.task_utils import check_classifier_provenance, preprocess_labels
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 Progress = Callable[[int, int, str], None]  # (done, total, what just finished)
@@ -586,6 +586,7 @@ def evaluate_survey(
     scores: list[float] = []
     for loc, points in labels.items():
         features = ImageFeatures.load(loc)
+        check_classifier_provenance(clf, features.provenance, str(classifier_file), loc.key)
         feats, truth = features.match_arrays(points, source=loc.key)
         probs = tasks.score_features(clf, np.asarray(feats, dtype=np.float64), loc.key)
         y_true += [str(t) for t in truth]

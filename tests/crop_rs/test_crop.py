@@ -30,6 +30,7 @@ def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_stub_matches_extension() -> None:
     """mypy.stubtest fails when a signature or name in _crop_rs.pyi drifts from the Rust code."""
     result = subprocess.run(

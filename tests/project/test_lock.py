@@ -88,6 +88,7 @@ def test_read_pins_rejects_anything_but_exact_pins(tmp_path):
         lock.read_pins(path)
 
 
+@pytest.mark.slow
 def test_moved_names_each_package_whose_installed_version_differs(tmp_path):
     import pytest as installed_pytest
 

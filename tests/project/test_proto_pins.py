@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = (ROOT / "pyproject.toml").read_text()
 
@@ -53,6 +55,7 @@ def test_the_inference_stubs_keep_their_own_descriptor_pool():
     assert "_descriptor_pool.Default()" not in text
 
 
+@pytest.mark.slow
 def test_every_stub_imports_without_a_warning_on_this_runtime():
     modules = [
         "server._proto.spacer.v1.spacer_pb2_grpc",

@@ -33,7 +33,8 @@ from spacer_core import config as core_config
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import URLRefusedError
 from spacer_core.storage import URLStorage
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, png_header, running_server
+from spacer_core.testing import extractor_json, make_classifier, make_image, png_header
+from tests.support.grpc_server import running_server
 from tests.support.http_server import LoopbackHTTPServer
 from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY, s3_env
 
@@ -654,6 +655,7 @@ def _listing(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_gets_a_clear_status(env, case: Case):
     outside_before = _listing(env.outside)

@@ -12,9 +12,10 @@ import grpc
 import pytest
 
 from server.client import SpacerClient, channel_target, service_config
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from spacer_core.testing import fs_loc as fs
 from tests.server.test_lifecycle import start_serve
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
-from tests.support.locations import fs_loc as fs
+from tests.support.grpc_server import running_server
 
 
 def test_several_addresses_become_one_balanced_target():

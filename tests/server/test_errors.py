@@ -16,10 +16,12 @@ from server import errors
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
 from spacer_core import config as core_config
-from spacer_core import crop
+from spacer_core import crop, storage, urlfetch
 from spacer_core import exceptions as exc
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
-from tests.support.locations import fs_loc as fs
+from spacer_core.data_classes import DataLocation
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from spacer_core.testing import fs_loc as fs
+from tests.support.grpc_server import running_server
 
 Code = grpc.StatusCode
 
@@ -349,9 +351,150 @@ def test_storage_errors_without_a_file_name_list_the_request_locations():
     many = [f"labels.train.images[{i}].feature_loc=/d/{i}.fv" for i in range(20)]
     _, message = errors.describe(bare_404, "", many)
     assert "and 14 more" in message and "/d/19.fv" not in message
-    # A message that already names its file is left alone.
-    _, message = errors.describe(exc.StorageFileNotFoundError("/d/3.fv: file not found"), "", many)
+    # An error about a location (storage names it in the message where it raises) is left alone.
+    named = exc.StorageFileNotFoundError(
+        "/d/3.fv: file not found", location=DataLocation("filesystem", "/d/3.fv")
+    )
+    _, message = errors.describe(named, "", many)
     assert message == "/d/3.fv: file not found"
+
+
+# ---------------------------------------------------------------- errors carry their location
+
+
+def test_storage_errors_carry_the_location_they_are_about(tmp_path):
+    missing = DataLocation("filesystem", str(tmp_path / "gone.jpg"))
+    with pytest.raises(exc.StorageFileNotFoundError) as raised:
+        storage.load_bytes(missing)
+    assert raised.value.location == missing and missing.key in str(raised.value)
+
+    blob = DataLocation("memory", f"no/such/blob-{tmp_path.name}")
+    with pytest.raises(exc.StorageKeyError) as raised:
+        storage.load_bytes(blob)
+    assert raised.value.location == blob and blob.key in str(raised.value)
+
+    outside = DataLocation("filesystem", "/etc/passwd")
+    with storage.policy_scope(storage.ClientPolicy([tmp_path])):
+        for loc in (outside, DataLocation("memory", "k")):
+            with pytest.raises(exc.AccessDeniedError) as raised:
+                storage.load_bytes(loc)
+            assert raised.value.location == loc and loc.key in str(raised.value)
+    with storage.policy_scope(storage.ClientPolicy([tmp_path], s3_buckets=["b"])):
+        with pytest.raises(exc.AccessDeniedError) as raised:
+            storage.check_access(DataLocation("s3", "k.jpg", "other"), "read")
+        assert raised.value.location == DataLocation("s3", "k.jpg", "other")
+
+    with pytest.raises(exc.InvalidInputError) as raised:
+        storage.load_bytes(DataLocation("filesystem", "a\0b"))
+    assert raised.value.location == DataLocation("filesystem", "a\0b")
+
+
+def test_boto_errors_carry_their_location():
+    from botocore.exceptions import ClientError
+
+    loc = DataLocation("s3", "k.jpg", "b")
+    error = ClientError(
+        {"Error": {"Code": "NoSuchKey", "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": 404}},
+        "GetObject",
+    )
+    with pytest.raises(exc.StorageMissingObjectError) as raised:
+        storage._raise_boto_error(loc, error)
+    assert raised.value.location == loc
+
+
+def test_url_errors_carry_the_url_asked_for():
+    with pytest.raises(exc.URLRefusedError) as raised:
+        urlfetch.fetch("file:///etc/passwd")
+    assert raised.value.location == "file:///etc/passwd"
+    with pytest.raises(exc.URLDownloadError) as raised:
+        urlfetch.fetch("no-scheme-here")
+    assert raised.value.location == "no-scheme-here"
+    # Through storage the error is about the DataLocation itself.
+    loc = DataLocation("url", "file:///etc/passwd")
+    with pytest.raises(exc.URLRefusedError) as raised:
+        storage.load_bytes(loc)
+    assert raised.value.location == loc
+
+
+def test_undecodable_stored_image_carries_its_location():
+    loc = DataLocation("memory", "errors-test/not-an-image.jpg")
+    storage.store_bytes(loc, b"not an image")
+    try:
+        with pytest.raises(exc.ImageError) as raised:
+            storage.load_image(loc)
+    finally:
+        storage.delete_data(loc)
+    assert raised.value.location == loc and loc.key in str(raised.value)
+
+
+def _pb_loc(key: str, storage_type: str = "filesystem", bucket: str = "") -> pb.DataLocation:
+    return pb.DataLocation(storage_type=storage_type, key=key, bucket_name=bucket)
+
+
+def test_request_locations_are_the_locations_jobs_are_built_from():
+    from server import convert
+
+    request = pb.ClassifyImageRequest(
+        job_token="t",
+        image_loc=_pb_loc("img.jpg", "s3", "b"),
+        classifier_loc=_pb_loc("/d/clf.pkl"),
+        extractor=pb.Extractor(class_path="x", data_locations={"weights": _pb_loc("w.pt", "memory")}),
+    )
+    found = {entry.field: entry for entry in errors.request_locations(request)}
+    assert set(found) == {"image_loc", "classifier_loc", "extractor.data_locations[weights]"}
+    for name in ("image_loc", "classifier_loc"):
+        assert found[name].location == convert.location(getattr(request, name), name)
+    assert str(found["image_loc"]) == "image_loc=s3://b/img.jpg"
+    assert str(found["extractor.data_locations[weights]"]) == "extractor.data_locations[weights]=memory:w.pt"
+    # A storage type the library lacks has no location to match, only its text.
+    odd = errors.request_locations(pb.ClassifyImageRequest(image_loc=_pb_loc("x", "ftp")))
+    assert [(e.field, e.location, e.text) for e in odd] == [("image_loc", None, "x")]
+
+
+def test_a_refusal_names_the_field_of_its_location_even_when_the_text_names_another(tmp_path):
+    # The image key is part of the refused classifier path: the message names
+    # both, and only the error's location says which field was refused.
+    request = pb.ClassifyImageRequest(
+        job_token="tok",
+        image_loc=_pb_loc("clf.pkl"),
+        classifier_loc=_pb_loc("/elsewhere/clf.pkl"),
+    )
+    locations = errors.request_locations(request)
+    with storage.policy_scope(storage.ClientPolicy([tmp_path])):
+        with pytest.raises(exc.AccessDeniedError) as raised:
+            storage.load_bytes(DataLocation("filesystem", "/elsewhere/clf.pkl"))
+    code, message = errors.describe(raised.value, "tok", locations)
+    assert code == Code.PERMISSION_DENIED
+    assert message == f"tok: classifier_loc: {raised.value}"
+    assert "image_loc" not in message and "request locations" not in message
+
+
+def test_a_refusal_about_no_request_field_is_not_given_one():
+    request = pb.ClassifyImageRequest(image_loc=_pb_loc("a.jpg"), classifier_loc=_pb_loc("b.pkl"))
+    refused = exc.AccessDeniedError("'a.jpg/b.pkl' is outside", location=DataLocation("filesystem", "c"))
+    code, message = errors.describe(refused, "", errors.request_locations(request))
+    assert code == Code.PERMISSION_DENIED and message == "'a.jpg/b.pkl' is outside"
+
+
+def test_only_storage_errors_about_no_location_list_the_request_locations():
+    locations = errors.request_locations(
+        pb.ClassifyImageRequest(image_loc=_pb_loc("a.jpg"), classifier_loc=_pb_loc("b.pkl"))
+    )
+    _, message = errors.describe(exc.StorageUnavailableError("S3 endpoint unreachable"), "", locations)
+    assert message.endswith("(request locations: image_loc=a.jpg, classifier_loc=b.pkl)")
+    located = exc.StorageUnavailableError("a.jpg: unreachable", location=DataLocation("filesystem", "a.jpg"))
+    assert errors.describe(located, "", locations)[1] == "a.jpg: unreachable"
+    # Not a storage error: its message says what it is about.
+    dims = exc.FeatureDimensionError("a.jpg: features have 1280 dimensions, the classifier 64")
+    assert errors.describe(dims, "", locations)[1] == str(dims)
+
+
+def test_the_token_prefixes_every_message_once():
+    code, message = errors.describe(exc.ImageError("image_bytes: cannot identify image"), "tok-1")
+    assert message == "tok-1: image_bytes: cannot identify image"
+    # The prefix is the RPC's, whatever the library's message says.
+    _, message = errors.describe(exc.ImageError("tok-1: something"), "tok-1")
+    assert message == "tok-1: tok-1: something"
 
 
 def test_one_log_line_per_rpc_with_method_status_duration_and_token(client, data, caplog):

@@ -24,12 +24,13 @@ import grpc
 import pytest
 
 from server.client import SpacerClient
+from server.testing import ServeProcess
 from spacer_core import storage
 from spacer_core.data_classes import DataLocation, ImageFeatures, ValResults
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
-from tests.support.locations import fs_loc
+from spacer_core.testing import extractor_json, fs_loc, make_classifier, make_image
+from tests.support import ROOT
+from tests.support.grpc_server import running_server
 from tests.support.s3 import s3_client, use_endpoint
-from tests.support.serve_process import ROOT, ServeProcess
 
 # 224 x 224 x 3 float32: one point's patch as the network takes it.
 PATCH_BYTES = 224 * 224 * 3  # a queued patch: uint8 crop

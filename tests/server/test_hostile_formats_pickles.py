@@ -37,15 +37,15 @@ import pytest
 from PIL import Image
 
 from server.client import SpacerClient
+from server.testing import ServeProcess
 from spacer_core.data_classes import DataLocation, ImageFeatures
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, png_header
+from spacer_core.testing import extractor_json, make_classifier, make_image, png_header
 from tests.support.hostile_pickles import (
     costly_variants,
     mismatched_variants,
     overflowing_classifier,
     variants,
 )
-from tests.support.serve_process import ServeProcess
 
 Code = grpc.StatusCode
 # Programs Pillow plugins (and image tools) could hand data to.
@@ -833,6 +833,7 @@ def _listing(folder: Path) -> set[Path]:
     return set(folder.rglob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_is_refused_cleanly(env, case: Case):
     outside_before = _listing(env.outside)
@@ -978,6 +979,7 @@ def test_a_failed_jobs_token_cannot_forge_fields_in_the_error_lines(env):
         assert " ref=000000000000" not in line.replace(f'"{token}"', "").replace(repr(token), ""), line
 
 
+@pytest.mark.slow
 def test_a_module_written_into_the_data_root_is_never_imported(tmp_path, efficientnet_weights):  # noqa: F811
     """`python -m shell serve` started in its data root: a client-written grpc_health.py
     (a module the server imports as it starts) or json.py is not imported in place of the real one."""

@@ -36,14 +36,14 @@ import pytest
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
+from server.testing import ServeProcess
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.messages import ExtractFeaturesMsg, JobMsg, TrainClassifierMsg, TrainingTaskLabels
+from spacer_core.testing import make_classifier, make_image
 from spacer_core.train_classifier import MiniBatchTrainer
+from spacer_core.weights.caffe_synthetic import conv, write_net
 from spacer_core.weights.synthetic import make_weights
-from tests.support.caffe_files import conv, write_net
-from tests.support.grpc_server import make_classifier, make_image
 from tests.support.hostile_files import lying_header, zip_bomb
-from tests.support.serve_process import ServeProcess
 
 Code = grpc.StatusCode
 DUMMY = {"class_path": "spacer.extractors.base.DummyExtractor", "data_locations": {}}
@@ -277,6 +277,7 @@ def _race_scores(
     return outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["file", "folder"])
 def test_race_feature_read_never_returns_outside_bytes(case: Server, what: str) -> None:
     root, outside = case.root, case.outside
@@ -310,6 +311,7 @@ def test_race_feature_read_never_returns_outside_bytes(case: Server, what: str) 
     assert inside in outcomes and Code.PERMISSION_DENIED in outcomes, "the link changed during the calls"
 
 
+@pytest.mark.slow
 def test_race_classifier_never_loads_outside_model(case: Server) -> None:
     root, outside = case.root, case.outside
     make_classifier(root / "clf_in.pkl", feature_dim=4096, classes=(1, 2, 3))
@@ -357,6 +359,7 @@ def test_race_feature_write_never_lands_outside(case: Server, what: str) -> None
         assert ImageFeatures.load(fs(root / "wf" / "out.featurevector")).feature_dim == 4096
 
 
+@pytest.mark.slow
 def test_race_weights_swap_never_yields_other_weights(case: Server) -> None:
     """A verified hash names weights A; the path flips between A and B (both inside the root).
 
@@ -500,6 +503,7 @@ def test_caffe_definition_padded_to_gigabytes(case: Server, channels: int, code:
     assert not (folder / "f.featurevector").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["bomb", "lying header"])
 def test_feature_file_that_inflates(case: Server, kind: str) -> None:
     path = case.root / f"bomb-{kind.replace(' ', '-')}.featurevector"
@@ -510,6 +514,7 @@ def test_feature_file_that_inflates(case: Server, kind: str) -> None:
     expect(code, lambda: case.client.classify_features(fs(path), fs(case.root / "clf.pkl")), path.name)
 
 
+@pytest.mark.slow
 def test_feature_file_bomb_in_training(case: Server) -> None:
     path = case.root / "bomb-bomb.featurevector"
     if not path.exists():
@@ -611,6 +616,7 @@ def _read_with_no_reply_read(
     return held
 
 
+@pytest.mark.slow
 def test_stream_client_that_never_reads_replies(case: Server) -> None:
     """Requests of ~300 KiB, replies of ~350 KiB; the client reads no reply. The server must stop reading too."""
     wide_classifier(case.root / "wide.pkl", classes=200)
@@ -630,6 +636,7 @@ def test_stream_client_that_never_reads_replies(case: Server) -> None:
     assert held < 200, f"the server read {held} of 400 requests with no reply read"
 
 
+@pytest.mark.slow
 def test_oip_stream_client_that_never_reads_replies(case: Server) -> None:
     """The Open Inference Protocol's stream has the same bound: replies of ~160 KiB nobody reads."""
     from server._proto.inference import grpc_service_pb2 as ipb
@@ -676,6 +683,7 @@ def _cpu_quiet(server: Server, seconds: float = 3.0) -> float:
     return server.proc.status().cpu_s - start
 
 
+@pytest.mark.slow
 def test_long_trainings_leave_a_worker_for_classify_image(case: Server) -> None:
     streams = [case.client.train_classifier(_long_training(case.root, "long0"), timeout=300)]
     first = next(iter(streams[0]))  # the first training is running (an epoch finished)
@@ -697,6 +705,7 @@ def test_long_trainings_leave_a_worker_for_classify_image(case: Server) -> None:
     assert used < 1.0, f"cancelled trainings kept running: {used:.1f} CPU s in 3 s"
 
 
+@pytest.mark.slow
 def test_cancelled_training_stops(case: Server) -> None:
     stream = case.client.train_classifier(_long_training(case.root, "cancel"), timeout=300)
     events = iter(stream)
@@ -707,6 +716,7 @@ def test_cancelled_training_stops(case: Server) -> None:
     assert not (case.root / "out" / "model.pkl").exists()
 
 
+@pytest.mark.slow
 def test_runjob_past_its_deadline_stops(case: Server) -> None:
     msg = train_msg(case.root, epochs=200, clf_type="MLP", images=8, points=300, dim=512, token="deadline")
     expect(Code.DEADLINE_EXCEEDED, lambda: case.client.run_job(job_json("train_classifier", msg), timeout=4))
@@ -855,6 +865,7 @@ def memory_server(
         yield proc, client, extractor
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(DECODED_IMAGES))
 def test_decoded_image_is_charged_what_it_holds(memory_server: Any, name: str) -> None:
     """The memory budget's charge for an image covers what decoding it really adds to the

@@ -17,14 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
-from tests.support.grpc_server import (
-    TEST_DATA_ROOTS,
-    extractor_json,
-    make_classifier,
-    make_image,
-    running_server,
-)
-from tests.support.locations import fs_loc as fs
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from spacer_core.testing import fs_loc as fs
+from tests.support.grpc_server import TEST_DATA_ROOTS, running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -148,6 +143,7 @@ def test_sigterm_reports_not_serving_refuses_new_calls_and_finishes_in_flight_wo
     assert "draining" in log
 
 
+@pytest.mark.slow
 def test_serve_rejects_bad_settings_with_a_clear_message():
     result = subprocess.run(
         [sys.executable, "-m", "shell", "serve", "--device", "tpu"],

@@ -17,23 +17,19 @@ from spacer_core.exceptions import QueueFullError
 from spacer_core.extractors import EfficientNetExtractor
 from spacer_core.inference import BatcherSettings, Priority
 from spacer_core.runtime import Runtime, RuntimeSettings
+from spacer_core.testing import photo_jpeg, random_points
 
 SIZES = [(1600, 1200), (1200, 900), (800, 600), (640, 480)]
 
 
-def _jpeg(width: int, height: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
-    noisy = smooth + rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
-    out = io.BytesIO()
-    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
-    return out.getvalue()
-
-
-def _points(width: int, height: int, n: int, seed: int) -> list[tuple[int, int]]:
-    rng = np.random.default_rng(seed)
-    return [(int(r), int(c)) for r, c in zip(rng.integers(0, height, n), rng.integers(0, width, n))]
+async def _two_waiters_behind(budget: MemoryBudget, running: int, first: int, second: int) -> tuple:
+    """Hold `running` bytes, then queue a waiter for `first` bytes and one for `second` behind it."""
+    hold = await budget.acquire(running)
+    ahead = asyncio.ensure_future(budget.acquire(first))
+    await asyncio.sleep(0.01)
+    behind = asyncio.ensure_future(budget.acquire(second))
+    await asyncio.sleep(0.01)
+    return hold, ahead, behind
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +38,9 @@ def jobs(efficientnet_weights):  # noqa: F811
         data_locations={"weights": DataLocation("filesystem", str(efficientnet_weights.path))}
     )
     return [
-        pipeline.ImageJob(extractor, _points(w, h, 3 + i, i), _jpeg(w, h, i), f"image{i}")
+        pipeline.ImageJob(
+            extractor, random_points(3 + i, w, h, i), photo_jpeg(w, h, i, grid=(6, 8)), f"image{i}"
+        )
         for i, (w, h) in enumerate(SIZES)
     ]
 
@@ -111,12 +109,8 @@ def test_waiting_images_are_admitted_in_order_so_a_large_one_is_not_starved(foot
     budget = MemoryBudget(big.cutting + small.cutting)
 
     async def scenario() -> None:
-        running = await budget.acquire(mid.cutting)
-        large = asyncio.ensure_future(budget.acquire(big.cutting))
-        await asyncio.sleep(0.01)
-        # Would fit now, but the large image waits ahead of it.
-        later = asyncio.ensure_future(budget.acquire(tiny.cutting))
-        await asyncio.sleep(0.01)
+        # The tiny image would fit now, but the large image waits ahead of it.
+        running, large, later = await _two_waiters_behind(budget, mid.cutting, big.cutting, tiny.cutting)
         assert not large.done() and not later.done()
         running.release()
         hold = await asyncio.wait_for(large, 1)
@@ -148,11 +142,10 @@ def test_a_cancelled_waiter_gives_way(footprints):
     budget = MemoryBudget(mid.cutting + small.cutting)
 
     async def scenario() -> None:
-        running = await budget.acquire(mid.cutting)
-        cancelled = asyncio.ensure_future(budget.acquire(big.cutting))
-        await asyncio.sleep(0.01)
-        behind = asyncio.ensure_future(budget.acquire(small.cutting))  # fits, but waits its turn
-        await asyncio.sleep(0.01)
+        # The small image fits, but waits its turn.
+        running, cancelled, behind = await _two_waiters_behind(
+            budget, mid.cutting, big.cutting, small.cutting
+        )
         assert not behind.done()
         cancelled.cancel()
         (await asyncio.wait_for(behind, 1)).release()
@@ -162,6 +155,7 @@ def test_a_cancelled_waiter_gives_way(footprints):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow
 def test_the_engine_holds_no_more_image_memory_than_its_budget(jobs, footprints, efficientnet_weights):  # noqa: F811
     """Concurrent streams' images through the real pipeline and network: the
     bytes held never pass the bulk share of the budget, every image is served."""

@@ -16,8 +16,9 @@ from server import app, logs
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
 from server.config import ServerConfig
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
-from tests.support.locations import fs_loc as fs
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from spacer_core.testing import fs_loc as fs
+from tests.support.grpc_server import running_server
 
 
 @pytest.fixture(scope="module")

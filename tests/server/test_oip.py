@@ -23,10 +23,12 @@ aioclient = pytest.importorskip("tritonclient.grpc.aio")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from server.client import SpacerClient  # noqa: E402
-from tests.support.grpc_server import make_classifier, make_image  # noqa: E402
-from tests.support.locations import fs_loc  # noqa: E402
-from tests.support.serve_process import ServeProcess  # noqa: E402
-from tests.support.weights import efficientnet_weights  # noqa: E402,F401  (fixture)
+from server.testing import ServeProcess  # noqa: E402
+from spacer_core.testing import (  # noqa: E402
+    fs_loc,
+    make_classifier,
+    make_image,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,9 @@ import pytest
 from server.client import SpacerClient
 from server.config import ServerConfig, read_preload
 from spacer_core.runtime import Runtime
-from tests.support.grpc_server import extractor_json, make_classifier, running_server
-from tests.support.locations import fs_loc as fs
+from spacer_core.testing import extractor_json, make_classifier
+from spacer_core.testing import fs_loc as fs
+from tests.support.grpc_server import running_server
 
 ROOT = Path(__file__).resolve().parents[2]
 

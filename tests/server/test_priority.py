@@ -19,9 +19,10 @@ from server.client import SpacerClient
 from server.errors import status_for
 from spacer_core.exceptions import DeadlineExceededError, SpacerError
 from spacer_core.inference import BatcherSettings, DynamicBatcher, Priority
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from spacer_core.testing import fs_loc as fs
 from tests.spacer_core.test_batcher import TIMEOUT, RecordingNetwork, expected, hold_worker, patches_of
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
-from tests.support.locations import fs_loc as fs
+from tests.support.grpc_server import running_server
 
 # ---------------------------------------------------------------- batcher
 

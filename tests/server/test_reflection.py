@@ -17,7 +17,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from tests.support.grpc_server import running_server
 
 
 class ReflectionClient:

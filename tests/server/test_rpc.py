@@ -11,7 +11,8 @@ import pytest
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
 from spacer_core import config as core_config
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from tests.support.grpc_server import running_server
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402
@@ -22,7 +23,7 @@ from spacer.messages import ClassifyFeaturesMsg as SpClassifyFeaturesMsg  # noqa
 from spacer.messages import ClassifyImageMsg as SpClassifyImageMsg  # noqa: E402
 from spacer.messages import ExtractFeaturesMsg as SpExtractMsg  # noqa: E402
 
-from tests.support.locations import fs_loc as fs  # noqa: E402
+from spacer_core.testing import fs_loc as fs  # noqa: E402
 
 ROWCOLS = [(10, 12), (40, 60), (71, 95)]
 
@@ -263,14 +264,20 @@ def test_run_job_rejects_text_that_is_not_a_job(client):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, text
 
 
+def requested_models(client) -> list:
+    """ListModels' entries loaded by LoadModel (calls before this one loaded others on their way)."""
+    return [m for m in client.list_models() if m.loaded_by != "call"]
+
+
 def test_load_and_list_models(client, data):
-    assert client.list_models() == []
+    assert requested_models(client) == []
     clf = client.load_model(classifier_loc=fs(data["clf"]))
     assert clf.kind == "classifier" and [c.id for c in clf.classes] == [1, 2, 3]
     assert clf.feature_dim == 1280
     ext = client.load_model(extractor=data["extractor"])
     assert ext.kind == "extractor" and ext.feature_dim == 1280
-    assert sorted(m.kind for m in client.list_models()) == ["classifier", "extractor"]
+    assert sorted(m.kind for m in requested_models(client)) == ["classifier", "extractor"]
+    assert {m.loaded_by for m in requested_models(client)} == {"load_model"}
     with pytest.raises(grpc.RpcError) as err:
         client.load_model(classifier_loc=fs(data["root"] / "missing.pkl"))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

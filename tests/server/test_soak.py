@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.support.serve_process import ROOT
+from tests.support import ROOT
 
 
 @pytest.mark.slow
@@ -31,6 +31,7 @@ def test_sixty_second_soak_loses_nothing_and_memory_stays_flat(tmp_path):
     assert summary["latency_p99_ms"] >= summary["latency_p50_ms"] > 0
 
 
+@pytest.mark.slow
 def test_soak_refuses_bad_arguments():
     run = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--seconds", "sixty"],

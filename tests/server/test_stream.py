@@ -10,7 +10,8 @@ import pytest
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient
-from tests.support.grpc_server import extractor_json, make_classifier, make_image, running_server
+from spacer_core.testing import extractor_json, make_classifier, make_image
+from tests.support.grpc_server import running_server
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402
@@ -18,7 +19,7 @@ from spacer.data_classes import DataLocation as SpLoc  # noqa: E402
 from spacer.extractors import FeatureExtractor as SpExtractor  # noqa: E402
 from spacer.messages import ClassifyImageMsg as SpClassifyImageMsg  # noqa: E402
 
-from tests.support.locations import fs_loc as fs  # noqa: E402
+from spacer_core.testing import fs_loc as fs  # noqa: E402
 
 N_REQUESTS = 200
 N_DISTINCT = 16

@@ -17,8 +17,9 @@ from server.client import SpacerClient
 from server.security import redact, redact_job_error
 from spacer_core.data_classes import DataLocation
 from spacer_core.messages import ClassifyFeaturesMsg, JobMsg
+from spacer_core.testing import make_classifier
 from spacer_core.train_classifier import MiniBatchTrainer, register_trainer_class, trainer_factory
-from tests.support.grpc_server import make_classifier, running_server
+from tests.support.grpc_server import running_server
 
 Code = grpc.StatusCode
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import pytest
 
 from server.config import MIB, ServerConfig, config_from_args
 from shell.main import build_parser
-from tests.support.grpc_server import extractor_json, make_classifier, make_image
+from spacer_core.testing import extractor_json, make_classifier, make_image
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402
@@ -109,6 +110,7 @@ def run_cli(
     )
 
 
+@pytest.mark.slow
 def test_check_config_prints_effective_settings():
     result = run_cli("check-config", "--port", "6123", env={"SPACER_PRECISION": "fast"})
     assert result.returncode == 0, result.stderr
@@ -121,6 +123,7 @@ def test_check_config_prints_effective_settings():
     assert "fast precision on CPU:" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("spacer") is None, reason="console script not installed")
 def test_console_script_entry_point():
     result = subprocess.run(["spacer", "--help"], capture_output=True, text=True, timeout=60)
@@ -131,6 +134,7 @@ def fs(path) -> SpLoc:
     return SpLoc("filesystem", str(path))
 
 
+@pytest.mark.slow
 def test_classify_subcommand_matches_pyspacer_on_a_features_message(tmp_path):
     rng = np.random.default_rng(1)
     features = SpFeatures([SpPoint(r, c, rng.normal(size=1280)) for r, c in [(1, 2), (3, 4)]], True, 1280, 2)
@@ -173,6 +177,7 @@ def test_extract_subcommand_writes_pyspacer_features(tmp_path, efficientnet_weig
         np.testing.assert_allclose(a.data, b.data, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_train_subcommand_trains_and_stores(tmp_path):
     from spacer.data_classes import ImageLabels
     from spacer.messages import TrainClassifierMsg, TrainingTaskLabels
@@ -208,6 +213,7 @@ def test_train_subcommand_trains_and_stores(tmp_path):
     assert len(ours["ref_accs"]) == 3
 
 
+@pytest.mark.slow
 def test_task_subcommand_errors_name_the_file_and_the_status(tmp_path):
     msg = ClassifyFeaturesMsg("cli-4", fs(tmp_path / "missing.fv"), fs(tmp_path / "clf.pkl"))
     (tmp_path / "msg.json").write_text(json.dumps(msg.serialize()))
@@ -247,3 +253,74 @@ def test_the_demo_hint_names_an_address_a_local_client_can_dial(host, expected):
     from shell.serve import demo_command
 
     assert demo_command(parse(["--host", host, "--allow-any-path"])) == f"spacer demo --server {expected}"
+
+
+def _help(*argv: str) -> None:
+    """Print `spacer ARGV --help` (read it with capsys)."""
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args([*argv, "--help"])
+    assert info.value.code == 0
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_server_help_shows_every_default_and_variable(command, capsys):
+    _help(command)
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in (
+        "--host HOST interface to listen on (default: 127.0.0.1) [SPACER_HOST]",
+        "(default: 50051) [SPACER_PORT]",
+        "(default: exact) [SPACER_PRECISION]",
+        "(default: 64) [SPACER_MAX_MESSAGE_MB]",
+        "(default: 512) [SPACER_MEMORY_BUDGET_MB]",
+        "(default: true) [SPACER_BATCHING]",
+        f"{ServerConfig().workers} here) [SPACER_WORKERS]",
+        "(default: INFO) [SPACER_LOG_LEVEL]",
+    ):
+        assert shown in text
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        if action.dest != "help":
+            assert "default" in action.help and "[SPACER_" in action.help, action.option_strings
+
+
+def test_each_command_help_is_its_own(capsys):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    descriptions = {name: command.description for name, command in sub.choices.items()}
+    assert all(descriptions.values()), [name for name, text in descriptions.items() if not text]
+    assert len(set(descriptions.values())) == len(descriptions)
+    outs = {}
+    for name in ("extract", "classify", "train", "evaluate"):
+        out = next(a for a in sub.choices[name]._actions if a.dest == "out")
+        outs[name] = out.help
+    assert len(set(outs.values())) == len(outs)
+    assert "classifier pickle" in outs["train"] and "features" not in outs["train"]
+    assert "results CSV" in outs["classify"] and ".featurevector" in outs["extract"]
+    _help("train")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Train a classifier" in text and "TrainClassifierMsg" in text
+    assert "results CSV" not in text and "features folder" not in text
+
+
+def test_health_takes_the_server_positionally_or_with_server(capsys):
+    from shell.main import main
+    from tests.support.grpc_server import running_server
+
+    with running_server() as server:
+        for argv in (
+            ["health", server.address],
+            ["health", "--server", server.address],
+            ["health", server.address, "--server", server.address],
+        ):
+            assert main(argv) == 0, argv
+            assert capsys.readouterr().out == f"{server.address}: SERVING\n"
+        assert main(["health", "--server", server.address, "--service", "no.such.Service"]) == 1
+        with pytest.raises(SystemExit) as info:
+            main(["health", server.address, "--server", "127.0.0.1:1"])
+        assert info.value.code == 2 and "two servers named" in capsys.readouterr().err
+    assert main(["health", "--server", server.address, "--timeout", "1"]) == 1  # stopped: unreachable
+    assert capsys.readouterr().err.startswith(f"{server.address}: ")
+    _help("health")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--server ADDR" in text and "(default 127.0.0.1:50051)" in text

@@ -17,7 +17,8 @@ import pytest
 
 from shell.main import main
 from spacer_core.survey import coralnet, demo
-from tests.support.grpc_server import extractor_json, running_server
+from spacer_core.testing import extractor_json
+from tests.support.grpc_server import running_server
 
 spacer = pytest.importorskip("spacer")
 from spacer import tasks as sp_tasks  # noqa: E402
@@ -126,9 +127,18 @@ def test_train_reports_validation_metrics(trained):
     assert sorted(val["classes"]) == sorted(demo.CLASSES)
 
 
+def points_only(annotations, path):
+    """The points of an annotation CSV without its labels (Name, Row, Column)."""
+    rows = [(name, r, c) for name, rcs in coralnet.read_points(annotations).items() for r, c in rcs]
+    path.write_text("Name,Row,Column\n" + "".join(f"{n},{r},{c}\n" for n, r, c in rows))
+    return path
+
+
 def test_classify_results_match_pyspacer_and_threshold(trained, capsys):
     s = trained
     out = s.folder / "results.csv"
+    # Points only: a Label column would make those labels a person's, kept whatever the score.
+    points_csv = points_only(s.annotations, s.folder / "points.csv")
     code, summary, _ = cli(
         capsys,
         "classify",
@@ -137,7 +147,7 @@ def test_classify_results_match_pyspacer_and_threshold(trained, capsys):
         "--classifier",
         s.classifier,
         "--points",
-        s.annotations,
+        points_csv,
         "--out",
         out,
         "--threshold",
@@ -148,7 +158,8 @@ def test_classify_results_match_pyspacer_and_threshold(trained, capsys):
     assert code == 0
     table = read_csv(out)
     assert list(table[0])[:4] == ["Name", "Row", "Column", "Label"]
-    points = coralnet.read_points(s.annotations)
+    points = coralnet.read_points(points_csv)
+    assert points == coralnet.read_points(s.annotations)
     assert [(t["Name"], int(t["Row"]), int(t["Column"])) for t in table] == [
         (p.name, r, c) for p in s.train_images[:2] for r, c in points[p.name]
     ]
@@ -179,7 +190,7 @@ def test_classify_results_match_pyspacer_and_threshold(trained, capsys):
         "--classifier",
         s.classifier,
         "--points",
-        s.annotations,
+        points_csv,
         "--out",
         out,
         "--threshold",
@@ -195,6 +206,46 @@ def test_classify_results_match_pyspacer_and_threshold(trained, capsys):
         page.count("data:image/png;base64,") == 2  # histogram and the thumbnail; the legend is HTML
         and f"{summary['points']} of {summary['points']} points" in page
     )
+
+
+@pytest.mark.parametrize("threshold", ["1", "0"])
+def test_labels_a_person_gave_in_points_stay_whatever_the_score(trained, capsys, threshold):
+    s = trained
+    image = s.train_images[0]
+    rowcols = coralnet.read_points(s.annotations)[image.name]
+    given = {rowcols[0]: "PERSON", rowcols[2]: "SAND"}
+    lines = ["Name,Row,Column,Label"] + [f"{image.name},{r},{c},{given.get((r, c), '')}" for r, c in rowcols]
+    (s.folder / "half-labelled.csv").write_text("\n".join(lines) + "\n")
+    out = s.folder / f"given-{threshold}.csv"
+    code, summary, _ = cli(
+        capsys,
+        "classify",
+        "--weights",
+        s.weights,
+        "--classifier",
+        s.classifier,
+        "--points",
+        s.folder / "half-labelled.csv",
+        "--out",
+        out,
+        "--threshold",
+        threshold,
+        "--json",
+        image,
+    )
+    assert code == 0
+    table = read_csv(out)
+    assert [(int(t["Row"]), int(t["Column"])) for t in table] == rowcols
+    for t, row in zip(table, summary["rows"]):
+        point = (int(t["Row"]), int(t["Column"]))
+        # Threshold 1 accepts nothing, 0 everything: neither touches a person's label.
+        machine = t["Machine suggestion 1"] if t["Accepted"] == "yes" else ""
+        assert t["Label"] == given.get(point, machine)
+        assert row["given"] == given.get(point, "")
+        assert t["Machine suggestion 1"] == row["label"]  # the machine's guess is still reported
+    assert summary["accepted"] == sum(t["Accepted"] == "yes" for t in table)
+    if threshold == "0":
+        assert summary["accepted"] == len(rowcols)
 
 
 @pytest.mark.parametrize("spec, per_image", [("random:7", 7), ("stratified:2x2x2", 8), ("grid:3x3", 9)])

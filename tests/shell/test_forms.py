@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tomllib
@@ -26,7 +27,7 @@ from spacer_core import crop
 from spacer_core import exceptions as spacer_exc
 from spacer_core.data_classes import DataLocation, ImageFeatures, PointFeatures
 from spacer_core.messages import ClassifyFeaturesMsg
-from tests.support.grpc_server import make_classifier
+from spacer_core.testing import make_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 STATUS_NAMES = [code.name for code in grpc.StatusCode]
@@ -270,3 +271,79 @@ def _run_module(name: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+# Runs `spacer ARGS...` with HOOK=module:function made slow: it says so on stderr, then waits, then works.
+_SLOW_HOOK = """
+import importlib, os, sys, time
+module_name, name = os.environ["HOOK"].split(":")
+module = importlib.import_module(module_name)
+original = getattr(module, name)
+
+def slow(*args, **kwargs):
+    print("hook: working", file=sys.stderr, flush=True)
+    time.sleep(2)
+    return original(*args, **kwargs)
+
+setattr(module, name, slow)
+from shell.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _interrupted(cwd: Path, hook: str, *argv: str) -> tuple[int, str]:
+    """Start the command, send SIGINT once its slow hook runs; (exit status, stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_HOOK, *argv],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HOOK": hook},
+    )
+    assert proc.stderr is not None
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("hook: working"):
+                proc.send_signal(signal.SIGINT)
+                break
+        else:
+            pytest.fail(f"the command ended before its work began: {''.join(seen)}")
+        rest = proc.stderr.read()
+        return proc.wait(timeout=300), "".join(seen) + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["bulk", "classify"])
+def test_ctrl_c_stops_with_one_line_and_status_130(tmp_path, command):
+    from tests.support.bulk_survey import make_survey
+
+    s = make_survey(tmp_path, images=4, points=2, size=(96, 72))
+    if command == "bulk":
+        hook = "spacer_core.bulk.local:process_image"
+        argv = [
+            "bulk",
+            "extract",
+            "--weights",
+            str(s.weights),
+            "--manifest",
+            str(s.manifest),
+            "-o",
+            "features",
+        ]
+    else:
+        hook = "spacer_core.survey.workflow:points_for"
+        argv = ["classify", "--weights", str(s.weights), "--classifier", str(s.classifier)]
+        argv += ["--points", "random:2", "--images", "images", "-o", "results.csv"]
+    code, err = _interrupted(tmp_path, hook, *argv)
+    assert code == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    # Bulk may say how far it got and where its summary is; anything else says just that.
+    last = err.strip().splitlines()[-1]
+    assert last == "interrupted" or last.startswith("interrupted: "), err

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from server.config import ServerConfig
+from server.testing import ServeProcess
 from shell.serve import demo_command
-from tests.support.serve_process import ROOT, ServeProcess
+from tests.support import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -292,6 +292,7 @@ def test_close_drains_or_fails_queued_work():
     np.testing.assert_array_equal(pending.result(0), expected([8, 9]))
 
 
+@pytest.mark.slow
 def test_real_network_through_the_batcher(efficientnet_weights, tmp_path):  # noqa: F811
     from spacer_core.crop import crop_array
     from spacer_core.extractors.efficientnet import build_network
@@ -339,9 +340,6 @@ def test_gpu_batcher_overlaps_batches_and_matches_cpu(efficientnet_weights, tmp_
             results = list(pool.map(lambda p: batcher.extract_sync(p, 60), requests))
     for patches, features in zip(requests, results):
         assert np.max(np.abs(features - run_in_batches(cpu, patches, 16))) <= 1e-4
-
-
-from tests.support.weights import efficientnet_weights  # noqa: E402,F401  (fixture)
 
 
 def test_finished_request_releases_its_patches_without_the_cycle_collector():

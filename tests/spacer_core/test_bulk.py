@@ -20,13 +20,8 @@ from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.storage import DataRootsPolicy, load_classifier
 from spacer_core.survey.workflow import weights_extractor
-from tests.support.bulk_survey import (
-    assert_matches_pyspacer,
-    make_survey,
-    read_features,
-    write_image,
-    write_manifest,
-)
+from spacer_core.testing import make_survey, read_features, write_image, write_manifest
+from tests.support.bulk_survey import assert_matches_pyspacer
 
 spacer = pytest.importorskip("spacer")
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,6 +149,7 @@ def make_survey_weights():
     return cached_weights().path
 
 
+@pytest.mark.slow
 def test_names_on_s3_and_http_are_read_through_storage(tmp_path, s3_bucket, http_server):  # noqa: F811
     write_image(tmp_path / "a.jpg", 1)
     write_image(tmp_path / "b.jpg", 2)
@@ -202,6 +198,7 @@ def test_rerun_skips_done_images_and_overwrite_redoes_them(survey, tmp_path):
     assert (out / redone).stat().st_mtime_ns != stamps[redone]
 
 
+@pytest.mark.slow
 def test_classify_writes_the_results_csv_from_the_pipeline_scores(survey, tmp_path, capsys):
     results = tmp_path / "results.csv"
     code = main(

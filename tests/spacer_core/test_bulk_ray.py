@@ -17,12 +17,8 @@ import pytest
 
 from spacer_core.bulk import local as bulk
 from spacer_core.survey.workflow import local, weights_extractor
-from tests.support.bulk_survey import (
-    assert_matches_pyspacer,
-    make_survey,
-    read_features,
-    write_manifest,
-)
+from spacer_core.testing import make_survey, read_features, write_manifest
+from tests.support.bulk_survey import assert_matches_pyspacer
 
 ray = pytest.importorskip("ray")
 spacer = pytest.importorskip("spacer")

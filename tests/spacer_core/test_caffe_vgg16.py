@@ -3,7 +3,7 @@
 pyspacer's VGG16CaffeExtractor needs Caffe, which is not installed here, so
 the oracle is pyspacer's own preprocessing (its crop and its Transformer:
 BGR, mean 128) followed by an independent NumPy implementation of Caffe's
-layers (tests/support/caffe_files.py).
+layers (spacer_core/weights/caffe_synthetic.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from spacer_core.extractors import VGG16CaffeExtractor
 from spacer_core.extractors.vgg16 import build_vgg16_network, combined_sha256
 from spacer_core.inference import load_backend
 from spacer_core.runtime import Runtime, RuntimeSettings
-from tests.support.caffe_files import (
+from spacer_core.weights.caffe_synthetic import (
     Enum,
     Layer,
     conv,
@@ -148,6 +148,7 @@ def test_softmax_and_other_blobs_match_numpy(tmp_path):
     np.testing.assert_allclose(got.sum(axis=1) > 0, True)
 
 
+@pytest.mark.slow
 def test_default_backend_matches_eager_and_caches_per_file_pair(tmp_path, active_runtime):
     layers = _small_net(seed=2)
     definition, weights = write_net(tmp_path, "small", layers)
@@ -200,6 +201,7 @@ def test_data_hashes_are_checked(tmp_path):
         _extractor(definition, weights, {"definition": "0" * 64}).network()
 
 
+@pytest.mark.slow
 def test_vgg16_layout_with_narrow_layers_matches_numpy(tmp_path):
     layers = vgg16_layers(width_divisor=16, fc_width=64, classes=10)
     definition, weights = write_net(tmp_path, "vgg16_narrow", layers)

@@ -24,8 +24,7 @@ from PIL import Image
 
 from spacer_core.data_classes import DataLocation, ImageFeatures, ImageLabels
 from spacer_core.messages import TrainClassifierMsg
-from tests.support.grpc_server import make_classifier
-from tests.support.weights import make_weights
+from spacer_core.testing import make_classifier, make_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "tests" / "fixtures" / "pyspacer050" / "examples"
@@ -279,6 +278,7 @@ def test_signature_check_sees_changed_names_defaults_and_order():
         assert _signature_changes(theirs, changed), changed.__name__
 
 
+@pytest.mark.slow
 def test_untrained_instance_extracts_1280_features():
     from spacer_core.extractors import EfficientNetExtractor
 
@@ -467,6 +467,7 @@ def _aws_check_output(package: str, env: dict[str, str], cwd: Path) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anonymous", [False, True])
 def test_aws_check_prints_pyspacers_lines(moto_server, tmp_path, anonymous):
     from tests.support.s3 import ACCESS_KEY, REGION, SECRET_KEY
@@ -673,6 +674,7 @@ def test_same_padding_convs_compute_as_pyspacers(kernel, stride, size):
     assert ours.get_same_padding_conv2d(None).__name__ == "Conv2dDynamicSamePadding"
 
 
+@pytest.mark.slow
 def test_efficientnet_class_loads_pyspacers_parameters_and_computes_the_same():
     import torch
     from spacer.extractors.efficientnet import EfficientNet as Theirs
@@ -882,6 +884,7 @@ def test_alias_refuses_new_modules_in_a_program(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_alias_refuses_after_real_pyspacer_was_imported(tmp_path):
     script = tmp_path / "late.py"
     script.write_text("import spacer.messages\nimport spacer_core.compat as c\nc.install()\n")

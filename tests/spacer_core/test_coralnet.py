@@ -14,7 +14,7 @@ import pytest
 
 from spacer_core.survey import coralnet, workflow
 from spacer_core.survey.coralnet import CsvFormatError
-from tests.support.bulk_survey import make_survey
+from spacer_core.testing import make_survey
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scientist"
 # Between the scores these images get (0.38 to 0.45), so some points are accepted and some are not.

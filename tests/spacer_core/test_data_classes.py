@@ -450,6 +450,7 @@ locations = st.builds(
 ) | st.builds(DataLocation, st.just("s3"), st.text(max_size=20), st.text(min_size=1, max_size=10))
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(
     data=st.dictionaries(

@@ -36,11 +36,7 @@ from spacer_core.extractors.class_paths import KNOWN_CLASS_PATHS
 from spacer_core.inference import BatcherSettings
 from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.storage import clear_memory_storage, storage_factory
-from tests.support.weights import (
-    WeightsFile,
-    make_state_dict,
-    make_weights,
-)
+from spacer_core.testing import WeightsFile, make_state_dict, make_weights
 
 TOLERANCE = 1e-4
 HASH_ERROR = "Hash doesn't match for extractor's 'weights' file/blob."
@@ -95,6 +91,7 @@ def _matrix(features) -> np.ndarray:
 PARITY_POINTS = POINTS + [(1, 100), (148, 100), (75, 0), (75, 199), (30, 60)]
 
 
+@pytest.mark.slow
 def test_features_match_pyspacer(efficientnet_weights: WeightsFile, record_property) -> None:
     image = _image()
     ours, msg = _extractor(efficientnet_weights)(image, PARITY_POINTS)
@@ -453,6 +450,7 @@ def test_remote_weights_need_a_cache_dir(http_server, monkeypatch) -> None:
         extractor(_image(), POINTS[:1])
 
 
+@pytest.mark.slow
 def test_s3_weights_are_cached(efficientnet_weights: WeightsFile, s3_bucket: str, cache_dir: Path) -> None:
     storage_factory("s3", s3_bucket).store("extractors/b0_s3.pt", efficientnet_weights.path.read_bytes())
     loc = DataLocation("s3", "extractors/b0_s3.pt", bucket_name=s3_bucket)
@@ -624,7 +622,7 @@ def test_no_points_is_an_error(efficientnet_weights: WeightsFile) -> None:
 
 @pytest.mark.slow
 def test_weights_helper_is_deterministic(tmp_path: Path, efficientnet_weights: WeightsFile) -> None:
-    from tests.support import weights as helper
+    from spacer_core.weights import synthetic as helper
 
     # A fresh build (not the per-process copy) must reproduce the fixture's file.
     rebuilt = helper._calibrated_state.__wrapped__(0)

@@ -74,6 +74,7 @@ def test_uint8_conversion_is_bitwise_totensor(patches):
     assert np.array_equal(to_network_input(patches), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["onnxruntime", "torchscript", "eager"])
 @pytest.mark.parametrize("batch_size", [1, 4, 6])
 def test_exact_backends_match_pyspacer(
@@ -96,6 +97,7 @@ def test_exact_backends_match_pyspacer(
     assert np.std(pyspacer_features[:, :64], axis=0).mean() > 1e-2
 
 
+@pytest.mark.slow
 def test_auto_on_cpu_is_onnxruntime_and_compiled_once(efficientnet_weights, make_net, tmp_path):  # noqa: F811
     first = load_backend(efficientnet_weights.sha256, make_net, device="cpu", cache_dir=tmp_path)
     assert isinstance(first, OnnxBackend)
@@ -120,6 +122,7 @@ def test_cache_dir_follows_extractors_cache_dir(monkeypatch, tmp_path):
     assert compile_cache.cache_dir().is_dir()
 
 
+@pytest.mark.slow
 def test_corrupt_artifact_is_rebuilt(efficientnet_weights, make_net, tmp_path):  # noqa: F811
     artifact = compile_cache.artifact_path(
         tmp_path, efficientnet_weights.sha256, "onnx", "exact-cpu", ".onnx"
@@ -188,6 +191,7 @@ def test_bad_inputs_are_named(tmp_path, make_net, efficientnet_weights):  # noqa
         compile_cache.artifact_path(tmp_path, "not-a-digest", "onnx", "x", ".onnx")
 
 
+@pytest.mark.slow
 def test_fast_precision_on_cpu(efficientnet_weights, make_net, patches, pyspacer_features, tmp_path):  # noqa: F811
     from spacer_core.inference.precision import cpu_has_bf16, openvino_available
 
@@ -271,6 +275,7 @@ def test_cuda_launches_overlap_and_results_stay_separate(efficientnet_weights, m
     assert np.max(np.abs(together - alone)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_fold_batchnorm_keeps_features_and_removes_every_batchnorm(make_net, patches):
     from spacer_core.inference.fold import count_batchnorms, fold_batchnorm
 
@@ -284,6 +289,7 @@ def test_fold_batchnorm_keeps_features_and_removes_every_batchnorm(make_net, pat
     assert count_batchnorms(net) == 49
 
 
+@pytest.mark.slow
 def test_exported_network_leaves_no_pad_before_a_conv(make_net, tmp_path):
     """Stride-2 SAME pads carry an explicit zero, so ONNX Runtime folds them into their convs."""
     import onnx
@@ -316,6 +322,7 @@ def test_artifacts_of_older_formats_are_not_reused(efficientnet_weights, tmp_pat
     assert f".f{compile_cache.ARTIFACT_FORMAT}." in path.name and compile_cache.ARTIFACT_FORMAT >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 3, 4, 8, 13])
 def test_onnx_sessions_split_a_batch_and_keep_its_order(
     n,

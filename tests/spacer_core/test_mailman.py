@@ -9,12 +9,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import spacer.data_classes
 import spacer.messages
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
-from tests.support.locations import fs_loc as loc
+from spacer_core.testing import fs_loc as loc
 
 
 def _classify_job(tmp_path, feature_path):
@@ -53,6 +54,7 @@ def _run_env_job(tmp_path, job):
     return proc, json.loads(result_path.read_text())
 
 
+@pytest.mark.slow
 def test_env_job_writes_result_pyspacer_can_read(tmp_path):
     proc, result = _run_env_job(tmp_path, _classify_job(tmp_path, tmp_path / "f.featurevector"))
     assert proc.returncode == 0, proc.stderr
@@ -62,6 +64,7 @@ def test_env_job_writes_result_pyspacer_can_read(tmp_path):
     assert len(parsed.results[0].scores) == 1
 
 
+@pytest.mark.slow
 def test_env_job_reports_failed_task(tmp_path):
     proc, result = _run_env_job(tmp_path, _classify_job(tmp_path, tmp_path / "missing.featurevector"))
     assert proc.returncode == 1
@@ -69,6 +72,7 @@ def test_env_job_reports_failed_task(tmp_path):
     assert "missing.featurevector" in result["error_message"]
 
 
+@pytest.mark.slow
 def test_env_job_without_job_location_fails_clearly(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("JOB_MSG_LOC", "RES_MSG_LOC")}
     proc = subprocess.run(

@@ -26,6 +26,7 @@ from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import SpacerError, UnsafePickleError
 from spacer_core.legacy import ALLOWED_GLOBALS, ClassifierUnpickler, load_classifier_bytes
 from spacer_core.storage import load_classifier
+from spacer_core.testing import calibrated_classifier
 
 
 @pytest.fixture(autouse=True)
@@ -55,22 +56,11 @@ def _stack_global(module: str, name: str) -> bytes:
     return b"\x80\x04" + text(module) + text(name) + b"\x93" + b"."
 
 
-def _classifier(kind: str = "LR") -> CalibratedClassifierCV:
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, 3, 90)
-    x = rng.normal(size=(90, 6)) + y[:, None]
-    base = SGDClassifier(loss="log_loss", random_state=0) if kind == "LR" else MLPClassifier((8,), max_iter=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MLP convergence on tiny data
-        base.partial_fit(x, y, classes=[0, 1, 2])
-        return CalibratedClassifierCV(base, cv="prefit").fit(x[:45], y[:45])
-
-
 def _payloads(marker: Path) -> dict[str, bytes]:
     touch = f"touch {marker}"
     # A real classifier carrying the payload in an attribute, as an attacker
     # would hide it in a file that otherwise looks right.
-    trojan = _classifier()
+    trojan = calibrated_classifier(feature_dim=6, classes=(0, 1, 2))
     trojan.note = _Reduce(os.system, touch)
     return {
         "os.system": pickle.dumps(_Reduce(os.system, touch), protocol=2),
@@ -130,7 +120,7 @@ def test_refused_module_is_never_imported():
 @pytest.mark.parametrize("kind", ["LR", "MLP"])
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_classifiers_we_and_pyspacer_write_still_load(kind, protocol):
-    clf = _classifier(kind)
+    clf = calibrated_classifier(kind, feature_dim=6, classes=(0, 1, 2))
     probe = np.random.default_rng(1).normal(size=(4, 6))
     loaded = load_classifier_bytes(pickle.dumps(clf, protocol=protocol))
     np.testing.assert_array_equal(loaded.predict_proba(probe), clf.predict_proba(probe))
@@ -150,7 +140,6 @@ def test_large_classifiers_load_within_the_byte_budget(protocol):
     """A genuine classifier's arrays are several MiB (CoralNet's MLPs about 10): the loader's
     byte budget counts each array's data once, whichever protocol stored it."""
     from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.neural_network import MLPClassifier
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(60, 1280)), np.arange(60) % 3
@@ -179,6 +168,7 @@ def _run_python(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_probe_file_crashes_plain_pickle():
     # Proof the variants are real: NumPy trusts the dtype state and reads raw bytes as objects.
     out = _run_python(
@@ -190,6 +180,7 @@ def test_the_probe_file_crashes_plain_pickle():
     assert out.returncode < 0, (out.returncode, out.stderr[-500:])
 
 
+@pytest.mark.slow
 def test_numpy_state_and_attribute_variants_are_refused():
     out = _run_python(
         "import json\n"
@@ -323,7 +314,7 @@ def test_random_generators_take_only_small_seeds_and_valid_states():
 
 @pytest.mark.parametrize("pos", [-1, 625, 10**6])
 def test_a_random_state_position_out_of_range_is_refused(pos):
-    clf = _classifier("MLP")
+    clf = calibrated_classifier("MLP", feature_dim=6, classes=(0, 1, 2))
     state = np.random.RandomState(0).get_state(legacy=False)
     state["state"]["pos"] = pos
     rs = np.random.RandomState()
@@ -344,7 +335,7 @@ def test_a_called_scikit_learn_class_runs_no_init():
     from tests.support.hostile_pickles import Reduce
 
     # AdamOptimizer.__init__ would allocate a copy of each of a million references to one array.
-    clf = _classifier()
+    clf = calibrated_classifier(feature_dim=6, classes=(0, 1, 2))
     big = np.zeros(1 << 17)
     clf.note = Reduce(AdamOptimizer, ([big] * 1_000_000,))
     started = time.perf_counter()
@@ -382,7 +373,7 @@ def test_scoring_refuses_features_that_are_not_finite(bad):
     from spacer_core.exceptions import InvalidInputError
     from spacer_core.pipeline import score
 
-    clf = _classifier()
+    clf = calibrated_classifier(feature_dim=6, classes=(0, 1, 2))
     x = np.zeros((3, 6))
     x[1, 2] = bad
     with pytest.raises(InvalidInputError, match="img.fv: the features contain NaN or infinite values"):
@@ -395,7 +386,7 @@ def test_a_scikit_learn_value_error_while_scoring_is_invalid_input():
     from spacer_core.exceptions import InvalidInputError
     from spacer_core.pipeline import score
 
-    clf = _classifier()
+    clf = calibrated_classifier(feature_dim=6, classes=(0, 1, 2))
     # Built in memory (the load-time check would refuse it): intercepts that do not match the weights.
     clf.calibrated_classifiers_[0].estimator.intercept_ = np.zeros(2)
     with pytest.raises(InvalidInputError, match="img.fv: the classifier cannot score these features"):

@@ -68,6 +68,7 @@ def _extractor(weights) -> EfficientNetExtractor:
     return EfficientNetExtractor(data_locations={"weights": DataLocation("filesystem", str(weights.path))})
 
 
+@pytest.mark.slow
 def test_run_matches_pyspacer_from_locations_and_bytes(
     images, pyspacer_features, runtime, efficientnet_weights
 ):  # noqa: F811
@@ -81,6 +82,7 @@ def test_run_matches_pyspacer_from_locations_and_bytes(
                 assert result.rowcols == list(rowcols) and result.scores is None
 
 
+@pytest.mark.slow
 def test_concurrent_async_jobs_share_the_batcher(images, pyspacer_features, runtime, efficientnet_weights):  # noqa: F811
     extractor = _extractor(efficientnet_weights)
 

@@ -24,6 +24,7 @@ def _spec(weights, key=None) -> NetworkSpec:
     return NetworkSpec(key or weights.sha256, 1280, lambda: build_network(weights.path), "test weights")
 
 
+@pytest.mark.slow
 def test_features_match_pyspacer_and_compile_once(efficientnet_weights, tmp_path):  # noqa: F811
     active = Runtime(RuntimeSettings(device="cpu", compile_cache_dir=str(tmp_path)))
     batch = probe_batch(6, seed=5)
@@ -40,6 +41,7 @@ def test_features_match_pyspacer_and_compile_once(efficientnet_weights, tmp_path
     assert model.kind == "extractor" and model.feature_dim == 1280
 
 
+@pytest.mark.slow
 def test_batcher_is_shared_and_replaced_after_eviction(efficientnet_weights, tmp_path):  # noqa: F811
     active = Runtime(RuntimeSettings(device="cpu", max_networks=1, compile_cache_dir=str(tmp_path)))
     first = active.batcher(_spec(efficientnet_weights))
@@ -62,6 +64,7 @@ def test_batcher_is_shared_and_replaced_after_eviction(efficientnet_weights, tmp
     assert again.closed or not any(w.is_alive() for w in again._workers)
 
 
+@pytest.mark.slow
 def test_batcher_settings_are_the_runtimes_own(efficientnet_weights, tmp_path):  # noqa: F811
     small = Runtime(
         RuntimeSettings(

@@ -16,7 +16,6 @@ import spacer.storage
 from PIL import Image
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
-from sklearn.neural_network import MLPClassifier
 
 from spacer_core import storage
 from spacer_core.data_classes import DataLocation, ImageFeatures
@@ -34,6 +33,7 @@ from spacer_core.storage import (
     store_classifier,
     store_image,
 )
+from spacer_core.testing import calibrated_classifier
 from spacer_core.urlfetch import UrlRules
 
 LEGACY_DIR = Path(__file__).parents[1] / "fixtures" / "legacy_classifiers"
@@ -384,30 +384,13 @@ def test_truncated_image_loads(tmp_path):
 # --- classifiers --------------------------------------------------------------
 
 
-def _fitted_classifier(clf_type: str = "LR", seed: int = 0) -> CalibratedClassifierCV:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, 120)
-    x = rng.normal(size=(120, 8)) + y[:, None]
-    base = (
-        SGDClassifier(loss="log_loss", average=True, random_state=0)
-        if clf_type == "LR"
-        else MLPClassifier(hidden_layer_sizes=(10,), random_state=0, max_iter=5)
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MLP convergence warning on tiny data
-        base.partial_fit(x, y, classes=[0, 1, 2])
-    clf = CalibratedClassifierCV(base, cv="prefit")
-    clf.fit(x[:60], y[:60])
-    return clf
-
-
 def _probe(dim: int = 8) -> np.ndarray:
     return np.random.default_rng(7).normal(size=(5, dim))
 
 
 @pytest.mark.parametrize("clf_type", ["LR", "MLP"])
 def test_classifier_round_trip_and_pyspacer_reads_it(tmp_path, clf_type):
-    clf = _fitted_classifier(clf_type)
+    clf = calibrated_classifier(clf_type, feature_dim=8, classes=(0, 1, 2))
     path = str(tmp_path / "m" / "clf.pkl")
     store_classifier(DataLocation("filesystem", path), clf)
     assert Path(path).read_bytes()[:2] == b"\x80\x02"  # pickle protocol 2
@@ -418,7 +401,7 @@ def test_classifier_round_trip_and_pyspacer_reads_it(tmp_path, clf_type):
 
 
 def test_we_read_pyspacer_classifier():
-    clf = _fitted_classifier("LR", seed=3)
+    clf = calibrated_classifier(feature_dim=8, classes=(0, 1, 2), seed=3)
     spacer.storage.store_classifier(spacer.data_classes.DataLocation("memory", "p.pkl"), clf)
     raw = spacer.storage.storage_factory("memory").load("p.pkl").getvalue()
     storage_factory("memory").store("p.pkl", raw)
@@ -434,7 +417,10 @@ def test_store_unfitted_classifier_is_refused():
 def test_classifier_cache_sees_overwritten_file(tmp_path):
     load_classifier = Runtime().classifier
     loc = DataLocation("filesystem", str(tmp_path / "clf.pkl"))
-    first, second = _fitted_classifier("LR", seed=1), _fitted_classifier("LR", seed=2)
+    first, second = (
+        calibrated_classifier(feature_dim=8, classes=(0, 1, 2), seed=1),
+        calibrated_classifier(feature_dim=8, classes=(0, 1, 2), seed=2),
+    )
     store_classifier(loc, first)
     assert load_classifier(loc) is load_classifier(loc)
     # Written by another process (not through store_classifier): the file's
@@ -450,7 +436,10 @@ def test_classifier_cache_sees_overwritten_file(tmp_path):
 def test_classifier_cache_sees_replaced_memory_blob():
     load_classifier = Runtime().classifier
     loc = DataLocation("memory", "clf.pkl")
-    first, second = _fitted_classifier("LR", seed=1), _fitted_classifier("LR", seed=2)
+    first, second = (
+        calibrated_classifier(feature_dim=8, classes=(0, 1, 2), seed=1),
+        calibrated_classifier(feature_dim=8, classes=(0, 1, 2), seed=2),
+    )
     storage_factory("memory").store(loc.key, pickle.dumps(first, protocol=2))
     a = load_classifier(loc)
     storage_factory("memory").store(loc.key, pickle.dumps(second, protocol=2))
@@ -463,7 +452,7 @@ def test_concurrent_classifier_loads_agree(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     locs = [DataLocation("filesystem", str(tmp_path / f"c{i}.pkl")) for i in range(4)]
-    models = [_fitted_classifier("LR", seed=i) for i in range(4)]
+    models = [calibrated_classifier(feature_dim=8, classes=(0, 1, 2), seed=i) for i in range(4)]
     for loc, model in zip(locs, models):
         store_classifier(loc, model)
     expected = [m.predict_proba(_probe()) for m in models]

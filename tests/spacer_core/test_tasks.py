@@ -19,8 +19,8 @@ from sklearn.linear_model import SGDClassifier
 
 from spacer_core import config, data_classes, messages, tasks
 from spacer_core.exceptions import DataLimitError, FeatureDimensionError, RowColumnInvalidError
-from tests.support.locations import fs_loc as loc
-from tests.support.weights import make_weights
+from spacer_core.testing import fs_loc as loc
+from spacer_core.testing import make_weights
 
 FEATURE_DIM = 1280
 
@@ -89,6 +89,7 @@ def _msg_class(task_name: str) -> str:
     }[task_name]
 
 
+@pytest.mark.slow
 def test_extract_features_matches_pyspacer(workdir, extractor_json, image_path):
     msg = {
         "job_token": "reef",
@@ -155,6 +156,7 @@ def test_classify_features_matches_pyspacer(workdir, classifier_path, legacy):
     assert again.classes == ours.classes
 
 
+@pytest.mark.slow
 def test_classify_image_matches_pyspacer(extractor_json, image_path, classifier_path):
     msg = {
         "job_token": "ci",

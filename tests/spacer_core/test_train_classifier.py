@@ -35,6 +35,7 @@ def _both_sets(labels):
     return ours, theirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clf_type", ["LR", "MLP"])
 @pytest.mark.parametrize("classes", [INT_CLASSES, STR_CLASSES], ids=["int", "str"])
 def test_same_classifier_as_pyspacer(tmp_path, clf_type, classes):

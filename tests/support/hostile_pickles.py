@@ -17,6 +17,8 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.preprocessing import LabelBinarizer
 
+from spacer_core.testing import calibrated_classifier
+
 _CORE = "numpy._core" if int(np.__version__.split(".")[0]) >= 2 else "numpy.core"
 _multiarray = __import__(f"{_CORE}.multiarray", fromlist=["_reconstruct"])
 _numeric = __import__(f"{_CORE}.numeric", fromlist=["_frombuffer"])
@@ -136,26 +138,6 @@ def variants() -> dict[str, bytes]:
 HUGE_SEED = (1 << (1 << 22)) - 12345
 # Punycode is quadratic in the length of the text it encodes.
 CJK_TEXT = "".join(chr(0x4E00 + i) for i in range(60000))
-
-
-def calibrated_classifier(kind: str = "LR", feature_dim: int = 1280, classes: tuple = (1, 2, 3)) -> Any:
-    """A fitted CalibratedClassifierCV (SGD or a small MLP) over `feature_dim` features."""
-    import warnings
-
-    from sklearn.linear_model import SGDClassifier
-    from sklearn.neural_network import MLPClassifier
-
-    rng = np.random.default_rng(0)
-    y = np.array([classes[i % len(classes)] for i in range(20 * len(classes))])
-    x = (
-        rng.normal(size=(len(y), feature_dim))
-        + np.eye(len(classes), feature_dim)[[classes.index(c) for c in y]] * 3
-    )
-    base = SGDClassifier(loss="log_loss", random_state=0) if kind == "LR" else MLPClassifier((4,), max_iter=2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base.partial_fit(x, y, classes=list(classes))
-        return CalibratedClassifierCV(base, cv="prefit").fit(x, y)
 
 
 def _with_extra(value: Any) -> bytes:

@@ -1,26 +1,13 @@
-"""Test side of spacer_core.weights.synthetic: the session-scoped weights fixture.
+"""The session-scoped weights fixture; the weights themselves come from spacer_core.testing.
 
-    from tests.support.weights import make_weights, efficientnet_weights
-
-`make_weights(path)` writes a file and returns its sha256; the session-scoped
-pytest fixture `efficientnet_weights` gives a `WeightsFile(path, sha256)`
-made once per test session. Register the fixture by importing it into a test
-module (or `pytest_plugins = ["tests.support.weights"]` in a conftest).
+Registered for every test module by tests/conftest.py (`pytest_plugins`).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from spacer_core.weights.synthetic import (  # noqa: F401  (re-exported for tests and benchmarks)
-    DATAPARALLEL_PREFIX,
-    WeightsFile,
-    _calibrated_state,
-    cached_weights,
-    make_state_dict,
-    make_weights,
-    weights_bytes,
-)
+from spacer_core.testing import WeightsFile, make_weights
 
 
 @pytest.fixture(scope="session")

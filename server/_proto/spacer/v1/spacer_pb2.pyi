@@ -311,18 +311,26 @@ class LoadModelRequest(_message.Message):
     def __init__(self, extractor: _Optional[_Union[Extractor, _Mapping]] = ..., classifier_loc: _Optional[_Union[DataLocation, _Mapping]] = ...) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("kind", "name", "classes", "feature_dim", "load_seconds")
+    __slots__ = ("kind", "name", "classes", "feature_dim", "load_seconds", "extractor_class", "weights_sha256", "loaded_by", "last_used")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXTRACTOR_CLASS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BY_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_FIELD_NUMBER: _ClassVar[int]
     kind: str
     name: str
     classes: _containers.RepeatedCompositeFieldContainer[Label]
     feature_dim: int
     load_seconds: float
-    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., classes: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., feature_dim: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    extractor_class: str
+    weights_sha256: str
+    loaded_by: str
+    last_used: float
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., classes: _Optional[_Iterable[_Union[Label, _Mapping]]] = ..., feature_dim: _Optional[int] = ..., load_seconds: _Optional[float] = ..., extractor_class: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., loaded_by: _Optional[str] = ..., last_used: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

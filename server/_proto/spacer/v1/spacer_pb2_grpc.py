@@ -134,7 +134,7 @@ class SpacerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """What LoadModel has loaded.
+        """Every extractor network and classifier the server holds, whoever loaded it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,6 +1,6 @@
 """Caffe model files written by hand, and a NumPy forward pass to check nets against.
 
-CoralNet's VGG16 weights are not public, so tests write their own
+CoralNet's VGG16 weights are not public, so tests and benchmarks write their own
 `.prototxt` definitions (text) and `.caffemodel` weights (binary). The
 weights are encoded here straight from Caffe's wire format (field numbers
 of BVLC caffe.proto), not with the project's generated module, so a wrong
