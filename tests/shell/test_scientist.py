@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from shell.main import main
+from spacer_core.testing import write_classifier, write_image
 from spacer_core.weights.synthetic import cached_weights
-from tests.support.bulk_survey import write_classifier, write_image
 
 pytestmark = pytest.mark.slow
 
