@@ -59,7 +59,16 @@ class SpacerServer:
         add_to_server(SpacerServicer(self.engine), self.server)
         # The Open Inference Protocol on the same port, through the same data plane.
         oip.add_to_server(
-            oip.InferenceServicer(self.engine, Registry(config.model_repository), self.is_ready), self.server
+            oip.InferenceServicer(
+                self.engine,
+                Registry(
+                    config.model_repository,
+                    allow_override=config.allow_model_override,
+                    max_config_models=config.max_config_models,
+                ),
+                self.is_ready,
+            ),
+            self.server,
         )
 
         self.health = health.aio.HealthServicer()
