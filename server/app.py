@@ -113,10 +113,12 @@ class SpacerServer:
         config = self.config
         if config.metrics_port is not None:
             try:
-                self.metrics = metrics.MetricsServer(config.host, config.metrics_port)
+                self.metrics = metrics.MetricsServer(config.metrics_bind_host, config.metrics_port)
             except OSError as exc:
                 await self.server.stop(0)
-                raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from None
+                raise OSError(
+                    f"cannot serve metrics on {config.metrics_bind_host}:{config.metrics_port}: {exc}"
+                ) from None
         if self.preload is None:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             return
@@ -258,7 +260,7 @@ async def serve(config: ServerConfig) -> None:
         logger.info("model repository: %s", config.model_repository)
     print(f"listening on {config.host}:{port}", flush=True)
     if metrics_port(server) is not None:
-        logger.info("metrics on http://%s:%d/metrics", config.host, metrics_port(server))
+        logger.info("metrics on http://%s:%d/metrics", config.metrics_bind_host, metrics_port(server))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

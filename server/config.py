@@ -98,8 +98,11 @@ class ServerConfig:
     log_level: str = "INFO"
     # "json": one JSON object per log line.
     log_format: str = "text"
-    # Prometheus /metrics on this port (same host); None: no metrics endpoint.
+    # Prometheus /metrics on this port; None: no metrics endpoint. It has no
+    # authentication (docs/security.md), so it can bind elsewhere than the
+    # gRPC port: metrics_host, None meaning `host`.
     metrics_port: int | None = None
+    metrics_host: str | None = None
     # TLS: certificate chain and key (PEM); with a client CA, clients must
     # present a certificate it signed (mutual TLS). None: plaintext.
     tls_cert: Path | None = None
@@ -124,6 +127,11 @@ class ServerConfig:
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """The interface /metrics listens on: metrics_host, else the gRPC host."""
+        return self.metrics_host or self.host
 
     @property
     def client_address(self) -> str:
@@ -494,6 +502,13 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
         int,
         "SPACER_METRICS_PORT",
         "serve Prometheus /metrics on this port; default: off",
+    ),
+    (
+        "--metrics-address",
+        "metrics_host",
+        str,
+        "SPACER_METRICS_ADDRESS",
+        "interface /metrics listens on (it has no authentication); default: the --host interface",
     ),
     ("--tls-cert", "tls_cert", Path, "SPACER_TLS_CERT", "serve TLS with this PEM certificate chain"),
     ("--tls-key", "tls_key", Path, "SPACER_TLS_KEY", "PEM private key of --tls-cert"),
