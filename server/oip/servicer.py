@@ -22,7 +22,7 @@ from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server.dataplane import Engine
 from server.errors import describe, invalid
 from server.oip.dataplane import DataPlane, parameter, request_priority
-from server.oip.models import VERSION, Model, Registry, check_name, not_found
+from server.oip.models import VERSION, Model, Registry, check_name, not_found, valid_name
 from server.servicer import call_deadline
 from server.streams import windowed
 
@@ -227,8 +227,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 metrics.item_failed(code.name, f"{prefix}{message}")
                 return pb.ModelStreamInferResponse(
                     error_message=f"{prefix}{message}",
+                    # A name outside the rule is not echoed: replies stay small.
                     infer_response=pb.ModelInferResponse(
-                        model_name=req.model_name, model_version=req.model_version, id=req.id
+                        model_name=req.model_name if valid_name(req.model_name) else "",
+                        model_version=req.model_version,
+                        id=req.id,
                     ),
                 )
 

@@ -122,6 +122,7 @@ def test_every_rpc_that_takes_a_model_name_refuses_a_bad_one(stub, name):
     )
     replies = list(stub.ModelStreamInfer(iter([features_request(name)]), timeout=30))
     assert len(replies) == 1 and "not a model name" in replies[0].error_message
+    assert replies[0].infer_response.model_name == ""  # not echoed back
 
 
 def test_names_within_the_rule_load_and_the_index_stays_small(stub, data):
