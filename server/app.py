@@ -59,7 +59,16 @@ class SpacerServer:
         add_to_server(SpacerServicer(self.engine), self.server)
         # The Open Inference Protocol on the same port, through the same data plane.
         oip.add_to_server(
-            oip.InferenceServicer(self.engine, Registry(config.model_repository), self.is_ready), self.server
+            oip.InferenceServicer(
+                self.engine,
+                Registry(
+                    config.model_repository,
+                    allow_override=config.allow_model_override,
+                    max_config_models=config.max_config_models,
+                ),
+                self.is_ready,
+            ),
+            self.server,
         )
 
         self.health = health.aio.HealthServicer()
@@ -104,10 +113,12 @@ class SpacerServer:
         config = self.config
         if config.metrics_port is not None:
             try:
-                self.metrics = metrics.MetricsServer(config.host, config.metrics_port)
+                self.metrics = metrics.MetricsServer(config.metrics_bind_host, config.metrics_port)
             except OSError as exc:
                 await self.server.stop(0)
-                raise OSError(f"cannot serve metrics on {config.host}:{config.metrics_port}: {exc}") from None
+                raise OSError(
+                    f"cannot serve metrics on {config.metrics_bind_host}:{config.metrics_port}: {exc}"
+                ) from None
         if self.preload is None:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             return
@@ -249,7 +260,7 @@ async def serve(config: ServerConfig) -> None:
         logger.info("model repository: %s", config.model_repository)
     print(f"listening on {config.host}:{port}", flush=True)
     if metrics_port(server) is not None:
-        logger.info("metrics on http://%s:%d/metrics", config.host, metrics_port(server))
+        logger.info("metrics on http://%s:%d/metrics", config.metrics_bind_host, metrics_port(server))
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

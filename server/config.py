@@ -60,6 +60,11 @@ class ServerConfig:
     # A folder of weights files and classifiers the Open Inference Protocol's
     # RepositoryIndex lists and RepositoryModelLoad loads (docs/oip.md).
     model_repository: Path | None = None
+    # Let a client's RepositoryModelLoad config replace a model the repository
+    # provides, or another config's model, for every client (docs/oip.md).
+    allow_model_override: bool = False
+    # Models clients may hold loaded from a config at once (OIP RepositoryModelLoad).
+    max_config_models: int = 64
     # Threads running blocking library work (decode, extract, train).
     workers: int = max(2, os.cpu_count() or 2)
     # Images one ClassifyImages stream may have in flight at once.
@@ -93,8 +98,11 @@ class ServerConfig:
     log_level: str = "INFO"
     # "json": one JSON object per log line.
     log_format: str = "text"
-    # Prometheus /metrics on this port (same host); None: no metrics endpoint.
+    # Prometheus /metrics on this port; None: no metrics endpoint. It has no
+    # authentication (docs/security.md), so it can bind elsewhere than the
+    # gRPC port: metrics_host, None meaning `host`.
     metrics_port: int | None = None
+    metrics_host: str | None = None
     # TLS: certificate chain and key (PEM); with a client CA, clients must
     # present a certificate it signed (mutual TLS). None: plaintext.
     tls_cert: Path | None = None
@@ -119,6 +127,11 @@ class ServerConfig:
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """The interface /metrics listens on: metrics_host, else the gRPC host."""
+        return self.metrics_host or self.host
 
     @property
     def client_address(self) -> str:
@@ -158,6 +171,7 @@ class ServerConfig:
             "memory_budget_bytes",
             "max_image_pixels",
             "max_points_per_image",
+            "max_config_models",
         ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -371,6 +385,13 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
         "SPACER_MODEL_REPOSITORY",
         "folder of weights files and classifiers offered as Open Inference Protocol models",
     ),
+    (
+        "--max-config-models",
+        "max_config_models",
+        int,
+        "SPACER_MAX_CONFIG_MODELS",
+        "models clients may hold loaded from a config (OIP RepositoryModelLoad) at once",
+    ),
     ("--workers", "workers", int, "SPACER_WORKERS", "threads for blocking work"),
     (
         "--stream-window",
@@ -482,6 +503,13 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
         "SPACER_METRICS_PORT",
         "serve Prometheus /metrics on this port; default: off",
     ),
+    (
+        "--metrics-address",
+        "metrics_host",
+        str,
+        "SPACER_METRICS_ADDRESS",
+        "interface /metrics listens on (it has no authentication); default: the --host interface",
+    ),
     ("--tls-cert", "tls_cert", Path, "SPACER_TLS_CERT", "serve TLS with this PEM certificate chain"),
     ("--tls-key", "tls_key", Path, "SPACER_TLS_KEY", "PEM private key of --tls-cert"),
     (
@@ -561,6 +589,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " default: off) [SPACER_ALLOW_PRIVATE_URLS]",
     )
     parser.add_argument(
+        "--allow-model-override",
+        action="store_const",
+        const=True,
+        default=None,
+        help="let a client's OIP RepositoryModelLoad config replace a repository model, or another"
+        " config's model, for every client (default: off) [SPACER_ALLOW_MODEL_OVERRIDE]",
+    )
+    parser.add_argument(
         "--s3-bucket",
         dest="s3_buckets",
         action="append",
@@ -618,6 +654,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     for dest, var in (
         ("allow_any_path", "SPACER_ALLOW_ANY_PATH"),
         ("allow_private_urls", "SPACER_ALLOW_PRIVATE_URLS"),
+        ("allow_model_override", "SPACER_ALLOW_MODEL_OVERRIDE"),
     ):
         flag = getattr(args, dest, None)
         if flag is None and env.get(var):

@@ -19,6 +19,7 @@ from server.errors import as_location, invalid
 from spacer_core.data_classes import DataLocation, ImageLabels, LabelId
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import FeatureExtractor, resolve_class_path
+from spacer_core.inference import Priority
 from spacer_core.limits import Limits
 from spacer_core.messages import ClassifyReturnMsg, TrainClassifierMsg, TrainingTaskLabels
 from spacer_core.pipeline import ImageJob, ImageResult
@@ -33,6 +34,25 @@ def field(what: str) -> Iterator[None]:
         yield
     except InvalidInputError as exc:
         raise invalid(f"{what}: {exc}") from None
+
+
+_PRIORITY_FIELD = {pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE, pb.PRIORITY_BULK: Priority.BULK}
+
+
+def request_priority(request: Any) -> Priority | None:
+    """The request's priority field; None when unspecified (the call's then decides).
+
+    An enum value the schema does not define (a newer client's, or a bogus
+    number) is refused like a bogus x-priority header, not quietly ignored.
+    """
+    value = request.priority
+    if value == pb.PRIORITY_UNSPECIFIED:
+        return None
+    if value not in _PRIORITY_FIELD:
+        raise invalid(
+            f"priority: {value} is not a Priority (PRIORITY_UNSPECIFIED, PRIORITY_INTERACTIVE or PRIORITY_BULK)"
+        )
+    return _PRIORITY_FIELD[value]
 
 
 def check_sizes(msg: Message, limits: Limits, where: str = "") -> None:

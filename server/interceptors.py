@@ -1,7 +1,7 @@
 """What every call of the served protocols goes through, one grpc.aio server interceptor each.
 
 - `BearerTokenInterceptor`: calls without the configured token are refused
-  (UNAUTHENTICATED) before anything else sees them.
+  (UNAUTHENTICATED) before anything else sees them, unknown methods too.
 - `CallLogInterceptor`: one log line and the call metrics per call
   (`server.logs.CallLog`), and the request id in the trailing metadata.
 - `ErrorInterceptor`: a failure becomes its status (`server.errors.describe`):
@@ -69,6 +69,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without ``authorization: Bearer <token>`` with UNAUTHENTICATED.
 
     The health service stays open: load balancers probe it without credentials.
+    A method the server lacks gets UNAUTHENTICATED too (not UNIMPLEMENTED),
+    so a caller without the token cannot tell which methods exist. A call
+    carrying more than one authorization header is refused whatever they
+    hold: proxies and servers disagree on which one counts. Every refusal is
+    counted (`metrics.record_rejected`).
     """
 
     def __init__(self, token: str, open_prefixes: tuple[str, ...] = (HEALTH_SERVICE,)):
@@ -89,12 +94,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         }
 
     def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == AUTH_HEADER:
-                given = value.encode() if isinstance(value, str) else value
-                # Constant time, so response timing does not reveal the token.
-                return hmac.compare_digest(given, self._expected)
-        return False
+        given = [value for key, value in metadata or () if key == AUTH_HEADER]
+        if len(given) != 1:
+            return False
+        value = given[0].encode() if isinstance(given[0], str) else given[0]
+        # Constant time, so response timing does not reveal the token.
+        return hmac.compare_digest(value, self._expected)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -105,8 +110,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             handler_call_details.invocation_metadata
         ):
             return handler
-        if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
-            return handler
+        if handler is None:
+            # Unknown method: refused like a real one. A handler that reads
+            # nothing suits any call shape the client may use.
+            metrics.record_rejected(metrics.UNKNOWN_METHOD, "UNAUTHENTICATED")
+            return self._deny[(True, True)]
+        metrics.record_rejected(method.rsplit("/", 1)[-1], "UNAUTHENTICATED")
         return self._deny[(handler.request_streaming, handler.response_streaming)]
 
 

@@ -9,7 +9,9 @@ time are separate histograms, as Triton reports them:
 - grpc_server_handling_seconds{grpc_method}: latency histogram
 - grpc_server_msg_received_total / grpc_server_msg_sent_total{grpc_method}
 - spacer_rpc_errors_total{grpc_method,grpc_code}: every status but OK, of calls
-  and of the items of a stream that failed while the stream went on
+  and of the items of a stream that failed while the stream went on; calls
+  refused without a valid token count here and in grpc_server_handled_total
+  with UNAUTHENTICATED (grpc_method "unknown" for a method the server lacks)
 - spacer_points_processed_total{grpc_method}: points scored or extracted,
   whether returned or stored (`count_points`, called where the work is done)
 - spacer_batch_size{batcher}: patches per network call
@@ -19,7 +21,9 @@ time are separate histograms, as Triton reports them:
 - spacer_gpu_memory_allocated_bytes / spacer_gpu_memory_reserved_bytes{device},
   only once CUDA is in use
 
-Everything lives in one process-wide registry, `REGISTRY`.
+Everything lives in one process-wide registry, `REGISTRY`. The endpoint
+answers GET /metrics only (404 elsewhere) and has no authentication: bind
+it (`--metrics-address`) where only the scraper can reach it.
 
 A call's points and failed stream items are reported from where the work
 happens (the data plane, the servicers) with `count_points` and
@@ -30,6 +34,7 @@ stream starts for its items report to their call too).
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import weakref
@@ -37,9 +42,11 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -164,6 +171,17 @@ def record_call(method: str, code: str, seconds: float, received: int, sent: int
         POINTS.labels(method).inc(points)
 
 
+# The grpc_method label of a call to a method the server lacks: a client
+# chooses that name, so it must not become a label value of its own.
+UNKNOWN_METHOD = "unknown"
+
+
+def record_rejected(method: str, code: str) -> None:
+    """Count a call refused before it reached its method (no valid token)."""
+    HANDLED.labels(method, code).inc()
+    ERRORS.labels(method, code).inc()
+
+
 def _observe_batch(observation: Any) -> None:
     BATCH_SIZE.labels(observation.batcher).observe(observation.size)
     NETWORK_SECONDS.labels(observation.batcher).observe(observation.network_seconds)
@@ -235,11 +253,40 @@ def watch_models(owner: Any, models: Callable[[], Iterable[Any]]) -> None:
     _LIVE.watch(owner, models)
 
 
+METRICS_PATH = "/metrics"
+
+
+def _only_metrics(app: Callable[..., Any]) -> Callable[..., Any]:
+    """The exposition app at /metrics; 404 on every other path, so the port offers nothing else."""
+
+    def routed(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found: metrics are at /metrics\n"]
+        return app(environ, start_response)
+
+    return routed
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are not logged (one line per scrape would drown the call log)."""
+
+
 class MetricsServer:
-    """The /metrics HTTP endpoint on its own thread."""
+    """The /metrics HTTP endpoint on its own thread (no authentication: bind it privately)."""
 
     def __init__(self, host: str, port: int):
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=REGISTRY)
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+        class _Server(ThreadingWSGIServer):
+            address_family = family  # IPv6 hosts need an IPv6 socket
+
+        self._httpd: WSGIServer = make_server(
+            host, port, _only_metrics(make_wsgi_app(REGISTRY)), _Server, handler_class=_QuietHandler
+        )
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         self.port: int = self._httpd.server_port
 
     def close(self) -> None:

@@ -19,19 +19,11 @@ from server.dataplane import Engine, TrainProgress
 from server.errors import describe, invalid, request_locations
 from server.streams import windowed
 from spacer_core.data_classes import parse_json
-from spacer_core.inference import Priority
 from spacer_core.messages import ClassifyFeaturesMsg
 from spacer_core.storage import require_writable
 
 logger = logging.getLogger(__name__)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-
-_PRIORITY_FIELD = {pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE, pb.PRIORITY_BULK: Priority.BULK}
-
-
-def request_priority(request: Any) -> Priority | None:
-    """The request's priority field; None when unspecified (the call's then decides)."""
-    return _PRIORITY_FIELD.get(request.priority)
 
 
 def call_deadline(context: Any) -> float | None:
@@ -74,7 +66,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                 require_writable(feature_loc)
         job = convert.image_job(request, feature_loc=feature_loc)
         decide = self.engine.priorities(context.invocation_metadata(), stream=False)
-        priority = decide(request_priority(request))
+        priority = decide(convert.request_priority(request))
         async with self.engine.admit(priority, wait=False):
             result = await self.engine.run_image(
                 job, priority=priority, deadline=call_deadline(context), wait=False
@@ -100,7 +92,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
         decide = self.engine.priorities(context.invocation_metadata(), stream=False)
-        priority = decide(request_priority(request))
+        priority = decide(convert.request_priority(request))
         async with self.engine.admit(priority, wait=False):
             return await self._classify_one(request, priority, call_deadline(context), wait=False)
 
@@ -143,7 +135,7 @@ class SpacerServicer(pb_grpc.SpacerServicer):
 
         async def one(req: pb.ClassifyImageRequest) -> pb.ClassifyImagesResponse:
             try:
-                priority = decide(request_priority(req))
+                priority = decide(convert.request_priority(req))
                 async with self.engine.admit(priority, wait=True):
                     return pb.ClassifyImagesResponse(
                         job_token=req.job_token,

@@ -568,6 +568,23 @@ def _check_key(loc: Location) -> None:
         raise InvalidInputError(f"{loc.bucket_name!r}: not a valid S3 bucket name", location=loc)
 
 
+def _check_file_key(loc: Location) -> None:
+    """Refuse a file location whose key names a folder: "x.pkl/" must not read or replace x.pkl.
+
+    Path resolution drops a trailing "/" or "/.", so without this check the
+    file before it would be used. URLs keep theirs: a path ending in "/" is a
+    resource like any other there.
+    """
+    key = loc.key
+    if loc.storage_type == "filesystem":
+        if key.endswith("/") or key.rsplit("/", 1)[-1] in (".", ".."):
+            raise InvalidInputError(
+                f"{key!r}: a file name cannot end in '/', '/.' or '/..' (that names a folder)", location=loc
+            )
+    elif loc.storage_type == "s3" and key.endswith("/"):
+        raise InvalidInputError(f"{key!r}: an S3 object key for a file cannot end in '/'", location=loc)
+
+
 # OS errors that a location itself causes (not the machine's state).
 _BAD_PATH_ERRNOS = {
     errno.ENAMETOOLONG: "name too long",
@@ -582,6 +599,7 @@ _BAD_PATH_ERRNOS = {
 def _access(loc: Location, access: Access) -> Iterator[Storage]:
     """The one gate to storage: checks the policy, then maps store errors to library ones."""
     _check_key(loc)
+    _check_file_key(loc)
     policy = active_policy()
     policy.check(loc, access)
     storage = storage_factory(loc.storage_type, loc.bucket_name)
@@ -697,7 +715,9 @@ def fd_version(f: IO[bytes]) -> tuple[int, int, int, int, int]:
 
 
 def require_writable(loc: Location) -> None:
-    """Raise InvalidInputError for a location of a read-only storage type."""
+    """Raise InvalidInputError for a location of a read-only storage type, or one naming a folder."""
+    _check_key(loc)
+    _check_file_key(loc)
     if not loc.is_writable:
         raise InvalidInputError(f"{loc.describe()}: {loc.storage_type} storage is read-only", location=loc)
 

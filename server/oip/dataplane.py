@@ -91,6 +91,10 @@ class DataPlane:
 
     def unload(self, name: str) -> None:
         model = self.registry.unload(name)
+        if model.source == "config":
+            # A client's model leaves no statistics behind, so names tried over time
+            # do not grow ModelStatistics' memory or /metrics.
+            self.stats.forget(model.name, VERSION)
         if model.kind == "classifier" and model.classifier_loc is not None:
             self.engine.runtime.forget_classifier(model.classifier_loc)
 
@@ -153,7 +157,7 @@ class DataPlane:
                 f"model '{PIPELINE}' needs the {what} to use: a request parameter"
                 f" '{what}' or an input '{what.upper()}' naming a loaded {kind} model"
             )
-        model = self.registry.ready(value)
+        model = self.registry.ready(value, what=f"{what} (parameter or input '{what.upper()}')")
         if model.kind != kind:
             raise invalid(
                 f"{what} '{value}' is a {model.kind} model, not an {kind}"

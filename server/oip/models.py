@@ -16,10 +16,18 @@ with `NAME.prototxt` (VGG16), `NAME.pkl` (a classifier) and `NAME.json` (a
 model config, as RepositoryModelLoad's "config" parameter takes). Nothing
 is loaded until RepositoryModelLoad names it; loading goes through the
 Engine, so the storage policy applies to every file a model names.
+
+Model names are one short token (`check_name`): every RPC that takes one
+checks it first, so no reply that lists models can be inflated by names.
+Clients share the models: a config may not take a name the repository
+provides, or that another config holds, unless the operator allows it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +41,8 @@ from spacer_core.data_classes import DataLocation, parse_json
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import FeatureExtractor, resolve_class_path
 
+logger = logging.getLogger(__name__)
+
 VERSION = "1"
 PIPELINE = "spacer_pipeline"
 EFFICIENTNET = "spacer_core.extractors.efficientnet.EfficientNetExtractor"
@@ -41,6 +51,33 @@ VGG16 = "spacer_core.extractors.vgg16.VGG16CaffeExtractor"
 IMAGE = TensorSpec("IMAGE", "BYTES", (1,), optional=True)
 IMAGE_PATH = TensorSpec("IMAGE_PATH", "BYTES", (1,), optional=True)
 POINTS = TensorSpec("POINTS", "INT32", (-1, 2))
+
+
+MAX_NAME_CHARS = 128
+# Letters, digits, '.', '_' and '-', not starting with '.': a file stem in
+# the repository, a metric label, a log field, all without escaping.
+_NAME = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9._-]{{0,{MAX_NAME_CHARS - 1}}}")
+# Models loaded from a config (clients' models) held at once, by default.
+DEFAULT_MAX_CONFIG_MODELS = 64
+
+
+def valid_name(name: str) -> bool:
+    """Whether `name` can name a model (see `check_name`)."""
+    return bool(_NAME.fullmatch(name))
+
+
+def check_name(name: str, what: str = "model_name") -> str:
+    """`name` when it can name a model; INVALID_ARGUMENT naming the field `what` otherwise.
+
+    1 to 128 characters of A-Z a-z 0-9 '.' '_' '-', not starting with '.'.
+    """
+    if not valid_name(name):
+        shown = repr(name[:40]) + (f"... ({len(name)} characters)" if len(name) > 40 else "")
+        raise invalid(
+            f"{what}: {shown} is not a model name: 1 to {MAX_NAME_CHARS} characters of"
+            " A-Z a-z 0-9 '.' '_' '-', not starting with '.'"
+        )
+    return name
 
 
 def not_found(name: str, version: str = "") -> RequestError:
@@ -57,6 +94,8 @@ class Model:
     extractor: FeatureExtractor | None = None
     classifier_loc: DataLocation | None = None
     source: str = "repository"  # or "config", "builtin"
+    # The config it was built from, canonical JSON ("" for repository files).
+    config: str = ""
     ready: bool = False
     reason: str = ""
     # Filled in at load: feature dimension, classes.
@@ -153,27 +192,55 @@ def model_from_config(name: str, text: str, source: str = "config") -> Model:
         raise invalid(str(exc)) from None
     if not isinstance(data, dict) or len({"extractor", "classifier"} & set(data)) != 1:
         raise invalid(f"model '{name}': config must be a JSON object with one of 'extractor' or 'classifier'")
+    canonical = json.dumps(data, sort_keys=True)
     if "extractor" in data:
-        return Model(name, "extractor", extractor=_extractor(data["extractor"], "extractor"), source=source)
+        return Model(
+            name,
+            "extractor",
+            extractor=_extractor(data["extractor"], "extractor"),
+            source=source,
+            config=canonical,
+        )
     return Model(
-        name, "classifier", classifier_loc=_location(data["classifier"], "classifier"), source=source
+        name,
+        "classifier",
+        classifier_loc=_location(data["classifier"], "classifier"),
+        source=source,
+        config=canonical,
     )
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    # A symlink leading out of the repository is not the operator's model,
+    # and listing it would tell clients which files exist elsewhere.
+    try:
+        return path.resolve().is_relative_to(folder)
+    except (OSError, RuntimeError):
+        return False
 
 
 def scan_repository(folder: Path) -> dict[str, Model]:
     """The models of a repository folder, by name (file stem), none loaded."""
     found: dict[str, Model] = {}
+    real = folder.resolve()
     for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.name.startswith("."):
+        if path.name.startswith(".") or not _inside(path, real) or not path.is_file():
             continue
         name, suffix = path.stem, path.suffix.lower()
+        if not valid_name(name):
+            logger.debug("model repository: %r is not a model name, not listed", path.name)
+            continue
         fs = DataLocation("filesystem", str(path))
         model: Model | None = None
         if suffix in (".pt", ".pth"):
             model = Model(
                 name, "extractor", extractor=resolve_class_path(EFFICIENTNET)(data_locations={"weights": fs})
             )
-        elif suffix == ".caffemodel" and path.with_suffix(".prototxt").is_file():
+        elif (
+            suffix == ".caffemodel"
+            and _inside(path.with_suffix(".prototxt"), real)
+            and path.with_suffix(".prototxt").is_file()
+        ):
             definition = DataLocation("filesystem", str(path.with_suffix(".prototxt")))
             model = Model(
                 name,
@@ -196,8 +263,17 @@ def scan_repository(folder: Path) -> dict[str, Model]:
 class Registry:
     """Models by name: the repository's, those loaded from a config, and the pipeline."""
 
-    def __init__(self, repository: Path | None):
+    def __init__(
+        self,
+        repository: Path | None,
+        *,
+        allow_override: bool = False,
+        max_config_models: int = DEFAULT_MAX_CONFIG_MODELS,
+    ):
         self.repository = repository
+        # Whether a config may replace a repository model or another config's model.
+        self.allow_override = allow_override
+        self.max_config_models = max_config_models
         self._models: dict[str, Model] = {
             PIPELINE: Model(PIPELINE, "pipeline", source="builtin", ready=True, reason="")
         }
@@ -218,12 +294,15 @@ class Registry:
     def __iter__(self) -> Iterator[Model]:
         return iter(sorted(self._models.values(), key=lambda m: m.name))
 
-    def find(self, name: str) -> Model | None:
-        return self._models.get(name)
+    def find(self, name: str, what: str = "model_name") -> Model | None:
+        """The model `name` (checked: INVALID_ARGUMENT naming `what`), None when unknown or empty."""
+        if not name:
+            return None
+        return self._models.get(check_name(name, what))
 
-    def ready(self, name: str, version: str = "") -> Model:
+    def ready(self, name: str, version: str = "", what: str = "model_name") -> Model:
         """The loaded model `name`; NOT_FOUND or UNAVAILABLE otherwise, as Triton says it."""
-        model = self._models.get(name)
+        model = self.find(name, what)
         if model is None or (version and version != VERSION):
             raise not_found(name, version)
         if not model.ready:
@@ -235,11 +314,20 @@ class Registry:
         return model
 
     def candidate(self, name: str, config: str | None) -> Model:
-        """What RepositoryModelLoad(name, config) would load."""
+        """What RepositoryModelLoad(name, config) would load.
+
+        A config may not take a name the repository provides or another
+        config holds (ALREADY_EXISTS) unless the operator allows overrides,
+        nor add a model past `max_config_models` (RESOURCE_EXHAUSTED).
+        """
+        check_name(name)
         if name == PIPELINE:
             raise invalid(f"'{PIPELINE}' is built in and always loaded")
         if config is not None:
-            return model_from_config(name, config)
+            built = model_from_config(name, config)
+            self.rescan()
+            self._check_room(built)
+            return built
         self.rescan()
         model = self._models.get(name)
         if model is None:
@@ -252,11 +340,40 @@ class Registry:
             raise invalid(f"failed to load '{name}': {model.reason}")
         return model
 
+    def _check_room(self, model: Model) -> None:
+        """Refuse a config model that would replace a shared one, or one too many."""
+        current = self._models.get(model.name)
+        if current is not None and not self.allow_override:
+            if current.source == "repository":
+                raise RequestError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"failed to load '{model.name}': the model repository provides a model of that"
+                    " name, which a config may not replace (the server allows that only with"
+                    " --allow-model-override)",
+                )
+            if current.source == "config" and current.config != model.config:
+                raise RequestError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"failed to load '{model.name}': a model of that name is already loaded from"
+                    " another config; unload it first, or choose another name",
+                )
+        if current is None or current.source != "config":
+            held = sum(1 for m in self._models.values() if m.source == "config")
+            if held >= self.max_config_models:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"failed to load '{model.name}': {held} models loaded from a config already"
+                    f" (at most {self.max_config_models}, --max-config-models); unload one first",
+                )
+
     def put(self, model: Model) -> None:
+        """Add or replace a loaded model (a config's is checked again: loads run concurrently)."""
+        if model.source == "config" and self._models.get(model.name) is not model:
+            self._check_room(model)
         self._models[model.name] = model
 
     def unload(self, name: str) -> Model:
-        model = self._models.get(name)
+        model = self.find(name)
         if model is None:
             raise not_found(name)
         if model.kind == "pipeline":

@@ -22,7 +22,7 @@ from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server.dataplane import Engine
 from server.errors import describe, invalid
 from server.oip.dataplane import DataPlane, parameter, request_priority
-from server.oip.models import VERSION, Model, Registry, not_found
+from server.oip.models import VERSION, Model, Registry, check_name, not_found, valid_name
 from server.servicer import call_deadline
 from server.streams import windowed
 
@@ -50,7 +50,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.registry = registry
         self.data = DataPlane(engine, registry)
         self._ready = ready
-        self._loading: dict[str, asyncio.Lock] = {}
+        self._loading: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     # ------------------------------------------------------------ health and metadata
 
@@ -68,13 +68,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:  # type: ignore[override]
-        model = self.registry.find(request.name)
+        model = self.registry.find(request.name, "name")
         if model is None or (request.version and request.version != VERSION):
             raise not_found(request.name, request.version)
         return pb.ModelReadyResponse(ready=model.ready)
 
     def _known(self, name: str, version: str) -> Model:
-        model = self.registry.find(name)
+        model = self.registry.find(name, "name")
         if model is None or model.kind == "invalid" or (version and version != VERSION):
             raise not_found(name, version)
         return model
@@ -82,7 +82,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:  # type: ignore[override]
-        model = self.registry.ready(request.name, request.version)
+        model = self.registry.ready(request.name, request.version, "name")
         meta = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -93,7 +93,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:  # type: ignore[override]
-        model = self.registry.ready(request.name, request.version)
+        model = self.registry.ready(request.name, request.version, "name")
         config = pb.ModelConfig(
             name=model.name,
             platform=model.platform,
@@ -166,6 +166,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         name = request.model_name
         if not name:
             raise invalid("model_name is required")
+        check_name(name)
         config = parameter(request.parameters, "config")
         if config is not None and not isinstance(config, str):
             config = config.decode() if isinstance(config, bytes) else None
@@ -175,11 +176,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     "file: parameters (model files sent inline) are not supported;"
                     " name files inside the data roots in the config instead"
                 )
-        lock = self._loading.setdefault(name, asyncio.Lock())
-        async with lock:
-            model = self.registry.candidate(name, config)
-            await self.data.load(model)
-            self.registry.put(model)
+        # One load per name at a time; the entry goes with its last user, so
+        # names a client tries do not pile up.
+        entry = self._loading.setdefault(name, (asyncio.Lock(), [0]))
+        lock, users = entry
+        users[0] += 1
+        try:
+            async with lock:
+                model = self.registry.candidate(name, config)
+                await self.data.load(model)
+                self.registry.put(model)
+        finally:
+            users[0] -= 1
+            if not users[0] and self._loading.get(name) is entry:
+                del self._loading[name]
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -217,8 +227,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 metrics.item_failed(code.name, f"{prefix}{message}")
                 return pb.ModelStreamInferResponse(
                     error_message=f"{prefix}{message}",
+                    # A name outside the rule is not echoed: replies stay small.
                     infer_response=pb.ModelInferResponse(
-                        model_name=req.model_name, model_version=req.model_version, id=req.id
+                        model_name=req.model_name if valid_name(req.model_name) else "",
+                        model_version=req.model_version,
+                        id=req.id,
                     ),
                 )
 

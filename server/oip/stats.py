@@ -93,6 +93,11 @@ class Stats:
             entry.inference_count += inferences
             entry.execution_count += 1
 
+    def forget(self, model: str, version: str) -> None:
+        """Drop the statistics of a model that is gone."""
+        with self._lock:
+            self._models.pop((model, version), None)
+
     def get(self, model: str, version: str) -> ModelStats:
         with self._lock:
             entry = self._models.get((model, version), ModelStats())

@@ -159,7 +159,8 @@ def _cached_artifact(
     raise AssertionError("unreachable")
 
 
-def _build_onnx(sha256: str, net: _LazyNet, folder: Path, threads: int | None) -> Backend:
+def _build_on_onnx(sha256: str, net: _LazyNet, folder: Path, load: Callable[[bytes], Backend]) -> Backend:
+    """A backend `load`ed from the exact ONNX export (one cached artifact for ONNX Runtime and OpenVINO)."""
     return _cached_artifact(
         folder,
         sha256,
@@ -167,7 +168,7 @@ def _build_onnx(sha256: str, net: _LazyNet, folder: Path, threads: int | None) -
         "exact-cpu",
         ".onnx",
         build=lambda: export_onnx(net.get()),
-        load=lambda data: OnnxBackend(data, threads=threads),
+        load=load,
         net=net,
     )
 
@@ -238,11 +239,14 @@ def load_backend(
     for name in _candidates(kind, device, precision):
         try:
             if name == "onnxruntime":
-                backend = _build_onnx(sha256, net, folder, threads)
+                backend = _build_on_onnx(sha256, net, folder, lambda data: OnnxBackend(data, threads=threads))
             elif name == "torchscript":
                 backend = _build_torchscript(sha256, net, folder, device, precision)
             elif name == "openvino":
-                backend = _build_openvino(sha256, net, folder, threads)
+                # OpenVINO bf16 reads the same exact ONNX export.
+                backend = _build_on_onnx(
+                    sha256, net, folder, lambda data: OpenVinoBackend(data, threads=threads)
+                )
             else:
                 backend = EagerBackend(net.get(), device, precision)
         except Exception as exc:
@@ -259,17 +263,3 @@ def load_backend(
             logger.warning("Using %s after failures: %s", backend.describe(), "; ".join(failures))
         return backend
     raise BackendError(f"No backend could run the network {sha256[:12]} on {device}: " + "; ".join(failures))
-
-
-def _build_openvino(sha256: str, net: _LazyNet, folder: Path, threads: int | None) -> Backend:
-    """OpenVINO bf16 from the exact ONNX export (the same cached artifact as ONNX Runtime's)."""
-    return _cached_artifact(
-        folder,
-        sha256,
-        "onnx",
-        "exact-cpu",
-        ".onnx",
-        build=lambda: export_onnx(net.get()),
-        load=lambda data: OpenVinoBackend(data, threads=threads),
-        net=net,
-    )

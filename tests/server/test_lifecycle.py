@@ -52,7 +52,7 @@ def start_serve(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int]:
         [
             sys.executable,
             "-m",
-            "server",
+            "shell",
             "serve",
             "--port",
             "0",

@@ -1,10 +1,14 @@
-"""TLS, mutual TLS and bearer tokens on a real server, with certificates made here."""
+"""TLS, mutual TLS, bearer tokens and the metrics port on a real server, with certificates made here;
+and the small request gates a client meets first (priority values, file keys)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import ipaddress
+import re
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -14,9 +18,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from server import app
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server.client import SpacerClient, tls_credentials
-from server.config import add_arguments, config_from_args
+from server.config import ServerConfig, add_arguments, config_from_args
+from spacer_core.data_classes import DataLocation
+from spacer_core.testing import make_classifier, make_image
 from tests.support.grpc_server import running_server
 
 Code = grpc.StatusCode
@@ -175,3 +182,153 @@ def test_security_flags_and_their_checks(pki, tmp_path):
     with pytest.raises(ValueError, match="auth token file .* is empty"):
         with running_server(auth_token_file=empty):
             pass
+
+
+# ---------------------------------------------------------------- no API enumeration, counted refusals
+
+TOKEN = "s3cret-token"
+
+
+def _raw(channel: grpc.Channel, method: str, metadata=None) -> grpc.StatusCode:
+    call = channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    try:
+        call(b"", metadata=metadata, timeout=10)
+    except grpc.RpcError as err:
+        return err.code()
+    return Code.OK
+
+
+def _scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, ""
+
+
+def _rejected(text: str, method: str) -> float:
+    found = re.search(
+        rf'^spacer_rpc_errors_total{{grpc_code="UNAUTHENTICATED",grpc_method="{method}"}} (\S+)$', text, re.M
+    )
+    return float(found.group(1)) if found else 0.0
+
+
+UNKNOWN_METHODS = [
+    "/spacer.v1.Spacer/DeleteEverything",
+    "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
+    "/inference.GRPCInferenceService/TraceSetting",
+    "/no.such.Service/Method",
+]
+
+
+def test_without_the_token_every_method_is_unauthenticated_and_counted(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    with running_server(auth_token_file=token_file, metrics_port=0) as server:
+        port = app.metrics_port(server.server)
+        assert port is not None
+        before = _scrape(port)[1]
+        with grpc.insecure_channel(server.address) as channel:
+            # Unknown methods answer as real ones do: nothing tells which exist.
+            for method in [*UNKNOWN_METHODS, "/spacer.v1.Spacer/ListModels"]:
+                assert _raw(channel, method) == Code.UNAUTHENTICATED, method
+            reflection = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=lambda b: b,
+                response_deserializer=lambda b: b,
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                list(reflection(iter([b""]), timeout=10))
+            assert err.value.code() == Code.UNAUTHENTICATED
+            # With the token, an unknown method is what it is.
+            good = [("authorization", f"Bearer {TOKEN}")]
+            assert _raw(channel, UNKNOWN_METHODS[0], good) == Code.UNIMPLEMENTED
+            assert _raw(channel, "/spacer.v1.Spacer/ListModels", good) == Code.OK
+        after = _scrape(port)[1]
+    assert _rejected(after, "unknown") - _rejected(before, "unknown") == len(UNKNOWN_METHODS)
+    assert _rejected(after, "ListModels") - _rejected(before, "ListModels") == 1
+    assert _rejected(after, "ServerReflectionInfo") - _rejected(before, "ServerReflectionInfo") == 1
+    assert "no.such.Service" not in after and "DeleteEverything" not in after
+
+
+def test_two_authorization_headers_are_refused(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    right, wrong = ("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer wrong")
+    with (
+        running_server(auth_token_file=token_file) as server,
+        grpc.insecure_channel(server.address) as channel,
+    ):
+        assert _raw(channel, "/spacer.v1.Spacer/ListModels", [right]) == Code.OK
+        for headers in ([right, wrong], [wrong, right], [right, right]):
+            assert _raw(channel, "/spacer.v1.Spacer/ListModels", headers) == Code.UNAUTHENTICATED
+
+
+def test_the_metrics_port_serves_metrics_only_and_binds_apart():
+    with running_server(metrics_port=0, metrics_host="127.0.0.1", host="127.0.0.1") as server:
+        port = app.metrics_port(server.server)
+        status, text = _scrape(port)
+        assert status == 200 and "spacer_loaded_models" in text
+        for path in ("/", "/anything", "/metrics/x", "/favicon.ico"):
+            assert _scrape(port, path)[0] == 404, path
+    # The default follows the gRPC host (loopback unless told otherwise); the flag sets its own.
+    assert ServerConfig().metrics_bind_host == "127.0.0.1"
+    assert ServerConfig(host="0.0.0.0").metrics_bind_host == "0.0.0.0"
+    assert _parse(["--host", "0.0.0.0", "--metrics-address", "127.0.0.1"]).metrics_bind_host == "127.0.0.1"
+
+
+# ---------------------------------------------------------------- request gates
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gates")
+    make_image(root / "img.png", 64, 48)
+    make_classifier(root / "clf.pkl", feature_dim=16)
+    with running_server(data_roots=(root,)) as server, SpacerClient(server.address, timeout=60) as client:
+        yield root, client
+
+
+def test_an_undefined_priority_is_refused_naming_the_field(served):
+    root, client = served
+    request = client.image_request(
+        {"class_path": "spacer.extractors.base.DummyExtractor", "data_locations": {}},
+        [(5, 5)],
+        DataLocation("filesystem", str(root / "img.png")),
+        DataLocation("filesystem", str(root / "clf.pkl")),
+        job_token="p",
+    )
+    request.priority = 99
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.ClassifyImage(request, timeout=30)
+    assert err.value.code() == Code.INVALID_ARGUMENT
+    assert "priority" in err.value.details() and "99" in err.value.details()
+    (item,) = client.classify_images([request], timeout=30)
+    assert item.error.code_name == "INVALID_ARGUMENT" and "priority" in item.error.message
+    # Defined values still pass that gate (and fail, if at all, later for other reasons).
+    request.priority = pb.PRIORITY_BULK
+    try:
+        client.stub.ClassifyImage(request, timeout=60)
+    except grpc.RpcError as other:
+        assert "priority" not in (other.details() or "")
+
+
+@pytest.mark.parametrize("suffix", ["/", "/.", "//"])
+def test_a_file_key_that_names_a_folder_is_refused(served, suffix):
+    root, client = served
+    clf = str(root / "clf.pkl")
+    assert client.load_model(classifier_loc=DataLocation("filesystem", clf)).kind
+    with pytest.raises(grpc.RpcError) as err:
+        client.load_model(classifier_loc=DataLocation("filesystem", clf + suffix))
+    assert err.value.code() == Code.INVALID_ARGUMENT and "cannot end in '/'" in err.value.details()
+    # An output ending in '/' is refused before any work, and nothing is written.
+    out = root / "out.featurevector"
+    with pytest.raises(grpc.RpcError) as err:
+        client.extract_features(
+            {"class_path": "spacer.extractors.base.DummyExtractor", "data_locations": {}},
+            [(5, 5)],
+            DataLocation("filesystem", str(root / "img.png")),
+            DataLocation("filesystem", str(out) + suffix),
+        )
+    assert err.value.code() == Code.INVALID_ARGUMENT and "feature_loc" in err.value.details()
+    assert not out.exists()

@@ -159,7 +159,7 @@ def test_a_driver_killed_half_way_resumes_and_the_rerun_writes_only_the_rest(
     command = [
         sys.executable,
         "-m",
-        "server",
+        "shell",
         "bulk",
         "extract",
         "--weights",
