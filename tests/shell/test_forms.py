@@ -322,7 +322,7 @@ def _interrupted(cwd: Path, hook: str, *argv: str) -> tuple[int, str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["bulk", "classify"])
 def test_ctrl_c_stops_with_one_line_and_status_130(tmp_path, command):
-    from tests.support.bulk_survey import make_survey
+    from spacer_core.testing import make_survey
 
     s = make_survey(tmp_path, images=4, points=2, size=(96, 72))
     if command == "bulk":

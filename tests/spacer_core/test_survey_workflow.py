@@ -79,8 +79,8 @@ def test_one_worker_runs_one_image_at_a_time(tmp_path):
 
 
 def test_local_runner_runs_the_bulk_engine_every_image_tried_failures_listed(tmp_path):
+    from spacer_core.testing import write_image
     from spacer_core.weights.synthetic import cached_weights
-    from tests.support.bulk_survey import write_image
 
     good = [write_image(tmp_path / f"good{i}.jpg", i) for i in range(2)]
     broken = tmp_path / "broken.jpg"
