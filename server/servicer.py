@@ -15,12 +15,13 @@ import grpc
 from server import convert, metrics
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
-from server.dataplane import Engine, TrainProgress
+from server.dataplane import Engine, MemoryHold, TrainProgress
 from server.errors import describe, invalid, request_locations
 from server.streams import windowed
 from spacer_core.data_classes import parse_json
 from spacer_core.inference import Priority
 from spacer_core.messages import ClassifyFeaturesMsg
+from spacer_core.pipeline import ImageJob
 from spacer_core.storage import require_writable
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,16 @@ _PRIORITY_FIELD = {pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE, pb.PRIORITY_BU
 def request_priority(request: Any) -> Priority | None:
     """The request's priority field; None when unspecified (the call's then decides)."""
     return _PRIORITY_FIELD.get(request.priority)
+
+
+def inline_size(job: ImageJob) -> int:
+    """Bytes of a job's inline image (0 for an image read from storage)."""
+    return len(job.image) if isinstance(job.image, bytes) else 0
+
+
+def request_inline_size(request: Any) -> int:
+    """Bytes of a request's inline image, 0 for none; reads a transient copy (protobuf hands out copies)."""
+    return len(request.image_bytes) if request.WhichOneof("image") == "image_bytes" else 0
 
 
 def call_deadline(context: Any) -> float | None:
@@ -57,7 +68,9 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     ) -> pb.ClassifyResponse:
         self._check_sizes(req)
         job = convert.image_job(req, classify=True)
-        result = await self.engine.run_image(job, priority=priority, deadline=deadline, wait=wait)
+        result = await self.engine.run_image(
+            job, priority=priority, deadline=deadline, wait=wait, prepaid=inline_size(job)
+        )
         return convert.classify_response(result, req.job_token)
 
     # ------------------------------------------------------------ unary
@@ -75,9 +88,10 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         job = convert.image_job(request, feature_loc=feature_loc)
         decide = self.engine.priorities(context.invocation_metadata(), stream=False)
         priority = decide(request_priority(request))
-        async with self.engine.admit(priority, wait=False):
+        size = inline_size(job)
+        async with self.engine.received(size, priority, wait=False), self.engine.admit(priority, wait=False):
             result = await self.engine.run_image(
-                job, priority=priority, deadline=call_deadline(context), wait=False
+                job, priority=priority, deadline=call_deadline(context), wait=False, prepaid=size
             )
         return pb.ExtractFeaturesResponse(
             job_token=request.job_token,
@@ -101,8 +115,10 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
         decide = self.engine.priorities(context.invocation_metadata(), stream=False)
         priority = decide(request_priority(request))
-        async with self.engine.admit(priority, wait=False):
-            return await self._classify_one(request, priority, call_deadline(context), wait=False)
+        # The message is already in memory: charged before anything else, refused when over budget.
+        async with self.engine.received(request_inline_size(request), priority, wait=False):
+            async with self.engine.admit(priority, wait=False):
+                return await self._classify_one(request, priority, call_deadline(context), wait=False)
 
     async def RunJob(self, request: pb.RunJobRequest, context: Context) -> pb.RunJobResponse:  # type: ignore[override]
         data = parse_json(request.job_msg_json, "job_msg_json is not JSON")
@@ -141,6 +157,12 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         decide = self.engine.priorities(context.invocation_metadata(), stream=True)
         deadline = call_deadline(context)
 
+        async def receive(req: pb.ClassifyImageRequest) -> MemoryHold:
+            # Charged as each request is read; while it waits for room the stream reads no more.
+            return await self.engine.receive(
+                request_inline_size(req), decide(request_priority(req)), wait=True
+            )
+
         async def one(req: pb.ClassifyImageRequest) -> pb.ClassifyImagesResponse:
             try:
                 priority = decide(request_priority(req))
@@ -159,7 +181,13 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                     error=pb.Error(code=code.value[0], code_name=code.name, message=message),
                 )
 
-        async for response in windowed(request_iterator, one, self.engine.config.stream_window):
+        async for response in windowed(
+            request_iterator,
+            one,
+            self.engine.config.stream_window,
+            receive=receive,
+            release=self.engine.release,
+        ):
             yield response
 
     async def TrainClassifier(  # type: ignore[override]
