@@ -316,3 +316,28 @@ def test_a_cancelled_stream_gives_back_what_its_requests_held():
         while (memory.held or memory.received) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert memory.held == 0 and memory.received == 0
+
+
+def test_an_oip_request_is_charged_when_received():
+    from server._proto.inference import grpc_service_pb2 as oip_pb
+    from server._proto.inference import grpc_service_pb2_grpc as oip_grpc
+
+    image = _padded_image(3)
+    request = oip_pb.ModelInferRequest(
+        model_name="spacer-pipeline",
+        inputs=[oip_pb.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1])],
+        raw_input_contents=[len(image).to_bytes(4, "little") + image],
+    )
+    with running_server(memory_budget_bytes=16 * MIB) as server:
+        memory = server.server.engine.memory
+        other = server._run(memory.acquire(12 * MIB))
+        stub = oip_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.address))
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "memory budget (--memory-budget-mb, 16 MiB)" in refused.value.details()
+        server.loop.call_soon_threadsafe(other.release)
+        with pytest.raises(grpc.RpcError) as answered:  # admitted now: refused for its missing inputs
+            stub.ModelInfer(request, timeout=60)
+        assert answered.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert memory.held == 0
