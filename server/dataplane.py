@@ -8,10 +8,12 @@ Image work goes through `spacer_core.pipeline`: blocking steps in the pool,
 the network through the runtime's dynamic batcher shared by every call
 using the same network, so concurrent requests fill each other's batches.
 
-Admission is in two steps: a count of image tasks (`Admission`, before the
-image is read) and, once its header is read, the bytes the image will hold
-(`MemoryBudget`, before anything is decoded). Memory under load follows the
-byte budget, whatever the image sizes and point counts.
+Admission is in three steps: a request's inline image bytes as soon as
+the handler has the request (`Engine.receive`), a count of image tasks
+(`Admission`, before the image is read) and, once its header is read, the
+bytes the image will add (`MemoryBudget`, before anything is decoded).
+Memory under load follows the byte budget, whatever the image sizes, point
+counts and request sizes.
 
 The points each piece of work extracted or scored are reported here, once
 it has succeeded (`server.metrics.count_points`): image work in
