@@ -68,9 +68,14 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     ) -> pb.ClassifyResponse:
         self._check_sizes(req)
         job = convert.image_job(req, classify=True)
-        result = await self.engine.run_image(
-            job, priority=priority, deadline=deadline, wait=wait, prepaid=inline_size(job)
-        )
+        size = inline_size(job)
+        # A stream's request was charged as it was read; a unary call's is charged here, before any
+        # await, from the job's own copy of the bytes (reading the field again would copy them).
+        charged = contextlib.nullcontext() if wait else self.engine.received(size, priority, wait=False)
+        async with charged:
+            result = await self.engine.run_image(
+                job, priority=priority, deadline=deadline, wait=wait, prepaid=size
+            )
         return convert.classify_response(result, req.job_token)
 
     # ------------------------------------------------------------ unary
@@ -115,10 +120,8 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     async def ClassifyImage(self, request: pb.ClassifyImageRequest, context: Context) -> pb.ClassifyResponse:  # type: ignore[override]
         decide = self.engine.priorities(context.invocation_metadata(), stream=False)
         priority = decide(request_priority(request))
-        # The message is already in memory: charged before anything else, refused when over budget.
-        async with self.engine.received(request_inline_size(request), priority, wait=False):
-            async with self.engine.admit(priority, wait=False):
-                return await self._classify_one(request, priority, call_deadline(context), wait=False)
+        async with self.engine.admit(priority, wait=False):
+            return await self._classify_one(request, priority, call_deadline(context), wait=False)
 
     async def RunJob(self, request: pb.RunJobRequest, context: Context) -> pb.RunJobResponse:  # type: ignore[override]
         data = parse_json(request.job_msg_json, "job_msg_json is not JSON")
