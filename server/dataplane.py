@@ -8,10 +8,12 @@ Image work goes through `spacer_core.pipeline`: blocking steps in the pool,
 the network through the runtime's dynamic batcher shared by every call
 using the same network, so concurrent requests fill each other's batches.
 
-Admission is in two steps: a count of image tasks (`Admission`, before the
-image is read) and, once its header is read, the bytes the image will hold
-(`MemoryBudget`, before anything is decoded). Memory under load follows the
-byte budget, whatever the image sizes and point counts.
+Admission is in three steps: a request's inline image bytes as soon as
+the handler has the request (`Engine.receive`), a count of image tasks
+(`Admission`, before the image is read) and, once its header is read, the
+bytes the image will add (`MemoryBudget`, before anything is decoded).
+Memory under load follows the byte budget, whatever the image sizes, point
+counts and request sizes.
 
 The points each piece of work extracted or scored are reported here, once
 it has succeeded (`server.metrics.count_points`): image work in
@@ -135,33 +137,44 @@ class Admission:
 
 
 class MemoryHold:
-    """Bytes held by one admitted image; shrinks as the image moves on (`pipeline.Hold`)."""
+    """Bytes held by one admitted image or received request; shrinks as the image moves on
+    (`pipeline.Hold`)."""
 
-    def __init__(self, budget: MemoryBudget, nbytes: int):
+    def __init__(self, budget: MemoryBudget, nbytes: int, request: bool = False):
         self._budget = budget
         self.nbytes = nbytes
+        self.request = request
 
     def resize(self, nbytes: int) -> None:
         nbytes = max(0, min(nbytes, self.nbytes))  # never more than admitted
         freed, self.nbytes = self.nbytes - nbytes, nbytes
         if freed:
-            self._budget._give_back(freed)
+            self._budget._give_back(freed, self.request)
 
     def release(self) -> None:
         self.resize(0)
 
 
-class MemoryBudget:
-    """Bytes of image work admitted server-wide: decoded images, patches, batch input.
+Waiter = tuple[int, int, int, "asyncio.Future[MemoryHold]"]
 
-    Each image asks, once its header is read and before any pixel is
-    decoded, for the bytes it will hold (`pipeline.Footprint`). Bulk work
-    may hold `budget - reserved` bytes, interactive work the whole budget.
-    Waiting images are admitted in order (priority, then arrival): one that
-    does not fit keeps those behind it waiting, so small images cannot
-    overtake a large one forever. An image larger than its bound is
-    admitted once nothing else is held: it runs alone rather than never.
-    Used from the event loop only.
+
+class MemoryBudget:
+    """Bytes a request makes the server hold, server-wide: its inline image as
+    received, then its image's work (decoded pixels, patches, batch input).
+
+    A request with an inline image is charged for it as soon as it is read
+    (`request=True`); each image asks again, once its header is read and
+    before any pixel is decoded, for the rest of what it will hold
+    (`pipeline.Footprint`). Bulk work may hold `budget - reserved` bytes,
+    interactive work the whole budget; received requests at most half of
+    that, so images already received always have room to be worked on and
+    release their requests (the two never wait on each other). Waiting
+    images (and waiting requests) are admitted in order (priority, then
+    arrival): one that does not fit keeps those behind it waiting, so small
+    images cannot overtake a large one forever. An image larger than its
+    bound is admitted once no other image work is held, a request once
+    nothing is: it runs alone rather than never. Used from the event
+    loop only.
     """
 
     def __init__(self, budget: int, reserved: int = 0):
@@ -170,38 +183,58 @@ class MemoryBudget:
         self.budget = budget
         self.reserved = max(0, min(reserved, budget - 1))
         self.held = 0
+        self.received = 0  # of `held`: bytes of received requests
         self.peak = 0  # most bytes ever held at once
-        self.waited = 0  # images that had to wait for room
+        self.waited = 0  # images and requests that had to wait for room
         self._order = itertools.count()
-        self._waiting: list[tuple[int, int, int, asyncio.Future[MemoryHold]]] = []
+        # Image work and received requests wait apart: an image never waits behind a request.
+        self._waiting: dict[bool, list[Waiter]] = {False: [], True: []}
 
     def _bound(self, priority: int) -> int:
         return self.budget if priority <= Priority.INTERACTIVE else self.budget - self.reserved
 
-    def _fits(self, nbytes: int, priority: int) -> bool:
-        return self.held == 0 or self.held + nbytes <= self._bound(priority)
+    def _fits(self, nbytes: int, priority: int, request: bool) -> bool:
+        if request:
+            return self.held == 0 or (
+                self.held + nbytes <= self._bound(priority)
+                and self.received + nbytes <= self._bound(priority) // 2
+            )
+        return self.held == self.received or self.held + nbytes <= self._bound(priority)
 
-    def _grant(self, nbytes: int) -> MemoryHold:
+    def _grant(self, nbytes: int, request: bool) -> MemoryHold:
         self.held += nbytes
+        if request:
+            self.received += nbytes
         self.peak = max(self.peak, self.held)
-        return MemoryHold(self, nbytes)
+        return MemoryHold(self, nbytes, request)
 
     async def acquire(
-        self, nbytes: int, priority: int = DEFAULT_PRIORITY, *, wait: bool = True
+        self,
+        nbytes: int,
+        priority: int = DEFAULT_PRIORITY,
+        *,
+        wait: bool = True,
+        request: bool = False,
     ) -> MemoryHold:
-        """Hold `nbytes` once they fit; with `wait` False raise QueueFullError instead of waiting."""
+        """Hold `nbytes` once they fit; with `wait` False raise QueueFullError instead of waiting.
+
+        `request`: the bytes of a request as received (see the class), not image work.
+        """
         nbytes = max(0, int(nbytes))
-        ahead = any(p <= priority for p, _, _, f in self._waiting if not f.done())
-        if not ahead and self._fits(nbytes, priority):
-            return self._grant(nbytes)
+        queue = self._waiting[request]
+        ahead = any(p <= priority for p, _, _, f in queue if not f.done())
+        if not ahead and self._fits(nbytes, priority, request):
+            return self._grant(nbytes, request)
         if not wait:
+            what = "request's inline image" if request else "image"
             raise QueueFullError(
-                f"server queue is full ({self.held / MIB:.0f} of {self.budget / MIB:.0f} MiB of image"
-                f" memory held; this image needs {nbytes / MIB:.0f} MiB); retry later"
+                f"server queue is full: the memory budget (--memory-budget-mb, {self.budget / MIB:.0f} MiB)"
+                f" has {self.held / MIB:.0f} MiB held and this {what} needs {nbytes / MIB:.0f} MiB;"
+                " retry later"
             )
         self.waited += 1
         granted: asyncio.Future[MemoryHold] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (int(priority), next(self._order), nbytes, granted))
+        heapq.heappush(queue, (int(priority), next(self._order), nbytes, granted))
         try:
             return await granted
         except asyncio.CancelledError:
@@ -210,20 +243,62 @@ class MemoryBudget:
             self._admit_waiting()
             raise
 
-    def _give_back(self, nbytes: int) -> None:
+    def _give_back(self, nbytes: int, request: bool) -> None:
         self.held -= nbytes
+        if request:
+            self.received -= nbytes
         self._admit_waiting()
 
     def _admit_waiting(self) -> None:
-        while self._waiting:
-            priority, _, nbytes, granted = self._waiting[0]
-            if granted.done():  # cancelled while waiting
-                heapq.heappop(self._waiting)
-                continue
-            if not self._fits(nbytes, priority):
-                return
-            heapq.heappop(self._waiting)
-            granted.set_result(self._grant(nbytes))
+        for request in (False, True):  # image work first: it frees requests once done
+            queue = self._waiting[request]
+            while queue:
+                priority, _, nbytes, granted = queue[0]
+                if granted.done():  # cancelled while waiting
+                    heapq.heappop(queue)
+                    continue
+                if not self._fits(nbytes, priority, request):
+                    break
+                heapq.heappop(queue)
+                granted.set_result(self._grant(nbytes, request))
+
+
+# Inline image bytes are held twice while a request is handled: by the request
+# message and by the bytes object its job carries (protobuf hands out copies).
+REQUEST_COPIES = 2
+# After a request held this many bytes the allocator is asked to return free memory.
+TRIM_AFTER = 16 * MIB
+
+
+class FreeMemory:
+    """Hands memory freed by large requests back to the system (glibc's malloc_trim).
+
+    gRPC reads a message into many small buffers, which glibc keeps in its
+    per-thread heaps after they are freed: without a trim, each round of large
+    requests leaves the process hundreds of MiB larger. One trim runs at a
+    time, off the event loop; a no-op off glibc.
+    """
+
+    def __init__(self) -> None:
+        self._trim: Callable[[int], int] | None = None
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        self._running = threading.Lock()
+
+    def soon(self) -> None:
+        """Trim in a background thread, unless a trim is already running."""
+        if self._trim is None or not self._running.acquire(blocking=False):
+            return
+        threading.Thread(target=self._run, name="spacer-trim", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            assert self._trim is not None
+            self._trim(0)
+        finally:
+            self._running.release()
 
 
 class PriorityPool(concurrent.futures.Executor):
@@ -334,6 +409,7 @@ class Engine:
         budget = config.memory_budget_bytes
         self.memory = MemoryBudget(budget, budget // 4 if config.priority else 0)
         self.runtime = Runtime(config.runtime_settings(), policy=config.storage_policy())
+        self.free_memory = FreeMemory()
         self._pool = PriorityPool(config.workers)
         # Models the preload file named, as (kind, identity) of `_identity`.
         self._preloaded: set[tuple[str, str]] = set()
@@ -403,6 +479,33 @@ class Engine:
         """One admission slot for an image task: waited for (streams) or refused when full (unary)."""
         return self.admission.enter(priority) if wait else self.admission.try_enter(priority)
 
+    async def receive(self, nbytes: int, priority: int = DEFAULT_PRIORITY, *, wait: bool) -> MemoryHold:
+        """Charge a request's inline image (`nbytes` encoded) to the memory budget as soon as it is read.
+
+        The request holds it `REQUEST_COPIES` times until it is dropped; streams
+        wait for room (and read no further request meanwhile), unary calls are
+        refused with QueueFullError. Give it back with `release`.
+        """
+        return await self.memory.acquire(nbytes * REQUEST_COPIES, priority, wait=wait, request=True)
+
+    def release(self, hold: MemoryHold) -> None:
+        """Give back a request's hold (see `receive`); after a large one, return freed memory."""
+        large = hold.nbytes >= TRIM_AFTER
+        hold.release()
+        if large:
+            self.free_memory.soon()
+
+    @contextlib.asynccontextmanager
+    async def received(
+        self, nbytes: int, priority: int = DEFAULT_PRIORITY, *, wait: bool
+    ) -> AsyncIterator[MemoryHold]:
+        """`receive` for the duration of a unary call."""
+        hold = await self.receive(nbytes, priority, wait=wait)
+        try:
+            yield hold
+        finally:
+            self.release(hold)
+
     async def run_image(
         self,
         job: ImageJob,
@@ -410,6 +513,7 @@ class Engine:
         priority: int = DEFAULT_PRIORITY,
         deadline: float | None = None,
         wait: bool = True,
+        prepaid: int = 0,
     ) -> ImageResult:
         """One image through the library pipeline; batched with concurrent calls unless disabled.
 
@@ -417,13 +521,18 @@ class Engine:
         waiting for the network at `deadline` (time.monotonic()) is dropped.
         Its bytes are admitted against the memory budget once its header is
         read: waiting for room, or with `wait` False raising QueueFullError.
+        `prepaid`: bytes of its footprint the caller already holds (an inline
+        image charged at receipt, see `receive`), not charged twice.
         """
         call = partial(self.call, priority=priority)
         if not self.config.batching:
             # One library call per image: at most `workers` images in memory at once.
             result = await call(pipeline.run, job)
         else:
-            admit = partial(self.memory.acquire, priority=priority, wait=wait)
+
+            async def admit(nbytes: int) -> MemoryHold:
+                return await self.memory.acquire(max(0, nbytes - prepaid), priority, wait=wait)
+
             result = await pipeline.run_async(
                 job, self.runtime, call, priority=priority, deadline=deadline, admit=admit
             )

@@ -15,15 +15,26 @@ import grpc
 from server import convert, metrics
 from server._proto.spacer.v1 import spacer_pb2 as pb
 from server._proto.spacer.v1 import spacer_pb2_grpc as pb_grpc
-from server.dataplane import Engine, TrainProgress
-from server.errors import describe, invalid, request_locations
+from server.dataplane import Engine, MemoryHold, TrainProgress
+from server.errors import RequestError, describe, invalid, request_locations
 from server.streams import windowed
 from spacer_core.data_classes import parse_json
 from spacer_core.messages import ClassifyFeaturesMsg
+from spacer_core.pipeline import ImageJob
 from spacer_core.storage import require_writable
 
 logger = logging.getLogger(__name__)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+
+def inline_size(job: ImageJob) -> int:
+    """Bytes of a job's inline image (0 for an image read from storage)."""
+    return len(job.image) if isinstance(job.image, bytes) else 0
+
+
+def request_inline_size(request: Any) -> int:
+    """Bytes of a request's inline image, 0 for none; reads a transient copy (protobuf hands out copies)."""
+    return len(request.image_bytes) if request.WhichOneof("image") == "image_bytes" else 0
 
 
 def call_deadline(context: Any) -> float | None:
@@ -49,7 +60,14 @@ class SpacerServicer(pb_grpc.SpacerServicer):
     ) -> pb.ClassifyResponse:
         self._check_sizes(req)
         job = convert.image_job(req, classify=True)
-        result = await self.engine.run_image(job, priority=priority, deadline=deadline, wait=wait)
+        size = inline_size(job)
+        # A stream's request was charged as it was read; a unary call's is charged here, before any
+        # await, from the job's own copy of the bytes (reading the field again would copy them).
+        charged = contextlib.nullcontext() if wait else self.engine.received(size, priority, wait=False)
+        async with charged:
+            result = await self.engine.run_image(
+                job, priority=priority, deadline=deadline, wait=wait, prepaid=size
+            )
         return convert.classify_response(result, req.job_token)
 
     # ------------------------------------------------------------ unary
@@ -67,9 +85,10 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         job = convert.image_job(request, feature_loc=feature_loc)
         decide = self.engine.priorities(context.invocation_metadata(), stream=False)
         priority = decide(convert.request_priority(request))
-        async with self.engine.admit(priority, wait=False):
+        size = inline_size(job)
+        async with self.engine.received(size, priority, wait=False), self.engine.admit(priority, wait=False):
             result = await self.engine.run_image(
-                job, priority=priority, deadline=call_deadline(context), wait=False
+                job, priority=priority, deadline=call_deadline(context), wait=False, prepaid=size
             )
         return pb.ExtractFeaturesResponse(
             job_token=request.job_token,
@@ -133,6 +152,14 @@ class SpacerServicer(pb_grpc.SpacerServicer):
         decide = self.engine.priorities(context.invocation_metadata(), stream=True)
         deadline = call_deadline(context)
 
+        async def receive(req: pb.ClassifyImageRequest) -> MemoryHold:
+            # Charged as each request is read; while it waits for room the stream reads no more.
+            try:
+                priority = decide(convert.request_priority(req))
+            except RequestError:
+                priority = decide(None)  # `one` answers the bad field as this item's error
+            return await self.engine.receive(request_inline_size(req), priority, wait=True)
+
         async def one(req: pb.ClassifyImageRequest) -> pb.ClassifyImagesResponse:
             try:
                 priority = decide(convert.request_priority(req))
@@ -151,7 +178,13 @@ class SpacerServicer(pb_grpc.SpacerServicer):
                     error=pb.Error(code=code.value[0], code_name=code.name, message=message),
                 )
 
-        async for response in windowed(request_iterator, one, self.engine.config.stream_window):
+        async for response in windowed(
+            request_iterator,
+            one,
+            self.engine.config.stream_window,
+            receive=receive,
+            release=self.engine.release,
+        ):
             yield response
 
     async def TrainClassifier(  # type: ignore[override]

@@ -19,12 +19,13 @@ import grpc
 from server import metrics
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from server.dataplane import Engine
+from server.dataplane import Engine, MemoryHold
 from server.errors import describe, invalid
 from server.oip.dataplane import DataPlane, parameter, request_priority
 from server.oip.models import VERSION, Model, Registry, check_name, not_found, valid_name
 from server.servicer import call_deadline
 from server.streams import windowed
+from spacer_core.inference import Priority
 
 logger = logging.getLogger(__name__)
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -33,6 +34,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "spacer-server"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
 _DATA_TYPE = {"BYTES": pb.TYPE_STRING, "INT32": pb.TYPE_INT32, "FP32": pb.TYPE_FP32}
+
+
+def inline_size(request: pb.ModelInferRequest) -> int:
+    """Bytes of a request's tensor data (encoded images among them); reads transient copies."""
+    raw = sum(len(contents) for contents in request.raw_input_contents)
+    return raw + sum(len(item) for tensor in request.inputs for item in tensor.contents.bytes_contents)
 
 
 def _server_version() -> str:
@@ -203,7 +210,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:  # type: ignore[override]
         decide = self.engine.priorities(context.invocation_metadata(), stream=False)
         priority = decide(request_priority(request))
-        return await self.data.infer(request, priority, call_deadline(context), stream=False)
+        # The message is already in memory: charged before anything else, refused when over budget.
+        async with self.engine.received(inline_size(request), priority, wait=False):
+            return await self.data.infer(request, priority, call_deadline(context), stream=False)
 
     async def ModelStreamInfer(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -235,7 +244,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     ),
                 )
 
-        async for response in windowed(request_iterator, one, self.engine.config.stream_window):
+        async def receive(req: pb.ModelInferRequest) -> MemoryHold:
+            try:
+                priority = decide(request_priority(req))
+            except Exception:  # a bad priority fails its own item, in `one`
+                priority = Priority.BULK
+            return await self.engine.receive(inline_size(req), priority, wait=True)
+
+        async for response in windowed(
+            request_iterator,
+            one,
+            self.engine.config.stream_window,
+            receive=receive,
+            release=self.engine.release,
+        ):
             yield response
 
 
