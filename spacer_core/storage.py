@@ -28,6 +28,7 @@ from spacer_core.atomic import write_atomic, write_atomic_at
 from spacer_core.exceptions import (
     AccessDeniedError,
     InvalidInputError,
+    MalformedURLError,
     SpacerError,
     StorageFileNotFoundError,
     StorageKeyError,
@@ -568,6 +569,15 @@ def _check_key(loc: Location) -> None:
         raise InvalidInputError(f"{loc.bucket_name!r}: not a valid S3 bucket name", location=loc)
 
 
+def _check_url(loc: Location) -> None:
+    """Refuse a url location that is not a URL (no scheme, no host) as bad input: no retry can fetch it."""
+    problem = urlfetch.url_syntax_problem(loc.key)
+    if problem is not None:
+        raise MalformedURLError(
+            f"Failed to download from the URL '{loc.key}'.", ValueError(problem), location=loc, reason=problem
+        )
+
+
 # OS errors that a location itself causes (not the machine's state).
 _BAD_PATH_ERRNOS = {
     errno.ENAMETOOLONG: "name too long",
@@ -582,6 +592,8 @@ _BAD_PATH_ERRNOS = {
 def _access(loc: Location, access: Access) -> Iterator[Storage]:
     """The one gate to storage: checks the policy, then maps store errors to library ones."""
     _check_key(loc)
+    if loc.storage_type == "url":
+        _check_url(loc)
     policy = active_policy()
     policy.check(loc, access)
     storage = storage_factory(loc.storage_type, loc.bucket_name)
