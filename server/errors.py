@@ -161,7 +161,11 @@ _CLASSIFIER_FIELDS = ("classifier_loc", "previous_model_locs[")
 
 
 # Statuses about the input itself, whose message names the request field at fault.
-_NAMED_STATUSES = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+_NAMED_STATUSES = (
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+)
 
 
 def field_of(
