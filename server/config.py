@@ -241,6 +241,8 @@ class ServerConfig:
             max_key_chars=self.max_key_chars,
             max_image_pixels=self.max_image_pixels,
             max_points_per_image=self.max_points_per_image,
+            # Clients are told an image is damaged rather than scored on filler pixels.
+            truncated_images=False,
         )
 
     @property
