@@ -477,3 +477,27 @@ def test_feature_file_dir_is_named(env):
     request = pb.ClassifyFeaturesRequest(feature_loc=fs(env.root), classifier_loc=fs(env.root / "clf.pkl"))
     code, details = refusal(env.spacer.ClassifyFeatures, request)
     assert code == Code.INVALID_ARGUMENT and details.startswith("feature_loc: "), details
+
+
+def test_run_job_refuses_a_truncated_image(env):
+    job = {
+        "task_name": "extract_features",
+        "tasks": [
+            {
+                "job_token": "cutjob",
+                "extractor": {
+                    "class_path": EFFICIENTNET,
+                    "data_locations": {
+                        "weights": {"storage_type": "filesystem", "key": str(env.weights.path)}
+                    },
+                    "data_hashes": {"weights": env.weights.sha256},
+                },
+                "rowcols": [[5, 5]],
+                "image_loc": {"storage_type": "filesystem", "key": str(env.root / "cut.png")},
+                "feature_loc": {"storage_type": "filesystem", "key": str(env.root / "cut.featurevector")},
+            }
+        ],
+    }
+    reply = env.spacer.RunJob(pb.RunJobRequest(job_msg_json=json.dumps(job)), timeout=120)
+    assert not reply.ok and "truncated" in reply.error_message, reply
+    assert not (env.root / "cut.featurevector").exists()
