@@ -9,6 +9,7 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from PIL import ImageFile
 
 from server import metrics
 from server._proto.spacer.v1 import spacer_pb2
@@ -246,6 +247,9 @@ def return_large_buffers() -> bool:
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
     return_large_buffers()
+    # The process is this server's alone: Pillow's own switch can say what the
+    # runtime says, so its decodes need no per-load switching (spacer_core.crop).
+    ImageFile.LOAD_TRUNCATED_IMAGES = config.limits().allow_truncated_images
     server, port = create_server(config)
     await start(server)
     if config.port_file is not None:

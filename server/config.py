@@ -84,6 +84,9 @@ class ServerConfig:
     allow_any_path: bool = False
     # Let url locations reach loopback and private addresses.
     allow_private_urls: bool = False
+    # Read files under the data roots that have more than one hard link (another
+    # name of such a file may lie outside the roots).
+    allow_hard_links: bool = False
     # The S3 buckets clients may name; empty: any bucket.
     s3_buckets: tuple[str, ...] = ()
     # Largest url download and the time the whole download may take.
@@ -252,6 +255,8 @@ class ServerConfig:
             max_key_chars=self.max_key_chars,
             max_image_pixels=self.max_image_pixels,
             max_points_per_image=self.max_points_per_image,
+            # Clients are told an image is damaged rather than scored on filler pixels.
+            truncated_images=False,
         )
 
     @property
@@ -281,6 +286,7 @@ class ServerConfig:
                 max_bytes=self.url_max_bytes,
                 total_timeout=self.url_timeout_seconds,
             ),
+            allow_hard_links=self.allow_hard_links,
         )
 
 
@@ -597,6 +603,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " config's model, for every client (default: off) [SPACER_ALLOW_MODEL_OVERRIDE]",
     )
     parser.add_argument(
+        "--allow-hard-links",
+        action="store_const",
+        const=True,
+        default=None,
+        help="read files under the data roots that have more than one hard link (default: off)"
+        " [SPACER_ALLOW_HARD_LINKS]",
+    )
+    parser.add_argument(
         "--s3-bucket",
         dest="s3_buckets",
         action="append",
@@ -655,6 +669,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         ("allow_any_path", "SPACER_ALLOW_ANY_PATH"),
         ("allow_private_urls", "SPACER_ALLOW_PRIVATE_URLS"),
         ("allow_model_override", "SPACER_ALLOW_MODEL_OVERRIDE"),
+        ("allow_hard_links", "SPACER_ALLOW_HARD_LINKS"),
     ):
         flag = getattr(args, dest, None)
         if flag is None and env.get(var):

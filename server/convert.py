@@ -196,6 +196,10 @@ def train_msg(req: pb.TrainClassifierRequest, trainer: str) -> TrainClassifierMs
         raise invalid("labels is required (train, ref and val sets)")
     if isinstance(trainer, str):
         check_trainer(trainer)
+    for name in ("train", "ref", "val"):
+        if not any(image.annotations for image in getattr(req.labels, name).images):
+            # The library would only say how many classes were left after preprocessing.
+            raise invalid(f"labels.{name}: no annotated images; train, ref and val each need some")
     task_labels = TrainingTaskLabels(
         train=labels(req.labels.train, "train"),
         ref=labels(req.labels.ref, "ref"),

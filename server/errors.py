@@ -70,15 +70,19 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """(code, message) for a request or library error; None for an unexpected one."""
     if isinstance(exc, RequestError):
         return exc.code, exc.message
-    if isinstance(exc, spacer_exc.URLDownloadError) and not isinstance(exc, spacer_exc.AccessDeniedError):
-        # A refused URL (URLRefusedError) is also an AccessDeniedError: the
-        # category table below makes it PERMISSION_DENIED.
-        return _url_status(exc), str(exc)
+    # A URL error's str() is pyspacer's, with Python exception names; clients get the plain reason.
+    text = exc.public_message if isinstance(exc, spacer_exc.URLDownloadError) else str(exc)
+    if isinstance(exc, spacer_exc.URLDownloadError) and not isinstance(
+        exc, (spacer_exc.AccessDeniedError, spacer_exc.InvalidInputError)
+    ):
+        # A refused URL (URLRefusedError) is also an AccessDeniedError, a
+        # malformed one an InvalidInputError: the table below maps those.
+        return _url_status(exc), text
     if isinstance(exc, crop.InternalCropError):
         return None
     for category, code in _STATUS_BY_CATEGORY:
         if isinstance(exc, category):
-            return code, str(exc)
+            return code, text
     return None
 
 
@@ -134,8 +138,12 @@ def describe(
         return grpc.StatusCode.INTERNAL, f"internal error (ref {ref}); see server log"
     status, message = known
     about = getattr(exc, "location", None)
-    if status == grpc.StatusCode.PERMISSION_DENIED and about is not None:
-        name = field_of(about, locations)
+    # A refused or unusable location is named by the request field that holds it.
+    if about is not None and status in _NAMED_STATUSES:
+        # A classifier that does not load is about the field that asked for a
+        # classifier, even when the same file is also given in another field.
+        classifier = isinstance(exc, (spacer_exc.ClassifierFileError, spacer_exc.UnsafePickleError))
+        name = field_of(about, locations, prefer=_CLASSIFIER_FIELDS if classifier else ())
         if name:
             message = f"{name}: {message}"
     if context:
@@ -149,12 +157,32 @@ def describe(
     return status, _sendable(message)
 
 
-def field_of(location: object, locations: Sequence[FieldLocation | str]) -> str | None:
-    """The first request field whose location equals `location` (None: no field holds it)."""
-    for entry in locations:
-        if isinstance(entry, FieldLocation) and entry.location is not None and entry.location == location:
-            return entry.field
-    return None
+_CLASSIFIER_FIELDS = ("classifier_loc", "previous_model_locs[")
+
+
+# Statuses about the input itself, whose message names the request field at fault.
+_NAMED_STATUSES = (
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+)
+
+
+def field_of(
+    location: object, locations: Sequence[FieldLocation | str], prefer: Sequence[str] = ()
+) -> str | None:
+    """The first request field whose location equals `location` (None: no field holds it).
+
+    A field whose name starts with one of `prefer` comes before the others.
+    """
+    matching = [
+        entry.field
+        for entry in locations
+        if isinstance(entry, FieldLocation) and entry.location is not None and entry.location == location
+    ]
+    preferred = [name for name in matching if name.startswith(tuple(prefer))] if prefer else []
+    found = preferred or matching
+    return found[0] if found else None
 
 
 def _sendable(message: str, limit: int = 2048) -> str:
@@ -211,5 +239,23 @@ def request_locations(message: Any) -> list[FieldLocation]:
                 walk(value, name)
 
     if hasattr(message, "DESCRIPTOR"):
+        if message.DESCRIPTOR.full_name == "inference.ModelInferRequest":
+            return _inference_locations(message)
         walk(message, "")
+    return found
+
+
+def _inference_locations(request: Any) -> list[FieldLocation]:
+    """The location an OIP inference request names in its IMAGE_PATH input, as its field."""
+    from server.oip.models import location_from_text  # late: the OIP package imports this module
+
+    found: list[FieldLocation] = []
+    for tensor in request.inputs:
+        if tensor.name == "IMAGE_PATH" and tensor.contents.bytes_contents:
+            text = tensor.contents.bytes_contents[0].decode("utf-8", errors="replace")
+            try:
+                loc: DataLocation | None = location_from_text(text)
+            except Exception:  # the request itself is refused; nothing to match
+                loc = None
+            found.append(FieldLocation("input 'IMAGE_PATH'", loc, text))
     return found

@@ -18,12 +18,13 @@ caught panic, stays what it is: a bug, not a category.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from spacer_core import _crop_rs
 from spacer_core._crop_rs import (
@@ -198,17 +199,29 @@ def decoded_bytes(image_bytes: bytes, width: int, height: int, *, rgb: bool = Fa
 
 
 def decode_image(
-    image_bytes: bytes, *, max_pixels: int | None = None, image_key: str | None = None
+    image_bytes: bytes,
+    *,
+    max_pixels: int | None = None,
+    image_key: str | None = None,
+    allow_truncated: bool | None = None,
 ) -> DecodedImage:
-    """Decode to RGB as `Image.open(...).convert('RGB')` does (no EXIF rotation, alpha dropped)."""
+    """Decode to RGB as `Image.open(...).convert('RGB')` does (no EXIF rotation, alpha dropped).
+
+    A truncated image is decoded as far as it goes when `allow_truncated`
+    (None: the active runtime's `Limits.allow_truncated_images`), else it is
+    an ImageDecodeError naming the image.
+    """
     limit = _limit(max_pixels)
+    lenient = _truncation_allowed(allow_truncated)
     with _named_errors(image_key):
         try:
             rgb, info, complete = _crop_rs.decode_image(image_bytes, limit)
-            return DecodedImage(rgb, info.format, info.mode, complete)
         except UnsupportedFormatError:
-            rgb, image = _pillow_decode(image_bytes, limit, image_key)
+            rgb, image = _pillow_decode(image_bytes, limit, image_key, lenient)
             return DecodedImage(rgb, image.format or "", image.mode, True)
+        if not complete and not lenient:
+            raise _truncated(info.format, image_key)
+        return DecodedImage(rgb, info.format, info.mode, complete)
 
 
 def crop_patches(
@@ -218,18 +231,23 @@ def crop_patches(
     *,
     max_pixels: int | None = None,
     image_key: str | None = None,
+    allow_truncated: bool | None = None,
 ) -> np.ndarray:
     """Decode `image_bytes` and cut uint8 (N, crop_size, crop_size, 3) patches.
 
     Byte-identical to pyspacer's `crop_patches(Image.open(...), rowcols, crop_size)`.
+    A truncated image is refused unless allowed (see `decode_image`).
     """
     points = _points(rowcols)
     limit = _limit(max_pixels)
+    lenient = _truncation_allowed(allow_truncated)
     with _named_errors(image_key):
         try:
-            return _crop_rs.crop_patches(image_bytes, points, crop_size, limit)
+            if lenient:
+                return _crop_rs.crop_patches(image_bytes, points, crop_size, limit)
+            return _strict_patches(image_bytes, points, crop_size, limit, image_key)
         except UnsupportedFormatError:
-            return _pillow_patches(image_bytes, points, crop_size, limit, image_key)
+            return _pillow_patches(image_bytes, points, crop_size, limit, image_key, lenient)
 
 
 def crop_patches_into_chw(
@@ -240,19 +258,26 @@ def crop_patches_into_chw(
     *,
     max_pixels: int | None = None,
     image_key: str | None = None,
+    allow_truncated: bool | None = None,
 ) -> np.ndarray:
     """Decode and write float32 (N, 3, s, s) patches in [0, 1] into `out`; returns `out`.
 
     Equal bit for bit to torchvision `ToTensor()` on pyspacer's patches. `out`
     is owned by the caller (e.g. `torch.empty(..., pin_memory=True).numpy()`).
+    A truncated image is refused unless allowed (see `decode_image`).
     """
     points = _points(rowcols)
     limit = _limit(max_pixels)
+    lenient = _truncation_allowed(allow_truncated)
     with _named_errors(image_key):
         try:
-            _crop_rs.crop_patches_into_chw(image_bytes, points, out, crop_size, limit)
+            if lenient:
+                _crop_rs.crop_patches_into_chw(image_bytes, points, out, crop_size, limit)
+            else:
+                patches = _strict_patches(image_bytes, points, crop_size, limit, image_key)
+                _patches_into_chw(patches, out, image_key)
         except UnsupportedFormatError:
-            patches = _pillow_patches(image_bytes, points, crop_size, limit, image_key)
+            patches = _pillow_patches(image_bytes, points, crop_size, limit, image_key, lenient)
             _patches_into_chw(patches, out, image_key)
     return out
 
@@ -263,19 +288,30 @@ def crop_patches_batch(
     crop_size: int = CROP_SIZE,
     *,
     max_pixels: int | None = None,
+    allow_truncated: bool | None = None,
 ) -> list[np.ndarray]:
     """`crop_patches` for several images at once, decoded in parallel.
 
-    An error names the index of the image that caused it.
+    An error names the index of the image that caused it. A truncated image
+    is refused unless allowed (see `decode_image`); refusing needs each
+    image's completeness, so those are decoded one at a time.
     """
     limit = _limit(max_pixels)
     points = [_points(rc) for rc in rowcols]
+    lenient = _truncation_allowed(allow_truncated)
+    if not lenient:
+        return [
+            crop_patches(
+                image, pts, crop_size, max_pixels=limit, image_key=f"image {index}", allow_truncated=False
+            )
+            for index, (image, pts) in enumerate(zip(images, points, strict=True))
+        ]
     with _named_errors(None):
         results = _crop_rs.crop_patches_batch(list(images), points, crop_size, limit)
     out = []
     for index, patches in enumerate(results):
         if patches is None:  # not JPEG/PNG: Pillow decodes, Rust crops
-            patches = _pillow_patches(images[index], points[index], crop_size, limit, f"image {index}")
+            patches = _pillow_patches(images[index], points[index], crop_size, limit, f"image {index}", True)
         out.append(patches)
     return out
 
@@ -297,6 +333,66 @@ def _prefix(image_key: str | None) -> str:
     return f"{image_key}: " if image_key else ""
 
 
+def _truncation_allowed(allow_truncated: bool | None) -> bool:
+    if allow_truncated is not None:
+        return allow_truncated
+    from spacer_core import limits  # late: limits reads config, which reads the environment
+
+    return limits.current().allow_truncated_images
+
+
+def _truncated(fmt: str, image_key: str | None) -> ImageDecodeError:
+    return ImageDecodeError(
+        f"{_prefix(image_key)}cannot decode {fmt} image: the image data ends early (truncated or damaged file)"
+    )
+
+
+def _strict_patches(
+    image_bytes: bytes, points: list[tuple[int, int]], crop_size: int, limit: int, image_key: str | None
+) -> np.ndarray:
+    """Rust patches of a complete image only.
+
+    The one-call cropper does not say whether the data ran out, so the image
+    is decoded whole (what that cropper holds too) and cut from the array.
+    Header, limit and points are checked before the decode, as there.
+    """
+    if crop_size <= 0:
+        raise PatchError(f"{_prefix(image_key)}crop_size must be positive")
+    info = _crop_rs.read_header(image_bytes)
+    if info is None:
+        raise UnsupportedFormatError("not JPEG or PNG")
+    width, height = info.size
+    _check_pixels((width, height), limit, image_key)
+    for index, (row, col) in enumerate(points):
+        if not (0 <= row < height and 0 <= col < width):
+            raise PatchError(
+                f"{_prefix(image_key)}point {index} (row={row}, col={col}) is outside the {height}x{width} image"
+            )
+    rgb, info, complete = _crop_rs.decode_image(image_bytes, limit)
+    if not complete:
+        raise _truncated(info.format, image_key)
+    return crop_rgb(rgb, points, crop_size)
+
+
+# Pillow reads its truncation switch from a module global at load time; a strict
+# load in a lenient process sets it for the length of that load.
+_PILLOW_SWITCH = threading.Lock()
+
+
+@contextmanager
+def _pillow_truncation(lenient: bool) -> Iterator[None]:
+    if lenient == bool(ImageFile.LOAD_TRUNCATED_IMAGES):
+        yield
+        return
+    with _PILLOW_SWITCH:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
 def _open_with_pillow(image_bytes: bytes, image_key: str | None) -> Image.Image:
     # Only survey photo formats (spacer_core.images); never a plugin that runs a program.
     try:
@@ -305,13 +401,16 @@ def _open_with_pillow(image_bytes: bytes, image_key: str | None) -> Image.Image:
         raise ImageDecodeError(str(e)) from None
 
 
-def _pillow_decode(image_bytes: bytes, limit: int, image_key: str | None) -> tuple[np.ndarray, Image.Image]:
+def _pillow_decode(
+    image_bytes: bytes, limit: int, image_key: str | None, lenient: bool
+) -> tuple[np.ndarray, Image.Image]:
     """Pillow fallback for formats the Rust decoder does not handle: (RGB, opened image)."""
     image = _open_with_pillow(image_bytes, image_key)
     _check_pixels(image.size, limit, image_key)
     width, height = image.size
     try:
-        image.load()
+        with _pillow_truncation(lenient):
+            image.load()
         # Converted a strip of rows at a time into the one RGB array: no full-size RGB
         # image and no full-size byte string next to the decoded image.
         rgb = np.empty((height, width, 3), np.uint8)
@@ -334,7 +433,12 @@ def _reflect(index: np.ndarray, length: int) -> np.ndarray:
 
 
 def _pillow_patches(
-    image_bytes: bytes, points: list[tuple[int, int]], crop_size: int, limit: int, image_key: str | None
+    image_bytes: bytes,
+    points: list[tuple[int, int]],
+    crop_size: int,
+    limit: int,
+    image_key: str | None,
+    lenient: bool,
 ) -> np.ndarray:
     """Patches of a Pillow-decoded image without a full-size RGB copy of it.
 
@@ -356,7 +460,8 @@ def _pillow_patches(
     out = np.empty((len(points), crop_size, crop_size, 3), np.uint8)
     steps = np.arange(crop_size)
     try:
-        image.load()
+        with _pillow_truncation(lenient):
+            image.load()
         for index, (row, col) in enumerate(points):
             # The patch's origin as the Rust cropper computes it (pyspacer's rounding).
             rows = _reflect((2 * row + crop_size) // 2 - crop_size + steps, height)

@@ -81,8 +81,9 @@ def deserialize_input(cls: Any, data: Any, what: str) -> Any:
         raise InvalidDataError(f"{what}: missing field {err}.") from None
     except RecursionError:
         raise InvalidDataError(f"{what} is nested too deeply.") from None
-    except (TypeError, AttributeError, ValueError, IndexError) as err:
-        raise InvalidDataError(f"{what}: a field has the wrong type or value ({err}).") from None
+    except (TypeError, AttributeError, ValueError, IndexError):
+        # Python's text here ("'list' object has no attribute 'items'") describes our code, not the input.
+        raise InvalidDataError(f"{what}: a field has the wrong type or value.") from None
 
 
 # Rows and columns travel as int32 (gRPC) and index images: 0..2**31-1.

@@ -113,15 +113,32 @@ class URLDownloadError(UnavailableError):
     the URL names nothing), else None.
     """
 
-    def __init__(self, message: str, original_error: BaseException, *, location: object = None):
+    def __init__(
+        self, message: str, original_error: BaseException, *, location: object = None, reason: str = ""
+    ):
         super().__init__(message, location=location)
         self.message = message
         self.original_error = original_error
+        self.reason = reason
         status = getattr(original_error, "code", None)
         self.http_status: int | None = status if isinstance(status, int) else None
 
     def __str__(self) -> str:
         return f"{self.message} / Details - {type(self.original_error).__name__}: {self.original_error}"
+
+    @property
+    def public_message(self) -> str:
+        """The message for a client: the URL and a plain reason, no library exception text.
+
+        `str()` keeps pyspacer's form, which names Python exception types.
+        """
+        if not self.reason:
+            return self.message
+        return f"{self.message.rstrip('.')}: {self.reason}."
+
+
+class MalformedURLError(URLDownloadError, InvalidInputError):
+    """A url location that is not an http(s) URL with a host: no retry can succeed."""
 
 
 class URLRefusedError(URLDownloadError, AccessDeniedError):
@@ -184,6 +201,10 @@ class ShuttingDownError(UnavailableError):
 
 class InvalidInputTypeError(InvalidInputError, TypeError):
     """An input of the wrong type (also a TypeError, as Python raises for those)."""
+
+
+class ClassifierFileError(InvalidInputError):
+    """A file given as a classifier is not one (not a pickle, or not a classifier this server reads)."""
 
 
 class UnsafePickleError(InvalidInputError):

@@ -33,7 +33,7 @@ import numpy as np
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import SGDClassifier
 
-from spacer_core.exceptions import InvalidInputError, UnsafePickleError
+from spacer_core.exceptions import ClassifierFileError, InvalidInputError, UnsafePickleError
 from spacer_core.pickle_guard import REPLACEMENTS, bare_class, byte_budget, check_classifier, check_graph
 
 # Modules of scikit-learn < 0.22 that no longer exist, and where their classes
@@ -191,9 +191,15 @@ def load_classifier_bytes(data: bytes, source: str = "<bytes>") -> CalibratedCla
                 return ClassifierUnpickler(io.BytesIO(data), fix_imports=True, encoding="latin1").load()
         except UnsafePickleError as err:
             raise UnsafePickleError(f"{source}: {err}") from None
-        except ValueError as err:
-            raise InvalidInputError(f"{source}: {err}") from err
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as err:
-            raise InvalidInputError(
-                f"{source}: cannot load classifier ({type(err).__name__}: {err})."
+        except InvalidInputError as err:
+            raise ClassifierFileError(f"{source}: {err}") from err
+        except (pickle.UnpicklingError, EOFError) as err:
+            # The unpickler's own text names its internals (persistent ids, load keys).
+            raise ClassifierFileError(
+                f"{source}: cannot load classifier: not a classifier file (unreadable pickle)."
+            ) from err
+        except (ValueError, AttributeError, ImportError, TypeError) as err:
+            raise ClassifierFileError(
+                f"{source}: cannot load classifier: not a classifier file (its contents are not a "
+                "scikit-learn classifier this server can read)."
             ) from err

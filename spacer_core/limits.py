@@ -53,6 +53,10 @@ class Limits:
         (`config.MAX_IMAGE_PIXELS`, `config.MAX_POINTS_PER_IMAGE`), so a
         library caller changing those still gets what pyspacer gives; a
         runtime that sets them keeps its bound to its own work.
+    truncated_images: whether an image whose data ends or breaks off early
+        is decoded as far as it goes (True) or refused (False). None follows
+        Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES`, which pyspacer's settings
+        turn on.
     """
 
     max_epochs: int | None = None
@@ -64,12 +68,22 @@ class Limits:
     max_key_chars: int | None = None
     max_image_pixels: int | None = None
     max_points_per_image: int | None = None
+    truncated_images: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_image_pixels", "max_points_per_image"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a whole number >= 1 or None, got {value!r}")
+
+    @property
+    def allow_truncated_images(self) -> bool:
+        """Whether a truncated image is decoded as far as it goes here (else refused)."""
+        if self.truncated_images is not None:
+            return self.truncated_images
+        from PIL import ImageFile
+
+        return bool(ImageFile.LOAD_TRUNCATED_IMAGES)
 
     @property
     def image_pixels(self) -> int:

@@ -28,6 +28,7 @@ from spacer_core.atomic import write_atomic, write_atomic_at
 from spacer_core.exceptions import (
     AccessDeniedError,
     InvalidInputError,
+    MalformedURLError,
     SpacerError,
     StorageFileNotFoundError,
     StorageKeyError,
@@ -102,14 +103,24 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC
 
 
-def _regular_file(fd: int, key: str) -> IO[bytes]:
-    """``fd`` as a binary file object, refused (and closed) unless it is a regular file."""
+def _regular_file(fd: int, key: str, hard_links: bool = True) -> IO[bytes]:
+    """``fd`` as a binary file object, refused (and closed) unless it is a regular file
+    (with one name, unless ``hard_links``)."""
     try:
-        mode = os.fstat(fd).st_mode
+        info = os.fstat(fd)
+        mode = info.st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", key)
         if not stat.S_ISREG(mode):
             raise InvalidInputError(f"{key!r} is not a regular file", location=key)
+        if not hard_links and info.st_nlink > 1:
+            # Another name of this file may lie outside the roots; the path check cannot see it.
+            # The message says nothing of the file's content.
+            raise AccessDeniedError(
+                f"{key!r} has more than one hard link; files under the data roots are read only"
+                " through their one name (the operator may allow hard links)",
+                location=key,
+            )
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -125,11 +136,14 @@ class ConfinedFileSystemStorage(FileSystemStorage):
     time with ``O_NOFOLLOW`` (``openat``), along the resolved path. A symlink
     swapped in after the check is never followed: the open fails instead.
     Writes go to a temporary file in the directory reached that way and are
-    renamed within it, so they land there or nowhere.
+    renamed within it, so they land there or nowhere. Unless
+    ``allow_hard_links``, a file with more than one hard link is not read:
+    a link to an outside file passes every path check.
     """
 
-    def __init__(self, roots: Sequence[Path]):
+    def __init__(self, roots: Sequence[Path], *, allow_hard_links: bool = False):
         self.roots = tuple(roots)
+        self.allow_hard_links = allow_hard_links
 
     def _outside(self, key: str) -> AccessDeniedError:
         return AccessDeniedError(f"{key!r} is outside the allowed data roots", location=key)
@@ -182,7 +196,7 @@ class ConfinedFileSystemStorage(FileSystemStorage):
                 if err.errno == errno.ELOOP:
                     raise self._outside(key) from None
                 raise
-        return _regular_file(fd, key)
+        return _regular_file(fd, key, self.allow_hard_links)
 
     def store(self, key: str, stream: Payload) -> None:
         with self._parent(key, create=True) as (dir_fd, name):
@@ -413,6 +427,10 @@ class StoragePolicy:
         """The directories filesystem locations are confined to (None: not confined)."""
         return None
 
+    def hard_links_allowed(self) -> bool:
+        """Whether a file under the roots with more than one hard link may be read."""
+        return True
+
 
 ALLOW_ALL = StoragePolicy()
 
@@ -420,14 +438,23 @@ ALLOW_ALL = StoragePolicy()
 class DataRootsPolicy(StoragePolicy):
     """Filesystem locations only under the given directories (symlinks resolved).
 
-    Other storage types are left to `others` (allowed by default).
+    Other storage types are left to `others` (allowed by default). A file
+    with more than one hard link is not read unless `allow_hard_links`: its
+    other name may lie outside the roots, and no path check can tell.
     """
 
-    def __init__(self, roots: Sequence[str | os.PathLike[str]], others: StoragePolicy = ALLOW_ALL):
+    def __init__(
+        self,
+        roots: Sequence[str | os.PathLike[str]],
+        others: StoragePolicy = ALLOW_ALL,
+        *,
+        allow_hard_links: bool = False,
+    ):
         if not roots:
             raise ValueError("DataRootsPolicy needs at least one root")
         self.roots = tuple(Path(os.path.realpath(r)) for r in roots)
         self.others = others
+        self.allow_hard_links = allow_hard_links
 
     def check(self, loc: Location, access: Access) -> None:
         if loc.storage_type != "filesystem":
@@ -440,10 +467,14 @@ class DataRootsPolicy(StoragePolicy):
             raise AccessDeniedError(f"{loc.key!r} is outside the allowed data roots", location=loc)
 
     def describe(self) -> str:
-        return "filesystem under " + ", ".join(map(str, self.roots))
+        links = "" if self.allow_hard_links else " (hard-linked files refused)"
+        return "filesystem under " + ", ".join(map(str, self.roots)) + links
 
     def filesystem_roots(self) -> tuple[Path, ...] | None:
         return self.roots
+
+    def hard_links_allowed(self) -> bool:
+        return self.allow_hard_links
 
 
 # Names Python may import or run: a client never needs to write one.
@@ -465,6 +496,8 @@ class ClientPolicy(StoragePolicy):
         since the process-wide memory store is shared by every caller.
     url_rules: what url locations may fetch (`UrlRules`; private addresses
         refused unless `allow_private`).
+    allow_hard_links: read files under `roots` that have more than one hard
+        link (off by default: see `DataRootsPolicy`).
     """
 
     def __init__(
@@ -474,8 +507,11 @@ class ClientPolicy(StoragePolicy):
         s3_buckets: Sequence[str] | None = None,
         allow_memory: bool = False,
         url_rules: UrlRules = UrlRules(),  # noqa: B008 (frozen, shared safely)
+        allow_hard_links: bool = False,
     ):
-        self.filesystem = DataRootsPolicy(roots) if roots is not None else None
+        self.filesystem = (
+            DataRootsPolicy(roots, allow_hard_links=allow_hard_links) if roots is not None else None
+        )
         self.s3_buckets = frozenset(s3_buckets) if s3_buckets is not None else None
         self.allow_memory = allow_memory
         self.url_rules: UrlRules = url_rules
@@ -515,6 +551,9 @@ class ClientPolicy(StoragePolicy):
 
     def filesystem_roots(self) -> tuple[Path, ...] | None:
         return self.filesystem.roots if self.filesystem is not None else None
+
+    def hard_links_allowed(self) -> bool:
+        return self.filesystem is None or self.filesystem.allow_hard_links
 
 
 _policy: ContextVar[StoragePolicy | None] = ContextVar("spacer_storage_policy", default=None)
@@ -585,6 +624,15 @@ def _check_file_key(loc: Location) -> None:
         raise InvalidInputError(f"{key!r}: an S3 object key for a file cannot end in '/'", location=loc)
 
 
+def _check_url(loc: Location) -> None:
+    """Refuse a url location that is not a URL (no scheme, no host) as bad input: no retry can fetch it."""
+    problem = urlfetch.url_syntax_problem(loc.key)
+    if problem is not None:
+        raise MalformedURLError(
+            f"Failed to download from the URL '{loc.key}'.", ValueError(problem), location=loc, reason=problem
+        )
+
+
 # OS errors that a location itself causes (not the machine's state).
 _BAD_PATH_ERRNOS = {
     errno.ENAMETOOLONG: "name too long",
@@ -600,13 +648,15 @@ def _access(loc: Location, access: Access) -> Iterator[Storage]:
     """The one gate to storage: checks the policy, then maps store errors to library ones."""
     _check_key(loc)
     _check_file_key(loc)
+    if loc.storage_type == "url":
+        _check_url(loc)
     policy = active_policy()
     policy.check(loc, access)
     storage = storage_factory(loc.storage_type, loc.bucket_name)
     roots = policy.filesystem_roots() if loc.storage_type == "filesystem" else None
     if roots is not None:
         # Opened from the roots without following a symlink after the check.
-        storage = ConfinedFileSystemStorage(roots)
+        storage = ConfinedFileSystemStorage(roots, allow_hard_links=policy.hard_links_allowed())
     if isinstance(storage, URLStorage) and policy.url_rules is not None:
         storage = URLStorage(policy.url_rules)
     try:

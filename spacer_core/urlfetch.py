@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from urllib.error import HTTPError
 from urllib.parse import urljoin, urlsplit
 
-from spacer_core.exceptions import URLDownloadError, URLRefusedError
+from spacer_core.exceptions import MalformedURLError, URLDownloadError, URLRefusedError
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +94,40 @@ def address_refusal(address: Address) -> str | None:
     return None
 
 
+_NO_SCHEME = "the URL has no scheme (such as https://)"
+
+
+def url_syntax_problem(url: str) -> str | None:
+    """What makes ``url`` no URL to fetch (no scheme, no host, a bad port); None when it is one.
+
+    Whether the scheme is allowed is a policy question, answered elsewhere.
+    """
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return _NO_SCHEME
+    if parts.scheme not in ("http", "https"):
+        return None
+    try:
+        port = parts.port
+    except ValueError:
+        return "the URL's port is not a number from 0 to 65535"
+    del port
+    if not parts.hostname:
+        return "the URL has no host"
+    return None
+
+
 def _resolve(host: str, port: int, rules: UrlRules, url: str, requested: str) -> str:
     """One checked address of ``host`` (from ``url``, a hop of ``requested``) to connect to."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
-        raise URLDownloadError(f"Failed to download from the URL '{url}'.", err, location=requested) from err
+        raise URLDownloadError(
+            f"Failed to download from the URL '{url}'.",
+            err,
+            location=requested,
+            reason=f"the host name {host!r} could not be resolved",
+        ) from err
     addresses = [str(info[4][0]) for info in infos]
     # Every address must pass: a host answering with one public and one
     # private address could otherwise be steered to the private one.
@@ -132,6 +160,7 @@ def _refusal(url: str, host: str, address: str, why: str, requested: str) -> URL
             " not fetch from.",
             PermissionError(f"{host} resolves to an address that is not allowed"),
             location=requested,
+            reason="",
         )
     return URLRefusedError(
         f"Refused to download from the URL '{url}': its host resolves to {why}.",
@@ -177,12 +206,21 @@ def _open(
     current = url
     for _hop in range(rules.max_redirects + 1):
         parts = urlsplit(current)
-        if not parts.scheme:
-            # Malformed rather than refused, as pyspacer reports it.
+        problem = url_syntax_problem(current)
+        if problem is not None:
+            # pyspacer's wording for str(); the reason is what a client is told.
+            original = ValueError(
+                f"unknown url type: {current!r}" if problem == _NO_SCHEME else "no host in URL"
+            )
+            if current == url:
+                raise MalformedURLError(
+                    f"Failed to download from the URL '{url}'.", original, location=url, reason=problem
+                )
             raise URLDownloadError(
-                f"Failed to download from the URL '{current}'.",
-                ValueError(f"unknown url type: {current!r}"),
+                f"Failed to download from the URL '{url}'.",
+                original,
                 location=url,
+                reason=f"it redirected to {current!r}, which {problem.removeprefix('the URL ')}",
             )
         if parts.scheme not in ("http", "https"):
             raise URLRefusedError(
@@ -190,16 +228,7 @@ def _open(
                 ValueError(f"unsupported URL scheme {parts.scheme!r}"),
                 location=url,
             )
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError as err:  # a port that is not a number
-            raise URLDownloadError(
-                f"Failed to download from the URL '{current}'.", err, location=url
-            ) from err
-        if not host:
-            raise URLDownloadError(
-                f"Failed to download from the URL '{current}'.", ValueError("no host in URL"), location=url
-            )
+        host, port = parts.hostname or "", parts.port
         port = port or (443 if parts.scheme == "https" else 80)
         address = _resolve(host, port, rules, current, url)
         # Each socket operation waits at most the idle timeout (or what is left of the total).
@@ -213,7 +242,10 @@ def _open(
         except (OSError, http.client.HTTPException) as err:
             conn.close()
             raise URLDownloadError(
-                f"Failed to download from the URL '{current}'.", err, location=url
+                f"Failed to download from the URL '{current}'.",
+                err,
+                location=url,
+                reason="the connection failed or the server did not answer",
             ) from err
         location = response.getheader("Location")
         if response.status in _REDIRECTS and location:
@@ -223,18 +255,27 @@ def _open(
         if response.status >= 400:
             conn.close()
             error = HTTPError(current, response.status, response.reason, response.msg, None)
-            raise URLDownloadError(f"Failed to download from the URL '{url}'.", error, location=url)
+            raise URLDownloadError(
+                f"Failed to download from the URL '{url}'.",
+                error,
+                location=url,
+                reason=f"the server answered HTTP {response.status}",
+            )
         return conn, response
     raise URLDownloadError(
         f"Failed to download from the URL '{url}'.",
         ValueError(f"more than {rules.max_redirects} redirects"),
         location=url,
+        reason=f"more than {rules.max_redirects} redirects",
     )
 
 
 def _read_body(response: http.client.HTTPResponse, rules: UrlRules, deadline: _Deadline, url: str) -> bytes:
     def incomplete(err: BaseException) -> URLDownloadError:
-        return URLDownloadError(f"Couldn't read the full response from the URL '{url}'.", err, location=url)
+        why = str(err) if err is too_big else "the connection broke off before the whole body arrived"
+        return URLDownloadError(
+            f"Couldn't read the full response from the URL '{url}'.", err, location=url, reason=why
+        )
 
     too_big = ValueError(f"the body is larger than the limit of {rules.max_bytes} bytes")
     length = response.getheader("Content-Length")
@@ -268,7 +309,12 @@ def fetch(url: str, rules: UrlRules = UrlRules(), timeout: float = 20.0) -> byte
     try:
         conn, response = _open(url, "GET", rules, deadline)
     except TimeoutError as err:
-        raise URLDownloadError(f"Failed to download from the URL '{url}'.", err, location=url) from err
+        raise URLDownloadError(
+            f"Failed to download from the URL '{url}'.",
+            err,
+            location=url,
+            reason="the download took longer than its time limit",
+        ) from err
     try:
         return _read_body(response, rules, deadline, url)
     finally:

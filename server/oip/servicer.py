@@ -20,7 +20,7 @@ from server import metrics
 from server._proto.inference import grpc_service_pb2 as pb
 from server._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from server.dataplane import Engine, MemoryHold
-from server.errors import describe, invalid
+from server.errors import describe, invalid, request_locations
 from server.oip.dataplane import DataPlane, parameter, request_priority
 from server.oip.models import VERSION, Model, Registry, check_name, not_found, valid_name
 from server.servicer import call_deadline
@@ -231,7 +231,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                code, message = describe(exc)
+                code, message = describe(exc, locations=request_locations(req))
                 prefix = f"[request id: {req.id}] " if req.id else ""
                 metrics.item_failed(code.name, f"{prefix}{message}")
                 return pb.ModelStreamInferResponse(

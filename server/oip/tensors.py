@@ -98,7 +98,14 @@ def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str) -> dict[s
                 f" '{tensor.name}', expecting TYPE_{_triton_type(spec.datatype)} for model '{model}'"
             )
         shape = [int(d) for d in tensor.shape]
-        if any(d < 0 for d in shape) or not spec.shape_matches(shape):
+        if any(d < 0 for d in shape):
+            # -1 means "any size" in a model's metadata only; a request gives actual sizes.
+            raise invalid(
+                f"unexpected shape {_shape_text(shape)} for input '{tensor.name}' for model '{model}':"
+                f" a request's shape gives each dimension's actual size (model shape {_shape_text(spec.shape)},"
+                " where -1 means any size)"
+            )
+        if not spec.shape_matches(shape):
             raise invalid(
                 f"unexpected shape for input '{tensor.name}' for model '{model}'."
                 f" Expected {_shape_text(spec.shape)}, got {_shape_text(shape)}"

@@ -94,7 +94,7 @@ def env(tmp_path_factory, efficientnet_weights, moto_server):  # noqa: F811
     png = make_image(root / "good.png", 64, 48, seed=3).read_bytes()
     files = {
         "corrupt.jpg": b"\xff\xd8\xff\xe0" + os.urandom(400),
-        # Cut inside the header (cut after it, pyspacer fills the rest in gray, and so do we).
+        # Cut inside the header (a cut after it is refused too: tests/server/test_messages_round3.py).
         "truncated.png": png[:30],
         "empty.jpg": b"",
         "text.png": b"this is a text file, not an image\n",
