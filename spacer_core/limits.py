@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from spacer_core import config
-from spacer_core.exceptions import InvalidInputError, ResourceLimitError
+from spacer_core.exceptions import DataLimitError, InvalidInputError, ResourceLimitError
 
 MIB = 1 << 20
 
@@ -53,6 +53,11 @@ class Limits:
         (`config.MAX_IMAGE_PIXELS`, `config.MAX_POINTS_PER_IMAGE`), so a
         library caller changing those still gets what pyspacer gives; a
         runtime that sets them keeps its bound to its own work.
+    max_job_json_bytes: the text of one pyspacer job (RunJob), checked
+        before it is parsed.
+    max_training_images, max_training_annotations: images and annotations
+        in one training request (train, ref and val together), counted
+        before any annotation is converted.
     """
 
     max_epochs: int | None = None
@@ -64,6 +69,9 @@ class Limits:
     max_key_chars: int | None = None
     max_image_pixels: int | None = None
     max_points_per_image: int | None = None
+    max_job_json_bytes: int | None = None
+    max_training_images: int | None = None
+    max_training_annotations: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_image_pixels", "max_points_per_image"):
@@ -83,6 +91,86 @@ class Limits:
         if self.max_points_per_image is not None:
             return self.max_points_per_image
         return int(config.MAX_POINTS_PER_IMAGE)
+
+    def check_point_count(self, count: int, field: str = "rowcols", image: str | None = None) -> None:
+        """Refuse more points for one image than `points_per_image`, from the count alone.
+
+        With `image`, the error words it as extraction does for that image.
+        """
+        bound = self.points_per_image
+        if count > bound and image is not None:
+            raise DataLimitError(
+                f"{field}: {count} point locations were specified for image {image},"
+                f" and that's larger than the max allowed of {bound}."
+            )
+        if count > bound:
+            raise LimitExceededError(
+                f"{field} holds {count} points; this server allows at most {bound} per image"
+                " (max_points_per_image)"
+            )
+
+    def check_training_counts(self, per_image: Sequence[tuple[str, int]], field: str = "labels") -> None:
+        """Check a training request's (image, annotation count) pairs before anything is expanded.
+
+        An image may carry at most `points_per_image` annotations: its
+        feature file cannot hold more points than an extraction allows.
+        """
+        _at_most(f"{field} (images)", len(per_image), self.max_training_images)
+        total = 0
+        for name, count in per_image:
+            self.check_point_count(count, name)
+            total += count
+        _at_most(f"{field} (annotations)", total, self.max_training_annotations)
+
+    def check_job_text(self, text: str | bytes, field: str = "job_msg_json") -> None:
+        """Refuse a job text over `max_job_json_bytes`, before it is parsed."""
+        bound = self.max_job_json_bytes
+        # A character may take up to 4 bytes; the length alone decides most texts.
+        if bound is None or len(text) * (1 if isinstance(text, bytes) else 4) <= bound:
+            return
+        size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
+        if size > bound:
+            raise LimitExceededError(
+                f"{field} is {size} bytes; this server allows at most {bound} (max_job_json_bytes)"
+            )
+
+    def check_job_shape(self, data: Any, field: str = "job_msg_json") -> None:
+        """Count each task's points and annotations in a parsed job, before any is read or built.
+
+        Looks only at list lengths where pyspacer's job JSON keeps points
+        (`rowcols`) and labels (`labels`, 0.5.0's `train_labels` and
+        `val_labels`); what is not a list or an object there is left to
+        deserialisation to refuse.
+        """
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        if not isinstance(tasks, list):
+            return
+        for i, task in enumerate(tasks):
+            if not isinstance(task, dict):
+                continue
+            where = f"{field}.tasks[{i}]"
+            rowcols = task.get("rowcols")
+            if isinstance(rowcols, list):
+                image = task.get("image_loc")
+                key = image.get("key") if isinstance(image, dict) else None
+                self.check_point_count(
+                    len(rowcols), f"{where}.rowcols", key if isinstance(key, str) else None
+                )
+            per_image: list[tuple[str, int]] = []
+            labels = task.get("labels")
+            sets = [(f"labels.{k}", v) for k, v in labels.items()] if isinstance(labels, dict) else []
+            sets += [(k, task[k]) for k in ("train_labels", "val_labels") if k in task]
+            for name, image_labels in sets:
+                if isinstance(image_labels, dict) and isinstance(image_labels.get("data"), dict):
+                    image_labels = image_labels["data"]
+                if isinstance(image_labels, dict):
+                    per_image.extend(
+                        (f"{where}.{name}[{j}]", len(annotations))
+                        for j, annotations in enumerate(image_labels.values())
+                        if isinstance(annotations, list)
+                    )
+            if per_image:
+                self.check_training_counts(per_image, f"{where}.labels")
 
     def check_epochs(self, nbr_epochs: int, field: str = "nbr_epochs") -> None:
         _at_most(field, nbr_epochs, self.max_epochs)
