@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from server import convert, servicer
+from server import convert, errors, servicer
 from server._proto.inference import grpc_service_pb2 as ipb
 from server._proto.inference import grpc_service_pb2_grpc as ipbg
 from server._proto.spacer.v1 import spacer_pb2 as pb
@@ -176,6 +176,15 @@ def test_point_lists_are_not_walked_for_names() -> None:
     assert not convert._holds_names(pb.Annotation.DESCRIPTOR)
     assert convert._holds_names(pb.ImageAnnotations.DESCRIPTOR)
     assert convert._holds_names(pb.TrainClassifierRequest.DESCRIPTOR)
+    # Nor are they walked for locations when a refusal names its field.
+    assert not errors._may_hold_location(pb.RowCol.DESCRIPTOR)
+    assert not errors._may_hold_location(pb.Annotation.DESCRIPTOR)
+    request = train_request(Path("/r"), [3])
+    assert [f.field for f in errors.request_locations(request)] == [
+        "labels.train.images[0].feature_loc",
+        "model_loc",
+        "valresult_loc",
+    ]
     with pytest.raises(Exception, match="job_token"):
         convert.check_sizes(pb.ClassifyImageRequest(job_token="x" * 11), Limits(max_token_chars=10))
     request = pb.ClassifyImageRequest(
