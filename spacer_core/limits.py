@@ -221,21 +221,30 @@ class Limits:
             self.check_feature_dim(_whole(extractor.feature_dim, field), field)
 
     def check_json(self, data: Any, where: str = "job_msg_json") -> None:
-        """Check every `job_token` and `key` string in a JSON document (a pyspacer job)."""
-        stack: list[tuple[str, Any]] = [(where, data)]
+        """Check every `job_token` and `key` string in a JSON document (a pyspacer job).
+
+        Point lists (`rowcols`, a label set's annotations) are not walked:
+        they hold numbers and labels, never a token or a location, and may
+        hold millions of items.
+        """
+        stack: list[tuple[str, Any, bool]] = [(where, data, False)]
         while stack:
-            path, value = stack.pop()
+            path, value, label_set = stack.pop()
             if isinstance(value, dict):
                 for name, item in value.items():
                     if name == "job_token":
                         self.check_token(_text(item, f"{path}.{name}"), f"{path}.{name}")
                     elif name == "key" and not isinstance(item, (dict, list)):
                         self.check_key(_text(item, f"{path}.{name}"), f"{path}.{name}")
+                    elif (name == "rowcols" or label_set) and isinstance(item, list):
+                        continue
                     elif isinstance(item, (dict, list)):
-                        stack.append((f"{path}.{name}", item))
+                        stack.append((f"{path}.{name}", item, name in _LABEL_SETS))
             elif isinstance(value, list):
                 stack.extend(
-                    (f"{path}[{i}]", item) for i, item in enumerate(value) if isinstance(item, (dict, list))
+                    (f"{path}[{i}]", item, False)
+                    for i, item in enumerate(value)
+                    if isinstance(item, (dict, list))
                 )
 
     def check_npz(self, raw: bytes, source: str) -> None:
@@ -261,6 +270,11 @@ class Limits:
                     raise LimitExceededError(
                         f"{source}: array '{info.filename}' declares more data than it holds"
                     )
+
+
+# Objects of pyspacer's job JSON whose list values are one image's annotations
+# (0.14's train/ref/val sets; 0.5.0's train_labels/val_labels and their "data").
+_LABEL_SETS = frozenset({"train", "ref", "val", "train_labels", "val_labels", "data"})
 
 
 def _text(value: Any, field: str) -> str:

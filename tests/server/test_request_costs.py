@@ -302,3 +302,17 @@ def test_count_bounds_are_server_settings_with_defaults() -> None:
 def test_library_defaults_leave_jobs_unbounded() -> None:
     LIBRARY_DEFAULTS.check_job_text("x" * (8 * MIB))
     LIBRARY_DEFAULTS.check_training_counts([("img", 1)] * 200_000)
+
+
+def test_job_point_lists_are_not_walked_for_names() -> None:
+    bounded = Limits(max_key_chars=3)
+    points = [[1, 1]] * 1_000_000
+    labels = {"train": {"{}": points}, "ref": {"{}": points}}
+    start = time.monotonic()
+    bounded.check_json({"tasks": [{"rowcols": points, "labels": labels}, {"train_labels": {"data": labels}}]})
+    assert time.monotonic() - start < 0.5
+    # Locations beside the point lists are still checked.
+    with pytest.raises(Exception, match=r"tasks\[0\]\.image_loc\.key"):
+        bounded.check_json({"tasks": [{"rowcols": points, "image_loc": {"key": "abcd"}}]})
+    with pytest.raises(Exception, match=r"train\.extra\.key"):
+        bounded.check_json({"tasks": [{"labels": {"train": {"extra": {"key": "abcd"}}}}]})
