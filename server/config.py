@@ -122,6 +122,9 @@ class ServerConfig:
     max_feature_file_bytes: int = 256 * MIB
     max_token_chars: int = 1024
     max_key_chars: int = 4096
+    max_job_json_bytes: int = 4 * MIB
+    max_training_images: int = 100_000
+    max_training_annotations: int = 1_000_000
     # Worker threads RunJob and TrainClassifier may occupy at once (None:
     # half of `workers`, at least one), so interactive calls always find one.
     long_work_workers: int | None = None
@@ -170,6 +173,9 @@ class ServerConfig:
             "max_feature_file_bytes",
             "max_token_chars",
             "max_key_chars",
+            "max_job_json_bytes",
+            "max_training_images",
+            "max_training_annotations",
             "long_work_workers",
             "memory_budget_bytes",
             "max_image_pixels",
@@ -253,6 +259,9 @@ class ServerConfig:
             max_feature_file_bytes=self.max_feature_file_bytes,
             max_token_chars=self.max_token_chars,
             max_key_chars=self.max_key_chars,
+            max_job_json_bytes=self.max_job_json_bytes,
+            max_training_images=self.max_training_images,
+            max_training_annotations=self.max_training_annotations,
             max_image_pixels=self.max_image_pixels,
             max_points_per_image=self.max_points_per_image,
             # Clients are told an image is damaged rather than scored on filler pixels.
@@ -494,6 +503,27 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
         "longest location key (path, URL, S3 key)",
     ),
     (
+        "--max-job-json-mb",
+        "max_job_json_mb",
+        float,
+        "SPACER_MAX_JOB_JSON_MB",
+        "largest RunJob job_msg_json, checked before it is parsed",
+    ),
+    (
+        "--max-training-images",
+        "max_training_images",
+        int,
+        "SPACER_MAX_TRAINING_IMAGES",
+        "most images one training may list (train, ref and val together)",
+    ),
+    (
+        "--max-training-annotations",
+        "max_training_annotations",
+        int,
+        "SPACER_MAX_TRAINING_ANNOTATIONS",
+        "most annotations one training may carry (train, ref and val together)",
+    ),
+    (
         "--long-work-workers",
         "long_work_workers",
         int,
@@ -540,6 +570,7 @@ _MIB_SETTINGS = {
     "max_message_mb": "max_message_bytes",
     "url_max_mb": "url_max_bytes",
     "max_feature_file_mb": "max_feature_file_bytes",
+    "max_job_json_mb": "max_job_json_bytes",
     "memory_budget_mb": "memory_budget_bytes",
 }
 
@@ -654,6 +685,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         values["url_max_bytes"] = int(float(values.pop("url_max_mb")) * MIB)  # type: ignore[arg-type]
     if "max_feature_file_mb" in values:
         values["max_feature_file_bytes"] = int(float(values.pop("max_feature_file_mb")) * MIB)  # type: ignore[arg-type]
+    if "max_job_json_mb" in values:
+        values["max_job_json_bytes"] = int(float(values.pop("max_job_json_mb")) * MIB)  # type: ignore[arg-type]
     if "memory_budget_mb" in values:
         values["memory_budget_bytes"] = int(float(values.pop("memory_budget_mb")) * MIB)  # type: ignore[arg-type]
     if "log_level" in values:

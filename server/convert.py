@@ -55,8 +55,50 @@ def request_priority(request: Any) -> Priority | None:
     return _PRIORITY_FIELD[value]
 
 
+def check_counts(msg: Message, limits: Limits) -> None:
+    """Check a request's point and annotation counts from its list lengths alone.
+
+    Runs before anything walks or converts those lists, so an oversized
+    request costs a few length reads, not a pass over every item.
+    """
+    if isinstance(msg, (pb.ClassifyImageRequest, pb.ExtractFeaturesRequest)):
+        image = msg.image_loc.key if msg.WhichOneof("image") == "image_loc" else "image_bytes"
+        limits.check_point_count(len(msg.rowcols), "rowcols", image)
+    elif isinstance(msg, pb.TrainClassifierRequest):
+        per_image = [
+            (f"labels.{name}.images[{i}].annotations", len(image.annotations))
+            for name in ("train", "ref", "val")
+            for i, image in enumerate(getattr(msg.labels, name).images)
+        ]
+        limits.check_training_counts(per_image, "labels")
+
+
+_NAMED: dict[str, bool] = {}
+
+
+def _holds_names(desc: Any) -> bool:
+    """Whether messages of this type can hold a `job_token` or `key` string, at any depth."""
+    known = _NAMED.get(desc.full_name)
+    if known is None:
+        seen, todo, known = {desc.full_name}, [desc], False
+        while todo and not known:
+            for f in todo.pop().fields:
+                if f.name in ("job_token", "key"):
+                    known = True
+                elif f.type == f.TYPE_MESSAGE and f.message_type.full_name not in seen:
+                    seen.add(f.message_type.full_name)
+                    todo.append(f.message_type)
+        _NAMED[desc.full_name] = known
+    return known
+
+
 def check_sizes(msg: Message, limits: Limits, where: str = "") -> None:
-    """Check every `job_token` and location `key` in a request against `limits`, before any work."""
+    """Check a request's counts, then every `job_token` and location `key` in it, before any work.
+
+    Lists of messages that cannot hold either (points, annotations) are
+    not walked.
+    """
+    check_counts(msg, limits)
     stack: list[tuple[str, Message]] = [(where, msg)]
     while stack:
         path, item = stack.pop()
@@ -66,7 +108,7 @@ def check_sizes(msg: Message, limits: Limits, where: str = "") -> None:
                 limits.check_token(value, name)
             elif desc.name == "key" and isinstance(value, str):
                 limits.check_key(value, name)
-            elif desc.type == desc.TYPE_MESSAGE:
+            elif desc.type == desc.TYPE_MESSAGE and _holds_names(desc.message_type):
                 if desc.message_type.GetOptions().map_entry:
                     stack.extend(
                         (f"{name}[{k!r}]", child) for k, child in value.items() if isinstance(child, Message)

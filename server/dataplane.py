@@ -548,13 +548,21 @@ class Engine:
     async def run_job(self, data: dict[str, Any], *, deadline: float | None = None) -> JobReturnMsg:
         """A pyspacer job (its JSON, parsed) as long work; a failed job's error is made client-safe."""
         limits = self.runtime.settings.limits
-        limits.check_json(data)
-        try:
-            job = JobMsg.deserialize(data)
-        except (AssertionError, InvalidInputError) as exc:
-            raise invalid(f"job_msg_json is not a valid JobMsg: {exc}") from None
-        for i, task in enumerate(job.tasks):
-            limits.check_task(task, f"job_msg_json.tasks[{i}]")
+        # List lengths first: a job over its bounds is refused before any item is walked.
+        limits.check_job_shape(data)
+
+        def read() -> JobMsg:
+            limits.check_json(data)
+            try:
+                job = JobMsg.deserialize(data)
+            except (AssertionError, InvalidInputError) as exc:
+                raise invalid(f"job_msg_json is not a valid JobMsg: {exc}") from None
+            for i, task in enumerate(job.tasks):
+                limits.check_task(task, f"job_msg_json.tasks[{i}]")
+            return job
+
+        # Per-item work runs off the event loop, so other calls are still served meanwhile.
+        job = await asyncio.to_thread(read)
         result = await self.call_long(tasks.process_job, job, deadline=deadline)
         metrics.count_points(_job_points(job, result))
         if not result.ok and result.error_message:

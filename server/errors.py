@@ -207,8 +207,35 @@ def as_location(loc: Any) -> DataLocation:
     return DataLocation(loc.storage_type, loc.key, loc.bucket_name or None)
 
 
+_LOCATION = "spacer.v1.DataLocation"
+_HOLDS_LOCATION: dict[str, bool] = {_LOCATION: True}
+
+
+def _may_hold_location(desc: Any) -> bool:
+    """Whether messages of this type can hold a DataLocation, at any depth."""
+    known = _HOLDS_LOCATION.get(desc.full_name)
+    if known is None:
+        seen, todo, known = {desc.full_name}, [desc], False
+        while todo and not known:
+            for field in todo.pop().fields:
+                child = field.message_type
+                if child is None or child.full_name in seen:
+                    continue
+                known = child.full_name == _LOCATION
+                seen.add(child.full_name)
+                todo.append(child)
+                if known:
+                    break
+        _HOLDS_LOCATION[desc.full_name] = known
+    return known
+
+
 def request_locations(message: Any) -> list[FieldLocation]:
-    """Every DataLocation in a protobuf request with a key, and the field that holds it."""
+    """Every DataLocation in a protobuf request with a key, and the field that holds it.
+
+    Lists that cannot hold one (points, annotations) are not walked: a
+    refused request may carry millions of them.
+    """
     found: list[FieldLocation] = []
 
     def walk(msg: Any, prefix: str) -> None:
@@ -225,7 +252,7 @@ def request_locations(message: Any) -> list[FieldLocation]:
                 found.append(FieldLocation(prefix, loc, text))
             return
         for field, value in msg.ListFields():
-            if field.message_type is None:
+            if field.message_type is None or not _may_hold_location(field.message_type):
                 continue
             name = f"{prefix}.{field.name}" if prefix else field.name
             if field.message_type.GetOptions().map_entry:

@@ -116,7 +116,9 @@ class SpacerServicer(pb_grpc.SpacerServicer):
             return await self._classify_one(request, priority, call_deadline(context), wait=False)
 
     async def RunJob(self, request: pb.RunJobRequest, context: Context) -> pb.RunJobResponse:  # type: ignore[override]
-        data = parse_json(request.job_msg_json, "job_msg_json is not JSON")
+        self.engine.runtime.settings.limits.check_job_text(request.job_msg_json)
+        # Parsed off the event loop: other calls keep being served meanwhile.
+        data = await asyncio.to_thread(parse_json, request.job_msg_json, "job_msg_json is not JSON")
         if not isinstance(data, dict):
             raise invalid("job_msg_json must be a JSON object (a pyspacer JobMsg)")
         convert.check_json_trainers(data)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from spacer_core import config
-from spacer_core.exceptions import InvalidInputError, ResourceLimitError
+from spacer_core.exceptions import DataLimitError, InvalidInputError, ResourceLimitError
 
 MIB = 1 << 20
 
@@ -57,6 +57,11 @@ class Limits:
         is decoded as far as it goes (True) or refused (False). None follows
         Pillow's `ImageFile.LOAD_TRUNCATED_IMAGES`, which pyspacer's settings
         turn on.
+    max_job_json_bytes: the text of one pyspacer job (RunJob), checked
+        before it is parsed.
+    max_training_images, max_training_annotations: images and annotations
+        in one training request (train, ref and val together), counted
+        before any annotation is converted.
     """
 
     max_epochs: int | None = None
@@ -69,6 +74,9 @@ class Limits:
     max_image_pixels: int | None = None
     max_points_per_image: int | None = None
     truncated_images: bool | None = None
+    max_job_json_bytes: int | None = None
+    max_training_images: int | None = None
+    max_training_annotations: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_image_pixels", "max_points_per_image"):
@@ -97,6 +105,86 @@ class Limits:
         if self.max_points_per_image is not None:
             return self.max_points_per_image
         return int(config.MAX_POINTS_PER_IMAGE)
+
+    def check_point_count(self, count: int, field: str = "rowcols", image: str | None = None) -> None:
+        """Refuse more points for one image than `points_per_image`, from the count alone.
+
+        With `image`, the error words it as extraction does for that image.
+        """
+        bound = self.points_per_image
+        if count > bound and image is not None:
+            raise DataLimitError(
+                f"{field}: {count} point locations were specified for image {image},"
+                f" and that's larger than the max allowed of {bound}."
+            )
+        if count > bound:
+            raise LimitExceededError(
+                f"{field} holds {count} points; this server allows at most {bound} per image"
+                " (max_points_per_image)"
+            )
+
+    def check_training_counts(self, per_image: Sequence[tuple[str, int]], field: str = "labels") -> None:
+        """Check a training request's (image, annotation count) pairs before anything is expanded.
+
+        An image may carry at most `points_per_image` annotations: its
+        feature file cannot hold more points than an extraction allows.
+        """
+        _at_most(f"{field} (images)", len(per_image), self.max_training_images)
+        total = 0
+        for name, count in per_image:
+            self.check_point_count(count, name)
+            total += count
+        _at_most(f"{field} (annotations)", total, self.max_training_annotations)
+
+    def check_job_text(self, text: str | bytes, field: str = "job_msg_json") -> None:
+        """Refuse a job text over `max_job_json_bytes`, before it is parsed."""
+        bound = self.max_job_json_bytes
+        # A character may take up to 4 bytes; the length alone decides most texts.
+        if bound is None or len(text) * (1 if isinstance(text, bytes) else 4) <= bound:
+            return
+        size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
+        if size > bound:
+            raise LimitExceededError(
+                f"{field} is {size} bytes; this server allows at most {bound} (max_job_json_bytes)"
+            )
+
+    def check_job_shape(self, data: Any, field: str = "job_msg_json") -> None:
+        """Count each task's points and annotations in a parsed job, before any is read or built.
+
+        Looks only at list lengths where pyspacer's job JSON keeps points
+        (`rowcols`) and labels (`labels`, 0.5.0's `train_labels` and
+        `val_labels`); what is not a list or an object there is left to
+        deserialisation to refuse.
+        """
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        if not isinstance(tasks, list):
+            return
+        for i, task in enumerate(tasks):
+            if not isinstance(task, dict):
+                continue
+            where = f"{field}.tasks[{i}]"
+            rowcols = task.get("rowcols")
+            if isinstance(rowcols, list):
+                image = task.get("image_loc")
+                key = image.get("key") if isinstance(image, dict) else None
+                self.check_point_count(
+                    len(rowcols), f"{where}.rowcols", key if isinstance(key, str) else None
+                )
+            per_image: list[tuple[str, int]] = []
+            labels = task.get("labels")
+            sets = [(f"labels.{k}", v) for k, v in labels.items()] if isinstance(labels, dict) else []
+            sets += [(k, task[k]) for k in ("train_labels", "val_labels") if k in task]
+            for name, image_labels in sets:
+                if isinstance(image_labels, dict) and isinstance(image_labels.get("data"), dict):
+                    image_labels = image_labels["data"]
+                if isinstance(image_labels, dict):
+                    per_image.extend(
+                        (f"{where}.{name}[{j}]", len(annotations))
+                        for j, annotations in enumerate(image_labels.values())
+                        if isinstance(annotations, list)
+                    )
+            if per_image:
+                self.check_training_counts(per_image, f"{where}.labels")
 
     def check_epochs(self, nbr_epochs: int, field: str = "nbr_epochs") -> None:
         _at_most(field, nbr_epochs, self.max_epochs)
@@ -147,21 +235,30 @@ class Limits:
             self.check_feature_dim(_whole(extractor.feature_dim, field), field)
 
     def check_json(self, data: Any, where: str = "job_msg_json") -> None:
-        """Check every `job_token` and `key` string in a JSON document (a pyspacer job)."""
-        stack: list[tuple[str, Any]] = [(where, data)]
+        """Check every `job_token` and `key` string in a JSON document (a pyspacer job).
+
+        Point lists (`rowcols`, a label set's annotations) are not walked:
+        they hold numbers and labels, never a token or a location, and may
+        hold millions of items.
+        """
+        stack: list[tuple[str, Any, bool]] = [(where, data, False)]
         while stack:
-            path, value = stack.pop()
+            path, value, label_set = stack.pop()
             if isinstance(value, dict):
                 for name, item in value.items():
                     if name == "job_token":
                         self.check_token(_text(item, f"{path}.{name}"), f"{path}.{name}")
                     elif name == "key" and not isinstance(item, (dict, list)):
                         self.check_key(_text(item, f"{path}.{name}"), f"{path}.{name}")
+                    elif (name == "rowcols" or label_set) and isinstance(item, list):
+                        continue
                     elif isinstance(item, (dict, list)):
-                        stack.append((f"{path}.{name}", item))
+                        stack.append((f"{path}.{name}", item, name in _LABEL_SETS))
             elif isinstance(value, list):
                 stack.extend(
-                    (f"{path}[{i}]", item) for i, item in enumerate(value) if isinstance(item, (dict, list))
+                    (f"{path}[{i}]", item, False)
+                    for i, item in enumerate(value)
+                    if isinstance(item, (dict, list))
                 )
 
     def check_npz(self, raw: bytes, source: str) -> None:
@@ -187,6 +284,11 @@ class Limits:
                     raise LimitExceededError(
                         f"{source}: array '{info.filename}' declares more data than it holds"
                     )
+
+
+# Objects of pyspacer's job JSON whose list values are one image's annotations
+# (0.14's train/ref/val sets; 0.5.0's train_labels/val_labels and their "data").
+_LABEL_SETS = frozenset({"train", "ref", "val", "train_labels", "val_labels", "data"})
 
 
 def _text(value: Any, field: str) -> str:

@@ -106,7 +106,9 @@ class DataPlane:
         ok, count = False, 0
         try:
             deadline = request_deadline(request, call_deadline)
-            inputs = tensors.read_inputs(request, model.inputs(), model.name)
+            inputs = tensors.read_inputs(
+                request, model.inputs(), model.name, self.engine.runtime.settings.limits
+            )
             requested = [o.name for o in request.outputs]
             known = {t.name for t in model.outputs()}
             for name in requested:

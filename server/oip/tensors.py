@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import invalid
+from spacer_core import limits as core_limits
 
 # Datatype name -> (numpy dtype of the raw form, InferTensorContents field).
 _NUMERIC: dict[str, tuple[str, str]] = {
@@ -32,6 +33,9 @@ _NUMERIC: dict[str, tuple[str, str]] = {
     "FP64": ("<f8", "fp64_contents"),
 }
 DATATYPES = (*_NUMERIC, "BYTES", "FP16", "BF16")
+# Inputs whose rows are one image's points: their row count is bounded by
+# max_points_per_image, checked from the shape before the data is read.
+POINT_INPUTS = frozenset({"POINTS"})
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,16 @@ def encode_bytes(items: Sequence[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str) -> dict[str, Any]:
+def read_inputs(
+    request: Any, specs: Sequence[TensorSpec], model: str, limits: core_limits.Limits | None = None
+) -> dict[str, Any]:
     """The request's inputs checked against the model's: name -> ndarray (BYTES: list of bytes).
 
-    Errors are INVALID_ARGUMENT with Triton's wording.
+    Errors are INVALID_ARGUMENT with Triton's wording; a point input with
+    more rows than `limits` (default: the active ones) allow is
+    RESOURCE_EXHAUSTED.
     """
+    bounds = limits or core_limits.current()
     by_name = {spec.name: spec for spec in specs}
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
@@ -110,8 +119,10 @@ def read_inputs(request: Any, specs: Sequence[TensorSpec], model: str) -> dict[s
                 f"unexpected shape for input '{tensor.name}' for model '{model}'."
                 f" Expected {_shape_text(spec.shape)}, got {_shape_text(shape)}"
             )
-        count = int(np.prod(shape)) if shape else 1
         what = f"input '{tensor.name}'"
+        if tensor.name in POINT_INPUTS and shape:
+            bounds.check_point_count(shape[0], what)
+        count = int(np.prod(shape)) if shape else 1
         if spec.datatype == "BYTES":
             if raw:
                 values[tensor.name] = decode_bytes(raw[i], count, what)
