@@ -365,3 +365,107 @@ def test_process_job_runs_tasks_and_stops_at_first_failure(workdir, extractor_js
 def test_process_job_rejects_unknown_task():
     with pytest.raises(ValueError, match="paint_reef"):
         tasks.process_job(messages.JobMsg.deserialize({"task_name": "paint_reef", "tasks": []}))
+
+
+# --- outputs may name neither an input nor each other ----------------------------
+
+
+def _extract_json(extractor_json, image, features) -> dict:
+    return {
+        "job_token": "overwrite",
+        "extractor": extractor_json,
+        "rowcols": [[10, 10]],
+        "image_loc": loc(image),
+        "feature_loc": loc(features),
+    }
+
+
+def _train_json(features: list, model, valresult, previous=()) -> dict:
+    part = {json.dumps(loc(f)): [[1, 1, "Sand"]] for f in features}
+    return {
+        "job_token": "overwrite",
+        "trainer": {"class_path": "spacer.train_classifier.MiniBatchTrainer"},
+        "nbr_epochs": 1,
+        "clf_type": "LR",
+        "labels": {"train": part, "ref": part, "val": part},
+        "previous_model_locs": [loc(p) for p in previous],
+        "model_loc": loc(model),
+        "valresult_loc": loc(valresult),
+        "feature_cache_dir": "auto",
+    }
+
+
+def test_extract_features_refuses_to_write_over_its_image_or_weights(tmp_path, extractor_json, image_path):
+    from spacer_core.exceptions import InvalidInputError
+
+    image = tmp_path / "reef.jpg"
+    image.write_bytes(image_path.read_bytes())
+    before = image.read_bytes()
+    # The same file under another spelling (`..`, a symlink) is the same location.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "alias.jpg").symlink_to(image)
+    weights = extractor_json["data_locations"]["weights"]["key"]
+    weights_before = open(weights, "rb").read()
+    for target, field in (
+        (image, "image_loc"),
+        (tmp_path / "sub" / ".." / "reef.jpg", "image_loc"),
+        (tmp_path / "alias.jpg", "image_loc"),
+        (weights, r"extractor.data_locations\['weights'\]"),
+    ):
+        msg = messages.ExtractFeaturesMsg.deserialize(_extract_json(extractor_json, image, target))
+        with pytest.raises(InvalidInputError, match=rf"feature_loc names the same location as {field}"):
+            tasks.extract_features(msg)
+    assert image.read_bytes() == before
+    assert open(weights, "rb").read() == weights_before
+
+
+def test_train_classifier_refuses_outputs_over_inputs_or_each_other(tmp_path, classifier_path):
+    from spacer_core.exceptions import InvalidInputError
+
+    features = [tmp_path / f"f{i}.featurevector" for i in range(3)]
+    for f in features:
+        f.write_bytes(b'{"point_features": []}')
+    previous = tmp_path / "previous.pkl"
+    previous.write_bytes(classifier_path.read_bytes())
+    cases = [
+        (_train_json(features, features[1], tmp_path / "v.json"), r"model_loc .* labels\.train"),
+        (_train_json(features, tmp_path / "m.pkl", features[0]), r"valresult_loc .* labels\.train"),
+        (_train_json(features, tmp_path / "same", tmp_path / "same"), "valresult_loc and model_loc"),
+        (
+            _train_json(features, previous, tmp_path / "v.json", [previous]),
+            "model_loc .* previous_model_locs",
+        ),
+    ]
+    for msg_json, pattern in cases:
+        msg = messages.TrainClassifierMsg.deserialize(msg_json)
+        with pytest.raises(InvalidInputError, match=pattern):
+            tasks.train_classifier(msg)
+    assert all(f.read_bytes() == b'{"point_features": []}' for f in features)
+    assert previous.read_bytes() == classifier_path.read_bytes()
+    assert not (tmp_path / "same").exists() and not (tmp_path / "m.pkl").exists()
+
+
+def test_a_job_refuses_tasks_that_write_over_each_other(tmp_path, extractor_json, image_path):
+    from spacer_core.exceptions import InvalidInputError
+
+    first = tmp_path / "a.jpg"
+    second = tmp_path / "b.jpg"
+    for p in (first, second):
+        p.write_bytes(image_path.read_bytes())
+    same_output = [
+        _extract_json(extractor_json, first, tmp_path / "x.featurevector"),
+        _extract_json(extractor_json, second, tmp_path / "x.featurevector"),
+    ]
+    over_the_next_image = [
+        _extract_json(extractor_json, first, second),
+        _extract_json(extractor_json, second, tmp_path / "b.featurevector"),
+    ]
+    for job_tasks, pattern in (
+        (same_output, r"tasks\[1\]\.feature_loc and tasks\[0\]\.feature_loc"),
+        (over_the_next_image, r"tasks\[0\]\.feature_loc names the same location as tasks\[1\]\.image_loc"),
+    ):
+        job = messages.JobMsg.deserialize({"task_name": "extract_features", "tasks": job_tasks})
+        with pytest.raises(InvalidInputError, match=pattern):
+            tasks.process_job(job)
+    assert not (tmp_path / "x.featurevector").exists()
+    assert second.read_bytes() == image_path.read_bytes()
