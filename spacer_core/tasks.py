@@ -87,16 +87,10 @@ def task_locations(msg: Any, prefix: str = "") -> tuple[dict[str, Any], dict[str
     return inputs, outputs
 
 
-def check_task_outputs(*msgs: Any) -> None:
-    """Refuse task messages (one request: a task, or all of a job's) whose outputs
-    name one of their inputs or each other (`storage.check_outputs`)."""
-    inputs: dict[str, Any] = {}
-    outputs: dict[str, Any] = {}
-    for i, msg in enumerate(msgs):
-        ins, outs = task_locations(msg, f"tasks[{i}]." if len(msgs) > 1 else "")
-        inputs.update(ins)
-        outputs.update(outs)
-    check_outputs(inputs, outputs)
+def check_task_outputs(msg: Any, prefix: str = "") -> None:
+    """Refuse a task message whose outputs name one of its inputs or each other
+    (`storage.check_outputs`; `prefix` goes before each field name)."""
+    check_outputs(*task_locations(msg, prefix))
 
 
 def extract_features(msg: ExtractFeaturesMsg) -> ExtractFeaturesReturnMsg:
@@ -235,8 +229,11 @@ def process_job(job_msg: JobMsg) -> JobReturnMsg:
         raise UnknownTaskError(
             f"Unknown task name {job_msg.task_name!r}; expected one of {sorted(TASK_FUNCTIONS)}."
         )
-    # One job is one request: no task may write over what another reads or writes.
-    check_task_outputs(*job_msg.tasks)
+    # Every task before the first runs, so a refused job has written nothing. Tasks
+    # are not compared with each other: they run in order, as pyspacer's do, and a
+    # later one may read, or replace, what an earlier one wrote.
+    for i, task in enumerate(job_msg.tasks):
+        check_task_outputs(task, f"tasks[{i}].")
     results = []
     for task in job_msg.tasks:
         cancellation.check()  # a call that ended runs no further task

@@ -137,7 +137,7 @@ def test_a_training_writes_neither_over_its_features_nor_one_output_over_the_oth
     assert snapshot(*watched) == before
 
 
-def test_run_job_refuses_tasks_that_overwrite_what_the_job_reads_or_writes(env):
+def test_run_job_refuses_a_task_writing_over_its_input_before_any_task_runs(env):
     extractor = {
         "class_path": EFFICIENTNET,
         "data_locations": {"weights": {"storage_type": "filesystem", "key": str(env.weights)}},
@@ -155,16 +155,12 @@ def test_run_job_refuses_tasks_that_overwrite_what_the_job_reads_or_writes(env):
 
     second = env.root / "second.jpg"
     second.write_bytes(env.image.read_bytes())
-    before = snapshot(env.image, second)
+    before = snapshot(env.image, second, env.weights)
     for tasks, fields in (
-        ([task(env.image, env.image)], ("feature_loc", "image_loc")),
+        ([task(env.image, env.image)], ("tasks[0].feature_loc", "tasks[0].image_loc")),
         (
-            [task(env.image, second), task(second, env.root / "b.fv")],
-            ("tasks[0].feature_loc", "tasks[1].image_loc"),
-        ),
-        (
-            [task(env.image, env.root / "x.fv"), task(second, env.root / "x.fv")],
-            ("tasks[0].feature_loc", "tasks[1].feature_loc"),
+            [task(env.image, env.root / "x.fv"), task(second, env.weights)],
+            ("tasks[1].feature_loc", "tasks[1].extractor.data_locations['weights']"),
         ),
     ):
         job = json.dumps({"task_name": "extract_features", "tasks": tasks})
@@ -172,7 +168,7 @@ def test_run_job_refuses_tasks_that_overwrite_what_the_job_reads_or_writes(env):
             lambda j=job: env.stub.RunJob(pb.RunJobRequest(job_msg_json=j), timeout=60), Code.INVALID_ARGUMENT
         )
         assert all(f in details for f in fields), details
-    assert snapshot(env.image, second) == before
+    assert snapshot(env.image, second, env.weights) == before
     assert not (env.root / "x.fv").exists()
 
 
