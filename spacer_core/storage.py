@@ -28,6 +28,7 @@ from spacer_core.atomic import write_atomic, write_atomic_at
 from spacer_core.exceptions import (
     AccessDeniedError,
     InvalidInputError,
+    PreconditionError,
     SpacerError,
     StorageFileNotFoundError,
     StorageKeyError,
@@ -812,11 +813,67 @@ def require_writable(loc: Location) -> None:
         raise InvalidInputError(f"{loc.describe()}: {loc.storage_type} storage is read-only", location=loc)
 
 
+# What the leading bytes of a file say it holds. Only kinds the library reads
+# or writes are named; a file of no known kind may be replaced by anything.
+_IMAGE = "an image"
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", _IMAGE),
+    (b"\x89PNG\r\n\x1a\n", _IMAGE),
+    (b"GIF8", _IMAGE),
+    (b"II*\x00", _IMAGE),
+    (b"MM\x00*", _IMAGE),
+    (b"PK\x03\x04", "a feature file (npz)"),
+    *((b"\x80" + bytes([protocol]), "a pickle (a classifier)") for protocol in range(2, 6)),
+)
+
+
+# Feature files were JSON before pyspacer 0.6: features stored anew may replace them.
+_FEATURE_FORMATS = {"JSON", "a feature file (npz)"}
+
+
+def content_kind(head: bytes | bytearray | memoryview) -> str | None:
+    """What data starting with `head` holds, as a phrase ("an image", ...); None: no known kind."""
+    head = bytes(head[:16])
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return _IMAGE
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON"
+    return None
+
+
+def _refuse_other_kind(storage: Storage, loc: Location, data: bytes | bytearray | memoryview) -> None:
+    """Refuse to replace a local file of one known kind with data of another.
+
+    A feature file written over an image, or a classifier over a feature
+    file, is a mistaken (or hostile) location, and the old content is lost
+    for good; a file replaced by its own kind (features re-extracted, a
+    classifier retrained) is the ordinary case.
+    """
+    if not isinstance(storage, FileSystemStorage):
+        return
+    try:
+        with storage.open(loc.key) as f:
+            head = f.read(16)
+    except (OSError, SpacerError):
+        return  # nothing there (or nothing readable): the write decides
+    old, new = content_kind(head), content_kind(data)
+    if old is not None and new is not None and {old, new} - _FEATURE_FORMATS and old != new:
+        raise PreconditionError(
+            f"{loc.describe()!r} holds {old}; writing {new} there would destroy it: choose another location",
+            location=loc,
+        )
+
+
 def store_bytes(loc: Location, data: Payload) -> None:
-    """Save ``data`` at ``loc``."""
+    """Save ``data`` at ``loc``; an existing local file of another kind is never replaced."""
     require_writable(loc)
     with _access(loc, "write") as storage:
-        storage.store(loc.key, data)
+        payload = _payload_bytes(data)
+        _refuse_other_kind(storage, loc, payload)
+        storage.store(loc.key, payload)
 
 
 def delete_data(loc: Location) -> None:

@@ -193,3 +193,21 @@ def test_the_model_repository_is_read_only_to_clients(env):
         timeout=60,
     )
     assert reply.scores
+
+
+def test_an_existing_file_of_another_kind_is_never_replaced(env):
+    photo = env.root / "other_photo.jpg"
+    photo.write_bytes(env.image.read_bytes())
+    classifier = env.root / "other_clf.pkl"
+    make_classifier(classifier)
+    before = snapshot(photo, classifier)
+    for target, kind in ((photo, "an image"), (classifier, "a pickle")):
+        details = refused(lambda t=target: extract(env, env.image, t), Code.FAILED_PRECONDITION)
+        assert str(target) in details and kind in details, details
+    assert snapshot(photo, classifier) == before
+    # Features replace features: extracting again is the ordinary case.
+    again = env.root / "again.featurevector"
+    extract(env, env.image, again)
+    first = again.read_bytes()
+    extract(env, env.image, again)
+    assert again.read_bytes()[:4] == first[:4] == b"PK\x03\x04"

@@ -463,3 +463,24 @@ def test_a_job_with_a_task_writing_over_its_input_runs_no_task(tmp_path, extract
         tasks.process_job(job)
     assert not (tmp_path / "a.featurevector").exists()
     assert second.read_bytes() == image_path.read_bytes()
+
+
+def test_a_classifier_never_replaces_a_feature_file_nor_features_an_image(tmp_path, workdir):
+    from spacer_core.exceptions import PreconditionError
+
+    labels = _labelled_features(workdir)
+    unrelated = tmp_path / "unrelated.featurevector"
+    first = json.loads(next(iter(labels)))["key"]
+    unrelated.write_bytes(open(first, "rb").read())
+    before = unrelated.read_bytes()
+    msg = _train_msg(workdir, labels, [])
+    msg.model_loc = data_classes.DataLocation("filesystem", str(unrelated))
+    with pytest.raises(PreconditionError, match=r"holds a feature file \(npz\); writing a pickle"):
+        tasks.train_classifier(msg)
+    assert unrelated.read_bytes() == before
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    features = data_classes.ImageFeatures.load(data_classes.DataLocation("filesystem", first))
+    with pytest.raises(PreconditionError, match="holds an image"):
+        features.store(data_classes.DataLocation("filesystem", str(photo)))
+    assert photo.read_bytes()[:3] == b"\xff\xd8\xff"
