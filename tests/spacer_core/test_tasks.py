@@ -484,3 +484,33 @@ def test_a_classifier_never_replaces_a_feature_file_nor_features_an_image(tmp_pa
     with pytest.raises(PreconditionError, match="holds an image"):
         features.store(data_classes.DataLocation("filesystem", str(photo)))
     assert photo.read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("roots", [None, "tmp"], ids=["any-path", "data-root"])
+def test_read_only_folders_refuse_every_write_and_delete(tmp_path, roots):
+    from spacer_core import storage
+    from spacer_core.exceptions import AccessDeniedError
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    served = repo / "clf.pkl"
+    served.write_bytes(b"\x80\x02served")
+    policy = storage.ClientPolicy(None if roots is None else [tmp_path], read_only=[repo])
+    where = data_classes.DataLocation("filesystem", str(served))
+    with storage.policy_scope(policy):
+        assert storage.load_bytes(where).getvalue() == b"\x80\x02served"
+        for call in (
+            lambda: storage.store_bytes(where, b"\x80\x02other"),
+            lambda: storage.store_bytes(data_classes.DataLocation("filesystem", str(repo / "a" / "b")), b"x"),
+            lambda: storage.delete_data(where),
+            lambda: storage.check_access(where, "write"),
+        ):
+            with pytest.raises(AccessDeniedError, match="read-only folder"):
+                call()
+        storage.store_bytes(data_classes.DataLocation("filesystem", str(tmp_path / "elsewhere.pkl")), b"ok")
+    assert served.read_bytes() == b"\x80\x02served" and sorted(p.name for p in repo.iterdir()) == ["clf.pkl"]
+    # The confined writer checks the path it walks, whatever the policy checked before.
+    confined = storage.ConfinedFileSystemStorage([tmp_path.resolve()], [repo.resolve()])
+    with pytest.raises(AccessDeniedError, match="read-only folder"):
+        confined.store(str(served), b"\x80\x02other")
+    assert served.read_bytes() == b"\x80\x02served"
