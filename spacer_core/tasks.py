@@ -229,11 +229,15 @@ def process_job(job_msg: JobMsg) -> JobReturnMsg:
         raise UnknownTaskError(
             f"Unknown task name {job_msg.task_name!r}; expected one of {sorted(TASK_FUNCTIONS)}."
         )
-    # Every task before the first runs, so a refused job has written nothing. Tasks
-    # are not compared with each other: they run in order, as pyspacer's do, and a
-    # later one may read, or replace, what an earlier one wrote.
+    # The outputs of every task are checked before the first runs, so a refused
+    # job has written nothing; the refusal is reported like a failed task. Tasks
+    # are not compared with each other: they run in order, as pyspacer's do, and
+    # a later one may read, or replace, what an earlier one wrote.
     for i, task in enumerate(job_msg.tasks):
-        check_task_outputs(task, f"tasks[{i}].")
+        try:
+            check_task_outputs(task, f"tasks[{i}].")
+        except Exception:
+            return _failed(job_msg, task.job_token)
     results = []
     for task in job_msg.tasks:
         cancellation.check()  # a call that ended runs no further task
@@ -241,7 +245,12 @@ def process_job(job_msg: JobMsg) -> JobReturnMsg:
             with config.log_entry_and_exit(f"{job_msg.task_name} [{task.job_token}]"):
                 results.append(run(task))
         except Exception:
-            error = traceback.format_exc()
-            logger.error("Job %r failed: %s", task.job_token, error)
-            return JobReturnMsg(original_job=job_msg, ok=False, results=None, error_message=error)
+            return _failed(job_msg, task.job_token)
     return JobReturnMsg(original_job=job_msg, ok=True, results=results, error_message=None)
+
+
+def _failed(job_msg: JobMsg, job_token: str) -> JobReturnMsg:
+    """The reply of a job whose task `job_token` failed, with the exception being handled."""
+    error = traceback.format_exc()
+    logger.error("Job %r failed: %s", job_token, error)
+    return JobReturnMsg(original_job=job_msg, ok=False, results=None, error_message=error)

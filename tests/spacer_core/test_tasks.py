@@ -446,8 +446,6 @@ def test_train_classifier_refuses_outputs_over_inputs_or_each_other(tmp_path, cl
 
 
 def test_a_job_with_a_task_writing_over_its_input_runs_no_task(tmp_path, extractor_json, image_path):
-    from spacer_core.exceptions import InvalidInputError
-
     first = tmp_path / "a.jpg"
     second = tmp_path / "b.jpg"
     for p in (first, second):
@@ -457,10 +455,11 @@ def test_a_job_with_a_task_writing_over_its_input_runs_no_task(tmp_path, extract
         _extract_json(extractor_json, second, second),
     ]
     job = messages.JobMsg.deserialize({"task_name": "extract_features", "tasks": job_tasks})
-    with pytest.raises(
-        InvalidInputError, match=r"tasks\[1\]\.feature_loc names the same location as tasks\[1\]\.image_loc"
-    ):
-        tasks.process_job(job)
+    reply = tasks.process_job(job)
+    assert not reply.ok and reply.results is None
+    assert "InvalidInputError: tasks[1].feature_loc names the same location as tasks[1].image_loc" in (
+        reply.error_message
+    )
     assert not (tmp_path / "a.featurevector").exists()
     assert second.read_bytes() == image_path.read_bytes()
 
