@@ -285,10 +285,12 @@ class ServerConfig:
         """What clients of this server may read and write (every storage type).
 
         Memory storage is never offered to clients: it is one store shared
-        by the whole process.
+        by the whole process. The model repository is read-only to them: the
+        models it serves are the operator's, not a client's to replace.
         """
         return ClientPolicy(
             self.effective_data_roots(),
+            read_only=[self.model_repository] if self.model_repository is not None else [],
             s3_buckets=self.s3_buckets or None,
             url_rules=UrlRules(
                 allow_private=self.allow_private_urls,

@@ -36,7 +36,7 @@ from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference.batcher import DEFAULT_PRIORITY
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, classifier_feature_dim
-from spacer_core.storage import load_bytes
+from spacer_core.storage import check_outputs, load_bytes
 from spacer_core.task_utils import check_classifier_provenance, check_extract_inputs, check_features
 
 T = TypeVar("T")
@@ -156,6 +156,14 @@ def load(job: ImageJob) -> Loaded:
     extractor's network (weights hash-checked): all admission needs to know."""
     start = time.time()
     name = job.label
+    if job.feature_loc is not None:
+        # Before any work: features stored over the image, weights or classifier would destroy them.
+        inputs: dict[str, DataLocation | None] = {
+            f"extractor.data_locations[{k!r}]": v for k, v in job.extractor.data_locations.items()
+        }
+        inputs["image_loc"] = job.image if isinstance(job.image, DataLocation) else None
+        inputs["classifier_loc"] = job.classifier_loc
+        check_outputs(inputs, {"feature_loc": job.feature_loc})
     data = read_image(job.image, name)
     points, (width, height) = _checked(data, job.rowcols, name)
     found = job.extractor.network()

@@ -15,7 +15,7 @@ import re
 import stat
 import sys
 import threading
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from io import BytesIO
 from pathlib import Path
@@ -29,6 +29,7 @@ from spacer_core.exceptions import (
     AccessDeniedError,
     InvalidInputError,
     MalformedURLError,
+    PreconditionError,
     SpacerError,
     StorageFileNotFoundError,
     StorageKeyError,
@@ -141,20 +142,27 @@ class ConfinedFileSystemStorage(FileSystemStorage):
     a link to an outside file passes every path check.
     """
 
-    def __init__(self, roots: Sequence[Path], *, allow_hard_links: bool = False):
+    def __init__(
+        self, roots: Sequence[Path], read_only: Sequence[Path] = (), *, allow_hard_links: bool = False
+    ):
         self.roots = tuple(roots)
+        self.read_only = tuple(read_only)
         self.allow_hard_links = allow_hard_links
 
     def _outside(self, key: str) -> AccessDeniedError:
         return AccessDeniedError(f"{key!r} is outside the allowed data roots", location=key)
 
     @contextlib.contextmanager
-    def _parent(self, key: str, create: bool = False) -> Iterator[tuple[int, str]]:
+    def _parent(self, key: str, create: bool = False, write: bool = False) -> Iterator[tuple[int, str]]:
         """(descriptor of the key's resolved parent directory, file name), the walk race-free."""
         real = Path(os.path.realpath(key))
         root = next((r for r in self.roots if real.is_relative_to(r)), None)
         if root is None:
             raise self._outside(key)
+        if write:
+            # Checked on the very path walked below, so a symlink swapped in
+            # after the policy's check cannot steer a write into these folders.
+            refuse_read_only(self.read_only, real, key)
         parts = real.relative_to(root).parts
         if not parts:
             raise IsADirectoryError(errno.EISDIR, "is a directory", key)
@@ -199,11 +207,11 @@ class ConfinedFileSystemStorage(FileSystemStorage):
         return _regular_file(fd, key, self.allow_hard_links)
 
     def store(self, key: str, stream: Payload) -> None:
-        with self._parent(key, create=True) as (dir_fd, name):
+        with self._parent(key, create=True, write=True) as (dir_fd, name):
             write_atomic_at(dir_fd, name, _payload_bytes(stream))
 
     def delete(self, key: str) -> None:
-        with self._parent(key) as (dir_fd, name):
+        with self._parent(key, write=True) as (dir_fd, name):
             os.unlink(name, dir_fd=dir_fd)
 
     def exists(self, key: str) -> bool:
@@ -413,9 +421,14 @@ class StoragePolicy:
 
     `url_rules` are the rules url storage fetches under while this policy is
     active; None keeps `URLStorage.default_rules`.
+
+    `read_only` are folders (resolved) whose files may be read but never
+    written or deleted, whatever `check` allows; the storage gate enforces
+    them for every policy (`refuse_read_only`).
     """
 
     url_rules: UrlRules | None = None
+    read_only: tuple[Path, ...] = ()
 
     def check(self, loc: Location, access: Access) -> None:
         """Raise AccessDeniedError when `access` to `loc` is not allowed."""
@@ -435,11 +448,26 @@ class StoragePolicy:
 ALLOW_ALL = StoragePolicy()
 
 
+def _resolved_folders(folders: Sequence[str | os.PathLike[str]]) -> tuple[Path, ...]:
+    return tuple(Path(os.path.realpath(f)) for f in folders)
+
+
+def refuse_read_only(read_only: Sequence[Path], real: Path, loc: Location | str) -> None:
+    """Raise AccessDeniedError when the resolved path `real` lies in one of the `read_only` folders."""
+    for folder in read_only:
+        if real.is_relative_to(folder):
+            key = loc.key if isinstance(loc, Location) else loc
+            raise AccessDeniedError(
+                f"{key!r} lies in a read-only folder: it may be read, not written", location=loc
+            )
+
+
 class DataRootsPolicy(StoragePolicy):
     """Filesystem locations only under the given directories (symlinks resolved).
 
-    Other storage types are left to `others` (allowed by default). A file
-    with more than one hard link is not read unless `allow_hard_links`: its
+    Other storage types are left to `others` (allowed by default). Files
+    under `read_only` folders may be read, never written or deleted.
+    A file with more than one hard link is not read unless `allow_hard_links`: its
     other name may lie outside the roots, and no path check can tell.
     """
 
@@ -448,12 +476,14 @@ class DataRootsPolicy(StoragePolicy):
         roots: Sequence[str | os.PathLike[str]],
         others: StoragePolicy = ALLOW_ALL,
         *,
+        read_only: Sequence[str | os.PathLike[str]] = (),
         allow_hard_links: bool = False,
     ):
         if not roots:
             raise ValueError("DataRootsPolicy needs at least one root")
         self.roots = tuple(Path(os.path.realpath(r)) for r in roots)
         self.others = others
+        self.read_only = _resolved_folders(read_only)
         self.allow_hard_links = allow_hard_links
 
     def check(self, loc: Location, access: Access) -> None:
@@ -467,8 +497,12 @@ class DataRootsPolicy(StoragePolicy):
             raise AccessDeniedError(f"{loc.key!r} is outside the allowed data roots", location=loc)
 
     def describe(self) -> str:
-        links = "" if self.allow_hard_links else " (hard-linked files refused)"
-        return "filesystem under " + ", ".join(map(str, self.roots)) + links
+        text = "filesystem under " + ", ".join(map(str, self.roots))
+        if self.read_only:
+            text += " (read-only: " + ", ".join(map(str, self.read_only)) + ")"
+        if not self.allow_hard_links:
+            text += " (hard-linked files refused)"
+        return text
 
     def filesystem_roots(self) -> tuple[Path, ...] | None:
         return self.roots
@@ -496,6 +530,8 @@ class ClientPolicy(StoragePolicy):
         since the process-wide memory store is shared by every caller.
     url_rules: what url locations may fetch (`UrlRules`; private addresses
         refused unless `allow_private`).
+    read_only: folders clients may read from but never write to (a served
+        model repository).
     allow_hard_links: read files under `roots` that have more than one hard
         link (off by default: see `DataRootsPolicy`).
     """
@@ -507,10 +543,14 @@ class ClientPolicy(StoragePolicy):
         s3_buckets: Sequence[str] | None = None,
         allow_memory: bool = False,
         url_rules: UrlRules = UrlRules(),  # noqa: B008 (frozen, shared safely)
+        read_only: Sequence[str | os.PathLike[str]] = (),
         allow_hard_links: bool = False,
     ):
+        self.read_only = _resolved_folders(read_only)
         self.filesystem = (
-            DataRootsPolicy(roots, allow_hard_links=allow_hard_links) if roots is not None else None
+            DataRootsPolicy(roots, read_only=read_only, allow_hard_links=allow_hard_links)
+            if roots is not None
+            else None
         )
         self.s3_buckets = frozenset(s3_buckets) if s3_buckets is not None else None
         self.allow_memory = allow_memory
@@ -540,6 +580,8 @@ class ClientPolicy(StoragePolicy):
 
     def describe(self) -> str:
         parts = [self.filesystem.describe() if self.filesystem else "filesystem anywhere"]
+        if self.read_only and self.filesystem is None:
+            parts.append("read-only " + ", ".join(map(str, self.read_only)))
         parts.append(
             "s3 buckets " + ", ".join(sorted(self.s3_buckets))
             if self.s3_buckets is not None
@@ -575,8 +617,79 @@ def check_access(loc: Location, access: Access) -> None:
     For code that must open a local file itself (a path handed to another
     library); everything else goes through the functions below, which check.
     """
+    _allowed(loc, access)
+
+
+def _allowed(loc: Location, access: Access) -> StoragePolicy:
+    """The checks every access passes, in one place: the key, the active policy, its read-only folders."""
     _check_key(loc)
-    active_policy().check(loc, access)
+    policy = active_policy()
+    policy.check(loc, access)
+    if access != "read" and policy.read_only and loc.storage_type == "filesystem":
+        refuse_read_only(policy.read_only, Path(os.path.realpath(loc.key)), loc)
+    return policy
+
+
+# --- outputs of one request ----------------------------------------------------
+
+# A request's locations by field name: one location, or several under one name
+# (the feature files of a label set, a list of previous models).
+NamedLocations = Mapping[str, "Location | Iterable[Location] | None"]
+
+
+def normalised(loc: Location) -> tuple[str, str, str]:
+    """What `loc` names, for comparing locations: storage type, bucket, and the key
+    (a filesystem key with `..` and every symlink resolved)."""
+    key = loc.key
+    if loc.storage_type == "filesystem" and isinstance(key, str) and key and "\0" not in key:
+        key = os.path.realpath(key)
+    return (loc.storage_type, loc.bucket_name or "", key)
+
+
+def _named(fields: NamedLocations) -> Iterator[tuple[str, Location]]:
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if isinstance(value, Location):
+            yield name, value
+        else:
+            yield from ((name, loc) for loc in value)
+
+
+def check_outputs(inputs: NamedLocations, outputs: NamedLocations) -> None:
+    """Refuse a request whose outputs name one of its inputs or each other.
+
+    An output written over an input destroys the data the request reads
+    (or has just read), and two outputs at one place leave only the last.
+    Each output is first checked against the active policy for writing, so
+    the comparison never speaks about a location the caller may not write.
+    Raises InvalidInputError naming both fields.
+    """
+    seen: dict[tuple[str, str, str], str] = {}
+    written: dict[tuple[str, str, str], Location] = {}
+    for name, loc in _named(outputs):
+        require_writable(loc)
+        check_access(loc, "write")
+        where = normalised(loc)
+        if where in seen:
+            raise InvalidInputError(
+                f"{name} and {seen[where]} name the same location {loc.describe()!r}: "
+                "each output needs a location of its own",
+                location=loc,
+            )
+        seen[where] = name
+        written[where] = loc
+    if not seen:
+        return
+    for name, loc in _named(inputs):
+        where = normalised(loc)
+        output = seen.get(where)
+        if output is not None:
+            raise InvalidInputError(
+                f"{output} names the same location as {name} ({loc.describe()!r}): "
+                "an output may not overwrite an input of the same request",
+                location=written[where],
+            )
 
 
 # The bucket names boto accepts (legacy names included); it refuses others
@@ -646,17 +759,17 @@ _BAD_PATH_ERRNOS = {
 @contextlib.contextmanager
 def _access(loc: Location, access: Access) -> Iterator[Storage]:
     """The one gate to storage: checks the policy, then maps store errors to library ones."""
-    _check_key(loc)
     _check_file_key(loc)
     if loc.storage_type == "url":
         _check_url(loc)
-    policy = active_policy()
-    policy.check(loc, access)
+    policy = _allowed(loc, access)
     storage = storage_factory(loc.storage_type, loc.bucket_name)
     roots = policy.filesystem_roots() if loc.storage_type == "filesystem" else None
     if roots is not None:
         # Opened from the roots without following a symlink after the check.
-        storage = ConfinedFileSystemStorage(roots, allow_hard_links=policy.hard_links_allowed())
+        storage = ConfinedFileSystemStorage(
+            roots, policy.read_only, allow_hard_links=policy.hard_links_allowed()
+        )
     if isinstance(storage, URLStorage) and policy.url_rules is not None:
         storage = URLStorage(policy.url_rules)
     try:
@@ -772,11 +885,67 @@ def require_writable(loc: Location) -> None:
         raise InvalidInputError(f"{loc.describe()}: {loc.storage_type} storage is read-only", location=loc)
 
 
+# What the leading bytes of a file say it holds. Only kinds the library reads
+# or writes are named; a file of no known kind may be replaced by anything.
+_IMAGE = "an image"
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", _IMAGE),
+    (b"\x89PNG\r\n\x1a\n", _IMAGE),
+    (b"GIF8", _IMAGE),
+    (b"II*\x00", _IMAGE),
+    (b"MM\x00*", _IMAGE),
+    (b"PK\x03\x04", "a feature file (npz)"),
+    *((b"\x80" + bytes([protocol]), "a pickle (a classifier)") for protocol in range(2, 6)),
+)
+
+
+# Feature files were JSON before pyspacer 0.6: features stored anew may replace them.
+_FEATURE_FORMATS = {"JSON", "a feature file (npz)"}
+
+
+def content_kind(head: bytes | bytearray | memoryview) -> str | None:
+    """What data starting with `head` holds, as a phrase ("an image", ...); None: no known kind."""
+    head = bytes(head[:16])
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return _IMAGE
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON"
+    return None
+
+
+def _refuse_other_kind(storage: Storage, loc: Location, data: bytes | bytearray | memoryview) -> None:
+    """Refuse to replace a local file of one known kind with data of another.
+
+    A feature file written over an image, or a classifier over a feature
+    file, is a mistaken (or hostile) location, and the old content is lost
+    for good; a file replaced by its own kind (features re-extracted, a
+    classifier retrained) is the ordinary case.
+    """
+    if not isinstance(storage, FileSystemStorage):
+        return
+    try:
+        with storage.open(loc.key) as f:
+            head = f.read(16)
+    except (OSError, SpacerError):
+        return  # nothing there (or nothing readable): the write decides
+    old, new = content_kind(head), content_kind(data)
+    if old is not None and new is not None and {old, new} - _FEATURE_FORMATS and old != new:
+        raise PreconditionError(
+            f"{loc.describe()!r} holds {old}; writing {new} there would destroy it: choose another location",
+            location=loc,
+        )
+
+
 def store_bytes(loc: Location, data: Payload) -> None:
-    """Save ``data`` at ``loc``."""
+    """Save ``data`` at ``loc``; an existing local file of another kind is never replaced."""
     require_writable(loc)
     with _access(loc, "write") as storage:
-        storage.store(loc.key, data)
+        payload = _payload_bytes(data)
+        _refuse_other_kind(storage, loc, payload)
+        storage.store(loc.key, payload)
 
 
 def delete_data(loc: Location) -> None:

@@ -28,6 +28,7 @@ from spacer_core.messages import (
 )
 from spacer_core.storage import (
     check_access,
+    check_outputs,
     require_writable,
     store_classifier,
 )  # noqa: F401  (pyspacer names)
@@ -58,8 +59,43 @@ def _job(
     )
 
 
+def task_locations(msg: Any, prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(inputs, outputs) of a task message, by field name (`prefix` before each name)."""
+    inputs: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+    extractor = getattr(msg, "extractor", None)
+    if extractor is not None:
+        for key, loc in getattr(extractor, "data_locations", {}).items():
+            inputs[f"{prefix}extractor.data_locations[{key!r}]"] = loc
+    for name in ("image_loc", "classifier_loc"):
+        if getattr(msg, name, None) is not None:
+            inputs[prefix + name] = getattr(msg, name)
+    if isinstance(msg, ExtractFeaturesMsg):
+        outputs[prefix + "feature_loc"] = msg.feature_loc
+    elif isinstance(msg, ClassifyFeaturesMsg):
+        inputs[prefix + "feature_loc"] = msg.feature_loc
+    elif isinstance(msg, TrainClassifierMsg):
+        labels = msg.labels
+        if isinstance(labels, ImageLabels):
+            inputs[prefix + "labels"] = list(labels.keys())
+        else:
+            for part in ("train", "ref", "val"):
+                inputs[f"{prefix}labels.{part}"] = list(getattr(labels, part).keys())
+        inputs[prefix + "previous_model_locs"] = msg.previous_model_locs
+        outputs[prefix + "model_loc"] = msg.model_loc
+        outputs[prefix + "valresult_loc"] = msg.valresult_loc
+    return inputs, outputs
+
+
+def check_task_outputs(msg: Any, prefix: str = "") -> None:
+    """Refuse a task message whose outputs name one of its inputs or each other
+    (`storage.check_outputs`; `prefix` goes before each field name)."""
+    check_outputs(*task_locations(msg, prefix))
+
+
 def extract_features(msg: ExtractFeaturesMsg) -> ExtractFeaturesReturnMsg:
     """Load the image, check limits and points, extract features and store them."""
+    # The pipeline refuses a feature_loc naming one of the job's inputs (`pipeline.load`).
     result = pipeline.run(_job(msg, feature_loc=msg.feature_loc))
     return ExtractFeaturesReturnMsg(extractor_loaded_remotely=result.loaded_remotely, runtime=result.runtime)
 
@@ -75,6 +111,7 @@ def train_classifier(
     """
     limits.current().check_task(msg)  # epochs and layers, before any feature is read
     _check_training_access(msg)  # every location, before any work
+    check_task_outputs(msg)
     labels = preprocess_labels(msg.labels)
     logger.debug(
         "Label counts: train=%d ref=%d val=%d; classes in ref: %d",
@@ -192,6 +229,15 @@ def process_job(job_msg: JobMsg) -> JobReturnMsg:
         raise UnknownTaskError(
             f"Unknown task name {job_msg.task_name!r}; expected one of {sorted(TASK_FUNCTIONS)}."
         )
+    # The outputs of every task are checked before the first runs, so a refused
+    # job has written nothing; the refusal is reported like a failed task. Tasks
+    # are not compared with each other: they run in order, as pyspacer's do, and
+    # a later one may read, or replace, what an earlier one wrote.
+    for i, task in enumerate(job_msg.tasks):
+        try:
+            check_task_outputs(task, f"tasks[{i}].")
+        except Exception:
+            return _failed(job_msg, task.job_token)
     results = []
     for task in job_msg.tasks:
         cancellation.check()  # a call that ended runs no further task
@@ -199,7 +245,12 @@ def process_job(job_msg: JobMsg) -> JobReturnMsg:
             with config.log_entry_and_exit(f"{job_msg.task_name} [{task.job_token}]"):
                 results.append(run(task))
         except Exception:
-            error = traceback.format_exc()
-            logger.error("Job %r failed: %s", task.job_token, error)
-            return JobReturnMsg(original_job=job_msg, ok=False, results=None, error_message=error)
+            return _failed(job_msg, task.job_token)
     return JobReturnMsg(original_job=job_msg, ok=True, results=results, error_message=None)
+
+
+def _failed(job_msg: JobMsg, job_token: str) -> JobReturnMsg:
+    """The reply of a job whose task `job_token` failed, with the exception being handled."""
+    error = traceback.format_exc()
+    logger.error("Job %r failed: %s", job_token, error)
+    return JobReturnMsg(original_job=job_msg, ok=False, results=None, error_message=error)

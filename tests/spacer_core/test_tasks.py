@@ -365,3 +365,151 @@ def test_process_job_runs_tasks_and_stops_at_first_failure(workdir, extractor_js
 def test_process_job_rejects_unknown_task():
     with pytest.raises(ValueError, match="paint_reef"):
         tasks.process_job(messages.JobMsg.deserialize({"task_name": "paint_reef", "tasks": []}))
+
+
+# --- outputs may name neither an input nor each other ----------------------------
+
+
+def _extract_json(extractor_json, image, features) -> dict:
+    return {
+        "job_token": "overwrite",
+        "extractor": extractor_json,
+        "rowcols": [[10, 10]],
+        "image_loc": loc(image),
+        "feature_loc": loc(features),
+    }
+
+
+def _train_json(features: list, model, valresult, previous=()) -> dict:
+    part = {json.dumps(loc(f)): [[1, 1, "Sand"]] for f in features}
+    return {
+        "job_token": "overwrite",
+        "trainer": {"class_path": "spacer.train_classifier.MiniBatchTrainer"},
+        "nbr_epochs": 1,
+        "clf_type": "LR",
+        "labels": {"train": part, "ref": part, "val": part},
+        "previous_model_locs": [loc(p) for p in previous],
+        "model_loc": loc(model),
+        "valresult_loc": loc(valresult),
+        "feature_cache_dir": "auto",
+    }
+
+
+def test_extract_features_refuses_to_write_over_its_image_or_weights(tmp_path, extractor_json, image_path):
+    from spacer_core.exceptions import InvalidInputError
+
+    image = tmp_path / "reef.jpg"
+    image.write_bytes(image_path.read_bytes())
+    before = image.read_bytes()
+    # The same file under another spelling (`..`, a symlink) is the same location.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "alias.jpg").symlink_to(image)
+    weights = extractor_json["data_locations"]["weights"]["key"]
+    weights_before = open(weights, "rb").read()
+    for target, field in (
+        (image, "image_loc"),
+        (tmp_path / "sub" / ".." / "reef.jpg", "image_loc"),
+        (tmp_path / "alias.jpg", "image_loc"),
+        (weights, r"extractor.data_locations\['weights'\]"),
+    ):
+        msg = messages.ExtractFeaturesMsg.deserialize(_extract_json(extractor_json, image, target))
+        with pytest.raises(InvalidInputError, match=rf"feature_loc names the same location as {field}"):
+            tasks.extract_features(msg)
+    assert image.read_bytes() == before
+    assert open(weights, "rb").read() == weights_before
+
+
+def test_train_classifier_refuses_outputs_over_inputs_or_each_other(tmp_path, classifier_path):
+    from spacer_core.exceptions import InvalidInputError
+
+    features = [tmp_path / f"f{i}.featurevector" for i in range(3)]
+    for f in features:
+        f.write_bytes(b'{"point_features": []}')
+    previous = tmp_path / "previous.pkl"
+    previous.write_bytes(classifier_path.read_bytes())
+    cases = [
+        (_train_json(features, features[1], tmp_path / "v.json"), r"model_loc .* labels\.train"),
+        (_train_json(features, tmp_path / "m.pkl", features[0]), r"valresult_loc .* labels\.train"),
+        (_train_json(features, tmp_path / "same", tmp_path / "same"), "valresult_loc and model_loc"),
+        (
+            _train_json(features, previous, tmp_path / "v.json", [previous]),
+            "model_loc .* previous_model_locs",
+        ),
+    ]
+    for msg_json, pattern in cases:
+        msg = messages.TrainClassifierMsg.deserialize(msg_json)
+        with pytest.raises(InvalidInputError, match=pattern):
+            tasks.train_classifier(msg)
+    assert all(f.read_bytes() == b'{"point_features": []}' for f in features)
+    assert previous.read_bytes() == classifier_path.read_bytes()
+    assert not (tmp_path / "same").exists() and not (tmp_path / "m.pkl").exists()
+
+
+def test_a_job_with_a_task_writing_over_its_input_runs_no_task(tmp_path, extractor_json, image_path):
+    first = tmp_path / "a.jpg"
+    second = tmp_path / "b.jpg"
+    for p in (first, second):
+        p.write_bytes(image_path.read_bytes())
+    job_tasks = [
+        _extract_json(extractor_json, first, tmp_path / "a.featurevector"),
+        _extract_json(extractor_json, second, second),
+    ]
+    job = messages.JobMsg.deserialize({"task_name": "extract_features", "tasks": job_tasks})
+    reply = tasks.process_job(job)
+    assert not reply.ok and reply.results is None
+    assert "InvalidInputError: tasks[1].feature_loc names the same location as tasks[1].image_loc" in (
+        reply.error_message
+    )
+    assert not (tmp_path / "a.featurevector").exists()
+    assert second.read_bytes() == image_path.read_bytes()
+
+
+def test_a_classifier_never_replaces_a_feature_file_nor_features_an_image(tmp_path, workdir):
+    from spacer_core.exceptions import PreconditionError
+
+    labels = _labelled_features(workdir)
+    unrelated = tmp_path / "unrelated.featurevector"
+    first = json.loads(next(iter(labels)))["key"]
+    unrelated.write_bytes(open(first, "rb").read())
+    before = unrelated.read_bytes()
+    msg = _train_msg(workdir, labels, [])
+    msg.model_loc = data_classes.DataLocation("filesystem", str(unrelated))
+    with pytest.raises(PreconditionError, match=r"holds a feature file \(npz\); writing a pickle"):
+        tasks.train_classifier(msg)
+    assert unrelated.read_bytes() == before
+    photo = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    features = data_classes.ImageFeatures.load(data_classes.DataLocation("filesystem", first))
+    with pytest.raises(PreconditionError, match="holds an image"):
+        features.store(data_classes.DataLocation("filesystem", str(photo)))
+    assert photo.read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+@pytest.mark.parametrize("roots", [None, "tmp"], ids=["any-path", "data-root"])
+def test_read_only_folders_refuse_every_write_and_delete(tmp_path, roots):
+    from spacer_core import storage
+    from spacer_core.exceptions import AccessDeniedError
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    served = repo / "clf.pkl"
+    served.write_bytes(b"\x80\x02served")
+    policy = storage.ClientPolicy(None if roots is None else [tmp_path], read_only=[repo])
+    where = data_classes.DataLocation("filesystem", str(served))
+    with storage.policy_scope(policy):
+        assert storage.load_bytes(where).getvalue() == b"\x80\x02served"
+        for call in (
+            lambda: storage.store_bytes(where, b"\x80\x02other"),
+            lambda: storage.store_bytes(data_classes.DataLocation("filesystem", str(repo / "a" / "b")), b"x"),
+            lambda: storage.delete_data(where),
+            lambda: storage.check_access(where, "write"),
+        ):
+            with pytest.raises(AccessDeniedError, match="read-only folder"):
+                call()
+        storage.store_bytes(data_classes.DataLocation("filesystem", str(tmp_path / "elsewhere.pkl")), b"ok")
+    assert served.read_bytes() == b"\x80\x02served" and sorted(p.name for p in repo.iterdir()) == ["clf.pkl"]
+    # The confined writer checks the path it walks, whatever the policy checked before.
+    confined = storage.ConfinedFileSystemStorage([tmp_path.resolve()], [repo.resolve()])
+    with pytest.raises(AccessDeniedError, match="read-only folder"):
+        confined.store(str(served), b"\x80\x02other")
+    assert served.read_bytes() == b"\x80\x02served"
