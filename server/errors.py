@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,23 +266,18 @@ def request_locations(message: Any) -> list[FieldLocation]:
                 walk(value, name)
 
     if hasattr(message, "DESCRIPTOR"):
-        if message.DESCRIPTOR.full_name == "inference.ModelInferRequest":
-            return _inference_locations(message)
+        reader = _LOCATION_READERS.get(message.DESCRIPTOR.full_name)
+        if reader is not None:
+            return reader(message)
         walk(message, "")
     return found
 
 
-def _inference_locations(request: Any) -> list[FieldLocation]:
-    """The location an OIP inference request names in its IMAGE_PATH input, as its field."""
-    from server.oip.models import location_from_text  # late: the OIP package imports this module
+# Readers of the locations in requests of other protocols, by message name: a
+# protocol package registers its own here, so this module needs none of them.
+_LOCATION_READERS: dict[str, Callable[[Any], list[FieldLocation]]] = {}
 
-    found: list[FieldLocation] = []
-    for tensor in request.inputs:
-        if tensor.name == "IMAGE_PATH" and tensor.contents.bytes_contents:
-            text = tensor.contents.bytes_contents[0].decode("utf-8", errors="replace")
-            try:
-                loc: DataLocation | None = location_from_text(text)
-            except Exception:  # the request itself is refused; nothing to match
-                loc = None
-            found.append(FieldLocation("input 'IMAGE_PATH'", loc, text))
-    return found
+
+def register_location_reader(message_name: str, reader: Callable[[Any], list[FieldLocation]]) -> None:
+    """Let `request_locations` read requests of type `message_name` with `reader`."""
+    _LOCATION_READERS[message_name] = reader

@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 
-from server.errors import RequestError, invalid
+from server.errors import FieldLocation, RequestError, invalid, register_location_reader
 from server.oip.tensors import TensorSpec
 from spacer_core.data_classes import DataLocation, parse_json
 from spacer_core.exceptions import InvalidInputError
@@ -383,3 +383,20 @@ class Registry:
         if model.source == "config":
             del self._models[name]
         return model
+
+
+def inference_locations(request: Any) -> list[FieldLocation]:
+    """The location an OIP inference request names in its IMAGE_PATH input, as its field."""
+    found: list[FieldLocation] = []
+    for tensor in request.inputs:
+        if tensor.name == "IMAGE_PATH" and tensor.contents.bytes_contents:
+            text = tensor.contents.bytes_contents[0].decode("utf-8", errors="replace")
+            try:
+                loc: DataLocation | None = location_from_text(text)
+            except Exception:  # the request itself is refused; nothing to match
+                loc = None
+            found.append(FieldLocation("input 'IMAGE_PATH'", loc, text))
+    return found
+
+
+register_location_reader("inference.ModelInferRequest", inference_locations)
