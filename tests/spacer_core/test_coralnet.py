@@ -98,8 +98,10 @@ def test_a_persons_labels_stay_whatever_the_score(classified):
     given = [(r, t) for r, t in zip(rows, table) if r.given]
     assert len(given) == 8  # every third of 24 points
     assert all(t["Label"] == PERSON for _, t in given)
-    # Accepted stays the classifier's verdict; a person's label is kept on either side of it.
-    assert {t["Accepted"] for _, t in given} == {"yes", "no"}
+    # Accepted says a person set these Labels; the classifier's verdict, on either side of the
+    # threshold, does not touch them.
+    assert {t["Accepted"] for _, t in given} == {"person"}
+    assert {r.accepted for r, _ in given} == {True, False}
     assert all(r.label in ("CCA", "Porit", "Sand") for r, _ in given)
 
 
