@@ -79,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
         failed = {f.file for f in failures}
         images = [p for p in images if str(p.resolve()) not in failed]
     coralnet.write_results(args.out, rows)
-    accepted = sum(r.accepted for r in rows)
+    # A person's label is kept whatever the score, so it is counted apart from the machine's.
+    person = sum(bool(r.given) for r in rows)
+    accepted = sum(r.accepted and not r.given for r in rows)
     summary: dict[str, Any] = {
         "results": str(args.out),
         "images": len(images),
         "points": len(rows),
         "accepted": accepted,
+        "person": person,
         "threshold": args.threshold,
         "classes": classes,
         "rows": common.rows_json(rows),
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     share = accepted / len(rows) * 100 if rows else 0.0
     lines = [
         f"classified {len(rows)} points of {len(images)} images: {accepted} ({share:.1f}%) scored"
-        f" >= {args.threshold:g} and can be accepted without review",
+        f" >= {args.threshold:g} and can be accepted without review"
+        + (f"; {person} keep the label a person gave" if person else ""),
         *common.results_table(rows),
         f"results: {args.out}",
     ]

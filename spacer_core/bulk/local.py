@@ -51,7 +51,7 @@ from spacer_core.exceptions import InvalidInputError, SpacerError
 from spacer_core.extractors import EfficientNetExtractor, FeatureExtractor
 from spacer_core.inference.backends import available_cpus, one_session
 from spacer_core.inference.network import NetworkSpec
-from spacer_core.runtime import Runtime, RuntimeSettings
+from spacer_core.runtime import Runtime, RuntimeSettings, current
 from spacer_core.storage import ALLOW_ALL, StoragePolicy, data_exists, load_bytes, store_bytes
 from spacer_core.survey import coralnet
 
@@ -87,11 +87,13 @@ def weights_extractor(weights: str | Path) -> EfficientNetExtractor:
 
 @dataclass(frozen=True)
 class BulkImage:
-    """One image of a manifest: its Name as written, where it is read from, its points."""
+    """One image of a manifest: its Name as written, where it is read from, its points, and the
+    labels a person gave some of them in the manifest's Label column ((row, col, label))."""
 
     name: str
     location: DataLocation
     rowcols: tuple[RowCol, ...]
+    labels: tuple[tuple[int, int, str], ...] = ()
 
     @property
     def file_name(self) -> str:
@@ -153,7 +155,16 @@ def plan(manifest: str | Path, shard: int = 0, shards: int = 1) -> list[BulkImag
             f"{path}: Names {clash[0]!r} and {clash[1]!r} end in the same file name"
             f" {file_name(clash[0])!r}; outputs are named after it"
         )
-    items = [BulkImage(name, location_for(name, path.parent), tuple(rc)) for name, rc in points.items()]
+    labels = coralnet.read_point_labels(path)
+    items = [
+        BulkImage(
+            name,
+            location_for(name, path.parent),
+            tuple(rc),
+            tuple((r, c, label) for (r, c), label in labels.get(name, {}).items()),
+        )
+        for name, rc in points.items()
+    ]
     return items[shard::shards]
 
 
@@ -341,6 +352,7 @@ def record(task: BulkTask, item: BulkImage, result: pipeline.ImageResult) -> Out
             "rowcols": [list(rc) for rc in result.rowcols],
             "classes": result.classes,
             "scores": result.scores.tolist(),
+            "source": scores_source(task),
         }
         store_bytes(task.output(item), json.dumps(part).encode("utf-8"))
     return Outcome(item.name, True, len(result.rowcols), result.runtime)
@@ -370,23 +382,51 @@ def process_image(task: BulkTask, item: BulkImage, rt: Runtime) -> Outcome:
 # ---------------------------------------------------------------- resume, summary, results
 
 
+def scores_source(task: BulkTask) -> dict[str, str]:
+    """What scores are made with now: the classifier file's sha256 and the extractor and its weights.
+
+    A scores part records this, so a rerun after the classifier or the weights
+    changed (another path, or the same path rewritten) scores the image again.
+    """
+    assert task.classifier is not None
+    loc = task.classifier
+    if loc.storage_type == "filesystem":
+        sha = current().file_hashes.sha256(loc.key)  # remembered per file version: read once per run
+    else:
+        sha = hashlib.sha256(load_bytes(loc).getvalue()).hexdigest()
+    return {"classifier_sha256": sha, **task.extractor.feature_provenance([], []).source()}
+
+
+def drop_failed_parts(task: BulkTask, items: Sequence[BulkImage], outcomes: Mapping[str, Outcome]) -> None:
+    """Remove the scores parts of images that failed in this run, so no later run builds rows from them."""
+    if task.kind != "classify":
+        return
+    for item in items:
+        outcome = outcomes.get(item.name)
+        if outcome is not None and not outcome.ok:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(task.output(item).key)
+
+
 def split_done(
     task: BulkTask, items: Sequence[BulkImage], rt: Runtime
 ) -> tuple[list[BulkImage], list[Outcome]]:
     """(images still to do, outcomes of those already done); all to do with overwrite.
 
     An output counts as done only when it was made for the image's current
-    points and, for feature files, by the current extractor and weights; a
-    feature file of unknown origin (pyspacer's) counts as done when its points
-    match. Anything else is computed again.
+    points and by the current extractor and weights, and for scores parts
+    also by the current classifier file (its sha256); a feature file of
+    unknown origin (pyspacer's) counts as done when its points match.
+    Anything else is computed again.
     """
     if task.overwrite:
         return list(items), []
     todo, done = [], []
     with rt.activate():
-        current = _current_source(task)
+        now = _current_source(task)
+        scoring = _current_scores_source(task) if task.kind == "classify" else None
         for item in items:
-            if _output_current(task, item, current):
+            if _output_current(task, item, now, scoring):
                 done.append(Outcome(item.name, True, len(item.rowcols), skipped=True))
             else:
                 todo.append(item)
@@ -401,7 +441,20 @@ def _current_source(task: BulkTask) -> FeatureProvenance | None:
         return None  # every image is tried again, and fails with its own error
 
 
-def _output_current(task: BulkTask, item: BulkImage, current: FeatureProvenance | None) -> bool:
+def _current_scores_source(task: BulkTask) -> dict[str, str] | None:
+    """`scores_source` now (None if the classifier or the weights cannot be read)."""
+    try:
+        return scores_source(task)
+    except (SpacerError, OSError):
+        return None  # every image is tried again, and fails with its own error
+
+
+def _output_current(
+    task: BulkTask,
+    item: BulkImage,
+    now: FeatureProvenance | None,
+    scoring: dict[str, str] | None = None,
+) -> bool:
     output = task.output(item)
     if not data_exists(output):
         return False
@@ -410,7 +463,11 @@ def _output_current(task: BulkTask, item: BulkImage, current: FeatureProvenance 
     try:
         if task.kind == "classify":
             part = json.loads(load_bytes(output).getvalue())
-            return bool([tuple(rc) for rc in part["rowcols"]] == [tuple(rc) for rc in item.rowcols])
+            return (
+                scoring is not None
+                and part.get("source") == scoring
+                and [tuple(rc) for rc in part["rowcols"]] == [tuple(rc) for rc in item.rowcols]
+            )
         made = ImageFeatures.load_provenance(output)  # reads the provenance member alone
         if made is None:
             # Unknown origin: only the points can be checked, from the file itself.
@@ -421,11 +478,7 @@ def _output_current(task: BulkTask, item: BulkImage, current: FeatureProvenance 
                 and features.rows.tolist() == rows
                 and features.cols.tolist() == cols
             )
-        return (
-            current is not None
-            and made.same_source(current)
-            and made.points_sha256 == points_sha256(rows, cols)
-        )
+        return now is not None and made.same_source(now) and made.points_sha256 == points_sha256(rows, cols)
     except (SpacerError, ValueError, KeyError, TypeError):
         return False  # an unreadable output is made again
 
@@ -486,8 +539,9 @@ def result_rows(
     given: Mapping[str, Mapping[tuple[int, int], str]] | None = None,
 ) -> tuple[list[coralnet.ResultRow], list[str]]:
     """The results rows from every image's scores part, in manifest order (images that failed
-    left out), and the classifier's classes (empty when no image was scored). `given` holds
-    labels a person gave some points, by image file name (see `coralnet.result_rows`)."""
+    left out), and the classifier's classes (empty when no image was scored). A person's labels
+    are the manifest's (`BulkImage.labels`) and those in `given`, by image file name, which
+    win where both label a point (see `coralnet.result_rows`)."""
     rows: list[coralnet.ResultRow] = []
     classes: list[str] = []
     with rt.activate():
@@ -498,14 +552,11 @@ def result_rows(
             part = json.loads(load_bytes(task.output(item)).getvalue())
             rowcols = [(int(r), int(c)) for r, c in part["rowcols"]]
             classes = [str(c) for c in part["classes"]]
+            labels = {(r, c): label for r, c, label in item.labels}
+            labels.update((given or {}).get(item.file_name, {}))
             # CoralNet knows an image by its file name, not by the path the manifest reads it from.
             rows += coralnet.result_rows(
-                item.file_name,
-                rowcols,
-                classes,
-                part["scores"],
-                task.threshold,
-                (given or {}).get(item.file_name),
+                item.file_name, rowcols, classes, part["scores"], task.threshold, labels
             )
     return rows, classes
 
@@ -529,6 +580,7 @@ def conclude(
     """Write the results CSV (classify) and the summary of a finished run."""
     by_name = {o.name: o for o in outcomes}
     summary = Summary(task, engine, list(items), by_name, 0.0)
+    drop_failed_parts(task, items, by_name)
     if task.kind == "classify":
         summary.results = write_results(task, items, by_name, rt)
     summary.seconds = time.monotonic() - start
@@ -648,6 +700,7 @@ def run(
             summary = Summary(
                 task, "local", list(items), outcomes_by_name, time.monotonic() - start, interrupted=True
             )
+            drop_failed_parts(task, items, outcomes_by_name)
             write_summary(summary, rt)  # no results CSV: it would hold only part of the survey
             raise BulkInterrupted(summary) from None
         return conclude(task, "local", items, tally.outcomes, start, rt)

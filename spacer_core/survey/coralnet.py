@@ -54,6 +54,8 @@ _LABEL_ALIASES = ("Label", "Label code", "Label ID")
 # CoralNet keeps and exports five machine suggestions per point.
 SUGGESTIONS = 5
 SUGGESTION, CONFIDENCE = "Machine suggestion", "Machine confidence"
+# The results CSV's Accepted column says who set a point's Label; `person` marks a person's label.
+ACCEPTED, ACCEPTED_PERSON = "Accepted", "person"
 
 
 class CsvFormatError(InvalidInputError):
@@ -204,16 +206,25 @@ def read_point_labels(path: str | Path) -> dict[str, dict[tuple[int, int], str]]
     """{image name: {(row, col): label}} for the points of a points CSV that a person labelled.
 
     Points with an empty Label, and every point of a file without a Label
-    column, are absent: nobody has labelled them. These labels stay in the
-    results CSV whatever the classifier scores, so uploading it keeps them.
+    column, are absent: nobody has labelled them. In a file with an Accepted
+    column (a results CSV fed back in) only rows whose Accepted is `person`
+    hold a person's label; a machine suggestion accepted by a threshold
+    (`yes`) is scored again. These labels stay in the results CSV whatever
+    the classifier scores, so uploading it keeps them.
     """
     path = Path(path)
     names = _header_names(path)
     if names and not any(a.lower() in names for a in _LABEL_ALIASES):
         return {}
+    wanted: tuple[str, ...] = (NAME, ROW, COLUMN, LABEL)
+    by_machine = ACCEPTED.lower() in names
+    if by_machine:
+        wanted += (ACCEPTED,)
     out: dict[str, dict[tuple[int, int], str]] = {}
-    for line, cells in _rows(path, (NAME, ROW, COLUMN, LABEL), may_be_empty=(LABEL,)):
+    for line, cells in _rows(path, wanted, may_be_empty=(LABEL, ACCEPTED)):
         label = cells[LABEL].strip()
+        if by_machine and cells[ACCEPTED].strip().lower() != ACCEPTED_PERSON:
+            continue
         if label:
             point = (_pixel(path, line, ROW, cells[ROW]), _pixel(path, line, COLUMN, cells[COLUMN]))
             out.setdefault(cells[NAME].strip(), {})[point] = label
@@ -253,6 +264,13 @@ class ResultRow:
     given: str = ""
 
     @property
+    def accepted_text(self) -> str:
+        """The results CSV's Accepted: who set the Label (`person`, `yes` for the machine, `no` for nobody)."""
+        if self.given:
+            return ACCEPTED_PERSON
+        return "yes" if self.accepted else "no"
+
+    @property
     def upload_label(self) -> str:
         """The results CSV's Label: a person's label, else the best label if accepted, else ''."""
         if self.given:
@@ -286,7 +304,7 @@ def result_rows(
 
 def results_header() -> list[str]:
     """Columns of the results CSV: CoralNet's upload columns, Score and Accepted, then its suggestion columns."""
-    header = [NAME, ROW, COLUMN, LABEL, "Score", "Accepted"]
+    header = [NAME, ROW, COLUMN, LABEL, "Score", ACCEPTED]
     for i in range(1, SUGGESTIONS + 1):
         header += [f"{SUGGESTION} {i}", f"{CONFIDENCE} {i}"]
     return header
@@ -305,8 +323,7 @@ def write_results(path: str | Path, rows: Iterable[ResultRow]) -> None:
     """
 
     def cells(r: ResultRow) -> list[object]:
-        accepted = "yes" if r.accepted else "no"
-        out: list[object] = [r.name, r.row, r.col, r.upload_label, f"{r.score:.4f}", accepted]
+        out: list[object] = [r.name, r.row, r.col, r.upload_label, f"{r.score:.4f}", r.accepted_text]
         for i in range(SUGGESTIONS):
             label, score = r.suggestions[i] if i < len(r.suggestions) else ("", None)
             out += [label, "" if score is None else _percent(score)]

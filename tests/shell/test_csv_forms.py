@@ -244,8 +244,9 @@ def test_labels_a_person_gave_in_points_stay_whatever_the_score(trained, capsys,
         assert row["given"] == given.get(point, "")
         assert t["Machine suggestion 1"] == row["label"]  # the machine's guess is still reported
     assert summary["accepted"] == sum(t["Accepted"] == "yes" for t in table)
+    assert summary["person"] == sum(t["Accepted"] == "person" for t in table) == len(given)
     if threshold == "0":
-        assert summary["accepted"] == len(rowcols)
+        assert summary["accepted"] + summary["person"] == len(rowcols)
 
 
 @pytest.mark.parametrize("spec, per_image", [("random:7", 7), ("stratified:2x2x2", 8), ("grid:3x3", 9)])

@@ -409,3 +409,33 @@ def test_when_every_image_fails_alike_it_is_said_once(survey, tmp_path, capsys):
     assert code == 1 and len(err) == 5
     assert all(f"{points}, row {i + 2}: point (row 900, column 10)" in line for i, line in enumerate(err[:4]))
     assert err[4] == "spacer extract: all 4 images failed (listed above)"
+
+
+# ---------------------------------------------------------------- results fed back in
+
+
+def test_results_fed_back_as_points_rescore_the_machines_labels(survey, tmp_path, capsys):
+    image = survey["images"] / NAMES[0]
+    first = tmp_path / "results.csv"
+    base = ["classify", "--weights", survey["weights"], "--classifier", survey["clf"], "--json"]
+    code, _, _ = cli(capsys, *base, "--points", "grid:3x3", "--threshold", "0", "--out", first, image)
+    assert code == 0
+    rows = rows_of(first)
+    assert len(rows) == 9 and all(r["Accepted"] == "yes" and r["Label"] for r in rows)
+    # A person reviews one point and marks the label as theirs.
+    rows[4].update(Label="Person-Porit", Accepted="person")
+    with open(first, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    second = tmp_path / "results2.csv"
+    code, stdout, _ = cli(capsys, *base, "--points", first, "--threshold", "1", "--out", second, image)
+    assert code == 0
+    again = rows_of(second)
+    assert [(r["Row"], r["Column"]) for r in again] == [(r["Row"], r["Column"]) for r in rows]
+    # Threshold 1 accepts nothing: only the person's label is left.
+    assert [(r["Label"], r["Accepted"]) for r in again] == [("", "no")] * 4 + [("Person-Porit", "person")] + [
+        ("", "no")
+    ] * 4
+    summary = json.loads(stdout)
+    assert (summary["accepted"], summary["person"]) == (0, 1)

@@ -20,7 +20,7 @@ from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.storage import DataRootsPolicy, load_classifier
 from spacer_core.survey.workflow import weights_extractor
-from spacer_core.testing import make_survey, read_features, write_image, write_manifest
+from spacer_core.testing import make_survey, read_features, write_classifier, write_image, write_manifest
 from tests.support.bulk_survey import assert_matches_pyspacer
 
 spacer = pytest.importorskip("spacer")
@@ -343,3 +343,96 @@ def test_aws_batch_array_children_each_take_their_shard_of_the_manifest(survey, 
     )
     proc = _bulk_job({**common, "AWS_BATCH_JOB_ARRAY_INDEX": "3"}, tmp_path)
     assert proc.returncode == 1 and "array index 3 with 3 shards" in proc.stderr
+
+
+def _scores(results: Path) -> list[tuple[str, str, str, str]]:
+    with open(results, newline="") as f:
+        return [(t["Name"], t["Row"], t["Column"], t["Score"]) for t in csv.DictReader(f)]
+
+
+def test_classify_rerun_scores_again_when_the_classifier_or_weights_change(tmp_path):
+    s = make_survey(tmp_path / "s", images=2, points=4)
+    extractor = weights_extractor(s.weights)
+    items = bulk.plan(s.manifest)
+    out = tmp_path / "results.csv"
+
+    def classify(classifier: Path, **options) -> bulk.Summary:
+        task = bulk.BulkTask.classify(
+            extractor, DataLocation("filesystem", str(classifier)), out, 0.5, **options
+        )
+        return bulk.run(task, items)
+
+    first = classify(s.classifier)
+    assert first.counts()["points_computed"] == 8
+    scores_a = _scores(out)
+    assert classify(s.classifier).counts()["skipped"] == 2
+    # Another classifier at another path: every image is scored again, with its scores.
+    other = write_classifier(tmp_path / "other.pkl", seed=1)
+    again = classify(other)
+    assert (again.counts()["skipped"], again.counts()["points_computed"]) == (0, 8)
+    scores_b = _scores(out)
+    assert scores_b != scores_a
+    # The same path rewritten (a retrained classifier) is another classifier too.
+    assert classify(s.classifier).counts()["skipped"] == 0
+    assert _scores(out) == scores_a
+    shutil.copyfile(other, s.classifier)
+    rewritten = classify(s.classifier)
+    assert (rewritten.counts()["skipped"], rewritten.counts()["points_computed"]) == (0, 8)
+    assert _scores(out) == scores_b
+    # A part scored with other weights is not done.
+    part = Path(str(out) + ".parts") / f"{items[0].file_name}{bulk.SCORES_SUFFIX}"
+    data = json.loads(part.read_text())
+    assert data["source"]["weights_sha256"] == extractor.feature_provenance([], []).weights_sha256
+    data["source"]["weights_sha256"] = "0" * 64
+    part.write_text(json.dumps(data))
+    mixed = classify(s.classifier)
+    assert (mixed.counts()["skipped"], mixed.counts()["points_computed"]) == (1, 4)
+    assert _scores(out) == scores_b
+
+
+def test_a_failed_image_leaves_no_part_a_rerun_could_reuse(tmp_path):
+    s = make_survey(tmp_path / "s", images=2, points=4)
+    extractor = weights_extractor(s.weights)
+    items = bulk.plan(s.manifest)
+    out = tmp_path / "results.csv"
+    task = bulk.BulkTask.classify(extractor, DataLocation("filesystem", str(s.classifier)), out, 0.5)
+    assert bulk.run(task, items).counts()["ok"] == 2
+    part = Path(str(out) + ".parts") / f"{items[1].file_name}{bulk.SCORES_SUFFIX}"
+    assert part.exists()
+    s.images[1].write_bytes(b"not a JPEG")
+    redo = bulk.run(bulk.BulkTask.classify(extractor, task.classifier, out, 0.5, overwrite=True), items)
+    assert (redo.counts()["ok"], redo.counts()["failed"]) == (1, 1)
+    assert not part.exists()
+    # A plain rerun tries the image again instead of rebuilding its rows from the old scores.
+    rerun = bulk.run(task, items)
+    assert (rerun.counts()["skipped"], rerun.counts()["failed"]) == (1, 1)
+    assert {name for name, *_ in _scores(out)} == {items[0].file_name}
+
+
+def test_classify_keeps_the_labels_a_person_gave_in_the_manifest(tmp_path, capsys):
+    s = make_survey(tmp_path / "s", images=2, points=4)
+    items = bulk.plan(s.manifest)
+    given = {
+        (items[0].file_name, *items[0].rowcols[1]): "PERSON",
+        (items[1].file_name, *items[1].rowcols[3]): "SAND",
+    }
+    lines = ["Name,Row,Column,Label"] + [
+        f"{i.name},{r},{c},{given.get((i.file_name, r, c), '')}" for i in items for r, c in i.rowcols
+    ]
+    labelled = s.folder / "labelled.csv"
+    labelled.write_text("\n".join(lines) + "\n")
+    results = tmp_path / "results.csv"
+    args = ["bulk", "classify", "--weights", str(s.weights), "--classifier", str(s.classifier)]
+    code = main([*args, "--manifest", str(labelled), "--out", str(results), "--threshold", "0"])
+    assert code == 0
+    capsys.readouterr()
+    with open(results, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 8
+    for t in table:
+        point = (t["Name"], int(t["Row"]), int(t["Column"]))
+        if point in given:
+            assert (t["Label"], t["Accepted"]) == (given[point], "person")
+        else:
+            # Threshold 0 accepts every machine suggestion.
+            assert (t["Label"], t["Accepted"]) == (t["Machine suggestion 1"], "yes")

@@ -98,8 +98,10 @@ def test_a_persons_labels_stay_whatever_the_score(classified):
     given = [(r, t) for r, t in zip(rows, table) if r.given]
     assert len(given) == 8  # every third of 24 points
     assert all(t["Label"] == PERSON for _, t in given)
-    # Accepted stays the classifier's verdict; a person's label is kept on either side of it.
-    assert {t["Accepted"] for _, t in given} == {"yes", "no"}
+    # Accepted says a person set these Labels; the classifier's verdict, on either side of the
+    # threshold, does not touch them.
+    assert {t["Accepted"] for _, t in given} == {"person"}
+    assert {r.accepted for r, _ in given} == {True, False}
     assert all(r.label in ("CCA", "Porit", "Sand") for r, _ in given)
 
 
@@ -135,6 +137,31 @@ def test_point_labels_are_read_where_a_person_gave_them():
         "reef_02.jpg": {(300, 410): "CCA"},
     }
     assert coralnet.read_point_labels(FIXTURES / "points_without_labels.csv") == {}
+
+
+def test_results_fed_back_as_points_keep_only_a_persons_labels(classified):
+    rows, results = classified
+    _, table = read_csv(results)
+    # The premise: the file holds labels of both kinds, a person's and the machine's.
+    assert {t["Accepted"] for t in table} == {"person", "yes", "no"}
+    expected: dict[str, dict[tuple[int, int], str]] = {}
+    for r in rows:
+        if r.given:
+            expected.setdefault(r.name, {})[(r.row, r.col)] = r.given
+    # Machine-accepted labels (`yes`) are suggestions to score again, not a person's labels.
+    assert coralnet.read_point_labels(results) == expected
+
+
+def test_accepted_says_who_set_the_label():
+    rows = coralnet.result_rows(
+        "a.jpg",
+        [(1, 1), (2, 2), (3, 3)],
+        ["A", "B"],
+        [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]],
+        0.85,
+        {(3, 3): "P"},
+    )
+    assert [(r.upload_label, r.accepted_text) for r in rows] == [("A", "yes"), ("", "no"), ("P", "person")]
 
 
 @pytest.mark.parametrize(
