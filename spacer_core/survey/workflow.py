@@ -17,7 +17,7 @@ import concurrent.futures
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -552,6 +552,7 @@ def train(
     metrics = class_metrics(
         [classes[i] for i in val.gt], [classes[i] for i in val.est], classes, scores=val.scores
     )
+    metrics = replace(metrics, images=len(list(labels["val"].keys())))
     counts = {name: labels[name].label_count for name in ("train", "ref", "val")}
     return TrainOutcome(result, metrics, counts, val_file, skipped, dropped_classes(unsplit, labels))
 
@@ -618,7 +619,9 @@ def evaluate_survey(
         scores += np.max(probs, axis=1).tolist()
     extra = sorted(set(y_true) - set(known))
     unknown = {label: y_true.count(label) for label in extra}
-    metrics = class_metrics(y_true, y_pred, known + extra, scores=scores)
+    metrics = replace(
+        class_metrics(y_true, y_pred, known + extra, scores=scores), images=len(list(labels.keys()))
+    )
     return EvaluateOutcome(metrics, skipped, unknown, known, len(set(y_true) & set(known)))
 
 

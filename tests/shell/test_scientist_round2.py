@@ -8,11 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from spacer_core.survey import coralnet, workflow
+from spacer_core.survey import coralnet, reports, workflow
 from spacer_core.survey.coralnet import CsvFormatError
 from spacer_core.testing import write_image
 
@@ -104,3 +105,23 @@ def test_dot_files_in_an_images_folder_are_skipped(tmp_path):
     (folder / "._Q01.JPG").write_bytes(b"\0\0")  # macOS AppleDouble, not a JPEG
     (folder / ".hidden.jpg").write_bytes(b"\0\0")
     assert workflow.image_files(folder=folder) == [folder / "Q01.JPG"]
+
+
+def _one_image_all_right(points):
+    labels = ["Sand", "Turf"] * (points // 2)
+    metrics = reports.class_metrics(labels, labels, ["Sand", "Turf"], scores=[0.9] * len(labels))
+    return replace(metrics, images=1)
+
+
+def test_a_suggestion_from_few_points_carries_a_caution_and_a_visible_zero(tmp_path):
+    page = reports.training_report(tmp_path, [0.9], _one_image_all_right(50), {}).read_text()
+    assert "Suggested --threshold 0.00" in page
+    assert "At 0.00 every point is accepted and none goes to review." in page
+    assert "only 50 points of 1 image" in page and "uncertain" in page
+
+
+def test_a_large_validation_set_has_no_caution(tmp_path):
+    metrics = _one_image_all_right(400)
+    page = reports.evaluation_report(tmp_path, replace(metrics, images=12), {}).read_text()
+    assert "Suggested --threshold" in page and "Caution" not in page
+    assert "Caution" in reports.evaluation_report(tmp_path / "few", metrics, {}).read_text()
