@@ -125,3 +125,16 @@ def test_a_large_validation_set_has_no_caution(tmp_path):
     page = reports.evaluation_report(tmp_path, replace(metrics, images=12), {}).read_text()
     assert "Suggested --threshold" in page and "Caution" not in page
     assert "Caution" in reports.evaluation_report(tmp_path / "few", metrics, {}).read_text()
+
+
+@pytest.mark.slow
+def test_serve_on_port_0_prints_the_hint_with_the_bound_port(tmp_path):
+    from server.testing import ServeProcess
+
+    with ServeProcess(tmp_path) as server:
+        deadline = time.monotonic() + 30
+        while "to try it, run" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = server.log()
+    assert f"--server 127.0.0.1:{server.port}` in another shell" in log, log[-2000:]
+    assert log.count("to try it, run") == 1
