@@ -37,7 +37,6 @@ _OUT_HELP = {
     "classify": "results CSV to write; with --message, the return message JSON (default stdout)",
     "train": "classifier pickle to write (validation results go beside it as .valresult.json);"
     " with --message, the return message JSON (default stdout)",
-    "evaluate": "not used: evaluate prints its results (--json for scripts, --report DIR for a page)",
 }
 _IMAGES_HELP = {
     "extract": "extract every image in this folder (besides any IMAGE given)",
