@@ -138,3 +138,19 @@ def test_serve_on_port_0_prints_the_hint_with_the_bound_port(tmp_path):
         log = server.log()
     assert f"--server 127.0.0.1:{server.port}` in another shell" in log, log[-2000:]
     assert log.count("to try it, run") == 1
+
+
+def test_a_weights_mismatch_names_the_weights_file_beside_the_digests():
+    from types import SimpleNamespace
+
+    from spacer_core.data_classes import FeatureProvenance, ProvenanceMismatchError
+    from spacer_core.task_utils import check_classifier_provenance, record_provenance
+
+    clf = SimpleNamespace()
+    record_provenance(clf, FeatureProvenance("EfficientNetExtractor", "a" * 64))
+    made = FeatureProvenance("EfficientNetExtractor", "b" * 64)
+    with pytest.raises(ProvenanceMismatchError) as caught:
+        check_classifier_provenance(clf, made, "clf.pkl", weights="/survey/W2.pt")
+    text = str(caught.value)
+    assert "classifier clf.pkl was trained on features from weights sha256 aaaaaaaaaaaa..." in text
+    assert "but the extractor uses weights sha256 bbbbbbbbbbbb... (file /survey/W2.pt)" in text
