@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -141,8 +142,6 @@ def test_serve_on_port_0_prints_the_hint_with_the_bound_port(tmp_path):
 
 
 def test_a_weights_mismatch_names_the_weights_file_beside_the_digests():
-    from types import SimpleNamespace
-
     from spacer_core.data_classes import FeatureProvenance, ProvenanceMismatchError
     from spacer_core.task_utils import check_classifier_provenance, record_provenance
 
@@ -154,3 +153,31 @@ def test_a_weights_mismatch_names_the_weights_file_beside_the_digests():
     text = str(caught.value)
     assert "classifier clf.pkl was trained on features from weights sha256 aaaaaaaaaaaa..." in text
     assert "but the extractor uses weights sha256 bbbbbbbbbbbb... (file /survey/W2.pt)" in text
+
+
+def _rows(names_labels):
+    # Only what the table reads: ResultRow's other fields are not its concern.
+    return [SimpleNamespace(name=name, label=label, accepted=True) for name, label in names_labels]
+
+
+def test_console_tables_stay_aligned_with_long_and_wide_names():
+    from shell import common
+
+    names = ["MooreaLTER_FR3_2019_Q01.JPG", "珊瑚礁の調査_第一地点_画像.jpg", "x" * 80 + "_Q03.JPG", "a.jpg"]
+    lines = common.results_table(_rows([(n, "Sand") for n in names]))
+    # Every row's counts end in the same terminal column as the header's.
+    widths = {common.display_width(line.rsplit(" Sand", 1)[0].rstrip()) for line in lines[1:]}
+    assert len(widths) == 1, lines
+    assert common.display_width(lines[0].split("  most")[0]) == widths.pop()
+    assert "…" in lines[3] and lines[3].rstrip().endswith("Sand 1") and "_Q03.JPG" in lines[3]
+    assert common.display_width(common.fit("珊瑚礁の調査", 7)) == 7
+
+
+def test_the_metrics_table_fits_wide_class_names():
+    from shell import common
+
+    labels = ["Algue calcaire encroûtante", "سرطان البحر", "珊瑚", "C" * 60]
+    metrics = reports.class_metrics(labels, labels, labels)
+    lines = common.metric_lines(metrics)
+    widths = {common.display_width(line) for line in lines}
+    assert len(widths) == 1, lines
