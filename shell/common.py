@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,7 +38,6 @@ _OUT_HELP = {
     "classify": "results CSV to write; with --message, the return message JSON (default stdout)",
     "train": "classifier pickle to write (validation results go beside it as .valresult.json);"
     " with --message, the return message JSON (default stdout)",
-    "evaluate": "not used: evaluate prints its results (--json for scripts, --report DIR for a page)",
 }
 _IMAGES_HELP = {
     "extract": "extract every image in this folder (besides any IMAGE given)",
@@ -215,12 +215,50 @@ def warn(command: str, summary: dict[str, Any], lines: Sequence[str]) -> None:
         print(f"spacer {command}: warning: {line}", file=sys.stderr)
 
 
+def display_width(text: str) -> int:
+    """Terminal columns `text` takes: wide (CJK) characters 2, combining marks 0, others 1."""
+    return sum(
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+        for ch in text
+    )
+
+
+def fit(text: str, width: int) -> str:
+    """`text` padded to `width` terminal columns, shortened in the middle with '…' when wider.
+
+    The middle goes because names differ most at their ends (survey prefixes, frame numbers).
+    """
+    if display_width(text) <= width:
+        return text + " " * (width - display_width(text))
+    head, tail = "", ""
+    left, right = 0, len(text) - 1
+    room = width - 1  # the ellipsis takes one column
+    while left <= right:
+        if display_width(head) <= display_width(tail):
+            step = text[left]
+            if display_width(head + step) + display_width(tail) > room:
+                break
+            head, left = head + step, left + 1
+        else:
+            step = text[right]
+            if display_width(head) + display_width(step + tail) > room:
+                break
+            tail, right = step + tail, right - 1
+    short = f"{head}…{tail}"
+    return short + " " * (width - display_width(short))
+
+
+def _column_width(texts: Sequence[str], least: int, most: int) -> int:
+    return max(least, min(most, max((display_width(t) for t in texts), default=least)))
+
+
 def metric_lines(metrics: reports.ClassMetrics) -> list[str]:
     """Per-class precision, recall, F1 and support as a text table."""
-    lines = [f"  {'class':<14} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>8}"]
+    width = _column_width(metrics.classes, 14, 30)
+    lines = [f"  {fit('class', width)} {'precision':>9} {'recall':>7} {'F1':>6} {'support':>8}"]
     for i, c in enumerate(metrics.classes):
         lines.append(
-            f"  {c:<14} {metrics.precision[i]:9.3f} {metrics.recall[i]:7.3f}"
+            f"  {fit(c, width)} {metrics.precision[i]:9.3f} {metrics.recall[i]:7.3f}"
             f" {metrics.f1[i]:6.3f} {int(metrics.support[i]):8d}"
         )
     return lines
@@ -231,11 +269,12 @@ def results_table(rows: Sequence[ResultRow]) -> list[str]:
     by_image: dict[str, list[ResultRow]] = {}
     for r in rows:
         by_image.setdefault(r.name, []).append(r)
-    lines = [f"  {'image':<24} {'points':>6} {'accepted':>8}  most frequent labels"]
+    width = _column_width(list(by_image), 24, 40)
+    lines = [f"  {fit('image', width)} {'points':>6} {'accepted':>8}  most frequent labels"]
     for name, points in by_image.items():
         common = ", ".join(f"{label} {n}" for label, n in Counter(r.label for r in points).most_common(3))
         accepted = sum(r.accepted for r in points)
-        lines.append(f"  {name:<24} {len(points):6d} {accepted:8d}  {common}")
+        lines.append(f"  {fit(name, width)} {len(points):6d} {accepted:8d}  {common}")
     return lines
 
 

@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentP
     p = sub.add_parser(
         "evaluate", parents=parents, help="accuracy and confusion matrix of a classifier on new annotations"
     )
-    common.add_out(p)
+    # No --out: evaluate writes nothing but its report (--report) and prints (--json for scripts).
     common.add_labelled_features(p)
     p.add_argument("--classifier", type=Path, help="classifier pickle (from train)")
     common.add_report(p)

@@ -10,11 +10,16 @@ exit 2 with the usage. Ctrl-C stops them with one line and exit 130
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
-from shell import bulk, classify, demo, errors, evaluate, extract, health, message, serve, train, weights
+# Only light modules here: the subcommand modules pull in torch and ONNX Runtime, which take seconds
+# to import, and a Ctrl-C during that time must still end with one line and 130 (see `main`).
+from shell import errors, message
 from shell.errors import UsageError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -24,20 +29,32 @@ WORKFLOWS = ("extract", "classify", "train", "evaluate", "bulk", "demo", "weight
 # Commands with a pyspacer message form.
 MESSAGE_FORMS = ("extract", "classify", "train")
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "serve": serve.run_serve,
-    "check-config": serve.run_check_config,
-    "health": health.run,
-    "extract": extract.run,
-    "classify": classify.run,
-    "train": train.run,
-    "evaluate": evaluate.run,
-    "bulk": bulk.run,
-    "demo": demo.run,
-    "weights": weights.run,
+# command -> (module in `shell`, its function); the modules are imported when the command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("serve", "run_serve"),
+    "check-config": ("serve", "run_check_config"),
+    "health": ("health", "run"),
+    "extract": ("extract", "run"),
+    "classify": ("classify", "run"),
+    "train": ("train", "run"),
+    "evaluate": ("evaluate", "run"),
+    "bulk": ("bulk", "run"),
+    "demo": ("demo", "run"),
+    "weights": ("weights", "run"),
 }
 # The exit status of a command stopped by Ctrl-C, as shells report SIGINT.
 INTERRUPTED = 130
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"shell.{name}")
+
+
+def command_function(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function that runs subcommand `name` (its module is imported on first use)."""
+    module, function = COMMANDS[name]
+    run: Callable[[argparse.Namespace], int] = getattr(_module(module), function)
+    return run
 
 
 def _log_level(text: str) -> str:
@@ -89,10 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     parents = [shared_options()]
     # serve and check-config take the server's own flags, --log-level among them.
-    serve.add_parsers(sub)
-    health.add_parser(sub)
-    for module in (extract, classify, train, evaluate, bulk, demo, weights):
-        module.add_parser(sub, parents)
+    _module("serve").add_parsers(sub)
+    _module("health").add_parser(sub)
+    for name in ("extract", "classify", "train", "evaluate", "bulk", "demo", "weights"):
+        _module(name).add_parser(sub, parents)
     for name, text in DESCRIPTIONS.items():
         command = sub.choices[name]
         if command.description is None:
@@ -149,26 +166,45 @@ def interrupted(exc: KeyboardInterrupt) -> int:
     return INTERRUPTED
 
 
+def leave_interrupted(exc: KeyboardInterrupt) -> None:
+    """Report a Ctrl-C (see `interrupted`) and end the process at once with status 130.
+
+    `os._exit` skips interpreter teardown: torch and ONNX Runtime threads
+    still running then can abort the process ("terminate called without an
+    active exception", status 134) after the line was printed.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the report
+    code = interrupted(exc)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spacer` console script and `python -m shell`."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        # Building the parser imports every subcommand module (torch among them): inside the guard.
+        parser = build_parser()
+        args = parser.parse_args(argv)
         try:
             choose_form(args)
             if args.command not in WORKFLOWS:
-                return COMMANDS[args.command](args)
+                return command_function(args.command)(args)
         except UsageError as exc:
             parser.error(str(exc))
         from server.logs import setup_logging
 
         setup_logging(args.log_level)
         try:
-            return COMMANDS[args.command](args)
+            return command_function(args.command)(args)
         except Exception as exc:
             return errors.report(args.command, exc)
     except KeyboardInterrupt as exc:
-        return interrupted(exc)
+        leave_interrupted(exc)
+        return INTERRUPTED  # not reached: leave_interrupted ends the process
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ import asyncio
 import json
 import shlex
 import sys
-from dataclasses import asdict
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
 
 from server.config import ServerConfig, add_arguments, config_from_args
 from shell.common import WEIGHTS_NOTE
@@ -111,6 +114,44 @@ def run_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_hint(config: ServerConfig) -> None:
+    print(
+        f"spacer serve: to try it, run `{demo_command(config)}` in another shell", file=sys.stderr, flush=True
+    )
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _hint_when_bound(config: ServerConfig, port_file: Path) -> None:
+    """With --port 0 the port is known once the server writes --port-file: print the hint then.
+
+    A file left by an earlier run holds a stale port, so only a file written
+    after this point counts (the server replaces it, giving a new identity).
+    """
+    before = _file_identity(port_file)
+
+    def watch() -> None:
+        while True:
+            now = _file_identity(port_file)
+            if now is not None and now != before:
+                try:
+                    port = int(port_file.read_text().strip())
+                except (OSError, ValueError):
+                    port = 0
+                if port:
+                    _print_hint(replace(config, port=port))
+                    return
+            time.sleep(0.1)
+
+    threading.Thread(target=watch, name="serve-hint", daemon=True).start()
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until stopped; 2 when the settings cannot be used (no CUDA, address in use)."""
     config = _config(args)
@@ -120,11 +161,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.app import serve
 
     if config.port:
-        print(
-            f"spacer serve: to try it, run `{demo_command(config)}` in another shell",
-            file=sys.stderr,
-            flush=True,
-        )
+        _print_hint(config)
+    elif config.port_file is not None:
+        _hint_when_bound(config, config.port_file)
     try:
         asyncio.run(serve(config))
     except (ValueError, OSError) as exc:

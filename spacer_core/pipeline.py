@@ -216,7 +216,10 @@ def finish(prepared: Prepared, features: np.ndarray) -> ImageResult:
             stored.store(job.feature_loc)
     if job.classifier_loc is not None:
         clf = runtime.current().classifier(job.classifier_loc)
-        check_classifier_provenance(clf, made, job.classifier_loc.key)
+        weights_loc = getattr(job.extractor, "data_locations", {}).get("weights")
+        check_classifier_provenance(
+            clf, made, job.classifier_loc.key, weights=getattr(weights_loc, "key", None)
+        )
         result.scores = score(clf, features, job.label)
         result.classes = clf.classes_.tolist()
     result.runtime = time.time() - prepared.start

@@ -275,18 +275,26 @@ def record_provenance(clf: Any, provenance: FeatureProvenance | None) -> None:
 
 
 def check_classifier_provenance(
-    clf: Any, features: FeatureProvenance | None, classifier: str, what: str = "the extractor"
+    clf: Any,
+    features: FeatureProvenance | None,
+    classifier: str,
+    what: str = "the extractor",
+    weights: str | None = None,
 ) -> None:
     """Refuse to score features whose extractor or weights differ from the classifier's.
 
     Either side of unknown origin (files pyspacer wrote) is accepted.
-    ``classifier`` names the classifier and ``what`` the features' side in the message.
+    ``classifier`` names the classifier and ``what`` the features' side in the
+    message; ``weights``, where known, the weights file that side used.
     """
     trained = classifier_provenance(clf)
     if trained is None or features is None or trained.same_source(features):
         return
     if trained.weights_sha256 != features.weights_sha256:
         theirs, ours = _weights_text(trained), _weights_text(features)
+        if weights:
+            # A digest alone does not tell which of several weights files on disk was given.
+            ours += f" (file {weights})"
     else:
         theirs, ours = f"extractor {trained.extractor}", f"extractor {features.extractor}"
     raise ProvenanceMismatchError(

@@ -85,12 +85,14 @@ def _header_map(path: Path, header: Sequence[str] | None, wanted: Sequence[str])
         aliases = _LABEL_ALIASES if name == LABEL else (name,)
         index = next((normalised[a.lower()] for a in aliases if a.lower() in normalised), None)
         if index is None:
-            raise CsvFormatError(
-                path,
-                f"missing from the header ({', '.join(h.strip() for h in header)})",
-                row=1,
-                column=name,
-            )
+            listed = ", ".join(h.strip() for h in header)
+            hint = ""
+            # Excel writes ';' between columns where the locale uses ',' for decimals: one header cell.
+            if len(header) == 1 and ";" in header[0]:
+                hint = (
+                    "; it looks semicolon-separated (as Excel saves in some locales): save as CSV with commas"
+                )
+            raise CsvFormatError(path, f"missing from the header ({listed}){hint}", row=1, column=name)
         found[name] = index
     return found
 
@@ -116,7 +118,10 @@ def _rows(
     except FileNotFoundError:
         raise CsvFormatError(path, "no such file") from None
     except UnicodeDecodeError as err:
-        raise CsvFormatError(path, f"not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise CsvFormatError(
+            path,
+            f"not UTF-8 text ({err.reason} at byte {err.start}); in Excel, save it as 'CSV UTF-8'",
+        ) from None
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     columns = _header_map(path, header, wanted)

@@ -73,6 +73,9 @@ class ClassMetrics:
     # prediction was right; the reports draw the Alleviate curve from them.
     scores: np.ndarray | None = None
     correct: np.ndarray | None = None
+    # How many images the points came from, where known: a few images make a
+    # threshold suggestion uncertain however many points they hold.
+    images: int | None = None
 
     @property
     def accuracy(self) -> float:
@@ -436,6 +439,25 @@ def _alleviate_figure(curve: AlleviateCurve, suggestion: ThresholdSuggestion | N
             linestyle="--",
             label=f"suggested threshold {suggestion.threshold:.2f}",
         )
+        # A line at 0 lies on the axis, where nobody sees it: a marker on the curve shows it anywhere.
+        ax.plot(
+            [suggestion.threshold],
+            [suggestion.accuracy * 100],
+            marker="v",
+            ms=10,
+            color="#2ca02c",
+            clip_on=False,
+        )
+        if suggestion.threshold < 0.05:
+            ax.annotate(
+                f"suggested {suggestion.threshold:.2f}",
+                (suggestion.threshold, suggestion.accuracy * 100),
+                xytext=(12, -22),
+                textcoords="offset points",
+                color="#2ca02c",
+                fontsize=9,
+                arrowprops={"arrowstyle": "->", "color": "#2ca02c"},
+            )
     ax.set_xlabel("confidence threshold (top score >= threshold is accepted)")
     ax.set_ylabel("%")
     ax.set_xlim(0, 1)
@@ -582,6 +604,9 @@ def _alleviate_sections(metrics: ClassMetrics, what: str, target: float) -> list
             f" {curve.thresholds[best]:.2f}, accepting {_pct(float(curve.accepted[best]))} of the points:"
             " review every point, or train on more annotations.</p>"
         )
+    if suggestion is not None and suggestion.threshold == 0:
+        verdict += "<p class=big>At 0.00 every point is accepted and none goes to review.</p>"
+    caution = _small_set_caution(n, metrics.images)
     explain = (
         f"<p class=note>Each of the {n} points is accepted at a threshold when its top score is at"
         " least that threshold (as <code>classify --threshold</code> accepts it); the rest go to"
@@ -603,7 +628,28 @@ def _alleviate_sections(metrics: ClassMetrics, what: str, target: float) -> list
         f"<th>accepted</th><th>to review</th></tr>{body}</table>"
     )
     figure = _img(_alleviate_figure(curve, suggestion, target), "Alleviate curve")
-    return [head, verdict, figure, explain, table]
+    return [head, verdict, *caution, figure, explain, table]
+
+
+# Below these, a suggested threshold says more about the few images than about the classifier.
+SMALL_SET_POINTS = 200
+SMALL_SET_IMAGES = 3
+
+
+def _small_set_caution(points: int, images: int | None) -> list[str]:
+    """A warning paragraph when the points behind the suggestion are too few to trust it."""
+    few_images = images is not None and images < SMALL_SET_IMAGES
+    if points >= SMALL_SET_POINTS and not few_images:
+        return []
+    counted = f"{points} point{'s' if points != 1 else ''}"
+    if images is not None:
+        counted += f" of {images} image{'s' if images != 1 else ''}"
+    return [
+        f"<p class=big><b>Caution:</b> these figures come from only {counted} (fewer than"
+        f" {SMALL_SET_POINTS} points or {SMALL_SET_IMAGES} images), so the suggested threshold is"
+        " uncertain. Check it with <code>spacer evaluate</code> on newly annotated images before"
+        " relying on it.</p>"
+    ]
 
 
 def _check_target(target: float) -> float:

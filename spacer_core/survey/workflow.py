@@ -14,9 +14,10 @@ reported together.
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -85,7 +86,12 @@ def image_files(paths: Iterable[str | Path] = (), folder: str | Path | None = No
         folder = Path(folder)
         if not folder.is_dir():
             raise SurveyError(f"{folder}: not a folder of images")
-        found += sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        # Dot-files are never images: macOS leaves `._NAME.JPG` AppleDouble files on non-Mac disks.
+        found += sorted(
+            p
+            for p in folder.iterdir()
+            if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
     if not found:
         raise SurveyError("no images given (name them, or use --images DIR)")
     for p in found:
@@ -107,8 +113,26 @@ def points_for(image: Path, image_bytes: bytes, points: PointSource, seed: int =
         return generate_points(points, width, height, seed=f"{seed}:{image.name}")
     rowcols = points.get(image.name)
     if not rowcols:
-        raise SurveyError(f"{image.name}: no rows with this Name in the points CSV")
+        raise SurveyError(f"{image.name}: {no_rows_message(image.name, points)}")
     return list(rowcols)
+
+
+def _base_name(name: str) -> str:
+    # Both separators: a CSV written on Windows names C:\...\Q01.JPG, one on Linux train/Q01.JPG.
+    return re.split(r"[\\/]", name)[-1]
+
+
+def no_rows_message(name: str, names: Iterable[str]) -> str:
+    """Why an image has no points CSV rows, with the nearest cause: a Name differing in case or folder."""
+    text = "no rows with this Name in the points CSV"
+    names = [n for n in names if n != name]
+    same_case = [n for n in names if n.lower() == name.lower()]
+    if same_case:
+        return f"{text} (it has '{same_case[0]}': Names must match the file name's case exactly)"
+    pathlike = [n for n in names if _base_name(n) != n and _base_name(n).lower() == name.lower()]
+    if pathlike:
+        return f"{text} (it has '{pathlike[0]}': the Name must be the file name alone, without a folder)"
+    return text
 
 
 class Runner(Protocol):
@@ -310,7 +334,7 @@ def _with_points(images: Sequence[Path], points: PointSource) -> tuple[list[Path
         if points.get(image.name):
             usable.append(image)
         else:
-            pointless.append(Failure(str(image.resolve()), "no rows with this Name in the points CSV"))
+            pointless.append(Failure(str(image.resolve()), no_rows_message(image.name, points)))
     return usable, pointless
 
 
@@ -528,6 +552,7 @@ def train(
     metrics = class_metrics(
         [classes[i] for i in val.gt], [classes[i] for i in val.est], classes, scores=val.scores
     )
+    metrics = replace(metrics, images=len(list(labels["val"].keys())))
     counts = {name: labels[name].label_count for name in ("train", "ref", "val")}
     return TrainOutcome(result, metrics, counts, val_file, skipped, dropped_classes(unsplit, labels))
 
@@ -594,7 +619,9 @@ def evaluate_survey(
         scores += np.max(probs, axis=1).tolist()
     extra = sorted(set(y_true) - set(known))
     unknown = {label: y_true.count(label) for label in extra}
-    metrics = class_metrics(y_true, y_pred, known + extra, scores=scores)
+    metrics = replace(
+        class_metrics(y_true, y_pred, known + extra, scores=scores), images=len(list(labels.keys()))
+    )
     return EvaluateOutcome(metrics, skipped, unknown, known, len(set(y_true) & set(known)))
 
 
