@@ -202,7 +202,10 @@ def test_every_spacer_rpc_by_json(rc, data):
     loaded = rc.call("spacer.v1.Spacer.LoadModel", json.dumps({"classifier_loc": loc(clf)}))[0]
     assert loaded["kind"] == "classifier" and loaded["feature_dim"] == 1280
     listed = rc.call("spacer.v1.Spacer.ListModels", "{}")[0]
-    assert [m["kind"] for m in listed["models"]] == ["classifier"]
+    by_kind = {m["kind"]: m for m in listed["models"]}
+    # The extractor was loaded by the calls above; the classifier by LoadModel.
+    assert set(by_kind) == {"classifier", "extractor"}
+    assert by_kind["classifier"]["loaded_by"] == "load_model" and by_kind["extractor"]["loaded_by"] == "call"
 
     labels = {
         "images": [
