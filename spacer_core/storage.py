@@ -759,6 +759,7 @@ _BAD_PATH_ERRNOS = {
 @contextlib.contextmanager
 def _access(loc: Location, access: Access) -> Iterator[Storage]:
     """The one gate to storage: checks the policy, then maps store errors to library ones."""
+    _check_key(loc)  # a key that is not text is refused before anything reads it as text
     _check_file_key(loc)
     if loc.storage_type == "url":
         _check_url(loc)
