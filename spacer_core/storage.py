@@ -620,9 +620,17 @@ def check_access(loc: Location, access: Access) -> None:
     _allowed(loc, access)
 
 
-def _allowed(loc: Location, access: Access) -> StoragePolicy:
-    """The checks every access passes, in one place: the key, the active policy, its read-only folders."""
-    _check_key(loc)
+def _allowed(loc: Location, access: Access, *, names_a_file: bool = False) -> StoragePolicy:
+    """The checks every access passes, in one place: the key, the active policy, its read-only folders.
+
+    `names_a_file`: the location is a file to read or write (not a folder such as a
+    feature cache), so its key may not name a folder and a URL must be well formed.
+    """
+    _check_key(loc)  # first: the checks below read the key as text
+    if names_a_file:
+        _check_file_key(loc)
+        if loc.storage_type == "url":
+            _check_url(loc)
     policy = active_policy()
     policy.check(loc, access)
     if access != "read" and policy.read_only and loc.storage_type == "filesystem":
@@ -759,11 +767,7 @@ _BAD_PATH_ERRNOS = {
 @contextlib.contextmanager
 def _access(loc: Location, access: Access) -> Iterator[Storage]:
     """The one gate to storage: checks the policy, then maps store errors to library ones."""
-    _check_key(loc)  # a key that is not text is refused before anything reads it as text
-    _check_file_key(loc)
-    if loc.storage_type == "url":
-        _check_url(loc)
-    policy = _allowed(loc, access)
+    policy = _allowed(loc, access, names_a_file=True)
     storage = storage_factory(loc.storage_type, loc.bucket_name)
     roots = policy.filesystem_roots() if loc.storage_type == "filesystem" else None
     if roots is not None:
