@@ -183,6 +183,19 @@ def leave_interrupted(exc: KeyboardInterrupt) -> None:
     os._exit(code)
 
 
+def interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C behind `exc`: Python wraps one raised in some import-time hooks
+    (a class's `__set_name__`) in a RuntimeError, so follow causes and contexts."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `spacer` console script and `python -m shell`."""
     try:
@@ -201,10 +214,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return command_function(args.command)(args)
         except Exception as exc:
+            if interrupt_in(exc) is not None:
+                raise
             return errors.report(args.command, exc)
     except KeyboardInterrupt as exc:
         leave_interrupted(exc)
         return INTERRUPTED  # not reached: leave_interrupted ends the process
+    except Exception as exc:
+        interrupt = interrupt_in(exc)
+        if interrupt is None:
+            raise
+        leave_interrupted(interrupt)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":
