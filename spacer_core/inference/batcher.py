@@ -658,6 +658,10 @@ class DynamicBatcher:
             self._queued -= size
             if size:
                 self._freed()
+            if self._queue:
+                # One request may fill many batches, but enqueueing woke only one
+                # worker: wake the next so every worker takes a share of it.
+                self._work.notify()
         return _Batch(parts, size, queue_waits=waits) if size else None
 
     def _start(self, batch: _Batch) -> None:

@@ -78,6 +78,20 @@ def test_concurrent_callers_get_exactly_their_own_features(workers):
     assert max(len(b) for b in network.batches) <= 8
 
 
+def test_one_request_of_many_batches_keeps_every_worker_busy():
+    """A lone caller's request wakes every worker, not only the one its arrival woke."""
+    both = threading.Barrier(2, timeout=TIMEOUT)
+
+    def network(batch: np.ndarray) -> np.ndarray:
+        both.wait()  # raises BrokenBarrierError unless two batches run at once
+        return batch[:, :, 0, 0].copy()
+
+    with DynamicBatcher(network, BatcherSettings(max_batch_size=2, workers=2, queue_delay_ms=0)) as batcher:
+        # Both workers are asleep on the empty queue; one request of four batches arrives.
+        got = batcher.extract_sync(patches_of(list(range(8))), timeout=TIMEOUT)
+    assert np.array_equal(got, expected(list(range(8))))
+
+
 def test_asyncio_callers_get_their_own_features_in_order():
     network = RecordingNetwork()
     requests = [[(7 * i + j) % 250 + 1 for j in range(i % 5 + 1)] for i in range(30)]
