@@ -31,7 +31,7 @@ from typing import IO, Any
 import numpy as np
 
 from spacer_core.inference.backends import PATCH_SHAPE as _PATCH_SHAPE
-from spacer_core.inference.backends import Backend, resolve_device
+from spacer_core.inference.backends import Backend, PooledBackend, resolve_device
 from spacer_core.inference.batcher import (
     DEFAULT_PRIORITY,
     BatchBuffers,
@@ -382,6 +382,8 @@ class Runtime:
         a reused float32 input buffer, or float32 (N, 3, 224, 224) in [0, 1].
         """
         network = self._network(net)
+        if isinstance(network.backend, PooledBackend):  # it shares the pieces out over its cores itself
+            return network.backend.run_patches(patches)
         return run_batches(network.backend.launch, patches, network.sync_batch_size, network.buffers)
 
     async def features_async(

@@ -273,51 +273,94 @@ def one_session() -> Iterator[None]:
 class _SlotPool:
     """Independent network instances (sessions, infer requests), each used by one thread at a time.
 
-    `run(batch, size, call)` cuts the batch into pieces of `size` and runs
-    them on every instance free at that moment, in parallel threads (the
-    runtimes release the GIL), waiting for at least one; features come
-    back in the batch's order.
+    `run(patches, size, call)` cuts the patches into pieces of `size` and
+    shares them out, piece by piece, to every instance free at that moment,
+    each in its own thread (the runtimes release the GIL) and the caller's
+    thread on the first; whichever finishes a piece takes the next, so no
+    instance waits on another until the last piece. Each thread converts its
+    own pieces of uint8 crops into its instance's input buffer, so the
+    conversion is spread over the cores too. Features come back in order.
     """
 
-    def __init__(self, slots: list[Any], name: str):
+    def __init__(self, slots: list[Any], name: str, size: int):
         self._free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._buffers: dict[int, np.ndarray] = {}
         for slot in slots:
             self._free.put(slot)
+            self._buffers[id(slot)] = np.empty((size, *PATCH_SHAPE), np.float32)
         self._pool = (
             concurrent.futures.ThreadPoolExecutor(max_workers=len(slots) - 1, thread_name_prefix=name)
             if len(slots) > 1
             else None
         )
 
-    def run(self, batch: np.ndarray, size: int, call: Any) -> np.ndarray:
-        pieces = [batch[i : i + size] for i in range(0, len(batch), size)]
+    def run(self, patches: np.ndarray, size: int, call: Any) -> np.ndarray:
+        starts = range(0, len(patches), size)
+        outputs: list[np.ndarray | None] = [None] * len(starts)
+        pieces = iter(enumerate(starts))
+        taking = threading.Lock()
+        failed = threading.Event()
+
+        def work(slot: Any) -> None:
+            buffer = self._buffers[id(slot)]
+            while not failed.is_set():
+                with taking:
+                    k, start = next(pieces, (-1, 0))
+                if k < 0:
+                    return
+                piece = patches[start : start + size]
+                if piece.dtype == np.float32 and piece.flags.c_contiguous:
+                    inputs = piece  # already the network's input: no copy
+                else:
+                    inputs = to_network_input(piece, buffer[: len(piece)])
+                try:
+                    outputs[k] = call(slot, inputs)
+                except BaseException:
+                    failed.set()  # the other threads stop after their current piece
+                    raise
+
         slots = [self._free.get()]
-        wanted = 1 if getattr(_caller, "single", False) else len(pieces)
+        wanted = 1 if getattr(_caller, "single", False) else len(starts)
         try:
             while len(slots) < wanted:
                 try:
                     slots.append(self._free.get_nowait())
                 except queue.Empty:
                     break
-            if len(slots) == 1:
-                outputs = [call(slots[0], piece) for piece in pieces]
-            else:
-
-                def work(k: int) -> list[np.ndarray]:
-                    return [call(slots[k], piece) for piece in pieces[k :: len(slots)]]
-
-                assert self._pool is not None
-                others = [self._pool.submit(work, k) for k in range(1, len(slots))]
-                try:
-                    mine = work(0)
-                finally:  # no instance goes back to the pool while a thread still runs on it
-                    concurrent.futures.wait(others)
-                parts = [mine, *(f.result() for f in others)]
-                outputs = [parts[i % len(slots)][i // len(slots)] for i in range(len(pieces))]
+            others = [self._pool.submit(work, slot) for slot in slots[1:]] if self._pool else []
+            try:
+                work(slots[0])
+            finally:  # no instance goes back to the pool while a thread still runs on it
+                concurrent.futures.wait(others)
+            for future in others:
+                future.result()
         finally:
             for slot in slots:
                 self._free.put(slot)
-        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
+        done = [out for out in outputs if out is not None]
+        return done[0] if len(done) == 1 else np.concatenate(done)
+
+
+class PooledBackend(Backend):
+    """A CPU backend of independent network instances that takes a whole request at once.
+
+    `run_patches` hands every piece of a request to the instances as they
+    come free (see `_SlotPool`), so a caller alone keeps every core on the
+    network without a barrier between batches.
+    """
+
+    _pool: _SlotPool
+
+    @abc.abstractmethod
+    def _call(self, slot: Any, piece: np.ndarray) -> np.ndarray:
+        """Features of one float32 piece on one instance."""
+
+    def run_patches(self, patches: np.ndarray) -> np.ndarray:
+        """Features (N, D) float32 of uint8 crops (N, 224, 224, 3) or float32 (N, 3, 224, 224) patches."""
+        return self._pool.run(check_patches(patches), self.preferred_batch_size, self._call)
+
+    def launch(self, batch: np.ndarray) -> PendingFeatures:
+        return _Ready(self._pool.run(check_batch(batch), self.preferred_batch_size, self._call))
 
 
 class _Slot:
@@ -341,7 +384,7 @@ class _Slot:
         return session.run(None, {name: batch})[0]
 
 
-class OnnxBackend(Backend):
+class OnnxBackend(PooledBackend):
     """ONNX Runtime's CPU provider with all graph optimisations (the fastest exact CPU path).
 
     Holds `sessions` independent sessions (by default one single-thread
@@ -414,7 +457,7 @@ class OnnxBackend(Backend):
             if i == 0:
                 slot.dynamic = first
             self._slots.append(slot)
-        self._pool = _SlotPool(self._slots, "onnx-session")
+        self._pool = _SlotPool(self._slots, "onnx-session", self.preferred_batch_size)
         self._fixed_size = self.preferred_batch_size if dynamic else -1
         self.parallelism = self.sessions
         # ORT keeps the initializers plus its optimised (prepacked) copies, per session.
@@ -424,15 +467,11 @@ class OnnxBackend(Backend):
     def describe(self) -> str:
         return f"{super().describe()}/{self.sessions}x{self.threads}t"
 
-    def launch(self, batch: np.ndarray) -> PendingFeatures:
-        batch = check_batch(batch)
-        name, fixed = self._input.name, self._fixed_size
-        return _Ready(
-            self._pool.run(batch, self.preferred_batch_size, lambda slot, piece: slot.run(name, piece, fixed))
-        )
+    def _call(self, slot: Any, piece: np.ndarray) -> np.ndarray:
+        return slot.run(self._input.name, piece, self._fixed_size)  # type: ignore[no-any-return]
 
 
-class OpenVinoBackend(Backend):
+class OpenVinoBackend(PooledBackend):
     """OpenVINO on CPU in bf16: FAST precision on CPUs with native bf16 (AVX512-BF16 or AMX).
 
     Compiled from the exact ONNX export with a static batch of
@@ -476,7 +515,7 @@ class OpenVinoBackend(Backend):
         blank = np.zeros((self.preferred_batch_size, *PATCH_SHAPE), np.float32)
         for request in requests:
             self._infer(request, blank)
-        self._pool = _SlotPool(requests, "openvino-stream")
+        self._pool = _SlotPool(requests, "openvino-stream", self.preferred_batch_size)
         self.parallelism = self.sessions
         self.nbytes = 2 * len(model)
 
@@ -492,8 +531,8 @@ class OpenVinoBackend(Backend):
         # infer() releases the GIL; its output buffer belongs to the request, so copy.
         return np.array(request.infer({0: piece})[0][:n], dtype=np.float32)
 
-    def launch(self, batch: np.ndarray) -> PendingFeatures:
-        return _Ready(self._pool.run(check_batch(batch), self.preferred_batch_size, self._infer))
+    def _call(self, slot: Any, piece: np.ndarray) -> np.ndarray:
+        return self._infer(slot, piece)
 
 
 class _CudaPending:

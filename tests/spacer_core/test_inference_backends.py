@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -342,6 +344,9 @@ def test_onnx_sessions_split_a_batch_and_keep_its_order(
     batch = to_network_input(np.concatenate([patches] * 3)[:n])
     expected = one.run(batch)
     assert np.array_equal(two.run(batch), expected)
+    # A whole request of uint8 crops: each session converts its own pieces, as ToTensor does.
+    crops = np.ascontiguousarray((batch.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8))
+    assert np.array_equal(two.run_patches(crops), one.run(to_network_input(crops)))
 
 
 def test_onnx_sessions_serve_concurrent_callers(efficientnet_weights, make_net, patches, shared_cache):  # noqa: F811
@@ -358,6 +363,38 @@ def test_onnx_sessions_serve_concurrent_callers(efficientnet_weights, make_net, 
             got = list(pool.map(backend.run, batches))
             for g, e in zip(got, expected):
                 assert np.array_equal(g, e)
+
+
+def test_onnx_sessions_share_one_request_piece_by_piece(efficientnet_weights, make_net, shared_cache):  # noqa: F811
+    """One caller's request keeps every session busy, and a failing piece fails the call cleanly."""
+    load_backend(
+        efficientnet_weights.sha256, make_net, device="cpu", kind="onnxruntime", cache_dir=shared_cache
+    )
+    backend = OnnxBackend(_artifact(shared_cache, efficientnet_weights.sha256), sessions=2, threads=2)
+    threads: set[str] = set()
+    run = backend._call
+
+    def recording(slot, piece):
+        threads.add(threading.current_thread().name)
+        return run(slot, piece)
+
+    backend._call = recording  # type: ignore[method-assign]
+    crops = np.random.default_rng(3).integers(0, 256, (24, 224, 224, 3), dtype=np.uint8)
+    features = backend.run_patches(crops)
+    assert features.shape == (24, 1280) and len(threads) == 2
+
+    def failing(slot, piece):
+        if (piece[0] == np.float32(1)).all():
+            raise RuntimeError("piece failed")
+        return run(slot, piece)
+
+    crops[8] = 255  # the first patch of the third piece
+    backend._call = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="piece failed"):
+        backend.run_patches(crops)
+    backend._call = run  # type: ignore[method-assign]
+    crops[8] = 0
+    assert backend.run_patches(crops).shape == (24, 1280)  # every session went back to the pool
 
 
 def _artifact(folder, sha256):
