@@ -57,13 +57,15 @@ class ImageInfo:
 
 def read_header(data: bytes) -> ImageInfo | None: ...
 def decode_image(
-    data: bytes, max_pixels: int | None = None
+    data: bytes, max_pixels: int | None = None, *, parallel: bool = True
 ) -> tuple[npt.NDArray[np.uint8], ImageInfo, bool]: ...
 def crop_patches(
     data: bytes,
     rowcols: Sequence[tuple[int, int]],
     crop_size: int = 224,
     max_pixels: int | None = None,
+    *,
+    parallel: bool = True,
 ) -> npt.NDArray[np.uint8]: ...
 def crop_patches_into_chw(
     data: bytes,
@@ -82,6 +84,8 @@ def crop_rgb(
     image: npt.NDArray[np.uint8],
     rowcols: Sequence[tuple[int, int]],
     crop_size: int = 224,
+    *,
+    parallel: bool = True,
 ) -> npt.NDArray[np.uint8]: ...
 def crop_rgb_into_chw(
     image: npt.NDArray[np.uint8],

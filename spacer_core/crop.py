@@ -204,18 +204,21 @@ def decode_image(
     max_pixels: int | None = None,
     image_key: str | None = None,
     allow_truncated: bool | None = None,
+    parallel: bool = True,
 ) -> DecodedImage:
     """Decode to RGB as `Image.open(...).convert('RGB')` does (no EXIF rotation, alpha dropped).
 
     A truncated image is decoded as far as it goes when `allow_truncated`
     (None: the active runtime's `Limits.allow_truncated_images`), else it is
-    an ImageDecodeError naming the image.
+    an ImageDecodeError naming the image. `parallel` False keeps the work on
+    one core: for callers that already keep every core busy, where decoding
+    a JPEG in bands only adds work (each band re-reads the rows above it).
     """
     limit = _limit(max_pixels)
     lenient = _truncation_allowed(allow_truncated)
     with _named_errors(image_key):
         try:
-            rgb, info, complete = _crop_rs.decode_image(image_bytes, limit)
+            rgb, info, complete = _crop_rs.decode_image(image_bytes, limit, parallel=parallel)
         except UnsupportedFormatError:
             rgb, image = _pillow_decode(image_bytes, limit, image_key, lenient)
             return DecodedImage(rgb, image.format or "", image.mode, True)
@@ -232,11 +235,12 @@ def crop_patches(
     max_pixels: int | None = None,
     image_key: str | None = None,
     allow_truncated: bool | None = None,
+    parallel: bool = True,
 ) -> np.ndarray:
     """Decode `image_bytes` and cut uint8 (N, crop_size, crop_size, 3) patches.
 
     Byte-identical to pyspacer's `crop_patches(Image.open(...), rowcols, crop_size)`.
-    A truncated image is refused unless allowed (see `decode_image`).
+    A truncated image is refused unless allowed; `parallel` as in `decode_image`.
     """
     points = _points(rowcols)
     limit = _limit(max_pixels)
@@ -244,8 +248,8 @@ def crop_patches(
     with _named_errors(image_key):
         try:
             if lenient:
-                return _crop_rs.crop_patches(image_bytes, points, crop_size, limit)
-            return _strict_patches(image_bytes, points, crop_size, limit, image_key)
+                return _crop_rs.crop_patches(image_bytes, points, crop_size, limit, parallel=parallel)
+            return _strict_patches(image_bytes, points, crop_size, limit, image_key, parallel)
         except UnsupportedFormatError:
             return _pillow_patches(image_bytes, points, crop_size, limit, image_key, lenient)
 
@@ -274,7 +278,7 @@ def crop_patches_into_chw(
             if lenient:
                 _crop_rs.crop_patches_into_chw(image_bytes, points, out, crop_size, limit)
             else:
-                patches = _strict_patches(image_bytes, points, crop_size, limit, image_key)
+                patches = _strict_patches(image_bytes, points, crop_size, limit, image_key, True)
                 _patches_into_chw(patches, out, image_key)
         except UnsupportedFormatError:
             patches = _pillow_patches(image_bytes, points, crop_size, limit, image_key, lenient)
@@ -348,7 +352,12 @@ def _truncated(fmt: str, image_key: str | None) -> ImageDecodeError:
 
 
 def _strict_patches(
-    image_bytes: bytes, points: list[tuple[int, int]], crop_size: int, limit: int, image_key: str | None
+    image_bytes: bytes,
+    points: list[tuple[int, int]],
+    crop_size: int,
+    limit: int,
+    image_key: str | None,
+    parallel: bool,
 ) -> np.ndarray:
     """Rust patches of a complete image only.
 
@@ -368,10 +377,10 @@ def _strict_patches(
             raise PatchError(
                 f"{_prefix(image_key)}point {index} (row={row}, col={col}) is outside the {height}x{width} image"
             )
-    rgb, info, complete = _crop_rs.decode_image(image_bytes, limit)
+    rgb, info, complete = _crop_rs.decode_image(image_bytes, limit, parallel=parallel)
     if not complete:
         raise _truncated(info.format, image_key)
-    return crop_rgb(rgb, points, crop_size)
+    return crop_rgb(rgb, points, crop_size, parallel=parallel)
 
 
 # Pillow reads its truncation switch from a module global at load time; a strict

@@ -33,6 +33,7 @@ from spacer_core import config, crop, runtime
 from spacer_core.data_classes import DataLocation, ImageFeatures
 from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
 from spacer_core.extractors import FeatureExtractor
+from spacer_core.inference.backends import in_one_session
 from spacer_core.inference.batcher import DEFAULT_PRIORITY
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, classifier_feature_dim
@@ -191,7 +192,10 @@ def cut(loaded: Loaded) -> Prepared:
             features, remote = job.extractor.extract_rgb(rgb, points)
         return Prepared(job, points, loaded.start, remote, features=np.asarray(features))
     net, remote = loaded.network
-    patches = crop.crop_patches(loaded.data, points, job.extractor.CROP_SIZE, image_key=name)
+    # A worker that keeps to one core decodes there too; a caller alone decodes on every core.
+    patches = crop.crop_patches(
+        loaded.data, points, job.extractor.CROP_SIZE, image_key=name, parallel=not in_one_session()
+    )
     return Prepared(job, points, loaded.start, remote, net=net, patches=patches)
 
 

@@ -214,6 +214,7 @@ fn crop_each_into<T: Send>(
     }
     out.par_chunks_exact_mut(per)
         .zip(points.par_iter())
+        .with_min_len(crate::fanout::min_len())
         .for_each(|(patch, &p)| cut(img, p, crop_size, patch));
     Ok(())
 }

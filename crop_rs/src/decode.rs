@@ -205,6 +205,7 @@ fn expand_grey(grey: &[u8]) -> Vec<u8> {
     let mut rgb = vec![0u8; grey.len() * 3];
     rgb.par_chunks_mut(CHUNK * 3)
         .zip(grey.par_chunks(CHUNK))
+        .with_min_len(crate::fanout::min_len())
         .for_each(|(out, src)| {
             for (p, &v) in out.chunks_exact_mut(3).zip(src) {
                 p.fill(v);
@@ -234,6 +235,7 @@ fn cmyk_to_rgb(stored: &[u8], width: usize, rows_done: usize) -> Vec<u8> {
     let (done, missing) = rgb.split_at_mut(split * 3);
     done.par_chunks_mut(CHUNK * 3)
         .zip(stored[..split * 4].par_chunks(CHUNK * 4))
+        .with_min_len(crate::fanout::min_len())
         .for_each(|(out, src)| {
             for (p, s) in out.chunks_exact_mut(3).zip(src.chunks_exact(4)) {
                 p.copy_from_slice(&pillow_cmyk_to_rgb(

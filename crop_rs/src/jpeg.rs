@@ -167,9 +167,10 @@ fn decode_rows(data: &[u8], header: &JpegHeader, first: usize, out: &mut [u8]) -
 }
 
 /// How many horizontal bands to decode in parallel. Progressive files
-/// entropy-decode the whole image before the first row, so they stay whole.
+/// entropy-decode the whole image before the first row, so they stay whole;
+/// so does every image inside [`crate::fanout::on_one_core`].
 fn band_count(header: &JpegHeader) -> usize {
-    if header.progressive {
+    if header.progressive || !crate::fanout::may_fan_out() {
         return 1;
     }
     rayon::current_num_threads()
@@ -265,6 +266,14 @@ mod tests {
             }
         }
         assert_eq!(decode(TALL, &header).unwrap().data, whole);
+        // On one core the same image is one pass, with the same pixels.
+        crate::fanout::on_one_core(|| {
+            assert_eq!(band_count(&header), 1);
+            assert_eq!(decode(TALL, &header).unwrap().data, whole);
+        });
+        if rayon::current_num_threads() > 1 {
+            assert!(band_count(&header) > 1);
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use turbojpeg_sys as _;
 
 pub mod crop;
 pub mod decode;
+pub mod fanout;
 mod jpeg;
 pub mod pipeline;
 mod png_decode;
@@ -102,6 +103,21 @@ mod python {
             })
     }
 
+    /// [`guarded`], with the work kept to one core unless `parallel`.
+    fn guarded_on<T: Send>(
+        py: Python<'_>,
+        parallel: bool,
+        f: impl FnOnce() -> PyResult<T> + Send,
+    ) -> PyResult<T> {
+        guarded(py, || {
+            if parallel {
+                f()
+            } else {
+                crate::fanout::on_one_core(f)
+            }
+        })
+    }
+
     /// Header facts of an image, as Pillow reports them after `Image.open`.
     #[pyclass(frozen, get_all, module = "spacer_core._crop_rs")]
     #[derive(Clone)]
@@ -152,18 +168,20 @@ mod python {
         })
     }
 
-    /// decode_image(data, max_pixels=None) -> (uint8 HxWx3, ImageInfo, complete)
+    /// decode_image(data, max_pixels=None, *, parallel=True) -> (uint8 HxWx3, ImageInfo, complete)
     ///
     /// `complete` is False when the data ended or broke off early (the missing
-    /// pixels are what Pillow with LOAD_TRUNCATED_IMAGES gives).
+    /// pixels are what Pillow with LOAD_TRUNCATED_IMAGES gives). `parallel`
+    /// False keeps the work on one core (for callers that keep every core busy).
     #[pyfunction]
-    #[pyo3(signature = (data, max_pixels = None))]
+    #[pyo3(signature = (data, max_pixels = None, *, parallel = true))]
     fn decode_image<'py>(
         py: Python<'py>,
         data: PyBackedBytes,
         max_pixels: Option<u64>,
+        parallel: bool,
     ) -> PyResult<(Bound<'py, PyArray3<u8>>, ImageInfo, bool)> {
-        let img = guarded(py, || {
+        let img = guarded_on(py, parallel, || {
             decode::decode_rgb(&data, max_pixels).map_err(decode_err)
         })?;
         let info = ImageInfo::from(&img.header);
@@ -172,18 +190,19 @@ mod python {
         Ok((array, info, complete))
     }
 
-    /// crop_patches(data, rowcols, crop_size=224, max_pixels=None) -> uint8 (N, s, s, 3)
+    /// crop_patches(data, rowcols, crop_size=224, max_pixels=None, *, parallel=True) -> uint8 (N, s, s, 3)
     #[pyfunction]
-    #[pyo3(signature = (data, rowcols, crop_size = 224, max_pixels = None))]
+    #[pyo3(signature = (data, rowcols, crop_size = 224, max_pixels = None, *, parallel = true))]
     fn crop_patches<'py>(
         py: Python<'py>,
         data: PyBackedBytes,
         rowcols: Vec<(i64, i64)>,
         crop_size: usize,
         max_pixels: Option<u64>,
+        parallel: bool,
     ) -> PyResult<Bound<'py, PyArray4<u8>>> {
         let n = rowcols.len();
-        let out = guarded(py, || {
+        let out = guarded_on(py, parallel, || {
             pipeline::patches_hwc(&data, &rowcols, crop_size, max_pixels).map_err(pipeline_err)
         })?;
         PyArray1::from_vec(py, out).reshape([n, crop_size, crop_size, 3])
@@ -306,19 +325,20 @@ mod python {
             .map_err(|_| PatchError::new_err("image array must be C-contiguous"))
     }
 
-    /// crop_rgb(image, rowcols, crop_size=224) -> uint8 array (N, crop_size, crop_size, 3)
+    /// crop_rgb(image, rowcols, crop_size=224, *, parallel=True) -> uint8 array (N, crop_size, crop_size, 3)
     #[pyfunction]
-    #[pyo3(signature = (image, rowcols, crop_size = 224))]
+    #[pyo3(signature = (image, rowcols, crop_size = 224, *, parallel = true))]
     fn crop_rgb<'py>(
         py: Python<'py>,
         image: PyReadonlyArray3<'py, u8>,
         rowcols: Vec<(i64, i64)>,
         crop_size: usize,
+        parallel: bool,
     ) -> PyResult<Bound<'py, PyArray4<u8>>> {
         let (h, w) = rgb_dims(&image)?;
         let data = contiguous(&image)?;
         let img = RgbView::new(data, h, w).map_err(crop_err)?;
-        let out = guarded(py, || {
+        let out = guarded_on(py, parallel, || {
             let mut out = vec![0u8; rowcols.len() * crop_size * crop_size * 3];
             crop::crop_hwc_into(&img, &rowcols, crop_size, &mut out).map_err(crop_err)?;
             Ok(out)

@@ -249,6 +249,7 @@ pub fn decode_rgb(data: &[u8], header: &PngHeader) -> Result<PngPixels, String> 
         }
         rgb.par_chunks_exact_mut(rgb_row)
             .zip(raw.par_chunks_exact(raw_row))
+            .with_min_len(crate::fanout::min_len())
             .for_each(|(out, src)| conv.convert(src, out));
     } else {
         let mut done = 0usize;
@@ -271,6 +272,7 @@ pub fn decode_rgb(data: &[u8], header: &PngHeader) -> Result<PngPixels, String> 
             if filler.iter().any(|&b| b != 0) {
                 rgb[done * rgb_row..]
                     .par_chunks_exact_mut(rgb_row)
+                    .with_min_len(crate::fanout::min_len())
                     .for_each(|out| out.copy_from_slice(&filler));
             }
         }

@@ -270,6 +270,11 @@ def one_session() -> Iterator[None]:
         _caller.single = previous
 
 
+def in_one_session() -> bool:
+    """Whether this thread is inside `one_session()`: its work should keep to one core."""
+    return bool(getattr(_caller, "single", False))
+
+
 class _SlotPool:
     """Independent network instances (sessions, infer requests), each used by one thread at a time.
 
@@ -320,7 +325,7 @@ class _SlotPool:
                     raise
 
         slots = [self._free.get()]
-        wanted = 1 if getattr(_caller, "single", False) else len(starts)
+        wanted = 1 if in_one_session() else len(starts)
         try:
             while len(slots) < wanted:
                 try:

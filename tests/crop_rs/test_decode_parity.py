@@ -290,6 +290,22 @@ def test_tall_baseline_jpegs_decoded_in_bands_match(h: int, w: int) -> None:
             assert_decodes_like_pillow(f"{name} {h}x{w} cut {cut}", data[:cut])
 
 
+@pytest.mark.parametrize("interlace", [False, True])
+def test_one_core_decodes_and_cuts_the_same_pixels(interlace: bool) -> None:
+    """`parallel=False` (one pass, no splits) gives exactly what the parallel path gives."""
+    cases = [*jpeg_cases(1037, 131), *png_cases(555, 64, interlace)]
+    rowcols = [(0, 0), (500, 60), (554, 63), (300, 1)]
+    for name, data in cases:
+        for cut in (len(data), len(data) * 3 // 4):
+            fanned = crop.decode_image(data[:cut], allow_truncated=True)
+            one = crop.decode_image(data[:cut], allow_truncated=True, parallel=False)
+            assert np.array_equal(one.rgb, fanned.rgb) and one.complete == fanned.complete, name
+            got = crop.crop_patches(data[:cut], rowcols, 64, allow_truncated=True, parallel=False)
+            assert np.array_equal(got, crop.crop_patches(data[:cut], rowcols, 64, allow_truncated=True))
+        strict = crop.crop_patches(data, rowcols, 64, parallel=False)
+        assert np.array_equal(strict, crop.crop_patches(data, rowcols, 64)), name
+
+
 def test_truncated_file_reports_incomplete() -> None:
     data = _save(Image.fromarray(_pattern(64, 64)), "JPEG")
     assert crop.decode_image(data).complete
