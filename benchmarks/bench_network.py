@@ -25,6 +25,7 @@ Rows:
 
     python benchmarks/bench_network.py                 # 6 images, 5 cycles (~5 min on 2 cores)
     python benchmarks/bench_network.py --images 2 --cycles 2 --only backend
+    python benchmarks/bench_network.py --sizes 2000x1500,3000x2000  # 3 and 6 MP
 """
 
 from __future__ import annotations
@@ -90,8 +91,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=6)
     parser.add_argument("--points", type=int, default=100)
-    parser.add_argument("--width", type=int, default=4000)
-    parser.add_argument("--height", type=int, default=3000)
+    parser.add_argument(
+        "--sizes",
+        default="4000x3000",
+        help="comma list of image sizes WxH, used in turn (e.g. 2000x1500,3000x2000 for 3-6 MP)",
+    )
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--callers", default="1,8", help="batcher callers to measure (default 1,8)")
     parser.add_argument(
@@ -126,11 +130,18 @@ def main() -> None:
         sha256 = make_weights(weights)
         images_dir = folder / "images"
         images_dir.mkdir()
-        jobs = make_images(images_dir, args.images, args.points, args.width, args.height)
+        sizes = [tuple(map(int, size.lower().split("x"))) for size in args.sizes.split(",")]
+        jobs = []
+        for k, (width, height) in enumerate(sizes):
+            (images_dir / f"size{k}").mkdir()
+            count = len(range(k, args.images, len(sizes)))
+            made = make_images(images_dir / f"size{k}", count, args.points, width, height)
+            for image, rowcols in made:  # one folder, unique names (the CLI's point map is by name)
+                jobs.append((image.rename(images_dir / f"{width}x{height}_{image.name}"), rowcols))
         total = args.images * args.points
         print(
             f"machine: {cpu_name()}, {os.cpu_count()} CPUs, ONNX Runtime {ort.__version__}; "
-            f"{args.images} JPEGs {args.width}x{args.height} x {args.points} points; "
+            f"{args.images} JPEGs ({args.sizes}) x {args.points} points; "
             f"{args.cycles} cycles; load average before: {os.getloadavg()[0]:.1f}",
             flush=True,
         )
