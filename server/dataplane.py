@@ -48,6 +48,7 @@ from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import InvalidInputError, QueueFullError
 from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference import Priority
+from spacer_core.inference.backends import one_session
 from spacer_core.inference.batcher import DEFAULT_PRIORITY
 from spacer_core.messages import (
     ClassifyFeaturesMsg,
@@ -417,12 +418,19 @@ class Engine:
         self._long_slots = asyncio.Semaphore(config.long_work_slots)
 
     async def call(self, func: Callable[..., T], *args: Any, priority: int = DEFAULT_PRIORITY) -> T:
-        """func(*args) in the worker pool, with this server's runtime active."""
+        """func(*args) in the worker pool, with this server's runtime active.
+
+        While other images are admitted too, the work keeps to one core
+        (`one_session`: decoding in one pass, a library forward pass on one
+        session): the other images keep the rest busy, and decoding in
+        bands would only add work.
+        """
         future = self._pool.submit_at(priority, partial(self._in_runtime, func, args))
         return await asyncio.wrap_future(future)
 
     def _in_runtime(self, func: Callable[..., T], args: tuple[Any, ...]) -> T:
-        with self.runtime.activate():
+        shared = self.admission.active > 1
+        with self.runtime.activate(), one_session() if shared else contextlib.nullcontext():
             return func(*args)
 
     async def call_long(self, func: Callable[..., T], *args: Any, deadline: float | None = None) -> T:

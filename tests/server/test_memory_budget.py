@@ -21,6 +21,7 @@ from spacer_core.data_classes import DataLocation
 from spacer_core.exceptions import QueueFullError
 from spacer_core.extractors import EfficientNetExtractor
 from spacer_core.inference import BatcherSettings, Priority
+from spacer_core.inference.backends import in_one_session
 from spacer_core.runtime import Runtime, RuntimeSettings
 from spacer_core.testing import photo_jpeg, random_points
 from tests.support.grpc_server import running_server
@@ -189,6 +190,23 @@ def test_the_engine_holds_no_more_image_memory_than_its_budget(jobs, footprints,
         with engine.runtime.activate():
             for job, result in zip(many, results):
                 np.testing.assert_allclose(result.features, pipeline.run(job).features, atol=1e-4)
+    finally:
+        engine.shutdown()
+
+
+def test_image_work_keeps_to_one_core_while_other_images_are_admitted(tmp_path):
+    """Alone, an image may decode on every core; beside others it decodes in one pass."""
+    engine = Engine(ServerConfig(data_roots=(tmp_path,)))
+
+    async def probe() -> tuple[bool, bool, bool]:
+        async with engine.admission.try_enter():
+            alone = await engine.call(in_one_session)
+            async with engine.admission.try_enter():
+                shared = await engine.call(in_one_session)
+        return alone, shared, await engine.call(in_one_session)
+
+    try:
+        assert asyncio.run(probe()) == (False, True, False)
     finally:
         engine.shutdown()
 
