@@ -598,7 +598,9 @@ class Runtime:
         """Every network and classifier held now, whoever loaded it, most recently used first.
 
         Unlike `loaded_models()` (what was asked for by name) this reads the
-        caches themselves, so models a call loaded on its way show too.
+        caches themselves, so models a call loaded on its way show too. A
+        network's exact twin (the `fast` recheck) belongs to its network's
+        entry and is not listed apart; its bytes count in that entry.
         """
         held: list[LoadedModel] = []
         caches: tuple[tuple[str, ModelCache[Any, Any]], ...] = (
