@@ -155,7 +155,7 @@ def median_margin(scores: np.ndarray) -> float:
 
 
 def test_close_calls_get_exact_features_and_scores_far_points_keep_fast_ones(
-    rounded_fast, extractor, image, classifier, compiled, exact_features, fast_unchecked, tmp_path
+    rounded_fast, extractor, image, classifier, compiled, exact_features, fast_unchecked, tmp_path, caplog
 ):
     loc, clf = classifier
     fast = fast_unchecked.features
@@ -169,7 +169,9 @@ def test_close_calls_get_exact_features_and_scores_far_points_keep_fast_ones(
     active = make_runtime(compiled, "fast", margin=margin)
     try:
         stored_at = DataLocation("filesystem", str(tmp_path / "rechecked.featurevector"))
-        result = classify(active, extractor, image, loc, feature_loc=stored_at)
+        with caplog.at_level("DEBUG", logger="spacer_core.pipeline"):
+            result = classify(active, extractor, image, loc, feature_loc=stored_at)
+        assert f"{len(close)} of {POINTS} points rechecked in exact precision" in caplog.text
         np.testing.assert_allclose(result.features[close], exact_features[close], rtol=0, atol=1e-5)
         np.testing.assert_array_equal(result.features[far], fast[far])
         exact_scores = clf.predict_proba(exact_features.astype(np.float64))
