@@ -12,6 +12,8 @@ concurrent calls; either converts the patches to the network's float32
 input a batch at a time) -> store the features and/or score them.
 Extractors without a network (`batchable` False) compute their features
 from decoded RGB pixels in the cutting step instead.
+In `fast` precision, scored points whose top two classes are close get
+exact features from the same patches before anything is stored (`recheck`).
 
 Patches wait for the network as uint8 crops (150 KB a point), a quarter of
 the float32 input's bytes. `Loaded.footprint` says, from the header alone,
