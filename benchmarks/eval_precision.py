@@ -8,6 +8,11 @@ held-out patches are scored twice, from `exact` and from `fast` features, and
 the script prints how often the top-1 predictions agree (target >= 99.5%),
 plus both accuracies and the feature error.
 
+It then replays the runtime's exact recheck (`fast_recheck_margin`): points
+whose fast top-1 minus top-2 probability is under a margin get exact features,
+for a sweep of margins, and times `exact` against `fast` + recheck on the same
+held-out patches (paired, alternating, medians).
+
     python benchmarks/eval_precision.py                   # CPU: bf16 where the CPU has it
     python benchmarks/eval_precision.py --device cuda     # GPU: fp16 + channels_last
 """
@@ -21,6 +26,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from _common import cpu_name
@@ -56,11 +62,125 @@ def make_patches(
     return patches, labels
 
 
+def train_classifiers(rng: np.random.Generator, train_f: np.ndarray, train_y: np.ndarray) -> tuple[Any, Any]:
+    """pyspacer's two recipes trained on exact features: (calibrated SGD, MLP)."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    # Averaged log-loss SGD, then sigmoid calibration on a reference split.
+    order = rng.permutation(len(train_y))
+    cut = int(0.8 * len(order))
+    sgd = SGDClassifier(loss="log_loss", average=True, random_state=0)
+    sgd.fit(train_f[order[:cut]], train_y[order[:cut]])
+    clf = CalibratedClassifierCV(sgd, cv="prefit").fit(train_f[order[cut:]], train_y[order[cut:]])
+    # Scaled features, two hidden layers, early stopping.
+    mlp = make_pipeline(
+        StandardScaler(),
+        MLPClassifier(hidden_layer_sizes=(200, 100), max_iter=300, early_stopping=True, random_state=0),
+    )
+    mlp.fit(train_f, train_y)
+    return clf, mlp
+
+
+MARGINS = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2)
+
+
+def sync_batch(backend: Any) -> int:
+    """Patches per launch on the runtime's synchronous path (`Runtime.features`)."""
+    return backend.preferred_batch_size * backend.parallelism * (4 if backend.parallelism > 1 else 1)
+
+
+def recheck_report(
+    args: argparse.Namespace,
+    exact: Any,
+    fast: Any,
+    test_x: np.ndarray,
+    test_exact: np.ndarray,
+    test_fast: np.ndarray,
+    clf: Any,
+    mlp: Any,
+) -> list[str]:
+    """Agreement with the exact recheck over a sweep of margins, and fast + recheck against exact in time."""
+    from spacer_core.inference import run_in_batches
+    from spacer_core.pipeline import close_calls
+    from spacer_core.runtime import DEFAULT_FAST_RECHECK_MARGIN
+
+    lines = ["recheck sweep (margin: agreement LR, MLP; points rechecked LR, MLP):"]
+    preds = {}
+    for name, model in (("LR", clf), ("MLP", mlp)):
+        exact_scores = model.predict_proba(test_exact.astype(np.float64))
+        fast_scores = model.predict_proba(test_fast.astype(np.float64))
+        preds[name] = (exact_scores.argmax(1), fast_scores.argmax(1), fast_scores)
+    for margin in MARGINS:
+        cells = []
+        for name in ("LR", "MLP"):
+            want, got, fast_scores = preds[name]
+            picked = close_calls(fast_scores, margin)
+            agree = want == got
+            agree[picked] = True  # rechecked points take exact features, so exact's prediction
+            cells.append((float(agree.mean()), len(picked) / len(want)))
+        lines.append(
+            f"  {margin:<6g} {cells[0][0] * 100:6.2f}% {cells[1][0] * 100:6.2f}%"
+            f"   {cells[0][1] * 100:5.2f}% {cells[1][1] * 100:5.2f}%"
+        )
+
+    margin = DEFAULT_FAST_RECHECK_MARGIN if args.recheck_margin is None else args.recheck_margin
+    exact_batch, fast_batch = sync_batch(exact), sync_batch(fast)
+
+    def run_exact() -> None:
+        run_in_batches(exact, test_x, exact_batch)
+
+    def run_fast(model: Any, recheck: bool = True) -> Any:
+        def go() -> None:
+            features = run_in_batches(fast, test_x, fast_batch)
+            picked = close_calls(model.predict_proba(features.astype(np.float64)), margin)
+            if recheck and len(picked):
+                features[picked] = run_in_batches(exact, test_x[picked], exact_batch)
+                model.predict_proba(features[picked].astype(np.float64))
+
+        return go
+
+    runs = {
+        "exact": run_exact,
+        "fast (no recheck, LR scored)": run_fast(clf, recheck=False),
+        "fast+recheck LR": run_fast(clf),
+        "fast+recheck MLP": run_fast(mlp),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(args.repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order each round
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    lines.append(
+        f"timing, {len(test_x)} patches, {args.repeats} rounds alternating, medians "
+        f"(exact batch {exact_batch}, fast batch {fast_batch}, margin {margin:g}):"
+    )
+    for name, seconds in medians.items():
+        lines.append(
+            f"  {name}: {len(test_x) / seconds:.1f} patches/s ({medians['exact'] / seconds:.2f}x exact)"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--classes", type=int, default=8)
     parser.add_argument("--train-per-class", type=int, default=60)
     parser.add_argument("--test-per-class", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--recheck-margin",
+        type=float,
+        default=None,
+        help="margin timed for fast + recheck (default: the runtime's fast_recheck_margin)",
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="paired timing rounds")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
         "--fast-backend",
@@ -73,14 +193,12 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     import torch
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.linear_model import SGDClassifier
 
     from spacer_core.extractors import build_network
     from spacer_core.inference import load_backend, run_in_batches
     from spacer_core.testing import make_weights
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
     spec = make_classes(rng, args.classes)
     train_x, train_y = make_patches(rng, spec, args.train_per_class)
     test_x, test_y = make_patches(rng, spec, args.test_per_class)
@@ -103,27 +221,12 @@ def main() -> None:
         start = time.perf_counter()
         test_fast = run_in_batches(fast, test_x, batch)
         fast_rate = len(test_x) / (time.perf_counter() - start)
-
-    # pyspacer's recipe: averaged log-loss SGD, then sigmoid calibration on a reference split.
-    order = rng.permutation(len(train_y))
-    cut = int(0.8 * len(order))
-    sgd = SGDClassifier(loss="log_loss", average=True, random_state=0)
-    sgd.fit(train_f[order[:cut]], train_y[order[:cut]])
-    clf = CalibratedClassifierCV(sgd, cv="prefit").fit(train_f[order[cut:]], train_y[order[cut:]])
+        clf, mlp = train_classifiers(rng, train_f, train_y)
+        recheck = recheck_report(args, exact, fast, test_x, test_exact, test_fast, clf, mlp)
 
     pred_exact = clf.predict_proba(test_exact.astype(np.float64)).argmax(1)
     pred_fast = clf.predict_proba(test_fast.astype(np.float64)).argmax(1)
     agreement = float(np.mean(pred_exact == pred_fast))
-    # pyspacer's MLP recipe as well (scaled features, one hidden layer, early stopping).
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    mlp = make_pipeline(
-        StandardScaler(),
-        MLPClassifier(hidden_layer_sizes=(200, 100), max_iter=300, early_stopping=True, random_state=0),
-    )
-    mlp.fit(train_f, train_y)
     mlp_exact = mlp.predict_proba(test_exact.astype(np.float64)).argmax(1)
     mlp_fast = mlp.predict_proba(test_fast.astype(np.float64)).argmax(1)
     abs_err = np.abs(test_fast - test_exact)
@@ -153,6 +256,8 @@ def main() -> None:
         f"fast / exact speed: {fast_rate / exact_rate:.2f}x (same batches, one run; "
         "benchmarks/bench_network.py --fast pairs them)"
     )
+    for line in recheck:
+        print(line)
 
 
 if __name__ == "__main__":

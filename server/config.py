@@ -20,7 +20,7 @@ from spacer_core.data_classes import DataLocation
 from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference import BatcherSettings
 from spacer_core.limits import Limits
-from spacer_core.runtime import RuntimeSettings
+from spacer_core.runtime import DEFAULT_FAST_RECHECK_MARGIN, RuntimeSettings
 from spacer_core.storage import ClientPolicy, StoragePolicy
 from spacer_core.urlfetch import DEFAULT_MAX_BYTES, DEFAULT_TOTAL_TIMEOUT, UrlRules
 
@@ -42,6 +42,9 @@ class ServerConfig:
     port_file: Path | None = None
     device: str = "auto"
     precision: str = "exact"
+    # In `fast` precision, scored points whose top two classes are closer than
+    # this are recomputed in exact precision (RuntimeSettings.fast_recheck_margin).
+    fast_recheck_margin: float = DEFAULT_FAST_RECHECK_MARGIN
     # Dynamic batcher: patches per network call (None: the backend's preferred
     # size, small on CPU where it also bounds memory, large on GPU) and how
     # long a batch may wait to fill (BatcherSettings.queue_delay_ms). Longer
@@ -151,6 +154,8 @@ class ServerConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not 0.0 <= self.fast_recheck_margin <= 1.0:
+            raise ValueError(f"fast recheck margin must be in [0, 1], got {self.fast_recheck_margin}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.log_format not in LOG_FORMATS:
@@ -245,6 +250,7 @@ class ServerConfig:
         return RuntimeSettings(
             device=None if self.device == "auto" else self.device,
             precision=self.precision,
+            fast_recheck_margin=self.fast_recheck_margin,
             batcher=BatcherSettings(max_batch_size=self.batch_size, queue_delay_ms=self.queue_delay_ms),
             limits=self.limits(),
         )
@@ -366,6 +372,14 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
     ("--port-file", "port_file", Path, "SPACER_PORT_FILE", "write the bound port here"),
     ("--device", "device", str, "SPACER_DEVICE", "auto, cpu or cuda"),
     ("--precision", "precision", str, "SPACER_PRECISION", "exact or fast (reduced precision)"),
+    (
+        "--fast-recheck-margin",
+        "fast_recheck_margin",
+        float,
+        "SPACER_FAST_RECHECK_MARGIN",
+        "with fast precision: scored points whose top two class scores differ by less than this"
+        " are recomputed exactly; 0 turns this off",
+    ),
     (
         "--batch-size",
         "batch_size",

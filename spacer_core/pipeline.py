@@ -12,6 +12,8 @@ concurrent calls; either converts the patches to the network's float32
 input a batch at a time) -> store the features and/or score them.
 Extractors without a network (`batchable` False) compute their features
 from decoded RGB pixels in the cutting step instead.
+In `fast` precision, scored points whose top two classes are close get
+exact features from the same patches before anything is stored (`recheck`).
 
 Patches wait for the network as uint8 crops (150 KB a point), a quarter of
 the float32 input's bytes. `Loaded.footprint` says, from the header alone,
@@ -21,6 +23,7 @@ how many bytes an image will hold, so a server can admit work by memory
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +42,8 @@ from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, classifier_feature_dim
 from spacer_core.storage import check_outputs, load_bytes
 from spacer_core.task_utils import check_classifier_provenance, check_extract_inputs, check_features
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RowCol = tuple[int, int]
@@ -205,29 +210,86 @@ def prepare(job: ImageJob) -> Prepared:
 
 
 def finish(prepared: Prepared, features: np.ndarray) -> ImageResult:
-    """Store and/or score the features of a prepared job."""
+    """Score and/or store the features of a prepared job.
+
+    In `fast` precision, close calls among the scores are recomputed from the
+    job's patches in exact precision first (`recheck`), so stored features
+    and scores are the rechecked ones.
+    """
     job = prepared.job
-    result = ImageResult(prepared.rowcols, features, prepared.loaded_remotely, 0.0)
     rows, cols = (list(axis) for axis in zip(*prepared.rowcols))
     made = None
     if job.feature_loc is not None or job.classifier_loc is not None:
         weights = prepared.net.key if prepared.net is not None else None
         made = job.extractor.feature_provenance(rows, cols, weights)
-    if job.feature_loc is not None:
-        stored = ImageFeatures.from_arrays(features, rows, cols)
-        stored.provenance = made
-        with config.log_entry_and_exit("storing features"):
-            stored.store(job.feature_loc)
+    scores = classes = None
     if job.classifier_loc is not None:
         clf = runtime.current().classifier(job.classifier_loc)
         weights_loc = getattr(job.extractor, "data_locations", {}).get("weights")
         check_classifier_provenance(
             clf, made, job.classifier_loc.key, weights=getattr(weights_loc, "key", None)
         )
-        result.scores = score(clf, features, job.label)
-        result.classes = clf.classes_.tolist()
+        scores = score(clf, features, job.label)
+        classes = clf.classes_.tolist()
+        if prepared.patches is not None and prepared.net is not None:
+            features, scores = recheck(prepared, clf, features, scores)
+    prepared.patches = None
+    if job.feature_loc is not None:
+        stored = ImageFeatures.from_arrays(features, rows, cols)
+        stored.provenance = made
+        with config.log_entry_and_exit("storing features"):
+            stored.store(job.feature_loc)
+    result = ImageResult(prepared.rowcols, features, prepared.loaded_remotely, 0.0, scores, classes)
     result.runtime = time.time() - prepared.start
     return result
+
+
+def close_calls(scores: np.ndarray, margin: float) -> np.ndarray:
+    """Indices of the rows of `scores` whose top two probabilities differ by less than `margin`."""
+    if margin <= 0 or scores.shape[1] < 2:
+        return np.empty(0, np.intp)
+    top2 = np.partition(scores, -2, axis=1)[:, -2:]
+    return np.flatnonzero(top2[:, 1] - top2[:, 0] < margin)
+
+
+def recheck(
+    prepared: Prepared, clf: Any, features: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features and scores with the close calls recomputed in exact precision.
+
+    Reduced-precision features move a classifier's scores a little; where the
+    top two classes are within the runtime's `fast_recheck_margin` that can
+    swap the top-1 class, so those points' features are recomputed exactly
+    from the same patches. Other points keep their fast features.
+    """
+    assert prepared.net is not None and prepared.patches is not None
+    active = runtime.current()
+    picked = close_calls(scores, active.recheck_margin(prepared.net))
+    active.count_recheck(len(scores), len(picked))
+    logger.debug(
+        "%s: %d of %d points rechecked in exact precision", prepared.job.label, len(picked), len(scores)
+    )
+    if not len(picked):
+        return features, scores
+    exact = active.exact_features(prepared.net, prepared.patches[picked])
+    features = features.copy()
+    features[picked] = exact
+    scores = scores.copy()
+    scores[picked] = score(clf, exact, prepared.job.label)
+    return features, scores
+
+
+def _keeps_patches(prepared: Prepared, active: Runtime) -> bool:
+    """True when `finish` may recheck this job's points and so needs its patches.
+
+    Asked after the features are back, so the network is built; never builds it
+    (`run_async` asks on the event loop).
+    """
+    return (
+        prepared.job.classifier_loc is not None
+        and prepared.net is not None
+        and active.recheck_margin(prepared.net, load=False) > 0
+    )
 
 
 def run(job: ImageJob) -> ImageResult:
@@ -236,9 +298,11 @@ def run(job: ImageJob) -> ImageResult:
     features = prepared.features
     if features is None:
         assert prepared.net is not None and prepared.patches is not None
+        active = runtime.current()
         with config.log_entry_and_exit("forward pass through net"):
-            features = runtime.current().features(prepared.net, prepared.patches)
-        prepared.patches = None  # a survey's workers hold many images: free each one's patches early
+            features = active.features(prepared.net, prepared.patches)
+        if not _keeps_patches(prepared, active):
+            prepared.patches = None  # a survey's workers hold many images: free each one's patches early
     return finish(prepared, features)
 
 
@@ -278,7 +342,8 @@ async def run_async(
     the header is read, before anything is decoded, with the bytes the image
     will hold while it is cut (`Footprint.cutting`); the hold it returns is
     shrunk to `Footprint.waiting` once the image is cut and released when its
-    features are back.
+    features are back (in `fast` precision with a classifier, once it is
+    scored: the patches stay for the exact recheck).
     """
     loaded: Loaded | None = await call(load, job)
     assert loaded is not None
@@ -295,7 +360,12 @@ async def run_async(
             features = await active.features_async(
                 prepared.net, prepared.patches, priority=priority, deadline=deadline
             )
-            prepared.patches = None  # free the patches before scoring
+            if not _keeps_patches(prepared, active):
+                prepared.patches = None  # free the patches before scoring
+        if prepared.patches is not None:
+            # The exact recheck runs in `finish`, off the event loop, and needs
+            # the patches: they stay held until the job is scored.
+            return await call(finish, prepared, features)
     finally:
         if hold is not None:
             hold.release()

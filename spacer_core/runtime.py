@@ -60,6 +60,10 @@ from spacer_core.storage import (
 
 logger = logging.getLogger(__name__)
 
+# Top-1 minus top-2 probability under which `fast` features are recomputed
+# exactly; chosen with benchmarks/eval_precision.py (docs/benchmarks.md).
+DEFAULT_FAST_RECHECK_MARGIN = 0.075
+
 
 @dataclass(frozen=True)
 class RuntimeSettings:
@@ -75,10 +79,18 @@ class RuntimeSettings:
     large on GPU; the synchronous path uses the same size) and how the
     shared batchers fill them (`workers` None: one batch at once per backend
     session on CPU, at least two, and one on CUDA).
+
+    `fast_recheck_margin`: in `fast` precision, points whose classifier
+    scores put the top two classes closer than this (top-1 minus top-2
+    probability) get their features recomputed in exact precision and are
+    scored again, so reduced precision rarely changes a classification;
+    0 turns the recheck off. The default comes from
+    benchmarks/eval_precision.py (docs/benchmarks.md).
     """
 
     device: str | None = None
     precision: str = "exact"
+    fast_recheck_margin: float = DEFAULT_FAST_RECHECK_MARGIN
     batcher: BatcherSettings = BatcherSettings()
     max_networks: int = 4
     max_classifiers: int = 8
@@ -93,6 +105,10 @@ class RuntimeSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"RuntimeSettings.{name} must be >= 1, got {value}")
+        if not 0.0 <= self.fast_recheck_margin <= 1.0:
+            raise ValueError(
+                f"RuntimeSettings.fast_recheck_margin must be in [0, 1], got {self.fast_recheck_margin}"
+            )
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,10 @@ class _Network:
     sync_batch_size: int = field(init=False)
     # Input buffers of `features()` (the batcher has its own), reused call after call.
     buffers: BatchBuffers = field(init=False)
+    # The same network in exact precision, when `backend` is reduced-precision:
+    # built on the first recheck, dropped with this entry.
+    exact: _Network | None = field(default=None, init=False)
+    exact_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
         self.nbytes = self.backend.nbytes
@@ -141,6 +161,22 @@ class _Classifier:
     info: LoadedModel
     nbytes: int = 0
     last_used: float = 0.0
+
+
+@dataclass
+class RecheckCounts:
+    """What the `fast` recheck did under one runtime: images scored, points rechecked."""
+
+    images: int = 0
+    points: int = 0
+    rechecked: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, points: int, rechecked: int) -> None:
+        with self.lock:
+            self.images += 1
+            self.points += points
+            self.rechecked += rechecked
 
 
 class FileHashes:
@@ -256,6 +292,7 @@ class Runtime:
         )
         # Loaded on request (LoadModel): what loaded_models() lists while cached.
         self._requested: dict[tuple[str, Any], None] = {}
+        self.recheck_counts = RecheckCounts()
 
     # -- context ----------------------------------------------------------------------
 
@@ -276,6 +313,11 @@ class Runtime:
         return self._network(net).backend
 
     def _network(self, net: NetworkSpec) -> _Network:
+        network = self._networks.get(net.key, lambda: self._load(net, self.precision))
+        network.last_used = time.time()
+        return network
+
+    def _load(self, net: NetworkSpec, precision: Precision) -> _Network:
         def build() -> Any:
             # Whichever thread builds (a worker, a batcher), the files are read
             # under this runtime's storage policy and the network checked
@@ -283,30 +325,60 @@ class Runtime:
             with self.activate():
                 return net.build()
 
-        def load() -> _Network:
-            start = time.perf_counter()
-            backend = load_backend(
-                net.key,
-                build,
-                device=self.device,
-                precision=self.precision,
-                cache_dir=self.settings.compile_cache_dir,
-            )
-            info = LoadedModel(
-                "extractor",
-                net.label or net.key,
-                net.feature_dim,
-                time.perf_counter() - start,
-                extractor_class=_builder_class(net.build),
-                weights_sha256=net.key,
-            )
-            return _Network(
-                backend, info, self.settings.batcher.max_batch_size or backend.preferred_batch_size
-            )
+        start = time.perf_counter()
+        backend = load_backend(
+            net.key,
+            build,
+            device=self.device,
+            precision=precision,
+            cache_dir=self.settings.compile_cache_dir,
+        )
+        info = LoadedModel(
+            "extractor",
+            net.label or net.key,
+            net.feature_dim,
+            time.perf_counter() - start,
+            extractor_class=_builder_class(net.build),
+            weights_sha256=net.key,
+        )
+        return _Network(backend, info, self.settings.batcher.max_batch_size or backend.preferred_batch_size)
 
-        network = self._networks.get(net.key, load)
-        network.last_used = time.time()
-        return network
+    def recheck_margin(self, net: NetworkSpec, *, load: bool = True) -> float:
+        """The top-two score margin under which `net`'s points are recomputed exactly; 0: no recheck.
+
+        Nonzero only in `fast` precision when `net` really runs a reduced-precision
+        backend (a CPU without bf16 runs exact already) and the setting is on.
+        With `load` False a network not built (or no longer cached) is not
+        built for this, and the answer is 0: safe on an event loop.
+        """
+        margin = self.settings.fast_recheck_margin
+        if margin <= 0 or self.precision is not Precision.FAST:
+            return 0.0
+        network = self._network(net) if load else self._networks.peek(net.key)
+        if network is None or network.backend.precision is Precision.EXACT:
+            return 0.0
+        return margin
+
+    def exact_features(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
+        """Features of patches from `net` in exact precision, in this thread, whatever the runtime's precision.
+
+        A `fast` runtime builds the exact backend on first use and keeps it with
+        the network's cache entry (its memory counted there, dropped with it).
+        """
+        network = self._network(net)
+        if network.backend.precision is not Precision.EXACT:
+            with network.exact_lock:
+                if network.exact is None:
+                    network.exact = self._load(net, Precision.EXACT)
+                    network.nbytes += network.exact.nbytes
+                    if self._networks.peek(net.key) is network:  # count the twin's bytes in the cache
+                        self._networks.put(net.key, network)
+            network = network.exact
+        return run_batches(network.backend.launch, patches, network.sync_batch_size, network.buffers)
+
+    def count_recheck(self, points: int, rechecked: int) -> None:
+        """Record one image scored in `fast` precision, `rechecked` of its `points` recomputed exactly."""
+        self.recheck_counts.add(points, rechecked)
 
     def load_network(self, net: NetworkSpec) -> LoadedModel:
         """Build (or find) `net`'s backend now; what ListModels reports for it."""
@@ -528,7 +600,9 @@ class Runtime:
         """Every network and classifier held now, whoever loaded it, most recently used first.
 
         Unlike `loaded_models()` (what was asked for by name) this reads the
-        caches themselves, so models a call loaded on its way show too.
+        caches themselves, so models a call loaded on its way show too. A
+        network's exact twin (the `fast` recheck) belongs to its network's
+        entry and is not listed apart; its bytes count in that entry.
         """
         held: list[LoadedModel] = []
         caches: tuple[tuple[str, ModelCache[Any, Any]], ...] = (

@@ -13,7 +13,9 @@ class Precision(enum.StrEnum):
     EXACT: float32 throughout; features match pyspacer's within 1e-4.
     FAST: half precision where the hardware has it (fp16 on CUDA, bf16 on
     CPUs with native bf16); features differ by ~1e-2, classifier
-    predictions nearly always agree (see benchmarks/eval_precision.py).
+    predictions nearly always agree, and a runtime recomputes the close
+    calls exactly (`RuntimeSettings.fast_recheck_margin`; see
+    benchmarks/eval_precision.py).
     """
 
     EXACT = "exact"

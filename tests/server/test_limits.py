@@ -188,3 +188,22 @@ def test_server_maps_its_queue_delay_onto_the_batcher_settings():
     assert ServerConfig(queue_delay_ms=0, batch_size=4).runtime_settings().batcher == BatcherSettings(
         max_batch_size=4, queue_delay_ms=0
     )
+
+
+def test_fast_recheck_margin_reaches_the_runtime_and_check_config(capsys):
+    import argparse
+
+    from server.config import add_arguments, config_from_args
+    from shell.serve import effective_settings
+    from spacer_core.runtime import DEFAULT_FAST_RECHECK_MARGIN
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--precision", "fast", "--fast-recheck-margin", "0.25"]), {})
+    assert config.runtime_settings().fast_recheck_margin == 0.25
+    assert effective_settings(config)["server"]["fast_recheck_margin"] == 0.25
+    from_env = config_from_args(parser.parse_args([]), {"SPACER_FAST_RECHECK_MARGIN": "0"})
+    assert from_env.runtime_settings().fast_recheck_margin == 0.0
+    assert ServerConfig().runtime_settings().fast_recheck_margin == DEFAULT_FAST_RECHECK_MARGIN
+    with pytest.raises(ValueError, match="fast recheck margin"):
+        ServerConfig(fast_recheck_margin=1.5).validate()
