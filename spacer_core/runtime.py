@@ -146,12 +146,16 @@ class _Network:
 
     def __post_init__(self) -> None:
         self.nbytes = self.backend.nbytes
-        # A caller alone hands the backend four batches for each of its sessions at
-        # once: every session is busy, and the sessions meet once per four batches
-        # (measured on 2 cores: 1.34x one two-thread session; one batch each: 1.15x).
-        parallelism = self.backend.parallelism
-        self.sync_batch_size = self.batch_size * parallelism * (4 if parallelism > 1 else 1)
+        # Backends that share a request out over their sessions themselves
+        # (PooledBackend) take it whole; others get it a batch at a time.
+        self.sync_batch_size = self.batch_size * self.backend.parallelism
         self.buffers = BatchBuffers(self.backend.allocate_batch, self.sync_batch_size)
+
+    def run(self, patches: np.ndarray) -> np.ndarray:
+        """Features of one caller's patches, in this thread."""
+        if isinstance(self.backend, PooledBackend):
+            return self.backend.run_patches(patches)
+        return run_batches(self.backend.launch, patches, self.sync_batch_size, self.buffers)
 
 
 @dataclass
@@ -374,7 +378,7 @@ class Runtime:
                     if self._networks.peek(net.key) is network:  # count the twin's bytes in the cache
                         self._networks.put(net.key, network)
             network = network.exact
-        return run_batches(network.backend.launch, patches, network.sync_batch_size, network.buffers)
+        return network.run(patches)
 
     def count_recheck(self, points: int, rechecked: int) -> None:
         """Record one image scored in `fast` precision, `rechecked` of its `points` recomputed exactly."""
@@ -448,15 +452,12 @@ class Runtime:
                 logger.exception("batch observer %r failed", observer)
 
     def features(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
-        """Features of patches, computed in this thread, a batch at a time.
+        """Features of patches, computed in this thread (on every session of a CPU backend).
 
-        `patches`: uint8 (N, 224, 224, 3) crops, converted batch by batch into
-        a reused float32 input buffer, or float32 (N, 3, 224, 224) in [0, 1].
+        `patches`: uint8 (N, 224, 224, 3) crops, converted piece by piece into
+        reused float32 input buffers, or float32 (N, 3, 224, 224) in [0, 1].
         """
-        network = self._network(net)
-        if isinstance(network.backend, PooledBackend):  # it shares the pieces out over its cores itself
-            return network.backend.run_patches(patches)
-        return run_batches(network.backend.launch, patches, network.sync_batch_size, network.buffers)
+        return self._network(net).run(patches)
 
     async def features_async(
         self,
