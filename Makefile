@@ -84,8 +84,10 @@ bench: ## Side-by-side benchmarks against pyspacer (slow; see docs/benchmarks.md
 	$(PYTHON) benchmarks/bench_crop.py
 	$(PYTHON) benchmarks/bench_training.py
 	$(PYTHON) benchmarks/bench_extract.py
+	$(PYTHON) benchmarks/bench_network.py --fast --images 8 --sizes 2000x1500,3000x2000
 	$(PYTHON) benchmarks/bench_network.py --fast
 	$(PYTHON) benchmarks/eval_precision.py
+	$(PYTHON) benchmarks/bench_server.py --size 3000x2000
 	$(PYTHON) benchmarks/bench_server.py
 	$(PYTHON) benchmarks/bench_memory.py
 
