@@ -393,12 +393,12 @@ class OnnxBackend(PooledBackend):
     """ONNX Runtime's CPU provider with all graph optimisations (the fastest exact CPU path).
 
     Holds `sessions` independent sessions (by default one single-thread
-    session per core). `run(batch)` cuts the batch into pieces of
-    `preferred_batch_size` and runs them on every session that is free at
-    that moment, in parallel threads (ONNX Runtime releases the GIL): one
-    caller alone gets all cores; two callers (the batcher's two workers,
-    or bulk workers on whole images) get one session each and never wait
-    on each other's threads.
+    session per core). A request (`run_patches`, or `run` for one batch)
+    is cut into pieces of `preferred_batch_size`, shared out piece by piece
+    over the sessions free at that moment, in parallel threads (ONNX
+    Runtime releases the GIL): one caller alone gets all cores; two callers
+    (the batcher's two workers, or bulk workers on whole images) get one
+    session each and never wait on each other's threads.
     """
 
     name = "onnxruntime"
