@@ -217,6 +217,11 @@ def finish(prepared: Prepared, features: np.ndarray) -> ImageResult:
     and scores are the rechecked ones.
     """
     job = prepared.job
+    if not np.isfinite(features).all():
+        # Damaged weights (or a broken extractor) give NaN: no file or reply may carry them.
+        raise InvalidInputError(
+            f"{job.label}: the extractor gave NaN or infinite features; its weights file may be damaged."
+        )
     rows, cols = (list(axis) for axis in zip(*prepared.rowcols))
     made = None
     if job.feature_loc is not None or job.classifier_loc is not None:

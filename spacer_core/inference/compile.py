@@ -155,7 +155,9 @@ def _cached_artifact(
             compile_cache.discard(path)
             if built or attempt:
                 raise
-            logger.warning("Cached artifact %s failed to load; rebuilding", path, exc_info=True)
+            # One line for people; the traceback only where someone asked for detail.
+            logger.warning("Cached artifact %s failed to load; rebuilding", path)
+            logger.debug("why the cached artifact %s failed to load", path, exc_info=True)
     raise AssertionError("unreachable")
 
 
@@ -254,9 +256,8 @@ def load_backend(
                 # The network itself cannot be built (e.g. a bad weights file):
                 # no backend can help, and the caller needs the original error.
                 raise
-            logger.warning(
-                "Backend %s for %s on %s failed: %s", name, sha256[:12], device, exc, exc_info=True
-            )
+            logger.warning("Backend %s for %s on %s failed: %s", name, sha256[:12], device, exc)
+            logger.debug("why backend %s for %s failed", name, sha256[:12], exc_info=True)
             failures.append(f"{name}: {exc}")
             continue
         if failures:

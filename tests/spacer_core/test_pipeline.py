@@ -227,3 +227,37 @@ def test_admission_is_asked_before_decoding_and_released_after_the_network(
         footprint = pipeline.load(job).footprint
     asyncio.run(pipeline.run_async(job, runtime, call, admit=admit))
     assert events == [("admit", footprint.cutting), ("cut", 0), ("resize", footprint.waiting), ("release", 0)]
+
+
+@pytest.mark.slow
+def test_weights_that_give_nan_features_are_refused_and_nothing_is_stored(images, runtime, tmp_path, caplog):
+    import io
+    import logging
+
+    import torch
+
+    from spacer_core.weights.synthetic import weights_bytes
+
+    state = torch.load(io.BytesIO(weights_bytes()), weights_only=True)
+    stem = next(k for k in state["net"] if k.endswith("_conv_stem.weight"))
+    state["net"][stem] = torch.full_like(state["net"][stem], float("nan"))
+    weights = tmp_path / "nan_weights.pt"
+    torch.save(state, weights)
+    extractor = EfficientNetExtractor(data_locations={"weights": DataLocation("filesystem", str(weights))})
+    out = tmp_path / "nan.featurevector"
+    path, rowcols = images[0]
+    caplog.set_level(logging.INFO)
+    with runtime.activate(), pytest.raises(InvalidInputError, match="image0.jpg: the extractor gave NaN"):
+        pipeline.run(
+            pipeline.ImageJob(
+                extractor,
+                rowcols,
+                DataLocation("filesystem", str(path)),
+                feature_loc=DataLocation("filesystem", str(out)),
+            )
+        )
+    assert not out.exists()
+    # The compiled backends fail their check against eager PyTorch: one line each, no traceback.
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("failed" in r.getMessage() for r in warnings)
+    assert all(r.exc_info is None for r in warnings)
