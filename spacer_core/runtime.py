@@ -167,6 +167,10 @@ class _Classifier:
     last_used: float = 0.0
 
 
+# Scored points seen before the runtime judges whether the fast recheck pays.
+RECHECK_WARN_AFTER = 500
+
+
 @dataclass
 class RecheckCounts:
     """What the `fast` recheck did under one runtime: images scored, points rechecked."""
@@ -176,11 +180,26 @@ class RecheckCounts:
     rechecked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    warned: bool = field(default=False, repr=False, compare=False)
+
     def add(self, points: int, rechecked: int) -> None:
         with self.lock:
             self.images += 1
             self.points += points
             self.rechecked += rechecked
+            # Past about 40% rechecked, fast + recheck costs more than exact alone
+            # (fast is 1.5-1.7x exact): say so once, with what to do instead.
+            if self.warned or self.points < RECHECK_WARN_AFTER or self.rechecked < 0.4 * self.points:
+                return
+            self.warned = True
+        logger.warning(
+            "fast precision: %d of %d scored points (%.0f%%) were close calls recomputed in exact "
+            "precision, which is slower than exact precision alone; with these classifiers use exact "
+            "precision, or a fast recheck margin of 0 to keep fast without the recheck",
+            self.rechecked,
+            self.points,
+            100 * self.rechecked / self.points,
+        )
 
 
 class FileHashes:

@@ -260,3 +260,24 @@ def test_openvino_fast_rechecks_close_calls_exactly(extractor, image, classifier
     np.testing.assert_allclose(result.features[far], fast.features[far], rtol=0, atol=1e-5)
     np.testing.assert_allclose(again.scores, result.scores, rtol=0, atol=1e-6)
     assert Path(compiled).is_dir()
+
+
+def test_a_recheck_that_costs_more_than_exact_is_reported_once(caplog):
+    import logging
+
+    from spacer_core.runtime import RecheckCounts
+
+    caplog.set_level(logging.WARNING, logger="spacer_core.runtime")
+    cheap = RecheckCounts()
+    for _ in range(20):
+        cheap.add(100, 10)
+    assert not caplog.records
+    costly = RecheckCounts()
+    for _ in range(4):
+        costly.add(100, 90)
+    assert not caplog.records  # too few points to judge yet
+    for _ in range(5):
+        costly.add(100, 90)
+    (record,) = caplog.records
+    assert "450 of 500 scored points (90%)" in record.getMessage()
+    assert "exact precision" in record.getMessage()
