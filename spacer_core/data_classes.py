@@ -423,6 +423,8 @@ class FeatureProvenance:
     extractor: str
     weights_sha256: str
     points_sha256: str = ""
+    # "fast" when a reduced-precision network made (most of) the features; "" for exact.
+    precision: str = ""
 
     def same_source(self, other: FeatureProvenance) -> bool:
         """Whether both were computed by the same extractor with the same weights (points aside)."""
@@ -435,17 +437,18 @@ class FeatureProvenance:
     def describe(self) -> str:
         """Short text for messages: the extractor and the start of its weights digest."""
         weights = self.weights_sha256[:12] + "..." if self.weights_sha256 else "(none)"
-        return f"{self.extractor} weights sha256 {weights}"
+        made = f" in {self.precision} precision" if self.precision else ""
+        return f"{self.extractor} weights sha256 {weights}{made}"
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "extractor": self.extractor,
-                "weights_sha256": self.weights_sha256,
-                "points_sha256": self.points_sha256,
-            },
-            sort_keys=True,
-        )
+        fields = {
+            "extractor": self.extractor,
+            "weights_sha256": self.weights_sha256,
+            "points_sha256": self.points_sha256,
+        }
+        if self.precision:  # exact files stay as before
+            fields["precision"] = self.precision
+        return json.dumps(fields, sort_keys=True)
 
     @classmethod
     def from_mapping(cls, data: Any, source: str) -> FeatureProvenance:
@@ -453,7 +456,7 @@ class FeatureProvenance:
         if not isinstance(data, Mapping):
             raise InvalidDataError(f"{source}: provenance must be a JSON object, got {type(data).__name__}.")
         fields = {}
-        for name in ("extractor", "weights_sha256", "points_sha256"):
+        for name in ("extractor", "weights_sha256", "points_sha256", "precision"):
             value = data.get(name, "")
             if not isinstance(value, str) or len(value) > 200:
                 raise InvalidDataError(f"{source}: provenance field {name!r} must be short text.")

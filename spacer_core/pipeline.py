@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any, Protocol, TypeVar
 
@@ -227,6 +227,7 @@ def finish(prepared: Prepared, features: np.ndarray) -> ImageResult:
     if job.feature_loc is not None or job.classifier_loc is not None:
         weights = prepared.net.key if prepared.net is not None else None
         made = job.extractor.feature_provenance(rows, cols, weights)
+        made = replace(made, precision=runtime.current().feature_precision(prepared.net))
     scores = classes = None
     if job.classifier_loc is not None:
         clf = runtime.current().classifier(job.classifier_loc)

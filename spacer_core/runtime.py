@@ -382,6 +382,13 @@ class Runtime:
             return 0.0
         return margin
 
+    def feature_precision(self, net: NetworkSpec | None) -> str:
+        """What `net`'s features record as their precision: "fast" when a reduced-precision
+        backend makes them, "" (exact) otherwise (also for extractors without a network)."""
+        if net is None or self.precision is Precision.EXACT:
+            return ""
+        return "" if self._network(net).backend.precision is Precision.EXACT else Precision.FAST.value
+
     def exact_features(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
         """Features of patches from `net` in exact precision, in this thread, whatever the runtime's precision.
 

@@ -38,7 +38,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -434,9 +434,12 @@ def split_done(
 
 
 def _current_source(task: BulkTask) -> FeatureProvenance | None:
-    """The extractor and weights features would be made with now (None if the weights cannot be read)."""
+    """The extractor, weights and precision features would be made with now (None if the weights cannot be read)."""
     try:
-        return task.extractor.feature_provenance([], [])
+        now = task.extractor.feature_provenance([], [])
+        found = task.extractor.network()
+        precision = current().feature_precision(found[0] if found is not None else None)
+        return replace(now, precision=precision)
     except SpacerError:
         return None  # every image is tried again, and fails with its own error
 
@@ -478,7 +481,12 @@ def _output_current(
                 and features.rows.tolist() == rows
                 and features.cols.tolist() == cols
             )
-        return now is not None and made.same_source(now) and made.points_sha256 == points_sha256(rows, cols)
+        return (
+            now is not None
+            and made.same_source(now)
+            and made.precision == now.precision  # fast features are made again for an exact run
+            and made.points_sha256 == points_sha256(rows, cols)
+        )
     except (SpacerError, ValueError, KeyError, TypeError):
         return False  # an unreadable output is made again
 

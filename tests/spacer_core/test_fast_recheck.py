@@ -179,6 +179,8 @@ def test_close_calls_get_exact_features_and_scores_far_points_keep_fast_ones(
         np.testing.assert_array_equal(result.scores[far], fast_unchecked.scores[far])
         # The stored file holds what was scored: exact features for the rechecked points.
         np.testing.assert_array_equal(ImageFeatures.load(stored_at).feat, result.features)
+        made = ImageFeatures.load_provenance(stored_at)
+        assert made is not None and made.precision == "fast"  # a rerun in exact precision redoes it
         counts = active.recheck_counts
         assert (counts.images, counts.points, counts.rechecked) == (1, POINTS, len(close))
 

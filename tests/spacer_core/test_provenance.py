@@ -6,6 +6,7 @@ B), JPEGs, bulk runs, trained classifiers, and pyspacer reading what we write.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -131,6 +132,22 @@ def test_rerun_with_other_weights_recomputes(survey, weights_a, weights_b, tmp_p
     for path in (tmp_path / "fv").glob("*" + bulk.FEATURE_SUFFIX):
         made = ImageFeatures.load_provenance(loc(path))
         assert made is not None and made.weights_sha256 == weights_b.sha256
+
+
+def test_rerun_recomputes_features_made_in_fast_precision(survey, weights_a, tmp_path):
+    extract(survey, weights_a.path, tmp_path / "fv")
+    first = sorted((tmp_path / "fv").glob("*" + bulk.FEATURE_SUFFIX))[0]
+    stored = ImageFeatures.load(loc(first))
+    assert stored.provenance is not None and stored.provenance.precision == ""
+    assert "precision" not in stored.provenance.to_json()  # exact files are written as before
+    stored.provenance = dataclasses.replace(stored.provenance, precision="fast")
+    stored.store(loc(first))
+    made = ImageFeatures.load_provenance(loc(first))
+    assert made is not None and made.precision == "fast" and "in fast precision" in made.describe()
+    again = extract(survey, weights_a.path, tmp_path / "fv")
+    assert again.counts()["skipped"] == 2 and again.counts()["points_computed"] == 4
+    remade = ImageFeatures.load_provenance(loc(first))
+    assert remade is not None and remade.precision == ""
 
 
 def test_rerun_with_moved_points_recomputes_only_that_image(survey, weights_a, tmp_path):
