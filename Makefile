@@ -27,11 +27,11 @@ SAY_RUST := building the Rust extension crop_rs (release build, ~2-3 min the fir
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
 
-deps: ## Install the package (builds the Rust extension) with test tools and the pyspacer oracle, at the versions in constraints.txt
+deps: ## Install the package (builds the Rust extension) with test tools, OpenVINO (fast precision) and the pyspacer oracle, at the versions in constraints.txt
 	@echo "==> 1/3 system packages: cmake, nasm, a C compiler (build); chromium (report tests). apt-get, with sudo when not root, only if missing"
 	bash scripts/install-system-deps.sh --test
 	@echo "==> 2/3 $(SAY_PACKAGES)"
-	$(REQUIREMENTS) test ray | $(PIP_PINNED) -r /dev/stdin
+	$(REQUIREMENTS) test ray fast | $(PIP_PINNED) -r /dev/stdin
 	$(PIP_PINNED) --no-deps '$(PYSPACER)'
 	@echo "==> 3/3 $(SAY_RUST) in place (editable)"
 	$(PIP) install -v --no-build-isolation --no-deps -e .
@@ -49,7 +49,7 @@ lock: ## Rewrite constraints.txt: resolve pyproject's ranges in a throwaway fres
 
 test-latest: ## In .venv-latest: the newest versions the ranges allow (no constraints); print what moved from constraints.txt, then mypy and pytest
 	test -x $(VENV_LATEST)/bin/python || $(PYTHON) -m venv $(VENV_LATEST)
-	$(REQUIREMENTS) test ray | $(VENV_LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -r /dev/stdin
+	$(REQUIREMENTS) test ray fast | $(VENV_LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -r /dev/stdin
 	$(VENV_LATEST)/bin/python -m pip install --upgrade --no-deps '$(PYSPACER)'
 	$(VENV_LATEST)/bin/python -m pip install --no-build-isolation --no-deps -e .
 	$(VENV_LATEST)/bin/python scripts/lock.py moved
