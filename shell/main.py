@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import ModuleType
 
 # Only light modules here: the subcommand modules pull in torch and ONNX Runtime, which take seconds
@@ -73,7 +74,29 @@ def shared_options() -> argparse.ArgumentParser:
         default=os.environ.get("SPACER_LOG_LEVEL") or "WARNING",
         help="DEBUG, INFO, WARNING (default) or ERROR [SPACER_LOG_LEVEL]",
     )
+    shared.add_argument(
+        "--allow-truncated",
+        action="store_true",
+        help="decode a truncated or damaged image as far as its data goes, as pyspacer does"
+        " (default: refuse it, a listed failure)",
+    )
     return shared
+
+
+def workflow_runtime(args: argparse.Namespace) -> AbstractContextManager[object]:
+    """The runtime a survey command's library work runs under, active for the block.
+
+    The one place the shell decides how images are decoded: a truncated image is
+    refused (the server's rule) unless --allow-truncated asks for pyspacer's leniency.
+    """
+    from dataclasses import replace
+
+    from spacer_core.limits import LIBRARY_DEFAULTS
+    from spacer_core.runtime import Runtime, RuntimeSettings
+
+    allow = bool(getattr(args, "allow_truncated", False))
+    settings = RuntimeSettings(limits=replace(LIBRARY_DEFAULTS, truncated_images=allow))
+    return Runtime(settings).activate()
 
 
 # What `spacer COMMAND --help` says first, for the commands that do not say it themselves.
@@ -212,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging(args.log_level)
         try:
-            return command_function(args.command)(args)
+            with workflow_runtime(args):
+                return command_function(args.command)(args)
         except Exception as exc:
             if interrupt_in(exc) is not None:
                 raise
