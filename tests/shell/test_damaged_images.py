@@ -130,3 +130,43 @@ def test_an_extract_message_refuses_a_truncated_image(damaged, tmp_path, capsys)
     code, _, err = cli(capsys, "extract", "--message", tmp_path / "msg.json", "-o", tmp_path / "ret.json")
     assert code == 1 and len(err) == 1 and TRUNCATED in err[0]
     assert not (tmp_path / "cut.fv").exists()
+
+
+@pytest.fixture()
+def unreadable(tmp_path):
+    """A good JPEG beside an empty file, random bytes and a text file, all named .jpg."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    write_image(folder / "good.jpg", seed=1, size=(320, 240))
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "noise.jpg").write_bytes(bytes(range(256)) * 12)
+    (folder / "notes.jpg").write_text("field notes, not a photo\n")
+    return folder
+
+
+@pytest.mark.parametrize("points", ["random:20", "stratified:2x2x3", "grid:3x3"])
+def test_generated_points_list_an_unreadable_file_and_write_the_others(unreadable, tmp_path, capsys, points):
+    out = tmp_path / "features"
+    code, stdout, err = cli(
+        capsys, "extract", "--weights", cached_weights().path, "--points", points,
+        "--images", unreadable, "--out", out, "--json",
+    )  # fmt: skip
+    assert code == 1
+    assert sorted(p.name for p in out.iterdir()) == ["good.jpg.featurevector"]
+    summary = json.loads(stdout)
+    assert summary["images"] == 1
+    assert failed_names(summary) == ["empty.jpg", "noise.jpg", "notes.jpg"]
+    assert all(f["reason"].startswith("cannot identify image") for f in summary["failures"])
+    assert len(err) == 3 and all(line.startswith("spacer extract: image failed: ") for line in err)
+
+
+def test_classify_with_generated_points_lists_an_unreadable_file(unreadable, tmp_path, capsys):
+    clf = write_classifier(tmp_path / "clf.pkl")
+    results = tmp_path / "results.csv"
+    code, stdout, _ = cli(
+        capsys, "classify", "--weights", cached_weights().path, "--classifier", clf,
+        "--points", "random:5", "--images", unreadable, "--out", results, "--json",
+    )  # fmt: skip
+    assert code == 1
+    assert failed_names(json.loads(stdout)) == ["empty.jpg", "noise.jpg", "notes.jpg"]
+    assert len(results.read_text().splitlines()) == 6

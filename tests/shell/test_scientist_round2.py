@@ -89,8 +89,10 @@ def test_a_name_off_by_case_or_folder_is_pointed_out(tmp_path, written, hint):
         workflow.points_for(image, image.read_bytes(), points)
     assert str(caught.value).startswith("Q01.JPG: no rows with this Name in the points CSV (")
     assert hint in str(caught.value)
-    usable, failed = workflow._with_points([image], points)
-    assert usable == [] and hint in failed[0].reason
+    other = write_image(tmp_path / "Q02.JPG", seed=2, size=(64, 48))
+    points = {**points, "Q02.JPG": [(1, 2)]}
+    items, failed = workflow._plan([image, other], points, 0)
+    assert [i.name for i in items] == ["Q02.JPG"] and hint in failed[0].reason
 
 
 def test_a_name_absent_from_the_csv_keeps_the_plain_message(tmp_path):
