@@ -174,6 +174,34 @@ def choose_form(args: argparse.Namespace) -> None:
         )
 
 
+def run_workflow(args: argparse.Namespace) -> int:
+    """Run a command that works in this process: a failure is one line and exit 1 (usage errors raise)."""
+    from server.logs import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        with workflow_runtime(args):
+            return command_function(args.command)(args)
+    except UsageError:
+        raise
+    except Exception as exc:
+        if interrupt_in(exc) is not None:
+            raise
+        return errors.report(args.command, exc)
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `args` were parsed for: `spacer bulk extract`'s, `spacer serve`'s."""
+    chosen = parser
+    for dest in ("command", "bulk_command", "weights_command"):
+        name = getattr(args, dest, None)
+        subcommands = [a for a in chosen._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not subcommands or name not in subcommands[0].choices:
+            break
+        chosen = subcommands[0].choices[name]
+    return chosen
+
+
 def interrupted(exc: KeyboardInterrupt) -> int:
     """Say where a Ctrl-C left the work, in one line, and give the exit status 130.
 
@@ -229,18 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             choose_form(args)
             if args.command not in WORKFLOWS:
                 return command_function(args.command)(args)
+            return run_workflow(args)
         except UsageError as exc:
-            parser.error(str(exc))
-        from server.logs import setup_logging
-
-        setup_logging(args.log_level)
-        try:
-            with workflow_runtime(args):
-                return command_function(args.command)(args)
-        except Exception as exc:
-            if interrupt_in(exc) is not None:
-                raise
-            return errors.report(args.command, exc)
+            # The usage of the command at fault, not the whole tool's.
+            command_parser(parser, args).error(str(exc))
     except KeyboardInterrupt as exc:
         leave_interrupted(exc)
         return INTERRUPTED  # not reached: leave_interrupted ends the process
