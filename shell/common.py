@@ -180,9 +180,12 @@ def report_missing_images(
     if not missing:
         return 0
     shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    names = [p.name for p in images]
+    near = next((n for n in (survey.near_name(m, names) for m in missing) if n is not None), None)
+    hint = f" ({args.images} has '{near[0]}': {near[1]})" if near else ""
     print(
         f"spacer {command}: {args.points} names {len(missing)} image{'s' if len(missing) != 1 else ''}"
-        f" not in {args.images} ({shown}); their points were skipped",
+        f" not in {args.images} ({shown}); their points were skipped{hint}",
         file=sys.stderr,
     )
     return 1

@@ -122,17 +122,27 @@ def _base_name(name: str) -> str:
     return re.split(r"[\\/]", name)[-1]
 
 
-def no_rows_message(name: str, names: Iterable[str]) -> str:
-    """Why an image has no points CSV rows, with the nearest cause: a Name differing in case or folder."""
-    text = "no rows with this Name in the points CSV"
+CASE_HINT = "Names must match the file name's case exactly"
+FOLDER_HINT = "the Name must be the file name alone, without a folder"
+
+
+def near_name(name: str, names: Iterable[str]) -> tuple[str, str] | None:
+    """The one of `names` that `name` nearly is (other case, or a Name with a folder), and what to fix."""
     names = [n for n in names if n != name]
     same_case = [n for n in names if n.lower() == name.lower()]
     if same_case:
-        return f"{text} (it has '{same_case[0]}': Names must match the file name's case exactly)"
+        return same_case[0], CASE_HINT
     pathlike = [n for n in names if _base_name(n) != n and _base_name(n).lower() == name.lower()]
     if pathlike:
-        return f"{text} (it has '{pathlike[0]}': the Name must be the file name alone, without a folder)"
-    return text
+        return pathlike[0], FOLDER_HINT
+    return None
+
+
+def no_rows_message(name: str, names: Iterable[str]) -> str:
+    """Why an image has no points CSV rows, with the nearest cause: a Name differing in case or folder."""
+    text = "no rows with this Name in the points CSV"
+    near = near_name(name, names)
+    return f"{text} (it has '{near[0]}': {near[1]})" if near else text
 
 
 class Runner(Protocol):

@@ -101,6 +101,28 @@ def test_a_name_absent_from_the_csv_keeps_the_plain_message(tmp_path):
     )
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["extract", "classify"])
+def test_a_csv_name_off_by_case_from_an_images_folder_gets_the_case_hint(tmp_path, capsys, command):
+    from shell.main import main
+    from spacer_core.testing import write_classifier
+    from spacer_core.weights.synthetic import cached_weights
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    write_image(folder / "good.jpg", seed=1, size=(64, 48))
+    points = tmp_path / "points.csv"
+    points.write_text("Name,Row,Column\nGood.JPG,10,20\n")
+    argv = [command, "--weights", cached_weights().path, "--points", points, "--images", folder]
+    if command == "classify":
+        argv += ["--classifier", write_classifier(tmp_path / "clf.pkl")]
+    code = main([str(a) for a in [*argv, "--out", tmp_path / "out"]])
+    missing = [line for line in capsys.readouterr().err.splitlines() if "not in" in line]
+    assert code == 1 and len(missing) == 1
+    assert missing[0].startswith(f"spacer {command}: {points} names 1 image not in {folder} (Good.JPG)")
+    assert missing[0].endswith(f"({folder} has 'good.jpg': Names must match the file name's case exactly)")
+
+
 def test_dot_files_in_an_images_folder_are_skipped(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
