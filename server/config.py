@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -30,6 +31,14 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("exact", "fast")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+
+
+class SettingError(ValueError):
+    """A setting out of range; `setting` is its ServerConfig field, so a caller can name the flag."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -151,19 +160,24 @@ class ServerConfig:
     def validate(self) -> ServerConfig:
         """Raise ValueError naming the first setting that is out of range."""
         if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+            raise SettingError("device", f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise SettingError("precision", f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0.0 <= self.fast_recheck_margin <= 1.0:
-            raise ValueError(f"fast recheck margin must be in [0, 1], got {self.fast_recheck_margin}")
+            raise SettingError(
+                "fast_recheck_margin",
+                f"fast recheck margin must be in [0, 1], got {self.fast_recheck_margin}",
+            )
         if self.log_level not in LOG_LEVELS:
-            raise ValueError(f"log level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+            raise SettingError("log_level", f"log level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"log format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+            raise SettingError(
+                "log_format", f"log format must be one of {LOG_FORMATS}, got {self.log_format!r}"
+            )
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
+            raise SettingError("port", f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
+            raise SettingError("metrics_port", f"metrics port must be in 0..65535, got {self.metrics_port}")
         for name in (
             "batch_size",
             "workers",
@@ -188,12 +202,16 @@ class ServerConfig:
             "max_config_models",
         ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise SettingError(name, f"{name} must be >= 1, got {getattr(self, name)}")
+        # Written so that nan fails too (every comparison with nan is False).
         for name in ("queue_delay_ms", "grace_seconds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.url_timeout_seconds <= 0:
-            raise ValueError(f"url_timeout_seconds must be > 0, got {self.url_timeout_seconds}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise SettingError(name, f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 < self.url_timeout_seconds < math.inf:
+            raise SettingError(
+                "url_timeout_seconds",
+                f"url_timeout_seconds must be a finite number > 0, got {self.url_timeout_seconds}",
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -201,9 +219,11 @@ class ServerConfig:
         for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "preload"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
-                raise ValueError(f"{name}: no such file {str(path)!r}")
+                raise SettingError(name, f"{name}: no such file {str(path)!r}")
         if self.model_repository is not None and not Path(self.model_repository).is_dir():
-            raise ValueError(f"model_repository: no such directory {str(self.model_repository)!r}")
+            raise SettingError(
+                "model_repository", f"model_repository: no such directory {str(self.model_repository)!r}"
+            )
         roots = self.effective_data_roots()
         if self.model_repository is not None and roots is not None:
             repository = os.path.realpath(self.model_repository)
@@ -218,12 +238,12 @@ class ServerConfig:
                 )
         for root in self.data_roots:
             if not root.is_absolute():
-                raise ValueError(f"data root must be an absolute path, got {str(root)!r}")
+                raise SettingError("data_roots", f"data root must be an absolute path, got {str(root)!r}")
         if self.allow_any_path and self.data_roots:
             raise ValueError("allow_any_path and data roots contradict each other: give one or the other")
         for bucket in self.s3_buckets:
             if not bucket or "/" in bucket:
-                raise ValueError(f"s3 bucket must be a bucket name, got {bucket!r}")
+                raise SettingError("s3_buckets", f"s3 bucket must be a bucket name, got {bucket!r}")
         return self
 
     def describe(self) -> dict[str, object]:
@@ -679,38 +699,42 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
     env = os.environ if environ is None else environ
     values: dict[str, object] = {}
 
+    # Where each setting came from, to name it when its value is out of range.
+    sources: dict[str, str] = {}
     address = args.address or env.get("SPACER_ADDRESS") or None
     if address:
         values["host"], values["port"] = _split_address(address)
+        sources["host"] = sources["port"] = "--address" if args.address else "SPACER_ADDRESS / --address"
 
     for _flag, dest, cast, var, _help in _OPTIONS:
         raw = getattr(args, dest, None)
+        source = _flag
         if raw is None:
             raw = env.get(var) or None  # empty string means unset, as in spacer_core
+            source = f"{var} / {_flag}"
         if raw is None:
             continue
+        sources[_MIB_SETTINGS.get(dest, dest)] = source
         try:
             values[dest] = cast(raw)
         except ValueError:
             kind = getattr(cast, "__name__", "value").strip("_")
             raise ValueError(f"{var} / {_flag}: cannot read {raw!r} as {kind}") from None
 
-    if "max_message_mb" in values:
-        values["max_message_bytes"] = int(float(values.pop("max_message_mb")) * MIB)  # type: ignore[arg-type]
-    if "url_max_mb" in values:
-        values["url_max_bytes"] = int(float(values.pop("url_max_mb")) * MIB)  # type: ignore[arg-type]
-    if "max_feature_file_mb" in values:
-        values["max_feature_file_bytes"] = int(float(values.pop("max_feature_file_mb")) * MIB)  # type: ignore[arg-type]
-    if "max_job_json_mb" in values:
-        values["max_job_json_bytes"] = int(float(values.pop("max_job_json_mb")) * MIB)  # type: ignore[arg-type]
-    if "memory_budget_mb" in values:
-        values["memory_budget_bytes"] = int(float(values.pop("memory_budget_mb")) * MIB)  # type: ignore[arg-type]
+    for mib, setting in _MIB_SETTINGS.items():
+        if mib in values:
+            size = float(values.pop(mib))  # type: ignore[arg-type]
+            if not math.isfinite(size):  # int() of nan or inf would fail without naming the flag
+                raise ValueError(f"{sources[setting]}: {setting} must be a finite number of MiB, got {size}")
+            values[setting] = int(size * MIB)
     if "log_level" in values:
         values["log_level"] = str(values["log_level"]).upper()
 
     roots = args.data_roots
+    sources["data_roots"] = "--data-root"
     if roots is None and env.get("SPACER_DATA_ROOTS"):
         roots = [r for r in env["SPACER_DATA_ROOTS"].split(os.pathsep) if r]
+        sources["data_roots"] = "SPACER_DATA_ROOTS / --data-root"
     if roots:
         values["data_roots"] = tuple(Path(r).expanduser().resolve() for r in roots)
 
@@ -730,9 +754,17 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
             values[dest] = flag
 
     buckets = getattr(args, "s3_buckets", None)
+    sources["s3_buckets"] = "--s3-bucket"
     if buckets is None and env.get("SPACER_S3_BUCKETS"):
         buckets = env["SPACER_S3_BUCKETS"].split(",")
+        sources["s3_buckets"] = "SPACER_S3_BUCKETS / --s3-bucket"
     if buckets:
         values["s3_buckets"] = tuple(b.strip() for b in buckets if b.strip())
 
-    return ServerConfig(**values).validate()  # type: ignore[arg-type]
+    try:
+        return ServerConfig(**values).validate()  # type: ignore[arg-type]
+    except SettingError as exc:
+        # Only a setting given here has a flag to name; a default out of range stays as it is.
+        if exc.setting not in sources or exc.setting not in values:
+            raise
+        raise ValueError(f"{sources[exc.setting]}: {exc}") from None

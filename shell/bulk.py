@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from shell import common
@@ -80,6 +81,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the manifest; exit 1 when any image failed (the summary says which)."""
+    from spacer_core import runtime
     from spacer_core.bulk import local as bulk
 
     if args.actors is not None and args.actors < 1:
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         shards=shards,
         overwrite=args.overwrite,
     )
+    # The engines build their own runtimes from the task: they decode as the shell's does.
+    task = dataclasses.replace(task, settings=runtime.current().settings)
     bar = Bar(f"bulk {args.bulk_command}")
 
     def progress(done: int, total: int, points: int) -> None:

@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     common.need(args, "weights", "classifier", "out")
     if not 0.0 <= args.threshold <= 1.0:
         raise SurveyError(f"--threshold {args.threshold}: expected a score between 0 and 1")
+    points = common.point_source(args)  # first: a missing --points is a usage error
     images = common.images(args)
     extractor = survey.weights_extractor(args.weights)
-    points = common.point_source(args)
     missing: dict[str, Any] = {}
     status = common.report_missing_images("classify", args, missing, points, images)
     failures: list[survey.Failure] = []

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shell.errors import UsageError
 from spacer_core.survey import coralnet, reports
 from spacer_core.survey import workflow as survey
 from spacer_core.survey.coralnet import ResultRow
@@ -114,16 +115,16 @@ def add_report(parser: argparse.ArgumentParser) -> None:
 
 
 def need(args: argparse.Namespace, *names: str) -> None:
-    """Fail naming every option of `names` that was not given."""
+    """A usage error (exit 2) naming every option of `names` that was not given."""
     missing = [f"--{n}" for n in names if getattr(args, n) is None]
     if missing:
-        raise SurveyError(f"missing {', '.join(missing)}")
+        raise UsageError(f"missing {', '.join(missing)}")
 
 
 def point_source(args: argparse.Namespace) -> survey.PointSource:
     """--points as a points CSV, or as a generation spec when no such file exists."""
     if args.points is None:
-        raise SurveyError("missing --points (a points CSV, or random:N, stratified:RxCxN, grid:RxC)")
+        raise UsageError("missing --points (a points CSV, or random:N, stratified:RxCxN, grid:RxC)")
     text = args.points
     if _is_spec(text):
         return coralnet.parse_point_spec(text)
@@ -179,9 +180,12 @@ def report_missing_images(
     if not missing:
         return 0
     shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    names = [p.name for p in images]
+    near = next((n for n in (survey.near_name(m, names) for m in missing) if n is not None), None)
+    hint = f" ({args.images} has '{near[0]}': {near[1]})" if near else ""
     print(
         f"spacer {command}: {args.points} names {len(missing)} image{'s' if len(missing) != 1 else ''}"
-        f" not in {args.images} ({shown}); their points were skipped",
+        f" not in {args.images} ({shown}); their points were skipped{hint}",
         file=sys.stderr,
     )
     return 1

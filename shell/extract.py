@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if args.message is not None:
         return message.run(args, _task)
     common.need(args, "weights", "out")
+    points = common.point_source(args)  # first: a missing --points is a usage error
     images = common.images(args)
     extractor = survey.weights_extractor(args.weights)
-    points = common.point_source(args)
     summary: dict[str, Any] = {}
     status = common.report_missing_images("extract", args, summary, points, images)
     try:

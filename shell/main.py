@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from types import ModuleType
 
 # Only light modules here: the subcommand modules pull in torch and ONNX Runtime, which take seconds
@@ -73,7 +74,29 @@ def shared_options() -> argparse.ArgumentParser:
         default=os.environ.get("SPACER_LOG_LEVEL") or "WARNING",
         help="DEBUG, INFO, WARNING (default) or ERROR [SPACER_LOG_LEVEL]",
     )
+    shared.add_argument(
+        "--allow-truncated",
+        action="store_true",
+        help="decode a truncated or damaged image as far as its data goes, as pyspacer does"
+        " (default: refuse it, a listed failure)",
+    )
     return shared
+
+
+def workflow_runtime(args: argparse.Namespace) -> AbstractContextManager[object]:
+    """The runtime a survey command's library work runs under, active for the block.
+
+    The one place the shell decides how images are decoded: a truncated image is
+    refused (the server's rule) unless --allow-truncated asks for pyspacer's leniency.
+    """
+    from dataclasses import replace
+
+    from spacer_core.limits import LIBRARY_DEFAULTS
+    from spacer_core.runtime import Runtime, RuntimeSettings
+
+    allow = bool(getattr(args, "allow_truncated", False))
+    settings = RuntimeSettings(limits=replace(LIBRARY_DEFAULTS, truncated_images=allow))
+    return Runtime(settings).activate()
 
 
 # What `spacer COMMAND --help` says first, for the commands that do not say it themselves.
@@ -151,6 +174,34 @@ def choose_form(args: argparse.Namespace) -> None:
         )
 
 
+def run_workflow(args: argparse.Namespace) -> int:
+    """Run a command that works in this process: a failure is one line and exit 1 (usage errors raise)."""
+    from server.logs import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        with workflow_runtime(args):
+            return command_function(args.command)(args)
+    except UsageError:
+        raise
+    except Exception as exc:
+        if interrupt_in(exc) is not None:
+            raise
+        return errors.report(args.command, exc)
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command `args` were parsed for: `spacer bulk extract`'s, `spacer serve`'s."""
+    chosen = parser
+    for dest in ("command", "bulk_command", "weights_command"):
+        name = getattr(args, dest, None)
+        subcommands = [a for a in chosen._actions if isinstance(a, argparse._SubParsersAction)]
+        if name is None or not subcommands or name not in subcommands[0].choices:
+            break
+        chosen = subcommands[0].choices[name]
+    return chosen
+
+
 def interrupted(exc: KeyboardInterrupt) -> int:
     """Say where a Ctrl-C left the work, in one line, and give the exit status 130.
 
@@ -206,17 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             choose_form(args)
             if args.command not in WORKFLOWS:
                 return command_function(args.command)(args)
+            return run_workflow(args)
         except UsageError as exc:
-            parser.error(str(exc))
-        from server.logs import setup_logging
-
-        setup_logging(args.log_level)
-        try:
-            return command_function(args.command)(args)
-        except Exception as exc:
-            if interrupt_in(exc) is not None:
-                raise
-            return errors.report(args.command, exc)
+            # The usage of the command at fault, not the whole tool's.
+            command_parser(parser, args).error(str(exc))
     except KeyboardInterrupt as exc:
         leave_interrupted(exc)
         return INTERRUPTED  # not reached: leave_interrupted ends the process

@@ -122,17 +122,27 @@ def _base_name(name: str) -> str:
     return re.split(r"[\\/]", name)[-1]
 
 
-def no_rows_message(name: str, names: Iterable[str]) -> str:
-    """Why an image has no points CSV rows, with the nearest cause: a Name differing in case or folder."""
-    text = "no rows with this Name in the points CSV"
+CASE_HINT = "Names must match the file name's case exactly"
+FOLDER_HINT = "the Name must be the file name alone, without a folder"
+
+
+def near_name(name: str, names: Iterable[str]) -> tuple[str, str] | None:
+    """The one of `names` that `name` nearly is (other case, or a Name with a folder), and what to fix."""
     names = [n for n in names if n != name]
     same_case = [n for n in names if n.lower() == name.lower()]
     if same_case:
-        return f"{text} (it has '{same_case[0]}': Names must match the file name's case exactly)"
+        return same_case[0], CASE_HINT
     pathlike = [n for n in names if _base_name(n) != n and _base_name(n).lower() == name.lower()]
     if pathlike:
-        return f"{text} (it has '{pathlike[0]}': the Name must be the file name alone, without a folder)"
-    return text
+        return pathlike[0], FOLDER_HINT
+    return None
+
+
+def no_rows_message(name: str, names: Iterable[str]) -> str:
+    """Why an image has no points CSV rows, with the nearest cause: a Name differing in case or folder."""
+    text = "no rows with this Name in the points CSV"
+    near = near_name(name, names)
+    return f"{text} (it has '{near[0]}': {near[1]})" if near else text
 
 
 class Runner(Protocol):
@@ -246,9 +256,7 @@ def extract_images(
     and the first image that fails (in that order) raises.
     """
     if isinstance(runner, LocalRunner):
-        usable, pointless = _with_points(images, points)
-        # With no image left, the first one's error is the run's, as it always was.
-        items = _bulk_images(usable or images, points, seed)
+        items, pointless = _plan(images, points, seed)
         task = bulk.BulkTask.extract(extractor, features_dir, overwrite=True)
         try:
             _run_on_bulk(task, items, runner.workers, progress, pointless)
@@ -279,15 +287,31 @@ def extract_images(
 T = TypeVar("T")
 
 
-def _bulk_images(images: Sequence[Path], points: PointSource, seed: int) -> list[bulk.BulkImage]:
-    """The images as bulk work, each with its points; the first image without points raises."""
-    items = []
+def _plan(
+    images: Sequence[Path], points: PointSource, seed: int
+) -> tuple[list[bulk.BulkImage], list[Failure]]:
+    """The images as bulk work, each with its points, and a failure for each image without any.
+
+    An image has no points when a points CSV has no rows for it, or, with generated
+    points, when its size cannot be read (an empty, damaged or non-image file): it
+    costs that image, not the run. With no image left, the first one's error is the run's.
+    """
+    items: list[bulk.BulkImage] = []
+    failures: list[Failure] = []
+    first: Exception | None = None
     for image in images:
-        # Only generated points need the image (its size); CSV points are looked up by name.
-        data = image.read_bytes() if isinstance(points, PointSpec) else b""
-        rowcols = tuple(points_for(image, data, points, seed))
+        try:
+            # Only generated points need the image (its size); CSV points are looked up by name.
+            data = image.read_bytes() if isinstance(points, PointSpec) else b""
+            rowcols = tuple(points_for(image, data, points, seed))
+        except (InvalidInputError, OSError) as err:
+            first = first or err
+            failures.append(Failure(str(image.resolve()), one_line(err, image.name, str(image))))
+            continue
         items.append(bulk.BulkImage(image.name, local(image), rowcols))
-    return items
+    if not items and first is not None:
+        raise first
+    return items, failures
 
 
 def _run_on_bulk(
@@ -322,20 +346,6 @@ def _run_on_bulk(
             f"{len(failures)} of {total} images failed (the others are done): {listed}", failures, outcomes
         )
     return outcomes
-
-
-def _with_points(images: Sequence[Path], points: PointSource) -> tuple[list[Path], list[Failure]]:
-    """The images a points CSV has rows for, and a failure for each other one (generated: all)."""
-    if isinstance(points, PointSpec):
-        return list(images), []
-    usable: list[Path] = []
-    pointless: list[Failure] = []
-    for image in images:
-        if points.get(image.name):
-            usable.append(image)
-        else:
-            pointless.append(Failure(str(image.resolve()), no_rows_message(image.name, points)))
-    return usable, pointless
 
 
 class ImagesFailed(SurveyError):
@@ -645,8 +655,7 @@ def classify_images(
     A `LocalRunner` runs the images on the bulk engine (see `extract_images`).
     """
     if isinstance(runner, LocalRunner):
-        usable, pointless = _with_points(images, points)
-        items = _bulk_images(usable or images, points, seed)
+        items, pointless = _plan(images, points, seed)
         rt = runtime.current()
         # The bulk engine keeps each image's scores in a part file; these go once the rows are read.
         with tempfile.TemporaryDirectory(prefix="spacer-classify-") as parts:

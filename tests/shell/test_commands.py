@@ -15,6 +15,7 @@ import pytest
 
 from server.config import MIB, ServerConfig, config_from_args
 from shell.main import build_parser
+from shell.main import main as main_entry
 from spacer_core.testing import extractor_json, make_classifier, make_image
 
 spacer = pytest.importorskip("spacer")
@@ -94,6 +95,65 @@ def test_policy_flags_and_variables(tmp_path):
 def test_bad_settings_name_the_setting(argv, env, fragment):
     with pytest.raises(ValueError, match=fragment):
         parse(argv, env)
+
+
+@pytest.mark.parametrize(
+    "argv, env, start",
+    [
+        (
+            ["--fast-recheck-margin", "nan"],
+            {},
+            "--fast-recheck-margin: fast recheck margin must be in [0, 1], got nan",
+        ),
+        ([], {"SPACER_FAST_RECHECK_MARGIN": "2"}, "SPACER_FAST_RECHECK_MARGIN / --fast-recheck-margin: "),
+        (["--port", "70000"], {}, "--port: port must be in 0..65535"),
+        ([], {"SPACER_ADDRESS": "localhost:99999"}, "SPACER_ADDRESS / --address: port must be in"),
+        (["--metrics-port", "-1"], {}, "--metrics-port: "),
+        (["--device", "tpu"], {}, "--device: device must be one of"),
+        ([], {"SPACER_PRECISION": "half"}, "SPACER_PRECISION / --precision: precision must be one of"),
+        (["--batch-size", "0"], {}, "--batch-size: batch_size must be >= 1"),
+        (
+            [],
+            {"SPACER_MAX_MESSAGE_MB": "0"},
+            "SPACER_MAX_MESSAGE_MB / --max-message-mb: max_message_bytes must be",
+        ),
+        (["--grace", "-1"], {}, "--grace: grace_seconds must be a finite number >= 0"),
+        (["--queue-delay-ms", "nan"], {}, "--queue-delay-ms: queue_delay_ms must be a finite number >= 0"),
+        (
+            [],
+            {"SPACER_URL_TIMEOUT": "nan"},
+            "SPACER_URL_TIMEOUT / --url-timeout: url_timeout_seconds must be",
+        ),
+        (
+            ["--max-message-mb", "nan"],
+            {},
+            "--max-message-mb: max_message_bytes must be a finite number of MiB",
+        ),
+        (["--url-max-mb", "inf"], {}, "--url-max-mb: url_max_bytes must be a finite number of MiB"),
+        (
+            ["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"],
+            {},
+            "--tls-cert: tls_cert: no such file",
+        ),
+        (["--s3-bucket", "a/b"], {}, "--s3-bucket: s3 bucket must be a bucket name"),
+    ],
+)
+def test_an_out_of_range_setting_names_its_flag_and_variable(argv, env, start):
+    with pytest.raises(ValueError) as caught:
+        parse(argv, env)
+    assert str(caught.value).startswith(start)
+
+
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_an_out_of_range_flag_shows_its_commands_usage(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main_entry([command, "--fast-recheck-margin", "nan"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith(f"usage: spacer {command} ")
+    assert (
+        f"spacer {command}: error: --fast-recheck-margin: fast recheck margin must be in [0, 1], got nan"
+        in err
+    )
 
 
 def run_cli(

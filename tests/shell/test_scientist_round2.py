@@ -89,14 +89,38 @@ def test_a_name_off_by_case_or_folder_is_pointed_out(tmp_path, written, hint):
         workflow.points_for(image, image.read_bytes(), points)
     assert str(caught.value).startswith("Q01.JPG: no rows with this Name in the points CSV (")
     assert hint in str(caught.value)
-    usable, failed = workflow._with_points([image], points)
-    assert usable == [] and hint in failed[0].reason
+    other = write_image(tmp_path / "Q02.JPG", seed=2, size=(64, 48))
+    points = {**points, "Q02.JPG": [(1, 2)]}
+    items, failed = workflow._plan([image, other], points, 0)
+    assert [i.name for i in items] == ["Q02.JPG"] and hint in failed[0].reason
 
 
 def test_a_name_absent_from_the_csv_keeps_the_plain_message(tmp_path):
     assert workflow.no_rows_message("Q01.JPG", ["Q02.JPG", "train/Q03.JPG"]) == (
         "no rows with this Name in the points CSV"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["extract", "classify"])
+def test_a_csv_name_off_by_case_from_an_images_folder_gets_the_case_hint(tmp_path, capsys, command):
+    from shell.main import main
+    from spacer_core.testing import write_classifier
+    from spacer_core.weights.synthetic import cached_weights
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    write_image(folder / "good.jpg", seed=1, size=(64, 48))
+    points = tmp_path / "points.csv"
+    points.write_text("Name,Row,Column\nGood.JPG,10,20\n")
+    argv = [command, "--weights", cached_weights().path, "--points", points, "--images", folder]
+    if command == "classify":
+        argv += ["--classifier", write_classifier(tmp_path / "clf.pkl")]
+    code = main([str(a) for a in [*argv, "--out", tmp_path / "out"]])
+    missing = [line for line in capsys.readouterr().err.splitlines() if "not in" in line]
+    assert code == 1 and len(missing) == 1
+    assert missing[0].startswith(f"spacer {command}: {points} names 1 image not in {folder} (Good.JPG)")
+    assert missing[0].endswith(f"({folder} has 'good.jpg': Names must match the file name's case exactly)")
 
 
 def test_dot_files_in_an_images_folder_are_skipped(tmp_path):
