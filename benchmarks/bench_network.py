@@ -292,7 +292,7 @@ def main() -> None:
             rows["spacer extract (survey, local runner)"] = spacer_extract
         if wanted("batcher"):
             for n in map(int, args.callers.split(",")):
-                rows[f"batcher, {n} callers"] = batcher_callers(n)
+                rows[f"batcher, {n} caller{'s' if n != 1 else ''}"] = batcher_callers(n)
         if args.fast or wanted("fast") and "fast" in only:
             fast_runtime = Runtime(RuntimeSettings(precision="fast"))
             fast_backend = fast_runtime.backend(net)
