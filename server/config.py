@@ -21,7 +21,7 @@ from spacer_core.data_classes import DataLocation
 from spacer_core.extractors import FeatureExtractor
 from spacer_core.inference import BatcherSettings
 from spacer_core.limits import Limits
-from spacer_core.runtime import DEFAULT_FAST_RECHECK_MARGIN, RuntimeSettings
+from spacer_core.runtime import DEFAULT_FAST_RECHECK_MARGIN, RuntimeSettings, check_fast_recheck_margin
 from spacer_core.storage import ClientPolicy, StoragePolicy
 from spacer_core.urlfetch import DEFAULT_MAX_BYTES, DEFAULT_TOTAL_TIMEOUT, UrlRules
 
@@ -163,11 +163,10 @@ class ServerConfig:
             raise SettingError("device", f"device must be one of {DEVICES}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise SettingError("precision", f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not 0.0 <= self.fast_recheck_margin <= 1.0:
-            raise SettingError(
-                "fast_recheck_margin",
-                f"fast recheck margin must be in [0, 1], got {self.fast_recheck_margin}",
-            )
+        try:
+            check_fast_recheck_margin(self.fast_recheck_margin, "fast recheck margin")
+        except ValueError as exc:
+            raise SettingError("fast_recheck_margin", str(exc)) from None
         if self.log_level not in LOG_LEVELS:
             raise SettingError("log_level", f"log level must be one of {LOG_LEVELS}, got {self.log_level!r}")
         if self.log_format not in LOG_FORMATS:

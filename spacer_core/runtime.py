@@ -105,10 +105,13 @@ class RuntimeSettings:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"RuntimeSettings.{name} must be >= 1, got {value}")
-        if not 0.0 <= self.fast_recheck_margin <= 1.0:
-            raise ValueError(
-                f"RuntimeSettings.fast_recheck_margin must be in [0, 1], got {self.fast_recheck_margin}"
-            )
+        check_fast_recheck_margin(self.fast_recheck_margin, "RuntimeSettings.fast_recheck_margin")
+
+
+def check_fast_recheck_margin(value: float, name: str) -> None:
+    """ValueError naming `name` unless `value` is a margin of probabilities, in [0, 1] (nan fails)."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
 @dataclass(frozen=True)
@@ -375,19 +378,21 @@ class Runtime:
         built for this, and the answer is 0: safe on an event loop.
         """
         margin = self.settings.fast_recheck_margin
-        if margin <= 0 or self.precision is not Precision.FAST:
-            return 0.0
-        network = self._network(net) if load else self._networks.peek(net.key)
-        if network is None or network.backend.precision is Precision.EXACT:
-            return 0.0
-        return margin
+        return margin if margin > 0 and self._runs_reduced(net, load=load) else 0.0
 
     def feature_precision(self, net: NetworkSpec | None) -> str:
         """What `net`'s features record as their precision: "fast" when a reduced-precision
         backend makes them, "" (exact) otherwise (also for extractors without a network)."""
-        if net is None or self.precision is Precision.EXACT:
-            return ""
-        return "" if self._network(net).backend.precision is Precision.EXACT else Precision.FAST.value
+        return Precision.FAST.value if net is not None and self._runs_reduced(net) else ""
+
+    def _runs_reduced(self, net: NetworkSpec, *, load: bool = True) -> bool:
+        """Whether `net` runs on a reduced-precision backend here (`fast` asked for, and the
+        device has it). With `load` False a network not built (or no longer cached) is not
+        built for this, and the answer is False."""
+        if self.precision is not Precision.FAST:
+            return False
+        network = self._network(net) if load else self._networks.peek(net.key)
+        return network is not None and network.backend.precision is not Precision.EXACT
 
     def exact_features(self, net: NetworkSpec, patches: np.ndarray) -> np.ndarray:
         """Features of patches from `net` in exact precision, in this thread, whatever the runtime's precision.
