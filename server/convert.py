@@ -15,7 +15,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from server._proto.spacer.v1 import spacer_pb2 as pb
-from server.errors import as_location, invalid
+from server.errors import as_location, invalid, message_type_reaches
 from spacer_core.data_classes import DataLocation, ImageLabels, LabelId
 from spacer_core.exceptions import InvalidInputError
 from spacer_core.extractors import FeatureExtractor, resolve_class_path
@@ -78,18 +78,7 @@ _NAMED: dict[str, bool] = {}
 
 def _holds_names(desc: Any) -> bool:
     """Whether messages of this type can hold a `job_token` or `key` string, at any depth."""
-    known = _NAMED.get(desc.full_name)
-    if known is None:
-        seen, todo, known = {desc.full_name}, [desc], False
-        while todo and not known:
-            for f in todo.pop().fields:
-                if f.name in ("job_token", "key"):
-                    known = True
-                elif f.type == f.TYPE_MESSAGE and f.message_type.full_name not in seen:
-                    seen.add(f.message_type.full_name)
-                    todo.append(f.message_type)
-        _NAMED[desc.full_name] = known
-    return known
+    return message_type_reaches(desc, lambda field: field.name in ("job_token", "key"), _NAMED)
 
 
 def check_sizes(msg: Message, limits: Limits, where: str = "") -> None:

@@ -211,23 +211,35 @@ _LOCATION = "spacer.v1.DataLocation"
 _HOLDS_LOCATION: dict[str, bool] = {_LOCATION: True}
 
 
+def message_type_reaches(desc: Any, hit: Callable[[Any], bool], known: dict[str, bool]) -> bool:
+    """Whether messages of type `desc` have, at any depth, a field for which `hit` is true.
+
+    Answers are remembered per message type in `known` (the schema does not
+    change), so walking a request can skip lists that cannot hold the field.
+    """
+    answer = known.get(desc.full_name)
+    if answer is None:
+        seen, todo, answer = {desc.full_name}, [desc], False
+        while todo and not answer:
+            for field in todo.pop().fields:
+                if hit(field):
+                    answer = True
+                    break
+                child = field.message_type
+                if child is not None and child.full_name not in seen:
+                    seen.add(child.full_name)
+                    todo.append(child)
+        known[desc.full_name] = answer
+    return answer
+
+
 def _may_hold_location(desc: Any) -> bool:
     """Whether messages of this type can hold a DataLocation, at any depth."""
-    known = _HOLDS_LOCATION.get(desc.full_name)
-    if known is None:
-        seen, todo, known = {desc.full_name}, [desc], False
-        while todo and not known:
-            for field in todo.pop().fields:
-                child = field.message_type
-                if child is None or child.full_name in seen:
-                    continue
-                known = child.full_name == _LOCATION
-                seen.add(child.full_name)
-                todo.append(child)
-                if known:
-                    break
-        _HOLDS_LOCATION[desc.full_name] = known
-    return known
+    return message_type_reaches(
+        desc,
+        lambda field: field.message_type is not None and field.message_type.full_name == _LOCATION,
+        _HOLDS_LOCATION,
+    )
 
 
 def request_locations(message: Any) -> list[FieldLocation]:
