@@ -178,6 +178,26 @@ fn band_count(header: &JpegHeader) -> usize {
         .max(1)
 }
 
+/// Share of a row's decoding time that skipping it costs (its entropy
+/// decoding; no inverse DCT, upsampling or colour conversion). Measured on
+/// 12 MP photos, 2 bands: 0.5 gave 39-40 ms a decode, even bands 42-45 ms.
+const SKIP_COST: f64 = 0.5;
+
+/// The end row of each of `bands` bands, sized so that every band costs the
+/// same: a band also skips every row above it, so later bands are shorter.
+/// Band k ends at `c * (1 - (1 - s)^k) / s` rows for a per-band cost `c`.
+fn band_edges(height: usize, bands: usize) -> Vec<usize> {
+    let s = SKIP_COST;
+    let keep = 1.0 - s;
+    let cost = height as f64 * s / (1.0 - keep.powi(bands as i32));
+    let mut edges: Vec<usize> = (1..bands)
+        .map(|k| ((cost * (1.0 - keep.powi(k as i32)) / s).round() as usize).clamp(1, height - 1))
+        .collect();
+    edges.push(height);
+    edges.dedup();
+    edges
+}
+
 /// Decodes the pixels of a file whose header was read by [`read_header`].
 ///
 /// Like Pillow with `LOAD_TRUNCATED_IMAGES`, a file that ends early or whose
@@ -195,11 +215,18 @@ pub fn decode(data: &[u8], header: &JpegHeader) -> Result<JpegPixels, String> {
     let mut out = vec![0u8; len];
     let bands = band_count(header);
     if bands > 1 {
-        let rows_per_band = height.div_ceil(bands);
-        let all_ok = out
-            .par_chunks_mut(rows_per_band * stride)
-            .enumerate()
-            .map(|(i, band)| decode_rows(data, header, i * rows_per_band, band).rc == SPJ_OK)
+        let mut pieces = Vec::with_capacity(bands);
+        let mut rest = &mut out[..];
+        let mut first = 0;
+        for end in band_edges(height, bands) {
+            let (band, tail) = rest.split_at_mut((end - first) * stride);
+            pieces.push((first, band));
+            rest = tail;
+            first = end;
+        }
+        let all_ok = pieces
+            .into_par_iter()
+            .map(|(first, band)| decode_rows(data, header, first, band).rc == SPJ_OK)
             .collect::<Vec<_>>()
             .into_iter()
             .all(|ok| ok);
@@ -274,6 +301,31 @@ mod tests {
         if rayon::current_num_threads() > 1 {
             assert!(band_count(&header) > 1);
         }
+    }
+
+    /// Later bands are shorter (each skips the rows above it), every row is
+    /// in exactly one band, and the bands cost the same under `SKIP_COST`.
+    #[test]
+    fn band_edges_balance_the_skipped_rows() {
+        for (height, bands) in [(3000usize, 2usize), (3000, 3), (1100, 4), (513, 2), (2, 2)] {
+            let edges = band_edges(height, bands);
+            assert_eq!(*edges.last().unwrap(), height);
+            assert!(edges.windows(2).all(|w| w[0] < w[1]), "{edges:?}");
+            let mut first = 0;
+            let mut costs = vec![];
+            for &end in &edges {
+                costs.push(SKIP_COST * first as f64 + (end - first) as f64);
+                first = end;
+            }
+            let (lo, hi) = costs
+                .iter()
+                .fold((f64::MAX, 0f64), |(lo, hi), &c| (lo.min(c), hi.max(c)));
+            assert!(
+                height < 16 || hi - lo <= 2.0,
+                "{height} rows, {bands} bands: {costs:?}"
+            );
+        }
+        assert_eq!(band_edges(3000, 2), vec![2000, 3000]);
     }
 
     #[test]
