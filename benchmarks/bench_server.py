@@ -69,7 +69,7 @@ def concurrent_points_per_s(address: str, per_client: list[list]) -> float:
 
 def plain_network(weights: Path, images: list) -> object:
     """A timer of the yardstick: pyspacer's network in a plain ONNX Runtime session (default
-    settings, best static batch of 4/8/16; see bench_network.py) on these images' patches."""
+    settings, best static batch of 2/4/8/16; see bench_network.py) on these images' patches."""
     from bench_network import plain_sessions, run_plain
 
     from spacer_core import crop
@@ -82,7 +82,7 @@ def plain_network(weights: Path, images: list) -> object:
             for path, rowcols in images
         ]
     )
-    sessions = plain_sessions(weights, (4, 8, 16))
+    sessions = plain_sessions(weights, (2, 4, 8, 16))
 
     def rate(size: int) -> float:
         start = time.perf_counter()
