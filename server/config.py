@@ -19,7 +19,7 @@ from typing import Any
 
 from spacer_core.data_classes import DataLocation
 from spacer_core.extractors import FeatureExtractor
-from spacer_core.inference import BatcherSettings
+from spacer_core.inference import BatcherSettings, check_batch_size
 from spacer_core.limits import Limits
 from spacer_core.runtime import DEFAULT_FAST_RECHECK_MARGIN, RuntimeSettings, check_fast_recheck_margin
 from spacer_core.storage import ClientPolicy, StoragePolicy
@@ -177,8 +177,11 @@ class ServerConfig:
             raise SettingError("port", f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise SettingError("metrics_port", f"metrics port must be in 0..65535, got {self.metrics_port}")
+        try:
+            check_batch_size(self.batch_size, "batch_size")
+        except ValueError as exc:
+            raise SettingError("batch_size", str(exc)) from None
         for name in (
-            "batch_size",
             "workers",
             "stream_window",
             "max_queue",
@@ -261,7 +264,7 @@ class ServerConfig:
             "model_repository",
         ):
             out[name] = str(getattr(self, name)) if getattr(self, name) else None
-        out["batch_size"] = self.batch_size or "auto (the backend's preferred size)"
+        out["batch_size"] = self.batch_size or "auto (the backend's preferred size: 2 on CPU, 128 on CUDA)"
         return out
 
     def runtime_settings(self) -> RuntimeSettings:
@@ -404,7 +407,7 @@ _OPTIONS: list[tuple[str, str, Callable[[str], object], str, str]] = [
         "batch_size",
         int,
         "SPACER_BATCH_SIZE",
-        "patches per network call; default: the backend's preferred size",
+        "patches per network call, 1-256; default: the backend's preferred size (2 on CPU, 128 on CUDA)",
     ),
     ("--queue-delay-ms", "queue_delay_ms", float, "SPACER_QUEUE_DELAY_MS", "longest wait to fill a batch"),
     (

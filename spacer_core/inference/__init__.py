@@ -25,6 +25,7 @@ from spacer_core.inference.batcher import (
     DynamicBatcher,
     Priority,
     QueueFullError,
+    check_batch_size,
     run_in_batches,
 )
 from spacer_core.inference.compile import load_backend
@@ -38,6 +39,7 @@ __all__ = [
     "BatcherClosedError",
     "BatcherSettings",
     "DynamicBatcher",
+    "check_batch_size",
     "EagerBackend",
     "ModelCache",
     "NetworkSpec",

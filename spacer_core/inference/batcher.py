@@ -301,6 +301,17 @@ BatchObserver = Callable[[BatchObservation], None]
 RunBatch = Backend | Callable[[np.ndarray], np.ndarray]
 
 
+# Patches per network call at most: 256 float32 patches are a 154 MB batch
+# buffer, and a batcher keeps two per worker; GPUs run at full speed from 128.
+MAX_BATCH_SIZE = 256
+
+
+def check_batch_size(value: int | None, name: str) -> None:
+    """Refuse a batch size outside 1..MAX_BATCH_SIZE (None: the backend's own)."""
+    if value is not None and not 1 <= value <= MAX_BATCH_SIZE:
+        raise ValueError(f"{name} must be in 1..{MAX_BATCH_SIZE}, got {value}")
+
+
 @dataclass(frozen=True)
 class BatcherSettings:
     """How a `DynamicBatcher` fills batches; the one place these knobs are named.
@@ -324,7 +335,8 @@ class BatcherSettings:
     workers: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queued_patches", "workers"):
+        check_batch_size(self.max_batch_size, "max_batch_size")
+        for name in ("max_queued_patches", "workers"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

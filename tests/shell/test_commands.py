@@ -111,7 +111,12 @@ def test_bad_settings_name_the_setting(argv, env, fragment):
         (["--metrics-port", "-1"], {}, "--metrics-port: "),
         (["--device", "tpu"], {}, "--device: device must be one of"),
         ([], {"SPACER_PRECISION": "half"}, "SPACER_PRECISION / --precision: precision must be one of"),
-        (["--batch-size", "0"], {}, "--batch-size: batch_size must be >= 1"),
+        (["--batch-size", "0"], {}, "--batch-size: batch_size must be in 1..256, got 0"),
+        (
+            [],
+            {"SPACER_BATCH_SIZE": "100000"},
+            "SPACER_BATCH_SIZE / --batch-size: batch_size must be in 1..256",
+        ),
         (
             [],
             {"SPACER_MAX_MESSAGE_MB": "0"},

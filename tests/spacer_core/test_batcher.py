@@ -485,6 +485,10 @@ def test_batcher_settings_name_the_bad_value() -> None:
         BatcherSettings(queue_delay_ms=float("nan"))
     with pytest.raises(ValueError, match="max_batch_size"):
         BatcherSettings(max_batch_size=0)
+    # A batch buffer of 100000 patches would be 56 GiB: refused, not failed at the first call.
+    with pytest.raises(ValueError, match=r"max_batch_size must be in 1\.\.256, got 100000"):
+        BatcherSettings(max_batch_size=100000)
+    assert BatcherSettings(max_batch_size=256).max_batch_size == 256
     with pytest.raises(TypeError, match="settings"):
         DynamicBatcher(RecordingNetwork(), 8)  # type: ignore[arg-type]
 
