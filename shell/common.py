@@ -161,7 +161,7 @@ def report_failures(
     command: str, summary: dict[str, Any], failures: Sequence[survey.Failure], what: str = "left out"
 ) -> int:
     """List inputs that could not be used, one line each on stderr and under "failures"; the exit status."""
-    summary["failures"] = [{"file": f.file, "reason": f.reason} for f in failures]
+    summary["failures"] = _failures_json(failures)
     for f in failures:
         print(f"spacer {command}: {what}: {f.file}: {f.reason}", file=sys.stderr)
     return 1 if failures else 0
@@ -198,9 +198,21 @@ def point_failures(args: argparse.Namespace, failures: list[survey.Failure]) -> 
     return survey.name_point_rows(failures, args.points)
 
 
-def nothing_done(command: str, args: argparse.Namespace, err: survey.ImagesFailed) -> Exception:
-    """The error to end a run with when every image failed: one line, the images listed once each."""
+def _failures_json(failures: Sequence[survey.Failure]) -> list[dict[str, str]]:
+    return [{"file": f.file, "reason": f.reason} for f in failures]
+
+
+def nothing_done(
+    command: str, args: argparse.Namespace, err: survey.ImagesFailed, summary: dict[str, Any]
+) -> Exception:
+    """The error to end a run with when every image failed: one line, the images listed once each.
+
+    With --json the run's summary (no images, every failure) is still printed
+    first, so a script reads the failures where it reads them otherwise.
+    """
     failures = err.failures
+    if args.json:
+        emit(args, {"images": 0, "points": 0, **summary, "failures": _failures_json(failures)}, [])
     if len(failures) == 1 and failures[0].reason.startswith(f"{args.points}, row "):
         return SurveyError(f"{failures[0].file}: {failures[0].reason}")  # retold by point_failures
     if len(failures) <= 1:

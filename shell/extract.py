@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     except survey.ImagesFailed as err:
         err.failures = common.point_failures(args, err.failures)
         if not err.done:  # nothing to show for the run
-            raise common.nothing_done("extract", args, err) from None
+            raise common.nothing_done("extract", args, err, summary) from None
         done, failures = err.done, err.failures
     count = sum(d.points for d in done)
     summary = {

@@ -654,6 +654,9 @@ def classify_images(
     stay the rows' upload labels whatever the classifier scores.
     A `LocalRunner` runs the images on the bulk engine (see `extract_images`).
     """
+    # A classifier nothing can use (not a prefit CalibratedClassifierCV, a
+    # damaged pickle) fails the run once, before any image is read.
+    runtime.current().classifier(local(classifier_file))
     if isinstance(runner, LocalRunner):
         items, pointless = _plan(images, points, seed)
         rt = runtime.current()

@@ -321,6 +321,36 @@ def test_a_classifier_passed_as_weights_is_named_as_such(survey, tmp_path):
     )
 
 
+def test_an_unusable_classifier_fails_the_run_once_before_any_image(survey, tmp_path, capsys):
+    import pickle
+
+    import numpy as np
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import SGDClassifier
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(60, 1280)), np.array(["a", "b", "c"] * 20)
+    clf = tmp_path / "cv3.pkl"
+    clf.write_bytes(pickle.dumps(CalibratedClassifierCV(SGDClassifier(loss="log_loss"), cv=3).fit(x, y)))
+    out = tmp_path / "results.csv"
+    code, stdout, err = cli(
+        capsys,
+        "classify",
+        "--weights",
+        survey["weights"],
+        "--classifier",
+        clf,
+        "--points",
+        "grid:2x2",
+        *(survey["images"] / n for n in NAMES[:3]),
+        "--out",
+        out,
+    )
+    assert code == 1 and stdout == "" and not out.exists()
+    assert len(err) == 1 and "cv '3' instead of 'prefit'" in err[0] and str(clf) in err[0]
+    assert "image failed" not in err[0]
+
+
 def test_an_image_passed_as_weights_is_named_as_such(survey, tmp_path, capsys):
     code, _, err = cli(
         capsys,
@@ -409,6 +439,32 @@ def test_when_every_image_fails_alike_it_is_said_once(survey, tmp_path, capsys):
     assert code == 1 and len(err) == 5
     assert all(f"{points}, row {i + 2}: point (row 900, column 10)" in line for i, line in enumerate(err[:4]))
     assert err[4] == "spacer extract: all 4 images failed (listed above)"
+
+
+@pytest.mark.parametrize("command", ["extract", "classify"])
+def test_json_lists_the_failures_when_every_image_fails(survey, tmp_path, capsys, command):
+    points = tmp_path / "points.csv"
+    points.write_text("Name,Row,Column\n" + "".join(f"{n},900,10\n" for n in NAMES[:2]))
+    extra = ["--classifier", survey["clf"]] if command == "classify" else []
+    out_path = tmp_path / ("results.csv" if command == "classify" else "f")
+    code, out, err = cli(
+        capsys,
+        command,
+        "--weights",
+        survey["weights"],
+        *extra,
+        "--points",
+        points,
+        *(survey["images"] / n for n in NAMES[:2]),
+        "--out",
+        out_path,
+        "--json",
+    )
+    assert code == 1 and err[-1].startswith(f"spacer {command}: all 2 images failed")
+    summary = json.loads(out)
+    assert summary["images"] == 0 and summary["points"] == 0 and summary["missing_images"] == []
+    assert [f["file"] for f in summary["failures"]] == [str(survey["images"] / n) for n in NAMES[:2]]
+    assert all("row 900" in f["reason"] for f in summary["failures"])
 
 
 # ---------------------------------------------------------------- results fed back in

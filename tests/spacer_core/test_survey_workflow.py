@@ -60,8 +60,10 @@ def test_extract_runs_images_side_by_side_and_reports_in_order(tmp_path):
 def test_classify_keeps_image_order_and_the_first_error_in_order_raises(tmp_path):
     images = _images(tmp_path, ["a0.jpg", "b1.jpg", "a2.jpg"])
     points = {p.name: [(1, 1)] for p in images}
+    from spacer_core.testing import write_classifier
+
     rows, classes = survey.classify_images(
-        FakeRunner(2), None, tmp_path / "c.pkl", images, points, threshold=0.0
+        FakeRunner(2), None, write_classifier(tmp_path / "c.pkl"), images, points, threshold=0.0
     )
     assert [r[0] if isinstance(r, tuple) else r for r in rows] and classes == ["x", "y"]
     assert len(rows) == 3
