@@ -144,7 +144,7 @@ def main() -> None:
         print(
             f"machine: {cpu_name()}, {os.cpu_count()} CPUs, ONNX Runtime {ort.__version__}; "
             f"{args.images} JPEGs ({args.sizes}) x {args.points} points; "
-            f"{args.cycles} cycles; load average before: {os.getloadavg()[0]:.1f}",
+            f"{args.cycles} cycle{'s' if args.cycles != 1 else ''}; load average before: {os.getloadavg()[0]:.1f}",
             flush=True,
         )
 
