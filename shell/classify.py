@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     except survey.ImagesFailed as err:
         err.failures = common.point_failures(args, err.failures)
         if not err.done or not err.done[0]:  # nothing to show for the run
-            raise common.nothing_done("classify", args, err, missing) from None
+            empty = {"results": str(args.out), "images": 0, "points": 0, "accepted": 0, "person": 0}
+            empty |= {"threshold": args.threshold, "classes": [], "rows": []}
+            raise common.nothing_done("classify", args, err, {**empty, **missing}) from None
         (rows, classes), failures = err.done, err.failures
         # The good images' results and report are written; the failed ones are listed.
         failed = {f.file for f in failures}

@@ -207,19 +207,22 @@ def nothing_done(
 ) -> Exception:
     """The error to end a run with when every image failed: one line, the images listed once each.
 
-    With --json the run's summary (no images, every failure) is still printed
-    first, so a script reads the failures where it reads them otherwise.
+    With --json the run's summary (`summary`: the command's keys, empty, and its
+    missing images) is still printed first, with every failure, so a script
+    reads the failures where it reads them otherwise.
     """
     failures = err.failures
     if args.json:
-        emit(args, {"images": 0, "points": 0, **summary, "failures": _failures_json(failures)}, [])
+        emit(args, {**summary, "failures": _failures_json(failures)}, [])
     if len(failures) == 1 and failures[0].reason.startswith(f"{args.points}, row "):
         return SurveyError(f"{failures[0].file}: {failures[0].reason}")  # retold by point_failures
     if len(failures) <= 1:
         return err
     reasons = {f.reason for f in failures}
     if len(reasons) == 1:
-        return SurveyError(f"all {len(failures)} images failed: {reasons.pop()}")
+        names = [Path(f.file).name for f in failures]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        return SurveyError(f"all {len(failures)} images failed ({shown}): {reasons.pop()}")
     report_failures(command, {}, failures, "image failed")
     return SurveyError(f"all {len(failures)} images failed (listed above)")
 

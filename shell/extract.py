@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     except survey.ImagesFailed as err:
         err.failures = common.point_failures(args, err.failures)
         if not err.done:  # nothing to show for the run
-            raise common.nothing_done("extract", args, err, summary) from None
+            empty = {"images": 0, "points": 0, "features": str(args.out), "files": []}
+            raise common.nothing_done("extract", args, err, {**empty, **summary}) from None
         done, failures = err.done, err.failures
     count = sum(d.points for d in done)
     summary = {

@@ -27,7 +27,7 @@ from spacer_core import crop, runtime, tasks
 from spacer_core.bulk import local as bulk
 from spacer_core.bulk.local import FEATURE_SUFFIX, feature_path
 from spacer_core.data_classes import Annotation, DataLocation, ImageFeatures, ImageLabels, ValResults
-from spacer_core.exceptions import InvalidInputError
+from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
 from spacer_core.extractors import EfficientNetExtractor
 from spacer_core.extractors.torch_weights import WeightsFileError, not_weights, plain_text
 from spacer_core.inference.backends import available_cpus, one_session
@@ -294,7 +294,8 @@ def _plan(
 
     An image has no points when a points CSV has no rows for it, or, with generated
     points, when its size cannot be read (an empty, damaged or non-image file): it
-    costs that image, not the run. With no image left, the first one's error is the run's.
+    costs that image, not the run. With no image left, ImagesFailed lists them all
+    (one image: its own error's message).
     """
     items: list[bulk.BulkImage] = []
     failures: list[Failure] = []
@@ -310,7 +311,8 @@ def _plan(
             continue
         items.append(bulk.BulkImage(image.name, local(image), rowcols))
     if not items and first is not None:
-        raise first
+        message = str(first) if len(failures) == 1 else f"all {len(failures)} images failed"
+        raise ImagesFailed(message, failures, {})
     return items, failures
 
 
@@ -655,8 +657,15 @@ def classify_images(
     A `LocalRunner` runs the images on the bulk engine (see `extract_images`).
     """
     # A classifier nothing can use (not a prefit CalibratedClassifierCV, a
-    # damaged pickle) fails the run once, before any image is read.
-    runtime.current().classifier(local(classifier_file))
+    # damaged pickle, trained on features of another size) fails the run
+    # once, before any image is read.
+    clf = runtime.current().classifier(local(classifier_file))
+    expected = runtime.classifier_feature_dim(clf)
+    if expected is not None and extractor is not None and expected != extractor.feature_dim:
+        raise FeatureDimensionError(
+            f"{classifier_file}: the classifier was trained on features of dimension {expected},"
+            f" but the extractor gives {extractor.feature_dim}; use the classifier made with these weights"
+        )
     if isinstance(runner, LocalRunner):
         items, pointless = _plan(images, points, seed)
         rt = runtime.current()

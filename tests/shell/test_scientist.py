@@ -465,6 +465,44 @@ def test_json_lists_the_failures_when_every_image_fails(survey, tmp_path, capsys
     assert summary["images"] == 0 and summary["points"] == 0 and summary["missing_images"] == []
     assert [f["file"] for f in summary["failures"]] == [str(survey["images"] / n) for n in NAMES[:2]]
     assert all("row 900" in f["reason"] for f in summary["failures"])
+    # The keys a run with good images has are there too, empty.
+    keys = {"features", "files"} if command == "extract" else {"results", "rows", "classes", "accepted"}
+    assert keys <= summary.keys()
+
+
+@pytest.mark.parametrize("command", ["extract", "classify"])
+def test_a_points_csv_naming_none_of_the_images_lists_every_image(survey, tmp_path, capsys, command):
+    points = tmp_path / "points.csv"
+    points.write_text("Name,Row,Column\nelsewhere.jpg,10,10\n")
+    extra = ["--classifier", survey["clf"]] if command == "classify" else []
+    images = [survey["images"] / n for n in NAMES[:2]]
+    code, out, err = cli(
+        capsys, command, "--weights", survey["weights"], *extra, "--points", points, *images,
+        "--out", tmp_path / "out", "--json",
+    )  # fmt: skip
+    assert code == 1
+    summary = json.loads(out)
+    assert [f["file"] for f in summary["failures"]] == [str(p) for p in images]
+    assert all(f["reason"] == "no rows with this Name in the points CSV" for f in summary["failures"])
+    # Alike failures are said once, naming every image.
+    assert err == [
+        f"spacer {command}: all 2 images failed ({NAMES[0]}, {NAMES[1]}):"
+        " no rows with this Name in the points CSV"
+    ]
+
+
+def test_a_classifier_for_other_features_fails_before_any_image(survey, tmp_path, capsys):
+    clf = write_classifier(tmp_path / "f64.pkl", dim=64)
+    out = tmp_path / "results.csv"
+    code, stdout, err = cli(
+        capsys, "classify", "--weights", survey["weights"], "--classifier", clf, "--points", "grid:2x2",
+        *(survey["images"] / n for n in NAMES[:2]), "--out", out, "--json",
+    )  # fmt: skip
+    assert code == 1 and stdout == "" and not out.exists()
+    assert err == [
+        f"spacer classify: {clf}: the classifier was trained on features of dimension 64, but the"
+        " extractor gives 1280; use the classifier made with these weights"
+    ]
 
 
 # ---------------------------------------------------------------- results fed back in
