@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,7 @@ from shell.extract import IMAGES_HELP
 from shell.progress import Bar
 from spacer_core.survey import coralnet, reports
 from spacer_core.survey import workflow as survey
+from spacer_core.survey.coralnet import ResultRow
 from spacer_core.survey.workflow import SurveyError
 
 
@@ -73,27 +74,15 @@ def run(args: argparse.Namespace) -> int:
     except survey.ImagesFailed as err:
         err.failures = common.point_failures(args, err.failures)
         if not err.done or not err.done[0]:  # nothing to show for the run
-            empty = {"results": str(args.out), "images": 0, "points": 0, "accepted": 0, "person": 0}
-            empty |= {"threshold": args.threshold, "classes": [], "rows": []}
+            empty = _summary(args, [], [], [])
             raise common.nothing_done("classify", args, err, {**empty, **missing}) from None
         (rows, classes), failures = err.done, err.failures
         # The good images' results and report are written; the failed ones are listed.
         failed = {f.file for f in failures}
         images = [p for p in images if str(p.resolve()) not in failed]
     coralnet.write_results(args.out, rows)
-    # A person's label is kept whatever the score, so it is counted apart from the machine's.
-    person = sum(bool(r.given) for r in rows)
-    accepted = sum(r.accepted and not r.given for r in rows)
-    summary: dict[str, Any] = {
-        "results": str(args.out),
-        "images": len(images),
-        "points": len(rows),
-        "accepted": accepted,
-        "person": person,
-        "threshold": args.threshold,
-        "classes": classes,
-        "rows": common.rows_json(rows),
-    }
+    summary = _summary(args, images, rows, classes)
+    accepted, person = summary["accepted"], summary["person"]
     share = accepted / len(rows) * 100 if rows else 0.0
     lines = [
         f"classified {len(rows)} points of {len(images)} images: {accepted} ({share:.1f}%) scored"
@@ -117,3 +106,20 @@ def run(args: argparse.Namespace) -> int:
     status |= common.report_failures("classify", summary, failures, "image failed")
     common.emit(args, summary, lines)
     return status
+
+
+def _summary(
+    args: argparse.Namespace, images: Sequence[Path], rows: Sequence[ResultRow], classes: list[str]
+) -> dict[str, Any]:
+    """The --json summary of the rows written (none: the keys, empty)."""
+    return {
+        "results": str(args.out),
+        "images": len(images),
+        "points": len(rows),
+        "accepted": sum(r.accepted and not r.given for r in rows),
+        # A person's label is kept whatever the score, so it is counted apart from the machine's.
+        "person": sum(bool(r.given) for r in rows),
+        "threshold": args.threshold,
+        "classes": classes,
+        "rows": common.rows_json(rows),
+    }

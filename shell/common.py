@@ -179,7 +179,7 @@ def report_missing_images(
     summary["missing_images"] = missing
     if not missing:
         return 0
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    shown = _first_few(missing)
     names = [p.name for p in images]
     near = next((n for n in (survey.near_name(m, names) for m in missing) if n is not None), None)
     hint = f" ({args.images} has '{near[0]}': {near[1]})" if near else ""
@@ -196,6 +196,11 @@ def point_failures(args: argparse.Namespace, failures: list[survey.Failure]) -> 
     if args.points is None or not Path(args.points).is_file():
         return failures
     return survey.name_point_rows(failures, args.points)
+
+
+def _first_few(names: Sequence[str]) -> str:
+    """The first five names, and how many more."""
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _failures_json(failures: Sequence[survey.Failure]) -> list[dict[str, str]]:
@@ -220,8 +225,7 @@ def nothing_done(
         return err
     reasons = {f.reason for f in failures}
     if len(reasons) == 1:
-        names = [Path(f.file).name for f in failures]
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        shown = _first_few([Path(f.file).name for f in failures])
         return SurveyError(f"all {len(failures)} images failed ({shown}): {reasons.pop()}")
     report_failures(command, {}, failures, "image failed")
     return SurveyError(f"all {len(failures)} images failed (listed above)")

@@ -51,17 +51,20 @@ def run(args: argparse.Namespace) -> int:
     except survey.ImagesFailed as err:
         err.failures = common.point_failures(args, err.failures)
         if not err.done:  # nothing to show for the run
-            empty = {"images": 0, "points": 0, "features": str(args.out), "files": []}
-            raise common.nothing_done("extract", args, err, {**empty, **summary}) from None
+            raise common.nothing_done("extract", args, err, {**_summary(args, []), **summary}) from None
         done, failures = err.done, err.failures
-    count = sum(d.points for d in done)
-    summary = {
+    summary = {**_summary(args, done), **summary}
+    status |= common.report_failures("extract", summary, failures, "image failed")
+    lines = [f"extracted {summary['points']} points of {len(done)} images into {args.out}"]
+    common.emit(args, summary, lines)
+    return status
+
+
+def _summary(args: argparse.Namespace, done: list[survey.ExtractOutcome]) -> dict[str, Any]:
+    """The --json summary of the images done (none: the keys, empty)."""
+    return {
         "images": len(done),
-        "points": count,
+        "points": sum(d.points for d in done),
         "features": str(args.out),
         "files": [{"image": d.image, "points": d.points, "feature_file": str(d.feature_file)} for d in done],
-        **summary,
     }
-    status |= common.report_failures("extract", summary, failures, "image failed")
-    common.emit(args, summary, [f"extracted {count} points of {len(done)} images into {args.out}"])
-    return status
