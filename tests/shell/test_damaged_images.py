@@ -48,16 +48,20 @@ def failed_names(summary):
     return sorted(Path(f["file"]).name for f in summary["failures"])
 
 
-@pytest.mark.parametrize("points", ["random:5", "grid:2x2"])
-def test_extract_refuses_truncated_images_by_default(damaged, tmp_path, capsys, points):
-    out = tmp_path / "features"
+def extract_good_one(capsys, folder, points, out):
+    """`spacer extract --json` on a folder where only good.jpg can be used: (summary, stderr lines)."""
     code, stdout, err = cli(
         capsys, "extract", "--weights", cached_weights().path, "--points", points,
-        "--images", damaged, "--out", out, "--json",
+        "--images", folder, "--out", out, "--json",
     )  # fmt: skip
     assert code == 1
     assert sorted(p.name for p in out.iterdir()) == ["good.jpg.featurevector"]
-    summary = json.loads(stdout)
+    return json.loads(stdout), err
+
+
+@pytest.mark.parametrize("points", ["random:5", "grid:2x2"])
+def test_extract_refuses_truncated_images_by_default(damaged, tmp_path, capsys, points):
+    summary, err = extract_good_one(capsys, damaged, points, tmp_path / "features")
     assert failed_names(summary) == ["cut.jpg", "half.png", "zeros.jpg"]
     assert all(f["reason"].endswith(TRUNCATED) for f in summary["failures"])
     assert len(err) == 3 and all(line.startswith("spacer extract: ") and TRUNCATED in line for line in err)
@@ -146,14 +150,7 @@ def unreadable(tmp_path):
 
 @pytest.mark.parametrize("points", ["random:20", "stratified:2x2x3", "grid:3x3"])
 def test_generated_points_list_an_unreadable_file_and_write_the_others(unreadable, tmp_path, capsys, points):
-    out = tmp_path / "features"
-    code, stdout, err = cli(
-        capsys, "extract", "--weights", cached_weights().path, "--points", points,
-        "--images", unreadable, "--out", out, "--json",
-    )  # fmt: skip
-    assert code == 1
-    assert sorted(p.name for p in out.iterdir()) == ["good.jpg.featurevector"]
-    summary = json.loads(stdout)
+    summary, err = extract_good_one(capsys, unreadable, points, tmp_path / "features")
     assert summary["images"] == 1
     assert failed_names(summary) == ["empty.jpg", "noise.jpg", "notes.jpg"]
     assert all(f["reason"].startswith("cannot identify image") for f in summary["failures"])
