@@ -48,6 +48,18 @@ def failed_names(summary):
     return sorted(Path(f["file"]).name for f in summary["failures"])
 
 
+def classify_some(capsys, folder, tmp_path):
+    """`spacer classify --json` (random:5) on a folder where some images fail: (summary, results CSV)."""
+    clf = write_classifier(tmp_path / "clf.pkl")
+    results = tmp_path / "results.csv"
+    code, stdout, _ = cli(
+        capsys, "classify", "--weights", cached_weights().path, "--classifier", clf,
+        "--points", "random:5", "--images", folder, "--out", results, "--json",
+    )  # fmt: skip
+    assert code == 1
+    return json.loads(stdout), results
+
+
 def extract_good_one(capsys, folder, points, out):
     """`spacer extract --json` on a folder where only good.jpg can be used: (summary, stderr lines)."""
     code, stdout, err = cli(
@@ -92,14 +104,7 @@ def test_allow_truncated_decodes_them_as_pyspacer_does(damaged, tmp_path, capsys
 
 
 def test_classify_refuses_truncated_images(damaged, tmp_path, capsys):
-    clf = write_classifier(tmp_path / "clf.pkl")
-    results = tmp_path / "results.csv"
-    code, stdout, _ = cli(
-        capsys, "classify", "--weights", cached_weights().path, "--classifier", clf,
-        "--points", "random:5", "--images", damaged, "--out", results, "--json",
-    )  # fmt: skip
-    assert code == 1
-    summary = json.loads(stdout)
+    summary, results = classify_some(capsys, damaged, tmp_path)
     assert failed_names(summary) == ["cut.jpg", "half.png", "zeros.jpg"]
     assert {row.split(",")[0] for row in results.read_text().splitlines()[1:]} == {"good.jpg"}
 
@@ -158,12 +163,6 @@ def test_generated_points_list_an_unreadable_file_and_write_the_others(unreadabl
 
 
 def test_classify_with_generated_points_lists_an_unreadable_file(unreadable, tmp_path, capsys):
-    clf = write_classifier(tmp_path / "clf.pkl")
-    results = tmp_path / "results.csv"
-    code, stdout, _ = cli(
-        capsys, "classify", "--weights", cached_weights().path, "--classifier", clf,
-        "--points", "random:5", "--images", unreadable, "--out", results, "--json",
-    )  # fmt: skip
-    assert code == 1
-    assert failed_names(json.loads(stdout)) == ["empty.jpg", "noise.jpg", "notes.jpg"]
+    summary, results = classify_some(capsys, unreadable, tmp_path)
+    assert failed_names(summary) == ["empty.jpg", "noise.jpg", "notes.jpg"]
     assert len(results.read_text().splitlines()) == 6
