@@ -31,7 +31,6 @@ all parts, in manifest order.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -49,11 +48,12 @@ from spacer_core import pipeline
 from spacer_core.data_classes import DataLocation, FeatureProvenance, ImageFeatures, points_sha256
 from spacer_core.exceptions import InvalidInputError, SpacerError
 from spacer_core.extractors import EfficientNetExtractor, FeatureExtractor
-from spacer_core.inference.backends import available_cpus, one_session
+from spacer_core.inference.backends import available_cpus
 from spacer_core.inference.network import NetworkSpec
 from spacer_core.runtime import Runtime, RuntimeSettings, current
 from spacer_core.storage import ALLOW_ALL, StoragePolicy, data_exists, load_bytes, store_bytes
 from spacer_core.survey import coralnet
+from spacer_core.workers import each_image
 
 RowCol = tuple[int, int]
 Kind = Literal["extract", "classify"]
@@ -633,25 +633,13 @@ def local_outcomes(
     """Every image through the pipeline under `rt`, `workers` at a time, each outcome as it finishes.
 
     Images are started in the order given; a failed image is a failed Outcome, never an error.
+    A Ctrl-C starts no further image and raises KeyboardInterrupt once those under way finish.
     """
-    count = max(1, min(workers or default_workers(), len(items)))
-    if count == 1:
-        for item in items:
-            yield process_image(task, item, rt)
-        return
 
     def one(item: BulkImage) -> Outcome:
-        with one_session():  # each worker keeps to one core's session
-            return process_image(task, item, rt)
+        return process_image(task, item, rt)
 
-    with concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="bulk-image") as pool:
-        futures = [pool.submit(one, item) for item in items]
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                yield future.result()
-        finally:  # a caller that stops early leaves nothing queued
-            for future in futures:
-                future.cancel()
+    return each_image(one, items, workers or default_workers(), name="bulk-image")
 
 
 class BulkInterrupted(KeyboardInterrupt):

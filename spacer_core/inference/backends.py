@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spacer_core.cancellation import HeldInterrupts
 from spacer_core.inference.fold import fold_batchnorm
 from spacer_core.inference.precision import Precision, half_dtype
 
@@ -306,44 +307,66 @@ class _SlotPool:
         taking = threading.Lock()
         failed = threading.Event()
 
-        def work(slot: Any) -> None:
+        def work(slot: Any, ctrl_c: HeldInterrupts | None = None) -> None:
             buffer = self._buffers[id(slot)]
-            while not failed.is_set():
-                with taking:
-                    k, start = next(pieces, (-1, 0))
-                if k < 0:
-                    return
-                piece = patches[start : start + size]
-                if piece.dtype == np.float32 and piece.flags.c_contiguous:
-                    inputs = piece  # already the network's input: no copy
-                else:
-                    inputs = to_network_input(piece, buffer[: len(piece)])
-                try:
-                    outputs[k] = call(slot, inputs)
-                except BaseException:
-                    failed.set()  # the other threads stop after their current piece
-                    raise
-
-        slots = [self._free.get()]
-        wanted = 1 if in_one_session() else len(starts)
-        try:
-            while len(slots) < wanted:
-                try:
-                    slots.append(self._free.get_nowait())
-                except queue.Empty:
-                    break
-            others = [self._pool.submit(work, slot) for slot in slots[1:]] if self._pool else []
             try:
-                work(slots[0])
-            finally:  # no instance goes back to the pool while a thread still runs on it
-                concurrent.futures.wait(others)
-            for future in others:
-                future.result()
-        finally:
-            for slot in slots:
-                self._free.put(slot)
+                while not failed.is_set():
+                    if ctrl_c is not None:
+                        ctrl_c.check()  # in the caller's thread: a Ctrl-C stops it between pieces
+                    with taking:
+                        k, start = next(pieces, (-1, 0))
+                    if k < 0:
+                        return
+                    piece = patches[start : start + size]
+                    if piece.dtype == np.float32 and piece.flags.c_contiguous:
+                        inputs = piece  # already the network's input: no copy
+                    else:
+                        inputs = to_network_input(piece, buffer[: len(piece)])
+                    outputs[k] = call(slot, inputs)
+            except BaseException:
+                failed.set()  # the other threads stop after their current piece
+                raise
+
+        # Held, a Ctrl-C stops the caller between pieces instead of wherever it is; a second
+        # one stops it at once, and each thread's slot still goes back only when that thread ends.
+        with HeldInterrupts() as ctrl_c:
+            slots = [self._free.get()]
+            lent = 0
+            try:
+                wanted = 1 if in_one_session() else len(starts)
+                while len(slots) < wanted:
+                    try:
+                        slots.append(self._free.get_nowait())
+                    except queue.Empty:
+                        break
+                ended: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
+                for slot in slots[1:]:
+                    assert self._pool is not None  # more than one slot
+                    self._pool.submit(self._lend, work, slot, ended)
+                    lent += 1
+                try:
+                    work(slots[0], ctrl_c)
+                finally:
+                    errors = [ended.get() for _ in range(lent)]
+                for error in errors:
+                    if error is not None:
+                        raise error
+            finally:
+                for slot in [slots[0], *slots[1 + lent :]]:
+                    self._free.put(slot)
         done = [out for out in outputs if out is not None]
         return done[0] if len(done) == 1 else np.concatenate(done)
+
+    def _lend(self, work: Any, slot: Any, ended: queue.SimpleQueue[BaseException | None]) -> None:
+        """`work(slot)` on a pool thread; when it ends the slot goes back to the pool and its error (or None) to `ended`."""
+        error: BaseException | None = None
+        try:
+            work(slot)
+        except BaseException as exc:
+            error = exc
+        finally:
+            self._free.put(slot)
+            ended.put(error)
 
 
 class PooledBackend(Backend):

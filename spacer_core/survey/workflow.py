@@ -13,7 +13,7 @@ reported together.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,7 +30,7 @@ from spacer_core.data_classes import Annotation, DataLocation, ImageFeatures, Im
 from spacer_core.exceptions import FeatureDimensionError, InvalidInputError
 from spacer_core.extractors import EfficientNetExtractor
 from spacer_core.extractors.torch_weights import WeightsFileError, not_weights, plain_text
-from spacer_core.inference.backends import available_cpus, one_session
+from spacer_core.inference.backends import available_cpus
 from spacer_core.messages import (
     ClassifyImageMsg,
     ExtractFeaturesMsg,
@@ -42,6 +42,7 @@ from spacer_core.storage import load_classifier
 from spacer_core.survey.coralnet import PointSpec, ResultRow, generate_points, point_rows, result_rows
 from spacer_core.survey.reports import ClassMetrics, class_metrics
 from spacer_core.task_utils import check_classifier_provenance, preprocess_labels
+from spacer_core.workers import each_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 Progress = Callable[[int, int, str], None]  # (done, total, what just finished)
@@ -330,10 +331,12 @@ def _run_on_bulk(
     together as one ImagesFailed.
     """
     outcomes: dict[str, bulk.Outcome] = {}
-    for outcome in bulk.local_outcomes(task, items, runtime.current(), workers):
-        outcomes[outcome.name] = outcome
-        if progress:
-            progress(len(outcomes), len(items), outcome.name)
+    # Closed as soon as the loop ends, however it ends: no worker outlives a Ctrl-C here.
+    with contextlib.closing(bulk.local_outcomes(task, items, runtime.current(), workers)) as finished:
+        for outcome in finished:
+            outcomes[outcome.name] = outcome
+            if progress:
+                progress(len(outcomes), len(items), outcome.name)
     failed = [outcomes[i.name] for i in items if not outcomes[i.name].ok]
     if failed or pointless:
         failures = [*_failures(items, failed), *pointless]
@@ -419,24 +422,7 @@ def name_point_rows(failures: Sequence[Failure], points_csv: str | Path) -> list
 
 def _in_order(work: Callable[[Path], T], images: Sequence[Path], workers: int) -> Iterator[T]:
     """work(image) for every image, `workers` at a time, yielded in image order."""
-    if workers <= 1 or len(images) <= 1:
-        yield from map(work, images)
-        return
-    with concurrent.futures.ThreadPoolExecutor(
-        min(workers, len(images)), thread_name_prefix="survey-image"
-    ) as pool:
-
-        def one(image: Path) -> T:
-            with one_session():  # each worker keeps to one core's session
-                return work(image)
-
-        futures = [pool.submit(one, image) for image in images]
-        try:
-            for future in futures:
-                yield future.result()
-        finally:  # an error (or a caller that stops early) leaves nothing queued
-            for future in futures:
-                future.cancel()
+    return each_image(work, images, workers, name="survey-image", ordered=True)
 
 
 def labels_from_annotations(

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -273,7 +274,7 @@ def _run_module(name: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-# Runs `spacer ARGS...` with HOOK=module:function made slow: it says so on stderr, then waits, then works.
+# Runs `spacer ARGS...` with HOOK=module:function made slow: it says so on stderr, waits HOOK_SECONDS (2), then works.
 _SLOW_HOOK = """
 import importlib, os, sys, time
 module_name, name = os.environ["HOOK"].split(":")
@@ -282,7 +283,7 @@ original = getattr(module, name)
 
 def slow(*args, **kwargs):
     print("hook: working", file=sys.stderr, flush=True)
-    time.sleep(2)
+    time.sleep(float(os.environ.get("HOOK_SECONDS", "2")))
     return original(*args, **kwargs)
 
 setattr(module, name, slow)
@@ -291,15 +292,17 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _interrupted(cwd: Path, hook: str, *argv: str) -> tuple[int, str]:
-    """Start the command, send SIGINT once its slow hook runs; (exit status, stderr)."""
+def _interrupted(
+    cwd: Path, hook: str, *argv: str, ctrl_c: int = 1, hook_seconds: float = 2
+) -> tuple[int, str]:
+    """Start the command, send `ctrl_c` SIGINTs once its slow hook runs; (exit status, stderr)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", _SLOW_HOOK, *argv],
         cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT), "HOOK": hook},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HOOK": hook, "HOOK_SECONDS": str(hook_seconds)},
     )
     assert proc.stderr is not None
     seen = []
@@ -307,7 +310,9 @@ def _interrupted(cwd: Path, hook: str, *argv: str) -> tuple[int, str]:
         for line in proc.stderr:
             seen.append(line)
             if line.startswith("hook: working"):
-                proc.send_signal(signal.SIGINT)
+                for k in range(ctrl_c):
+                    time.sleep(0.5 if k else 0)  # apart, or the process may see one
+                    proc.send_signal(signal.SIGINT)
                 break
         else:
             pytest.fail(f"the command ended before its work began: {''.join(seen)}")
@@ -325,23 +330,35 @@ def test_ctrl_c_stops_with_one_line_and_status_130(tmp_path, command):
     from spacer_core.testing import make_survey
 
     s = make_survey(tmp_path, images=4, points=2, size=(96, 72))
+    code, err = _interrupted(tmp_path, *_slowed(s, command))
+    _assert_one_line_130(code, err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["bulk", "classify"])
+def test_a_second_ctrl_c_does_not_wait_for_the_images_under_way(tmp_path, command):
+    from spacer_core.testing import make_survey
+
+    s = make_survey(tmp_path, images=4, points=2, size=(96, 72))
+    # Each image now takes 20 minutes: after one Ctrl-C the command would wait for it, after two it must not.
+    # (A reader that waits out the hook runs into the test's own timeout.)
+    code, err = _interrupted(tmp_path, *_slowed(s, command, in_workers=True), ctrl_c=2, hook_seconds=1200)
+    _assert_one_line_130(code, err)
+
+
+def _slowed(s, command: str, in_workers: bool = False) -> list[str]:
+    """HOOK and the arguments of `command` on survey `s`, made slow: classify while it plans
+    each image's points (in the main thread) unless `in_workers`, else each image's work."""
+    images = "spacer_core.bulk.local:process_image"
     if command == "bulk":
-        hook = "spacer_core.bulk.local:process_image"
-        argv = [
-            "bulk",
-            "extract",
-            "--weights",
-            str(s.weights),
-            "--manifest",
-            str(s.manifest),
-            "-o",
-            "features",
-        ]
-    else:
-        hook = "spacer_core.survey.workflow:points_for"
-        argv = ["classify", "--weights", str(s.weights), "--classifier", str(s.classifier)]
-        argv += ["--points", "random:2", "--images", "images", "-o", "results.csv"]
-    code, err = _interrupted(tmp_path, hook, *argv)
+        manifest = ["--weights", str(s.weights), "--manifest", str(s.manifest), "-o", "features"]
+        return [images, "bulk", "extract", *manifest]
+    argv = ["classify", "--weights", str(s.weights), "--classifier", str(s.classifier)]
+    argv += ["--points", "random:2", "--images", "images", "-o", "results.csv"]
+    return [images if in_workers else "spacer_core.survey.workflow:points_for", *argv]
+
+
+def _assert_one_line_130(code: int, err: str) -> None:
     assert code == 130, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     # Bulk may say how far it got and where its summary is; anything else says just that.
