@@ -22,10 +22,10 @@ def _drop_working_directory() -> None:
 _drop_working_directory()
 
 try:
-    from shell.main import main  # noqa: E402  (after sys.path is cleaned)
+    from shell.main import console  # noqa: E402  (after sys.path is cleaned)
 except KeyboardInterrupt:
     # Ctrl-C before the guard in `main` is in place: the same one line and status as inside it.
     print("interrupted", file=sys.stderr, flush=True)
     os._exit(130)
 
-raise SystemExit(main())
+console()

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from types import ModuleType
+from typing import NoReturn
 
 # Only light modules here: the subcommand modules pull in torch and ONNX Runtime, which take seconds
 # to import, and a Ctrl-C during that time must still end with one line and 130 (see `main`).
@@ -272,5 +273,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
 
 
+def console() -> NoReturn:
+    """The `spacer` console script and `python -m shell`: `main()`, then exit with its status.
+
+    Once the command has finished, a Ctrl-C while the interpreter shuts down
+    (joining threads, unloading torch and ONNX Runtime: up to a second) is
+    ignored: the work is done and its status stands. Python gives SIGINT
+    back its default action during shutdown, which would kill the process
+    by signal without a word.
+    """
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -282,19 +282,23 @@ def train(
         clf.set_params(n_jobs=min(len(classes), os.cpu_count() or 1))
     blas = _BlasThreads(MLP_BLAS_THREADS if is_mlp else None)
     ref_accs: list[float] = []
+    # scikit-learn's MLP takes a Ctrl-C inside partial_fit for "stop early" and goes on
+    # with the next batch: held, a Ctrl-C stops the training between batches instead.
     try:
-        for epoch in range(nbr_epochs):
-            order, state = train_data.epoch_order(epoch)
-            if is_mlp:
-                # Weight initialisation and in-batch shuffles draw from here.
-                clf.set_params(random_state=state)
-            with blas.epoch(epoch):
-                for x, y in train_data.iter_batches(order, batch_size):
-                    cancellation.check()  # a call that ended stops its training here
-                    clf.partial_fit(x, y, classes=classes)
-            ref_accs.append(float(np.mean(clf.predict(ref_x) == ref_y)))
-            if progress is not None:
-                progress(epoch, ref_accs[-1], time.time() - start)
+        with cancellation.HeldInterrupts() as ctrl_c:
+            for epoch in range(nbr_epochs):
+                order, state = train_data.epoch_order(epoch)
+                if is_mlp:
+                    # Weight initialisation and in-batch shuffles draw from here.
+                    clf.set_params(random_state=state)
+                with blas.epoch(epoch):
+                    for x, y in train_data.iter_batches(order, batch_size):
+                        cancellation.check()  # a call that ended stops its training here
+                        ctrl_c.check()
+                        clf.partial_fit(x, y, classes=classes)
+                ref_accs.append(float(np.mean(clf.predict(ref_x) == ref_y)))
+                if progress is not None:
+                    progress(epoch, ref_accs[-1], time.time() - start)
     finally:
         # Leave the parameters as pyspacer's classifier has them.
         if parallel_ovr:

@@ -254,7 +254,7 @@ def test_message_codes_agree_with_the_server(exc):
 
 def test_console_script_and_maturin_packages_name_the_shell():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["spacer"] == "shell.main:main"
+    assert project["project"]["scripts"]["spacer"] == "shell.main:console"
     assert "shell" in project["tool"]["maturin"]["python-packages"]
 
 
@@ -344,6 +344,47 @@ def test_a_second_ctrl_c_does_not_wait_for_the_images_under_way(tmp_path, comman
     # (A reader that waits out the hook runs into the test's own timeout.)
     code, err = _interrupted(tmp_path, *_slowed(s, command, in_workers=True), ctrl_c=2, hook_seconds=1200)
     _assert_one_line_130(code, err)
+
+
+# `spacer check-config`, then a slow interpreter shutdown (an atexit hook says when it starts).
+_SLOW_EXIT = """
+import atexit, sys, time
+
+def slow_exit():
+    print("hook: exiting", file=sys.stderr, flush=True)
+    time.sleep(2)
+
+atexit.register(slow_exit)
+from shell.main import console
+sys.argv[1:] = ["check-config"]
+console()
+"""
+
+
+def test_a_ctrl_c_once_the_command_has_finished_leaves_its_status():
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_EXIT],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stderr is not None
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("hook: exiting"):
+                proc.send_signal(signal.SIGINT)
+                break
+        err = "".join(seen) + proc.stderr.read()
+        assert proc.wait(timeout=120) == 0, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def _slowed(s, command: str, in_workers: bool = False) -> list[str]:

@@ -283,3 +283,49 @@ def test_after_a_second_ctrl_c_each_session_comes_back_when_its_thread_ends():
         time.sleep(0.01)
     assert pool._free.qsize() == 2
     assert pool.run(np.zeros((8, 224, 224, 3), np.uint8), 2, call).shape == (8, 3)
+
+
+# scikit-learn's MLP catches a KeyboardInterrupt raised inside its own loop, warns "Training interrupted
+# by user." and goes on; `train` must stop instead. The Ctrl-C comes from inside that loop (_backprop).
+_TRAIN = """
+import os, signal, sys
+import numpy as np
+from spacer_core import train_utils
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(600, 16)).astype(np.float32)
+y = np.arange(600) % 3
+data = train_utils.LabelledFeatures(x, y, np.arange(0, 601, 10))
+clf = train_utils.make_classifier("MLP", 600)
+original = clf._backprop
+calls = []
+
+def backprop(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+    return original(*args, **kwargs)
+
+clf._backprop = backprop
+try:
+    train_utils.train(clf, data, data, [0, 1, 2], nbr_epochs=50, batch_size=20)
+except KeyboardInterrupt:
+    print("stopped after", len(calls), "batches")
+    sys.exit(0)
+print("trained", len(calls), "batches")
+sys.exit(1)
+"""
+
+
+def test_a_ctrl_c_inside_the_mlps_own_loop_stops_the_training():
+    result = subprocess.run(
+        [sys.executable, "-c", _TRAIN],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "stopped after 3 batches" in result.stdout, result.stdout
+    assert "Training interrupted" not in result.stderr
