@@ -79,8 +79,7 @@ def test_workers_keep_to_one_session_each():
     assert set(each_image(lambda _: in_one_session(), range(6), 1, name="t")) == {False}
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_lets_items_under_way_finish_then_raises(workers):
+def _ctrl_c_lets_items_under_way_finish_then_raises(workers):
     done = []
 
     def work(i: int) -> int:
@@ -99,7 +98,7 @@ def test_ctrl_c_lets_items_under_way_finish_then_raises(workers):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_second_ctrl_c_does_not_wait_for_the_items_under_way():
+def _a_second_ctrl_c_does_not_wait_for_the_items_under_way():
     release = threading.Event()
     ended = []
 
@@ -185,7 +184,7 @@ def test_ctrl_c_at_any_moment_never_leaves_the_engine_stuck():
 # ---------------------------------------------------------------- HeldInterrupts
 
 
-def test_a_held_ctrl_c_waits_for_check_and_comes_once():
+def _a_held_ctrl_c_waits_for_check_and_comes_once():
     with HeldInterrupts() as ctrl_c:
         ctrl_c.check()
         _ctrl_c()
@@ -195,14 +194,14 @@ def test_a_held_ctrl_c_waits_for_check_and_comes_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_second_ctrl_c_raises_at_once():
+def _a_second_ctrl_c_raises_at_once():
     with HeldInterrupts():
         _ctrl_c()
         with pytest.raises(KeyboardInterrupt):
             _ctrl_c()
 
 
-def test_a_ctrl_c_still_held_at_the_end_is_raised_there_not_lost():
+def _a_ctrl_c_still_held_at_the_end_is_raised_there_not_lost():
     with pytest.raises(KeyboardInterrupt):
         with HeldInterrupts():
             with HeldInterrupts():  # inner blocks leave it to the outermost
@@ -211,7 +210,7 @@ def test_a_ctrl_c_still_held_at_the_end_is_raised_there_not_lost():
     assert reached
 
 
-def test_an_error_on_its_way_out_is_not_replaced_by_a_held_ctrl_c():
+def _an_error_on_its_way_out_is_not_replaced_by_a_held_ctrl_c():
     with pytest.raises(ValueError):
         with HeldInterrupts():
             _ctrl_c()
@@ -219,7 +218,7 @@ def test_an_error_on_its_way_out_is_not_replaced_by_a_held_ctrl_c():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_programs_own_handler_and_other_threads_are_left_alone():
+def _a_programs_own_handler_and_other_threads_are_left_alone():
     calls = []
     previous = signal.signal(signal.SIGINT, lambda *_: calls.append(1))
     try:
@@ -247,7 +246,7 @@ def test_a_programs_own_handler_and_other_threads_are_left_alone():
 # ---------------------------------------------------------------- the sessions' pool
 
 
-def test_a_ctrl_c_during_a_network_call_leaves_every_session_free():
+def _a_ctrl_c_during_a_network_call_leaves_every_session_free():
     slots = [object(), object()]
     pool = _SlotPool(slots, "ctrl-c-test", 2)
 
@@ -263,7 +262,7 @@ def test_a_ctrl_c_during_a_network_call_leaves_every_session_free():
     assert pool.run(patches, 2, call).shape == (40, 3)  # and it still works
 
 
-def test_after_a_second_ctrl_c_each_session_comes_back_when_its_thread_ends():
+def _after_a_second_ctrl_c_each_session_comes_back_when_its_thread_ends():
     slots = [object(), object()]
     pool = _SlotPool(slots, "second-ctrl-c-pool", 2)
     release = threading.Event()
@@ -329,3 +328,37 @@ def test_a_ctrl_c_inside_the_mlps_own_loop_stops_the_training():
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "stopped after 3 batches" in result.stdout, result.stdout
     assert "Training interrupted" not in result.stderr
+
+
+# ---------------------------------------------------------------- each Ctrl-C scenario in a new interpreter
+
+# A Ctrl-C sent to the test process would also reach whatever earlier tests left running in
+# it (threads of native libraries among them), so each scenario above runs in its own Python.
+SCENARIOS = [
+    ("_ctrl_c_lets_items_under_way_finish_then_raises", 1),
+    ("_ctrl_c_lets_items_under_way_finish_then_raises", 2),
+    ("_a_second_ctrl_c_does_not_wait_for_the_items_under_way", None),
+    ("_a_held_ctrl_c_waits_for_check_and_comes_once", None),
+    ("_a_second_ctrl_c_raises_at_once", None),
+    ("_a_ctrl_c_still_held_at_the_end_is_raised_there_not_lost", None),
+    ("_an_error_on_its_way_out_is_not_replaced_by_a_held_ctrl_c", None),
+    ("_a_programs_own_handler_and_other_threads_are_left_alone", None),
+    ("_a_ctrl_c_during_a_network_call_leaves_every_session_free", None),
+    ("_after_a_second_ctrl_c_each_session_comes_back_when_its_thread_ends", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "arg"), SCENARIOS, ids=[f"{n[1:]}{'' if a is None else a}" for n, a in SCENARIOS]
+)
+def test_ctrl_c_scenario(scenario, arg):
+    call = f"{scenario}()" if arg is None else f"{scenario}({arg!r})"
+    result = subprocess.run(
+        [sys.executable, "-c", f"from tests.spacer_core.test_workers import {scenario}; {call}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
