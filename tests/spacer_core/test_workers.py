@@ -26,6 +26,20 @@ def _ctrl_c() -> None:
     time.sleep(0.05)  # the handler runs at the main thread's next instruction
 
 
+def _python(code: str, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`python -c code argv...` in a new interpreter at the checkout's root; it must exit 0."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    return result
+
+
 # ---------------------------------------------------------------- each_image
 
 
@@ -169,15 +183,7 @@ print("rounds", rounds)
 @pytest.mark.slow
 def test_ctrl_c_at_any_moment_never_leaves_the_engine_stuck():
     # Before the fix this hung (or broke a lock) within ten rounds, every time.
-    result = subprocess.run(
-        [sys.executable, "-c", _STRESS, "100"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = _python(_STRESS, "100", timeout=240)
     assert "rounds 100" in result.stdout
 
 
@@ -317,15 +323,7 @@ sys.exit(1)
 
 
 def test_a_ctrl_c_inside_the_mlps_own_loop_stops_the_training():
-    result = subprocess.run(
-        [sys.executable, "-c", _TRAIN],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    result = _python(_TRAIN)
     assert "stopped after 3 batches" in result.stdout, result.stdout
     assert "Training interrupted" not in result.stderr
 
@@ -353,12 +351,4 @@ SCENARIOS = [
 )
 def test_ctrl_c_scenario(scenario, arg):
     call = f"{scenario}()" if arg is None else f"{scenario}({arg!r})"
-    result = subprocess.run(
-        [sys.executable, "-c", f"from tests.spacer_core.test_workers import {scenario}; {call}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    _python(f"from tests.spacer_core.test_workers import {scenario}; {call}")
